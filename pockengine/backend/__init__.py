@@ -1,0 +1,3 @@
+from pockengine.backend.torch_codegen import CompiledProgram
+
+__all__ = ["CompiledProgram"]

@@ -1,0 +1,157 @@
+"""Capture: model + loss -> our IR, through torch.export and the core ATen decompositions.
+
+Parameters and buffers are lifted to graph inputs named by their `model.named_parameters()` names, the batch is
+flattened into tensor inputs, and every node keeps the dotted path of the module that produced it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind, OutputKind
+from torch.utils import _pytree as pytree
+
+from pockengine.errors import CaptureError, UserInputError
+from pockengine.ir.graph import BATCH, BUFFER, CONST, PARAM, Graph, Node, TensorMeta
+
+_MODEL = "model"  # attribute name of the user's model inside the capture wrapper
+
+
+class _ModelWithLoss(nn.Module):
+    def __init__(self, model: nn.Module, loss_fn: Callable):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, inputs: Any, target: Any) -> torch.Tensor:
+        out = self.model(**inputs) if isinstance(inputs, dict) else self.model(*inputs)
+        return self.loss_fn(out, target)
+
+
+@dataclass
+class Captured:
+    graph: Graph
+    params: dict[str, Node]  # parameter name -> input node
+    buffers: dict[str, Node]
+    batch: list[Node]  # flattened batch leaves, in pytree order
+    loss: Node
+    buffer_updates: dict[str, Node] = field(default_factory=dict)  # buffer name -> its new value
+    constants: dict[Node, torch.Tensor] = field(default_factory=dict)
+
+
+def normalize_batch(batch: Any) -> tuple[Any, Any]:
+    """(inputs, target) with inputs a tuple of positional arguments or a dict of keyword arguments."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise UserInputError(
+            "a batch must be a pair (inputs, target); inputs is a tuple of positional model arguments or a dict "
+            f"of keyword arguments. Got {type(batch).__name__}" + (f" of length {len(batch)}" if
+                                                                    isinstance(batch, (tuple, list)) else ""))
+    inputs, target = batch
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    elif isinstance(inputs, list):
+        inputs = tuple(inputs)
+    if not isinstance(inputs, (tuple, dict)):
+        raise UserInputError(f"batch inputs must be a tensor, a tuple or a dict, got {type(inputs).__name__}")
+    return inputs, target
+
+
+def _strip_model_prefix(path: str) -> str:
+    if path == _MODEL:
+        return ""
+    return path.removeprefix(_MODEL + ".")
+
+
+def _module_path(fx_node: torch.fx.Node) -> tuple[str, bool]:
+    """(module path relative to the model, whether the node lies inside the model rather than in the loss)."""
+    stack = fx_node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "", False
+    path = list(stack.values())[-1][0]
+    inside = path == _MODEL or path.startswith(_MODEL + ".")
+    return (_strip_model_prefix(path) if inside else ""), inside
+
+
+def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
+    inputs, target = normalize_batch(batch)
+    wrapper = _ModelWithLoss(model, loss_fn)
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(wrapper, (inputs, target))
+        return ep.run_decompositions()
+    except Exception as e:  # torch.export raises many types; one error that says what to do instead
+        raise CaptureError(
+            f"torch.export could not capture the model with its loss: {type(e).__name__}: {str(e)[:2000]}\n"
+            "pockengine needs a model whose forward (and loss_fn) torch.export can trace: no data-dependent "
+            "Python control flow on tensor values and no calls that leave PyTorch (.item(), numpy)."
+        ) from e
+
+
+def capture(model: nn.Module, loss_fn: Callable, batch: Any) -> Captured:
+    ep = export(model, loss_fn, batch)
+    sig = ep.graph_signature
+    kinds = {s.arg.name: s for s in sig.input_specs}
+    graph = Graph()
+    env: dict[torch.fx.Node, Node] = {}
+    params: dict[str, Node] = {}
+    buffers: dict[str, Node] = {}
+    batch_nodes: list[Node] = []
+    constants: dict[Node, torch.Tensor] = {}
+    loss: Node | None = None
+    buffer_updates: dict[str, Node] = {}
+
+    for fx_node in ep.graph.nodes:
+        if fx_node.op == "placeholder":
+            spec = kinds[fx_node.name]
+            val = fx_node.meta["val"]
+            meta = TensorMeta(tuple(int(s) for s in val.shape), val.dtype)
+            if spec.kind == InputKind.PARAMETER:
+                name = _strip_model_prefix(spec.target)
+                env[fx_node] = params[name] = graph.input(name, PARAM, meta, module=name.rpartition(".")[0])
+            elif spec.kind == InputKind.BUFFER:
+                name = _strip_model_prefix(spec.target)
+                env[fx_node] = buffers[name] = graph.input(name, BUFFER, meta, module=name.rpartition(".")[0])
+            elif spec.kind == InputKind.CONSTANT_TENSOR:
+                node = graph.input(fx_node.name, CONST, meta)
+                constants[node] = ep.constants[spec.target]
+                env[fx_node] = node
+            elif spec.kind == InputKind.USER_INPUT:
+                node = graph.input(f"batch{len(batch_nodes)}", BATCH, meta)
+                batch_nodes.append(node)
+                env[fx_node] = node
+            else:
+                raise CaptureError(f"unsupported graph input kind {spec.kind} for {fx_node.name}")
+        elif fx_node.op == "call_function":
+            args, kwargs = pytree.tree_map(lambda a: env[a] if isinstance(a, torch.fx.Node) else a,
+                                           (fx_node.args, fx_node.kwargs))
+            module, inside = _module_path(fx_node)
+            val = fx_node.meta.get("val")
+            meta = pytree.tree_map(lambda v: TensorMeta(tuple(int(s) for s in v.shape), v.dtype)
+                                   if isinstance(v, torch.Tensor) else None, val)
+            env[fx_node] = graph.call(fx_node.target, args, kwargs, module=module,
+                                      section="forward" if inside else "loss", name=fx_node.name,
+                                      meta=meta if val is not None else None)
+        elif fx_node.op == "output":
+            for spec, out in zip(sig.output_specs, fx_node.args[0]):
+                if spec.kind == OutputKind.USER_OUTPUT:
+                    loss = env[out]
+                elif spec.kind == OutputKind.BUFFER_MUTATION:
+                    buffer_updates[_strip_model_prefix(spec.target)] = env[out]
+                else:
+                    raise CaptureError(f"unsupported graph output kind {spec.kind}")
+        else:
+            raise CaptureError(f"unexpected node {fx_node.op} {fx_node.target} in the exported graph")
+
+    if loss is None or not isinstance(loss.meta, TensorMeta):
+        raise UserInputError("loss_fn must return one tensor (the scalar loss)")
+    if loss.meta.shape != ():
+        raise UserInputError(
+            f"loss_fn must return a scalar, got a tensor of shape {list(loss.meta.shape)}; "
+            "reduce it, for example with .mean() or reduction='mean'")
+    if not loss.meta.is_float:
+        raise UserInputError(f"loss_fn must return a floating-point scalar, got {loss.meta.dtype}")
+    return Captured(graph, params, buffers, batch_nodes, loss, buffer_updates, constants)

@@ -1,0 +1,25 @@
+"""Every error pockengine raises on purpose; each message names the problem and the fix."""
+
+
+class PockEngineError(Exception):
+    """Base class of pockengine's own errors."""
+
+
+class UserInputError(PockEngineError, ValueError):
+    """The model, loss, batch or configuration handed to pockengine cannot be used as given."""
+
+
+class CaptureError(PockEngineError):
+    """torch.export could not turn the model and loss into a graph."""
+
+
+class MissingVJPError(PockEngineError, NotImplementedError):
+    """An op on the gradient path has no VJP rule in the registry."""
+
+
+class BatchMismatchError(UserInputError):
+    """A batch differs in structure or dtype from the example batch the trainer was compiled for."""
+
+
+class NonFiniteLossError(PockEngineError, FloatingPointError):
+    """The loss was NaN or infinite; the step was abandoned before any weight changed."""

@@ -1,0 +1,219 @@
+"""The one IR of pockengine: a flat, topologically ordered list of ATen calls.
+
+A training program is a `Graph`: inputs (parameters, buffers, optimizer state, the batch, run-time scalars) and
+`Node`s calling core ATen operators, each tagged with the section it belongs to (forward, loss, backward, update)
+and the source module it came from. Multi-output operators produce a tuple value that `getitem` nodes unpack,
+as in torch.fx. Shapes are static: every tensor node carries its `TensorMeta`, inferred by running the operator
+on meta tensors, so later passes (pruning, memory planning) can reason about sizes without running anything.
+"""
+
+from __future__ import annotations
+
+import keyword
+import operator
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+from torch.utils._pytree import tree_map
+
+SECTIONS = ("forward", "loss", "backward", "update")
+
+# Names the generated code uses for itself, never given to a value.
+_RESERVED = {"aten", "torch", "program", "native_dropout", "_check_finite"}
+
+# Roles of graph inputs: what the runner binds them to.
+PARAM, BUFFER, STATE, BATCH, SCALAR, CONST = "param", "buffer", "state", "batch", "scalar", "const"
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.is_floating_point or self.dtype.is_complex
+
+    def __str__(self) -> str:
+        return f"{str(self.dtype).removeprefix('torch.')}{list(self.shape)}"
+
+
+Meta = TensorMeta | tuple | None
+
+
+class Node:
+    """One value of the program: an input, or the result of calling `target` on earlier nodes and constants."""
+
+    __slots__ = ("name", "target", "args", "kwargs", "meta", "module", "section", "role")
+
+    def __init__(self, name: str, target: Any, args: tuple, kwargs: dict, meta: Meta, module: str,
+                 section: str, role: str | None = None):
+        self.name = name
+        self.target = target  # an OpOverload, operator.getitem, or None for inputs
+        self.args = args
+        self.kwargs = kwargs
+        self.meta = meta
+        self.module = module  # dotted path of the nn.Module that produced it ("" for the top level)
+        self.section = section
+        self.role = role  # set for inputs only
+
+    @property
+    def is_input(self) -> bool:
+        return self.target is None
+
+    @property
+    def op_name(self) -> str:
+        return op_name(self.target)
+
+    @property
+    def inputs(self) -> list[Node]:
+        found: list[Node] = []
+        tree_map(lambda a: found.append(a) if isinstance(a, Node) else None, (self.args, self.kwargs))
+        return found
+
+    @property
+    def mutates(self) -> bool:
+        return is_mutating(self.target)
+
+    def __repr__(self) -> str:
+        return f"%{self.name}"
+
+
+def op_name(target: Any) -> str:
+    if target is None:
+        return "input"
+    if target is operator.getitem:
+        return "getitem"
+    return str(target).removeprefix("aten.")
+
+
+def is_mutating(target: Any) -> bool:
+    schema = getattr(target, "_schema", None)
+    return schema is not None and schema.is_mutable
+
+
+def _to_meta_tensor(x: Any) -> Any:
+    if isinstance(x, Node):
+        m = x.meta
+        if isinstance(m, TensorMeta):
+            return torch.empty(m.shape, dtype=m.dtype, device="meta")
+        if x.role == SCALAR:
+            return 1.0  # run-time scalars (learning rate...) never change shapes
+        raise TypeError(f"node {x} has no tensor value")
+    if isinstance(x, torch.Tensor):
+        return torch.empty(x.shape, dtype=x.dtype, device="meta")
+    if isinstance(x, torch.device):
+        return torch.device("meta")
+    return x
+
+
+def _meta_of(value: Any) -> Meta:
+    if isinstance(value, torch.Tensor):
+        return TensorMeta(tuple(int(s) for s in value.shape), value.dtype)
+    if isinstance(value, (tuple, list)):
+        return tuple(_meta_of(v) for v in value)
+    return None
+
+
+def infer_meta(target: Callable, args: tuple, kwargs: dict) -> Meta:
+    if target is operator.getitem:
+        return args[0].meta[args[1]]
+    margs, mkwargs = tree_map(_to_meta_tensor, (args, kwargs))
+    return _meta_of(target(*margs, **mkwargs))
+
+
+class Graph:
+    """A training program under construction or finished. Nodes are kept in execution order."""
+
+    def __init__(self) -> None:
+        self.nodes: list[Node] = []
+        self.outputs: dict[str, Node] = {}
+        self._names: set[str] = set()
+
+    # -- building -------------------------------------------------------------------------------------------
+    def _fresh(self, base: str) -> str:
+        base = re.sub(r"\W", "_", base) or "v"
+        if base[0].isdigit() or keyword.iskeyword(base) or base in _RESERVED:
+            base = f"v_{base}"
+        name, i = base, 1
+        while name in self._names:
+            name, i = f"{base}_{i}", i + 1
+        self._names.add(name)
+        return name
+
+    def input(self, name: str, role: str, meta: Meta, module: str = "") -> Node:
+        node = Node(self._fresh(name), None, (), {}, meta, module, "forward", role)
+        self.nodes.append(node)
+        return node
+
+    def call(self, target: Callable, args: tuple, kwargs: dict | None = None, *, module: str = "",
+             section: str = "forward", name: str | None = None, meta: Meta = None) -> Node:
+        kwargs = kwargs or {}
+        if meta is None:
+            meta = infer_meta(target, args, kwargs)
+        node = Node(self._fresh(name or op_name(target).split(".")[0]), target, tuple(args), kwargs, meta,
+                    module, section)
+        self.nodes.append(node)
+        return node
+
+    def getitem(self, node: Node, index: int) -> Node:
+        """The node for output `index` of the multi-output `node`, placed right after it so that the tuple it
+        unpacks is released early even when the output is first wanted much later (in the backward section)."""
+        for n in self.nodes:
+            if n.target is operator.getitem and n.args[0] is node and n.args[1] == index:
+                return n
+        pos = self.nodes.index(node) + 1
+        while pos < len(self.nodes) and self.nodes[pos].target is operator.getitem and self.nodes[pos].args[0] is node:
+            pos += 1
+        item = Node(self._fresh(f"{node.name}_{index}"), operator.getitem, (node, index), {}, node.meta[index],
+                    node.module, node.section)
+        self.nodes.insert(pos, item)
+        return item
+
+    # -- queries --------------------------------------------------------------------------------------------
+    def inputs(self, role: str | None = None) -> list[Node]:
+        return [n for n in self.nodes if n.is_input and (role is None or n.role == role)]
+
+    def users(self) -> dict[Node, list[Node]]:
+        users: dict[Node, list[Node]] = {n: [] for n in self.nodes}
+        for n in self.nodes:
+            for i in n.inputs:
+                users[i].append(n)
+        return users
+
+    def section(self, name: str) -> list[Node]:
+        return [n for n in self.nodes if not n.is_input and n.section == name]
+
+    def replace_all_uses(self, old: Node, new: Node) -> None:
+        swap = lambda a: new if a is old else a  # noqa: E731
+        for n in self.nodes:
+            n.args, n.kwargs = tree_map(swap, (n.args, n.kwargs))
+        self.outputs = {k: swap(v) for k, v in self.outputs.items()}
+
+    def __str__(self) -> str:
+        from pockengine.ir.printer import format_graph
+        return format_graph(self)
+
+
+def eliminate_dead_code(graph: Graph, keep: Iterable[Node] = ()) -> Graph:
+    """Drop every node that no output, no mutation and nothing in `keep` depends on. Inputs are kept."""
+    live: set[Node] = set(graph.outputs.values()) | set(keep)
+    live |= {n for n in graph.nodes if n.mutates}
+    for n in reversed(graph.nodes):
+        if n in live:
+            live.update(n.inputs)
+    graph.nodes = [n for n in graph.nodes if n.is_input or n in live]
+    return graph
