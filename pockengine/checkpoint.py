@@ -1,15 +1,13 @@
 """Checkpoints: a folder with the weights and optimizer state as safetensors and the rest as JSON. Never pickle.
 
-A checkpoint is written into a temporary sibling folder and swapped in with renames, so a crash mid-save leaves
-the previous checkpoint intact.
+A checkpoint is written into a temporary sibling folder and swapped in with renames (pockengine.storage), so a
+crash mid-save leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -19,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pockengine.errors import UserInputError
+from pockengine.storage import atomic_dir
 
 if TYPE_CHECKING:
     from pockengine.trainer import Trainer
@@ -42,10 +41,7 @@ def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_trainer(trainer: Trainer, path: str | os.PathLike) -> None:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_dir(path, replace=True) as tmp:
         save_file(_model_tensors(trainer.model), str(tmp / "model.safetensors"))
         state = {f"{p}::{s}": t.contiguous() for p, states in trainer.state.items() for s, t in states.items()}
         save_file(state, str(tmp / "optimizer.safetensors"))
@@ -54,19 +50,6 @@ def save_trainer(trainer: Trainer, path: str | os.PathLike) -> None:
                 "freeze_batchnorm": trainer.freeze_batchnorm, "on_nonfinite": trainer.on_nonfinite,
                 "trained": sorted(trainer.trained)}
         (tmp / "trainer.json").write_text(json.dumps(meta, indent=2))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:

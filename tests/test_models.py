@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from pockengine.data import batches, load_mnist, load_movie_reviews, mnist_for_imagenet_model, tokenize_batch
 from pockengine.models import IMAGENET_MEAN, IMAGENET_STD, MobileNetV2, minilm_classifier, mobilenet_v2, smollm2
-from pockengine.models.cache import cache_dir
+from pockengine.storage import cache_dir
 
 
 def _needs(module: str, pip: str) -> pytest.MarkDecorator:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ..models.cache import atomic_path, cache_dir
+from pockengine.storage import atomic_path, cache_dir
 from ..models.mobilenet_v2 import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["load_mnist", "mnist_for_imagenet_model", "batches"]

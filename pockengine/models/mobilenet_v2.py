@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .cache import cache_dir, save_safetensors
+from pockengine.storage import cache_dir, save_safetensors
 
 __all__ = ["MobileNetV2", "mobilenet_v2", "IMAGENET_MEAN", "IMAGENET_STD"]
 

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .cache import atomic_dir, cache_dir, save_safetensors
+from pockengine.storage import atomic_dir, cache_dir, save_safetensors
 
 __all__ = ["minilm_classifier", "smollm2"]
 

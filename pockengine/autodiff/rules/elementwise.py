@@ -243,6 +243,8 @@ def to_copy(ctx, g):
 
 @register(aten.native_dropout.default)
 def native_dropout(ctx, g):
-    x, p = ctx.node.args[:2]
+    _x, p, train = ctx.args
     mask = ctx.graph.getitem(ctx.node, 1)
-    return (ctx(aten.native_dropout_backward.default, g[0], mask, 1.0 / (1.0 - p)),)
+    # As in PyTorch: no scaling when not training (the output is the input), and p = 1 keeps nothing.
+    scale = 1.0 if not train else 0.0 if p == 1 else 1.0 / (1.0 - p)
+    return (ctx(aten.native_dropout_backward.default, g[0], mask, scale),)

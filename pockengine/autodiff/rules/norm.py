@@ -31,7 +31,8 @@ def layer_norm(ctx, g):
     mean, rstd = ctx.graph.getitem(ctx.node, 1), ctx.graph.getitem(ctx.node, 2)
     mask = [ctx.needs(x), ctx.needs(w), ctx.needs(b)]
     out = ctx(aten.native_layer_norm_backward.default, g[0], x, shape, mean, rstd, w, b, mask)
-    return tuple(_unpack(ctx, out, mask))
+    gx, gw, gb = _unpack(ctx, out, mask)
+    return gx, None, gw, gb  # one entry per argument: normalized_shape sits between input and weight
 
 
 @register(aten._native_batch_norm_legit_functional.default)

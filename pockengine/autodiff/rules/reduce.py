@@ -13,6 +13,11 @@ def _dims(dims, ndim):
     return sorted(d + ndim if d < 0 else d for d in dims)
 
 
+def _like(ctx, g, x):
+    """g in x's dtype: a reduction or scan may accumulate in another (`sum(x, dtype=torch.float64)`)."""
+    return g if g.meta.dtype == x.meta.dtype else ctx(aten._to_copy.default, g, dtype=x.meta.dtype)
+
+
 def _broadcast_back(ctx, g, x, dims, keepdim):
     shape = list(x.meta.shape)
     if not keepdim:
@@ -25,13 +30,13 @@ def _broadcast_back(ctx, g, x, dims, keepdim):
 def sum_dims(ctx, g):
     x, dims, keepdim = ctx.args[:3]
     dims = _dims(dims, len(x.meta.shape))
-    return (_broadcast_back(ctx, g, x, dims, keepdim),)
+    return (_broadcast_back(ctx, _like(ctx, g, x), x, dims, keepdim),)
 
 
 @register(aten.sum.default)
 def sum_all(ctx, g):
     x = ctx.node.args[0]
-    return (ctx(aten.expand.default, g, list(x.meta.shape)),)
+    return (ctx(aten.expand.default, _like(ctx, g, x), list(x.meta.shape)),)
 
 
 @register(aten.mean.dim)
@@ -41,18 +46,19 @@ def mean_dims(ctx, g):
     count = 1
     for d in dims:
         count *= x.meta.shape[d]
-    return (_broadcast_back(ctx, ctx(aten.div.Tensor, g, count), x, dims, keepdim),)
+    return (_broadcast_back(ctx, ctx(aten.div.Tensor, _like(ctx, g, x), count), x, dims, keepdim),)
 
 
 @register(aten.mean.default)
 def mean_all(ctx, g):
     x = ctx.node.args[0]
-    return (ctx(aten.expand.default, ctx(aten.div.Tensor, g, x.meta.numel), list(x.meta.shape)),)
+    return (ctx(aten.expand.default, ctx(aten.div.Tensor, _like(ctx, g, x), x.meta.numel), list(x.meta.shape)),)
 
 
 @register(aten.cumsum.default)
 def cumsum(ctx, g):
-    dim = ctx.node.args[1]
+    x, dim = ctx.node.args[:2]
+    g = _like(ctx, g, x)
     return (ctx(aten.flip.default, ctx(aten.cumsum.default, ctx(aten.flip.default, g, [dim]), dim), [dim]),)
 
 

@@ -1,4 +1,4 @@
-"""Cache directory and atomic writes for converted weights and data.
+"""Cache directory and atomic writes, for converted weights, data and checkpoints.
 
 Every cache entry is written under a temporary name and renamed into place, so a
 crash or a concurrent loader never sees a half-written file.
@@ -48,17 +48,26 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike[str], replace: bool = False) -> Iterator[Path]:
     """Yield a temporary directory next to ``path``; rename it to ``path`` if the block succeeds.
 
-    If another process published ``path`` first, its copy is kept and ours is discarded.
+    With ``replace`` an existing ``path`` is swapped out (a checkpoint being overwritten): it is renamed aside
+    first and deleted only once the new folder is in place. Without it, if another process published ``path``
+    first, its copy is kept and ours is discarded (a cache entry).
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(final, "")
     tmp.mkdir()
+    old = None
     try:
         yield tmp
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if replace and final.exists():
+            old = _temp_name(final, ".old")
+            os.replace(final, old)
         try:
             os.replace(tmp, final)
         except OSError:
@@ -66,6 +75,8 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def save_safetensors(

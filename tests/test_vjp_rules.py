@@ -1,0 +1,540 @@
+"""Every VJP rule against torch.autograd, in fp32, to a relative error of at most TOL = 1e-4.
+
+Each case builds a tiny module whose forward calls the op under test; its trainable tensors are parameters (x0,
+x1, ...) so that every differentiable input of the op gets a gradient. The loss is `sum_k (out_k * w_k).sum()`
+with fixed random weights w_k, so the cotangent the rule receives is not trivial. The gradients of the engine
+(capture -> differentiate -> generated code: the pipeline of `Trainer.gradients`, without also building the
+training-step program that `pe.compile` builds, which would double the run time) are compared, parameter by
+parameter, with torch.autograd on a copy of the module:
+
+    rel_err = max|g - g_ref| / max(max|g_ref|, TINY) <= TOL
+
+Ops that torch.export's core-ATen decompositions never leave in a captured graph (t, transpose, reshape, split,
+unbind, stack, silu, ...) still have rules, for graphs built by other front ends; they are checked on a hand-built
+IR graph that calls the op directly (`direct` cases). Compiled cases assert that the op really is in the captured
+graph, so a case never silently stops covering its rule. `test_every_rule_has_a_case` makes a new rule come with a
+case here.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pockengine as pe
+from pockengine.autodiff import VJP, differentiate
+from pockengine.backend import CompiledProgram
+from pockengine.capture import capture
+from pockengine.ir.graph import BATCH, PARAM, Graph, Node, TensorMeta, eliminate_dead_code
+
+aten = torch.ops.aten
+TOL = 1e-4  # relative error, fp32
+TINY = 1e-12
+
+
+# ------------------------------------------------------------------------------------------------ the harness
+def rel_err(g: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((g - ref).abs().max() / ref.abs().max().clamp_min(TINY)).item()
+
+
+def weighted_sum(out: Any, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The loss of every case: each output times its fixed random weights, summed."""
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    loss = (outs[0] * weights[0]).sum()
+    for o, w in zip(outs[1:], weights[1:]):
+        loss = loss + (o * w).sum()
+    return loss
+
+
+def random_weights(out: Any) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(1)
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return tuple(torch.randn(o.shape, generator=gen) for o in outs)
+
+
+def _run(graph: Graph, loss: Node, wrt: dict[str, Node], values: dict[Node, Any],
+         extra: dict[str, Node] | None = None) -> dict[str, torch.Tensor]:
+    """Differentiate `graph` and run it: {name: gradient} for `wrt`, plus the `extra` forward values."""
+    grads = differentiate(graph, loss, list(wrt.values()))
+    graph.outputs = {"loss": loss, **(extra or {})}
+    graph.outputs.update({f"grad:{name}": g for name, node in wrt.items() if (g := grads[node]) is not None})
+    eliminate_dead_code(graph)
+    inputs = graph.inputs()
+    program = CompiledProgram(graph, inputs, check_finite=None)
+    with torch.no_grad():
+        out = dict(zip(program.output_names, program(*[values[n] for n in inputs])))
+    result = {k: v for k, v in out.items() if k in (extra or {})}
+    for name, node in wrt.items():
+        result[name] = out.get(f"grad:{name}", torch.zeros(node.meta.shape))
+    return result
+
+
+def engine_gradients(model: nn.Module, inputs: tuple, weights: tuple) -> tuple[dict[str, torch.Tensor], set]:
+    """Gradients of weighted_sum(model(*inputs), weights) for every parameter, and the ops of the graph."""
+    cap = capture(model, weighted_sum, (inputs, weights))
+    ops = {n.target for n in cap.graph.nodes}
+    values: dict[Node, Any] = {node: model.get_parameter(name) for name, node in cap.params.items()}
+    values.update({node: model.get_buffer(name) for name, node in cap.buffers.items()})
+    values.update(cap.constants)
+    values.update(zip(cap.batch, [*inputs, *weights]))
+    return _run(cap.graph, cap.loss, cap.params, values), ops
+
+
+def autograd_gradients(model: nn.Module, inputs: tuple, weights: tuple) -> dict[str, torch.Tensor]:
+    names, params = zip(*model.named_parameters())
+    loss = weighted_sum(model(*inputs), weights)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return {n: torch.zeros_like(p) if g is None else g for n, p, g in zip(names, params, grads)}
+
+
+# ------------------------------------------------------------------------------------------------ the cases
+Spec = tuple | Callable[[], torch.Tensor]
+
+
+def _make(spec: Spec) -> torch.Tensor:
+    return torch.randn(spec) if isinstance(spec, tuple) else spec()
+
+
+def pos(*shape: int) -> Callable[[], torch.Tensor]:
+    """Positive values away from 0 (log, sqrt, division, fractional powers)."""
+    return lambda: torch.rand(shape) + 0.5
+
+
+def ties(*shape: int) -> Callable[[], torch.Tensor]:
+    """Small integers: many exact ties (max/min/amax, clamp at its bounds)."""
+    return lambda: torch.randint(-2, 3, shape).float()
+
+
+def wide(*shape: int, scale: float = 4.0) -> Callable[[], torch.Tensor]:
+    """Values spread wide enough to reach every piece of a piecewise activation."""
+    return lambda: torch.randn(shape) * scale
+
+
+def ints(high: int, *shape: int) -> Callable[[], torch.Tensor]:
+    return lambda: torch.randint(0, high, shape)
+
+
+def mask(*shape: int) -> Callable[[], torch.Tensor]:
+    return lambda: torch.rand(shape) > 0.5
+
+
+class OpModule(nn.Module):
+    """forward(*inputs) = fn(x0, x1, ..., *inputs), or sub(x0, ..., *inputs); x0, x1, ... are parameters."""
+
+    def __init__(self, params: list[torch.Tensor], fn: Callable | None = None, sub: nn.Module | None = None):
+        super().__init__()
+        self.n = len(params)
+        for i, p in enumerate(params):
+            self.register_parameter(f"x{i}", nn.Parameter(p))
+        self.fn = fn
+        self.sub = sub
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        xs = [getattr(self, f"x{i}") for i in range(self.n)]
+        return (self.fn or self.sub)(*xs, *inputs)
+
+
+@dataclass
+class Case:
+    op: Any
+    id: str
+    params: tuple = ()  # specs of the trainable tensors
+    inputs: tuple = ()  # specs of the batch inputs (indices, masks, frozen tensors)
+    fn: Callable | None = None  # compiled case: forward is fn(*params, *inputs)
+    sub: Callable[[], nn.Module] | None = None  # compiled case: forward is sub()(*params, *inputs)
+    mode: str = "train"
+    args: tuple | None = None  # direct case: op(*args), with P(i) / I(i) standing for params / inputs
+    kwargs: dict = field(default_factory=dict)
+    use: tuple | None = None  # direct case: which outputs of a multi-output op feed the loss (default: all)
+
+    @property
+    def direct(self) -> bool:
+        return self.args is not None
+
+    def __str__(self) -> str:
+        return f"{str(self.op).removeprefix('aten.')}-{self.id}"
+
+
+class P(int):
+    """Placeholder for trainable tensor i in the args of a direct case."""
+
+
+class In(int):
+    """Placeholder for batch input i in the args of a direct case."""
+
+
+def fn(op, id, fn, *params, inputs=(), mode="train"):
+    return Case(op, id, params, inputs, fn=fn, mode=mode)
+
+
+def mod(op, id, sub, *params, inputs=(), mode="train"):
+    return Case(op, id, params, inputs, sub=sub, mode=mode)
+
+
+def direct(op, id, args, *params, inputs=(), use=None, **kwargs):
+    return Case(op, id, params, inputs, args=args, kwargs=kwargs, use=use)
+
+
+def _bn(cls, c, affine=True, random_stats=True):
+    def build():
+        bn = cls(c, affine=affine)
+        if affine:
+            nn.init.normal_(bn.weight, 1.0, 0.5)
+            nn.init.normal_(bn.bias, 0.0, 0.5)
+        if random_stats:  # eval mode must use these, not batch statistics
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+        return bn
+    return build
+
+
+def _affine(m: nn.Module) -> nn.Module:
+    """Non-trivial affine parameters for a norm layer (the defaults 1 and 0 would hide mix-ups)."""
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.5, 1.0)
+    return m
+
+
+CASES = [
+    # ---------------------------------------------------------------- arithmetic, with broadcasting
+    fn(aten.add.Tensor, "same-shape", torch.add, (3, 4), (3, 4)),
+    fn(aten.add.Tensor, "broadcast", torch.add, (2, 3, 4), (3, 1)),
+    fn(aten.add.Tensor, "broadcast-lhs", torch.add, (4,), (2, 3, 4)),
+    fn(aten.add.Tensor, "0d", torch.add, (3, 4), ()),
+    fn(aten.add.Tensor, "alpha", lambda a, b: torch.add(a, b, alpha=2.5), (3, 4), (2, 1, 4)),
+    fn(aten.add.Tensor, "self", lambda a: a + a, (3, 4)),
+    fn(aten.add.Tensor, "python-scalar", lambda a: a + 2, (3, 4)),
+    fn(aten.add.Tensor, "frozen-operand", torch.add, (3, 4), inputs=((4,),)),
+    fn(aten.sub.Tensor, "broadcast", torch.sub, (2, 3, 4), (1, 4)),
+    fn(aten.sub.Tensor, "alpha", lambda a, b: torch.sub(a, b, alpha=0.5), (3, 1), (3, 4)),
+    fn(aten.add.Scalar, "alpha", lambda a: aten.add.Scalar(a, 2.0, 3), (3, 4)),
+    fn(aten.sub.Scalar, "plain", lambda a: aten.sub.Scalar(a, 2.0), (3, 4)),
+    fn(aten.clone.default, "plain", lambda a: a.clone() * a, (3, 4)),
+    fn(aten.alias.default, "plain", aten.alias.default, (3, 4)),
+    direct(aten.contiguous.default, "plain", (P(0),), (3, 4)),
+    fn(aten.mul.Tensor, "broadcast", torch.mul, (2, 3, 4), (3, 1)),
+    fn(aten.mul.Tensor, "0d", torch.mul, (), (3, 4)),
+    fn(aten.mul.Tensor, "square", lambda a: a * a, (3, 4)),
+    fn(aten.mul.Tensor, "python-scalar", lambda a: a * 2.5, (3, 4)),
+    fn(aten.mul.Scalar, "plain", lambda a: aten.mul.Scalar(a, 2.5), (3, 4)),
+    fn(aten.div.Tensor, "broadcast", torch.div, (2, 3, 4), pos(4)),
+    fn(aten.div.Tensor, "broadcast-both", torch.div, (3, 1), pos(2, 1, 4)),
+    fn(aten.div.Tensor, "python-scalar", lambda a: a / 3.0, (3, 4)),
+    fn(aten.div.Scalar, "plain", lambda a: aten.div.Scalar(a, 4.0), (3, 4)),
+    fn(aten.neg.default, "plain", torch.neg, (3, 4)),
+    fn(aten.pow.Tensor_Scalar, "cube", lambda a: a ** 3, (3, 4)),
+    fn(aten.pow.Tensor_Scalar, "square", lambda a: a ** 2, (3, 4)),
+    fn(aten.pow.Tensor_Scalar, "sqrt", lambda a: a ** 0.5, pos(3, 4)),
+    fn(aten.pow.Tensor_Scalar, "negative", lambda a: a ** -1.5, pos(3, 4)),
+    fn(aten.pow.Tensor_Scalar, "one", lambda a: aten.pow.Tensor_Scalar(a, 1), (3, 4)),
+    fn(aten.pow.Tensor_Scalar, "zero", lambda a: aten.pow.Tensor_Scalar(a, 0) * a, (3, 4)),
+    fn(aten.pow.Tensor_Tensor, "broadcast", torch.pow, pos(3, 4), (4,)),
+    fn(aten.pow.Tensor_Tensor, "0d-exponent", torch.pow, pos(3, 4), ()),
+    # ---------------------------------------------------------------- unary math and activations
+    fn(aten.sqrt.default, "plain", torch.sqrt, pos(3, 4)),
+    fn(aten.rsqrt.default, "plain", torch.rsqrt, pos(3, 4)),
+    fn(aten.reciprocal.default, "plain", torch.reciprocal, pos(3, 4)),
+    fn(aten.exp.default, "plain", torch.exp, (3, 4)),
+    fn(aten.log.default, "plain", torch.log, pos(3, 4)),
+    fn(aten.sin.default, "plain", torch.sin, (3, 4)),
+    fn(aten.cos.default, "plain", torch.cos, (3, 4)),
+    fn(aten.abs.default, "plain", torch.abs, (3, 4)),
+    fn(aten.erf.default, "plain", torch.erf, (3, 4)),
+    fn(aten.tanh.default, "plain", torch.tanh, (3, 4)),
+    fn(aten.sigmoid.default, "plain", torch.sigmoid, (3, 4)),
+    fn(aten.relu.default, "plain", torch.relu, (3, 4)),
+    fn(aten.gelu.default, "erf", F.gelu, (3, 4)),
+    fn(aten.gelu.default, "tanh", lambda a: F.gelu(a, approximate="tanh"), (3, 4)),
+    direct(aten.silu.default, "plain", (P(0),), wide(3, 4)),
+    fn(aten.hardtanh.default, "bounds", lambda a: F.hardtanh(a, -0.5, 0.5), (3, 4)),
+    fn(aten.hardtanh.default, "relu6", F.relu6, wide(3, 4)),
+    direct(aten.hardswish.default, "plain", (P(0),), wide(3, 4)),
+    direct(aten.hardsigmoid.default, "plain", (P(0),), wide(3, 4)),
+    fn(aten.leaky_relu.default, "slope", lambda a: F.leaky_relu(a, 0.2), (3, 4)),
+    fn(aten.leaky_relu.default, "default-slope", F.leaky_relu, (3, 4)),
+    # ---------------------------------------------------------------- selection, casts
+    fn(aten.where.self, "broadcast", lambda a, b, c: torch.where(c, a, b), (3, 4), (4,), inputs=(mask(3, 1),)),
+    fn(aten.where.self, "scalar-other", lambda a, c: torch.where(c, a, 0.0), (3, 4), inputs=(mask(3, 4),)),
+    direct(aten.masked_fill.Scalar, "broadcast-mask", (P(0), In(0), 2.0), (3, 4), inputs=(mask(4),)),
+    fn(aten.clamp.default, "both", lambda a: a.clamp(-0.5, 0.5), (3, 4)),
+    fn(aten.clamp.default, "min", lambda a: a.clamp(min=0.1), (3, 4)),
+    fn(aten.clamp.default, "max", lambda a: a.clamp(max=0.1), (3, 4)),
+    fn(aten.clamp.default, "at-bounds", lambda a: a.clamp(-1.0, 1.0), ties(4, 5)),
+    fn(aten.maximum.default, "broadcast", torch.maximum, (3, 4), (4,)),
+    fn(aten.maximum.default, "ties", torch.maximum, ties(4, 5), ties(4, 5)),
+    fn(aten.minimum.default, "broadcast", torch.minimum, (2, 1, 4), (3, 4)),
+    fn(aten.minimum.default, "ties", torch.minimum, ties(4, 5), ties(5,)),
+    fn(aten._to_copy.default, "float64-roundtrip", lambda a, b: (a.double() * b.double()).float(), (3, 4), (3, 4)),
+    # ---------------------------------------------------------------- matrix products, convolution
+    fn(aten.mm.default, "plain", torch.mm, (3, 4), (4, 5)),
+    mod(aten.mm.default, "linear-3d-input", lambda: nn.Linear(4, 5, bias=False), (2, 3, 4)),
+    fn(aten.bmm.default, "plain", torch.bmm, (2, 3, 4), (2, 4, 5)),
+    fn(aten.bmm.default, "matmul-broadcast-batch", torch.matmul, (2, 1, 3, 4), (3, 4, 5)),
+    mod(aten.addmm.default, "linear", lambda: nn.Linear(4, 5), (3, 4)),
+    fn(aten.addmm.default, "beta-alpha", lambda b, x, y: torch.addmm(b, x, y, beta=0.5, alpha=2.0), (5,), (3, 4),
+       (4, 5)),
+    mod(aten.convolution.default, "plain", lambda: nn.Conv2d(3, 4, 3), (2, 3, 6, 6)),
+    mod(aten.convolution.default, "stride-padding", lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1), (2, 3, 7, 7)),
+    mod(aten.convolution.default, "groups", lambda: nn.Conv2d(4, 6, 3, groups=2, padding=1), (2, 4, 5, 5)),
+    mod(aten.convolution.default, "depthwise", lambda: nn.Conv2d(4, 8, 3, groups=4, bias=False), (2, 4, 5, 5)),
+    mod(aten.convolution.default, "dilation-no-bias", lambda: nn.Conv2d(3, 2, 3, dilation=2, bias=False),
+        (2, 3, 7, 7)),
+    mod(aten.convolution.default, "asymmetric", lambda: nn.Conv2d(3, 2, (1, 3), stride=(2, 1), padding=(0, 2)),
+        (2, 3, 5, 6)),
+    mod(aten.convolution.default, "conv1d", lambda: nn.Conv1d(3, 4, 3, padding=1), (2, 3, 8)),
+    mod(aten.convolution.default, "transposed", lambda: nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1,
+                                                                           output_padding=1), (2, 3, 4, 4)),
+    mod(aten.convolution.default, "transposed-groups", lambda: nn.ConvTranspose2d(4, 6, 2, stride=2, groups=2),
+        (2, 4, 3, 3)),
+    fn(aten.convolution.default, "frozen-input", lambda w, x: F.conv2d(x, w), (4, 3, 3, 3), inputs=((2, 3, 5, 5),)),
+    # ---------------------------------------------------------------- normalization, softmax
+    fn(aten._softmax.default, "last-dim", lambda a: a.softmax(-1), (2, 3, 4)),
+    fn(aten._softmax.default, "dim0", lambda a: a.softmax(0), (2, 3, 4)),
+    fn(aten._softmax.default, "float64-output", lambda a: a.softmax(-1, dtype=torch.float64), (2, 3, 4)),
+    fn(aten._log_softmax.default, "last-dim", lambda a: a.log_softmax(-1), (2, 3, 4)),
+    fn(aten._log_softmax.default, "dim1", lambda a: a.log_softmax(1), (2, 3, 4)),
+    mod(aten.native_layer_norm.default, "affine", lambda: _affine(nn.LayerNorm(4)), (2, 3, 4)),
+    mod(aten.native_layer_norm.default, "2d-shape", lambda: _affine(nn.LayerNorm([3, 4])), (2, 3, 4)),
+    mod(aten.native_layer_norm.default, "no-bias", lambda: _affine(nn.LayerNorm(4, bias=False)), (2, 3, 4)),
+    mod(aten.native_layer_norm.default, "no-affine", lambda: nn.LayerNorm(4, elementwise_affine=False), (2, 3, 4)),
+    mod(aten.native_layer_norm.default, "eval", lambda: _affine(nn.LayerNorm(4)), (2, 3, 4), mode="eval"),
+    mod(aten._native_batch_norm_legit_functional.default, "2d", _bn(nn.BatchNorm2d, 3), (4, 3, 3, 3)),
+    mod(aten._native_batch_norm_legit_functional.default, "1d", _bn(nn.BatchNorm1d, 3), (4, 3, 5)),
+    mod(aten._native_batch_norm_legit_functional.default, "no-affine", _bn(nn.BatchNorm2d, 3, affine=False),
+        (4, 3, 3, 3)),
+    mod(aten._native_batch_norm_legit_no_training.default, "2d", _bn(nn.BatchNorm2d, 3), (4, 3, 3, 3),
+        mode="eval"),
+    mod(aten._native_batch_norm_legit_no_training.default, "1d", _bn(nn.BatchNorm1d, 3), (4, 3), mode="eval"),
+    mod(aten._native_batch_norm_legit_no_training.default, "no-affine", _bn(nn.BatchNorm2d, 3, affine=False),
+        (4, 3, 3, 3), mode="eval"),
+    mod(aten.native_group_norm.default, "train", lambda: _affine(nn.GroupNorm(2, 4)), (2, 4, 3, 3)),
+    mod(aten.native_group_norm.default, "eval", lambda: _affine(nn.GroupNorm(2, 4)), (2, 4, 3, 3), mode="eval"),
+    mod(aten.native_group_norm.default, "no-affine-1d", lambda: nn.GroupNorm(4, 4, affine=False), (2, 4, 5)),
+    # ---------------------------------------------------------------- reductions, scans, pooling
+    fn(aten.sum.dim_IntList, "dim", lambda a: a.sum(1), (2, 3, 4)),
+    fn(aten.sum.dim_IntList, "negative-dims-keepdim", lambda a: a.sum((-1, 0), keepdim=True), (2, 3, 4)),
+    fn(aten.sum.dim_IntList, "all", lambda a: a.sum(), (2, 3, 4)),
+    fn(aten.sum.dim_IntList, "float64-accumulator", lambda a: a.sum(-1, dtype=torch.float64), (2, 3, 4)),
+    direct(aten.sum.default, "plain", (P(0),), (2, 3, 4)),
+    direct(aten.sum.default, "float64-accumulator", (P(0),), (2, 3, 4), dtype=torch.float64),
+    fn(aten.mean.dim, "negative-dim", lambda a: a.mean(-2), (2, 3, 4)),
+    fn(aten.mean.dim, "dims-keepdim", lambda a: a.mean((0, 2), keepdim=True), (2, 3, 4)),
+    fn(aten.mean.default, "plain", lambda a: aten.mean.default(a), (2, 3, 4)),
+    fn(aten.mean.default, "float64-accumulator", lambda a: aten.mean.default(a, dtype=torch.float64), (2, 3, 4)),
+    fn(aten.mean.dim, "float64-accumulator", lambda a: a.mean(0, dtype=torch.float64), (2, 3, 4)),
+    fn(aten.cumsum.default, "last-dim", lambda a: a.cumsum(-1), (2, 3, 4)),
+    fn(aten.cumsum.default, "dim0", lambda a: a.cumsum(0), (2, 3, 4)),
+    fn(aten.cumsum.default, "float64-accumulator", lambda a: a.cumsum(1, dtype=torch.float64), (2, 3, 4)),
+    fn(aten.amax.default, "dim", lambda a: a.amax(1), (2, 3, 4)),
+    fn(aten.amax.default, "negative-dims-keepdim", lambda a: a.amax((-1, 0), keepdim=True), (2, 3, 4)),
+    fn(aten.amax.default, "ties", lambda a: a.amax(-1), ties(3, 6)),
+    fn(aten.max_pool2d_with_indices.default, "k2", lambda a: F.max_pool2d(a, 2), (2, 3, 4, 4)),
+    fn(aten.max_pool2d_with_indices.default, "k3-s2-p1", lambda a: F.max_pool2d(a, 3, 2, 1), (2, 3, 5, 5)),
+    fn(aten.max_pool2d_with_indices.default, "ceil-dilation",
+       lambda a: F.max_pool2d(a, 2, 2, dilation=2, ceil_mode=True), (1, 2, 7, 7)),
+    fn(aten.max_pool2d_with_indices.default, "overlapping-ties", lambda a: F.max_pool2d(a, 3, 1), ties(1, 2, 5, 5)),
+    fn(aten.avg_pool2d.default, "k2", lambda a: F.avg_pool2d(a, 2), (2, 3, 4, 4)),
+    fn(aten.avg_pool2d.default, "k3-s2-p1-exclude-pad",
+       lambda a: F.avg_pool2d(a, 3, 2, 1, count_include_pad=False), (2, 3, 5, 5)),
+    fn(aten.avg_pool2d.default, "ceil-divisor", lambda a: F.avg_pool2d(a, 2, ceil_mode=True, divisor_override=3),
+       (1, 2, 5, 5)),
+    fn(aten._adaptive_avg_pool2d.default, "divisible", lambda a: F.adaptive_avg_pool2d(a, 2), (2, 3, 4, 4)),
+    fn(aten._adaptive_avg_pool2d.default, "uneven", lambda a: F.adaptive_avg_pool2d(a, (3, 2)), (2, 3, 5, 5)),
+    fn(aten.var.correction, "unbiased-last-dim", lambda a: a.var(-1), (2, 3, 4)),
+    fn(aten.var.correction, "population-keepdim", lambda a: a.var((0, 2), correction=0, keepdim=True), (2, 3, 4)),
+    fn(aten.var.correction, "all", lambda a: a.var(), (2, 3, 4)),
+    fn(aten.var.correction, "std", lambda a: a.std(1), (2, 3, 4)),
+    # ---------------------------------------------------------------- views, slicing, joining, indexing
+    fn(aten.view.default, "plain", lambda a: a.view(4, 6), (2, 3, 4)),
+    direct(aten._unsafe_view.default, "plain", (P(0), [6, 4]), (2, 3, 4)),
+    direct(aten.reshape.default, "inferred", (P(0), [4, -1]), (2, 3, 4)),
+    direct(aten.flatten.using_ints, "negative-end", (P(0), 1, -1), (2, 3, 4, 5)),
+    fn(aten.squeeze.dims, "plain", lambda a: a.squeeze(1), (3, 1, 4)),
+    direct(aten.squeeze.dim, "negative", (P(0), -2), (3, 1, 4)),
+    direct(aten.squeeze.default, "all", (P(0),), (3, 1, 4, 1)),
+    fn(aten.unsqueeze.default, "negative", lambda a: a.unsqueeze(-1), (3, 4)),
+    fn(aten.permute.default, "negative-dims", lambda a: a.permute(2, -3, 1), (2, 3, 4)),
+    direct(aten.transpose.int, "negative", (P(0), 0, -1), (2, 3, 4)),
+    direct(aten.t.default, "plain", (P(0),), (3, 4)),
+    fn(aten.expand.default, "new-lead-dims", lambda a: a.expand(2, 3, 4), (3, 1)),
+    fn(aten.expand.default, "keep", lambda a: a.expand(-1, 4, -1), (2, 1, 3)),
+    fn(aten.slice.Tensor, "step", lambda a: a[:, ::2], (3, 5)),
+    fn(aten.slice.Tensor, "negative-start-step", lambda a: a[..., -4::3], (2, 3, 7)),
+    fn(aten.slice.Tensor, "range", lambda a: a[1:3], (4, 3)),
+    fn(aten.select.int, "negative-index", lambda a: a[:, -1], (3, 4)),
+    fn(aten.cat.default, "negative-dim", lambda a, b, c: torch.cat([a, b, c], -1), (2, 3), (2, 1),
+       inputs=((2, 2),)),
+    fn(aten.cat.default, "dim0-reused", lambda a, b: torch.cat([a, b, a]), (2, 3), (1, 3)),
+    fn(aten.split_with_sizes.default, "sizes", lambda a: torch.split(a, [1, 3], 1), (2, 4, 3)),
+    fn(aten.split_with_sizes.default, "chunks-one-unused", lambda a: torch.split(a, 2, -1)[::2], (3, 5)),
+    direct(aten.split.Tensor, "one-unused", (P(0), 2, -1), (3, 5), use=(0, 2)),
+    direct(aten.unbind.int, "one-unused", (P(0), 1), (2, 3, 4), use=(0, 2)),
+    direct(aten.unbind.int, "negative-dim", (P(0), -1), (2, 3)),
+    direct(aten.stack.default, "negative-dim", ([P(0), In(0), P(1)], -1), (2, 3), (2, 3), inputs=((2, 3),)),
+    direct(aten.stack.default, "dim0", ([P(0), P(0)],), (3,)),
+    fn(aten.index.Tensor, "repeated-rows", lambda a, i: a[i], (4, 3), inputs=(lambda: torch.tensor([1, 0, 1, 3]),)),
+    fn(aten.index.Tensor, "second-dim", lambda a, i: a[:, i], (2, 4, 3), inputs=(lambda: torch.tensor([3, 3, 0]),)),
+    fn(aten.index.Tensor, "two-index-tensors", lambda a, i, j: a[i, j], (3, 4),
+       inputs=(lambda: torch.tensor([0, 2, 0]), lambda: torch.tensor([1, 1, 1]))),
+    fn(aten.index_select.default, "repeated", lambda a, i: a.index_select(1, i), (2, 4, 3),
+       inputs=(lambda: torch.tensor([2, 0, 2]),)),
+    fn(aten.gather.default, "last-dim", lambda a, i: a.gather(-1, i), (3, 4), inputs=(ints(4, 3, 6),)),
+    fn(aten.gather.default, "dim0", lambda a, i: torch.gather(a, 0, i), (3, 4), inputs=(ints(3, 5, 4),)),
+    mod(aten.embedding.default, "repeated-ids", lambda: nn.Embedding(5, 3), inputs=(ints(5, 2, 6),)),
+    mod(aten.embedding.default, "padding-idx", lambda: nn.Embedding(5, 3, padding_idx=0),
+        inputs=(lambda: torch.tensor([[0, 1, 0, 4]]),)),
+    fn(aten.constant_pad_nd.default, "pad", lambda a: F.pad(a, (1, 2, 0, 1), value=0.5), (2, 3, 4)),
+    fn(aten.constant_pad_nd.default, "crop", lambda a: F.pad(a, (-1, 1)), (2, 3, 4)),
+    fn(aten.flip.default, "dims", lambda a: a.flip(0, -1), (2, 3, 4)),
+    fn(aten.repeat.default, "same-rank", lambda a: a.repeat(2, 1, 3), (2, 3, 4)),
+    fn(aten.repeat.default, "new-lead-dims", lambda a: a.repeat(2, 2, 1), (3, 4)),
+]
+DROPOUT = aten.native_dropout.default  # checked by the dedicated tests below, against its mask
+
+
+def _tensors(specs: tuple) -> list[torch.Tensor]:
+    return [_make(s) for s in specs]
+
+
+def _check(grads: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
+    assert grads.keys() == ref.keys()
+    for name, r in ref.items():
+        assert grads[name].shape == r.shape and grads[name].dtype == r.dtype, name
+        err = rel_err(grads[name], r)
+        assert err <= TOL, f"{name}: relative error {err:.2e}"
+
+
+def _check_compiled(case: Case) -> None:
+    params, inputs = _tensors(case.params), tuple(_tensors(case.inputs))
+    model = OpModule(params, fn=case.fn, sub=case.sub() if case.sub else None)
+    getattr(model, case.mode)()
+    ref_model = copy.deepcopy(model)
+    weights = random_weights(ref_model(*inputs))
+    ref = autograd_gradients(ref_model, inputs, weights)
+    grads, ops = engine_gradients(model, inputs, weights)
+    assert case.op in ops, f"{case.op} is not in the captured graph; make this a direct case"
+    _check(grads, ref)
+
+
+def _subst(a: Any, params: list, inputs: list) -> Any:
+    if isinstance(a, P):
+        return params[a]
+    if isinstance(a, In):
+        return inputs[a]
+    if isinstance(a, (list, tuple)):
+        return type(a)(_subst(x, params, inputs) for x in a)
+    return a
+
+
+def _direct_graph(op: Any, args: tuple, kwargs: dict, params: list[torch.Tensor], inputs: list[torch.Tensor],
+                  use: tuple | None, weights: tuple):
+    """A graph computing weighted_sum(op(*args)[use], weights); returns it, its loss, the param nodes and values."""
+    graph = Graph()
+    meta = lambda t: TensorMeta(tuple(t.shape), t.dtype)  # noqa: E731
+    pnodes = [graph.input(f"x{i}", PARAM, meta(p)) for i, p in enumerate(params)]
+    inodes = [graph.input(f"in{i}", BATCH, meta(t)) for i, t in enumerate(inputs)]
+    wnodes = [graph.input(f"w{i}", BATCH, meta(w)) for i, w in enumerate(weights)]
+    out = graph.call(op, _subst(args, pnodes, inodes), kwargs)
+    outs = [graph.getitem(out, i) for i in use or range(len(out.meta))] if isinstance(out.meta, tuple) else [out]
+    loss = None
+    for o, w in zip(outs, wnodes):
+        term = graph.call(aten.sum.default, (graph.call(aten.mul.Tensor, (o, w)),))
+        loss = term if loss is None else graph.call(aten.add.Tensor, (loss, term))
+    values = dict(zip(pnodes + inodes + wnodes, [*params, *inputs, *weights]))
+    return graph, loss, {f"x{i}": n for i, n in enumerate(pnodes)}, values, outs
+
+
+def _check_direct(case: Case) -> None:
+    params, inputs = _tensors(case.params), _tensors(case.inputs)
+    leaves = [p.clone().requires_grad_() for p in params]
+    out = case.op(*_subst(case.args, leaves, inputs), **case.kwargs)
+    if isinstance(out, (tuple, list)):
+        out = tuple(out[i] for i in case.use or range(len(out)))
+    weights = random_weights(out)
+    ref = torch.autograd.grad(weighted_sum(out, weights), leaves, allow_unused=True)
+    ref = {f"x{i}": torch.zeros_like(p) if g is None else g for i, (p, g) in enumerate(zip(params, ref))}
+    graph, loss, wrt, values, _ = _direct_graph(case.op, case.args, case.kwargs, params, inputs, case.use, weights)
+    _check(_run(graph, loss, wrt, values), ref)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_vjp_rule_matches_autograd(case: Case, xfail_split_bug):
+    if case.op is aten.split_with_sizes.default:
+        xfail_split_bug()  # see tests/conftest.py
+    torch.manual_seed(0)
+    (_check_direct if case.direct else _check_compiled)(case)
+
+
+def _rule_ops() -> set:
+    """The ops whose rule ships with pockengine (tests elsewhere may register rules of their own)."""
+    return {op for op, rule in VJP.items() if rule.__module__.startswith("pockengine.autodiff.rules")}
+
+
+def test_every_rule_has_a_case():
+    tested = {c.op for c in CASES} | {DROPOUT}
+    untested = sorted(str(op) for op in _rule_ops() - tested)
+    assert not untested, f"VJP rules without a case in tests/test_vjp_rules.py: {untested}"
+    unregistered = sorted(str(op) for op in tested - set(VJP))
+    assert not unregistered, f"cases for ops with no rule: {unregistered}"
+
+
+# ------------------------------------------------------------------------------------------------ dropout
+def _dropout_program(p: float, train: bool | None, shape=(64, 32)):
+    """native_dropout(x, p, train) on a hand-built graph; returns x, w, the output and the gradient of x."""
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    (weights,) = random_weights(x)
+    graph, loss, wrt, values, (y,) = _direct_graph(DROPOUT, (P(0), p, train), {}, [x], [], (0,), (weights,))
+    out = _run(graph, loss, wrt, values, extra={"y": y})
+    return x, weights, out["y"], out["x0"]
+
+
+@pytest.mark.parametrize("p", [0.3, 0.5])
+def test_dropout_gradient_is_mask_times_scale(p):
+    x, w, y, grad = _dropout_program(p, True)
+    kept = y != 0  # the mask, read off the output (x has no zeros)
+    scale = 1.0 / (1.0 - p)
+    assert 0.5 * (1 - p) < kept.float().mean().item() < 1.5 * (1 - p)  # some dropped, some kept
+    assert rel_err(y, x * kept * scale) <= TOL
+    assert rel_err(grad, w * kept * scale) <= TOL
+
+
+def test_dropout_not_training_is_identity():
+    x, w, y, grad = _dropout_program(0.5, False)
+    assert torch.equal(y, x)
+    assert rel_err(grad, w) <= TOL
+
+
+def test_dropout_p_one_drops_everything():
+    x, w, y, grad = _dropout_program(1.0, True)
+    assert not y.any() and not grad.any()
+
+
+class _Dropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.x = nn.Parameter(torch.randn(64, 32))
+
+    def forward(self):
+        return F.dropout(self.x, 0.25, self.training)
+
+
+def test_dropout_through_the_trainer():
+    """Through pe.compile: each gradient entry is either 0 (dropped) or w / (1 - p) (kept)."""
+    torch.manual_seed(0)
+    model = _Dropout()
+    weights = random_weights(model.x)
+    batch = ((), weights)
+    trainer = pe.compile(model, weighted_sum, batch)
+    assert DROPOUT in {n.target for n in trainer.program("grad").graph.nodes}
+    grad = trainer.gradients(batch)["x"]
+    kept = grad != 0
+    assert 0.6 < kept.float().mean().item() < 0.9
+    assert rel_err(grad, weights[0] * kept / 0.75) <= TOL
