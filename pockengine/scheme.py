@@ -1,45 +1,263 @@
-"""Schemes: which parameters a fine-tuning run trains.
+"""Schemes: which parameters a fine-tuning run trains, and how much of each.
 
-A scheme resolves against a model into `{parameter name: Selection}`; parameters it does not name stay frozen.
+A scheme is an ordered list of rules; each rule names modules by glob pattern over module names
+(`features.1[4-7]`, `*.attention.self.query`, `*`) and says how the parameters in those modules' subtrees are
+trained. Later rules override earlier ones for the parameters they reach. Modes:
+
+- `frozen`:  nothing is trained;
+- `bias`:    only parameters named `bias`;
+- `full`:    every parameter;
+- `partial`: weights with two or more dimensions train a fraction `ratio` of their input channels (dim 1; dim 0 of a
+  depthwise convolution, whose weight is one input channel per output channel), the `first` k or the k of largest
+  `magnitude`; one-dimensional parameters (biases, norm scales) are trained fully.
+
+Presets: `Scheme.full()`, `bias_only()`, `last(k)` (the last k parametrised layers in forward order, fully trained),
+`head()` (the last one). A scheme resolves against a model into `{parameter name: Selection}`; the selected channels
+are recorded there, so a run can be reproduced exactly (`Scheme.from_resolved`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import difflib
+import fnmatch
+import json
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
+
+from pockengine.errors import UserInputError
+
+MODES = ("frozen", "bias", "full", "partial")
+SELECTS = ("first", "magnitude")
 
 
 @dataclass(frozen=True)
 class Selection:
-    """How one parameter is trained. `full`: every entry."""
+    """How one parameter is trained: all of it, or the `channels` (sorted indices) along dimension `dim`."""
 
-    kind: str = "full"
+    kind: str = "full"  # "full" | "partial"
+    dim: int = 0
+    channels: tuple[int, ...] = ()
+
+    @property
+    def is_prefix(self) -> bool:
+        """The channels are 0..k-1, so the trained part is a plain slice (a view) of the parameter."""
+        return self.channels == tuple(range(len(self.channels)))
+
+    def mask(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor | None:
+        """Boolean mask of the trained entries (None when the whole parameter is trained)."""
+        if self.kind == "full":
+            return None
+        m = torch.zeros(shape[self.dim], dtype=torch.bool)
+        m[list(self.channels)] = True
+        view = [1] * len(shape)
+        view[self.dim] = shape[self.dim]
+        return m.view(view).expand(shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.kind == "full":
+            return {"kind": "full"}
+        return {"kind": "partial", "dim": self.dim, "channels": list(self.channels)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Selection:
+        return cls(d["kind"], d.get("dim", 0), tuple(d.get("channels", ())))
 
 
+@dataclass(frozen=True)
+class Rule:
+    modules: str  # glob over module names; "*" is every module
+    mode: str
+    ratio: float | None = None  # partial only
+    select: str = "first"  # partial only
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise UserInputError(f"unknown mode {self.mode!r} for modules {self.modules!r}; expected one of {MODES}")
+        if self.mode == "partial":
+            if self.ratio is None or not 0 < self.ratio <= 1:
+                raise UserInputError(f"partial training of {self.modules!r} needs a ratio in (0, 1], got {self.ratio}")
+            if self.select not in SELECTS:
+                raise UserInputError(f"select must be one of {SELECTS}, got {self.select!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"modules": self.modules, "mode": self.mode}
+        if self.mode == "partial":
+            d.update(ratio=self.ratio, select=self.select)
+        return d
+
+
+def _ratio(value: Any) -> float:
+    """Ratios may be written as numbers or fractions such as "1/4"."""
+    try:
+        return float(Fraction(str(value)))
+    except (ValueError, ZeroDivisionError) as e:
+        raise UserInputError(f"cannot read ratio {value!r}; write a number such as 0.25 or a fraction such as 1/4") from e
+
+
+def parametrised_layers(model: nn.Module) -> list[str]:
+    """Names of the modules that own parameters directly, in registration order."""
+    return [name for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
+
+
+@dataclass
 class Scheme:
-    def __init__(self, name: str, rules: list[tuple[str, Selection]]):
-        self.name = name
-        self.rules = rules  # (parameter name or "*", selection)
+    name: str = "custom"
+    rules: list[Rule] = field(default_factory=list)
+    last_k: int | None = None  # train the last k parametrised layers (in forward order) fully
+    resolved: dict[str, Selection] | None = None  # a recorded resolution, replayed as is
 
+    # -- presets --------------------------------------------------------------------------------------------
     @classmethod
     def full(cls) -> Scheme:
         """Train every parameter (full fine-tuning)."""
-        return cls("full", [("*", Selection("full"))])
+        return cls("full", [Rule("*", "full")])
 
-    def resolve(self, model: nn.Module) -> dict[str, Selection]:
-        names = [n for n, _ in model.named_parameters()]
-        chosen: dict[str, Selection] = {}
-        for pattern, sel in self.rules:
-            for n in names:
-                if pattern == "*" or pattern == n:
-                    chosen[n] = sel
-        return chosen
+    @classmethod
+    def bias_only(cls) -> Scheme:
+        """Train every bias, nothing else."""
+        return cls("bias_only", [Rule("*", "bias")])
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "rules": [[p, s.kind] for p, s in self.rules]}
+    @classmethod
+    def last(cls, k: int) -> Scheme:
+        """Train the last k parametrised layers in forward order, fully."""
+        if k < 1:
+            raise UserInputError(f"last(k) needs k >= 1, got {k}")
+        return cls(f"last{k}", [], last_k=k)
+
+    @classmethod
+    def head(cls) -> Scheme:
+        """Train the last parametrised layer only (the classifier head)."""
+        return cls("head", [], last_k=1)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Scheme:
-        return cls(d.get("name", "custom"), [(p, Selection(k)) for p, k in d["rules"]])
+        """Read `{"name": ..., "last": k, "rules": [{"modules": glob, "mode": ..., "ratio": ..., "select": ...}]}`."""
+        if "resolved" in d:
+            return cls.from_resolved({k: Selection.from_dict(v) for k, v in d["resolved"].items()},
+                                     d.get("name", "custom"))
+        unknown = set(d) - {"name", "rules", "last"}
+        if unknown:
+            raise UserInputError(f"unknown scheme keys {sorted(unknown)}; a scheme has name, rules and last")
+        rules = []
+        for r in d.get("rules", []):
+            extra = set(r) - {"modules", "mode", "ratio", "select"}
+            if extra or "modules" not in r or "mode" not in r:
+                raise UserInputError(f"a rule needs 'modules' and 'mode' (and for partial 'ratio', 'select'); "
+                                     f"got {r}")
+            rules.append(Rule(r["modules"], r["mode"], _ratio(r["ratio"]) if "ratio" in r else None,
+                              r.get("select", "first")))
+        return cls(d.get("name", "custom"), rules, last_k=d.get("last"))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Scheme:
+        """Read a scheme from a .json or .yaml/.yml file (same layout as from_dict)."""
+        path = Path(path)
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise UserInputError(f"scheme files are .json, .yaml or .yml; got {path.name}")
+        if not isinstance(data, dict):
+            raise UserInputError(f"{path} must hold a mapping with 'rules' (and optionally 'name', 'last')")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_resolved(cls, selections: dict[str, Selection], name: str = "recorded") -> Scheme:
+        return cls(name, resolved=dict(selections))
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.resolved is not None:
+            return {"name": self.name, "resolved": {k: v.to_dict() for k, v in self.resolved.items()}}
+        d: dict[str, Any] = {"name": self.name, "rules": [r.to_dict() for r in self.rules]}
+        if self.last_k is not None:
+            d["last"] = self.last_k
+        return d
+
+    # -- resolution -----------------------------------------------------------------------------------------
+    def resolve(self, model: nn.Module, layer_order: list[str] | None = None) -> dict[str, Selection]:
+        """`{parameter name: Selection}` for the trained parameters of `model`, in `named_parameters` order.
+
+        `layer_order` lists parametrised module names in forward order (from the captured graph); without it the
+        registration order is used.
+        """
+        params = dict(model.named_parameters())
+        if self.resolved is not None:
+            unknown = sorted(set(self.resolved) - set(params))
+            if unknown:
+                raise UserInputError(f"recorded selections name parameters the model lacks: {unknown[:10]}")
+            return {n: self.resolved[n] for n in params if n in self.resolved}
+        modules = [name for name, _ in model.named_modules()]
+        chosen: dict[str, Selection | None] = {}
+        if self.last_k is not None:
+            layers = layer_order or parametrised_layers(model)
+            if self.last_k > len(layers):
+                raise UserInputError(f"last({self.last_k}) asks for more layers than the model's {len(layers)}")
+            for layer in layers[-self.last_k:]:
+                for pname in params:
+                    if pname.rpartition(".")[0] == layer:
+                        chosen[pname] = Selection("full")
+        for rule in self.rules:
+            matched = [m for m in modules if fnmatch.fnmatchcase(m, rule.modules)]
+            if not matched:
+                close = difflib.get_close_matches(rule.modules, modules, n=5, cutoff=0.5)
+                raise UserInputError(f"scheme rule {rule.modules!r} names no module of the model; closest names: "
+                                     f"{close or modules[:5]}")
+            prefixes = [m + "." if m else "" for m in matched]
+            for pname, p in params.items():
+                if any(pname.startswith(pre) for pre in prefixes):
+                    chosen[pname] = _select(rule, pname, p)
+        return {n: s for n, s in ((n, chosen.get(n)) for n in params) if s is not None}
+
+
+def _select(rule: Rule, name: str, p: torch.Tensor) -> Selection | None:
+    if rule.mode == "frozen":
+        return None
+    if rule.mode == "bias":
+        return Selection("full") if name.rpartition(".")[2] == "bias" else None
+    if rule.mode == "full" or p.dim() < 2:
+        return Selection("full")
+    dim = 1 if p.shape[1] > 1 else 0  # a depthwise kernel has one input channel per output channel
+    n = p.shape[dim]
+    k = round(rule.ratio * n)
+    if k < 1:
+        raise UserInputError(f"ratio {rule.ratio} of the {n} channels of {name} selects no channel; use a ratio of "
+                             f"at least 1/{n}")
+    if k == n:
+        return Selection("full")
+    if rule.select == "first":
+        channels = tuple(range(k))
+    else:
+        norms = p.detach().transpose(0, dim).reshape(n, -1).norm(dim=1)
+        channels = tuple(sorted(torch.topk(norms, k).indices.tolist()))
+    return Selection("partial", dim, channels)
+
+
+def summary(model: nn.Module, selections: dict[str, Selection]) -> str:
+    """A table of every parameter: shape, how it is trained, trained and total entries."""
+    rows = [("parameter", "shape", "trained", "entries", "of")]
+    total = trained = 0
+    for name, p in model.named_parameters():
+        sel = selections.get(name)
+        n = p.numel()
+        t = 0 if sel is None else n if sel.kind == "full" else n // p.shape[sel.dim] * len(sel.channels)
+        how = "-" if sel is None else "full" if sel.kind == "full" else f"{len(sel.channels)}/{p.shape[sel.dim]} ch"
+        rows.append((name, "x".join(map(str, p.shape)), how, str(t), str(n)))
+        total, trained = total + n, trained + t
+    rows.append(("total", "", f"{100 * trained / max(total, 1):.2f}%", str(trained), str(total)))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in rows)
+
+
+def gradient_masks(model: nn.Module, selections: dict[str, Selection]) -> dict[str, torch.Tensor | None]:
+    """For baselines (eager, torch.compile...): which entries of each trained parameter may change."""
+    params = dict(model.named_parameters())
+    return {name: sel.mask(params[name].shape) for name, sel in selections.items()}

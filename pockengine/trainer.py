@@ -7,6 +7,7 @@ shape (the last, smaller batch; another sequence length) compiles a new program,
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -15,13 +16,13 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from pockengine.autodiff import differentiate
+from pockengine.autodiff import ChannelSlice, differentiate
 from pockengine.backend import CompiledProgram
-from pockengine.capture import capture, normalize_batch
+from pockengine.capture import Captured, capture, normalize_batch
 from pockengine.errors import BatchMismatchError, NonFiniteLossError, UserInputError
-from pockengine.ir.graph import BATCH, SCALAR, STATE, Node, eliminate_dead_code
+from pockengine.ir.graph import BATCH, CONST, SCALAR, STATE, Node, TensorMeta, eliminate_dead_code
 from pockengine.optim import SGD, Optimizer
-from pockengine.scheme import Scheme
+from pockengine.scheme import Scheme, Selection
 
 aten = torch.ops.aten
 ShapeKey = tuple[tuple[tuple[int, ...], torch.dtype], ...]
@@ -56,16 +57,21 @@ class Trainer:
             for m in model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
-        self.trained = self.scheme.resolve(model)
-        params = dict(model.named_parameters())
-        self.state: dict[str, dict[str, torch.Tensor]] = {
-            name: {s: torch.zeros_like(params[name], memory_format=torch.preserve_format)
-                   for s in self.optimizer.state_names} for name in self.trained}
         example = self._example = normalize_batch(example_batch)
         leaves, self._spec = pytree.tree_flatten(example)
         self._dtypes = [t.dtype if isinstance(t, torch.Tensor) else type(t) for t in leaves]
         self._programs: dict[tuple[str, ShapeKey], _Built] = {}
-        self._build("step", example, self._shape_key(leaves))
+        cap = capture(model, loss_fn, example)
+        self.trained: dict[str, Selection] = self.scheme.resolve(model, _layer_order(cap))
+        if not self.trained:
+            raise UserInputError(f"scheme {self.scheme.name!r} trains no parameter of this model; see "
+                                 "pockengine.scheme.summary(model, scheme.resolve(model))")
+        params = dict(model.named_parameters())
+        self.state: dict[str, dict[str, torch.Tensor]] = {
+            name: {s: torch.zeros(_trained_shape(params[name].shape, sel), dtype=params[name].dtype,
+                                  device=params[name].device) for s in self.optimizer.state_names}
+            for name, sel in self.trained.items()}
+        self._build("step", example, self._shape_key(leaves), cap)
 
     # -- public API -----------------------------------------------------------------------------------------
     def step(self, batch: Any, lr: float | None = None) -> float:
@@ -136,34 +142,49 @@ class Trainer:
         built = self._programs.get(key) or self._build(kind, batch, key[1])
         return built, leaves
 
-    def _build(self, kind: str, batch: Any, shape_key: ShapeKey) -> _Built:
+    def _build(self, kind: str, batch: Any, shape_key: ShapeKey, cap: Captured | None = None) -> _Built:
         start = time.perf_counter()
-        cap = capture(self.model, self.loss_fn, batch)
+        cap = cap or capture(self.model, self.loss_fn, batch)
         graph = cap.graph
         missing = [n for n in self.trained if n not in cap.params]
         if missing:
             raise UserInputError(f"trained parameters {missing} do not appear in the captured graph (tied to "
                                  "another parameter, or unused by forward); leave them out of the scheme")
         trained = {name: cap.params[name] for name in self.trained}
-        grads = differentiate(graph, cap.loss, list(trained.values()))
+        slices: dict[Node, ChannelSlice] = {}
+        for name, sel in self.trained.items():
+            if sel.kind == "partial":
+                index = graph.input(f"{name}.channels", CONST, TensorMeta((len(sel.channels),), torch.int64))
+                cap.constants[index] = torch.tensor(sel.channels, dtype=torch.int64)
+                slices[trained[name]] = ChannelSlice(sel.dim, sel.channels, index)
+        grads = differentiate(graph, cap.loss, list(trained.values()), slices)
 
         def emit(target: Callable, *args: Any, module: str = "", **kwargs: Any) -> Node:
             return graph.call(target, args, kwargs, module=module, section="update")
 
-        grads = {name: g if g is not None else emit(aten.zeros_like.default, trained[name])
-                 for name, g in ((n, grads[p]) for n, p in trained.items())}
         graph.outputs = {"loss": cap.loss}
         state_inputs: dict[Node, torch.Tensor] = {}
-        if kind == "grad":
-            graph.outputs.update({f"grad:{name}": g for name, g in grads.items()})
-        else:
-            scalars = {s: graph.input(s, SCALAR, None) for s in self.optimizer.scalar_names}
-            for name, p in trained.items():
-                state = {s: graph.input(f"{name}.{s}", STATE, p.meta, module=p.module)
-                         for s in self.optimizer.state_names}
-                state_inputs.update({node: self.state[name][s] for s, node in state.items()})
-                self.optimizer.emit_update(
-                    lambda t, *a, **k: emit(t, *a, module=p.module, **k), p, grads[name], state, scalars)
+        scalars = {s: graph.input(s, SCALAR, None) for s in self.optimizer.scalar_names} if kind == "step" else {}
+        for name, p in trained.items():
+            at = functools.partial(emit, module=p.module)
+            sl = slices.get(p)
+            g = grads[p]
+            if g is None:  # the loss does not depend on this parameter
+                g = at(aten.zeros.default, list(sl.shape(p.meta.shape) if sl else p.meta.shape), dtype=p.meta.dtype)
+            if kind == "grad":
+                if sl is not None:
+                    g = at(aten.index_copy.default, at(aten.zeros_like.default, p), sl.dim, sl.index, g)
+                graph.outputs[f"grad:{name}"] = g
+                continue
+            state = {s: graph.input(f"{name}.{s}", STATE, g.meta, module=p.module)
+                     for s in self.optimizer.state_names}
+            state_inputs.update({node: self.state[name][s] for s, node in state.items()})
+            # A prefix of channels is updated through a view; scattered channels are gathered, updated, put back.
+            target = sl.take(at, p) if sl is not None else p
+            updated = self.optimizer.emit_update(at, target, g, state, scalars)
+            if sl is not None and not sl.is_prefix:
+                at(aten.index_copy_.default, p, sl.dim, sl.index, updated)
+        if kind == "step":
             for name, new in cap.buffer_updates.items():
                 emit(aten.copy_.default, cap.buffers[name], new, module=name.rpartition(".")[0])
         eliminate_dead_code(graph)
@@ -185,6 +206,26 @@ class Trainer:
             return lambda leaves, scalars: scalars[name]
         value = static[node]
         return lambda leaves, scalars: value
+
+
+def _layer_order(cap: Captured) -> list[str]:
+    """Modules owning parameters, in the order the forward pass first uses them."""
+    position = {n: i for i, n in enumerate(cap.graph.nodes)}
+    users = cap.graph.users()
+    first_use = {name: min((position[u] for u in users[node]), default=len(position))
+                 for name, node in cap.params.items()}
+    order: list[str] = []
+    for name in sorted(first_use, key=first_use.__getitem__):
+        module = name.rpartition(".")[0]
+        if module not in order:
+            order.append(module)
+    return order
+
+
+def _trained_shape(shape: torch.Size, sel: Selection) -> tuple[int, ...]:
+    if sel.kind == "full":
+        return tuple(shape)
+    return tuple(len(sel.channels) if d == sel.dim else s for d, s in enumerate(shape))
 
 
 def compile(model: nn.Module, loss_fn: Callable, example_batch: Any, optimizer: Optimizer | None = None,

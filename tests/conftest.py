@@ -1,4 +1,5 @@
-"""Shared by the gradient tests: a probe for a known engine bug, so its tests xfail until the fix lands."""
+"""Shared by the gradient tests: probes for known engine bugs, so that the tests they break xfail (with the bug and
+its fix as the reason) until the fix lands, and run again by themselves once it has."""
 
 from __future__ import annotations
 
@@ -7,11 +8,6 @@ import functools
 import pytest
 import torch
 from torch import nn
-
-SPLIT_BUG = ("capture() gives list-returning ops (split_with_sizes, from torch.split/chunk) a *list* meta while "
-             "the IR and engine._is_float expect a tuple, so differentiate() never marks them as depending on the "
-             "trained parameters and no gradient flows through them. Fix: make the meta a tuple in "
-             "pockengine/capture/export.py (and/or accept lists in engine._is_float)")
 
 
 class _Split(nn.Module):
@@ -24,9 +20,18 @@ class _Split(nn.Module):
         return a * b
 
 
-@functools.cache
-def split_drops_gradient() -> bool:
-    """True while a gradient through torch.split is silently lost (see SPLIT_BUG)."""
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(3, 2)
+        self.head = nn.Linear(2, 3, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(self.emb(ids))
+
+
+def _split_drops_gradient() -> bool:
     from pockengine.autodiff import differentiate
     from pockengine.capture import capture
 
@@ -34,12 +39,44 @@ def split_drops_gradient() -> bool:
     return differentiate(cap.graph, cap.loss, [cap.params["x"]])[cap.params["x"]] is None
 
 
-@pytest.fixture
-def xfail_split_bug():
-    """Call it in a test whose graph contains a split: the test xfails while SPLIT_BUG is there."""
+def _tied_parameter_loses_gradient() -> bool:
+    import pockengine as pe
 
-    def check() -> None:
-        if split_drops_gradient():
-            pytest.xfail(SPLIT_BUG)
+    torch.manual_seed(0)
+    model, batch = _Tied(), ((torch.tensor([0, 2]),), torch.randn(2, 3))
+    loss_fn = lambda out, target: (out * target).sum()  # noqa: E731
+    (ref,) = torch.autograd.grad(loss_fn(model(*batch[0]), batch[1]), [model.emb.weight])
+    got = pe.compile(model, loss_fn, batch).gradients(batch)["emb.weight"]
+    return not torch.allclose(got, ref, rtol=1e-4, atol=1e-6)
+
+
+KNOWN_BUGS = {
+    "split": (_split_drops_gradient,
+              "capture() gives list-returning ops (split_with_sizes, from torch.split/chunk) a *list* meta, but the "
+              "IR and engine._is_float expect a tuple, so differentiate() never sees them as depending on the "
+              "trained parameters and no gradient flows through them. Fix: tuple(meta) in "
+              "pockengine/capture/export.py (and accept lists in engine._is_float)"),
+    "tied": (_tied_parameter_loses_gradient,
+             "torch.export lifts a tied parameter (GPT-2's lm_head.weight is transformer.wte.weight) once per "
+             "name, and capture() makes one input node per name, so the trained parameter (named as "
+             "model.named_parameters() names it) misses the gradient of the uses that go through the other name. "
+             "Fix: in pockengine/capture/export.py map every placeholder of the same tensor to one node, named "
+             "by named_parameters()"),
+}
+
+
+@functools.cache
+def has_bug(name: str) -> bool:
+    return KNOWN_BUGS[name][0]()
+
+
+@pytest.fixture
+def xfail_known_bug():
+    """xfail_known_bug("split", ...): the test xfails while one of these KNOWN_BUGS is still there."""
+
+    def check(*names: str) -> None:
+        for name in names:
+            if has_bug(name):
+                pytest.xfail(KNOWN_BUGS[name][1])
 
     return check

@@ -40,6 +40,8 @@ TINY = 1e-12
 
 # ------------------------------------------------------------------------------------------------ the harness
 def rel_err(g: torch.Tensor, ref: torch.Tensor) -> float:
+    if ref.numel() == 0:
+        return 0.0
     return ((g - ref).abs().max() / ref.abs().max().clamp_min(TINY)).item()
 
 
@@ -307,6 +309,7 @@ CASES = [
     mod(aten.native_layer_norm.default, "eval", lambda: _affine(nn.LayerNorm(4)), (2, 3, 4), mode="eval"),
     mod(aten._native_batch_norm_legit_functional.default, "2d", _bn(nn.BatchNorm2d, 3), (4, 3, 3, 3)),
     mod(aten._native_batch_norm_legit_functional.default, "1d", _bn(nn.BatchNorm1d, 3), (4, 3, 5)),
+    mod(aten._native_batch_norm_legit_functional.default, "features", _bn(nn.BatchNorm1d, 3), (4, 3)),
     mod(aten._native_batch_norm_legit_functional.default, "no-affine", _bn(nn.BatchNorm2d, 3, affine=False),
         (4, 3, 3, 3)),
     mod(aten._native_batch_norm_legit_no_training.default, "2d", _bn(nn.BatchNorm2d, 3), (4, 3, 3, 3),
@@ -335,6 +338,7 @@ CASES = [
     fn(aten.amax.default, "dim", lambda a: a.amax(1), (2, 3, 4)),
     fn(aten.amax.default, "negative-dims-keepdim", lambda a: a.amax((-1, 0), keepdim=True), (2, 3, 4)),
     fn(aten.amax.default, "ties", lambda a: a.amax(-1), ties(3, 6)),
+    fn(aten.amax.default, "all-ties", lambda a: a.amax(), ties(3, 4)),
     fn(aten.max_pool2d_with_indices.default, "k2", lambda a: F.max_pool2d(a, 2), (2, 3, 4, 4)),
     fn(aten.max_pool2d_with_indices.default, "k3-s2-p1", lambda a: F.max_pool2d(a, 3, 2, 1), (2, 3, 5, 5)),
     fn(aten.max_pool2d_with_indices.default, "ceil-dilation",
@@ -368,10 +372,13 @@ CASES = [
     fn(aten.slice.Tensor, "step", lambda a: a[:, ::2], (3, 5)),
     fn(aten.slice.Tensor, "negative-start-step", lambda a: a[..., -4::3], (2, 3, 7)),
     fn(aten.slice.Tensor, "range", lambda a: a[1:3], (4, 3)),
+    fn(aten.slice.Tensor, "negative-end", lambda a: a[:, 1:-1], (4, 5)),
     fn(aten.select.int, "negative-index", lambda a: a[:, -1], (3, 4)),
     fn(aten.cat.default, "negative-dim", lambda a, b, c: torch.cat([a, b, c], -1), (2, 3), (2, 1),
        inputs=((2, 2),)),
     fn(aten.cat.default, "dim0-reused", lambda a, b: torch.cat([a, b, a]), (2, 3), (1, 3)),
+    fn(aten.cat.default, "legacy-empty", lambda e, a, b, f: torch.cat([e, a, f, b], -2), (0,), (2, 3, 4),
+       (2, 1, 4), inputs=((0,),)),
     fn(aten.split_with_sizes.default, "sizes", lambda a: torch.split(a, [1, 3], 1), (2, 4, 3)),
     fn(aten.split_with_sizes.default, "chunks-one-unused", lambda a: torch.split(a, 2, -1)[::2], (3, 5)),
     direct(aten.split.Tensor, "one-unused", (P(0), 2, -1), (3, 5), use=(0, 2)),
@@ -390,6 +397,8 @@ CASES = [
     mod(aten.embedding.default, "repeated-ids", lambda: nn.Embedding(5, 3), inputs=(ints(5, 2, 6),)),
     mod(aten.embedding.default, "padding-idx", lambda: nn.Embedding(5, 3, padding_idx=0),
         inputs=(lambda: torch.tensor([[0, 1, 0, 4]]),)),
+    mod(aten.embedding.default, "scale-grad-by-freq", lambda: nn.Embedding(5, 3, scale_grad_by_freq=True),
+        inputs=(lambda: torch.tensor([[1, 1, 3], [1, 0, 3]]),)),
     fn(aten.constant_pad_nd.default, "pad", lambda a: F.pad(a, (1, 2, 0, 1), value=0.5), (2, 3, 4)),
     fn(aten.constant_pad_nd.default, "crop", lambda a: F.pad(a, (-1, 1)), (2, 3, 4)),
     fn(aten.flip.default, "dims", lambda a: a.flip(0, -1), (2, 3, 4)),
@@ -465,9 +474,9 @@ def _check_direct(case: Case) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_vjp_rule_matches_autograd(case: Case, xfail_split_bug):
-    if case.op is aten.split_with_sizes.default:
-        xfail_split_bug()  # see tests/conftest.py
+def test_vjp_rule_matches_autograd(case: Case, xfail_known_bug):
+    if case.op is aten.split_with_sizes.default and not case.direct:
+        xfail_known_bug("split")  # see tests/conftest.py
     torch.manual_seed(0)
     (_check_direct if case.direct else _check_compiled)(case)
 

@@ -9,6 +9,7 @@ its inputs need a cotangent, so frozen inputs cost nothing.
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -39,13 +40,56 @@ def _tensor_args(args: Sequence) -> list[tuple[int, int | None, Node]]:
     return found
 
 
+@dataclass(frozen=True)
+class ChannelSlice:
+    """Only `channels` (sorted indices, held by the int64 node `index`) along `dim` of a value are wanted: the
+    trained part of a partially trained parameter. Its cotangent has `len(channels)` entries along `dim`."""
+
+    dim: int
+    channels: tuple[int, ...]
+    index: Node
+
+    @property
+    def is_prefix(self) -> bool:
+        return self.channels == tuple(range(len(self.channels)))
+
+    def moved(self, dim: int) -> ChannelSlice:
+        return ChannelSlice(dim, self.channels, self.index)
+
+    def take(self, emit: Callable[..., Node], x: Node, dim: int | None = None) -> Node:
+        """The selected channels of `x` along `dim` (default: this slice's): a view for a prefix."""
+        dim = self.dim if dim is None else dim
+        if self.is_prefix:
+            return emit(aten.slice.Tensor, x, dim, 0, len(self.channels))
+        return emit(aten.index_select.default, x, dim, self.index)
+
+    def shape(self, full: tuple[int, ...]) -> tuple[int, ...]:
+        return full[:self.dim] + (len(self.channels),) + full[self.dim + 1:]
+
+
+def _propagate_slices(forward: list[Node], slices: dict[Node, ChannelSlice]) -> None:
+    """Carry a parameter's channel slice through the transposes that feed it to a matmul (linear layers)."""
+    for n in forward:
+        if n.is_input or not n.args or n.args[0] not in slices:
+            continue
+        src = slices[n.args[0]]
+        if n.target is aten.permute.default:
+            slices[n] = src.moved(list(n.args[1]).index(src.dim))
+        elif n.target is aten.t.default:
+            slices[n] = src.moved(1 - src.dim)
+        elif n.target is aten.transpose.int:
+            a, b = (d % len(n.meta.shape) for d in n.args[1:3])
+            slices[n] = src.moved(b if src.dim == a else a if src.dim == b else src.dim)
+
+
 class VJPContext:
     """What a VJP rule sees: the forward node, which inputs need a cotangent, and a way to emit backward ops."""
 
-    def __init__(self, graph: Graph, node: Node, needs: dict[Node, bool]):
+    def __init__(self, graph: Graph, node: Node, needs: dict[Node, bool], slices: dict[Node, ChannelSlice]):
         self.graph = graph
         self.node = node
         self._needs = needs
+        self._slices = slices
 
     @property
     def args(self) -> list[Any]:
@@ -65,8 +109,20 @@ class VJPContext:
         """Whether the forward input `arg` (a node argument of this op) needs a cotangent."""
         return isinstance(arg, Node) and self._needs.get(arg, False)
 
+    def slice_of(self, arg: Any) -> ChannelSlice | None:
+        """The channel slice wanted of input `arg`, if only part of its cotangent is needed. A rule that honours
+        it returns the sliced cotangent (and computes only that); otherwise the engine slices the full one."""
+        return self._slices.get(arg) if isinstance(arg, Node) else None
+
     def __call__(self, target: Callable, *args: Any, **kwargs: Any) -> Node:
         return self.graph.call(target, args, kwargs, module=self.node.module, section="backward")
+
+    def saved(self, target: Callable, *args: Any, **kwargs: Any) -> Node:
+        """Emit a forward-section op right after its newest input, so that the backward section keeps only its
+        (smaller) result alive instead of the input: a slice of an activation, a compact mask."""
+        position = {n: i for i, n in enumerate(self.graph.nodes)}
+        newest = max((a for a in Node.inputs_of(args, kwargs)), key=position.__getitem__)
+        return self.graph.call(target, args, kwargs, module=newest.module, section=newest.section, after=newest)
 
     def sum_to(self, g: Node, shape: tuple[int, ...]) -> Node:
         """Undo broadcasting: sum `g` down to `shape`."""
@@ -89,12 +145,16 @@ def _add(graph: Graph, a: Node | None, b: Node, module: str) -> Node:
     return b if a is None else graph.call(aten.add.Tensor, (a, b), module=module, section="backward")
 
 
-def differentiate(graph: Graph, loss: Node, wrt: Sequence[Node]) -> dict[Node, Node | None]:
+def differentiate(graph: Graph, loss: Node, wrt: Sequence[Node],
+                  slices: dict[Node, ChannelSlice] | None = None) -> dict[Node, Node | None]:
     """Append backward nodes computing d(loss)/d(w) for every w in `wrt`; returns {w: gradient node or None}.
 
-    None means the loss does not depend on w.
+    For a w in `slices` only the selected channels' gradient is computed (and returned). None means the loss
+    does not depend on w.
     """
     forward = list(graph.nodes)
+    slices = dict(slices or {})
+    _propagate_slices(forward, slices)
     # Forward sweep: which float values depend on a wanted input.
     depends: set[Node] = {w for w in wrt}
     for n in forward:
@@ -127,15 +187,19 @@ def differentiate(graph: Graph, loss: Node, wrt: Sequence[Node]) -> dict[Node, N
                 "path from the trained parameters to the loss. Either freeze the parameters before that module "
                 "in the scheme, or add a rule: @pockengine.autodiff.register(torch.ops.aten.<op>) returning the "
                 "input cotangents (see pockengine/autodiff/rules/).")
-        grads = rule(VJPContext(graph, n, needs), g)
+        grads = rule(VJPContext(graph, n, needs, slices), g)
         for pos, j, arg in _tensor_args(n.args):
             if arg not in on_path:
                 continue
             gi = grads[pos] if j is None else grads[pos][j]
             if gi is None:
                 continue
-            if isinstance(arg.meta, TensorMeta) and gi.meta.shape != arg.meta.shape:
+            sl = slices.get(arg)
+            if sl is not None and gi.meta.shape == arg.meta.shape and sl.shape(arg.meta.shape) != arg.meta.shape:
+                gi = sl.take(lambda t, *a: graph.call(t, a, module=n.module, section="backward"), gi)
+            expected = sl.shape(arg.meta.shape) if sl is not None else arg.meta.shape
+            if gi.meta.shape != expected:
                 raise AssertionError(f"VJP rule of {n.op_name} returned a cotangent of shape {gi.meta.shape} "
-                                     f"for an input of shape {arg.meta.shape}")
+                                     f"for an input of shape {expected}")
             cot[arg] = _add(graph, cot.get(arg), gi, n.module)
     return {w: cot.get(w) for w in wrt}

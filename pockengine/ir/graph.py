@@ -9,6 +9,7 @@ on meta tensors, so later passes (pruning, memory planning) can reason about siz
 
 from __future__ import annotations
 
+import itertools
 import keyword
 import operator
 import re
@@ -80,8 +81,12 @@ class Node:
 
     @property
     def inputs(self) -> list[Node]:
+        return Node.inputs_of(self.args, self.kwargs)
+
+    @staticmethod
+    def inputs_of(args: Any, kwargs: Any = None) -> list[Node]:
         found: list[Node] = []
-        tree_map(lambda a: found.append(a) if isinstance(a, Node) else None, (self.args, self.kwargs))
+        tree_map(lambda a: found.append(a) if isinstance(a, Node) else None, (args, kwargs))
         return found
 
     @property
@@ -155,19 +160,31 @@ class Graph:
         return name
 
     def input(self, name: str, role: str, meta: Meta, module: str = "") -> Node:
+        """A new program input, placed after the existing inputs so that they all lead the program."""
         node = Node(self._fresh(name), None, (), {}, meta, module, "forward", role)
-        self.nodes.append(node)
+        self.nodes.insert(sum(1 for _ in itertools.takewhile(lambda n: n.is_input, self.nodes)), node)
         return node
 
     def call(self, target: Callable, args: tuple, kwargs: dict | None = None, *, module: str = "",
-             section: str = "forward", name: str | None = None, meta: Meta = None) -> Node:
+             section: str = "forward", name: str | None = None, meta: Meta = None,
+             after: Node | None = None) -> Node:
+        """Append a call, or insert it right `after` a node (and the getitems unpacking it)."""
         kwargs = kwargs or {}
         if meta is None:
             meta = infer_meta(target, args, kwargs)
         node = Node(self._fresh(name or op_name(target).split(".")[0]), target, tuple(args), kwargs, meta,
                     module, section)
-        self.nodes.append(node)
+        if after is None:
+            self.nodes.append(node)
+        else:
+            self.nodes.insert(self._end_of(after), node)
         return node
+
+    def _end_of(self, node: Node) -> int:
+        pos = self.nodes.index(node) + 1
+        while pos < len(self.nodes) and self.nodes[pos].target is operator.getitem and self.nodes[pos].args[0] is node:
+            pos += 1
+        return pos
 
     def getitem(self, node: Node, index: int) -> Node:
         """The node for output `index` of the multi-output `node`, placed right after it so that the tuple it
@@ -175,9 +192,7 @@ class Graph:
         for n in self.nodes:
             if n.target is operator.getitem and n.args[0] is node and n.args[1] == index:
                 return n
-        pos = self.nodes.index(node) + 1
-        while pos < len(self.nodes) and self.nodes[pos].target is operator.getitem and self.nodes[pos].args[0] is node:
-            pos += 1
+        pos = self._end_of(node)
         item = Node(self._fresh(f"{node.name}_{index}"), operator.getitem, (node, index), {}, node.meta[index],
                     node.module, node.section)
         self.nodes.insert(pos, item)

@@ -31,7 +31,7 @@ class AdamW(Optimizer):
                 "bias_correction2_sqrt": math.sqrt(1 - beta2 ** step)}
 
     def emit_update(self, emit: Emit, param: Node, grad: Node, state: dict[str, Node],
-                    scalars: dict[str, Node]) -> None:
+                    scalars: dict[str, Node]) -> Node:
         beta1, beta2 = self.betas
         param = emit(aten.mul_.Tensor, param, scalars["decay"])
         exp_avg = emit(aten.lerp_.Scalar, state["exp_avg"], grad, 1 - beta1)
@@ -39,7 +39,7 @@ class AdamW(Optimizer):
         exp_avg_sq = emit(aten.addcmul_.default, exp_avg_sq, grad, grad, value=1 - beta2)
         denom = emit(aten.add.Tensor, emit(aten.div.Tensor, emit(aten.sqrt.default, exp_avg_sq),
                                            scalars["bias_correction2_sqrt"]), self.eps)
-        emit(aten.addcdiv_.default, param, exp_avg, denom, value=scalars["neg_step_size"])
+        return emit(aten.addcdiv_.default, param, exp_avg, denom, value=scalars["neg_step_size"])
 
     def config(self) -> dict[str, Any]:
         return {"kind": "AdamW", "lr": self.lr, "betas": list(self.betas), "eps": self.eps,

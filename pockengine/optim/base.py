@@ -30,8 +30,8 @@ class Optimizer(ABC):
 
     @abstractmethod
     def emit_update(self, emit: Emit, param: Node, grad: Node, state: dict[str, Node],
-                    scalars: dict[str, Node]) -> None:
-        """Emit the ops updating `param` in place."""
+                    scalars: dict[str, Node]) -> Node:
+        """Emit the ops updating `param` in place; returns the node of the updated parameter (the last op)."""
 
     @abstractmethod
     def config(self) -> dict[str, Any]:

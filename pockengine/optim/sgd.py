@@ -27,14 +27,14 @@ class SGD(Optimizer):
         return {"neg_lr": -lr}
 
     def emit_update(self, emit: Emit, param: Node, grad: Node, state: dict[str, Node],
-                    scalars: dict[str, Node]) -> None:
+                    scalars: dict[str, Node]) -> Node:
         d = emit(aten.add.Tensor, grad, param, alpha=self.weight_decay) if self.weight_decay else grad
         if self.momentum:
             # A zero-initialized buffer makes the first step buf = g, as torch.optim.SGD's clone does.
             buf = emit(aten.mul_.Tensor, state["momentum_buffer"], self.momentum)
             buf = emit(aten.add_.Tensor, buf, d)
             d = emit(aten.add.Tensor, d, buf, alpha=self.momentum) if self.nesterov else buf
-        emit(aten.add_.Tensor, param, d, alpha=scalars["neg_lr"])
+        return emit(aten.add_.Tensor, param, d, alpha=scalars["neg_lr"])
 
     def config(self) -> dict[str, Any]:
         return {"kind": "SGD", "lr": self.lr, "momentum": self.momentum, "nesterov": self.nesterov,

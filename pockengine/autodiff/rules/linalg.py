@@ -1,4 +1,10 @@
-"""VJP rules of matrix products and convolution."""
+"""VJP rules of matrix products and convolution.
+
+These are where sparse training pays off, so each rule computes only what is asked: a bias-only convolution
+reduces the output gradient and keeps no activation; an input gradient needs the weight, not the input; and a
+partially trained weight (`ctx.slice_of(weight)`) gets its gradient from the selected input channels only, which
+are sliced off in the forward section so the backward keeps just that fraction of the activation.
+"""
 
 import operator
 
@@ -15,11 +21,20 @@ def _t(ctx, x):
     return ctx(aten.permute.default, x, list(range(n - 2)) + [n - 1, n - 2])
 
 
+def _weight_grad(ctx, activation, g, weight, weight_dim):
+    """`activation^T @ g` for the weight of `x @ weight`, restricted to the selected rows of the weight if it is
+    partially trained (`weight_dim` is the weight's contraction dimension, the one a slice selects)."""
+    sl = ctx.slice_of(weight)
+    if sl is not None and sl.dim == weight_dim:
+        activation = sl.take(ctx.saved, activation, len(activation.meta.shape) - 1)
+    return ctx(aten.mm.default, _t(ctx, activation), g)
+
+
 @register(aten.mm.default)
 def mm(ctx, g):
     a, b = ctx.node.args
     return (ctx(aten.mm.default, g, _t(ctx, b)) if ctx.needs(a) else None,
-            ctx(aten.mm.default, _t(ctx, a), g) if ctx.needs(b) else None)
+            _weight_grad(ctx, a, g, b, 0) if ctx.needs(b) else None)
 
 
 @register(aten.bmm.default)
@@ -32,22 +47,47 @@ def bmm(ctx, g):
 @register(aten.addmm.default)
 def addmm(ctx, g):
     bias, a, b = ctx.node.args
-    beta, alpha = ctx.node.kwargs.get("beta", 1), ctx.node.kwargs.get("alpha", 1)
+    beta, alpha = ctx.kwarg("beta"), ctx.kwarg("alpha")
     scaled = g if alpha == 1 else ctx(aten.mul.Tensor, g, alpha)
     gbias = None
     if ctx.needs(bias):
         gbias = ctx.sum_to(g if beta == 1 else ctx(aten.mul.Tensor, g, beta), bias.meta.shape)
     return (gbias,
             ctx(aten.mm.default, scaled, _t(ctx, b)) if ctx.needs(a) else None,
-            ctx(aten.mm.default, _t(ctx, a), scaled) if ctx.needs(b) else None)
+            _weight_grad(ctx, a, scaled, b, 0) if ctx.needs(b) else None)
+
+
+def _conv_weight_grad(ctx, g, x, w, stride, padding, dilation, transposed, output_padding, groups):
+    sl = ctx.slice_of(w)
+    depthwise = groups > 1 and groups == x.meta.shape[1] == w.meta.shape[0] and w.meta.shape[1] == 1
+    if sl is not None and not transposed and (groups == 1 and sl.dim == 1 or depthwise and sl.dim == 0):
+        # Sub-operator slicing: only the selected input channels of x are saved and multiplied.
+        x = sl.take(ctx.saved, x, 1)
+        w = sl.take(ctx, w)
+        if depthwise:
+            g, groups = sl.take(ctx, g, 1), len(sl.channels)
+    out = ctx(aten.convolution_backward.default, g, x, w, None, stride, padding, dilation, transposed,
+              output_padding, groups, [False, True, False])
+    return ctx(operator.getitem, out, 1)
 
 
 @register(aten.convolution.default)
 def convolution(ctx, g):
     x, w, b, stride, padding, dilation, transposed, output_padding, groups = ctx.node.args
-    mask = [ctx.needs(x), ctx.needs(w), ctx.needs(b)]
-    bias_sizes = list(b.meta.shape) if b is not None else None
-    out = ctx(aten.convolution_backward.default, g, x, w, bias_sizes, stride, padding, dilation, transposed,
-              output_padding, groups, mask)
-    grads = [ctx(operator.getitem, out, i) if m else None for i, m in enumerate(mask)]
-    return tuple(grads)
+    gx = gw = gb = None
+    if ctx.needs(x):
+        if transposed:
+            out = ctx(aten.convolution_backward.default, g, x, w, None, stride, padding, dilation, transposed,
+                      output_padding, groups, [True, False, False])
+            gx = ctx(operator.getitem, out, 0)
+        else:
+            # The input gradient is a transposed convolution of g with w: it needs no saved input.
+            spatial = range(len(stride))
+            extra = [x.meta.shape[2 + i] - ((g.meta.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
+                                            + dilation[i] * (w.meta.shape[2 + i] - 1) + 1) for i in spatial]
+            gx = ctx(aten.convolution.default, g, w, None, stride, padding, dilation, True, extra, groups)
+    if ctx.needs(w):
+        gw = _conv_weight_grad(ctx, g, x, w, stride, padding, dilation, transposed, output_padding, groups)
+    if ctx.needs(b):
+        gb = ctx(aten.sum.dim_IntList, g, [0] + list(range(2, len(g.meta.shape))))
+    return gx, gw, gb

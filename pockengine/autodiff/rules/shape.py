@@ -70,7 +70,10 @@ def cat(ctx, g):
     dim = _dim(dim, len(g.meta.shape))
     grads, offset = [], 0
     for x in tensors:
-        size = x.meta.shape[dim] if len(x.meta.shape) else 0
+        if x.meta.shape == (0,):  # a legacy empty tensor, which cat skips whatever the dim (an empty KV cache)
+            grads.append(ctx(aten.new_zeros.default, x, [0]) if ctx.needs(x) else None)
+            continue
+        size = x.meta.shape[dim]
         grads.append(ctx(aten.slice.Tensor, g, dim, offset, offset + size) if ctx.needs(x) else None)
         offset += size
     return (grads,)
