@@ -20,8 +20,9 @@ from pockengine.autodiff import ChannelSlice, differentiate
 from pockengine.backend import CompiledProgram
 from pockengine.capture import Captured, capture, normalize_batch
 from pockengine.errors import BatchMismatchError, NonFiniteLossError, UserInputError
-from pockengine.ir.graph import BATCH, CONST, SCALAR, STATE, Node, TensorMeta, eliminate_dead_code
+from pockengine.ir.graph import BATCH, SCALAR, STATE, Node, eliminate_dead_code
 from pockengine.optim import SGD, Optimizer
+from pockengine.passes import compact_activation_masks, fold_frozen_batchnorm, run_in_place
 from pockengine.scheme import Scheme, Selection
 
 aten = torch.ops.aten
@@ -40,7 +41,7 @@ class Trainer:
 
     def __init__(self, model: nn.Module, loss_fn: Callable, example_batch: Any, optimizer: Optimizer | None = None,
                  scheme: Scheme | None = None, *, freeze_batchnorm: bool = False, on_nonfinite: str = "raise",
-                 seed: int = 0):
+                 seed: int = 0, activation_masks: str = "bits"):
         if on_nonfinite not in ("raise", "skip"):
             raise UserInputError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         if not callable(loss_fn):
@@ -51,6 +52,7 @@ class Trainer:
         self.scheme = scheme or Scheme.full()
         self.freeze_batchnorm = freeze_batchnorm
         self.on_nonfinite = on_nonfinite
+        self.activation_masks = activation_masks
         self.generator = torch.Generator().manual_seed(seed)
         self.steps_done = 0
         if freeze_batchnorm:
@@ -119,7 +121,7 @@ class Trainer:
         static: dict[Node, torch.Tensor] = dict(state_inputs)
         static.update({node: self.model.get_parameter(name) for name, node in cap.params.items()})
         static.update({node: self.model.get_buffer(name) for name, node in cap.buffers.items()})
-        static.update(cap.constants)
+        static.update(cap.graph.constants)
         return static
 
     def _shape_key(self, leaves: list) -> ShapeKey:
@@ -154,9 +156,9 @@ class Trainer:
         slices: dict[Node, ChannelSlice] = {}
         for name, sel in self.trained.items():
             if sel.kind == "partial":
-                index = graph.input(f"{name}.channels", CONST, TensorMeta((len(sel.channels),), torch.int64))
-                cap.constants[index] = torch.tensor(sel.channels, dtype=torch.int64)
+                index = graph.constant(f"{name}.channels", torch.tensor(sel.channels, dtype=torch.int64))
                 slices[trained[name]] = ChannelSlice(sel.dim, sel.channels, index)
+        fold_frozen_batchnorm(graph, set(trained.values()))
         grads = differentiate(graph, cap.loss, list(trained.values()), slices)
 
         def emit(target: Callable, *args: Any, module: str = "", **kwargs: Any) -> Node:
@@ -170,7 +172,7 @@ class Trainer:
             sl = slices.get(p)
             g = grads[p]
             if g is None:  # the loss does not depend on this parameter
-                g = at(aten.zeros.default, list(sl.shape(p.meta.shape) if sl else p.meta.shape), dtype=p.meta.dtype)
+                g = at(aten.new_zeros.default, p, list(sl.shape(p.meta.shape) if sl else p.meta.shape))
             if kind == "grad":
                 if sl is not None:
                     g = at(aten.index_copy.default, at(aten.zeros_like.default, p), sl.dim, sl.index, g)
@@ -188,6 +190,9 @@ class Trainer:
             for name, new in cap.buffer_updates.items():
                 emit(aten.copy_.default, cap.buffers[name], new, module=name.rpartition(".")[0])
         eliminate_dead_code(graph)
+        compact_activation_masks(graph, self.activation_masks)
+        eliminate_dead_code(graph)
+        run_in_place(graph)
         inputs = graph.inputs()
         program = CompiledProgram(graph, inputs, check_finite=cap.loss if kind == "step" else None,
                                   generator=self.generator)
@@ -230,13 +235,15 @@ def _trained_shape(shape: torch.Size, sel: Selection) -> tuple[int, ...]:
 
 def compile(model: nn.Module, loss_fn: Callable, example_batch: Any, optimizer: Optimizer | None = None,
             scheme: Scheme | None = None, *, freeze_batchnorm: bool = False, on_nonfinite: str = "raise",
-            seed: int = 0) -> Trainer:
+            seed: int = 0, activation_masks: str = "bits") -> Trainer:
     """Compile the training step of `model` under `loss_fn` for batches like `example_batch`.
 
     example_batch is `(inputs, target)`; inputs is a tuple of positional model arguments or a dict of keyword
     arguments. `freeze_batchnorm` puts BatchNorm layers in eval mode (frozen statistics, the usual fine-tuning
     setting); otherwise every module keeps its mode. A NaN/inf loss raises NonFiniteLossError before any weight
     changes, or, with on_nonfinite='skip', skips the step and returns nan. `seed` seeds dropout.
+    `activation_masks` says how ReLU-like layers remember where they passed the gradient when their output is
+    not saved for anything else: "bits" (1 bit per element), "bool" (1 byte) or "off" (the fp32 activation).
     """
     return Trainer(model, loss_fn, example_batch, optimizer, scheme, freeze_batchnorm=freeze_batchnorm,
-                   on_nonfinite=on_nonfinite, seed=seed)
+                   on_nonfinite=on_nonfinite, seed=seed, activation_masks=activation_masks)

@@ -50,7 +50,26 @@ def _tied_parameter_loses_gradient() -> bool:
     return not torch.allclose(got, ref, rtol=1e-4, atol=1e-6)
 
 
+def _list_argument_breaks_differentiate() -> bool:
+    from pockengine.autodiff import differentiate
+    from pockengine.ir.graph import PARAM, Graph, TensorMeta
+
+    graph = Graph()
+    x = graph.input("x", PARAM, TensorMeta((2,), torch.float32))
+    stacked = graph.call(torch.ops.aten.stack.default, ([x, x],))  # a plain list, as rules emit them
+    try:
+        differentiate(graph, graph.call(torch.ops.aten.sum.default, (stacked,)), [x])
+    except TypeError:
+        return True
+    return False
+
+
 KNOWN_BUGS = {
+    "list-arg": (_list_argument_breaks_differentiate,
+                 "engine._propagate_slices tests `n.args[0] not in slices`, which raises TypeError (unhashable "
+                 "type: 'list') when an op's first argument is a plain list (stack/cat of a graph built by hand; "
+                 "captured graphs only escape because torch.fx's immutable_list is hashable). Fix: "
+                 "`if n.is_input or not n.args or not isinstance(n.args[0], Node) or n.args[0] not in slices`"),
     "split": (_split_drops_gradient,
               "capture() gives list-returning ops (split_with_sizes, from torch.split/chunk) a *list* meta, but the "
               "IR and engine._is_float expect a tuple, so differentiate() never sees them as depending on the "

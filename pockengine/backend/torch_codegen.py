@@ -15,6 +15,7 @@ import torch
 
 from pockengine.errors import NonFiniteLossError
 from pockengine.ir.graph import Graph, Node
+from pockengine.memory.liveness import Liveness
 
 aten = torch.ops.aten
 
@@ -95,22 +96,12 @@ class CompiledProgram:
     def _generate(graph: Graph, inputs: list[Node], check_finite: Node | None,
                   overrides: dict) -> tuple[str, dict[str, Any]]:
         src = _Source()
-        body = [n for n in graph.nodes if not n.is_input]
-        outputs = set(graph.outputs.values())
-        last_use: dict[Node, int] = {n: -1 for n in inputs}
-        for i, n in enumerate(body):
-            last_use.setdefault(n, i)
-            for a in n.inputs:
-                last_use[a] = i
-        dying: dict[int, list[str]] = {}
-        for n, i in last_use.items():
-            if n not in outputs:
-                dying.setdefault(i, []).append(n.name)
-
+        live = Liveness.of(graph)
+        dying = {i: [n.name for n in nodes] for i, nodes in live.dying.items()}
         lines = [f"def program({', '.join(n.name for n in inputs)}):"]
         if -1 in dying:
             lines.append(f"    del {', '.join(dying[-1])}")
-        for i, n in enumerate(body):
+        for i, n in enumerate(live.body):
             lines.append(f"    {n.name} = {_call_expr(n, src, overrides)}")
             if n is check_finite:
                 lines.append(f"    _check_finite({n.name})")

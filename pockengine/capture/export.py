@@ -16,7 +16,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
 from pockengine.errors import CaptureError, UserInputError
-from pockengine.ir.graph import BATCH, BUFFER, CONST, PARAM, Graph, Node, TensorMeta
+from pockengine.ir.graph import BATCH, BUFFER, PARAM, Graph, Node, TensorMeta
 
 _MODEL = "model"  # attribute name of the user's model inside the capture wrapper
 
@@ -40,7 +40,6 @@ class Captured:
     batch: list[Node]  # flattened batch leaves, in pytree order
     loss: Node
     buffer_updates: dict[str, Node] = field(default_factory=dict)  # buffer name -> its new value
-    constants: dict[Node, torch.Tensor] = field(default_factory=dict)
 
 
 def normalize_batch(batch: Any) -> tuple[Any, Any]:
@@ -100,7 +99,6 @@ def capture(model: nn.Module, loss_fn: Callable, batch: Any) -> Captured:
     params: dict[str, Node] = {}
     buffers: dict[str, Node] = {}
     batch_nodes: list[Node] = []
-    constants: dict[Node, torch.Tensor] = {}
     loss: Node | None = None
     buffer_updates: dict[str, Node] = {}
 
@@ -116,9 +114,7 @@ def capture(model: nn.Module, loss_fn: Callable, batch: Any) -> Captured:
                 name = _strip_model_prefix(spec.target)
                 env[fx_node] = buffers[name] = graph.input(name, BUFFER, meta, module=name.rpartition(".")[0])
             elif spec.kind == InputKind.CONSTANT_TENSOR:
-                node = graph.input(fx_node.name, CONST, meta)
-                constants[node] = ep.constants[spec.target]
-                env[fx_node] = node
+                env[fx_node] = graph.constant(fx_node.name, ep.constants[spec.target])
             elif spec.kind == InputKind.USER_INPUT:
                 node = graph.input(f"batch{len(batch_nodes)}", BATCH, meta)
                 batch_nodes.append(node)
@@ -154,4 +150,4 @@ def capture(model: nn.Module, loss_fn: Callable, batch: Any) -> Captured:
             "reduce it, for example with .mean() or reduction='mean'")
     if not loss.meta.is_float:
         raise UserInputError(f"loss_fn must return a floating-point scalar, got {loss.meta.dtype}")
-    return Captured(graph, params, buffers, batch_nodes, loss, buffer_updates, constants)
+    return Captured(graph, params, buffers, batch_nodes, loss, buffer_updates)

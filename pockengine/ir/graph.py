@@ -146,6 +146,7 @@ class Graph:
     def __init__(self) -> None:
         self.nodes: list[Node] = []
         self.outputs: dict[str, Node] = {}
+        self.constants: dict[Node, torch.Tensor] = {}  # values of the CONST inputs
         self._names: set[str] = set()
 
     # -- building -------------------------------------------------------------------------------------------
@@ -165,6 +166,12 @@ class Graph:
         self.nodes.insert(sum(1 for _ in itertools.takewhile(lambda n: n.is_input, self.nodes)), node)
         return node
 
+    def constant(self, name: str, value: torch.Tensor) -> Node:
+        """A tensor fixed at compile time (channel indices, lifted constants), bound as a CONST input."""
+        node = self.input(name, CONST, TensorMeta(tuple(value.shape), value.dtype))
+        self.constants[node] = value
+        return node
+
     def call(self, target: Callable, args: tuple, kwargs: dict | None = None, *, module: str = "",
              section: str = "forward", name: str | None = None, meta: Meta = None,
              after: Node | None = None) -> Node:
@@ -179,6 +186,17 @@ class Graph:
         else:
             self.nodes.insert(self._end_of(after), node)
         return node
+
+    def emitter(self, after: Node, module: str, section: str) -> Callable[..., Node]:
+        """`emit(target, *args, **kwargs)`: insert ops one after another, starting right after `after`."""
+        anchor = after
+
+        def emit(target: Callable, *args: Any, **kwargs: Any) -> Node:
+            nonlocal anchor
+            anchor = self.call(target, args, kwargs, module=module, section=section, after=anchor)
+            return anchor
+
+        return emit
 
     def _end_of(self, node: Node) -> int:
         pos = self.nodes.index(node) + 1

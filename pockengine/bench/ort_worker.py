@@ -1,0 +1,93 @@
+"""ONNX Runtime on-device training worker, run by .venv-ort's Python (onnxruntime-training-cpu 1.19.2, onnx 1.16.2).
+
+Reads a spec written by pockengine.bench.systems.OrtTraining (the exported ONNX model, trained and frozen parameter
+names, batches, channel masks), builds the training artifacts, then answers JSON lines on stdin:
+{"cmd": "step", "batch": i} -> {"loss": ...}; {"cmd": "quit"}. Replies are stdout lines starting with "@@".
+This file imports neither torch nor pockengine itself.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location("bench_memory", Path(__file__).with_name("memory.py"))
+memory = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(memory)
+
+
+def reply(**msg) -> None:
+    sys.stdout.write("@@" + json.dumps(msg) + "\n")
+    sys.stdout.flush()
+
+
+def main(spec_path: str) -> None:
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.training import artifacts
+    from onnxruntime.training.api import CheckpointState, Module, Optimizer
+
+    baseline = memory.rss_kb()
+    spec = json.loads(Path(spec_path).read_text())
+    out = Path(spec["artifacts"])
+    notes = []
+    t0 = time.perf_counter()
+    model = onnx.load(spec["onnx"])
+    names = {i.name for i in model.graph.initializer}
+    missing = [n for n in spec["requires_grad"] if n not in names]
+    if missing:
+        raise RuntimeError(f"trained parameters not found among the ONNX initializers: {missing[:5]}")
+    frozen = [n for n in spec["frozen"] if n in names]
+    out.mkdir(parents=True, exist_ok=True)
+    artifacts.generate_artifacts(model, requires_grad=spec["requires_grad"], frozen_params=frozen,
+                                 loss=artifacts.LossType.CrossEntropyLoss, optimizer=artifacts.OptimType.SGD,
+                                 artifact_directory=str(out))
+    del model
+    artifacts_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = spec["threads"]
+    options.inter_op_num_threads = 1
+    state = CheckpointState.load_checkpoint(str(out / "checkpoint"))
+    module = Module(str(out / "training_model.onnx"), state, str(out / "eval_model.onnx"), device="cpu",
+                    session_options=options)
+    optimizer = Optimizer(str(out / "optimizer_model.onnx"), module)
+    optimizer.set_learning_rate(spec["lr"])
+    module.train()
+    session_s = time.perf_counter() - t0
+    data = np.load(Path(spec_path).with_name("batches.npz"))
+    batches = [[data[f"{i}/{n}"] for n in spec["input_names"]] + [data[f"{i}/labels"]]
+               for i in range(spec["n_batches"])]
+    masks = dict(np.load(Path(spec_path).with_name("masks.npz")))
+    keep = {n: (~m, state.parameters[n].data.copy()) for n, m in masks.items()}  # untrained entries, as loaded
+    reply(ready=True, baseline_rss_kb=baseline, artifacts_s=artifacts_s, session_s=session_s, notes=notes)
+    for line in sys.stdin:
+        msg = json.loads(line)
+        if msg["cmd"] == "quit":
+            reply(bye=True)
+            return
+        if msg["cmd"] == "step":
+            loss = module(*batches[msg["batch"]])
+            optimizer.step()
+            module.lazy_reset_grad()
+            for name, (frozen_entries, original) in keep.items():
+                param = state.parameters[name]
+                value = param.data
+                np.copyto(value, original, where=frozen_entries)
+                param.data = value
+            reply(loss=float(loss))
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1])
+    except Exception as e:  # reported to the benchmark, which records the system as failed with this error
+        traceback.print_exc()
+        reply(error=f"{type(e).__name__}: {e}")
+        os._exit(1)

@@ -1,0 +1,325 @@
+"""The systems under comparison, one class each, with one interface:
+
+    system.setup(model, loss_fn, batch, selections, workload=w)  # selections: {parameter: Selection}
+    loss = system.step(batch)                                     # one training step, returns the loss
+
+Every system gets the same model (same weights), the same batches, the same trainable set (the scheme resolved once
+for all), the same optimizer (SGD, momentum 0.9, same lr; ONNX Runtime has no momentum: see OrtTraining) and the same
+number of threads (set by the worker process before anything is built).
+
+- PockEngine:   pe.compile(model, loss_fn, batch, optimizer=pe.optim.SGD(lr, momentum=0.9), scheme=...)
+- Eager:        requires_grad on the trained parameters only, loss.backward(), partial channels by masking the
+                gradient (pockengine.scheme.gradient_masks), torch.optim.SGD
+- TorchCompile: the same with the forward + loss compiled by torch.compile (AOTAutograd compiles the backward);
+                masking and the optimizer step run eagerly, as in the usual torch.compile training loop
+- OrtTraining:  ONNX Runtime on-device training (onnxruntime-training-cpu in .venv-ort), driven in a child process
+- PeftLoRA:     Hugging Face PEFT LoRA adapters (its own trainable set: the "lora" scheme), eager PyTorch
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+import pockengine as pe
+from pockengine.scheme import Scheme, Selection, gradient_masks
+
+REPO = Path(__file__).resolve().parents[2]
+ORT_PYTHON = Path(os.environ.get("POCKENGINE_ORT_PYTHON") or REPO / ".venv-ort" / "bin" / "python")
+MOMENTUM = 0.9
+ONNX_PREFIX = "inner.model."  # parameter names in the exported graph: _EvalWrapper.inner -> LogitsForLoss.model
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    return model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+
+
+class System:
+    """Base class: `setup` prepares a training step for the trainable set, `step` runs one and returns the loss."""
+
+    name = "system"
+    needs_selections = True  # False for systems with their own trainable set (LoRA)
+    counts_flops = True  # FlopCounterMode can watch its step (ATen ops run in this process)
+
+    def setup(self, model: nn.Module, loss_fn: Callable, batch: Any, selections: dict[str, Selection] | None,
+              **kw: Any) -> None:
+        raise NotImplementedError
+
+    def step(self, batch: Any) -> float:
+        raise NotImplementedError
+
+    def pid(self) -> int:
+        """The process whose memory is this system's (a child process for ONNX Runtime)."""
+        return os.getpid()
+
+    def baseline_rss_kb(self) -> int | None:
+        """RSS of that process before the model was built, if it is not the worker itself."""
+        return None
+
+    def trained_entries(self) -> int:
+        return 0
+
+    def notes(self) -> list[str]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+class _TorchLoop(System):
+    """Eager PyTorch training loop with gradient masks for partially trained parameters."""
+
+    def _prepare(self, model: nn.Module, selections: dict[str, Selection], lr: float) -> None:
+        self.model = model
+        params = dict(model.named_parameters())
+        for name, p in params.items():
+            p.requires_grad_(name in selections)
+        self.masked = [(params[n], m.to(params[n].dtype).contiguous())
+                       for n, m in gradient_masks(model, selections).items() if m is not None]
+        self.trained = [params[n] for n in selections]
+        self.opt = torch.optim.SGD(self.trained, lr=lr, momentum=MOMENTUM)
+        self._entries = sum(p.numel() if s.kind == "full" else p.numel() // p.shape[s.dim] * len(s.channels)
+                            for p, s in zip(self.trained, selections.values()))
+
+    def trained_entries(self) -> int:
+        return self._entries
+
+    def _finish(self, loss: torch.Tensor) -> float:
+        loss.backward()
+        for p, m in self.masked:
+            p.grad.mul_(m)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+
+class Eager(_TorchLoop):
+    name = "eager"
+
+    def setup(self, model, loss_fn, batch, selections, *, lr, **kw):
+        self.loss_fn = loss_fn
+        self._prepare(model, selections, lr)
+
+    def step(self, batch):
+        inputs, target = batch
+        return self._finish(self.loss_fn(_call(self.model, inputs), target))
+
+
+class TorchCompile(_TorchLoop):
+    name = "torch.compile"
+    counts_flops = False  # the compiled kernels bypass ATen dispatch
+
+    def setup(self, model, loss_fn, batch, selections, *, lr, **kw):
+        self._prepare(model, selections, lr)
+        self.fn = torch.compile(lambda inputs, target: loss_fn(_call(model, inputs), target))
+
+    def step(self, batch):
+        inputs, target = batch
+        return self._finish(self.fn(inputs, target))
+
+
+class PockEngine(System):
+    name = "pockengine"
+
+    def setup(self, model, loss_fn, batch, selections, *, lr, freeze_batchnorm=False, scheme_name="scheme", **kw):
+        self.trainer = pe.compile(model, loss_fn, batch, optimizer=pe.optim.SGD(lr=lr, momentum=MOMENTUM),
+                                  scheme=Scheme.from_resolved(selections, scheme_name),
+                                  freeze_batchnorm=freeze_batchnorm)
+        params = dict(model.named_parameters())
+        self._entries = sum(params[n].numel() if s.kind == "full"
+                            else params[n].numel() // params[n].shape[s.dim] * len(s.channels)
+                            for n, s in self.trainer.trained.items())
+
+    def trained_entries(self) -> int:
+        return self._entries
+
+    def step(self, batch):
+        return self.trainer.step(batch)
+
+
+class PeftLoRA(System):
+    """LoRA adapters on the attention projections (r=8), trained with the same eager loop and optimizer."""
+
+    name = "peft-lora"
+    needs_selections = False
+
+    def setup(self, model, loss_fn, batch, selections, *, lr, lora, **kw):
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(0)  # LoRA's A matrices are drawn at random; B starts at 0
+        config = LoraConfig(r=lora["r"], lora_alpha=lora.get("alpha", 2 * lora["r"]), lora_dropout=0.0,
+                            target_modules=list(lora["target_modules"]), task_type=lora["task_type"])
+        self.model = get_peft_model(model, config)
+        self.model.eval()
+        self.loss_fn = loss_fn
+        self.trained = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.SGD(self.trained, lr=lr, momentum=MOMENTUM)
+
+    def trained_entries(self) -> int:
+        return sum(p.numel() for p in self.trained)
+
+    def step(self, batch):
+        inputs, target = batch
+        loss = self.loss_fn(_call(self.model, inputs), target)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+
+class OrtTraining(System):
+    """ONNX Runtime on-device training. This process exports the model to ONNX (TorchScript exporter, training
+    mode, no constant folding) with the frozen parameters listed; a child process in .venv-ort builds the training
+    artifacts (gradient graph, CrossEntropyLoss, SGD) and runs the steps (pockengine/bench/ort_worker.py).
+
+    ONNX Runtime trains whole tensors only; partially trained parameters are emulated by writing the untrained
+    entries back after every optimizer step (same result, the copy counts in ORT's step time). Its SGD optimizer
+    has no momentum (the other systems use 0.9), so its update does slightly less work.
+    """
+
+    name = "ort"
+    counts_flops = False
+
+    def setup(self, model, loss_fn, batch, selections, *, lr, workload, work_dir, threads, **kw):
+        import numpy as np
+
+        from pockengine.bench.workloads import LogitsForLoss, causal
+
+        w = workload
+        work = Path(work_dir)
+        work.mkdir(parents=True, exist_ok=True)
+        onnx_path = work / "model.onnx"
+        frozen_bn = _freeze_batchnorm(model)
+        wrapper = _EvalWrapper(LogitsForLoss(model, w.input_names, causal(w)))
+        params = dict(model.named_parameters())
+        start = time.perf_counter()
+        args = tuple(w.flat_inputs(batch[0]))
+        torch.onnx.export(wrapper, args, str(onnx_path), input_names=list(w.input_names), output_names=["logits"],
+                          training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False, dynamo=False,
+                          opset_version=17)
+        self.export_s = time.perf_counter() - start
+        batches = {}
+        for i, (inputs, target) in enumerate(w.batches):
+            for name, t in zip(w.input_names, w.flat_inputs(inputs)):
+                batches[f"{i}/{name}"] = t.numpy()
+            batches[f"{i}/labels"] = w.label_fn(target).numpy()
+        np.savez(work / "batches.npz", **batches)
+        masks = {f"{ONNX_PREFIX}{n}": m.numpy() for n, m in gradient_masks(model, selections).items() if m is not None}
+        np.savez(work / "masks.npz", **masks)
+        spec = {"onnx": str(onnx_path), "artifacts": str(work / "artifacts"), "lr": lr, "threads": threads,
+                "requires_grad": [f"{ONNX_PREFIX}{n}" for n in selections],
+                "frozen": [f"{ONNX_PREFIX}{n}" for n in params if n not in selections],
+                "input_names": list(w.input_names), "n_batches": len(w.batches)}
+        (work / "spec.json").write_text(json.dumps(spec))
+        self._entries = sum(params[n].numel() if s.kind == "full"
+                            else params[n].numel() // params[n].shape[s.dim] * len(s.channels)
+                            for n, s in selections.items())
+        self.batches = w.batches
+        if not ORT_PYTHON.exists():
+            raise RuntimeError(f"{ORT_PYTHON} is missing: run bench/setup_ort.sh")
+        self.child = subprocess.Popen([str(ORT_PYTHON), str(Path(__file__).with_name("ort_worker.py")),
+                                       str(work / "spec.json")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=open(work / "ort_stderr.log", "w"), text=True, env=os.environ.copy())
+        self.info = self._read()
+        self._notes = list(self.info.get("notes", []))
+        if masks:
+            self._notes.append("partial channels emulated: untrained entries written back after each step")
+        if frozen_bn:
+            self._notes.append(f"{frozen_bn} BatchNorm layers exported in their frozen affine form (ORT training "
+                               "runs every BatchNormalization on batch statistics)")
+
+    def _read(self) -> dict[str, Any]:
+        while True:
+            line = self.child.stdout.readline()
+            if not line:
+                err = Path(self.child.args[-1]).with_name("ort_stderr.log").read_text()[-3000:]
+                raise RuntimeError(f"ONNX Runtime worker exited: {err}")
+            if line.startswith("@@"):
+                msg = json.loads(line[2:])
+                if "error" in msg:
+                    raise RuntimeError(msg["error"])
+                return msg
+
+    def _ask(self, **msg: Any) -> dict[str, Any]:
+        self.child.stdin.write(json.dumps(msg) + "\n")
+        self.child.stdin.flush()
+        return self._read()
+
+    def step(self, batch):
+        index = next(i for i, b in enumerate(self.batches) if b is batch)
+        return self._ask(cmd="step", batch=index)["loss"]
+
+    def pid(self) -> int:
+        return self.child.pid
+
+    def baseline_rss_kb(self) -> int | None:
+        return self.info["baseline_rss_kb"]
+
+    def trained_entries(self) -> int:
+        return self._entries
+
+    def setup_parts(self) -> dict[str, float]:
+        return {"export_s": self.export_s, **{k: v for k, v in self.info.items() if k.endswith("_s")}}
+
+    def notes(self) -> list[str]:
+        return self._notes + ["SGD without momentum (ONNX Runtime training offers SGD and AdamW only)"]
+
+    def close(self) -> None:
+        if getattr(self, "child", None) and self.child.poll() is None:
+            try:
+                self._ask(cmd="quit")
+            except Exception:
+                pass
+            self.child.wait(timeout=30)
+
+
+class _FrozenBatchNorm(nn.Module):
+    """Eval-mode BatchNorm written as x * scale + shift, with the same parameters and buffers (same names)."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        self.weight, self.bias, self.eps = bn.weight, bn.bias, bn.eps
+        self.register_buffer("running_mean", bn.running_mean)
+        self.register_buffer("running_var", bn.running_var)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
+        shift = self.bias - self.running_mean * scale
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        return x * scale.view(view) + shift.view(view)
+
+
+def _freeze_batchnorm(model: nn.Module) -> int:
+    """Swap every eval-mode BatchNorm of `model` for _FrozenBatchNorm; returns how many."""
+    swaps = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training and m.affine]
+    for name, m in swaps:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, _FrozenBatchNorm(m))
+    return len(swaps)
+
+
+class _EvalWrapper(nn.Module):
+    """Keeps the model in eval mode (dropout off, BatchNorm on its running statistics) while torch.onnx.export
+    asks for training mode, so that the exported graph computes what the other systems compute."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def train(self, mode: bool = True) -> _EvalWrapper:
+        return self
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.inner(*args)
+
+
+SYSTEMS: dict[str, type[System]] = {cls.name: cls for cls in (PockEngine, Eager, TorchCompile, OrtTraining, PeftLoRA)}

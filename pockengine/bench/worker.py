@@ -1,0 +1,169 @@
+"""One benchmark process: `python -m pockengine.bench.worker JOB_JSON`.
+
+`job["kind"] == "prepare"`: resolve every scheme of a workload once (written to work_dir/selections/) and count the
+FLOPs of an eager step with each trainable set (torch.utils.flop_counter.FlopCounterMode); prints one result line.
+
+`job["kind"] == "system"`: build the workload, set up one system on one scheme, run the first step (set-up time =
+setup() + first step, for every system), then answer commands on stdin, one JSON line each:
+  {"cmd": "step"}      -> {"loss", "time"}     (step n uses batch n mod len(batches), the same order everywhere)
+  {"cmd": "mem_begin"} -> {"rss_kb"}           (resets the resident high-water mark of the system's process)
+  {"cmd": "mem_end"}   -> {"hwm_kb", "rss_kb"}
+  {"cmd": "flops"}     -> {"flops"}            (one more step under FlopCounterMode; null where it cannot watch)
+  {"cmd": "trim"}      -> {}                   (malloc_trim: an idle process keeps only live memory)
+  {"cmd": "quit"}
+Replies are stdout lines starting with "@@"; anything else a library prints is ignored by the runner.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pockengine.bench import memory
+
+
+def reply(**msg: Any) -> None:
+    sys.stdout.write("@@" + json.dumps(msg) + "\n")
+    sys.stdout.flush()
+
+
+def _set_threads(n: int) -> None:
+    torch.set_num_threads(n)
+
+
+def _selections_path(work_dir: str, scheme: str) -> Path:
+    return Path(work_dir) / "selections" / f"{scheme}.json"
+
+
+def load_selections(work_dir: str, scheme: str) -> dict:
+    from pockengine.scheme import Selection
+
+    data = json.loads(_selections_path(work_dir, scheme).read_text())
+    return {k: Selection.from_dict(v) for k, v in data["resolved"].items()}
+
+
+def count_flops(fn: Any) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def prepare(job: dict[str, Any]) -> None:
+    """Resolve the schemes and count eager FLOPs per scheme (and for LoRA)."""
+    from pockengine.bench import workloads as W
+    from pockengine.bench.systems import Eager, PeftLoRA
+    from pockengine.scheme import summary
+
+    _set_threads(job["threads"])
+    w = W.build(job["workload"], job["quick"])
+    out: dict[str, Any] = {}
+    for name in job["schemes"]:
+        scheme = W.scheme_for(job["workload"], name, job["quick"])
+        sel = W.resolve(w, scheme)
+        path = _selections_path(job["work_dir"], name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"name": name, "resolved": {k: v.to_dict() for k, v in sel.items()}}))
+        model = copy.deepcopy(w.model)
+        eager = Eager()
+        eager.setup(model, w.loss_fn, w.batch(0), sel, lr=w.lr)
+        flops = count_flops(lambda: eager.step(w.batch(0))) if sel else None
+        total = sum(p.numel() for p in model.parameters())
+        out[name] = {"rules": scheme.to_dict(), "trained_tensors": len(sel), "trained_entries": eager.trained_entries(),
+                     "total_entries": total, "eager_flops": flops,
+                     "summary_total": summary(model, sel).splitlines()[-1].split()[1:]}
+        del model, eager
+    if job.get("lora"):
+        lora = PeftLoRA()
+        lora.setup(copy.deepcopy(w.model), w.loss_fn, w.batch(0), None, lr=w.lr, lora=job["lora"])
+        total = sum(p.numel() for p in w.model.parameters())
+        out["lora"] = {"rules": {"peft": job["lora"]}, "trained_tensors": len(lora.trained),
+                       "trained_entries": lora.trained_entries(), "total_entries": total,
+                       "eager_flops": count_flops(lambda: lora.step(w.batch(0)))}
+    reply(result=out, items_per_step=w.items_per_step, unit=w.unit)
+
+
+def run_system(job: dict[str, Any]) -> None:
+    from pockengine.bench import workloads as W
+    from pockengine.bench.systems import SYSTEMS
+
+    _set_threads(job["threads"])
+    cfg = W.workload_config(job["workload"], job["quick"])
+    if cfg["model"] in ("minilm", "smollm2"):
+        import transformers  # noqa: F401  (a runtime library: in the baseline, not in the training memory)
+    if job["system"] == "peft-lora":
+        import peft  # noqa: F401
+    baseline = memory.rss_kb()
+    system = SYSTEMS[job["system"]]()
+    w = W.build(job["workload"], job["quick"])
+    selections = load_selections(job["work_dir"], job["scheme"]) if system.needs_selections else None
+    start = time.perf_counter()
+    system.setup(w.model, w.loss_fn, w.batch(0), selections, lr=w.lr, workload=w,
+                 freeze_batchnorm=w.freeze_batchnorm, scheme_name=job["scheme"], lora=w.cfg.get("lora"),
+                 work_dir=str(Path(job["work_dir"]) / "ort" / f"{job['scheme']}-{job['pass']}"),
+                 threads=job["threads"])
+    setup_only = time.perf_counter() - start
+    n = 0
+    t = time.perf_counter()
+    first = system.step(w.batch(n))
+    first_time = time.perf_counter() - t
+    n += 1
+    parts = system.setup_parts() if hasattr(system, "setup_parts") else {}
+    reply(ready=True, setup_s=setup_only + first_time, setup_only_s=setup_only, first_step_s=first_time,
+          setup_parts=parts, loss=first, trained_entries=system.trained_entries(), notes=system.notes(),
+          baseline_rss_kb=system.baseline_rss_kb() or baseline, pid=system.pid())
+    try:
+        for line in sys.stdin:
+            msg = json.loads(line)
+            cmd = msg["cmd"]
+            if cmd == "quit":
+                break
+            if cmd == "step":
+                batch = w.batch(n)
+                t = time.perf_counter()
+                loss = system.step(batch)
+                reply(loss=loss, time=time.perf_counter() - t)
+                n += 1
+            elif cmd == "mem_begin":
+                reply(rss_kb=memory.reset_peak(system.pid()))
+            elif cmd == "mem_end":
+                reply(hwm_kb=memory.hwm_kb(system.pid()), rss_kb=memory.rss_kb(system.pid()))
+            elif cmd == "flops":
+                batch = w.batch(n)
+                flops = count_flops(lambda: system.step(batch)) if system.counts_flops else None
+                n += 1
+                reply(flops=flops)
+            elif cmd == "trim":
+                memory.trim()
+                reply(ok=True)
+            else:
+                reply(error=f"unknown command {cmd!r}")
+    finally:
+        system.close()
+
+
+def main() -> None:
+    job = json.loads(sys.argv[1])
+    try:
+        if job["kind"] == "prepare":
+            prepare(job)
+        else:
+            run_system(job)
+    except Exception as e:
+        traceback.print_exc()
+        reply(error=f"{type(e).__name__}: {str(e)[:2000]}")
+        sys.stdout.flush()
+        os._exit(1)
+
+
+if __name__ == "__main__":
+    main()
