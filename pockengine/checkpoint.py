@@ -48,7 +48,10 @@ def save_trainer(trainer: Trainer, path: str | os.PathLike) -> None:
         meta = {"format": FORMAT, "version": VERSION, "optimizer": trainer.optimizer.config(),
                 "scheme": trainer.scheme.to_dict(), "steps_done": trainer.steps_done,
                 "freeze_batchnorm": trainer.freeze_batchnorm, "on_nonfinite": trainer.on_nonfinite,
-                "trained": sorted(trainer.trained)}
+                "activation_masks": trainer.activation_masks,
+                # The resolved selection (channels chosen by magnitude included), so a resumed run trains exactly
+                # the same entries whatever the weights have become.
+                "selections": {name: sel.to_dict() for name, sel in trainer.trained.items()}}
         (tmp / "trainer.json").write_text(json.dumps(meta, indent=2))
 
 
@@ -79,7 +82,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, loss_fn: Calla
     resumes where the saved one stopped (same optimizer, state, scheme and step count).
     """
     from pockengine.optim import from_config
-    from pockengine.scheme import Scheme
+    from pockengine.scheme import Scheme, Selection
     from pockengine.trainer import Trainer
 
     ckpt = read_checkpoint(path)
@@ -98,9 +101,11 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, loss_fn: Calla
                              "that was trained")
     model.load_state_dict(ckpt.weights, strict=False)  # strict would also ask for tied aliases
     meta = ckpt.meta
+    selections = {name: Selection.from_dict(d) for name, d in meta["selections"].items()}
     trainer = Trainer(model, loss_fn, example_batch, from_config(meta["optimizer"]),
-                      Scheme.from_dict(meta["scheme"]), freeze_batchnorm=meta["freeze_batchnorm"],
-                      on_nonfinite=meta["on_nonfinite"])
+                      Scheme.from_resolved(selections, meta["scheme"].get("name", "recorded")),
+                      freeze_batchnorm=meta["freeze_batchnorm"], on_nonfinite=meta["on_nonfinite"],
+                      activation_masks=meta["activation_masks"])
     for param, states in trainer.state.items():
         for name, t in states.items():
             t.copy_(ckpt.optimizer_state[param][name])

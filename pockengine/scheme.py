@@ -157,14 +157,15 @@ class Scheme:
     def from_file(cls, path: str | Path) -> Scheme:
         """Read a scheme from a .json or .yaml/.yml file (same layout as from_dict)."""
         path = Path(path)
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-            data = yaml.safe_load(text)
-        elif path.suffix == ".json":
-            data = json.loads(text)
-        else:
+        if path.suffix not in (".json", ".yaml", ".yml"):
             raise UserInputError(f"scheme files are .json, .yaml or .yml; got {path.name}")
+        if not path.is_file():
+            raise UserInputError(f"scheme file {path} does not exist")
+        if path.suffix == ".json":
+            data = json.loads(path.read_text())
+        else:
+            import yaml
+            data = yaml.safe_load(path.read_text())
         if not isinstance(data, dict):
             raise UserInputError(f"{path} must hold a mapping with 'rules' (and optionally 'name', 'last')")
         return cls.from_dict(data)

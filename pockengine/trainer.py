@@ -23,7 +23,9 @@ from pockengine.errors import BatchMismatchError, NonFiniteLossError, UserInputE
 from pockengine.ir.graph import BATCH, SCALAR, STATE, Node, eliminate_dead_code
 from pockengine.optim import SGD, Optimizer
 from pockengine.passes import compact_activation_masks, fold_frozen_batchnorm, run_in_place
+from pockengine.memory.plan import MemoryPlan, plan_memory
 from pockengine.scheme import Scheme, Selection
+from pockengine.scheme import summary as scheme_summary
 
 aten = torch.ops.aten
 ShapeKey = tuple[tuple[tuple[int, ...], torch.dtype], ...]
@@ -109,6 +111,14 @@ class Trainer:
     def program(self, kind: str = "step", batch: Any = None) -> CompiledProgram:
         """The compiled program for `batch` (default: the example batch); print `.graph` for a listing."""
         return self._prepared(kind, self._example if batch is None else batch)[0].program
+
+    def summary(self) -> str:
+        """A table of every parameter: how it is trained, trained and total entries."""
+        return scheme_summary(self.model, self.trained)
+
+    def memory_plan(self, kind: str = "step", batch: Any = None) -> MemoryPlan:
+        """The predicted memory of one step (see pockengine.memory.plan)."""
+        return plan_memory(self.program(kind, batch).graph)
 
     def save(self, path: str) -> None:
         from pockengine.checkpoint import save_trainer

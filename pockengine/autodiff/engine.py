@@ -70,7 +70,7 @@ class ChannelSlice:
 def _propagate_slices(forward: list[Node], slices: dict[Node, ChannelSlice]) -> None:
     """Carry a parameter's channel slice through the transposes that feed it to a matmul (linear layers)."""
     for n in forward:
-        if n.is_input or not n.args or n.args[0] not in slices:
+        if n.is_input or not n.args or not isinstance(n.args[0], Node) or n.args[0] not in slices:
             continue
         src = slices[n.args[0]]
         if n.target is aten.permute.default:

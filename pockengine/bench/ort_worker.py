@@ -26,29 +26,47 @@ def reply(**msg) -> None:
     sys.stdout.flush()
 
 
-def main(spec_path: str) -> None:
-    import numpy as np
+def generate(spec: dict, out: Path, notes: list[str]) -> None:
+    """Training artifacts (training/eval/optimizer models, checkpoint) from the exported model."""
     import onnx
-    import onnxruntime as ort
     from onnxruntime.training import artifacts
-    from onnxruntime.training.api import CheckpointState, Module, Optimizer
 
-    baseline = memory.rss_kb()
-    spec = json.loads(Path(spec_path).read_text())
-    out = Path(spec["artifacts"])
-    notes = []
-    t0 = time.perf_counter()
     model = onnx.load(spec["onnx"])
+    notes_ln = False
     names = {i.name for i in model.graph.initializer}
     missing = [n for n in spec["requires_grad"] if n not in names]
     if missing:
         raise RuntimeError(f"trained parameters not found among the ONNX initializers: {missing[:5]}")
     frozen = [n for n in spec["frozen"] if n in names]
+    for node in model.graph.node:
+        # torch.onnx writes LayerNormalization with its output only; ORT's gradient of it reads the optional Mean
+        # and InvStdDev outputs (as its own exporter writes them), so name them.
+        if node.op_type == "LayerNormalization" and len(node.output) == 1:
+            node.output.extend([node.output[0] + "_mean", node.output[0] + "_inv_std"])
+            notes_ln = True
     out.mkdir(parents=True, exist_ok=True)
     artifacts.generate_artifacts(model, requires_grad=spec["requires_grad"], frozen_params=frozen,
                                  loss=artifacts.LossType.CrossEntropyLoss, optimizer=artifacts.OptimType.SGD,
                                  artifact_directory=str(out))
     del model
+    if notes_ln:
+        notes.append("LayerNormalization nodes given their optional Mean/InvStdDev outputs, which ORT's gradient needs")
+
+
+def main(spec_path: str) -> None:
+    import numpy as np
+    import onnx  # noqa: F401  (runtime libraries load before the baseline RSS is read)
+    import onnxruntime as ort
+    from onnxruntime.training import artifacts  # noqa: F401
+    from onnxruntime.training.api import CheckpointState, Module, Optimizer
+
+    baseline = memory.rss_kb()
+    spec = json.loads(Path(spec_path).read_text())
+    out = Path(spec["artifacts"])
+    notes: list[str] = []
+    t0 = time.perf_counter()
+    if not spec.get("reuse_artifacts"):
+        generate(spec, out, notes)
     artifacts_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     options = ort.SessionOptions()

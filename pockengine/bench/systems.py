@@ -188,7 +188,7 @@ class OrtTraining(System):
     name = "ort"
     counts_flops = False
 
-    def setup(self, model, loss_fn, batch, selections, *, lr, workload, work_dir, threads, **kw):
+    def setup(self, model, loss_fn, batch, selections, *, lr, workload, work_dir, threads, reuse=False, **kw):
         import numpy as np
 
         from pockengine.bench.workloads import LogitsForLoss, causal
@@ -202,9 +202,12 @@ class OrtTraining(System):
         params = dict(model.named_parameters())
         start = time.perf_counter()
         args = tuple(w.flat_inputs(batch[0]))
-        torch.onnx.export(wrapper, args, str(onnx_path), input_names=list(w.input_names), output_names=["logits"],
-                          training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False, dynamo=False,
-                          opset_version=17)
+        # The memory pass reuses the timing pass's export and artifacts (set-up time is taken in the timing pass).
+        reuse = reuse and (work / "artifacts" / "training_model.onnx").exists()
+        if not reuse:
+            torch.onnx.export(wrapper, args, str(onnx_path), input_names=list(w.input_names), output_names=["logits"],
+                              training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False,
+                              dynamo=False, opset_version=17)
         self.export_s = time.perf_counter() - start
         batches = {}
         for i, (inputs, target) in enumerate(w.batches):
@@ -215,6 +218,7 @@ class OrtTraining(System):
         masks = {f"{ONNX_PREFIX}{n}": m.numpy() for n, m in gradient_masks(model, selections).items() if m is not None}
         np.savez(work / "masks.npz", **masks)
         spec = {"onnx": str(onnx_path), "artifacts": str(work / "artifacts"), "lr": lr, "threads": threads,
+                "reuse_artifacts": reuse,
                 "requires_grad": [f"{ONNX_PREFIX}{n}" for n in selections],
                 "frozen": [f"{ONNX_PREFIX}{n}" for n in params if n not in selections],
                 "input_names": list(w.input_names), "n_batches": len(w.batches)}

@@ -109,8 +109,8 @@ def run_system(job: dict[str, Any]) -> None:
     start = time.perf_counter()
     system.setup(w.model, w.loss_fn, w.batch(0), selections, lr=w.lr, workload=w,
                  freeze_batchnorm=w.freeze_batchnorm, scheme_name=job["scheme"], lora=w.cfg.get("lora"),
-                 work_dir=str(Path(job["work_dir"]) / "ort" / f"{job['scheme']}-{job['pass']}"),
-                 threads=job["threads"])
+                 work_dir=str(Path(job["work_dir"]) / "ort" / job["scheme"]), threads=job["threads"],
+                 reuse=job["pass"] == "mem")
     setup_only = time.perf_counter() - start
     n = 0
     t = time.perf_counter()

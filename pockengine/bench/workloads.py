@@ -172,9 +172,11 @@ def _smollm2(cfg: dict[str, Any]) -> Workload:
     data = []
     for i in range(cfg["batches"]):
         ids = torch.stack([torch.tensor(tokenizer(s)["input_ids"][:t]) for s in texts[i * b:(i + 1) * b]])
-        data.append(({"input_ids": ids}, ids.clone()))
+        # An explicit all-ones mask (no padding: every review fills the sequence) for every system; without one,
+        # transformers looks for packed sequences with torch.diff, which ONNX export does not support.
+        data.append(({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ids.clone()))
     return Workload(cfg["name"], cfg, model, pe.losses.causal_lm(), data, "tokens", b * t, cfg["lr"], False,
-                    ["input_ids"], label_fn=lambda target: target[:, 1:].reshape(-1))
+                    ["input_ids", "attention_mask"], label_fn=lambda target: target[:, 1:].reshape(-1))
 
 
 _BUILDERS = {"mobilenet_v2": _mobilenet, "minilm": _minilm, "smollm2": _smollm2}

@@ -16,7 +16,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
 from pockengine.errors import CaptureError, UserInputError
-from pockengine.ir.graph import BATCH, BUFFER, PARAM, Graph, Node, TensorMeta
+from pockengine.ir.graph import BATCH, BUFFER, PARAM, Graph, Node, TensorMeta, meta_of
 
 _MODEL = "model"  # attribute name of the user's model inside the capture wrapper
 
@@ -101,6 +101,9 @@ def capture(model: nn.Module, loss_fn: Callable, batch: Any) -> Captured:
     batch_nodes: list[Node] = []
     loss: Node | None = None
     buffer_updates: dict[str, Node] = {}
+    # Tied parameters (an LM head sharing the embedding) are lifted once per name; all of them are one tensor,
+    # so they become one input under the name named_parameters() gives it.
+    canonical = {id(p): n for n, p in model.named_parameters()}
 
     for fx_node in ep.graph.nodes:
         if fx_node.op == "placeholder":
@@ -108,8 +111,10 @@ def capture(model: nn.Module, loss_fn: Callable, batch: Any) -> Captured:
             val = fx_node.meta["val"]
             meta = TensorMeta(tuple(int(s) for s in val.shape), val.dtype)
             if spec.kind == InputKind.PARAMETER:
-                name = _strip_model_prefix(spec.target)
-                env[fx_node] = params[name] = graph.input(name, PARAM, meta, module=name.rpartition(".")[0])
+                name = canonical[id(model.get_parameter(_strip_model_prefix(spec.target)))]
+                if name not in params:
+                    params[name] = graph.input(name, PARAM, meta, module=name.rpartition(".")[0])
+                env[fx_node] = params[name]
             elif spec.kind == InputKind.BUFFER:
                 name = _strip_model_prefix(spec.target)
                 env[fx_node] = buffers[name] = graph.input(name, BUFFER, meta, module=name.rpartition(".")[0])
@@ -121,13 +126,14 @@ def capture(model: nn.Module, loss_fn: Callable, batch: Any) -> Captured:
                 env[fx_node] = node
             else:
                 raise CaptureError(f"unsupported graph input kind {spec.kind} for {fx_node.name}")
+        elif fx_node.op == "call_function" and fx_node.target is torch.ops.aten._assert_tensor_metadata.default:
+            continue  # an export-time dtype check our static metadata already guarantees
         elif fx_node.op == "call_function":
             args, kwargs = pytree.tree_map(lambda a: env[a] if isinstance(a, torch.fx.Node) else a,
                                            (fx_node.args, fx_node.kwargs))
             module, inside = _module_path(fx_node)
             val = fx_node.meta.get("val")
-            meta = pytree.tree_map(lambda v: TensorMeta(tuple(int(s) for s in v.shape), v.dtype)
-                                   if isinstance(v, torch.Tensor) else None, val)
+            meta = meta_of(val)  # lists of outputs (split) become tuples, like every multi-output op
             env[fx_node] = graph.call(fx_node.target, args, kwargs, module=module,
                                       section="forward" if inside else "loss", name=fx_node.name,
                                       meta=meta if val is not None else None)

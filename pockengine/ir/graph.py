@@ -125,11 +125,12 @@ def _to_meta_tensor(x: Any) -> Any:
     return x
 
 
-def _meta_of(value: Any) -> Meta:
+def meta_of(value: Any) -> Meta:
+    """The static metadata of a (fake, meta or real) value; lists of tensors become tuples."""
     if isinstance(value, torch.Tensor):
         return TensorMeta(tuple(int(s) for s in value.shape), value.dtype)
     if isinstance(value, (tuple, list)):
-        return tuple(_meta_of(v) for v in value)
+        return tuple(meta_of(v) for v in value)
     return None
 
 
@@ -137,7 +138,7 @@ def infer_meta(target: Callable, args: tuple, kwargs: dict) -> Meta:
     if target is operator.getitem:
         return args[0].meta[args[1]]
     margs, mkwargs = tree_map(_to_meta_tensor, (args, kwargs))
-    return _meta_of(target(*margs, **mkwargs))
+    return meta_of(target(*margs, **mkwargs))
 
 
 class Graph:

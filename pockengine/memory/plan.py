@@ -59,10 +59,12 @@ def _category(node: Node, gradients: set[Node]) -> str:
     return "workspace"
 
 
-def plan_memory(graph: Graph, gradients: set[Node] = frozenset()) -> MemoryPlan:
-    """Simulate `graph` as the runner executes it. `gradients` are the parameter-gradient nodes (for the
-    breakdown)."""
+def plan_memory(graph: Graph) -> MemoryPlan:
+    """Simulate `graph` as the runner executes it."""
     live = Liveness.of(graph)
+    # Parameter gradients: what the update section (or the program's outputs) takes from the backward section.
+    gradients = {i for n in live.body if n.section == "update" for i in n.inputs if i.section == "backward"}
+    gradients |= {n for n in graph.outputs.values() if n.section == "backward"}
     value: dict[Node, Any] = {}
     storage_of: dict[Node, list[int]] = {}
     holders: dict[int, int] = {}  # storage -> number of live nodes referencing it
@@ -70,6 +72,7 @@ def plan_memory(graph: Graph, gradients: set[Node] = frozenset()) -> MemoryPlan:
     owner: dict[int, Node] = {}
     resident: dict[str, int] = {}
     static: set[int] = set()
+    pinned: list[torch.Tensor] = []  # input tensors stay alive, so no new storage can take their identity
 
     def meta(x: Any) -> Any:
         return value[x] if isinstance(x, Node) else torch.device("meta") if isinstance(x, torch.device) else x
@@ -77,6 +80,7 @@ def plan_memory(graph: Graph, gradients: set[Node] = frozenset()) -> MemoryPlan:
     for n in graph.inputs():
         if isinstance(n.meta, TensorMeta):
             value[n] = torch.empty(n.meta.shape, dtype=n.meta.dtype, device="meta")
+            pinned.append(value[n])
             key = value[n].untyped_storage()._cdata
             static.add(key)
             role = _STATIC_ROLES.get(n.role, n.role)

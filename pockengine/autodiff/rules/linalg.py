@@ -57,37 +57,48 @@ def addmm(ctx, g):
             _weight_grad(ctx, a, scaled, b, 0) if ctx.needs(b) else None)
 
 
-def _conv_weight_grad(ctx, g, x, w, stride, padding, dilation, transposed, output_padding, groups):
+def _sliced_conv_weight_grad(ctx, g, x, w, stride, padding, dilation, output_padding, groups):
+    """Sub-operator slicing: the gradient of the selected input channels of a partially trained weight, from
+    only those channels of x (sliced in the forward pass, so only they are saved)."""
     sl = ctx.slice_of(w)
-    depthwise = groups > 1 and groups == x.meta.shape[1] == w.meta.shape[0] and w.meta.shape[1] == 1
-    if sl is not None and not transposed and (groups == 1 and sl.dim == 1 or depthwise and sl.dim == 0):
-        # Sub-operator slicing: only the selected input channels of x are saved and multiplied.
-        x = sl.take(ctx.saved, x, 1)
-        w = sl.take(ctx, w)
-        if depthwise:
-            g, groups = sl.take(ctx, g, 1), len(sl.channels)
-    out = ctx(aten.convolution_backward.default, g, x, w, None, stride, padding, dilation, transposed,
+    x = sl.take(ctx.saved, x, 1)
+    w = sl.take(ctx, w)
+    if groups > 1:  # depthwise: channel c of the input feeds channel c of the output only
+        g, groups = sl.take(ctx, g, 1), len(sl.channels)
+    out = ctx(aten.convolution_backward.default, g, x, w, None, stride, padding, dilation, False,
               output_padding, groups, [False, True, False])
     return ctx(operator.getitem, out, 1)
+
+
+def _input_grad(ctx, g, x, w, stride, padding, dilation, groups):
+    """The input gradient is a transposed convolution of g with w: unlike convolution_backward it takes no x,
+    so it keeps no activation alive when the weight is frozen."""
+    extra = [x.meta.shape[2 + i] - ((g.meta.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
+                                    + dilation[i] * (w.meta.shape[2 + i] - 1) + 1) for i in range(len(stride))]
+    return ctx(aten.convolution.default, g, w, None, stride, padding, dilation, True, extra, groups)
+
+
+def _sliceable(ctx, x, w, transposed, groups):
+    sl = ctx.slice_of(w)
+    depthwise = groups > 1 and groups == x.meta.shape[1] == w.meta.shape[0] and w.meta.shape[1] == 1
+    return sl is not None and not transposed and (groups == 1 and sl.dim == 1 or depthwise and sl.dim == 0)
 
 
 @register(aten.convolution.default)
 def convolution(ctx, g):
     x, w, b, stride, padding, dilation, transposed, output_padding, groups = ctx.node.args
     gx = gw = gb = None
-    if ctx.needs(x):
-        if transposed:
-            out = ctx(aten.convolution_backward.default, g, x, w, None, stride, padding, dilation, transposed,
-                      output_padding, groups, [True, False, False])
-            gx = ctx(operator.getitem, out, 0)
-        else:
-            # The input gradient is a transposed convolution of g with w: it needs no saved input.
-            spatial = range(len(stride))
-            extra = [x.meta.shape[2 + i] - ((g.meta.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
-                                            + dilation[i] * (w.meta.shape[2 + i] - 1) + 1) for i in spatial]
-            gx = ctx(aten.convolution.default, g, w, None, stride, padding, dilation, True, extra, groups)
-    if ctx.needs(w):
-        gw = _conv_weight_grad(ctx, g, x, w, stride, padding, dilation, transposed, output_padding, groups)
     if ctx.needs(b):
         gb = ctx(aten.sum.dim_IntList, g, [0] + list(range(2, len(g.meta.shape))))
+    if ctx.needs(w) and _sliceable(ctx, x, w, transposed, groups):
+        gw = _sliced_conv_weight_grad(ctx, g, x, w, stride, padding, dilation, output_padding, groups)
+    elif ctx.needs(w) or transposed:
+        # x is saved anyway (or the op is transposed): one fused backward computes what is needed.
+        mask = [ctx.needs(x), ctx.needs(w), False]
+        out = ctx(aten.convolution_backward.default, g, x, w, None, stride, padding, dilation, transposed,
+                  output_padding, groups, mask)
+        gx, gw = (ctx(operator.getitem, out, i) if m else None for i, m in enumerate(mask[:2]))
+        return gx, gw, gb
+    if ctx.needs(x):
+        gx = _input_grad(ctx, g, x, w, stride, padding, dilation, groups)
     return gx, gw, gb

@@ -1,0 +1,257 @@
+"""Markdown tables and a plot from results.json (rewritten in full on every run, so rerunning regenerates all)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+SYSTEMS = ["pockengine", "eager", "torch.compile", "ort", "peft-lora"]
+MB = 1024  # KiB per MiB
+
+
+def _fmt_ms(s: float | None) -> str:
+    return "–" if s is None else f"{s * 1000:.1f}" if s < 10 else f"{s * 1000:.0f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "–" if a is None or b in (None, 0) else f"{a / b:.2f}"
+
+
+def training_mb(run: dict[str, Any]) -> float | None:
+    """Peak resident memory during the measured steps above the process's runtime baseline (libraries loaded, no
+    model yet), in MiB."""
+    if "peak_rss_kb" not in run or "baseline_rss_kb" not in run:
+        return None
+    return (run["peak_rss_kb"] - run["baseline_rss_kb"]) / MB
+
+
+def rows(w: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (scheme, system) with the derived figures."""
+    runs = w["runs"]
+    rate = w["matmul_flops_per_s"]
+    eager_full = runs.get("eager|full", {})
+    ref_time, ref_mem = eager_full.get("median_s"), training_mb(eager_full) if eager_full else None
+    out = []
+    for key, run in runs.items():
+        scheme = w["schemes"].get(run["scheme"], {})
+        flops_candidates = [f for f in (scheme.get("eager_flops"),
+                                        runs.get(f"pockengine|{run['scheme']}", {}).get("flops")) if f]
+        floor_flops = min(flops_candidates) if flops_candidates else None
+        peers = [r for k, r in runs.items() if r["scheme"] == run["scheme"] and k != key and "median_s" in r]
+        best_time = min((r["median_s"] for r in peers), default=None)
+        peer_mems = [m for m in (training_mb(r) for r in peers) if m is not None]
+        eager_loss = runs.get(f"eager|{run['scheme']}", {}).get("losses", [None])[0]
+        first = (run.get("losses") or [None])[0]
+        row = {
+            "scheme": run["scheme"], "system": run["system"], "error": run.get("error"),
+            "memory_error": run.get("memory_error"), "notes": run.get("notes", []),
+            "trained": scheme.get("trained_entries"), "total": scheme.get("total_entries"),
+            "median_s": run.get("median_s"), "min_s": run.get("min_s"), "max_s": run.get("max_s"),
+            "setup_s": run.get("setup_s"), "mem_mb": training_mb(run),
+            "peak_rss_mb": run["peak_rss_kb"] / MB if "peak_rss_kb" in run else None,
+            "flops": run.get("flops") or scheme.get("eager_flops"), "floor_flops": floor_flops,
+            "floor_s": floor_flops / rate if floor_flops else None,
+            "time_vs_eager_full": run["median_s"] / ref_time if ref_time and "median_s" in run else None,
+            "mem_vs_eager_full": (training_mb(run) / ref_mem if ref_mem and training_mb(run) is not None else None),
+            "time_vs_best_other": run["median_s"] / best_time if best_time and "median_s" in run else None,
+            "mem_vs_best_other": (training_mb(run) / min(peer_mems)
+                                  if peer_mems and training_mb(run) is not None else None),
+            "first_loss": first, "first_loss_eager": eager_loss,
+        }
+        if row["median_s"]:
+            row["throughput"] = w["items_per_step"] / row["median_s"]
+            row["floor_fraction"] = row["floor_s"] / row["median_s"] if row["floor_s"] else None
+        out.append(row)
+    order = {s: i for i, s in enumerate(list(w["schemes"]))}
+    out.sort(key=lambda r: (order.get(r["scheme"], 99), SYSTEMS.index(r["system"]) if r["system"] in SYSTEMS else 9))
+    return out
+
+
+def table(w: dict[str, Any]) -> str:
+    unit = "samples/s" if w["unit"] == "samples" else "tokens/s"
+    head = ["scheme", "system", "trained", "step ms median (min–max)", unit, "train mem MB", "peak RSS MB",
+            "set-up s", "GFLOP/step", "floor ms", "floor/time", "time ÷ eager full", "time ÷ best other",
+            "mem ÷ eager full", "mem ÷ best other", "1st loss"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows(w):
+        trained = (f"{r['trained'] / r['total'] * 100:.2f}%" if r["trained"] is not None and r["total"] else "–")
+        if r["error"]:
+            cells = [r["scheme"], r["system"], trained, f"**failed**: {r['error'][:160]}"] + ["–"] * (len(head) - 4)
+            lines.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in cells) + " |")
+            continue
+        loss = f"{r['first_loss']:.5f}" if r["first_loss"] is not None else "–"
+        cells = [
+            r["scheme"], r["system"], trained,
+            f"{_fmt_ms(r['median_s'])} ({_fmt_ms(r['min_s'])}–{_fmt_ms(r['max_s'])})",
+            f"{r.get('throughput', 0):.1f}",
+            f"{r['mem_mb']:.0f}" if r["mem_mb"] is not None else ("failed" if r["memory_error"] else "–"),
+            f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] is not None else "–",
+            f"{r['setup_s']:.1f}" if r["setup_s"] is not None else "–",
+            f"{r['flops'] / 1e9:.2f}" if r["flops"] else "–",
+            _fmt_ms(r["floor_s"]), f"{r['floor_fraction']:.2f}" if r.get("floor_fraction") else "–",
+            _ratio(r["time_vs_eager_full"], 1), _ratio(r["time_vs_best_other"], 1),
+            _ratio(r["mem_vs_eager_full"], 1), _ratio(r["mem_vs_best_other"], 1), loss,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def notes(w: dict[str, Any]) -> list[str]:
+    out = []
+    seen = set()
+    for r in rows(w):
+        for n in r["notes"]:
+            if (r["system"], n) not in seen:
+                seen.add((r["system"], n))
+                out.append(f"- {r['system']} ({r['scheme']}): {n}")
+        if r["memory_error"]:
+            out.append(f"- {r['system']} on {r['scheme']}: memory pass failed: {r['memory_error'][:300]}")
+        if r["error"]:
+            out.append(f"- {r['system']} on {r['scheme']} **failed**: {r['error'][:600]}")
+        ours = w["runs"].get(f"{r['system']}|{r['scheme']}", {}).get("losses") or []
+        eager = w["runs"].get(f"eager|{r['scheme']}", {}).get("losses") or []
+        if r["system"] in ("pockengine", "torch.compile") and ours and eager:
+            drift = [abs(a - b) / max(abs(b), 1e-6) for a, b in zip(ours, eager)]
+            if max(drift) > 1e-3:
+                k = next(i for i, d in enumerate(drift) if d > 1e-3)
+                out.append(f"- {r['system']} on {r['scheme']}: losses leave eager's from step {k + 1} (step {k + 1}: "
+                           f"{ours[k]:.5f} vs {eager[k]:.5f}; largest relative difference {max(drift):.1e})")
+        fl, fe = r["first_loss"], r["first_loss_eager"]
+        if fl is not None and fe is not None and abs(fl - fe) > 1e-4 * max(1.0, abs(fe)):
+            out.append(f"- {r['system']} on {r['scheme']}: first-step loss {fl:.6f} differs from eager's {fe:.6f}")
+    return out
+
+
+METHOD = """\
+## Method
+
+- **One run, alternating.** Each (system, scheme) is its own process. In the timing pass the processes of a group
+  (the whole workload, or one scheme for SmolLM2, whose 17 processes would not fit in memory together) are set up one
+  after another, then take steps in turn (A B C … A B C …) with a {pause}s idle gap between steps, so that drift of
+  the machine hits every system alike. The machine is shared: the gap is extended (up to {maxwait}s) while less than
+  85% of the CPU time is idle in it, i.e. while other processes are busy, and steps that start busy anyway are
+  counted (above each table). Then: {warmup} warm-up steps (the first one is part of the set-up time), then
+  {steps} measured steps; step time is median, min and max of those. The step is what each system's user runs: for
+  PyTorch forward, loss, backward, gradient masks, `optimizer.step()`, `zero_grad`; for pockengine `trainer.step`;
+  for ONNX Runtime `module(...)`, `optimizer.step()`, `lazy_reset_grad()`; each returns the loss as a float.
+- **Same work for everyone.** Same weights, the same cycle of {batches} real batches, fp32, {threads} threads
+  (`torch.set_num_threads`, ORT `intra_op_num_threads`), SGD with momentum 0.9 and the same learning rate, and the
+  same trainable set: each scheme is resolved once (`Scheme.resolve`) and every system trains exactly those
+  parameters and channels. PyTorch (eager, torch.compile) trains partial channels by masking the gradient
+  (`pockengine.scheme.gradient_masks`); ONNX Runtime, which trains whole tensors only, writes the untrained entries
+  back after each step. Models run in eval mode (dropout off, BatchNorm statistics frozen) so that all systems compute
+  the same function: their first-step losses (last column) must agree.
+- **Memory.** A separate pass, one process at a time, with `MALLOC_MMAP_THRESHOLD_=65536` so that freed tensors go
+  back to the OS (with glibc's defaults they stay resident and hide the peak; the setting slows steps, hence the
+  separate pass). After {mwarm} warm-up steps the resident high-water mark is reset (`echo 5 > /proc/PID/clear_refs`),
+  {msteps} steps run, and VmHWM is read. *train mem* = VmHWM − the RSS of the same process before the model was built
+  (runtime libraries loaded: torch, transformers, peft; onnxruntime for ORT), i.e. weights, optimizer state,
+  activations, gradients and workspaces (and a compiler's resident code); *peak RSS* is VmHWM itself.
+- **FLOPs and the floor.** GFLOP/step is counted by `torch.utils.flop_counter.FlopCounterMode` (matrix multiplies and
+  convolutions, forward and backward) on an eager step with the same trainable set, and on pockengine's own step
+  (which skips the work of untrained channels). *floor* = the smaller count ÷ this machine's best measured fp32
+  matrix-multiply rate ({rate:.0f} GFLOP/s, {threads} threads, 2048² `torch.mm`): the time the step would take if
+  all its arithmetic ran at matrix-multiply speed. *floor/time* reads each time as a fraction of that limit.
+- **Ratios** divide a system's figure by PyTorch eager full fine-tuning's (same workload), and by the best *other*
+  system on the same scheme; below 1 is better. PEFT LoRA (r=8 on the attention query/value projections; MiniLM's
+  new classifier head trained too, as PEFT's sequence-classification task does) has its own trainable set: it is
+  compared to eager full fine-tuning only.
+"""
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ws = list(results["workloads"].values())
+    fig, axes = plt.subplots(len(ws), 2, figsize=(14, 3.6 * len(ws)), squeeze=False)
+    colors = {"pockengine": "#d62728", "eager": "#1f77b4", "torch.compile": "#2ca02c", "ort": "#9467bd",
+              "peft-lora": "#ff7f0e"}
+    for i, w in enumerate(ws):
+        rs = rows(w)
+        schemes = list(dict.fromkeys(r["scheme"] for r in rs))
+        width = 0.8 / len(SYSTEMS)
+        for col, (field, label) in enumerate([("median_s", "step time (ms, median; bars: min–max)"),
+                                              ("mem_mb", "training memory (MB over runtime)")]):
+            ax = axes[i][col]
+            for j, system in enumerate(SYSTEMS):
+                xs, ys, lo, hi, failed = [], [], [], [], []
+                for k, scheme in enumerate(schemes):
+                    r = next((r for r in rs if r["scheme"] == scheme and r["system"] == system), None)
+                    if r is None:
+                        continue
+                    x = k + (j - len(SYSTEMS) / 2 + 0.5) * width
+                    if r["error"] or r[field] is None:
+                        failed.append(x)
+                        continue
+                    scale = 1000 if field == "median_s" else 1
+                    xs.append(x)
+                    ys.append(r[field] * scale)
+                    if field == "median_s":
+                        lo.append((r["median_s"] - r["min_s"]) * scale)
+                        hi.append((r["max_s"] - r["median_s"]) * scale)
+                ax.bar(xs, ys, width, color=colors[system], label=system,
+                       yerr=[lo, hi] if field == "median_s" and xs else None, capsize=2)
+                for x in failed:
+                    ax.text(x, 0, "×", color=colors[system], ha="center", va="bottom", fontsize=12)
+            ax.set_xticks(range(len(schemes)), schemes)
+            ax.set_title(f"{w['workload']}: {label}", fontsize=10)
+            ax.set_yscale("log")
+            ax.grid(axis="y", alpha=0.3)
+            if i == 0 and col == 0:
+                ax.legend(fontsize=8, ncol=3)
+    fig.suptitle("pockengine bench (× = failed)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(results: dict[str, Any], out: Path) -> None:
+    out = Path(out)
+    m = results["machine"]
+    parts = ["# pockengine benchmarks", "",
+             "Generated by `pockengine bench` (pockengine/bench/, configuration in bench/); rerunning the command "
+             "below rewrites this file, `results.json` and `bench.png`.", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; torch {m['torch']}, transformers "
+             f"{m.get('transformers', '?')}, peft {m.get('peft', '?')}, onnxruntime-training "
+             f"{m.get('onnxruntime-training', '?')}; Python {m['python']}.", "",
+             "![step time and memory per system and scheme](bench.png)", ""]
+    for name, w in results["workloads"].items():
+        cmd = results.get("command", {}).get(name, f"pockengine bench --workload {name}")
+        c = w["config"]
+        sizes = ", ".join(f"{k.replace('_', ' ')} {c[k]}" for k in ("batch", "image_size", "seq_len", "layers")
+                          if c.get(k))
+        parts += [f"## {name}" + (" (quick smoke-test sizes)" if w["quick"] else ""), "",
+                  (f"{w['description']} — run here at --quick sizes: {sizes}. " if w["quick"] else
+                   f"{w['description']}. ") + f"{w['steps']} measured steps after {w['warmup']} warm-up steps; "
+                  f"{w['items_per_step']} {w['unit']} per step; measured {w['finished']} "
+                  f"(load average {w['loadavg_start'][0]:.2f} at the start, {w['loadavg_end'][0]:.2f} at the end; "
+                  f"the gate before each step waited {w.get('quiet_gate', {}).get('waited_s', 0):.0f} s in all "
+                  f"for other processes, and {w.get('quiet_gate', {}).get('busy_steps', 0)} measured steps started "
+                  "on a busy machine after all). "
+                  f"Command: `{cmd}`", "", table(w), ""]
+        ns = notes(w)
+        if ns:
+            parts += ["Notes:", ""] + ns + [""]
+        parts += ["Schemes (trained share of the parameters):", ""]
+        for s, info in w["schemes"].items():
+            share = info["trained_entries"] / info["total_entries"] * 100
+            parts.append(f"- `{s}`: {info['trained_tensors']} tensors, {info['trained_entries']:,} of "
+                         f"{info['total_entries']:,} entries ({share:.2f}%); rules `{json.dumps(info['rules'])}`")
+        parts.append("")
+    any_w = next(iter(results["workloads"].values()))
+    cfg = any_w["config"]
+    parts.append(METHOD.format(pause=cfg["pause_s"], maxwait=cfg.get("max_wait_s", 10), warmup=any_w["warmup"], steps=any_w["steps"],
+                               batches=cfg["batches"], threads=cfg["threads"], mwarm=any_w["memory_warmup"],
+                               msteps=any_w["memory_steps"], rate=any_w["matmul_flops_per_s"] / 1e9))
+    (out / "README.md").write_text("\n".join(parts))
+    plot(results, out / "bench.png")
+
+
+if __name__ == "__main__":  # regenerate the report from a results.json: python -m pockengine.bench.report DIR
+    d = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/benchmarks")
+    write(json.loads((d / "results.json").read_text()), d)
