@@ -22,7 +22,8 @@ from pockengine.capture import Captured, capture, normalize_batch
 from pockengine.errors import BatchMismatchError, NonFiniteLossError, UserInputError
 from pockengine.ir.graph import BATCH, SCALAR, STATE, Node, eliminate_dead_code
 from pockengine.optim import SGD, Optimizer
-from pockengine.passes import compact_activation_masks, fold_frozen_batchnorm, run_in_place
+from pockengine.passes import (compact_activation_masks, fold_frozen_batchnorm, run_in_place, to_channels_last,
+                               uses_convolution)
 from pockengine.memory.plan import MemoryPlan, plan_memory
 from pockengine.scheme import Scheme, Selection
 from pockengine.scheme import summary as scheme_summary
@@ -35,6 +36,7 @@ ShapeKey = tuple[tuple[tuple[int, ...], torch.dtype], ...]
 class _Built:
     program: CompiledProgram
     binders: list[Callable[[list[torch.Tensor], dict[str, float]], Any]]
+    static: dict[Node, torch.Tensor]  # inputs bound to the same tensors at every step
     compile_seconds: float
 
 
@@ -43,7 +45,9 @@ class Trainer:
 
     def __init__(self, model: nn.Module, loss_fn: Callable, example_batch: Any, optimizer: Optimizer | None = None,
                  scheme: Scheme | None = None, *, freeze_batchnorm: bool = False, on_nonfinite: str = "raise",
-                 seed: int = 0, activation_masks: str = "bits"):
+                 seed: int = 0, activation_masks: str = "bits", memory_format: str = "auto"):
+        if memory_format not in ("auto", "channels_last", "preserve"):
+            raise UserInputError(f"memory_format must be 'auto', 'channels_last' or 'preserve', got {memory_format!r}")
         if on_nonfinite not in ("raise", "skip"):
             raise UserInputError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         if not callable(loss_fn):
@@ -66,14 +70,21 @@ class Trainer:
         self._dtypes = [t.dtype if isinstance(t, torch.Tensor) else type(t) for t in leaves]
         self._programs: dict[tuple[str, ShapeKey], _Built] = {}
         cap = capture(model, loss_fn, example)
+        self.memory_format = memory_format
+        self.channels_last = memory_format == "channels_last" or memory_format == "auto" and uses_convolution(cap.graph)
+        if self.channels_last:
+            for p in model.parameters():
+                if p.dim() == 4:
+                    p.data = p.data.contiguous(memory_format=torch.channels_last)
         self.trained: dict[str, Selection] = self.scheme.resolve(model, _layer_order(cap))
         if not self.trained:
             raise UserInputError(f"scheme {self.scheme.name!r} trains no parameter of this model; see "
                                  "pockengine.scheme.summary(model, scheme.resolve(model))")
         params = dict(model.named_parameters())
         self.state: dict[str, dict[str, torch.Tensor]] = {
-            name: {s: torch.zeros(_trained_shape(params[name].shape, sel), dtype=params[name].dtype,
-                                  device=params[name].device) for s in self.optimizer.state_names}
+            name: {s: torch.zeros_like(params[name]) if sel.kind == "full" else
+                   torch.zeros(_trained_shape(params[name].shape, sel), dtype=params[name].dtype,
+                               device=params[name].device) for s in self.optimizer.state_names}
             for name, sel in self.trained.items()}
         self._build("step", example, self._shape_key(leaves), cap)
 
@@ -118,7 +129,8 @@ class Trainer:
 
     def memory_plan(self, kind: str = "step", batch: Any = None) -> MemoryPlan:
         """The predicted memory of one step (see pockengine.memory.plan)."""
-        return plan_memory(self.program(kind, batch).graph)
+        built = self._prepared(kind, self._example if batch is None else batch)[0]
+        return plan_memory(built.program.graph, {n: t.stride() for n, t in built.static.items()})
 
     def save(self, path: str) -> None:
         from pockengine.checkpoint import save_trainer
@@ -200,14 +212,17 @@ class Trainer:
             for name, new in cap.buffer_updates.items():
                 emit(aten.copy_.default, cap.buffers[name], new, module=name.rpartition(".")[0])
         eliminate_dead_code(graph)
-        compact_activation_masks(graph, self.activation_masks)
+        if self.channels_last:
+            to_channels_last(graph)
+        compact_activation_masks(graph, self.activation_masks, self.channels_last)
         eliminate_dead_code(graph)
         run_in_place(graph)
         inputs = graph.inputs()
         program = CompiledProgram(graph, inputs, check_finite=cap.loss if kind == "step" else None,
                                   generator=self.generator)
         static = self._static_inputs(cap, state_inputs)
-        built = _Built(program, [self._binder(n, cap, static) for n in inputs], time.perf_counter() - start)
+        built = _Built(program, [self._binder(n, cap, static) for n in inputs], static,
+                       time.perf_counter() - start)
         self._programs[(kind, shape_key)] = built
         return built
 
@@ -245,7 +260,7 @@ def _trained_shape(shape: torch.Size, sel: Selection) -> tuple[int, ...]:
 
 def compile(model: nn.Module, loss_fn: Callable, example_batch: Any, optimizer: Optimizer | None = None,
             scheme: Scheme | None = None, *, freeze_batchnorm: bool = False, on_nonfinite: str = "raise",
-            seed: int = 0, activation_masks: str = "bits") -> Trainer:
+            seed: int = 0, activation_masks: str = "bits", memory_format: str = "auto") -> Trainer:
     """Compile the training step of `model` under `loss_fn` for batches like `example_batch`.
 
     example_batch is `(inputs, target)`; inputs is a tuple of positional model arguments or a dict of keyword
@@ -254,6 +269,9 @@ def compile(model: nn.Module, loss_fn: Callable, example_batch: Any, optimizer: 
     changes, or, with on_nonfinite='skip', skips the step and returns nan. `seed` seeds dropout.
     `activation_masks` says how ReLU-like layers remember where they passed the gradient when their output is
     not saved for anything else: "bits" (1 bit per element), "bool" (1 byte) or "off" (the fp32 activation).
+    `memory_format`: "auto" runs models with 2-d convolutions in channels-last layout (their 4-d weights are
+    converted in place, values unchanged), "channels_last" forces it, "preserve" keeps the model's layout.
     """
     return Trainer(model, loss_fn, example_batch, optimizer, scheme, freeze_batchnorm=freeze_batchnorm,
-                   on_nonfinite=on_nonfinite, seed=seed, activation_masks=activation_masks)
+                   on_nonfinite=on_nonfinite, seed=seed, activation_masks=activation_masks,
+                   memory_format=memory_format)

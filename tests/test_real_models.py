@@ -9,7 +9,8 @@ import pockengine as pe
 from pockengine.models import minilm_classifier, mobilenet_v2, smollm2
 
 TOL = 1e-4  # relative (max abs error / max abs reference gradient), fp32
-NOISE = 1e-6  # gradients below this fraction of the model's largest entry are rounding noise on both sides
+NOISE = 1e-5  # gradients below this fraction of the largest entry are rounding noise on both sides (a bias
+# followed by a train-mode BatchNorm has an exactly zero gradient in exact arithmetic)
 
 
 def no_dropout(model):
@@ -20,10 +21,14 @@ def no_dropout(model):
 
 
 def check_parity(model, loss_fn, batch):
-    ref = copy.deepcopy(model)
     trainer = pe.compile(model, loss_fn, batch)
     grads = trainer.gradients(batch)
+    # The reference runs in the layout the trainer chose (channels-last for convolutions): the same kernels, so
+    # the comparison measures the differentiation, not the rounding of two convolution algorithms.
+    ref = copy.deepcopy(model)
     inputs, target = batch
+    if trainer.channels_last:
+        inputs = tuple(x.contiguous(memory_format=torch.channels_last) for x in inputs)
     out = ref(**inputs) if isinstance(inputs, dict) else ref(*inputs)
     loss_fn(out, target).backward()
     scale = max(p.grad.abs().max().item() for p in ref.parameters() if p.grad is not None)
@@ -31,8 +36,11 @@ def check_parity(model, loss_fn, batch):
     assert set(grads) == names
     for name, p in ref.named_parameters():
         expected = p.grad if p.grad is not None else torch.zeros_like(p)
-        err = (grads[name] - expected).abs().max().item()
-        assert err <= TOL * max(expected.abs().max().item(), NOISE * scale), name
+        largest, floor = expected.abs().max().item(), NOISE * scale
+        if largest < floor:  # a zero gradient up to rounding: ours must be as small
+            assert grads[name].abs().max().item() < floor, name
+        else:
+            assert (grads[name] - expected).abs().max().item() <= TOL * largest, name
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])

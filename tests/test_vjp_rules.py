@@ -232,6 +232,7 @@ CASES = [
     fn(aten.clone.default, "plain", lambda a: a.clone() * a, (3, 4)),
     fn(aten.alias.default, "plain", aten.alias.default, (3, 4)),
     direct(aten.contiguous.default, "plain", (P(0),), (3, 4)),
+    direct(aten.as_strided.default, "restride-pooled", (P(0), [2, 3, 1, 1], [3, 1, 3, 3]), (2, 3, 1, 1)),
     fn(aten.mul.Tensor, "broadcast", torch.mul, (2, 3, 4), (3, 1)),
     fn(aten.mul.Tensor, "0d", torch.mul, (), (3, 4)),
     fn(aten.mul.Tensor, "square", lambda a: a * a, (3, 4)),

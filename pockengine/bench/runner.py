@@ -320,26 +320,21 @@ def run(workloads: list[str], *, quick: bool = False, schemes: list[str] | None 
     results_path = out / "results.json"
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.exists() else {}
     results.setdefault("workloads", {})
-    rate_start = matmul_rate(threads)
-    _log(f"matmul rate {rate_start / 1e9:.1f} GFLOP/s with {threads} threads")
     started = time.time()
-    new = {}
-    for name in workloads:
-        new[name] = run_workload(name, quick=quick, schemes=schemes, systems=systems, steps=steps, work=work)
-        new[name]["matmul_flops_per_s"] = rate_start
-    rate_end = matmul_rate(threads)
-    for name in workloads:
-        new[name]["matmul_flops_per_s"] = max(rate_start, rate_end)
-        new[name]["matmul_rates"] = [rate_start, rate_end]
-        new[name]["machine"] = machine_info()
-        new[name]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    results["workloads"].update(new)
     results["machine"] = machine_info()
     results.setdefault("command", {})
-    for name in workloads:
-        results["command"][name] = command or f"pockengine bench --workload {name}"
-    results["wall_s"] = time.time() - started
     out.mkdir(parents=True, exist_ok=True)
-    results_path.write_text(json.dumps(results, indent=1))
-    report.write(results, out)
+    for name in workloads:
+        rate_start = matmul_rate(threads)
+        _log(f"matmul rate {rate_start / 1e9:.1f} GFLOP/s with {threads} threads")
+        w = run_workload(name, quick=quick, schemes=schemes, systems=systems, steps=steps, work=work)
+        rate_end = matmul_rate(threads)
+        w.update(matmul_flops_per_s=max(rate_start, rate_end), matmul_rates=[rate_start, rate_end],
+                 machine=results["machine"], finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+        results["workloads"][name] = w
+        results["command"][name] = command or f"pockengine bench --workload {name}"
+        results["wall_s"] = time.time() - started
+        # Written after every workload, so that a later failure keeps what was measured.
+        results_path.write_text(json.dumps(results, indent=1))
+        report.write(results, out)
     return results

@@ -59,8 +59,10 @@ def _category(node: Node, gradients: set[Node]) -> str:
     return "workspace"
 
 
-def plan_memory(graph: Graph) -> MemoryPlan:
-    """Simulate `graph` as the runner executes it."""
+def plan_memory(graph: Graph, input_strides: dict[Node, tuple[int, ...]] | None = None) -> MemoryPlan:
+    """Simulate `graph` as the runner executes it. `input_strides` gives the layout of inputs that are not
+    contiguous (channels-last weights), so views and copies are predicted as they happen."""
+    input_strides = input_strides or {}
     live = Liveness.of(graph)
     # Parameter gradients: what the update section (or the program's outputs) takes from the backward section.
     gradients = {i for n in live.body if n.section == "update" for i in n.inputs if i.section == "backward"}
@@ -79,7 +81,9 @@ def plan_memory(graph: Graph) -> MemoryPlan:
 
     for n in graph.inputs():
         if isinstance(n.meta, TensorMeta):
-            value[n] = torch.empty(n.meta.shape, dtype=n.meta.dtype, device="meta")
+            stride = input_strides.get(n)
+            value[n] = (torch.empty_strided(n.meta.shape, stride, dtype=n.meta.dtype, device="meta") if stride
+                        else torch.empty(n.meta.shape, dtype=n.meta.dtype, device="meta"))
             pinned.append(value[n])
             key = value[n].untyped_storage()._cdata
             static.add(key)

@@ -17,9 +17,10 @@ MASK_ACTIVATION_OPS = (aten.threshold_backward.default, aten.hardtanh_backward.d
 MODES = ("bits", "bool", "off")
 
 
-def _pack(at, mask: Node, shifts: Node) -> Node:
-    """Eight booleans per byte: bit k of byte i is element 8i+k."""
-    flat = at(aten.view.dtype, at(aten.reshape.default, mask, [-1]), torch.uint8)
+def _pack(at, mask: Node, shifts: Node, order: list[int]) -> Node:
+    """Eight booleans per byte: bit k of byte i is element 8i+k of the mask, its dimensions taken in `order` (the
+    order they lie in memory, so that flattening is a view, not a copy)."""
+    flat = at(aten.view.dtype, at(aten.reshape.default, at(aten.permute.default, mask, order), [-1]), torch.uint8)
     pad = -mask.meta.numel % 8
     if pad:
         flat = at(aten.constant_pad_nd.default, flat, [0, pad], 0)
@@ -27,15 +28,17 @@ def _pack(at, mask: Node, shifts: Node) -> Node:
     return at(aten.sum.dim_IntList, at(aten.bitwise_left_shift.Tensor, rows, shifts), [1], dtype=torch.uint8)
 
 
-def _unpack(at, packed: Node, shifts: Node, shape: tuple[int, ...], numel: int) -> Node:
+def _unpack(at, packed: Node, shifts: Node, shape: tuple[int, ...], numel: int, order: list[int]) -> Node:
     bits = at(aten.bitwise_right_shift.Tensor, at(aten.unsqueeze.default, packed, 1), shifts)
     flat = at(aten.view.dtype, at(aten.reshape.default, at(aten.bitwise_and.Scalar, bits, 1), [-1]), torch.bool)
     if flat.meta.numel != numel:
         flat = at(aten.slice.Tensor, flat, 0, 0, numel)
-    return at(aten.view.default, flat, list(shape))
+    stored = at(aten.view.default, flat, [shape[d] for d in order])
+    return at(aten.permute.default, stored, [order.index(d) for d in range(len(order))])
 
 
-def compact_activation_masks(graph: Graph, mode: str = "bits") -> Graph:
+def compact_activation_masks(graph: Graph, mode: str = "bits", channels_last: bool = False) -> Graph:
+    """Replace ReLU-like backward ops by masks; `channels_last` says 4-d activations lie in NHWC order."""
     if mode not in MODES:
         raise ValueError(f"activation mask mode must be one of {MODES}, got {mode!r}")
     if mode == "off":
@@ -59,9 +62,12 @@ def compact_activation_masks(graph: Graph, mode: str = "bits") -> Graph:
                        fwd(aten.ge.Scalar, saved, first.args[3]))
         if mode == "bits" and weights is None:
             weights = graph.constant("bit_shifts", torch.arange(8, dtype=torch.uint8))
-        stored = _pack(fwd, drop, weights) if mode == "bits" else drop
+        ndim = len(saved.meta.shape)
+        order = [0, 2, 3, 1] if channels_last and ndim == 4 else list(range(ndim))
+        stored = _pack(fwd, drop, weights, order) if mode == "bits" else drop
         for reader in readers:
             bwd = graph.emitter(graph.nodes[graph.nodes.index(reader) - 1], reader.module, reader.section)
-            mask = _unpack(bwd, stored, weights, saved.meta.shape, saved.meta.numel) if mode == "bits" else stored
+            mask = (_unpack(bwd, stored, weights, saved.meta.shape, saved.meta.numel, order) if mode == "bits"
+                    else stored)
             graph.replace_all_uses(reader, bwd(aten.masked_fill.Scalar, reader.args[0], mask, 0.0))
     return graph

@@ -32,7 +32,7 @@ VIEWS = {
     aten.transpose.int, aten.expand.default, aten.slice.Tensor, aten.select.int, aten.unsqueeze.default,
     aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.alias.default, aten.split.Tensor,
     aten.split_with_sizes.default, aten.unbind.int, aten.as_strided.default, aten.view.dtype, aten.detach.default,
-    aten.flatten.using_ints, aten.contiguous.default, aten.clone.default, operator.getitem,
+    aten.flatten.using_ints, aten.contiguous.default, operator.getitem,
 }
 
 

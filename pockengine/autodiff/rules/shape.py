@@ -5,6 +5,7 @@ import sys
 import torch
 
 from pockengine.autodiff.registry import register
+from pockengine.errors import MissingVJPError
 
 aten = torch.ops.aten
 
@@ -42,6 +43,21 @@ def transpose(ctx, g):
 @register(aten.t.default)
 def t(ctx, g):
     return (ctx(aten.t.default, g),)
+
+
+@register(aten.as_strided.default)
+def as_strided(ctx, g):
+    """Only the re-striding torch.export emits (a pooled [N, C, 1, 1] given channels-last strides): the same
+    elements in the same places, so the gradient passes through."""
+    x, size, stride = ctx.args[:3]
+    dense = [s for s in size if s != 1]
+    row_major = [1] * len(dense)
+    for i in range(len(dense) - 2, -1, -1):
+        row_major[i] = row_major[i + 1] * dense[i + 1]
+    if tuple(size) != x.meta.shape or [st for st, s in zip(stride, size) if s != 1] != row_major or ctx.args[3]:
+        raise MissingVJPError(f"as_strided to size {list(size)}, stride {list(stride)} is more than a re-striding "
+                              f"of its input (module '{ctx.node.module}'); only re-stridings are differentiable")
+    return (g,)
 
 
 @register(aten.expand.default)
