@@ -49,6 +49,7 @@ def save_trainer(trainer: Trainer, path: str | os.PathLike) -> None:
                 "scheme": trainer.scheme.to_dict(), "steps_done": trainer.steps_done,
                 "freeze_batchnorm": trainer.freeze_batchnorm, "on_nonfinite": trainer.on_nonfinite,
                 "activation_masks": trainer.activation_masks, "memory_format": trainer.memory_format,
+                "frozen_chunks": trainer.frozen_chunks,
                 # The resolved selection (channels chosen by magnitude included), so a resumed run trains exactly
                 # the same entries whatever the weights have become.
                 "selections": {name: sel.to_dict() for name, sel in trainer.trained.items()}}
@@ -105,7 +106,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, loss_fn: Calla
     trainer = Trainer(model, loss_fn, example_batch, from_config(meta["optimizer"]),
                       Scheme.from_resolved(selections, meta["scheme"].get("name", "recorded")),
                       freeze_batchnorm=meta["freeze_batchnorm"], on_nonfinite=meta["on_nonfinite"],
-                      activation_masks=meta["activation_masks"], memory_format=meta["memory_format"])
+                      activation_masks=meta["activation_masks"], memory_format=meta["memory_format"],
+                      frozen_chunks=meta.get("frozen_chunks", "auto"))
     for param, states in trainer.state.items():
         for name, t in states.items():
             t.copy_(ckpt.optimizer_state[param][name])

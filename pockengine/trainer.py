@@ -22,8 +22,9 @@ from pockengine.capture import Captured, capture, normalize_batch
 from pockengine.errors import BatchMismatchError, NonFiniteLossError, UserInputError
 from pockengine.ir.graph import BATCH, SCALAR, STATE, Node, eliminate_dead_code
 from pockengine.optim import SGD, Optimizer
-from pockengine.passes import (compact_activation_masks, fold_frozen_batchnorm, run_in_place, to_channels_last,
-                               uses_convolution)
+from pockengine.passes import (chunk_frozen_prefix, compact_activation_masks, fold_constants, fold_frozen_batchnorm,
+                               frozen_region, plan_chunks, rematerialize_weight_values, run_in_place,
+                               to_channels_last, uses_convolution)
 from pockengine.memory.plan import MemoryPlan, plan_memory
 from pockengine.scheme import Scheme, Selection
 from pockengine.scheme import summary as scheme_summary
@@ -45,7 +46,10 @@ class Trainer:
 
     def __init__(self, model: nn.Module, loss_fn: Callable, example_batch: Any, optimizer: Optimizer | None = None,
                  scheme: Scheme | None = None, *, freeze_batchnorm: bool = False, on_nonfinite: str = "raise",
-                 seed: int = 0, activation_masks: str = "bits", memory_format: str = "auto"):
+                 seed: int = 0, activation_masks: str = "bits", memory_format: str = "auto",
+                 frozen_chunks: int | str = "auto"):
+        if not (frozen_chunks == "auto" or isinstance(frozen_chunks, int) and frozen_chunks >= 1):
+            raise UserInputError(f"frozen_chunks must be 'auto' or an integer >= 1, got {frozen_chunks!r}")
         if memory_format not in ("auto", "channels_last", "preserve"):
             raise UserInputError(f"memory_format must be 'auto', 'channels_last' or 'preserve', got {memory_format!r}")
         if on_nonfinite not in ("raise", "skip"):
@@ -59,6 +63,7 @@ class Trainer:
         self.freeze_batchnorm = freeze_batchnorm
         self.on_nonfinite = on_nonfinite
         self.activation_masks = activation_masks
+        self.frozen_chunks = frozen_chunks
         self.generator = torch.Generator().manual_seed(seed)
         self.steps_done = 0
         if freeze_batchnorm:
@@ -130,7 +135,7 @@ class Trainer:
     def memory_plan(self, kind: str = "step", batch: Any = None) -> MemoryPlan:
         """The predicted memory of one step (see pockengine.memory.plan)."""
         built = self._prepared(kind, self._example if batch is None else batch)[0]
-        return plan_memory(built.program.graph, {n: t.stride() for n, t in built.static.items()})
+        return plan_memory(built.program.graph, _strides(built.static))
 
     def save(self, path: str) -> None:
         from pockengine.checkpoint import save_trainer
@@ -180,7 +185,7 @@ class Trainer:
             if sel.kind == "partial":
                 index = graph.constant(f"{name}.channels", torch.tensor(sel.channels, dtype=torch.int64))
                 slices[trained[name]] = ChannelSlice(sel.dim, sel.channels, index)
-        fold_frozen_batchnorm(graph, set(trained.values()))
+        fold_frozen_batchnorm(graph, set(trained.values()), set(slices))
         grads = differentiate(graph, cap.loss, list(trained.values()), slices)
 
         def emit(target: Callable, *args: Any, module: str = "", **kwargs: Any) -> Node:
@@ -211,16 +216,27 @@ class Trainer:
         if kind == "step":
             for name, new in cap.buffer_updates.items():
                 emit(aten.copy_.default, cap.buffers[name], new, module=name.rpartition(".")[0])
+        frozen = {node: self.model.get_parameter(name) for name, node in cap.params.items() if name not in trained}
+        frozen.update({node: self.model.get_buffer(name) for name, node in cap.buffers.items()
+                       if name not in cap.buffer_updates})
+        fold_constants(graph, {**frozen, **graph.constants})
         eliminate_dead_code(graph)
+        rematerialize_weight_values(graph)
         if self.channels_last:
             to_channels_last(graph)
         compact_activation_masks(graph, self.activation_masks, self.channels_last)
         eliminate_dead_code(graph)
         run_in_place(graph)
+        static = self._static_inputs(cap, state_inputs)
+        chunks, until = self.frozen_chunks, None
+        if chunks == "auto":
+            region, _, size = frozen_region(graph, set(trained.values()))
+            if region:
+                chunks, until = plan_chunks(region, size, plan_memory(graph, _strides(static)).live_during)
+        chunk_frozen_prefix(graph, set(trained.values()), chunks if isinstance(chunks, int) else 1, until)
         inputs = graph.inputs()
         program = CompiledProgram(graph, inputs, check_finite=cap.loss if kind == "step" else None,
                                   generator=self.generator)
-        static = self._static_inputs(cap, state_inputs)
         built = _Built(program, [self._binder(n, cap, static) for n in inputs], static,
                        time.perf_counter() - start)
         self._programs[(kind, shape_key)] = built
@@ -236,6 +252,10 @@ class Trainer:
             return lambda leaves, scalars: scalars[name]
         value = static[node]
         return lambda leaves, scalars: value
+
+
+def _strides(static: dict[Node, torch.Tensor]) -> dict[Node, tuple[int, ...]]:
+    return {n: t.stride() for n, t in static.items()}
 
 
 def _layer_order(cap: Captured) -> list[str]:
@@ -260,7 +280,8 @@ def _trained_shape(shape: torch.Size, sel: Selection) -> tuple[int, ...]:
 
 def compile(model: nn.Module, loss_fn: Callable, example_batch: Any, optimizer: Optimizer | None = None,
             scheme: Scheme | None = None, *, freeze_batchnorm: bool = False, on_nonfinite: str = "raise",
-            seed: int = 0, activation_masks: str = "bits", memory_format: str = "auto") -> Trainer:
+            seed: int = 0, activation_masks: str = "bits", memory_format: str = "auto",
+            frozen_chunks: int | str = "auto") -> Trainer:
     """Compile the training step of `model` under `loss_fn` for batches like `example_batch`.
 
     example_batch is `(inputs, target)`; inputs is a tuple of positional model arguments or a dict of keyword
@@ -271,7 +292,9 @@ def compile(model: nn.Module, loss_fn: Callable, example_batch: Any, optimizer: 
     not saved for anything else: "bits" (1 bit per element), "bool" (1 byte) or "off" (the fp32 activation).
     `memory_format`: "auto" runs models with 2-d convolutions in channels-last layout (their 4-d weights are
     converted in place, values unchanged), "channels_last" forces it, "preserve" keeps the model's layout.
+    `frozen_chunks`: the frozen layers before the earliest trained one run in this many micro-batches, one after
+    the other ("auto": as many as it takes for them not to set the step's peak memory; 1: the whole batch at once).
     """
     return Trainer(model, loss_fn, example_batch, optimizer, scheme, freeze_batchnorm=freeze_batchnorm,
                    on_nonfinite=on_nonfinite, seed=seed, activation_masks=activation_masks,
-                   memory_format=memory_format)
+                   memory_format=memory_format, frozen_chunks=frozen_chunks)

@@ -75,7 +75,7 @@ def test_sparse_schemes_save_memory_and_keep_little_for_backward():
                              optimizer=pe.optim.SGD(lr=0.01), scheme=scheme, freeze_batchnorm=True)
         plans[name] = trainer.memory_plan()
     assert plans["bias_only"].saved_bytes * 10 < plans["full"].saved_bytes
-    assert plans["bias_only"].peak_bytes * 2 < plans["full"].peak_bytes
+    assert plans["bias_only"].peak_bytes * 1.5 < plans["full"].peak_bytes
     assert plans["sparse"].peak_bytes < plans["full"].peak_bytes
 
 

@@ -18,7 +18,8 @@ or those of largest `magnitude`), one compiled trainer is checked for
 
 Relative errors are max|x - ref| / max|ref| <= TOL = 1e-4 (fp32). A gradient that is 0 in exact arithmetic (BERT's
 attention key bias: softmax ignores a shift shared by all keys) is rounding noise on both sides, so the error is
-measured against max(max|ref|, NOISE * the largest gradient entry of the model).
+measured against max(max|ref|, NOISE * the largest gradient entry of the model); likewise a parameter that eager
+moves by less than NOISE * the model's largest move must move as little in the trajectory.
 
 Each (family, scheme, optimizer) case is compiled and run once (`_run`, cached); the tests read its findings.
 """
@@ -37,6 +38,7 @@ import torch
 from torch import nn
 
 import pockengine as pe
+from pockengine.ir.graph import PARAM
 from pockengine.scheme import Selection, gradient_masks
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -55,9 +57,10 @@ def _mlp() -> nn.Module:
 
 
 def _cnn() -> nn.Module:
+    """conv-BN-ReLU, pool, depthwise conv-BN-ReLU6, pointwise conv-BN-ReLU, linear; 8x8 images."""
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(8 * 2 * 2, 5))
+                         nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU6(),
+                         nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 2 * 2, 5))
 
 
 def _with_bn_statistics(model: nn.Module) -> nn.Module:
@@ -171,11 +174,12 @@ FIRST, MAG = "first", "magnitude"
 FAMILIES: dict[str, Family] = {
     "mlp": Family(_mlp, lambda g: ((torch.randn(6, 10, generator=g),), torch.randint(0, 4, (6,), generator=g)),
                   CE, (("2", "1/4", MAG), ("5", "1/2", FIRST)), last_k=2),
+    # 4 is a depthwise convolution: its partial channels are along dim 0
     "cnn_frozen_bn": Family(lambda: _with_bn_statistics(_cnn()), _images(8, 5), CE,
-                            (("0", "1/2", FIRST), ("4", "1/4", MAG), ("8", "1/2", MAG)), last_k=3,
+                            (("4", "1/4", MAG), ("7", "1/2", FIRST), ("11", "1/2", MAG)), last_k=3,
                             freeze_batchnorm=True, folds_batchnorm=True),
     "cnn_train_bn": Family(lambda: _with_bn_statistics(_cnn()), _images(8, 5), CE,
-                           (("0", "1/2", MAG), ("4", "1/4", FIRST), ("8", "1/2", MAG)), last_k=3,
+                           (("4", "1/2", FIRST), ("7", "1/4", MAG), ("11", "1/2", MAG)), last_k=3,
                            frozen_buffers=False),
     "bert": Family(_bert, _text_classification(50, 3), CE,
                    (("bert.encoder.layer.0.attention.self.value", "1/4", FIRST),
@@ -188,23 +192,26 @@ FAMILIES: dict[str, Family] = {
                     (("model.layers.0.self_attn.k_proj", "1/4", MAG), ("model.layers.1.mlp.down_proj", "1/2", FIRST),
                      ("lm_head", "1/4", MAG)), last_k=4),
     "vit": Family(_vit, _images(8, 3), CE,
-                  (("vit.embeddings.patch_embeddings.projection", "1/2", MAG), ("vit.layers.1.mlp.fc1", "1/4", FIRST),
+                  (("vit.layers.0.attention.v_proj", "1/4", MAG), ("vit.layers.1.mlp.fc1", "1/4", FIRST),
                    ("classifier", "1/2", MAG)), last_k=2),
     "resnet": Family(_resnet, _images(16, 3), CE,
                      (("resnet.encoder.stages.1.layers.0.layer.1.convolution", "1/4", MAG),
                       ("classifier.1", "1/2", FIRST)), last_k=4, folds_batchnorm=True),
-    # features.2.conv.1.0 is a depthwise convolution: its channels are along dim 0
+    # features.2.conv.1.0 is a depthwise convolution: its channels are along dim 0. lr 1e-3: at 1e-2, five steps
+    # already turn the rounding differences of two kernels into 1e-2 differences of some biases (eager NCHW against
+    # eager channels-last, as ReLU6 clamps flip), so no comparison at 1e-4 would mean anything.
     "mobilenet_v2": Family(_mobilenet_v2, _images(64, 10), CE,
                            (("features.2.conv.1.0", "1/4", MAG), ("features.17.conv.2", "1/4", FIRST),
-                            ("classifier.1", "1/2", MAG)), last_k=3, lr=0.01, freeze_batchnorm=True,
+                            ("classifier.1", "1/2", MAG)), last_k=3, lr=0.001, freeze_batchnorm=True,
                            folds_batchnorm=True, schemes=("bias_only", "partial")),
+    # the real transformers: one scheme (partial channels deep in the network, so the backward spans it)
     "minilm": Family(_minilm, _text_classification(30000, 2, seq=16), CE,
                      (("bert.encoder.layer.0.attention.self.query", "1/4", MAG),
                       ("bert.encoder.layer.5.output.dense", "1/4", FIRST), ("classifier", "1/2", MAG)),
-                     last_k=3, lr=0.01, schemes=("last", "partial")),
+                     last_k=3, lr=0.01, schemes=("partial",)),
     "smollm2": Family(_smollm2, _tokens(49152, seq=12), LM,
                       (("model.layers.0.self_attn.v_proj", "1/4", MAG), ("model.layers.1.mlp.down_proj", "1/4", FIRST)),
-                      last_k=2, lr=0.01, schemes=("last", "partial")),
+                      last_k=2, lr=0.01, schemes=("partial",)),
 }
 NO_BIAS = {"llama", "smollm2"}  # bias-only trains nothing there (tested to raise)
 
@@ -292,13 +299,14 @@ def _untouched(model: nn.Module, before: dict[str, torch.Tensor], masks: dict[st
 def _pruning(trainer: pe.Trainer, f: Findings, fam: Family, scheme: str) -> None:
     graph = trainer.program().graph
     if scheme in ("last", "head"):
-        # modules whose forward ops all run before the first op of the earliest trained layer
-        forward = [n for n in graph.nodes if not n.is_input and n.section == "forward"]
-        first, last = {}, {}
-        for i, n in enumerate(forward):
-            first.setdefault(n.module, i)
-            last[n.module] = i
-        earliest = min(first[name.rpartition(".")[0]] for name in trainer.trained)
+        # The earliest trained layer starts at the first forward op reading one of its parameters (a folded
+        # BatchNorm takes over the ops of its convolution, so module names alone cannot say where it starts).
+        # Modules whose forward and loss ops all run before that op must have no backward op.
+        layers = {name.rpartition(".")[0] for name in trainer.trained}
+        params = {n for n in graph.inputs(PARAM) if n.module in layers}
+        ops = [n for n in graph.nodes if not n.is_input and n.section in ("forward", "loss")]
+        earliest = min(i for i, n in enumerate(ops) if params & set(n.inputs))
+        last = {n.module: i for i, n in enumerate(ops)}
         before = {m for m, i in last.items() if i < earliest}
         f.backward_before_earliest = {n.module for n in graph.section("backward")} & before
     if scheme == "bias_only" and fam.folds_batchnorm:
@@ -375,7 +383,10 @@ def _run(family: str, scheme: str, opt: str = "sgd") -> Findings:
     optimizer, make_ref_opt = _optimizer(opt, fam)
     trainer = pe.compile(model, fam.loss, batches[0], optimizer=optimizer, scheme=_scheme(family, scheme),
                          freeze_batchnorm=fam.freeze_batchnorm)
-    init = copy.deepcopy(model)  # after compile: BatchNorm in the mode the trainer set
+    # The eager reference starts from the compiled model: BatchNorm in the mode the trainer set, weights in the
+    # layout it runs (channels-last for convolution models). Eager in another layout uses other kernels, and on
+    # the real MobileNetV2 5 steps amplify their rounding differences to 1e-2 (eager against eager).
+    init = copy.deepcopy(model)
     before = _snapshot(model)
     masks = gradient_masks(model, trainer.trained)
     f = Findings(trained=dict(trainer.trained))
@@ -398,11 +409,20 @@ def _run(family: str, scheme: str, opt: str = "sgd") -> Findings:
     if any(abs(a - b) > TOL * abs(b) for a, b in zip(losses, ref_losses)):
         f.trajectory_errors.append(f"losses {losses} != eager {ref_losses}")
     ref_state = dict([*ref_model.named_parameters(), *ref_model.named_buffers()])
+    # A parameter whose gradient is 0 in exact arithmetic (an attention key bias) moves by rounding noise only,
+    # different on each side: a move below NOISE of the model's largest counts as none, and the engine's must
+    # then be as small.
+    move = {n: (ref_state[n].detach() - before[n]).abs().max().item() for n in trainer.trained}
+    noise = NOISE * max(move.values())
     for n, t in [*model.named_parameters(), *model.named_buffers()]:
         r = ref_state[n].detach()
         if not t.is_floating_point():
             if not torch.equal(t, r):
                 f.trajectory_errors.append(f"{n}: {t.tolist()} != eager {r.tolist()}")
+        elif move.get(n, 1.0) <= noise:
+            if (t.detach() - before[n]).abs().max() > noise:
+                f.trajectory_errors.append(f"{n}: moved {(t.detach() - before[n]).abs().max():.2e} where eager "
+                                           f"moved by rounding noise only")
         elif (err := _rel(t.detach(), r)) > TOL:
             f.trajectory_errors.append(f"{n}: relative error {err:.2e} after {STEPS} steps")
     # the comparison means something only if training moved the parameters
@@ -416,7 +436,9 @@ def _run(family: str, scheme: str, opt: str = "sgd") -> Findings:
 CASES = [pytest.param(family, scheme, id=f"{family}-{scheme}")
          for family, fam in FAMILIES.items() for scheme in fam.schemes
          if not (scheme == "bias_only" and family in NO_BIAS)]
-ADAMW_CASES = [c for c in CASES if c.values[0] in ("mlp", "cnn_frozen_bn", "cnn_train_bn")]
+# AdamW turns a gradient that is 0 in exact arithmetic (a convolution bias before train-mode BatchNorm, BERT's key
+# bias) into steps of about lr with the sign of the rounding noise, so it is compared on models without such.
+ADAMW_CASES = [c for c in CASES if c.values[0] in ("mlp", "cnn_frozen_bn")]
 
 
 @pytest.mark.parametrize("family, scheme", CASES)
@@ -468,7 +490,7 @@ def test_bias_only_with_frozen_batchnorm_folds_it_and_computes_no_weight_gradien
     assert not f.weight_gradient_convs, f"convolution weight gradients computed: {f.weight_gradient_convs}"
 
 
-@pytest.mark.parametrize("family", [name for name in FAMILIES if name not in ("minilm", "smollm2")])
+@pytest.mark.parametrize("family", ["mlp", "cnn_frozen_bn", "bert", "gpt2", "llama", "vit", "resnet"])
 def test_head_backward_stops_at_the_head(family):
     fam = FAMILIES[family]
     torch.manual_seed(0)
@@ -486,3 +508,26 @@ def test_bias_only_on_a_model_without_biases_is_an_error(family):
     torch.manual_seed(0)
     with pytest.raises(pe.UserInputError, match="trains no parameter"):
         pe.compile(fam.build(), fam.loss, fam.batch(torch.Generator().manual_seed(0)), scheme=pe.Scheme.bias_only())
+
+
+@pytest.mark.parametrize("memory_format", ["preserve", "auto"])
+@pytest.mark.parametrize("family, module, select", [("cnn_frozen_bn", "0", FIRST),
+                                                     ("vit", "vit.embeddings.patch_embeddings.projection", MAG)])
+def test_partial_channels_of_the_first_convolution(family, module, select, memory_format):
+    """The layer reading the image batch, partially trained: its saved input is a slice of the batch itself, taken
+    after the channels-last pass has converted the batch (memory_format="auto")."""
+    fam = FAMILIES[family]
+    torch.manual_seed(0)
+    model = fam.build()
+    g = torch.Generator().manual_seed(0)
+    batch = fam.batch(g)
+    init = copy.deepcopy(model).eval() if fam.freeze_batchnorm else copy.deepcopy(model)
+    scheme = pe.Scheme.from_dict({"rules": [{"modules": module, "mode": "partial", "ratio": "1/2", "select": select}]})
+    trainer = pe.compile(model, fam.loss, batch, optimizer=pe.optim.SGD(lr=fam.lr), scheme=scheme,
+                         freeze_batchnorm=fam.freeze_batchnorm, memory_format=memory_format)
+    masks = gradient_masks(model, trainer.trained)
+    assert masks[f"{module}.weight"] is not None
+    assert not _gradient_errors(trainer, init, fam, batch, masks)
+    before = _snapshot(model)
+    trainer.step(batch)
+    assert not _untouched(model, before, masks, True, "after a step")

@@ -232,3 +232,44 @@ def test_keyword_inputs_and_user_loss():
     loss_fn(ref(ids=ids, scale=scale), target).backward()
     for name, p in ref.named_parameters():
         assert rel_err(grads[name], p.grad) <= TOL, name
+
+
+def test_tied_parameters_get_the_gradient_of_every_use():
+    """An LM head sharing the embedding's weight: one parameter, whose gradient sums both uses."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(7, 4)
+            self.head = nn.Linear(4, 7, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(self.emb(ids))
+
+    torch.manual_seed(0)
+    model = Tied()
+    data = ((torch.tensor([[0, 2, 5]]),), torch.randn(1, 3, 7))
+    loss_fn = lambda out, target: (out * target).sum()  # noqa: E731
+    (ref,) = torch.autograd.grad(loss_fn(model(*data[0]), data[1]), [model.emb.weight])
+    grads = pe.compile(model, loss_fn, data).gradients(data)
+    assert set(grads) == {"emb.weight"}
+    assert rel_err(grads["emb.weight"], ref) <= TOL
+
+
+def test_gradient_flows_through_every_output_of_a_split():
+    class Halves(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.x = nn.Parameter(torch.randn(6))
+
+        def forward(self, y):
+            a, b, c = torch.split(self.x, 2)
+            return a * b * y + c
+
+    torch.manual_seed(0)
+    model = Halves()
+    data = ((torch.randn(2),), torch.randn(2))
+    loss_fn = lambda out, target: (out * target).sum()  # noqa: E731
+    (ref,) = torch.autograd.grad(loss_fn(model(*data[0]), data[1]), [model.x])
+    assert rel_err(pe.compile(model, loss_fn, data).gradients(data)["x"], ref) <= TOL

@@ -486,11 +486,7 @@ def _check_direct(case: Case) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_vjp_rule_matches_autograd(case: Case, xfail_known_bug):
-    if case.op is aten.split_with_sizes.default and not case.direct:  # see tests/conftest.py
-        xfail_known_bug("split")
-    if case.direct and isinstance(case.args[0], list):
-        xfail_known_bug("list-arg")
+def test_vjp_rule_matches_autograd(case: Case):
     torch.manual_seed(0)
     (_check_direct if case.direct else _check_compiled)(case)
 

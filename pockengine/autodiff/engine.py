@@ -122,6 +122,8 @@ class VJPContext:
         (smaller) result alive instead of the input: a slice of an activation, a compact mask."""
         position = {n: i for i, n in enumerate(self.graph.nodes)}
         newest = max((a for a in Node.inputs_of(args, kwargs)), key=position.__getitem__)
+        if newest.is_input:  # ops start after the last input: inputs lead the program, passes rely on it
+            newest = self.graph.inputs()[-1]
         return self.graph.call(target, args, kwargs, module=newest.module, section=newest.section, after=newest)
 
     def sum_to(self, g: Node, shape: tuple[int, ...]) -> Node:

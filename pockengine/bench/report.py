@@ -130,8 +130,8 @@ METHOD = """\
 - **One run, alternating.** Each (system, scheme) is its own process. In the timing pass the processes of a group
   (the whole workload, or one scheme for SmolLM2, whose 17 processes would not fit in memory together) are set up one
   after another, then take steps in turn (A B C … A B C …) with a {pause}s idle gap between steps, so that drift of
-  the machine hits every system alike. The machine is shared: the gap is extended (up to {maxwait}s) while less than
-  85% of the CPU time is idle in it, i.e. while other processes are busy, and steps that start busy anyway are
+  the machine hits every system alike. The machine is shared: the gap is extended (up to `max_wait_s`, given above
+  each table) while less than 85% of the CPU time is idle in it, i.e. while other processes are busy, and steps that start busy anyway are
   counted (above each table). Then: {warmup} warm-up steps (the first one is part of the set-up time), then
   {steps} measured steps; step time is median, min and max of those. The step is what each system's user runs: for
   PyTorch forward, loss, backward, gradient masks, `optimizer.step()`, `zero_grad`; for pockengine `trainer.step`;
@@ -236,7 +236,8 @@ def write(results: dict[str, Any], out: Path) -> None:
                    f"{w['description']}. ") + f"{w['steps']} measured steps after {w['warmup']} warm-up steps; "
                   f"{w['items_per_step']} {w['unit']} per step; measured {w['finished']} "
                   f"(load average {w['loadavg_start'][0]:.2f} at the start, {w['loadavg_end'][0]:.2f} at the end; "
-                  f"the gate before each step waited {w.get('quiet_gate', {}).get('waited_s', 0):.0f} s in all "
+                  f"the gate before each step (at most {0 if w['quick'] else c['max_wait_s']} s) waited "
+                  f"{w.get('quiet_gate', {}).get('waited_s', 0):.0f} s in all "
                   f"for other processes, and {w.get('quiet_gate', {}).get('busy_steps', 0)} measured steps started "
                   "on a busy machine after all). "
                   f"Command: `{cmd}`", "", table(w), ""]
@@ -251,7 +252,7 @@ def write(results: dict[str, Any], out: Path) -> None:
         parts.append("")
     any_w = next(iter(results["workloads"].values()))
     cfg = any_w["config"]
-    parts.append(METHOD.format(pause=cfg["pause_s"], maxwait=cfg.get("max_wait_s", 10), warmup=any_w["warmup"], steps=any_w["steps"],
+    parts.append(METHOD.format(pause=cfg["pause_s"], warmup=any_w["warmup"], steps=any_w["steps"],
                                batches=cfg["batches"], threads=cfg["threads"], mwarm=any_w["memory_warmup"],
                                msteps=any_w["memory_steps"], rate=any_w["matmul_flops_per_s"] / 1e9))
     (out / "README.md").write_text("\n".join(parts))

@@ -38,7 +38,7 @@ class MemoryPlan:
     at_peak: dict[str, int]  # what the live step storage at the peak is: activations, gradients, workspace
     resident: dict[str, int]  # tensors living across steps, by role
     saved_bytes: int  # activations (and masks) still held when the backward pass starts
-    timeline: list[int] = field(repr=False, default_factory=list)  # live step bytes after each op
+    live_during: dict[Node, int] = field(repr=False, default_factory=dict)  # step bytes live while each op runs
 
     def table(self) -> str:
         rows = [("step peak (allocated during the step)", self.peak_bytes)]
@@ -96,7 +96,7 @@ def plan_memory(graph: Graph, input_strides: dict[Node, tuple[int, ...]] | None 
     peak_node: Node | None = None
     at_peak: dict[str, int] = {}
     saved = 0
-    timeline: list[int] = []
+    live_during: dict[Node, int] = {}
     first_backward = next((i for i, n in enumerate(live.body) if n.section in ("backward", "update")), None)
 
     def release(n: Node) -> None:
@@ -132,6 +132,7 @@ def plan_memory(graph: Graph, input_strides: dict[Node, tuple[int, ...]] | None 
             holders[key] += 1
             keys.append(key)
         storage_of[n] = keys
+        live_during[n] = step_bytes
         if step_bytes > peak:
             peak, peak_node = step_bytes, n
             at_peak = {}
@@ -141,5 +142,4 @@ def plan_memory(graph: Graph, input_strides: dict[Node, tuple[int, ...]] | None 
         for dead in live.dying.get(i, []):
             release(dead)
             value.pop(dead, None)
-        timeline.append(step_bytes)
-    return MemoryPlan(peak, peak_node, at_peak, resident, saved, timeline)
+    return MemoryPlan(peak, peak_node, at_peak, resident, saved, live_during)

@@ -22,9 +22,10 @@ IN_PLACE = {
     aten.add.Tensor: aten.add_.Tensor,
     aten.mul.Tensor: aten.mul_.Tensor,
     aten.bitwise_and.Scalar: aten.bitwise_and_.Scalar,
-    aten.logical_or.default: aten.logical_or_.default,
+    aten.bitwise_right_shift.Tensor_Scalar: aten.bitwise_right_shift_.Tensor_Scalar,
+    aten.logical_and.default: aten.logical_and_.default,
 }
-COMMUTATIVE = {aten.add.Tensor, aten.mul.Tensor, aten.logical_or.default}
+COMMUTATIVE = {aten.add.Tensor, aten.mul.Tensor, aten.logical_and.default}
 
 # Ops whose result may share storage with an input: neither they nor their inputs are overwritten.
 VIEWS = {
@@ -37,6 +38,8 @@ VIEWS = {
 
 
 def _owns_storage(x: Node) -> bool:
+    if x.target is operator.getitem:  # an output of a multi-output op: fresh unless the op splits a tensor
+        return x.args[0].target not in VIEWS and not x.args[0].mutates
     if x.is_input or x.target in VIEWS or x.mutates:
         return False
     return x.meta is not None and not isinstance(x.meta, tuple)

@@ -169,8 +169,10 @@ def silu(ctx, g):
 
 @register(aten.hardtanh.default)
 def hardtanh(ctx, g):
-    x, lo, hi = ctx.args
-    return (ctx(aten.hardtanh_backward.default, g, x, lo, hi),)
+    """Reads the output, not the input (lo < x < hi exactly where lo < out < hi): the output is usually kept for
+    the next layer's weight gradient anyway, so the input need not be."""
+    _, lo, hi = ctx.args
+    return (ctx(aten.hardtanh_backward.default, g, ctx.node, lo, hi),)
 
 
 @register(aten.hardswish.default)

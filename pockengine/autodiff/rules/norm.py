@@ -47,11 +47,25 @@ def batch_norm_train(ctx, g):
 
 @register(aten._native_batch_norm_legit_no_training.default)
 def batch_norm_frozen(ctx, g):
+    """With frozen statistics the normalization is a per-channel affine map. Only gamma's gradient reads the
+    input: then one fused kernel computes everything asked; otherwise the gradients are element-wise and the
+    input need not be saved."""
     x, w, b, running_mean, running_var, _momentum, eps = ctx.node.args
-    mask = [ctx.needs(x), ctx.needs(w), ctx.needs(b)]
-    out = ctx(aten.native_batch_norm_backward.default, g[0], x, w, running_mean, running_var, None, None, False,
-              eps, mask)
-    return tuple(_unpack(ctx, out, mask))
+    g = g[0]
+    if ctx.needs(w):
+        mask = [ctx.needs(x), True, ctx.needs(b)]
+        out = ctx(aten.native_batch_norm_backward.default, g, x, w, running_mean, running_var, None, None, False,
+                  eps, mask)
+        return (*_unpack(ctx, out, mask), None, None)
+    channel = [1, x.meta.shape[1]] + [1] * (len(x.meta.shape) - 2)
+    gx = gb = None
+    if ctx.needs(x):
+        invstd = ctx(aten.rsqrt.default, ctx(aten.add.Tensor, running_var, eps))
+        scale = invstd if w is None else ctx(aten.mul.Tensor, w, invstd)
+        gx = ctx(aten.mul.Tensor, g, ctx(aten.view.default, scale, channel))
+    if ctx.needs(b):
+        gb = ctx(aten.sum.dim_IntList, g, [0] + list(range(2, len(x.meta.shape))))
+    return gx, None, gb, None, None
 
 
 @register(aten.native_group_norm.default)
