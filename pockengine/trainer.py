@@ -22,9 +22,9 @@ from pockengine.capture import Captured, capture, normalize_batch
 from pockengine.errors import BatchMismatchError, NonFiniteLossError, UserInputError
 from pockengine.ir.graph import BATCH, SCALAR, STATE, Node, eliminate_dead_code
 from pockengine.optim import SGD, Optimizer
-from pockengine.passes import (chunk_frozen_prefix, compact_activation_masks, fold_constants, fold_frozen_batchnorm,
-                               frozen_region, plan_chunks, rematerialize_weight_values, run_in_place,
-                               to_channels_last, uses_convolution)
+from pockengine.passes import (chunk_frozen_prefix, compact_activation_masks, drop_redundant_clones,
+                               fold_constants, fold_frozen_batchnorm, frozen_region, plan_chunks,
+                               rematerialize, run_in_place, to_channels_last, uses_convolution)
 from pockengine.memory.plan import MemoryPlan, plan_memory
 from pockengine.scheme import Scheme, Selection
 from pockengine.scheme import summary as scheme_summary
@@ -185,6 +185,7 @@ class Trainer:
             if sel.kind == "partial":
                 index = graph.constant(f"{name}.channels", torch.tensor(sel.channels, dtype=torch.int64))
                 slices[trained[name]] = ChannelSlice(sel.dim, sel.channels, index)
+        drop_redundant_clones(graph)
         fold_frozen_batchnorm(graph, set(trained.values()), set(slices))
         grads = differentiate(graph, cap.loss, list(trained.values()), slices)
 
@@ -221,7 +222,7 @@ class Trainer:
                        if name not in cap.buffer_updates})
         fold_constants(graph, {**frozen, **graph.constants})
         eliminate_dead_code(graph)
-        rematerialize_weight_values(graph)
+        rematerialize(graph)
         if self.channels_last:
             to_channels_last(graph)
         compact_activation_masks(graph, self.activation_masks, self.channels_last)

@@ -27,6 +27,18 @@ def training_mb(run: dict[str, Any]) -> float | None:
     return (run["peak_rss_kb"] - run["baseline_rss_kb"]) / MB
 
 
+def step_mb(run: dict[str, Any]) -> float | None:
+    """Peak resident memory during the measured steps above the resident memory just before them, in MiB: what a
+    step allocates on top of what lives across steps (weights, optimizer state, runtime)."""
+    if "peak_rss_kb" not in run or "mem_before_kb" not in run:
+        return None
+    return (run["peak_rss_kb"] - run["mem_before_kb"]) / MB
+
+
+def _mib(nbytes: int | None) -> float | None:
+    return None if nbytes is None else nbytes / 2 ** 20
+
+
 def rows(w: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per (scheme, system) with the derived figures."""
     runs = w["runs"]
@@ -42,14 +54,21 @@ def rows(w: dict[str, Any]) -> list[dict[str, Any]]:
         peers = [r for k, r in runs.items() if r["scheme"] == run["scheme"] and k != key and "median_s" in r]
         best_time = min((r["median_s"] for r in peers), default=None)
         peer_mems = [m for m in (training_mb(r) for r in peers) if m is not None]
-        eager_loss = runs.get(f"eager|{run['scheme']}", {}).get("losses", [None])[0]
+        eager_same = runs.get(f"eager|{run['scheme']}", {})
+        eager_loss = eager_same.get("losses", [None])[0]
+        eager_step = step_mb(eager_same) if eager_same else None
         first = (run.get("losses") or [None])[0]
         row = {
             "scheme": run["scheme"], "system": run["system"], "error": run.get("error"),
             "memory_error": run.get("memory_error"), "notes": run.get("notes", []),
             "trained": scheme.get("trained_entries"), "total": scheme.get("total_entries"),
             "median_s": run.get("median_s"), "min_s": run.get("min_s"), "max_s": run.get("max_s"),
-            "setup_s": run.get("setup_s"), "mem_mb": training_mb(run),
+            "setup_s": run.get("setup_s"), "mem_mb": training_mb(run), "step_mb": step_mb(run),
+            "tracked_mb": _mib(run.get("tracked_step_bytes")), "predicted_mb": _mib(run.get("predicted_step_bytes")),
+            "time_vs_eager_same": (run["median_s"] / eager_same["median_s"]
+                                   if "median_s" in run and eager_same.get("median_s") else None),
+            "step_mem_vs_eager_same": (step_mb(run) / eager_step if eager_step and step_mb(run) is not None
+                                       else None),
             "peak_rss_mb": run["peak_rss_kb"] / MB if "peak_rss_kb" in run else None,
             "flops": run.get("flops") or scheme.get("eager_flops"), "floor_flops": floor_flops,
             "floor_s": floor_flops / rate if floor_flops else None,
@@ -69,33 +88,47 @@ def rows(w: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _cell(value: float | None, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def _table(head: list[str], lines: list[list[str]]) -> str:
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in cells) + " |" for cells in lines]
+    return "\n".join(out)
+
+
 def table(w: dict[str, Any]) -> str:
+    """Two tables: time, then memory."""
     unit = "samples/s" if w["unit"] == "samples" else "tokens/s"
-    head = ["scheme", "system", "trained", "step ms median (min–max)", unit, "train mem MB", "peak RSS MB",
-            "set-up s", "GFLOP/step", "floor ms", "floor/time", "time ÷ eager full", "time ÷ best other",
-            "mem ÷ eager full", "mem ÷ best other", "1st loss"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    time_head = ["scheme", "system", "trained", "step ms median (min–max)", unit, "set-up s", "GFLOP/step",
+                 "floor ms", "floor/time", "time ÷ eager full", "time ÷ eager same scheme", "time ÷ best other",
+                 "1st loss"]
+    mem_head = ["scheme", "system", "train mem MB", "step mem MB", "step tracked MB", "step predicted MB",
+                "train mem ÷ eager full", "train mem ÷ best other", "step mem ÷ eager same scheme"]
+    time_lines, mem_lines = [], []
     for r in rows(w):
         trained = (f"{r['trained'] / r['total'] * 100:.2f}%" if r["trained"] is not None and r["total"] else "–")
         if r["error"]:
-            cells = [r["scheme"], r["system"], trained, f"**failed**: {r['error'][:160]}"] + ["–"] * (len(head) - 4)
-            lines.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in cells) + " |")
+            failed = f"**failed**: {r['error'][:160]}"
+            time_lines.append([r["scheme"], r["system"], trained, failed] + ["–"] * (len(time_head) - 4))
+            mem_lines.append([r["scheme"], r["system"], failed] + ["–"] * (len(mem_head) - 3))
             continue
-        loss = f"{r['first_loss']:.5f}" if r["first_loss"] is not None else "–"
-        cells = [
+        time_lines.append([
             r["scheme"], r["system"], trained,
             f"{_fmt_ms(r['median_s'])} ({_fmt_ms(r['min_s'])}–{_fmt_ms(r['max_s'])})",
-            f"{r.get('throughput', 0):.1f}",
-            f"{r['mem_mb']:.0f}" if r["mem_mb"] is not None else ("failed" if r["memory_error"] else "–"),
-            f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] is not None else "–",
-            f"{r['setup_s']:.1f}" if r["setup_s"] is not None else "–",
+            f"{r.get('throughput', 0):.1f}", _cell(r["setup_s"], ".1f"),
             f"{r['flops'] / 1e9:.2f}" if r["flops"] else "–",
-            _fmt_ms(r["floor_s"]), f"{r['floor_fraction']:.2f}" if r.get("floor_fraction") else "–",
-            _ratio(r["time_vs_eager_full"], 1), _ratio(r["time_vs_best_other"], 1),
-            _ratio(r["mem_vs_eager_full"], 1), _ratio(r["mem_vs_best_other"], 1), loss,
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            _fmt_ms(r["floor_s"]), _cell(r.get("floor_fraction"), ".2f"),
+            _ratio(r["time_vs_eager_full"], 1), _ratio(r["time_vs_eager_same"], 1),
+            _ratio(r["time_vs_best_other"], 1), _cell(r["first_loss"], ".5f")])
+        mem_lines.append([
+            r["scheme"], r["system"],
+            _cell(r["mem_mb"], ".0f") if r["mem_mb"] is not None or not r["memory_error"] else "failed",
+            _cell(r["step_mb"], ".1f"), _cell(r["tracked_mb"], ".1f"), _cell(r["predicted_mb"], ".1f"),
+            _ratio(r["mem_vs_eager_full"], 1), _ratio(r["mem_vs_best_other"], 1),
+            _ratio(r["step_mem_vs_eager_same"], 1)])
+    return _table(time_head, time_lines) + "\n\n" + _table(mem_head, mem_lines)
 
 
 def notes(w: dict[str, Any]) -> list[str]:
@@ -145,10 +178,14 @@ METHOD = """\
   the same function: their first-step losses (last column) must agree.
 - **Memory.** A separate pass, one process at a time, with `MALLOC_MMAP_THRESHOLD_=65536` so that freed tensors go
   back to the OS (with glibc's defaults they stay resident and hide the peak; the setting slows steps, hence the
-  separate pass). After {mwarm} warm-up steps the resident high-water mark is reset (`echo 5 > /proc/PID/clear_refs`),
-  {msteps} steps run, and VmHWM is read. *train mem* = VmHWM − the RSS of the same process before the model was built
-  (runtime libraries loaded: torch, transformers, peft; onnxruntime for ORT), i.e. weights, optimizer state,
-  activations, gradients and workspaces (and a compiler's resident code); *peak RSS* is VmHWM itself.
+  separate pass). After {mwarm} warm-up steps the resident high-water mark is reset (`echo 5 > /proc/PID/clear_refs`)
+  and VmRSS read, {msteps} steps run, and VmHWM is read. *train mem* = VmHWM − the RSS of the same process before the
+  model was built (runtime libraries loaded: torch, transformers, peft; onnxruntime for ORT): weights, optimizer
+  state, activations, gradients and workspaces, and whatever a compiler keeps resident. *step mem* = VmHWM − the RSS
+  just before the measured steps: what a step allocates on top of everything that lives across steps (weights
+  excluded). *step tracked* is the same quantity seen at the dispatcher (`pockengine.memory.tracker`: peak live tensor
+  storage created during one more step; not for torch.compile and ONNX Runtime, whose kernels allocate out of its
+  sight), and *step predicted* is pockengine's static memory plan (`trainer.memory_plan()`) for that step.
 - **FLOPs and the floor.** GFLOP/step is counted by `torch.utils.flop_counter.FlopCounterMode` (matrix multiplies and
   convolutions, forward and backward) on an eager step with the same trainable set, and on pockengine's own step
   (which skips the work of untrained channels). *floor* = the smaller count ÷ this machine's best measured fp32

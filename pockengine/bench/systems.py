@@ -67,6 +67,14 @@ class System:
     def trained_entries(self) -> int:
         return 0
 
+    def persistent_tensors(self) -> list[torch.Tensor]:
+        """Tensors that live across steps (weights, buffers, optimizer state): not step memory for the tracker."""
+        return []
+
+    def predicted_step_bytes(self) -> int | None:
+        """The system's own prediction of its step's peak memory, if it makes one."""
+        return None
+
     def notes(self) -> list[str]:
         return []
 
@@ -91,6 +99,10 @@ class _TorchLoop(System):
 
     def trained_entries(self) -> int:
         return self._entries
+
+    def persistent_tensors(self) -> list[torch.Tensor]:
+        state = [t for st in self.opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+        return [*self.model.parameters(), *self.model.buffers(), *state]
 
     def _finish(self, loss: torch.Tensor) -> float:
         loss.backward()
@@ -141,11 +153,18 @@ class PockEngine(System):
     def trained_entries(self) -> int:
         return self._entries
 
+    def persistent_tensors(self) -> list[torch.Tensor]:
+        state = [t for st in self.trainer.state.values() for t in st.values()]
+        return [*self.trainer.model.parameters(), *self.trainer.model.buffers(), *state]
+
+    def predicted_step_bytes(self) -> int | None:
+        return self.trainer.memory_plan().peak_bytes
+
     def step(self, batch):
         return self.trainer.step(batch)
 
 
-class PeftLoRA(System):
+class PeftLoRA(_TorchLoop):
     """LoRA adapters on the attention projections (r=8), trained with the same eager loop and optimizer."""
 
     name = "peft-lora"
@@ -160,19 +179,14 @@ class PeftLoRA(System):
         self.model = get_peft_model(model, config)
         self.model.eval()
         self.loss_fn = loss_fn
+        self.masked = []
         self.trained = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.SGD(self.trained, lr=lr, momentum=MOMENTUM)
-
-    def trained_entries(self) -> int:
-        return sum(p.numel() for p in self.trained)
+        self._entries = sum(p.numel() for p in self.trained)
 
     def step(self, batch):
         inputs, target = batch
-        loss = self.loss_fn(_call(self.model, inputs), target)
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return loss.item()
+        return self._finish(self.loss_fn(_call(self.model, inputs), target))
 
 
 class OrtTraining(System):

@@ -8,6 +8,8 @@ setup() + first step, for every system), then answer commands on stdin, one JSON
   {"cmd": "step"}      -> {"loss", "time"}     (step n uses batch n mod len(batches), the same order everywhere)
   {"cmd": "mem_begin"} -> {"rss_kb"}           (resets the resident high-water mark of the system's process)
   {"cmd": "mem_end"}   -> {"hwm_kb", "rss_kb"}
+  {"cmd": "track"}     -> {"tracked_bytes", "predicted_bytes"} (one more step under the dispatch-level live-storage
+                          tracker, null where it cannot watch; the system's own prediction, null if it makes none)
   {"cmd": "flops"}     -> {"flops"}            (one more step under FlopCounterMode; null where it cannot watch)
   {"cmd": "trim"}      -> {}                   (malloc_trim: an idle process keeps only live memory)
   {"cmd": "quit"}
@@ -56,6 +58,18 @@ def count_flops(fn: Any) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
+
+
+def track_step(system: Any, batch: Any) -> int:
+    """Peak live tensor storage allocated during one step, seen at the dispatcher (pockengine.memory.tracker)."""
+    from pockengine.memory.tracker import LiveStorageTracker
+
+    inputs, target = batch
+    tracker = LiveStorageTracker()
+    tracker.ignore(*system.persistent_tensors(), *(inputs.values() if isinstance(inputs, dict) else inputs), target)
+    with tracker:
+        system.step(batch)
+    return tracker.peak_bytes
 
 
 def prepare(job: dict[str, Any]) -> None:
@@ -137,6 +151,11 @@ def run_system(job: dict[str, Any]) -> None:
                 reply(rss_kb=memory.reset_peak(system.pid()))
             elif cmd == "mem_end":
                 reply(hwm_kb=memory.hwm_kb(system.pid()), rss_kb=memory.rss_kb(system.pid()))
+            elif cmd == "track":
+                batch = w.batch(n)
+                reply(tracked_bytes=track_step(system, batch) if system.counts_flops else None,
+                      predicted_bytes=system.predicted_step_bytes())
+                n += 1
             elif cmd == "flops":
                 batch = w.batch(n)
                 flops = count_flops(lambda: system.step(batch)) if system.counts_flops else None

@@ -116,6 +116,12 @@ def _mobilenet(cfg: dict[str, Any]) -> Workload:
     from pockengine.models import mobilenet_v2
 
     model = mobilenet_v2(pretrained=True, num_classes=10)
+    if cfg.get("layers"):  # --quick: the first pretrained blocks only, under a new (seeded) head
+        model.features = model.features[: cfg["layers"]]
+        width = [m for m in model.features.modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
+        model.classifier[1] = nn.Linear(width, 10)
+        nn.init.normal_(model.classifier[1].weight, 0, 0.01, generator=torch.Generator().manual_seed(0))
+        nn.init.zeros_(model.classifier[1].bias)
     images, labels = load_mnist("train")
     stream = batches(images, labels, cfg["batch"], seed=0)
     data = []

@@ -75,13 +75,26 @@ def _module_path(fx_node: torch.fx.Node) -> tuple[str, bool]:
     return (_strip_model_prefix(path) if inside else ""), inside
 
 
+# Activations the default core-ATen table would split into element-wise ops (silu -> x * sigmoid(x)). Whole, their
+# VJP rules keep just the input for the backward pass; split, the backward would keep the input, the sigmoid and the
+# product: three activations instead of one (SmolLM2's MLP).
+KEEP_WHOLE = (torch.ops.aten.silu.default, torch.ops.aten.hardswish.default, torch.ops.aten.hardsigmoid.default)
+
+
+def _decompositions() -> dict:
+    table = torch.export.default_decompositions()
+    for op in KEEP_WHOLE:
+        table.pop(op, None)
+    return table
+
+
 def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
     inputs, target = normalize_batch(batch)
     wrapper = _ModelWithLoss(model, loss_fn)
     try:
         with torch.no_grad():
             ep = torch.export.export(wrapper, (inputs, target))
-        return ep.run_decompositions()
+        return ep.run_decompositions(_decompositions())
     except Exception as e:  # torch.export raises many types; one error that says what to do instead
         raise CaptureError(
             f"torch.export could not capture the model with its loss: {type(e).__name__}: {str(e)[:2000]}\n"

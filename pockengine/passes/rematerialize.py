@@ -1,10 +1,16 @@
-"""Recompute values derived from weights alone in the backward pass instead of keeping them from the forward pass.
+"""Recompute cheap values in the backward pass instead of keeping them from the forward pass.
 
-A value computed from parameters, buffers and constants only by cheap element-wise ops (a convolution weight with
-a frozen BatchNorm folded in) is as large as a weight, and one kept from the forward to the backward pass adds
-that much to the saved memory, for every layer the backward pass crosses. Recomputing it right before its first
-backward use costs one or two element-wise ops on a weight and frees it again right after that use. The forward
-pass keeps its own copy, which now dies as soon as the forward op has read it.
+A forward value that the backward pass reads must stay in memory from the forward pass until then. When it is one
+or two cheap element-wise ops away from values that stay anyway, recomputing it right before its first backward
+use trades that memory for those ops:
+
+- values computed from weights alone (a convolution weight with a frozen BatchNorm folded in) are as large as a
+  weight, once per layer the backward pass crosses;
+- an activation of a value the backward pass keeps anyway (SmolLM2's `silu(gate)`, next to `gate` which the SiLU
+  backward reads) is as large as that value.
+
+The recomputed value is freed right after its backward use; the forward pass keeps its own copy only while it
+needs it.
 """
 
 from __future__ import annotations
@@ -16,30 +22,41 @@ from pockengine.ir.graph import BUFFER, CONST, PARAM, Graph, Node
 
 aten = torch.ops.aten
 
-CHEAP = {
+VIEWS = {aten.view.default, aten.reshape.default, aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim,
+         aten.expand.default}
+ELEMENTWISE = {
     aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor, aten.neg.default, aten.rsqrt.default,
-    aten.sqrt.default, aten.view.default, aten.reshape.default, aten.permute.default, aten.unsqueeze.default,
-    aten.squeeze.dim, aten.expand.default,
+    aten.sqrt.default, aten.silu.default, aten.gelu.default, aten.sigmoid.default, aten.tanh.default,
+    aten.relu.default, aten.hardtanh.default, aten.hardswish.default, aten.hardsigmoid.default,
 }
 
 
-def rematerialize_weight_values(graph: Graph) -> Graph:
-    derived: set[Node] = {n for n in graph.inputs() if n.role in (PARAM, BUFFER, CONST)}
-    for n in graph.nodes:
-        if (not n.is_input and n.section in ("forward", "loss") and n.target in CHEAP and n.inputs
-                and all(i in derived for i in n.inputs)):
-            derived.add(n)
+def rematerialize(graph: Graph) -> Graph:
     users = graph.users()
-    for n in [n for n in graph.nodes if n in derived and not n.is_input]:
+    saved = {n for n in graph.nodes
+             if not n.is_input and n.section in ("forward", "loss") and any(u.section == "backward" for u in users[n])}
+    # Values of weights alone, recomputable from the program's inputs by cheap ops.
+    weights: set[Node] = {n for n in graph.inputs() if n.role in (PARAM, BUFFER, CONST)}
+    for n in graph.nodes:
+        if (not n.is_input and n.section in ("forward", "loss") and n.target in ELEMENTWISE | VIEWS
+                and n.inputs and all(i in weights for i in n.inputs)):
+            weights.add(n)
+    chosen: list[Node] = []
+    kept: set[Node] = set()
+    for n in [n for n in graph.nodes if n in saved]:
+        if n in weights or n.target in ELEMENTWISE and all(i.is_input or i in weights or i in kept
+                                                           for i in n.inputs):
+            chosen.append(n)
+        else:
+            kept.add(n)
+    for n in chosen:
         late = [u for u in users[n] if u.section == "backward"]
-        if not late:
-            continue
         first = min(late, key=graph.nodes.index)
         emit = graph.emitter(graph.nodes[graph.nodes.index(first) - 1], first.module, "backward")
         copies: dict[Node, Node] = {}
 
         def recompute(v: Node) -> Node:
-            if v.is_input:
+            if v.is_input or v in kept:
                 return v
             if v not in copies:
                 args, kwargs = tree_map(lambda a: recompute(a) if isinstance(a, Node) else a, (v.args, v.kwargs))

@@ -1,0 +1,184 @@
+"""The graph passes that make sparse steps small and fast change nothing that a step computes.
+
+Each is compared with the program compiled without it (or with autograd), on a MobileNetV2-style network: bit and
+byte activation masks, micro-batches of the frozen prefix, constants folded at compile time, weight-derived values
+recomputed in the backward pass.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import pockengine as pe
+from pockengine.ir.graph import BATCH, CONST, PARAM
+from pockengine.memory.tracker import LiveStorageTracker
+from pockengine.passes import frozen_region
+
+aten = torch.ops.aten
+
+
+def mobile_net(size_multiplier: int = 1) -> nn.Module:
+    torch.manual_seed(0)
+
+    def block(cin, cout, stride):
+        hidden = cin * 4
+        return nn.Sequential(nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
+                             nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+                             nn.BatchNorm2d(hidden), nn.ReLU(), nn.Conv2d(hidden, cout, 1, bias=False),
+                             nn.BatchNorm2d(cout))
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6(),
+                          block(16, 24, 2), block(24, 32, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(32, 10))
+    # statistics that are not the identity, so that folding them is visible
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+def batch(n=8, size=31, seed=0):  # 31: activations whose sizes are not multiples of 8
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 3, size, size, generator=g),), torch.randint(0, 10, (n,), generator=g)
+
+
+SPARSE = pe.Scheme.from_dict({"rules": [{"modules": "4", "mode": "bias"},
+                                        {"modules": "4.6", "mode": "partial", "ratio": "1/2"},
+                                        {"modules": "7", "mode": "full"}]})
+
+
+def compiled(scheme, **options) -> pe.Trainer:
+    return pe.compile(mobile_net(), pe.losses.cross_entropy(), batch(), optimizer=pe.optim.SGD(lr=0.05),
+                      scheme=scheme, freeze_batchnorm=True, **options)
+
+
+def assert_same_training(a: pe.Trainer, b: pe.Trainer, exact: bool) -> None:
+    ga, gb = a.gradients(batch()), b.gradients(batch())
+    assert ga.keys() == gb.keys()
+    for name in ga:
+        if exact:
+            assert torch.equal(ga[name], gb[name]), name
+        else:
+            torch.testing.assert_close(ga[name], gb[name], rtol=1e-5, atol=1e-6, msg=name)
+    for seed in range(3):
+        la, lb = a.step(batch(seed=seed)), b.step(batch(seed=seed))
+        assert la == pytest.approx(lb, rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["bits", "bool"])
+def test_activation_masks_give_the_gradients_of_the_activations(mode):
+    masked, plain = compiled(pe.Scheme.bias_only(), activation_masks=mode), compiled(pe.Scheme.bias_only(),
+                                                                                      activation_masks="off")
+    ops = {n.target for n in masked.program().graph.nodes}
+    assert aten.hardtanh_backward.default not in ops and aten.threshold_backward.default not in ops
+    assert_same_training(masked, plain, exact=True)
+    assert masked.memory_plan().saved_bytes * (3 if mode == "bool" else 20) < plain.memory_plan().saved_bytes
+
+
+def test_frozen_prefix_runs_in_micro_batches_with_the_same_results():
+    chunked, whole = compiled(pe.Scheme.head(), frozen_chunks=4), compiled(pe.Scheme.head(), frozen_chunks=1)
+    convs = [n for n in chunked.program().graph.nodes if n.target is aten.convolution.default]
+    assert len(convs) == 4 * 7  # every frozen convolution, once per micro-batch
+    assert any(n.target is aten.cat.default for n in chunked.program().graph.nodes)
+    assert chunked.memory_plan().peak_bytes * 2 < whole.memory_plan().peak_bytes
+    assert_same_training(chunked, whole, exact=False)
+
+
+def test_auto_micro_batches_lower_the_measured_peak():
+    model = mobile_net()
+    auto = pe.compile(model, pe.losses.cross_entropy(), batch(), optimizer=pe.optim.SGD(lr=0.05), scheme=SPARSE,
+                      freeze_batchnorm=True)
+    whole = compiled(SPARSE, frozen_chunks=1)
+    assert auto.memory_plan().peak_bytes < 0.7 * whole.memory_plan().peak_bytes
+    data = batch()
+    auto.step(data)
+    tracker = LiveStorageTracker()
+    tracker.ignore(*model.parameters(), *model.buffers(), *data[0], data[1],
+                   *(t for s in auto.state.values() for t in s.values()))
+    with tracker:
+        auto.step(data)
+    assert abs(auto.memory_plan().peak_bytes - tracker.peak_bytes) <= 0.10 * tracker.peak_bytes
+    assert_same_training(compiled(SPARSE), whole, exact=False)
+
+
+def test_frozen_region_stops_where_samples_mix():
+    """Train-mode BatchNorm normalizes over the batch: it and everything after it run at full batch."""
+    model = mobile_net().train()
+    trainer = pe.compile(model, pe.losses.cross_entropy(), batch(), scheme=pe.Scheme.head(), frozen_chunks=1)
+    graph = trainer.program().graph
+    region, boundary, size = frozen_region(graph, {n for n in graph.inputs(PARAM) if n.module == "7"})
+    assert size == 8
+    assert region and all(n.target is not aten._native_batch_norm_legit_functional.default for n in region)
+    first_bn = next(n for n in graph.nodes if n.target is aten._native_batch_norm_legit_functional.default)
+    assert first_bn.args[0] in boundary  # the first convolution's output leaves the region there
+    eager = copy.deepcopy(model)
+    chunked = pe.compile(model, pe.losses.cross_entropy(), batch(), scheme=pe.Scheme.head(), frozen_chunks=4)
+    ref = pe.losses.cross_entropy()(eager(batch()[0][0]), batch()[1]).item()
+    assert chunked.loss(batch()) == pytest.approx(ref, rel=1e-5)
+
+
+def test_small_frozen_values_are_folded_at_compile_time():
+    trainer = compiled(pe.Scheme.bias_only())
+    graph = trainer.program().graph
+    assert not any(n.target is aten.rsqrt.default for n in graph.nodes)  # BatchNorm scales are constants
+    folded = [n for n in graph.inputs(CONST) if n.name.endswith("_folded")]
+    assert folded and all(n.meta.nbytes <= 1 << 16 for n in folded)
+    # the frozen convolution weights themselves are still read from the model at every step
+    assert {n.module for n in graph.inputs(PARAM)} >= {"0", "3.0"}
+
+
+def test_train_mode_statistics_are_never_folded():
+    model = mobile_net().train()
+    # lr 0: the weights stay as they are, so eager forward passes see what the steps saw
+    trainer = pe.compile(model, pe.losses.cross_entropy(), batch(), optimizer=pe.optim.SGD(lr=0.0),
+                         scheme=pe.Scheme.bias_only())
+    eager = copy.deepcopy(model)
+    for seed in range(2):
+        trainer.step(batch(seed=seed))
+        eager(batch(seed=seed)[0][0])  # updates the running statistics as the step did
+    torch.testing.assert_close(dict(model.named_buffers()), dict(eager.named_buffers()), rtol=1e-5, atol=1e-6)
+
+
+def test_backward_keeps_no_weight_sized_value_from_the_forward_pass():
+    """Folded convolution weights are recomputed where the backward pass needs them, not saved."""
+    graph = compiled(SPARSE).program().graph
+    batch_inputs = set(graph.inputs(BATCH))
+    depends = set(batch_inputs)
+    for n in graph.nodes:
+        if not n.is_input and any(i in depends for i in n.inputs):
+            depends.add(n)
+    saved = {i for n in graph.section("backward") for i in n.inputs
+             if not i.is_input and i.section == "forward"}
+    assert saved and saved <= depends, sorted(i.name for i in saved - depends)
+
+
+def test_eval_dropout_copies_are_dropped():
+    """Attention probabilities through an eval-mode dropout (a clone in the captured graph) are saved once."""
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = nn.Parameter(torch.zeros(6))
+            self.drop = nn.Dropout(0.1)
+
+        def forward(self, q, v):
+            probs = torch.softmax(q @ q.transpose(-1, -2) + self.bias, -1)
+            return self.drop(probs) @ v
+
+    torch.manual_seed(0)
+    model = Attention().eval()
+    data = ((torch.randn(4, 6, 6), torch.randn(4, 6, 6)), torch.randn(4, 6, 6))
+    loss_fn = lambda out, target: (out * target).sum()  # noqa: E731
+    trainer = pe.compile(model, loss_fn, data)
+    graph = trainer.program().graph
+    assert not [n for n in graph.nodes if n.target is aten.clone.default and not n.kwargs]
+    probs = 4 * 6 * 6 * 4
+    assert trainer.memory_plan().saved_bytes <= probs + 64  # the probabilities, once (plus the 0-d loss)
+    (ref,) = torch.autograd.grad(loss_fn(model(*data[0]), data[1]), [model.bias])
+    torch.testing.assert_close(trainer.gradients(data)["bias"], ref, rtol=1e-5, atol=1e-6)
