@@ -1,4 +1,5 @@
-"""Command line: `pockengine train` fine-tunes the real MobileNetV2 on real MNIST images with a compiled step."""
+"""Command line: `pockengine train` fine-tunes the real MobileNetV2 on real MNIST images with a compiled step;
+`pockengine bench` runs the benchmark suite (pockengine/bench/)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,19 @@ def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float
     return (pred == y).float().mean().item()
 
 
+def _scheme(spec: str) -> pe.Scheme:
+    """`full`, `bias_only`, `head`, `last:K`, or a .yaml/.json scheme file."""
+    presets = {"full": pe.Scheme.full, "bias_only": pe.Scheme.bias_only, "head": pe.Scheme.head}
+    if spec in presets:
+        return presets[spec]()
+    if spec.startswith("last:"):
+        try:
+            return pe.Scheme.last(int(spec.removeprefix("last:")))
+        except ValueError:
+            raise pe.UserInputError(f"--scheme {spec}: write last:K with an integer K, e.g. last:4") from None
+    return pe.Scheme.from_file(spec)
+
+
 def train(args: argparse.Namespace) -> int:
     from pockengine.data import batches, load_mnist, mnist_for_imagenet_model
     from pockengine.models import mobilenet_v2
@@ -45,9 +59,12 @@ def train(args: argparse.Namespace) -> int:
     first_x, first_y = next(stream)
     example = ((mnist_for_imagenet_model(first_x, args.size),), first_y)
     start = time.perf_counter()
-    trainer = pe.compile(model, loss_fn, example, optimizer=optimizer, freeze_batchnorm=True, seed=args.seed)
+    trainer = pe.compile(model, loss_fn, example, optimizer=optimizer, scheme=_scheme(args.scheme),
+                         freeze_batchnorm=True, seed=args.seed)
     print(f"compiled MobileNetV2 ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"{len(trainer.trained)} trained tensors) in {time.perf_counter() - start:.1f} s")
+          f"{len(trainer.trained)} trained tensors, scheme {trainer.scheme.name}) in "
+          f"{time.perf_counter() - start:.1f} s; predicted step peak "
+          f"{trainer.memory_plan().peak_bytes / 2 ** 20:.1f} MB above the weights")
     if args.show_program:
         print(trainer.program().graph)
     print(f"validation accuracy before: {_accuracy(model, val_x, val_y):.3f} ({len(val_y)} images)")
@@ -86,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--size", type=int, default=64, help="input resolution")
     t.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="sgd: with momentum 0.9")
     t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--scheme", default="full",
+                   help="what to train: full, bias_only, head, last:K, or a scheme file (.yaml/.json)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
     t.add_argument("--eval-size", type=int, default=512)
@@ -93,8 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--show-program", action="store_true", help="print the compiled training program")
     t.add_argument("--save", default="", help="write a checkpoint folder here at the end")
     t.set_defaults(run=train)
+    from pockengine.bench.cli import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except pe.PockEngineError as e:
+        print(f"pockengine: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -220,6 +220,7 @@ class Trainer:
         frozen = {node: self.model.get_parameter(name) for name, node in cap.params.items() if name not in trained}
         frozen.update({node: self.model.get_buffer(name) for name, node in cap.buffers.items()
                        if name not in cap.buffer_updates})
+        eliminate_dead_code(graph)
         fold_constants(graph, {**frozen, **graph.constants})
         eliminate_dead_code(graph)
         rematerialize(graph)
@@ -231,9 +232,10 @@ class Trainer:
         static = self._static_inputs(cap, state_inputs)
         chunks, until = self.frozen_chunks, None
         if chunks == "auto":
-            region, _, size = frozen_region(graph, set(trained.values()))
+            region, boundary, size = frozen_region(graph, set(trained.values()))
             if region:
-                chunks, until = plan_chunks(region, size, plan_memory(graph, _strides(static)).live_during)
+                chunks, until = plan_chunks(region, boundary, size,
+                                            plan_memory(graph, _strides(static)).live_during)
         chunk_frozen_prefix(graph, set(trained.values()), chunks if isinstance(chunks, int) else 1, until)
         inputs = graph.inputs()
         program = CompiledProgram(graph, inputs, check_finite=cap.loss if kind == "step" else None,

@@ -182,3 +182,51 @@ def test_eval_dropout_copies_are_dropped():
     assert trainer.memory_plan().saved_bytes <= probs + 64  # the probabilities, once (plus the 0-d loss)
     (ref,) = torch.autograd.grad(loss_fn(model(*data[0]), data[1]), [model.bias])
     torch.testing.assert_close(trainer.gradients(data)["bias"], ref, rtol=1e-5, atol=1e-6)
+
+
+class Residual(nn.Module):
+    """A ResNet basic block with a downsampling branch: torch.export orders the branch after the main path."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.ReLU())
+        self.conv1, self.conv2 = nn.Conv2d(8, 16, 3, 2, 1), nn.Conv2d(16, 16, 3, 1, 1)
+        self.down = nn.Conv2d(8, 16, 1, 2)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.conv2(torch.relu(self.conv1(x))) + self.down(x)
+        return self.head(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("chunks", [2, "auto"])
+def test_micro_batches_end_before_a_trained_branch_reads_the_region(chunks):
+    """conv1 trains and reads the stem's output; the frozen `down` branch, placed after it, must not drag the
+    micro-batches past that read."""
+    torch.manual_seed(0)
+    model = Residual()
+    scheme = pe.Scheme.from_dict({"rules": [{"modules": "conv1", "mode": "full"}, {"modules": "head", "mode": "full"}]})
+    trainer = pe.compile(model, pe.losses.cross_entropy(), batch(), optimizer=pe.optim.SGD(lr=0.05), scheme=scheme,
+                         frozen_chunks=chunks)
+    whole = pe.compile(copy.deepcopy(model), pe.losses.cross_entropy(), batch(), optimizer=pe.optim.SGD(lr=0.05),
+                       scheme=scheme, frozen_chunks=1)
+    trainer.memory_plan()
+    assert_same_training(trainer, whole, exact=False)
+
+
+def test_a_copy_of_a_view_is_kept_for_the_views_after_it():
+    class Narrow(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3))
+
+        def forward(self, x):
+            return x[..., :3].clone().view(-1, 3) * self.w
+
+    torch.manual_seed(0)
+    model = Narrow()
+    data = ((torch.randn(2, 4, 5),), torch.randn(8, 3))
+    loss_fn = lambda out, target: (out * target).sum()  # noqa: E731
+    (ref,) = torch.autograd.grad(loss_fn(model(*data[0]), data[1]), [model.w])
+    torch.testing.assert_close(pe.compile(model, loss_fn, data).gradients(data)["w"], ref, rtol=1e-5, atol=1e-6)

@@ -3,14 +3,15 @@
 The backward of ReLU, ReLU6 and hardtanh only asks, per element, whether the activation was inside the linear
 range. When the saved activation is wanted by nothing else in the backward pass, this pass computes that mask in
 the forward pass right after the activation and saves it instead: one byte per element (`bool`) or one bit (`bits`,
-packed eight to a byte), against four for the fp32 activation. The backward multiplies the gradient by the mask
-(a multiply is several times faster than a select on CPUs; it differs from the select only where the incoming
-gradient is already inf or nan).
+packed eight to a byte), against four for the fp32 activation. The backward zeroes the gradient where the mask
+says so, in place (`masked_fill_`: a multiply by the 0/1 mask would be faster, but it converts the mask to float
+in a hidden buffer as large as the gradient, which would set the step's peak where the plan cannot see it).
 
 Bits are packed with two integer multiplies instead of eight shifts: eight mask bytes read as one int64 times
 0x0102040810204080 carry bit k of byte k into bit 56 + k, so the top byte is the packed byte; unpacking spreads a
 byte into all eight bytes of an int64 (times 0x0101010101010101), keeps bit k in byte k, and turns each nonzero
-byte into 1 by a carry (+0x7F, then bit 7). Every op works on one int64 per eight elements.
+byte into 1 by a carry (+0x7F, then bit 7). Every op works on one int64 per eight elements; the products wrap
+modulo 2^64, as PyTorch's integer kernels do, and only their low bits are used.
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ _CARRY = 0x7F7F7F7F7F7F7F7F  # a nonzero byte (at most 0x80) + 0x7F sets its bit
 _LOW_BITS = 0x0101010101010101
 
 
-def _pack(at, keep: Node, order: list[int]) -> Node:
+def _pack(at, mask: Node, order: list[int]) -> Node:
     """Eight booleans per byte: bit k of byte i is element 8i+k of the mask, its dimensions taken in `order` (the
     order they lie in memory, so that flattening is a view, not a copy)."""
-    flat = at(aten.view.dtype, at(aten.reshape.default, at(aten.permute.default, keep, order), [-1]), torch.uint8)
-    pad = -keep.meta.numel % 8
+    flat = at(aten.view.dtype, at(aten.reshape.default, at(aten.permute.default, mask, order), [-1]), torch.uint8)
+    pad = -mask.meta.numel % 8
     if pad:
         flat = at(aten.constant_pad_nd.default, flat, [0, pad], 0)
     words = at(aten.view.dtype, flat, torch.int64)
@@ -43,11 +44,11 @@ def _pack(at, keep: Node, order: list[int]) -> Node:
 
 
 def _unpack(at, packed: Node, shape: tuple[int, ...], numel: int, order: list[int]) -> Node:
-    """The mask as uint8 0/1 of `shape` (a view in memory order `order`)."""
+    """The mask as booleans of `shape` (a view in memory order `order`)."""
     words = at(aten.mul.Tensor, at(aten._to_copy.default, packed, dtype=torch.int64), _SPREAD)
     words = at(aten.add.Tensor, at(aten.bitwise_and.Scalar, words, _BIT_OF_BYTE), _CARRY)
     words = at(aten.bitwise_and.Scalar, at(aten.bitwise_right_shift.Tensor_Scalar, words, 7), _LOW_BITS)
-    flat = at(aten.view.dtype, words, torch.uint8)
+    flat = at(aten.view.dtype, words, torch.bool)  # bytes of 0 and 1
     if flat.meta.numel != numel:
         flat = at(aten.slice.Tensor, flat, 0, 0, numel)
     stored = at(aten.view.default, flat, [shape[d] for d in order])
@@ -70,15 +71,15 @@ def compact_activation_masks(graph: Graph, mode: str = "bits", channels_last: bo
             continue  # kept for another reason anyway: a mask would only add memory
         first = readers[0]
         fwd = graph.emitter(saved, saved.module, saved.section)
-        # Both ops pass the gradient where lo < x < hi (ReLU: where x > threshold).
-        keep = fwd(aten.gt.Scalar, saved, first.args[2])
+        # Both ops zero the gradient unless lo < x < hi (ReLU: unless x > threshold).
+        drop = fwd(aten.le.Scalar, saved, first.args[2])
         if first.target is aten.hardtanh_backward.default:
-            keep = fwd(aten.logical_and.default, keep, fwd(aten.lt.Scalar, saved, first.args[3]))
+            drop = fwd(aten.logical_or.default, drop, fwd(aten.ge.Scalar, saved, first.args[3]))
         ndim = len(saved.meta.shape)
         order = [0, 2, 3, 1] if channels_last and ndim == 4 else list(range(ndim))
-        stored = _pack(fwd, keep, order) if mode == "bits" else keep
+        stored = _pack(fwd, drop, order) if mode == "bits" else drop
         for reader in readers:
             bwd = graph.emitter(graph.nodes[graph.nodes.index(reader) - 1], reader.module, reader.section)
             mask = _unpack(bwd, stored, saved.meta.shape, saved.meta.numel, order) if mode == "bits" else stored
-            graph.replace_all_uses(reader, bwd(aten.mul.Tensor, reader.args[0], mask))
+            graph.replace_all_uses(reader, bwd(aten.masked_fill.Scalar, reader.args[0], mask, 0.0))
     return graph

@@ -53,12 +53,18 @@ def frozen_region(graph: Graph, trained: set[Node], until: Node | None = None) -
         if not n.is_input and any(i in varying for i in n.inputs):
             varying.add(n)
 
+    users = graph.users()
+
     def allowed(n: Node, region: set[Node]) -> bool:
         if n.is_input or n.section != "forward" or n.target not in SAMPLEWISE:
             return False
-        if n.target is aten.mean.dim and 0 in [d % len(n.args[0].meta.shape) for d in n.args[1]]:
+        if n.target is aten.mean.dim and (n.args[1] is None or 0 in [d % len(n.args[0].meta.shape)
+                                                                     for d in n.args[1]]):
             return False
-        outs = _outputs(n.meta)
+        if isinstance(n.meta, tuple):  # the outputs that are read (frozen BatchNorm's statistics are not)
+            outs = [n.meta[u.args[1]] for u in users[n] if u.target is operator.getitem]
+        else:
+            outs = _outputs(n.meta)
         if not outs or any(not m.shape or m.shape[0] != size for m in outs):
             return False
         batched = [i for i in n.inputs if i in region or i in seeds]
@@ -68,21 +74,29 @@ def frozen_region(graph: Graph, trained: set[Node], until: Node | None = None) -
             or all(len(i.meta.shape) < len(outs[0].shape) or i.meta.shape[0] == 1 for i in shared))
         return bool(batched) and shared_ok
 
+    position = {n: i for i, n in enumerate(graph.nodes)}
     region: set[Node] = set()
     for n in graph.nodes:
         if allowed(n, region):
             region.add(n)
         if n is until:
             break
-    users = graph.users()
     changed = True
-    while changed:  # a multi-output op leaves the region unless all its outputs stay in it, and so on downstream
+    while changed:
         changed = False
         for n in [n for n in graph.nodes if n in region]:
+            # a multi-output op leaves the region unless all its outputs stay in it, and so on downstream
             if (not allowed(n, region) or isinstance(n.meta, tuple)
                     and any(u not in region or u.target is not operator.getitem for u in users[n])):
                 region.discard(n)
                 changed = True
+        # The micro-batches run where the region ends: an op outside it that reads a region value earlier (a
+        # trained branch beside a frozen one) would come first. The region stops before the earliest such reader.
+        readers = [position[u] for n in region for u in users[n] if u not in region]
+        if readers and max(position[n] for n in region) > min(readers):
+            cut = min(readers)
+            region = {n for n in region if position[n] < cut}
+            changed = True
     outputs = set(graph.outputs.values())
     ordered = [n for n in graph.nodes if n in region]
     boundary = [n for n in ordered if n in outputs or any(u not in region for u in users[n])]
@@ -132,7 +146,8 @@ def chunk_frozen_prefix(graph: Graph, trained: set[Node], chunks: int, until: No
     return graph
 
 
-def plan_chunks(region: list[Node], size: int, live_bytes: dict[Node, int]) -> tuple[int, Node | None]:
+def plan_chunks(region: list[Node], boundary: list[Node], size: int,
+                live_bytes: dict[Node, int]) -> tuple[int, Node | None]:
     """How to split the region so that it no longer sets the step's peak, at the least cost: (micro-batches,
     the last node to split). Only the region's ops that run above the peak of the rest of the step are split
     (the early layers at high resolution; splitting more costs time in smaller kernel calls), into the fewest
@@ -148,7 +163,9 @@ def plan_chunks(region: list[Node], size: int, live_bytes: dict[Node, int]) -> t
         return 1, None
     until = max((n for n in region if order[n] <= max(order[h] for h in high)), key=order.__getitem__)
     peak = max(inside.values())
+    # The pieces of the values leaving the region pile up until they are joined, and the join holds them twice.
+    leaving = sum(m.nbytes for n in boundary for m in _outputs(n.meta))
     for k in range(2, size + 1):
-        if size % k == 0 and peak / k <= outside:
+        if size % k == 0 and (peak - leaving) / k + 2 * leaving <= outside:
             return k, until
     return size, until

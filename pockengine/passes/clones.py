@@ -4,7 +4,8 @@ torch.export writes `dropout` in eval mode, and some `contiguous`/`clone` calls 
 functional graph nothing ever writes to the copy or to its source, so the copy is the value itself: reading the
 source instead saves the copy, and where the backward pass keeps both (the attention probabilities of a
 transformer, read by the softmax backward and, through an eval-mode dropout, by a batched matmul) it halves what
-is saved. Clones that change the memory layout are kept: later views rely on their strides.
+is saved. Clones that change the memory layout, or copy a view (which may not be dense), are kept: later
+views rely on their strides.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from pockengine.ir.graph import Graph
+from pockengine.passes.inplace import VIEWS
 
 aten = torch.ops.aten
 
@@ -19,7 +21,9 @@ aten = torch.ops.aten
 def drop_redundant_clones(graph: Graph) -> Graph:
     """Run on a captured (functional) graph, before any pass that mutates values in place."""
     for n in list(graph.nodes):
-        if (n.target is aten.clone.default and n.kwargs.get("memory_format", torch.preserve_format)
-                is torch.preserve_format and not n.args[0].is_input):
+        source = n.args[0] if n.target is aten.clone.default else None
+        # A clone of a view (a slice, an expand) is dense where the view is not, and later views rely on that.
+        if (source is not None and n.kwargs.get("memory_format", torch.preserve_format) is torch.preserve_format
+                and not source.is_input and source.target not in VIEWS):
             graph.replace_all_uses(n, n.args[0])
     return graph

@@ -3,8 +3,9 @@
 Frozen BatchNorm folded into a convolution needs per channel `gamma / sqrt(var + eps)` and a shifted bias: a few
 tiny ops per layer that would otherwise run at every step, from tensors no step changes (untrained parameters,
 buffers no op updates, constants). Such values are evaluated here and become constant inputs of the program. Only
-values up to `max_bytes` are folded: a folded copy of a whole frozen weight would add its size to the memory that
-lives across steps, so `weight * scale` stays in the program (it reads the weight, which may be trained).
+values up to `max_bytes` (64 KiB) are folded: a folded copy of a frozen weight adds its size to the memory that
+lives across steps, so only small ones are (the BatchNorm-scaled kernels of depthwise convolutions, a few KiB
+each); `weight * scale` of larger weights stays in the program and reads the weight at every step.
 
 Frozen tensors are read when the program is compiled: change frozen weights of the model afterwards and
 recompile (a new `pockengine.compile`) for the change to be seen.
@@ -16,14 +17,15 @@ import torch
 from torch.utils._pytree import tree_map
 
 from pockengine.ir.graph import Graph, Node, TensorMeta
+from pockengine.passes.inplace import VIEWS
 
 MAX_BYTES = 1 << 16
-_RANDOM = ("dropout", "bernoulli", "rand", "normal")
 
 
-def _deterministic(target) -> bool:
-    name = getattr(target, "__name__", str(target))
-    return not any(word in name for word in _RANDOM)
+def _foldable(target) -> bool:
+    """Computes a new value (a view would only copy a weight) and draws nothing at random."""
+    tags = getattr(target, "tags", ())
+    return torch.Tag.nondeterministic_seeded not in tags and target not in VIEWS
 
 
 def fold_constants(graph: Graph, frozen: dict[Node, torch.Tensor], max_bytes: int = MAX_BYTES) -> Graph:
@@ -31,7 +33,7 @@ def fold_constants(graph: Graph, frozen: dict[Node, torch.Tensor], max_bytes: in
     known: dict[Node, torch.Tensor] = dict(frozen)
     for n in graph.nodes:
         if (n.is_input or n.mutates or not isinstance(n.meta, TensorMeta) or n.meta.nbytes > max_bytes
-                or not n.inputs or not all(i in known for i in n.inputs) or not _deterministic(n.target)):
+                or not n.inputs or not all(i in known for i in n.inputs) or not _foldable(n.target)):
             continue
         args, kwargs = tree_map(lambda a: known[a] if isinstance(a, Node) else a, (n.args, n.kwargs))
         with torch.no_grad():

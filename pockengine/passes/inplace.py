@@ -23,9 +23,9 @@ IN_PLACE = {
     aten.mul.Tensor: aten.mul_.Tensor,
     aten.bitwise_and.Scalar: aten.bitwise_and_.Scalar,
     aten.bitwise_right_shift.Tensor_Scalar: aten.bitwise_right_shift_.Tensor_Scalar,
-    aten.logical_and.default: aten.logical_and_.default,
+    aten.logical_or.default: aten.logical_or_.default,
 }
-COMMUTATIVE = {aten.add.Tensor, aten.mul.Tensor, aten.logical_and.default}
+COMMUTATIVE = {aten.add.Tensor, aten.mul.Tensor, aten.logical_or.default}
 
 # Ops whose result may share storage with an input: neither they nor their inputs are overwritten.
 VIEWS = {

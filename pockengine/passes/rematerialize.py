@@ -1,7 +1,7 @@
 """Recompute cheap values in the backward pass instead of keeping them from the forward pass.
 
-A forward value that the backward pass reads must stay in memory from the forward pass until then. When it is one
-or two cheap element-wise ops away from values that stay anyway, recomputing it right before its first backward
+A forward value that the backward pass reads must stay in memory from the forward pass until then. When it is a
+cheap element-wise op away from values that stay anyway (or a short chain of them away from the weights), recomputing it right before its first backward
 use trades that memory for those ops:
 
 - values computed from weights alone (a convolution weight with a frozen BatchNorm folded in) are as large as a
@@ -44,23 +44,25 @@ def rematerialize(graph: Graph) -> Graph:
     chosen: list[Node] = []
     kept: set[Node] = set()
     for n in [n for n in graph.nodes if n in saved]:
-        if n in weights or n.target in ELEMENTWISE and all(i.is_input or i in weights or i in kept
-                                                           for i in n.inputs):
+        if n in weights or (n.target in ELEMENTWISE
+                            and all(i.is_input or i in weights or i in kept for i in n.inputs)):
             chosen.append(n)
         else:
             kept.add(n)
     for n in chosen:
         late = [u for u in users[n] if u.section == "backward"]
         first = min(late, key=graph.nodes.index)
-        emit = graph.emitter(graph.nodes[graph.nodes.index(first) - 1], first.module, "backward")
+        anchor = graph.nodes[graph.nodes.index(first) - 1]
         copies: dict[Node, Node] = {}
 
         def recompute(v: Node) -> Node:
+            nonlocal anchor
             if v.is_input or v in kept:
                 return v
             if v not in copies:
                 args, kwargs = tree_map(lambda a: recompute(a) if isinstance(a, Node) else a, (v.args, v.kwargs))
-                copies[v] = emit(v.target, *args, **kwargs)
+                anchor = copies[v] = graph.call(v.target, args, kwargs, module=v.module, section="backward",
+                                                after=anchor)
             return copies[v]
 
         again = recompute(n)
