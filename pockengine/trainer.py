@@ -24,7 +24,7 @@ from pockengine.ir.graph import BATCH, SCALAR, STATE, Node, eliminate_dead_code
 from pockengine.optim import SGD, Optimizer
 from pockengine.passes import (chunk_frozen_prefix, compact_activation_masks, drop_redundant_clones,
                                fold_constants, fold_frozen_batchnorm, frozen_region, plan_chunks,
-                               rematerialize, run_in_place, to_channels_last, uses_convolution)
+                               rematerialize, run_in_place, to_channels_last, update_early, uses_convolution)
 from pockengine.memory.plan import MemoryPlan, plan_memory
 from pockengine.scheme import Scheme, Selection
 from pockengine.scheme import summary as scheme_summary
@@ -228,6 +228,7 @@ class Trainer:
             to_channels_last(graph)
         compact_activation_masks(graph, self.activation_masks, self.channels_last)
         eliminate_dead_code(graph)
+        update_early(graph, cap.loss)
         run_in_place(graph)
         static = self._static_inputs(cap, state_inputs)
         chunks, until = self.frozen_chunks, None

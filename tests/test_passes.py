@@ -230,3 +230,26 @@ def test_a_copy_of_a_view_is_kept_for_the_views_after_it():
     loss_fn = lambda out, target: (out * target).sum()  # noqa: E731
     (ref,) = torch.autograd.grad(loss_fn(model(*data[0]), data[1]), [model.w])
     torch.testing.assert_close(pe.compile(model, loss_fn, data).gradients(data)["w"], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_parameters_are_updated_as_soon_as_the_backward_pass_is_done_with_them():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    data = ((torch.randn(5, 6),), torch.randint(0, 4, (5,)))
+    trainer = pe.compile(model, pe.losses.cross_entropy(), data, optimizer=pe.optim.SGD(lr=0.1, momentum=0.9))
+    graph = trainer.program().graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    loss = graph.outputs["loss"]
+    updates = [n for n in graph.nodes if n.section == "update"]
+    assert min(order[u] for u in updates) > order[loss]  # after the NaN/inf check: a failed step changes nothing
+    head_update = max(order[u] for u in updates if u.module == "4")
+    first_layer_backward = max(order[n] for n in graph.section("backward") if n.module == "0")
+    assert head_update < first_layer_backward  # the head is updated before the backward pass reaches layer 0
+    # ... yet every weight is updated only after the backward pass has read its old value
+    for u in updates:
+        if u.mutates and u.args[0] in graph.inputs(PARAM):
+            readers = [n for n in graph.nodes if n.section == "backward" and u.args[0] in n.inputs]
+            assert all(order[r] < order[u] for r in readers), u
+    # gradients do not pile up: at most the largest one and the one being computed are alive at the peak
+    grads = sum(p.numel() * 4 for p in model.parameters())
+    assert trainer.memory_plan().at_peak.get("gradients", 0) < grads / 2

@@ -4,6 +4,7 @@ from pockengine.passes.activation_masks import compact_activation_masks
 from pockengine.passes.chunk_frozen import chunk_frozen_prefix, frozen_region, plan_chunks
 from pockengine.passes.clones import drop_redundant_clones
 from pockengine.passes.constant_fold import fold_constants
+from pockengine.passes.early_update import update_early
 from pockengine.passes.fold_batchnorm import fold_frozen_batchnorm
 from pockengine.passes.inplace import run_in_place
 from pockengine.passes.layout import to_channels_last, uses_convolution
@@ -11,4 +12,4 @@ from pockengine.passes.rematerialize import rematerialize
 
 __all__ = ["chunk_frozen_prefix", "compact_activation_masks", "drop_redundant_clones", "fold_constants",
            "fold_frozen_batchnorm", "frozen_region", "plan_chunks", "rematerialize", "run_in_place",
-           "to_channels_last", "uses_convolution"]
+           "to_channels_last", "update_early", "uses_convolution"]

@@ -3,9 +3,12 @@
 The backward of ReLU, ReLU6 and hardtanh only asks, per element, whether the activation was inside the linear
 range. When the saved activation is wanted by nothing else in the backward pass, this pass computes that mask in
 the forward pass right after the activation and saves it instead: one byte per element (`bool`) or one bit (`bits`,
-packed eight to a byte), against four for the fp32 activation. The backward zeroes the gradient where the mask
-says so, in place (`masked_fill_`: a multiply by the 0/1 mask would be faster, but it converts the mask to float
-in a hidden buffer as large as the gradient, which would set the step's peak where the plan cannot see it).
+packed eight to a byte), against four for the fp32 activation.
+
+The backward multiplies the gradient by the 0/1 mask, in place when nothing else reads the gradient: several times
+faster than a select (`masked_fill`) on CPUs. A multiply by a boolean tensor converts it to float in a hidden
+buffer as large as its operands, so it runs on slices of the batch, each with a buffer that small; where the
+gradient cannot be overwritten the select is used.
 
 Bits are packed with two integer multiplies instead of eight shifts: eight mask bytes read as one int64 times
 0x0102040810204080 carry bit k of byte k into bit 56 + k, so the top byte is the packed byte; unpacking spreads a
@@ -19,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from pockengine.ir.graph import Graph, Node
+from pockengine.passes.inplace import VIEWS
 
 aten = torch.ops.aten
 MASK_ACTIVATION_OPS = (aten.threshold_backward.default, aten.hardtanh_backward.default)
@@ -29,6 +33,7 @@ _SPREAD = 0x0101010101010101  # one byte -> all eight bytes
 _BIT_OF_BYTE = 0x8040201008040201 - 2 ** 64  # bit k of byte k (as a signed int64)
 _CARRY = 0x7F7F7F7F7F7F7F7F  # a nonzero byte (at most 0x80) + 0x7F sets its bit 7
 _LOW_BITS = 0x0101010101010101
+_PIECES = 8  # slices of the batch for the in-place multiply: its hidden buffer is 1/8 of the gradient
 
 
 def _pack(at, mask: Node, order: list[int]) -> Node:
@@ -43,11 +48,13 @@ def _pack(at, mask: Node, order: list[int]) -> Node:
     return at(aten._to_copy.default, top, dtype=torch.uint8)
 
 
-def _unpack(at, packed: Node, shape: tuple[int, ...], numel: int, order: list[int]) -> Node:
-    """The mask as booleans of `shape` (a view in memory order `order`)."""
+def _unpack(at, packed: Node, shape: tuple[int, ...], numel: int, order: list[int], invert: bool) -> Node:
+    """The mask (or its negation) as booleans of `shape`, a view in memory order `order`."""
     words = at(aten.mul.Tensor, at(aten._to_copy.default, packed, dtype=torch.int64), _SPREAD)
     words = at(aten.add.Tensor, at(aten.bitwise_and.Scalar, words, _BIT_OF_BYTE), _CARRY)
     words = at(aten.bitwise_and.Scalar, at(aten.bitwise_right_shift.Tensor_Scalar, words, 7), _LOW_BITS)
+    if invert:
+        words = at(aten.bitwise_xor.Scalar, words, _LOW_BITS)
     flat = at(aten.view.dtype, words, torch.bool)  # bytes of 0 and 1
     if flat.meta.numel != numel:
         flat = at(aten.slice.Tensor, flat, 0, 0, numel)
@@ -62,6 +69,7 @@ def compact_activation_masks(graph: Graph, mode: str = "bits", channels_last: bo
     if mode == "off":
         return graph
     users = graph.users()
+    outputs = set(graph.outputs.values())
     late = ("backward", "update")
     for saved in [n for n in graph.nodes if n.section not in late]:
         readers = [u for u in users[saved] if u.section in late]
@@ -80,6 +88,22 @@ def compact_activation_masks(graph: Graph, mode: str = "bits", channels_last: bo
         stored = _pack(fwd, drop, order) if mode == "bits" else drop
         for reader in readers:
             bwd = graph.emitter(graph.nodes[graph.nodes.index(reader) - 1], reader.module, reader.section)
-            mask = _unpack(bwd, stored, saved.meta.shape, saved.meta.numel, order) if mode == "bits" else stored
-            graph.replace_all_uses(reader, bwd(aten.masked_fill.Scalar, reader.args[0], mask, 0.0))
+            g = reader.args[0]
+            # g may be overwritten when it is a value of its own that nothing but this op reads
+            in_place = (not g.is_input and g.target not in VIEWS and not g.mutates and g not in outputs
+                        and users[g] == [reader] and len(g.meta.shape) >= 1)
+            if mode == "bits":
+                mask = _unpack(bwd, stored, saved.meta.shape, saved.meta.numel, order, invert=in_place)
+            else:
+                mask = bwd(aten.logical_not.default, stored) if in_place else stored
+            if not in_place:
+                graph.replace_all_uses(reader, bwd(aten.masked_fill.Scalar, g, mask, 0.0))
+                continue
+            size = g.meta.shape[0]
+            pieces = min(size, _PIECES)
+            for i in range(pieces):
+                start, stop = size * i // pieces, size * (i + 1) // pieces
+                bwd(aten.mul_.Tensor, bwd(aten.slice.Tensor, g, 0, start, stop),
+                    bwd(aten.slice.Tensor, mask, 0, start, stop))
+            graph.replace_all_uses(reader, g)
     return graph
