@@ -137,6 +137,33 @@ def table(w: dict[str, Any]) -> str:
     return _table(time_head, time_lines) + "\n\n" + _table(mem_head, mem_lines)
 
 
+def headline(results: dict[str, Any]) -> str:
+    """pockengine against PyTorch eager with the same trainable set, per workload and scheme, and the fastest and
+    the leanest system of each scheme."""
+    head = ["workload", "scheme", "trained", "pockengine step ms", "÷ eager", "step mem MB", "÷ eager",
+            "fastest system", "least train mem"]
+    lines = []
+    for name, w in results["workloads"].items():
+        by_scheme: dict[str, list[dict[str, Any]]] = {}
+        for r in rows(w):
+            by_scheme.setdefault(r["scheme"], []).append(r)
+        for scheme, rs in by_scheme.items():
+            ours = next((r for r in rs if r["system"] == "pockengine"), None)
+            if ours is None:
+                continue
+            timed = [r for r in rs if r["median_s"] and not r["error"]]
+            sized = [r for r in rs if r["mem_mb"] is not None and not r["error"]]
+            fastest = min(timed, key=lambda r: r["median_s"], default=None)
+            leanest = min(sized, key=lambda r: r["mem_mb"], default=None)
+            trained = f"{ours['trained'] / ours['total'] * 100:.2f}%" if ours["trained"] and ours["total"] else "–"
+            lines.append([name, scheme, trained, "failed" if ours["error"] else _fmt_ms(ours["median_s"]),
+                          _ratio(ours["time_vs_eager_same"], 1), _cell(ours["step_mb"], ".1f"),
+                          _ratio(ours["step_mem_vs_eager_same"], 1),
+                          f"{fastest['system']} ({_fmt_ms(fastest['median_s'])} ms)" if fastest else "–",
+                          f"{leanest['system']} ({leanest['mem_mb']:.0f} MB)" if leanest else "–"])
+    return _table(head, lines)
+
+
 def notes(w: dict[str, Any]) -> list[str]:
     out = []
     seen = set()
@@ -186,8 +213,9 @@ METHOD = """\
   back to the OS (with glibc's defaults they stay resident and hide the peak; the setting slows steps, hence the
   separate pass). After {mwarm} warm-up steps the resident high-water mark is reset (`echo 5 > /proc/PID/clear_refs`)
   and VmRSS read, {msteps} steps run, and VmHWM is read. *train mem* = VmHWM − the RSS of the same process before the
-  model was built (runtime libraries loaded: torch, transformers, peft; onnxruntime for ORT): weights, optimizer
-  state, activations, gradients and workspaces, and whatever a compiler keeps resident. *step mem* = VmHWM − the RSS
+  model was built, with its runtime libraries loaded (torch, transformers; torch.export for pockengine, dynamo and
+  inductor for torch.compile, peft for LoRA, onnxruntime for ORT): weights, optimizer state, activations, gradients
+  and workspaces, and whatever a compiler keeps resident (its graphs, generated code, caches). *step mem* = VmHWM − the RSS
   just before the measured steps: what a step allocates on top of everything that lives across steps (weights
   excluded; not for ONNX Runtime, whose arena keeps a step's memory resident between steps: *arena*). *step tracked*
   is the same quantity seen at the dispatcher (`pockengine.memory.tracker`: peak live tensor
@@ -273,6 +301,11 @@ def write(results: dict[str, Any], out: Path) -> None:
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; torch {m['torch']}, transformers "
              f"{m.get('transformers', '?')}, peft {m.get('peft', '?')}, onnxruntime-training "
              f"{m.get('onnxruntime-training', '?')}; Python {m['python']}.", "",
+             "## Summary", "",
+             "pockengine's step against PyTorch eager training exactly the same parameters (ratios below 1: faster, "
+             "smaller); *step mem* is what a step allocates above the weights and optimizer state (peak RSS during "
+             "the steps minus RSS before them, see Method). Full tables per workload below.", "",
+             headline(results), "",
              "![step time and memory per system and scheme](bench.png)", ""]
     for name, w in results["workloads"].items():
         cmd = results.get("command", {}).get(name, f"pockengine bench --workload {name}")

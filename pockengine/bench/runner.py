@@ -297,6 +297,7 @@ def run_workload(name: str, *, quick: bool, schemes: list[str] | None, systems: 
                 ready = w.read(SETUP_TIMEOUT)
                 for _ in range(cfg["memory_warmup"] - 1):
                     w.ask(cmd="step")
+                w.ask(cmd="trim")  # what set-up freed leaves the resident set, for every system alike
                 before = w.ask(cmd="mem_begin")["rss_kb"]
                 mem_losses = []
                 for _ in range(cfg["memory_steps"]):

@@ -56,6 +56,10 @@ class System:
     def step(self, batch: Any) -> float:
         raise NotImplementedError
 
+    def import_runtime(self) -> None:
+        """Load the libraries the system needs before the model exists, so that the memory baseline holds them
+        (the code of the library, not the training memory)."""
+
     def pid(self) -> int:
         """The process whose memory is this system's (a child process for ONNX Runtime)."""
         return os.getpid()
@@ -129,6 +133,10 @@ class TorchCompile(_TorchLoop):
     name = "torch.compile"
     counts_flops = False  # the compiled kernels bypass ATen dispatch
 
+    def import_runtime(self) -> None:
+        import torch._dynamo  # noqa: F401
+        import torch._inductor.compile_fx  # noqa: F401
+
     def setup(self, model, loss_fn, batch, selections, *, lr, **kw):
         self._prepare(model, selections, lr)
         self.fn = torch.compile(lambda inputs, target: loss_fn(_call(model, inputs), target))
@@ -140,6 +148,10 @@ class TorchCompile(_TorchLoop):
 
 class PockEngine(System):
     name = "pockengine"
+
+    def import_runtime(self) -> None:
+        import torch.export  # noqa: F401  (the capture machinery: torch._dynamo)
+        torch.export.default_decompositions()
 
     def setup(self, model, loss_fn, batch, selections, *, lr, freeze_batchnorm=False, scheme_name="scheme", **kw):
         self.trainer = pe.compile(model, loss_fn, batch, optimizer=pe.optim.SGD(lr=lr, momentum=MOMENTUM),
@@ -169,6 +181,9 @@ class PeftLoRA(_TorchLoop):
 
     name = "peft-lora"
     needs_selections = False
+
+    def import_runtime(self) -> None:
+        import peft  # noqa: F401
 
     def setup(self, model, loss_fn, batch, selections, *, lr, lora, **kw):
         from peft import LoraConfig, get_peft_model

@@ -11,7 +11,7 @@ setup() + first step, for every system), then answer commands on stdin, one JSON
   {"cmd": "track"}     -> {"tracked_bytes", "predicted_bytes"} (one more step under the dispatch-level live-storage
                           tracker, null where it cannot watch; the system's own prediction, null if it makes none)
   {"cmd": "flops"}     -> {"flops"}            (one more step under FlopCounterMode; null where it cannot watch)
-  {"cmd": "trim"}      -> {}                   (malloc_trim: an idle process keeps only live memory)
+  {"cmd": "trim"}      -> {}                   (gc and malloc_trim: an idle process keeps only live memory)
   {"cmd": "quit"}
 Replies are stdout lines starting with "@@"; anything else a library prints is ignored by the runner.
 """
@@ -19,6 +19,7 @@ Replies are stdout lines starting with "@@"; anything else a library prints is i
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import os
 import sys
@@ -114,10 +115,9 @@ def run_system(job: dict[str, Any]) -> None:
     cfg = W.workload_config(job["workload"], job["quick"])
     if cfg["model"] in ("minilm", "smollm2"):
         import transformers  # noqa: F401  (a runtime library: in the baseline, not in the training memory)
-    if job["system"] == "peft-lora":
-        import peft  # noqa: F401
-    baseline = memory.rss_kb()
     system = SYSTEMS[job["system"]]()
+    system.import_runtime()
+    baseline = memory.rss_kb()
     w = W.build(job["workload"], job["quick"])
     selections = load_selections(job["work_dir"], job["scheme"]) if system.needs_selections else None
     start = time.perf_counter()
@@ -162,6 +162,7 @@ def run_system(job: dict[str, Any]) -> None:
                 n += 1
                 reply(flops=flops)
             elif cmd == "trim":
+                gc.collect()
                 memory.trim()
                 reply(ok=True)
             else:
