@@ -24,7 +24,8 @@ from pockengine.ir.graph import BATCH, SCALAR, STATE, Node, eliminate_dead_code
 from pockengine.optim import SGD, Optimizer
 from pockengine.passes import (chunk_frozen_prefix, compact_activation_masks, drop_redundant_clones,
                                fold_constants, fold_frozen_batchnorm, frozen_region, plan_chunks,
-                               rematerialize, run_in_place, to_channels_last, update_early, uses_convolution)
+                               pointwise_convolutions_as_matmul, rematerialize, run_in_place, to_channels_last,
+                               update_early, uses_convolution)
 from pockengine.memory.plan import MemoryPlan, plan_memory
 from pockengine.scheme import Scheme, Selection
 from pockengine.scheme import summary as scheme_summary
@@ -238,6 +239,8 @@ class Trainer:
                 chunks, until = plan_chunks(region, boundary, size,
                                             plan_memory(graph, _strides(static)).live_during)
         chunk_frozen_prefix(graph, set(trained.values()), chunks if isinstance(chunks, int) else 1, until)
+        if self.channels_last:
+            pointwise_convolutions_as_matmul(graph)
         inputs = graph.inputs()
         program = CompiledProgram(graph, inputs, check_finite=cap.loss if kind == "step" else None,
                                   generator=self.generator)

@@ -83,8 +83,9 @@ def test_activation_masks_give_the_gradients_of_the_activations(mode):
 
 def test_frozen_prefix_runs_in_micro_batches_with_the_same_results():
     chunked, whole = compiled(pe.Scheme.head(), frozen_chunks=4), compiled(pe.Scheme.head(), frozen_chunks=1)
-    convs = [n for n in chunked.program().graph.nodes if n.target is aten.convolution.default]
-    assert len(convs) == 4 * 7  # every frozen convolution, once per micro-batch
+    convs = [n for n in chunked.program().graph.nodes if n.module != "7" and n.section == "forward"
+             and n.target in (aten.convolution.default, aten.addmm.default, aten.mm.default)]
+    assert len(convs) == 4 * 7  # every frozen convolution (1x1: a matrix multiply), once per micro-batch
     assert any(n.target is aten.cat.default for n in chunked.program().graph.nodes)
     assert chunked.memory_plan().peak_bytes * 2 < whole.memory_plan().peak_bytes
     assert_same_training(chunked, whole, exact=False)
@@ -253,3 +254,16 @@ def test_parameters_are_updated_as_soon_as_the_backward_pass_is_done_with_them()
     # gradients do not pile up: at most the largest one and the one being computed are alive at the peak
     grads = sum(p.numel() * 4 for p in model.parameters())
     assert trainer.memory_plan().at_peak.get("gradients", 0) < grads / 2
+
+
+def test_pointwise_convolutions_run_as_matrix_multiplies(monkeypatch):
+    fast = compiled(SPARSE)
+    graph = fast.program().graph
+    assert not any(n.target is aten.convolution.default and n.args[1].meta.shape[2:] == (1, 1) for n in graph.nodes)
+    products = {n.section for n in graph.nodes if n.target in (aten.mm.default, aten.addmm.default)}
+    assert {"forward", "backward"} <= products  # 1x1 layers forward, and the gradient to their input
+    monkeypatch.setattr("pockengine.trainer.pointwise_convolutions_as_matmul", lambda graph: graph)
+    plain = compiled(SPARSE)
+    assert any(n.target is aten.convolution.default and n.args[1].meta.shape[2:] == (1, 1)
+               for n in plain.program().graph.nodes)
+    assert_same_training(fast, plain, exact=False)

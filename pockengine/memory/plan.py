@@ -27,7 +27,18 @@ def _meta_dropout(x: torch.Tensor, p: float, train: bool | None) -> tuple[torch.
     return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
 
 
-_META_OVERRIDES = {aten.native_dropout.default: _meta_dropout}
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _meta_convolution(x: torch.Tensor, weight: torch.Tensor, *args: Any) -> torch.Tensor:
+    """The CPU kernels return channels-last results when the input or the weight is channels-last; the meta
+    kernel always returns NCHW, and views of the result (a 1x1 convolution's matrix) would look like copies."""
+    out = aten.convolution.default(x, weight, *args)
+    return out.contiguous(memory_format=torch.channels_last) if _channels_last(x) or _channels_last(weight) else out
+
+
+_META_OVERRIDES = {aten.native_dropout.default: _meta_dropout, aten.convolution.default: _meta_convolution}
 _STATIC_ROLES = {PARAM: "weights", BUFFER: "buffers", STATE: "optimizer state", BATCH: "batch", CONST: "constants"}
 
 

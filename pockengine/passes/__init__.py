@@ -8,8 +8,9 @@ from pockengine.passes.early_update import update_early
 from pockengine.passes.fold_batchnorm import fold_frozen_batchnorm
 from pockengine.passes.inplace import run_in_place
 from pockengine.passes.layout import to_channels_last, uses_convolution
+from pockengine.passes.pointwise_matmul import pointwise_convolutions_as_matmul
 from pockengine.passes.rematerialize import rematerialize
 
 __all__ = ["chunk_frozen_prefix", "compact_activation_masks", "drop_redundant_clones", "fold_constants",
-           "fold_frozen_batchnorm", "frozen_region", "plan_chunks", "rematerialize", "run_in_place",
-           "to_channels_last", "update_early", "uses_convolution"]
+           "fold_frozen_batchnorm", "frozen_region", "plan_chunks", "pointwise_convolutions_as_matmul",
+           "rematerialize", "run_in_place", "to_channels_last", "update_early", "uses_convolution"]
