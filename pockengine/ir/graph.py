@@ -86,7 +86,7 @@ class Node:
     @staticmethod
     def inputs_of(args: Any, kwargs: Any = None) -> list[Node]:
         found: list[Node] = []
-        tree_map(lambda a: found.append(a) if isinstance(a, Node) else None, (args, kwargs))
+        _collect_nodes((args, kwargs), found)
         return found
 
     @property
@@ -95,6 +95,34 @@ class Node:
 
     def __repr__(self) -> str:
         return f"%{self.name}"
+
+
+# Node arguments are nested tuples, lists and dicts (torch.fx's immutable variants among them). These two walk them
+# directly: compiling a model calls them millions of times, and torch's pytree is several times slower.
+def _collect_nodes(a: Any, found: list[Node]) -> None:
+    if isinstance(a, Node):
+        found.append(a)
+    elif isinstance(a, (tuple, list)):
+        for x in a:
+            _collect_nodes(x, found)
+    elif isinstance(a, dict):
+        for x in a.values():
+            _collect_nodes(x, found)
+
+
+def _substitute(a: Any, old: Node, new: Node) -> Any:
+    """`a` with `new` in place of `old`; `a` itself when it does not contain `old`."""
+    if a is old:
+        return new
+    if isinstance(a, (tuple, list)):
+        items = [_substitute(x, old, new) for x in a]
+        if all(x is y for x, y in zip(items, a)):
+            return a
+        return type(a)(*items) if hasattr(a, "_fields") else type(a)(items)
+    if isinstance(a, dict):
+        changed = {k: _substitute(v, old, new) for k, v in a.items()}
+        return a if all(changed[k] is v for k, v in a.items()) else type(a)(changed)
+    return a
 
 
 def op_name(target: Any) -> str:
@@ -232,10 +260,9 @@ class Graph:
         return [n for n in self.nodes if not n.is_input and n.section == name]
 
     def replace_all_uses(self, old: Node, new: Node) -> None:
-        swap = lambda a: new if a is old else a  # noqa: E731
         for n in self.nodes:
-            n.args, n.kwargs = tree_map(swap, (n.args, n.kwargs))
-        self.outputs = {k: swap(v) for k, v in self.outputs.items()}
+            n.args, n.kwargs = _substitute(n.args, old, new), _substitute(n.kwargs, old, new)
+        self.outputs = _substitute(self.outputs, old, new)
 
     def __str__(self) -> str:
         from pockengine.ir.printer import format_graph

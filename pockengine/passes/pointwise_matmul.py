@@ -33,14 +33,14 @@ def pointwise_convolutions_as_matmul(graph: Graph) -> Graph:
         x, w, bias, *_, transposed, _, _ = n.args
         batch, c_out, height, width = n.meta.shape
         c_in = x.meta.shape[1]
-        at = graph.emitter(n, n.module, n.section)
+        at = graph.emitter(graph.nodes[graph.nodes.index(n) - 1], n.module, n.section)  # ops go in before n
         rows = at(aten.reshape.default, at(aten.permute.default, x, [0, 2, 3, 1]), [-1, c_in])
         # weight: [C_out, C_in, 1, 1] for a convolution, [C_in, C_out, 1, 1] for a transposed one
         matrix = at(aten.reshape.default, w, [w.meta.shape[0], w.meta.shape[1]])
         if not transposed:
             matrix = at(aten.permute.default, matrix, [1, 0])
         product = at(aten.mm.default, rows, matrix) if bias is None else at(aten.addmm.default, bias, rows, matrix)
-        out = at(aten.permute.default, at(aten.reshape.default, product, [batch, height, width, c_out]), [0, 3, 1, 2])
-        graph.replace_all_uses(n, out)
-        graph.nodes.remove(n)
+        # n becomes the NCHW view of the product (same shape), so its users need no rewiring
+        n.target, n.args, n.kwargs = aten.permute.default, (
+            at(aten.reshape.default, product, [batch, height, width, c_out]), [0, 3, 1, 2]), {}
     return graph
