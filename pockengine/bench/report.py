@@ -323,6 +323,7 @@ def write(results: dict[str, Any], out: Path) -> None:
                   (f"{w['description']} — run here at --quick sizes: {sizes}. " if w["quick"] else
                    f"{w['description']}. ") + f"{w['steps']} measured steps after {w['warmup']} warm-up steps; "
                   f"{w['items_per_step']} {w['unit']} per step; measured {w['finished']} "
+                  + (f"with pockengine {w['code']} " if w.get("code") else "") +
                   f"(load average {w['loadavg_start'][0]:.2f} at the start, {w['loadavg_end'][0]:.2f} at the end; "
                   f"the gate before each step (at most {0 if w['quick'] else c['max_wait_s']} s) waited "
                   f"{w.get('quiet_gate', {}).get('waited_s', 0):.0f} s in all "

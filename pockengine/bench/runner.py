@@ -124,6 +124,19 @@ def matmul_rate(threads: int, n: int = 2048, reps: int = 8) -> float:
     return 2 * n ** 3 / best
 
 
+def code_version() -> str | None:
+    """The commit of the pockengine checkout that measures (`+changes` when its code differs from it), so that
+    every table says which code produced it; None outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        changed = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "pockengine", "bench"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if changed else "")
+
+
 def machine_info() -> dict[str, Any]:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
@@ -351,7 +364,7 @@ def run(workloads: list[str], *, quick: bool = False, schemes: list[str] | None 
         w = run_workload(name, quick=quick, schemes=schemes, systems=systems, steps=steps, work=work)
         rate_end = quick_rate or matmul_rate(threads)
         w.update(matmul_flops_per_s=max(rate_start, rate_end), matmul_rates=[rate_start, rate_end],
-                 machine=results["machine"], finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+                 machine=results["machine"], finished=time.strftime("%Y-%m-%d %H:%M:%S"), code=code_version())
         return w
 
     def record(name: str, w: dict[str, Any]) -> None:
