@@ -140,4 +140,3 @@ def test_in_place_only_where_the_input_dies():
     relus = [n for n in cap.graph.nodes if n.op_name.startswith("relu")]
     assert [n.op_name for n in relus] == ["relu_.default", "relu.default"]
     assert all(n.target is not operator.getitem for n in relus)
-
