@@ -76,3 +76,34 @@ def test_schemes_resolve_and_match_the_config():
                 s = scheme_for(name, scheme, quick)
                 assert s.name == scheme
         assert set(spec["schemes"]) <= set(schemes[name])
+
+
+def _job(tmp_path, system: str) -> dict:
+    return {"kind": "system", "system": system, "scheme": "sparse", "pass": "time", "workload": "mobilenetv2",
+            "quick": True, "threads": 1, "work_dir": str(tmp_path)}
+
+
+def test_worker_error_reaches_the_runner_with_its_message(tmp_path):
+    from pockengine.bench.runner import Worker, WorkerError
+
+    w = Worker(_job(tmp_path, "no-such-system"), tmp_path / "worker.log")
+    with pytest.raises(WorkerError, match="no-such-system"):
+        w.read(timeout=300)
+    assert "Traceback" in (tmp_path / "worker.log").read_text()
+    assert not w.proc.is_alive()
+
+
+def test_worker_that_dies_is_reported_not_awaited(tmp_path):
+    from pockengine.bench import worker, workloads
+    from pockengine.bench.runner import Worker, WorkerError
+
+    selections = workloads.resolve(workloads.build("mobilenetv2", quick=True),
+                                   workloads.scheme_for("mobilenetv2", "sparse", quick=True))
+    path = worker._selections_path(str(tmp_path), "sparse")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"resolved": {k: v.to_dict() for k, v in selections.items()}}))
+    proc = Worker(_job(tmp_path, "eager"), tmp_path / "worker.log")
+    assert proc.read(timeout=300)["ready"]
+    proc.proc.kill()
+    with pytest.raises(WorkerError, match="exited with code|is gone"):
+        proc.ask(cmd="step")

@@ -197,7 +197,8 @@ def notes(w: dict[str, Any]) -> list[str]:
 METHOD = """\
 ## Method
 
-- **One run, alternating.** Each (system, scheme) is its own process. In the timing pass the processes of a group
+- **One run, alternating.** Each (system, scheme) is its own process (in the timing pass forked from a server that has
+  imported the libraries once; set-up times never include imports). In the timing pass the processes of a group
   (the whole workload, or one scheme for SmolLM2, whose 17 processes would not fit in memory together) are set up one
   after another, then take steps in turn (A B C … A B C …) with a {pause}s idle gap between steps, so that drift of
   the machine hits every system alike. The machine is shared: the gap is extended (up to `max_wait_s`, given above

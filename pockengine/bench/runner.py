@@ -1,24 +1,25 @@
 """Runs the benchmark: for each workload, a prepare process, a timing pass and a memory pass, then the report.
 
-Timing pass: one process per (system, scheme); the processes of a group are set up one after another (so that a
-compile never competes with another), then step in turn, A B C ... A B C ..., `warmup` unmeasured rounds and
-`steps` measured ones, with a short idle gap between two steps, so that drift of the machine hits every system
-alike. A group is the whole workload (`alternate: all`) or one scheme (`alternate: per_scheme`, when every process
-at once would not fit in memory). Memory pass: again one process per (system, scheme), run alone, with
-MALLOC_MMAP_THRESHOLD_=65536 (see memory.py): warm-up, reset of the high-water mark, measured steps, VmHWM; then
-one more step under FlopCounterMode where the system's ops are visible to it. A system that fails is recorded with
-its error.
+Timing pass: one process per (system, scheme), forked from a server that has imported the libraries once; the
+processes of a group are set up one after another (so that a compile never competes with another), then step in
+turn, A B C ... A B C ..., `warmup` unmeasured rounds and `steps` measured ones, with a short idle gap between two
+steps, so that drift of the machine hits every system alike. A group is the whole workload (`alternate: all`) or
+one scheme (`alternate: per_scheme`, when every process at once would not fit in memory). Memory pass: again one
+process per (system, scheme), a new interpreter run alone, with MALLOC_MMAP_THRESHOLD_=65536 (see memory.py):
+warm-up, reset of the high-water mark, measured steps, VmHWM; then one more step under FlopCounterMode where the
+system's ops are visible to it. A system that fails is recorded with its error.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import multiprocessing
+import multiprocessing.context
 import os
 import platform
-import queue
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,45 +36,67 @@ SYSTEM_ORDER = ["pockengine", "eager", "torch.compile", "ort"]
 LORA = "peft-lora"
 SETUP_TIMEOUT = 1800.0
 STEP_TIMEOUT = 600.0
-# --quick runs every set-up at once on a small machine: Inductor compiles in its own process instead of starting a
-# pool of compile workers (each importing torch) per torch.compile process.
-QUICK_ENV = {"TORCHINDUCTOR_COMPILE_THREADS": "1"}
+# The timing processes fork from a server that has imported these once (about 3-8 s of CPU per process saved:
+# torch, transformers and its lazily imported model code, dynamo and Inductor).
+PRELOAD = ["torch", "torch._dynamo", "torch._inductor.compile_fx", "torch.export", "transformers",
+           "transformers.models.bert.modeling_bert", "transformers.models.llama.modeling_llama", "peft",
+           "pockengine", "pockengine.bench.systems", "pockengine.bench.workloads", "pockengine.bench.worker"]
+_SPAWN_LOCK = threading.Lock()
 
 
 class WorkerError(RuntimeError):
     pass
 
 
-class Worker:
-    """A worker process (python -m pockengine.bench.worker) and its line protocol."""
+@functools.cache
+def _forkserver() -> multiprocessing.context.BaseContext:
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
 
-    def __init__(self, job: dict[str, Any], log: Path, env: dict[str, str] | None = None):
+
+class Worker:
+    """A worker process (pockengine.bench.worker.serve) and its messages.
+
+    `fresh_env=None`: forked from the preloaded server (prepare and timing processes). Otherwise a new interpreter
+    started with these variables added to its environment, for settings that must be there when the process
+    starts (the memory pass's MALLOC_MMAP_THRESHOLD_ is read by glibc at start-up).
+    """
+
+    def __init__(self, job: dict[str, Any], log: Path, fresh_env: dict[str, str] | None = None):
+        from pockengine.bench import worker
+
         self.job = job
         log.parent.mkdir(parents=True, exist_ok=True)
         self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "pockengine.bench.worker", json.dumps(job)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(log, "w"),
-                                     text=True, cwd=REPO, env={**os.environ, **(env or {})})
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
+        ctx = _forkserver() if fresh_env is None else multiprocessing.get_context("spawn")
+        self.conn, child_end = ctx.Pipe()
+        self.proc = ctx.Process(target=worker.serve, args=(job, child_end, str(log)))
+        with _SPAWN_LOCK:
+            saved = {k: os.environ.get(k) for k in fresh_env or {}}
+            os.environ.update(fresh_env or {})
+            try:
+                self.proc.start()
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k)
+                    else:
+                        os.environ[k] = v
+        child_end.close()  # the child holds its own end: its exit shows here as end of file
 
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            if line.startswith("@@"):
-                self.lines.put(line[2:])
-        self.lines.put(None)
+    def _log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-1500:] if self.log.exists() else ""
 
     def read(self, timeout: float) -> dict[str, Any]:
-        try:
-            line = self.lines.get(timeout=timeout)
-        except queue.Empty:
+        if not self.conn.poll(timeout):
             self.kill()
-            raise WorkerError(f"no answer within {timeout:.0f} s") from None
-        if line is None:
-            self.proc.wait()
-            tail = self.log.read_text()[-1500:]
-            raise WorkerError(f"worker exited with code {self.proc.returncode}: {tail}")
-        msg = json.loads(line)
+            raise WorkerError(f"no answer within {timeout:.0f} s")
+        try:
+            msg = self.conn.recv()
+        except (EOFError, OSError):  # the worker is gone (end of file, or a reset connection)
+            self.proc.join()
+            raise WorkerError(f"worker exited with code {self.proc.exitcode}: {self._log_tail()}") from None
         if "error" in msg:
             self.kill()
             raise WorkerError(msg["error"])
@@ -81,32 +104,29 @@ class Worker:
 
     def ask(self, timeout: float = STEP_TIMEOUT, **msg: Any) -> dict[str, Any]:
         try:
-            self.proc.stdin.write(json.dumps(msg) + "\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError) as e:
-            raise WorkerError(f"worker is gone: {e}: {self.log.read_text()[-1500:]}") from e
+            self.conn.send(msg)
+        except OSError as e:
+            raise WorkerError(f"worker is gone: {e}: {self._log_tail()}") from e
         return self.read(timeout)
 
     def request_quit(self) -> None:
         """Ask the worker to exit without waiting (several can shut down at once)."""
-        if self.proc.poll() is None:
+        if self.proc.is_alive():
             try:
-                self.proc.stdin.write('{"cmd": "quit"}\n')
-                self.proc.stdin.flush()
-            except (BrokenPipeError, OSError):
+                self.conn.send({"cmd": "quit"})
+            except OSError:
                 self.kill()
 
     def quit(self) -> None:
         self.request_quit()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+        self.proc.join(timeout=60)
+        if self.proc.is_alive():
             self.kill()
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
+        if self.proc.is_alive():
             self.proc.kill()
-            self.proc.wait()
+        self.proc.join()
 
 
 def matmul_rate(threads: int, n: int = 2048, reps: int = 8) -> float:
@@ -203,7 +223,8 @@ def quiet_gap(pause: float, max_wait: float, idle_needed: float = 0.85) -> tuple
 
 
 def _log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    # one write per line: --quick logs from one thread per workload
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}\n", end="", flush=True)
 
 
 def _await_ready(w: Worker, key: str, runs: dict[str, Any], live: dict[str, Worker], name: str) -> None:
@@ -241,7 +262,7 @@ def run_workload(name: str, *, quick: bool, schemes: list[str] | None, systems: 
     try:
         msg = prep.read(SETUP_TIMEOUT)
     finally:
-        prep.kill()
+        prep.quit()
     result["schemes"] = msg["result"]
     result["unit"], result["items_per_step"] = msg["unit"], msg["items_per_step"]
 
@@ -256,7 +277,7 @@ def run_workload(name: str, *, quick: bool, schemes: list[str] | None, systems: 
             # (a smoke test, whose set-up times mean nothing) all at once, to save time.
             _log(f"{name}: setting up {system} on {scheme}")
             started[key] = Worker({**base, "kind": "system", "system": system, "scheme": scheme, "pass": "time"},
-                                  work / "logs" / f"time-{system}-{scheme}.log", env=QUICK_ENV if quick else None)
+                                  work / "logs" / f"time-{system}-{scheme}.log")
             if not quick:
                 _await_ready(started.pop(key), key, runs, live, name)
         for key, w in started.items():
@@ -308,7 +329,7 @@ def run_workload(name: str, *, quick: bool, schemes: list[str] | None, systems: 
                 continue
             _log(f"{name}: memory of {system} on {scheme}")
             w = Worker({**base, "kind": "system", "system": system, "scheme": scheme, "pass": "mem"},
-                       work / "logs" / f"mem-{system}-{scheme}.log", env=memory.MALLOC_ENV)
+                       work / "logs" / f"mem-{system}-{scheme}.log", fresh_env=memory.MALLOC_ENV)
             try:
                 ready = w.read(SETUP_TIMEOUT)
                 for _ in range(cfg["memory_warmup"] - 1):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -137,7 +136,13 @@ class TorchCompile(_TorchLoop):
         import torch._dynamo  # noqa: F401
         import torch._inductor.compile_fx  # noqa: F401
 
-    def setup(self, model, loss_fn, batch, selections, *, lr, **kw):
+    def setup(self, model, loss_fn, batch, selections, *, lr, compile_threads=None, **kw):
+        # --quick starts every set-up at once on a small machine: there Inductor compiles in this process
+        # (compile_threads=1) instead of starting a pool of compile workers, each importing torch.
+        if compile_threads is not None:
+            import torch._inductor.config
+
+            torch._inductor.config.compile_threads = compile_threads
         self._prepare(model, selections, lr)
         self.fn = torch.compile(lambda inputs, target: loss_fn(_call(model, inputs), target))
 

@@ -1,10 +1,10 @@
-"""One benchmark process: `python -m pockengine.bench.worker JOB_JSON`.
+"""One benchmark process: `serve(job, conn, log)`, started by the runner through multiprocessing (runner.Worker).
 
 `job["kind"] == "prepare"`: resolve every scheme of a workload once (written to work_dir/selections/) and count the
 FLOPs of an eager step with each trainable set (torch.utils.flop_counter.FlopCounterMode); prints one result line.
 
 `job["kind"] == "system"`: build the workload, set up one system on one scheme, run the first step (set-up time =
-setup() + first step, for every system), then answer commands on stdin, one JSON line each:
+setup() + first step, for every system), then answer commands received on the connection, one message each:
   {"cmd": "step"}      -> {"loss", "time"}     (step n uses batch n mod len(batches), the same order everywhere)
   {"cmd": "mem_begin"} -> {"rss_kb"}           (resets the resident high-water mark of the system's process)
   {"cmd": "mem_end"}   -> {"hwm_kb", "rss_kb"}
@@ -13,7 +13,7 @@ setup() + first step, for every system), then answer commands on stdin, one JSON
   {"cmd": "flops"}     -> {"flops"}            (one more step under FlopCounterMode; null where it cannot watch)
   {"cmd": "trim"}      -> {}                   (gc and malloc_trim: an idle process keeps only live memory)
   {"cmd": "quit"}
-Replies are stdout lines starting with "@@"; anything else a library prints is ignored by the runner.
+Messages are plain dicts on a multiprocessing connection; what libraries print goes to the log file.
 """
 
 from __future__ import annotations
@@ -25,17 +25,13 @@ import os
 import sys
 import time
 import traceback
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pockengine.bench import memory
-
-
-def reply(**msg: Any) -> None:
-    sys.stdout.write("@@" + json.dumps(msg) + "\n")
-    sys.stdout.flush()
 
 
 def _set_threads(n: int) -> None:
@@ -73,7 +69,7 @@ def track_step(system: Any, batch: Any) -> int:
     return tracker.peak_bytes
 
 
-def prepare(job: dict[str, Any]) -> None:
+def prepare(job: dict[str, Any], conn: Connection) -> None:
     """Resolve the schemes and count eager FLOPs per scheme (and for LoRA)."""
     from pockengine.bench import workloads as W
     from pockengine.bench.systems import Eager, PeftLoRA
@@ -104,10 +100,10 @@ def prepare(job: dict[str, Any]) -> None:
         out["lora"] = {"rules": {"peft": job["lora"]}, "trained_tensors": len(lora.trained),
                        "trained_entries": lora.trained_entries(), "total_entries": total,
                        "eager_flops": count_flops(lambda: lora.step(w.batch(0)))}
-    reply(result=out, items_per_step=w.items_per_step, unit=w.unit)
+    conn.send({"result": out, "items_per_step": w.items_per_step, "unit": w.unit})
 
 
-def run_system(job: dict[str, Any]) -> None:
+def run_system(job: dict[str, Any], conn: Connection) -> None:
     from pockengine.bench import workloads as W
     from pockengine.bench.systems import SYSTEMS
 
@@ -124,7 +120,7 @@ def run_system(job: dict[str, Any]) -> None:
     system.setup(w.model, w.loss_fn, w.batch(0), selections, lr=w.lr, workload=w,
                  freeze_batchnorm=w.freeze_batchnorm, scheme_name=job["scheme"], lora=w.cfg.get("lora"),
                  work_dir=str(Path(job["work_dir"]) / "ort" / job["scheme"]), threads=job["threads"],
-                 reuse=job["pass"] == "mem")
+                 reuse=job["pass"] == "mem", compile_threads=1 if job["quick"] else None)
     setup_only = time.perf_counter() - start
     n = 0
     t = time.perf_counter()
@@ -132,58 +128,62 @@ def run_system(job: dict[str, Any]) -> None:
     first_time = time.perf_counter() - t
     n += 1
     parts = system.setup_parts() if hasattr(system, "setup_parts") else {}
-    reply(ready=True, setup_s=setup_only + first_time, setup_only_s=setup_only, first_step_s=first_time,
-          setup_parts=parts, loss=first, trained_entries=system.trained_entries(), notes=system.notes(),
-          baseline_rss_kb=system.baseline_rss_kb() or baseline, pid=system.pid())
+    conn.send({"ready": True, "setup_s": setup_only + first_time, "setup_only_s": setup_only,
+               "first_step_s": first_time, "setup_parts": parts, "loss": first,
+               "trained_entries": system.trained_entries(), "notes": system.notes(),
+               "baseline_rss_kb": system.baseline_rss_kb() or baseline, "pid": system.pid()})
     try:
-        for line in sys.stdin:
-            msg = json.loads(line)
-            cmd = msg["cmd"]
-            if cmd == "quit":
-                break
+        while (cmd := _receive(conn)) != "quit":
             if cmd == "step":
                 batch = w.batch(n)
                 t = time.perf_counter()
                 loss = system.step(batch)
-                reply(loss=loss, time=time.perf_counter() - t)
+                conn.send({"loss": loss, "time": time.perf_counter() - t})
                 n += 1
             elif cmd == "mem_begin":
-                reply(rss_kb=memory.reset_peak(system.pid()))
+                conn.send({"rss_kb": memory.reset_peak(system.pid())})
             elif cmd == "mem_end":
-                reply(hwm_kb=memory.hwm_kb(system.pid()), rss_kb=memory.rss_kb(system.pid()))
+                conn.send({"hwm_kb": memory.hwm_kb(system.pid()), "rss_kb": memory.rss_kb(system.pid())})
             elif cmd == "track":
                 batch = w.batch(n)
-                reply(tracked_bytes=track_step(system, batch) if system.counts_flops else None,
-                      predicted_bytes=system.predicted_step_bytes())
+                conn.send({"tracked_bytes": track_step(system, batch) if system.counts_flops else None,
+                           "predicted_bytes": system.predicted_step_bytes()})
                 n += 1
             elif cmd == "flops":
                 batch = w.batch(n)
                 flops = count_flops(lambda: system.step(batch)) if system.counts_flops else None
                 n += 1
-                reply(flops=flops)
+                conn.send({"flops": flops})
             elif cmd == "trim":
                 gc.collect()
                 memory.trim()
-                reply(ok=True)
+                conn.send({"ok": True})
             else:
-                reply(error=f"unknown command {cmd!r}")
+                conn.send({"error": f"unknown command {cmd!r}"})
     finally:
         system.close()
 
 
-def main() -> None:
-    job = json.loads(sys.argv[1])
+def _receive(conn: Connection) -> str:
+    """The next command; "quit" when the runner has gone away."""
     try:
-        if job["kind"] == "prepare":
-            prepare(job)
-        else:
-            run_system(job)
+        return conn.recv()["cmd"]
+    except (EOFError, OSError):
+        return "quit"
+
+
+def serve(job: dict[str, Any], conn: Connection, log: str) -> None:
+    """A worker process: stdout and stderr (whatever the libraries print) go to `log`, messages to `conn`."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    try:
+        (prepare if job["kind"] == "prepare" else run_system)(job, conn)
     except Exception as e:
         traceback.print_exc()
-        reply(error=f"{type(e).__name__}: {str(e)[:2000]}")
+        conn.send({"error": f"{type(e).__name__}: {str(e)[:2000]}"})
+        sys.exit(1)
+    finally:
         sys.stdout.flush()
-        os._exit(1)
-
-
-if __name__ == "__main__":
-    main()
+        sys.stderr.flush()
