@@ -107,3 +107,20 @@ def test_worker_that_dies_is_reported_not_awaited(tmp_path):
     proc.proc.kill()
     with pytest.raises(WorkerError, match="exited with code|is gone"):
         proc.ask(cmd="step")
+
+
+@pytest.mark.parametrize("compile_threads", [None, 1])
+def test_torch_compile_system_trains_with_the_default_and_the_quick_compile_threads(compile_threads):
+    import torch
+
+    import pockengine as pe
+    from pockengine.bench.systems import TorchCompile
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    batch = ((torch.randn(5, 4),), torch.randint(0, 3, (5,)))
+    system = TorchCompile()
+    system.setup(model, pe.losses.cross_entropy(), batch, pe.Scheme.full().resolve(model), lr=0.1,
+                 compile_threads=compile_threads)
+    losses = [system.step(batch) for _ in range(3)]
+    assert losses[2] < losses[0]

@@ -140,9 +140,9 @@ class TorchCompile(_TorchLoop):
         # --quick starts every set-up at once on a small machine: there Inductor compiles in this process
         # (compile_threads=1) instead of starting a pool of compile workers, each importing torch.
         if compile_threads is not None:
-            import torch._inductor.config
+            from torch._inductor import config as inductor_config
 
-            torch._inductor.config.compile_threads = compile_threads
+            inductor_config.compile_threads = compile_threads
         self._prepare(model, selections, lr)
         self.fn = torch.compile(lambda inputs, target: loss_fn(_call(model, inputs), target))
 
