@@ -22,8 +22,8 @@ from pockengine.capture import Captured, capture, normalize_batch
 from pockengine.errors import BatchMismatchError, NonFiniteLossError, UserInputError
 from pockengine.ir.graph import BATCH, SCALAR, STATE, Node, eliminate_dead_code
 from pockengine.optim import SGD, Optimizer
-from pockengine.passes import (chunk_frozen_prefix, chunk_frozen_stages, compact_activation_masks,
-                               drop_redundant_clones, fold_constants, fold_frozen_batchnorm,
+from pockengine.passes import (chunk_frozen_prefix, compact_activation_masks, drop_redundant_clones,
+                               fold_constants, fold_frozen_batchnorm, frozen_region, plan_chunks,
                                pointwise_convolutions_as_matmul, rematerialize, run_in_place, to_channels_last,
                                update_early, uses_convolution)
 from pockengine.memory.plan import MemoryPlan, plan_memory
@@ -232,10 +232,13 @@ class Trainer:
         update_early(graph, cap.loss)
         run_in_place(graph)
         static = self._static_inputs(cap, state_inputs)
-        if self.frozen_chunks == "auto":
-            chunk_frozen_stages(graph, set(trained.values()), lambda g: plan_memory(g, _strides(static)).live_during)
-        else:
-            chunk_frozen_prefix(graph, set(trained.values()), self.frozen_chunks)
+        chunks, until = self.frozen_chunks, None
+        if chunks == "auto":
+            region, boundary, size = frozen_region(graph, set(trained.values()))
+            if region:
+                chunks, until = plan_chunks(region, boundary, size,
+                                            plan_memory(graph, _strides(static)).live_during)
+        chunk_frozen_prefix(graph, set(trained.values()), chunks if isinstance(chunks, int) else 1, until)
         if self.channels_last:
             pointwise_convolutions_as_matmul(graph)
         inputs = graph.inputs()

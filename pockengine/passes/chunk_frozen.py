@@ -6,10 +6,6 @@ every sample on its own, so this pass runs that region `chunks` times on slices 
 other, and concatenates only the values that leave the region (usually one small activation). The region's
 transient memory falls about `chunks` times; the arithmetic is the same, in smaller kernel calls.
 
-Smaller calls cost time, so `chunk_frozen_stages` splits the region in stages, each into as few micro-batches as
-its own peak needs: the high-resolution layers into many, the next ones into fewer, joined in between where few
-bytes cross (a block's narrow output), and the layers that fit at full batch not at all.
-
 The region: forward ops that keep the batch as dimension 0 and treat samples independently (convolution, frozen
 BatchNorm, pooling, element-wise ops and activations), whose inputs are the batch, other region values, or values
 that depend neither on the batch nor on a trained parameter (frozen weights).
@@ -18,7 +14,6 @@ that depend neither on the batch nor on a trained parameter (frozen weights).
 from __future__ import annotations
 
 import operator
-from typing import Callable
 
 import torch
 from torch.utils._pytree import tree_map
@@ -44,16 +39,14 @@ def _outputs(meta) -> list[TensorMeta]:
     return [m for m in (meta if isinstance(meta, tuple) else (meta,)) if isinstance(m, TensorMeta)]
 
 
-def frozen_region(graph: Graph, trained: set[Node], until: Node | None = None,
-                  joins: list[Node] = ()) -> tuple[list[Node], list[Node], int]:
+def frozen_region(graph: Graph, trained: set[Node], until: Node | None = None) -> tuple[list[Node], list[Node], int]:
     """(region nodes in program order, those read outside the region, batch size); empty when there is none.
-    `until` cuts the region after that node (the rest of it then runs at full batch). `joins`: the joined outputs
-    of an earlier stage, where the region may start as well as at the batch."""
+    `until` cuts the region after that node (the rest of it then runs at full batch)."""
     batch_inputs = [n for n in graph.inputs(BATCH) if isinstance(n.meta, TensorMeta) and n.meta.shape]
     if not batch_inputs:
         return [], [], 0
     size = batch_inputs[0].meta.shape[0]
-    seeds = _seeds(graph, size, joins)
+    seeds = {n for n in batch_inputs if n.meta.shape[0] == size}
     # Values independent of the batch and of every trained parameter: shared by all micro-batches.
     varying = set(graph.inputs(BATCH)) | set(trained)
     for n in graph.nodes:
@@ -112,41 +105,12 @@ def frozen_region(graph: Graph, trained: set[Node], until: Node | None = None,
     return ordered, boundary, size
 
 
-def _seeds(graph: Graph, size: int, joins: list[Node]) -> set[Node]:
-    """The values a region slices into micro-batches: the batch inputs, and the joins of earlier stages."""
-    return {n for n in graph.inputs(BATCH) if isinstance(n.meta, TensorMeta) and n.meta.shape
-            and n.meta.shape[0] == size} | set(joins)
-
-
 def chunk_frozen_prefix(graph: Graph, trained: set[Node], chunks: int, until: Node | None = None) -> Graph:
     """Run the frozen region (see `frozen_region`), up to `until`, on `chunks` slices of the batch in turn."""
-    _split(graph, trained, chunks, until, [])
-    return graph
-
-
-def chunk_frozen_stages(graph: Graph, trained: set[Node],
-                        live_during: Callable[[Graph], dict[Node, int]]) -> Graph:
-    """Run the frozen region in stages of micro-batches, each stage as few as keep it below the peak of the rest
-    of the step (`plan_chunks`); `live_during(graph)`: the bytes live while each op runs (`MemoryPlan.live_during`)."""
-    joins: list[Node] = []
-    while True:
-        region, boundary, size = frozen_region(graph, trained, joins=joins)
-        if not region:
-            return graph
-        chunks, until = plan_chunks(region, boundary, size, live_during(graph))
-        if chunks <= 1:
-            return graph
-        joins += _split(graph, trained, chunks, until, joins)
-
-
-def _split(graph: Graph, trained: set[Node], chunks: int, until: Node | None, joins: list[Node]) -> list[Node]:
-    """Split the region (from the batch and `joins`, up to `until`) into `chunks` micro-batches; returns the joins
-    of its outputs."""
-    region, boundary, size = frozen_region(graph, trained, until, joins)
+    region, boundary, size = frozen_region(graph, trained, until)
     chunks = min(chunks, size)
     if not region or chunks <= 1:
-        return []
-    seeds = _seeds(graph, size, joins)
+        return graph
     members = set(region)
     anchor = region[-1]
     bounds = [size * i // chunks for i in range(chunks + 1)]
@@ -164,7 +128,7 @@ def _split(graph: Graph, trained: set[Node], chunks: int, until: Node | None, jo
                 return a
             if a in local:
                 return local[a]
-            if a in seeds:
+            if a.role == BATCH and a.meta.shape and a.meta.shape[0] == size:
                 local[a] = emit(aten.slice.Tensor, (a, 0, start, stop), {}, a)
                 return local[a]
             return a  # shared by every micro-batch
@@ -174,25 +138,21 @@ def _split(graph: Graph, trained: set[Node], chunks: int, until: Node | None, jo
             local[n] = emit(n.target, args, kwargs, n)
         for b in boundary:
             pieces[b].append(local[b])
-    joined = []
     for b in boundary:
-        joined.append(graph.call(aten.cat.default, (pieces[b], 0), module=b.module, section=b.section, after=anchor))
-        anchor = joined[-1]
-        graph.replace_all_uses(b, anchor)
+        joined = graph.call(aten.cat.default, (pieces[b], 0), module=b.module, section=b.section, after=anchor)
+        anchor = joined
+        graph.replace_all_uses(b, joined)
     graph.nodes = [n for n in graph.nodes if n not in members]
-    return joined
+    return graph
 
 
 def plan_chunks(region: list[Node], boundary: list[Node], size: int,
                 live_bytes: dict[Node, int]) -> tuple[int, Node | None]:
-    """The first stage of micro-batches for the region, so that it no longer sets the step's peak, at the least
-    cost: (micro-batches, the last node of the stage); (1, None) when the region fits at full batch.
-
-    Only the ops that run above the peak of the rest of the step need splitting (splitting more costs time in
-    smaller kernel calls). The stage takes the fewest micro-batches (a divisor of the batch) that bring its highest
-    op below that peak, and ends after the last op that needs that many, at the first point where the values
-    crossing the cut, joined, fit below the peak too (a block's narrow output); the ops after it are left to the
-    next stage. `live_bytes`: the bytes live while each op of the unsplit program runs (`MemoryPlan.live_during`)."""
+    """How to split the region so that it no longer sets the step's peak, at the least cost: (micro-batches,
+    the last node to split). Only the region's ops that run above the peak of the rest of the step are split
+    (the early layers at high resolution; splitting more costs time in smaller kernel calls), into the fewest
+    micro-batches (a divisor of the batch) that bring them below it. `live_bytes`: the bytes live while each op of
+    the unsplit program runs (`MemoryPlan.live_during`)."""
     order = {n: i for i, n in enumerate(live_bytes)}
     first, last = order[region[0]], order[region[-1]]
     # Ops interleaved with the region (folding frozen weights) run while its values are live: they count as inside.
@@ -201,24 +161,11 @@ def plan_chunks(region: list[Node], boundary: list[Node], size: int,
     high = [n for n, b in inside.items() if b > outside]
     if not high:
         return 1, None
-    last_read = {n: len(order) for n in boundary}  # read after the region (or a program output)
-    for n in live_bytes:
-        for i in n.inputs:
-            last_read[i] = max(last_read.get(i, -1), order[n])
-
-    def crossing(cut: Node) -> int:
-        """Bytes of the region's values made up to `cut` and read after it: what the stage's join holds."""
-        return sum(m.nbytes for n in region if order[n] <= order[cut] and last_read.get(n, -1) > order[cut]
-                   for m in _outputs(n.meta))
-
-    def needed(peak: int, leaving: int) -> int:
-        # The pieces of the values leaving the stage pile up until they are joined, and the join holds them twice.
-        return next((k for k in range(2, size + 1) if size % k == 0 and (peak - leaving) / k + 2 * leaving <= outside),
-                    size)
-
-    most = needed(max(inside[h] for h in high), 0)
-    last_needing = max((h for h in high if needed(inside[h], 0) == most), key=order.__getitem__)
-    until = next((n for n in region if order[n] >= order[last_needing] and live_bytes[n] + crossing(n) <= outside),
-                 region[-1])
-    peak = max(b for n, b in inside.items() if order[n] <= order[until])
-    return needed(peak, crossing(until)), until
+    until = max((n for n in region if order[n] <= max(order[h] for h in high)), key=order.__getitem__)
+    peak = max(inside.values())
+    # The pieces of the values leaving the region pile up until they are joined, and the join holds them twice.
+    leaving = sum(m.nbytes for n in boundary for m in _outputs(n.meta))
+    for k in range(2, size + 1):
+        if size % k == 0 and (peak - leaving) / k + 2 * leaving <= outside:
+            return k, until
+    return size, until
