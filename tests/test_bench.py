@@ -99,9 +99,7 @@ def test_worker_that_dies_is_reported_not_awaited(tmp_path):
 
     selections = workloads.resolve(workloads.build("mobilenetv2", quick=True),
                                    workloads.scheme_for("mobilenetv2", "sparse", quick=True))
-    path = worker._selections_path(str(tmp_path), "sparse")
-    path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"resolved": {k: v.to_dict() for k, v in selections.items()}}))
+    worker.save_selections(str(tmp_path), "sparse", selections)
     proc = Worker(_job(tmp_path, "eager"), tmp_path / "worker.log")
     assert proc.read(timeout=300)["ready"]
     proc.proc.kill()

@@ -66,7 +66,6 @@ class Worker:
     def __init__(self, job: dict[str, Any], log: Path, fresh_env: dict[str, str] | None = None):
         from pockengine.bench import worker
 
-        self.job = job
         log.parent.mkdir(parents=True, exist_ok=True)
         self.log = log
         ctx = _forkserver() if fresh_env is None else multiprocessing.get_context("spawn")

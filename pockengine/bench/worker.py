@@ -1,7 +1,7 @@
 """One benchmark process: `serve(job, conn, log)`, started by the runner through multiprocessing (runner.Worker).
 
 `job["kind"] == "prepare"`: resolve every scheme of a workload once (written to work_dir/selections/) and count the
-FLOPs of an eager step with each trainable set (torch.utils.flop_counter.FlopCounterMode); prints one result line.
+FLOPs of an eager step with each trainable set (torch.utils.flop_counter.FlopCounterMode); sends one result message.
 
 `job["kind"] == "system"`: build the workload, set up one system on one scheme, run the first step (set-up time =
 setup() + first step, for every system), then answer commands received on the connection, one message each:
@@ -40,6 +40,13 @@ def _set_threads(n: int) -> None:
 
 def _selections_path(work_dir: str, scheme: str) -> Path:
     return Path(work_dir) / "selections" / f"{scheme}.json"
+
+
+def save_selections(work_dir: str, scheme: str, selections: dict) -> None:
+    """Write a resolved scheme ({parameter: Selection}) where every system's process reads it."""
+    path = _selections_path(work_dir, scheme)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"name": scheme, "resolved": {k: v.to_dict() for k, v in selections.items()}}))
 
 
 def load_selections(work_dir: str, scheme: str) -> dict:
@@ -81,9 +88,7 @@ def prepare(job: dict[str, Any], conn: Connection) -> None:
     for name in job["schemes"]:
         scheme = W.scheme_for(job["workload"], name, job["quick"])
         sel = W.resolve(w, scheme)
-        path = _selections_path(job["work_dir"], name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"name": name, "resolved": {k: v.to_dict() for k, v in sel.items()}}))
+        save_selections(job["work_dir"], name, sel)
         model = copy.deepcopy(w.model)
         eager = Eager()
         eager.setup(model, w.loss_fn, w.batch(0), sel, lr=w.lr)
