@@ -22,6 +22,7 @@ from pockengine.capture import Captured, capture, normalize_batch
 from pockengine.errors import BatchMismatchError, NonFiniteLossError, UserInputError
 from pockengine.ir.graph import BATCH, SCALAR, STATE, Node, eliminate_dead_code
 from pockengine.optim import SGD, Optimizer
+from pockengine.passes.activation_masks import MODES as MASK_MODES
 from pockengine.passes import (chunk_frozen_prefix, compact_activation_masks, drop_redundant_clones,
                                fold_constants, fold_frozen_batchnorm, frozen_region, plan_chunks,
                                pointwise_convolutions_as_matmul, rematerialize, run_in_place, to_channels_last,
@@ -51,6 +52,8 @@ class Trainer:
                  frozen_chunks: int | str = "auto"):
         if not (frozen_chunks == "auto" or isinstance(frozen_chunks, int) and frozen_chunks >= 1):
             raise UserInputError(f"frozen_chunks must be 'auto' or an integer >= 1, got {frozen_chunks!r}")
+        if activation_masks not in MASK_MODES:
+            raise UserInputError(f"activation_masks must be one of {MASK_MODES}, got {activation_masks!r}")
         if memory_format not in ("auto", "channels_last", "preserve"):
             raise UserInputError(f"memory_format must be 'auto', 'channels_last' or 'preserve', got {memory_format!r}")
         if on_nonfinite not in ("raise", "skip"):
@@ -296,7 +299,7 @@ def compile(model: nn.Module, loss_fn: Callable, example_batch: Any, optimizer: 
     setting); otherwise every module keeps its mode. A NaN/inf loss raises NonFiniteLossError before any weight
     changes, or, with on_nonfinite='skip', skips the step and returns nan. `seed` seeds dropout.
     `activation_masks` says how ReLU-like layers remember where they passed the gradient when their output is
-    not saved for anything else: "bits" (1 bit per element), "bool" (1 byte) or "off" (the fp32 activation).
+    not saved for anything else: "bits" (1 bit per element) or "off" (the fp32 activation).
     `memory_format`: "auto" runs models with 2-d convolutions in channels-last layout (their 4-d weights are
     converted in place, values unchanged), "channels_last" forces it, "preserve" keeps the model's layout.
     `frozen_chunks`: the frozen layers before the earliest trained one run in this many micro-batches, one after

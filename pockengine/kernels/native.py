@@ -1,0 +1,65 @@
+"""Build and load pockengine's C kernels (masks.c) with the machine's C compiler, once, into the cache.
+
+The library is compiled at first use for the machine it runs on (x86-64, AArch64...) and kept in the cache under a
+hash of its source and flags; a missing or failing compiler is reported once and the callers fall back to ATen
+compositions of the same functions. `POCKENGINE_NATIVE=0` turns the kernels off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+from pockengine.storage import atomic_path, cache_dir
+
+SOURCE = Path(__file__).with_name("masks.c")
+# Aliasing: the mask is applied to the floats' bits through uint32 pointers.
+FLAGS = ["-O3", "-shared", "-fPIC", "-std=c99", "-fno-strict-aliasing"]
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _build(compiler: str) -> Path:
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([compiler, *FLAGS, platform.machine()]).encode()).hexdigest()[:16]
+    library = cache_dir() / "kernels" / f"masks-{key}.so"
+    if not library.exists():
+        with atomic_path(library) as tmp:
+            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp)], check=True, capture_output=True, text=True)
+    return library
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None (with one warning saying why) where they cannot be built here."""
+    if os.environ.get("POCKENGINE_NATIVE", "1") == "0":
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        warnings.warn("pockengine: no C compiler (cc, gcc or clang) found, so activation masks use slower ATen ops; "
+                      "install one or set CC to enable the native kernels", RuntimeWarning, stacklevel=2)
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        warnings.warn(f"pockengine: building the native kernels with {compiler} failed, so activation masks use "
+                      f"slower ATen ops:\n{detail}", RuntimeWarning, stacklevel=2)
+        return None
+    lib.pockengine_init.argtypes = []
+    lib.pockengine_pack_keep_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int,
+                                             ctypes.c_float, ctypes.c_void_p]
+    lib.pockengine_apply_keep_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    for fn in (lib.pockengine_init, lib.pockengine_pack_keep_f32, lib.pockengine_apply_keep_f32):
+        fn.restype = None
+    lib.pockengine_init()
+    return lib
