@@ -399,6 +399,7 @@ def run(workloads: list[str], *, quick: bool = False, schemes: list[str] | None 
     """Run the benchmark on `device` ("cpu" or "cuda") and write results.json, README.md and bench.png under `out`
     (by default the CPU's in docs/benchmarks, the GPU's in docs/benchmarks/cuda); returns the results."""
     from pockengine.bench import report
+    from pockengine.bench.systems import OrtTraining
 
     on_cpu = device == "cpu"
     tag = "" if on_cpu else f"-{device}"  # a GPU's results never overwrite the CPU's
@@ -408,7 +409,7 @@ def run(workloads: list[str], *, quick: bool = False, schemes: list[str] | None 
     systems = systems or SYSTEM_ORDER + [LORA]
     if device == "cuda":
         gpu.strict_fp32()  # the floor's matrix-multiply rate, as the systems run
-    if "ort" in systems and not any("ort" in excluded(workload_config(w, quick), systems, device) for w in workloads):
+    if "ort" in systems and device not in OrtTraining.unsupported_devices:
         subprocess.run(["bash", str(CONFIG_DIR / "setup_ort.sh")], check=True)
     threads = workload_config(workloads[0], quick)["threads"]
     results_path = out / "results.json"
