@@ -165,7 +165,8 @@ def _cuda_results() -> dict:
     def run(system, step_ms, before, peak, setup_peak, tracked=None):
         return {"system": system, "scheme": "sparse", "losses": [2.5, 2.4], "median_s": step_ms / 1e3,
                 "min_s": step_ms / 1e3, "max_s": step_ms / 1e3, "setup_s": 3.0, "notes": [],
-                "cuda_before_bytes": before * MB, "cuda_peak_bytes": peak * MB, "cuda_setup_peak_bytes": setup_peak * MB,
+                "cuda_before_bytes": before * MB, "cuda_peak_bytes": peak * MB,
+                "cuda_setup_peak_bytes": setup_peak * MB,
                 "memory_method": "timing pass, CUDA caching allocator", "tracked_step_bytes": tracked,
                 "predicted_step_bytes": tracked, "flops": 4e9 if tracked else None}
 

@@ -111,7 +111,7 @@ def test_batch_on_the_cpu_for_a_model_on_the_gpu_is_refused_naming_both():
 
     (x,), y = batch()
     trainer = pe.compile(small_cnn().to(CUDA), pe.losses.cross_entropy(), ((x.to(CUDA),), y.to(CUDA)))
-    with pytest.raises(pe.UserInputError, match=r"batch leaf 0 is on cpu, but the model is on cuda:0.*\.to\('cuda:0'\)"):
+    with pytest.raises(pe.UserInputError, match=r"leaf 0 is on cpu, but the model is on cuda:0.*\.to\('cuda:0'\)"):
         trainer.step(((x,), y))
 
 
@@ -120,7 +120,8 @@ def test_checkpoint_of_a_gpu_trainer_resumes_on_the_gpu(tmp_path):
 
     (x,), y = batch()
     b = ((x.to(CUDA),), y.to(CUDA))
-    trainer = pe.compile(small_cnn().to(CUDA), pe.losses.cross_entropy(), b, optimizer=pe.optim.SGD(lr=0.1, momentum=0.9))
+    trainer = pe.compile(small_cnn().to(CUDA), pe.losses.cross_entropy(), b,
+                         optimizer=pe.optim.SGD(lr=0.1, momentum=0.9))
     trainer.step(b)
     trainer.save(tmp_path / "ckpt")
     expected = trainer.step(b)

@@ -159,8 +159,8 @@ def test_model_split_over_devices_is_refused():
 
 def test_trainer_state_and_generator_live_on_the_model_device():
     model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.Linear(8, 3))
-    trainer = pe.compile(model, pe.losses.cross_entropy(),
-                         ((torch.randn(4, 6),), torch.randint(0, 3, (4,))), optimizer=pe.optim.SGD(lr=0.1, momentum=0.9),
+    trainer = pe.compile(model, pe.losses.cross_entropy(), ((torch.randn(4, 6),), torch.randint(0, 3, (4,))),
+                         optimizer=pe.optim.SGD(lr=0.1, momentum=0.9),
                          scheme=pe.Scheme.from_dict({"rules": [{"modules": "0", "mode": "partial", "ratio": 0.5}]}))
     assert trainer.device == torch.device("cpu") and trainer.generator.device == trainer.device
     consts = trainer.program().graph.constants.values()

@@ -3,8 +3,8 @@ from the caching allocator, and the GPU's description for the report.
 
 On the CPU a step's memory is read from the resident set of a process run alone (memory.py). On a GPU the caching
 allocator counts the bytes of every live tensor of its own process, so the timing processes themselves measure it:
-`begin_memory` after the set-up's first step, `end_memory` after the last round of steps (figures in results.json, arithmetic in
-report.training_mb and report.step_mb).
+`begin_memory` after the set-up's first step, `end_memory` after the last round of steps (figures in
+results.json, arithmetic in report.training_mb and report.step_mb).
 """
 
 from __future__ import annotations

@@ -254,8 +254,8 @@ Measured by the timing processes themselves, from the CUDA caching allocator, wh
   tensor bytes of its own process (no resident-set pass and no `MALLOC_MMAP_THRESHOLD_` on the GPU: host memory is
   not what a GPU step spends). After the set-up's first step the peak statistics are reset
   (`torch.cuda.reset_peak_memory_stats()`) and `torch.cuda.memory_allocated()` read; after the last round of
-  steps (warm-up and measured) `torch.cuda.max_memory_allocated()` is read. *step mem* = that peak − the bytes allocated before: what a step
-  allocates on top of everything that lives across steps (weights, optimizer state; cuDNN and cuBLAS workspaces
+  steps (warm-up and measured) `torch.cuda.max_memory_allocated()` is read. *step mem* = that peak − the bytes
+  allocated before: what a step allocates on top of everything that lives across steps (weights, optimizer state; cuDNN and cuBLAS workspaces
   included, since they come from the same allocator). *train mem* = the peak of allocated bytes over the whole
   process, set-up included (nothing is on the GPU before the model): weights, optimizer state, activations,
   gradients, workspaces, and whatever a compiler allocates on the GPU while it compiles or tunes. The allocator's
