@@ -68,7 +68,9 @@ class Trainer:
         self.on_nonfinite = on_nonfinite
         self.activation_masks = activation_masks
         self.frozen_chunks = frozen_chunks
-        self.generator = torch.Generator().manual_seed(seed)
+        # Everything the trainer creates (optimizer state, channel indices, the dropout generator) lives here.
+        self.device = _model_device(model)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.steps_done = 0
         if freeze_batchnorm:
             for m in model.modules():
@@ -76,10 +78,13 @@ class Trainer:
                     m.eval()
         example = self._example = normalize_batch(example_batch)
         leaves, self._spec = pytree.tree_flatten(example)
+        self._check_device(leaves)
         self._dtypes = [t.dtype if isinstance(t, torch.Tensor) else type(t) for t in leaves]
         self._programs: dict[tuple[str, ShapeKey], _Built] = {}
         cap = capture(model, loss_fn, example)
         self.memory_format = memory_format
+        # "auto" is channels-last on CUDA too: cuDNN has NHWC kernels for every convolution (PyTorch sends
+        # channels-last depthwise ones to cuDNN), and 1x1 convolutions then run as cuBLAS matrix multiplies.
         self.channels_last = memory_format == "channels_last" or memory_format == "auto" and uses_convolution(cap.graph)
         if self.channels_last:
             for p in model.parameters():
@@ -155,6 +160,15 @@ class Trainer:
         static.update(cap.graph.constants)
         return static
 
+    def _check_device(self, leaves: list) -> None:
+        """Every tensor of the batch must be where the model is: the program does not move data."""
+        bad = next((i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.device != self.device),
+                   None)
+        if bad is not None:
+            raise UserInputError(
+                f"batch leaf {bad} is on {leaves[bad].device}, but the model is on {self.device}; move the batch "
+                f"to the model's device (for example with .to('{self.device}')) before passing it to the trainer")
+
     def _shape_key(self, leaves: list) -> ShapeKey:
         return tuple((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else ((), type(t)) for t in leaves)
 
@@ -171,6 +185,7 @@ class Trainer:
             raise BatchMismatchError(
                 f"batch leaf {bad} has dtype {dtypes[bad]}, but the example batch had {self._dtypes[bad]}; "
                 f"convert it (for example with .to({self._dtypes[bad]}))")
+        self._check_device(leaves)
         key = (kind, self._shape_key(leaves))
         built = self._programs.get(key) or self._build(kind, batch, key[1])
         return built, leaves
@@ -187,7 +202,8 @@ class Trainer:
         slices: dict[Node, ChannelSlice] = {}
         for name, sel in self.trained.items():
             if sel.kind == "partial":
-                index = graph.constant(f"{name}.channels", torch.tensor(sel.channels, dtype=torch.int64))
+                channels = torch.tensor(sel.channels, dtype=torch.int64, device=self.device)
+                index = graph.constant(f"{name}.channels", channels)
                 slices[trained[name]] = ChannelSlice(sel.dim, sel.channels, index)
         drop_redundant_clones(graph)
         fold_frozen_batchnorm(graph, set(trained.values()), set(slices))
@@ -235,8 +251,10 @@ class Trainer:
         update_early(graph, cap.loss)
         run_in_place(graph)
         static = self._static_inputs(cap, state_inputs)
+        # "auto" micro-batches on the CPU only: on a GPU memory is rarely the limit at these sizes, and every
+        # micro-batch launches the frozen prefix's kernels once more, which costs time and saves nothing needed.
         chunks, until = self.frozen_chunks, None
-        if chunks == "auto":
+        if chunks == "auto" and self.device.type == "cpu":
             region, boundary, size = frozen_region(graph, set(trained.values()))
             if region:
                 chunks, until = plan_chunks(region, boundary, size,
@@ -262,6 +280,15 @@ class Trainer:
             return lambda leaves, scalars: scalars[name]
         value = static[node]
         return lambda leaves, scalars: value
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    """The one device holding the model's parameters and buffers (the CPU for a model without any)."""
+    devices = {t.device for t in (*model.parameters(), *model.buffers())}
+    if len(devices) > 1:
+        raise UserInputError(f"the model's parameters and buffers are on several devices {sorted(map(str, devices))}; "
+                             "pockengine runs a model on one device: move it with model.to(device)")
+    return devices.pop() if devices else torch.device("cpu")
 
 
 def _strides(static: dict[Node, torch.Tensor]) -> dict[Node, tuple[int, ...]]:
@@ -303,7 +330,9 @@ def compile(model: nn.Module, loss_fn: Callable, example_batch: Any, optimizer: 
     `memory_format`: "auto" runs models with 2-d convolutions in channels-last layout (their 4-d weights are
     converted in place, values unchanged), "channels_last" forces it, "preserve" keeps the model's layout.
     `frozen_chunks`: the frozen layers before the earliest trained one run in this many micro-batches, one after
-    the other ("auto": as many as it takes for them not to set the step's peak memory; 1: the whole batch at once).
+    the other ("auto": on the CPU as many as it takes for them not to set the step's peak memory, on a GPU 1;
+    1: the whole batch at once).
+    The trainer runs where the model is (`model.to(device)` before compiling); batches must be on that device.
     """
     return Trainer(model, loss_fn, example_batch, optimizer, scheme, freeze_batchnorm=freeze_batchnorm,
                    on_nonfinite=on_nonfinite, seed=seed, activation_masks=activation_masks,

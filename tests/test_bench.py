@@ -122,3 +122,89 @@ def test_torch_compile_system_trains_with_the_default_and_the_quick_compile_thre
                  compile_threads=compile_threads)
     losses = [system.step(batch) for _ in range(3)]
     assert losses[2] < losses[0]
+
+
+def test_bench_on_cuda_without_a_gpu_exits_2_saying_why(monkeypatch, capsys):
+    import torch
+
+    from pockengine.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "--workload", "mobilenetv2", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda: torch.cuda.is_available() is False" in err and "NVIDIA GPU" in err
+
+
+def test_systems_that_cannot_run_are_listed_with_why():
+    from pockengine.bench.cli import SYSTEMS as ALL
+    from pockengine.bench.runner import excluded
+
+    cuda = excluded(workload_config("mobilenetv2"), ALL, "cuda")
+    assert set(cuda) == {"ort", "peft-lora"}
+    assert "CPU build" in cuda["ort"] and "no LoRA configuration" in cuda["peft-lora"]
+    assert set(excluded(workload_config("mobilenetv2"), ALL, "cpu")) == {"peft-lora"}
+    assert excluded(workload_config("minilm"), ALL, "cpu") == {}
+    assert excluded(workload_config("minilm"), ["eager"], "cuda") == {}
+
+
+def workload_config(name):
+    from pockengine.bench.workloads import workload_config as config
+
+    return config(name, False)
+
+
+MB = 2 ** 20
+
+
+def _cuda_results() -> dict:
+    """A results.json as `pockengine bench --device cuda` writes it (figures made up, fields as the runner sets)."""
+    cfg = {**workload_config("mobilenetv2"), "schemes": ["sparse"]}
+    scheme = {"rules": {"name": "sparse"}, "trained_tensors": 2, "trained_entries": 50, "total_entries": 100,
+              "eager_flops": 4e9}
+
+    def run(system, step_ms, before, peak, setup_peak, tracked=None):
+        return {"system": system, "scheme": "sparse", "losses": [2.5, 2.4], "median_s": step_ms / 1e3,
+                "min_s": step_ms / 1e3, "max_s": step_ms / 1e3, "setup_s": 3.0, "notes": [],
+                "cuda_before_bytes": before * MB, "cuda_peak_bytes": peak * MB,
+                "cuda_setup_peak_bytes": setup_peak * MB,
+                "memory_method": "timing pass, CUDA caching allocator", "tracked_step_bytes": tracked,
+                "predicted_step_bytes": tracked, "flops": 4e9 if tracked else None}
+
+    w = {"workload": "mobilenetv2", "quick": False, "description": cfg["description"], "config": cfg, "steps": 10,
+         "warmup": 3, "memory_steps": 3, "memory_warmup": 2, "schemes": {"sparse": scheme}, "unit": "samples",
+         "items_per_step": 8, "device": "cuda", "loadavg_start": [0.1], "loadavg_end": [0.2],
+         "quiet_gate": {"waited_s": 0.0, "busy_steps": 0}, "finished": "2026-01-01 00:00:00",
+         "matmul_flops_per_s": 5e13, "matmul_rates": [5e13, 5e13], "matmul_n": 8192,
+         "excluded": {"ort": "ONNX Runtime training is installed as its CPU build", "peft-lora": "no LoRA here"},
+         "runs": {"pockengine|sparse": run("pockengine", 6.0, 100, 130, 200, 29 * MB),
+                  "eager|sparse": run("eager", 8.0, 100, 160, 120, 58 * MB),
+                  "torch.compile|sparse": run("torch.compile", 5.0, 100, 140, 900)}}
+    machine = {"cpu": "Some CPU", "cores": 16, "memory_gb": 128.0, "python": "3.12.0", "torch": "2.11.0+cu130",
+               "gpu": "NVIDIA H100 80GB HBM3", "gpu_memory_gb": 79.2, "cuda": "13.0", "cudnn": 91000,
+               "driver": "580.00"}
+    return {"machine": machine, "device": "cuda", "workloads": {"mobilenetv2": w},
+            "command": {"mobilenetv2": "pockengine bench --workload mobilenetv2 --device cuda"}}
+
+
+def test_cuda_memory_figures_come_from_the_allocator_counts():
+    from pockengine.bench.report import step_mb, training_mb
+
+    run = _cuda_results()["workloads"]["mobilenetv2"]["runs"]["pockengine|sparse"]
+    assert step_mb(run) == 30.0  # peak during the steps - allocated before them
+    assert training_mb(run) == 200.0  # the larger of the set-up's peak and the steps'
+    assert training_mb({**run, "cuda_setup_peak_bytes": 50 * MB}) == 130.0
+
+
+def test_cuda_report_names_the_gpu_lists_excluded_systems_and_says_how_memory_was_measured(tmp_path):
+    from pockengine.bench import report
+
+    report.write(_cuda_results(), tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    assert "NVIDIA H100 80GB HBM3 (79.2 GB), NVIDIA driver 580.00, torch 2.11.0+cu130 built for CUDA 13.0" in text
+    assert "- ort: not run: ONNX Runtime training is installed as its CPU build" in text
+    assert "- peft-lora: not run: no LoRA here" in text
+    assert "| sparse | pockengine | 200 | 30.0 | 29.0 | 29.0 |" in text
+    assert "| sparse | torch.compile | 900 | 40.0 | – | – |" in text
+    assert "torch.cuda.max_memory_allocated()" in text and "torch.cuda.synchronize()" in text
+    assert "VmHWM" not in text and "8192² `torch.mm` on the GPU" in text
+    assert (tmp_path / "bench.png").stat().st_size > 0

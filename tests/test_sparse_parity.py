@@ -36,6 +36,7 @@ from typing import Any, Callable
 import pytest
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 import pockengine as pe
 from pockengine.ir.graph import PARAM
@@ -352,7 +353,7 @@ def _eager(init: nn.Module, fam: Family, trained: dict[str, Selection], batches:
     params = dict(model.named_parameters())
     for n, p in params.items():
         p.requires_grad_(n in trained)
-    masks = {n: m for n, m in gradient_masks(model, trained).items() if m is not None}
+    masks = {n: m.to(params[n].device) for n, m in gradient_masks(model, trained).items() if m is not None}
     opt = make_opt([params[n] for n in trained])
     losses = []
     for inputs, target in batches:
@@ -372,14 +373,14 @@ def _eager(init: nn.Module, fam: Family, trained: dict[str, Selection], batches:
 
 
 @functools.cache
-def _run(family: str, scheme: str, opt: str = "sgd") -> Findings:
-    """Compile `family` under `scheme`, check its gradients (SGD runs only) and program, run 5 steps against
-    eager PyTorch; returns what went wrong (cached: several tests read one run)."""
+def _run(family: str, scheme: str, opt: str = "sgd", device: str = "cpu") -> Findings:
+    """Compile `family` under `scheme` on `device`, check its gradients (SGD runs only) and program, run 5 steps
+    against eager PyTorch on the same device; returns what went wrong (cached: several tests read one run)."""
     fam = FAMILIES[family]
     torch.manual_seed(0)
-    model = fam.build()
+    model = fam.build().to(device)  # built on the CPU: the same weights on every device
     g = torch.Generator().manual_seed(0)
-    batches = [fam.batch(g) for _ in range(STEPS)]
+    batches = [tree_map(lambda t: t.to(device), fam.batch(g)) for _ in range(STEPS)]
     optimizer, make_ref_opt = _optimizer(opt, fam)
     trainer = pe.compile(model, fam.loss, batches[0], optimizer=optimizer, scheme=_scheme(family, scheme),
                          freeze_batchnorm=fam.freeze_batchnorm)
@@ -388,7 +389,7 @@ def _run(family: str, scheme: str, opt: str = "sgd") -> Findings:
     # the real MobileNetV2 5 steps amplify their rounding differences to 1e-2 (eager against eager).
     init = copy.deepcopy(model)
     before = _snapshot(model)
-    masks = gradient_masks(model, trainer.trained)
+    masks = {n: None if m is None else m.to(device) for n, m in gradient_masks(model, trainer.trained).items()}
     f = Findings(trained=dict(trainer.trained))
     if scheme == "partial":
         f.selection_errors = _selection_errors(model, fam, trainer.trained)

@@ -138,6 +138,36 @@ def test_batch_structure_and_dtype_errors():
         trainer.step(x)
 
 
+def test_batch_on_another_device_than_the_model_is_refused_naming_both():
+    # The meta device stands in for a GPU: the check compares devices and never runs the batch.
+    model = small_cnn()
+    (x,), y = batch()
+    with pytest.raises(pe.UserInputError, match=r"batch leaf 0 is on meta, but the model is on cpu.*\.to\('cpu'\)"):
+        pe.compile(model, pe.losses.cross_entropy(), ((x.to("meta"),), y))
+    trainer = pe.compile(model, pe.losses.cross_entropy(), batch(), optimizer=pe.optim.SGD(lr=0.1))
+    with pytest.raises(pe.UserInputError, match="batch leaf 1 is on meta, but the model is on cpu"):
+        trainer.step(((x,), y.to("meta")))
+    assert trainer.steps_done == 0
+
+
+def test_model_split_over_devices_is_refused():
+    model = small_cnn()
+    model[-1].to("meta")
+    with pytest.raises(pe.UserInputError, match=r"several devices \['cpu', 'meta'\].*model.to\(device\)"):
+        pe.compile(model, pe.losses.cross_entropy(), batch())
+
+
+def test_trainer_state_and_generator_live_on_the_model_device():
+    model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.Linear(8, 3))
+    trainer = pe.compile(model, pe.losses.cross_entropy(), ((torch.randn(4, 6),), torch.randint(0, 3, (4,))),
+                         optimizer=pe.optim.SGD(lr=0.1, momentum=0.9),
+                         scheme=pe.Scheme.from_dict({"rules": [{"modules": "0", "mode": "partial", "ratio": 0.5}]}))
+    assert trainer.device == torch.device("cpu") and trainer.generator.device == trainer.device
+    consts = trainer.program().graph.constants.values()
+    assert consts and all(t.device == trainer.device for t in consts)
+    assert all(t.device == trainer.device for st in trainer.state.values() for t in st.values())
+
+
 def test_non_scalar_loss_is_refused():
     with pytest.raises(pe.UserInputError, match="scalar"):
         pe.compile(small_cnn(), lambda out, y: F.cross_entropy(out, y, reduction="none"), batch())

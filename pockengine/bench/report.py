@@ -21,7 +21,10 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 def training_mb(run: dict[str, Any]) -> float | None:
     """Peak resident memory during the measured steps above the process's runtime baseline (libraries loaded, no
-    model yet), in MiB."""
+    model yet), in MiB. On a GPU: the peak of allocated bytes over the whole process, set-up included (nothing is
+    on the GPU before the model)."""
+    if "cuda_peak_bytes" in run:
+        return max(run["cuda_setup_peak_bytes"], run["cuda_peak_bytes"]) / 2 ** 20
     if "peak_rss_kb" not in run or "baseline_rss_kb" not in run:
         return None
     return (run["peak_rss_kb"] - run["baseline_rss_kb"]) / MB
@@ -34,7 +37,10 @@ ARENA_SYSTEMS = {"ort"}
 
 def step_mb(run: dict[str, Any]) -> float | None:
     """Peak resident memory during the measured steps above the resident memory just before them, in MiB: what a
-    step allocates on top of what lives across steps (weights, optimizer state, runtime)."""
+    step allocates on top of what lives across steps (weights, optimizer state, runtime). On a GPU the same from
+    the caching allocator's counts of allocated bytes."""
+    if "cuda_peak_bytes" in run:
+        return (run["cuda_peak_bytes"] - run["cuda_before_bytes"]) / 2 ** 20
     if "peak_rss_kb" not in run or "mem_before_kb" not in run or run["system"] in ARENA_SYSTEMS:
         return None
     return (run["peak_rss_kb"] - run["mem_before_kb"]) / MB
@@ -169,7 +175,7 @@ def headline(results: dict[str, Any]) -> str:
 
 
 def notes(w: dict[str, Any]) -> list[str]:
-    out = []
+    out = [f"- {system}: not run: {why}" for system, why in w.get("excluded", {}).items()]
     seen = set()
     for r in rows(w):
         for n in r["notes"]:
@@ -206,23 +212,14 @@ METHOD = """\
   counted (above each table). Then: {warmup} warm-up steps (the first one is part of the set-up time), then
   {steps} measured steps; step time is median, min and max of those. The step is what each system's user runs: for
   PyTorch forward, loss, backward, gradient masks, `optimizer.step()`, `zero_grad`; for pockengine `trainer.step`;
-  for ONNX Runtime `module(...)`, `optimizer.step()`, `lazy_reset_grad()`; each returns the loss as a float.
-- **Same work for everyone.** Same weights, the same cycle of {batches} real batches, fp32, {threads} threads
-  (`torch.set_num_threads`, ORT `intra_op_num_threads`), SGD with momentum 0.9 and the same learning rate, and the
+  for ONNX Runtime `module(...)`, `optimizer.step()`, `lazy_reset_grad()`; each returns the loss as a float.{sync}
+- **Same work for everyone.** Same weights, the same cycle of {batches} real batches, {precision}, SGD with momentum 0.9 and the same learning rate, and the
   same trainable set: each scheme is resolved once (`Scheme.resolve`) and every system trains exactly those
   parameters and channels. PyTorch (eager, torch.compile) trains partial channels by masking the gradient
   (`pockengine.scheme.gradient_masks`); ONNX Runtime, which trains whole tensors only, writes the untrained entries
   back after each step. Models run in eval mode (dropout off, BatchNorm statistics frozen) so that all systems compute
   the same function: their first-step losses (last column) must agree.
-- **Memory.** A separate pass, one process at a time, with `MALLOC_MMAP_THRESHOLD_=65536` so that freed tensors go
-  back to the OS (with glibc's defaults they stay resident and hide the peak; the setting slows steps, hence the
-  separate pass). After {mwarm} warm-up steps the resident high-water mark is reset (`echo 5 > /proc/PID/clear_refs`)
-  and VmRSS read, {msteps} steps run, and VmHWM is read. *train mem* = VmHWM − the RSS of the same process before the
-  model was built, with its runtime libraries loaded (torch, transformers; torch.export for pockengine, dynamo and
-  inductor for torch.compile, peft for LoRA, onnxruntime for ORT): weights, optimizer state, activations, gradients
-  and workspaces, and whatever a compiler keeps resident (its graphs, generated code, caches). *step mem* = VmHWM − the RSS
-  just before the measured steps: what a step allocates on top of everything that lives across steps (weights
-  excluded; not for ONNX Runtime, whose arena keeps a step's memory resident between steps: *arena*). *step tracked*
+- **Memory.** {memory} *step tracked*
   is the same quantity seen at the dispatcher (`pockengine.memory.tracker`: peak live tensor
   storage created during one more step; not for torch.compile and ONNX Runtime, whose kernels allocate out of its
   sight), and *step predicted* is pockengine's static memory plan (`trainer.memory_plan()`) for that step.
@@ -233,13 +230,57 @@ METHOD = """\
 - **FLOPs and the floor.** GFLOP/step is counted by `torch.utils.flop_counter.FlopCounterMode` (matrix multiplies and
   convolutions, forward and backward) on an eager step with the same trainable set, and on pockengine's own step
   (which skips the work of untrained channels). *floor* = the smaller count ÷ this machine's best measured fp32
-  matrix-multiply rate ({rate:.0f} GFLOP/s, {threads} threads, 2048² `torch.mm`): the time the step would take if
+  matrix-multiply rate ({rate:.0f} GFLOP/s, {rate_how}): the time the step would take if
   all its arithmetic ran at matrix-multiply speed. *floor/time* reads each time as a fraction of that limit.
 - **Ratios** divide a system's figure by PyTorch eager full fine-tuning's (same workload), and by the best *other*
   system on the same scheme; below 1 is better. PEFT LoRA (r=8 on the attention query/value projections; MiniLM's
   new classifier head trained too, as PEFT's sequence-classification task does) has its own trainable set: it is
   compared to eager full fine-tuning only.
 """
+
+MEMORY_CPU = """\
+A separate pass, one process at a time, with `MALLOC_MMAP_THRESHOLD_=65536` so that freed tensors go
+  back to the OS (with glibc's defaults they stay resident and hide the peak; the setting slows steps, hence the
+  separate pass). After {mwarm} warm-up steps the resident high-water mark is reset (`echo 5 > /proc/PID/clear_refs`)
+  and VmRSS read, {msteps} steps run, and VmHWM is read. *train mem* = VmHWM − the RSS of the same process before the
+  model was built, with its runtime libraries loaded (torch, transformers; torch.export for pockengine, dynamo and
+  inductor for torch.compile, peft for LoRA, onnxruntime for ORT): weights, optimizer state, activations, gradients
+  and workspaces, and whatever a compiler keeps resident (its graphs, generated code, caches). *step mem* = VmHWM − the RSS
+  just before the measured steps: what a step allocates on top of everything that lives across steps (weights
+  excluded; not for ONNX Runtime, whose arena keeps a step's memory resident between steps: *arena*)."""
+
+MEMORY_CUDA = """\
+Measured by the timing processes themselves, from the CUDA caching allocator, which counts the
+  tensor bytes of its own process (no resident-set pass and no `MALLOC_MMAP_THRESHOLD_` on the GPU: host memory is
+  not what a GPU step spends). After the set-up's first step the peak statistics are reset
+  (`torch.cuda.reset_peak_memory_stats()`) and `torch.cuda.memory_allocated()` read; after the last round of
+  steps (warm-up and measured) `torch.cuda.max_memory_allocated()` is read. *step mem* = that peak − the bytes
+  allocated before: what a step allocates on top of everything that lives across steps (weights, optimizer state; cuDNN and cuBLAS workspaces
+  included, since they come from the same allocator). *train mem* = the peak of allocated bytes over the whole
+  process, set-up included (nothing is on the GPU before the model): weights, optimizer state, activations,
+  gradients, workspaces, and whatever a compiler allocates on the GPU while it compiles or tunes. The allocator's
+  reserved-but-free cache and the CUDA context are in neither."""
+
+
+def method(results: dict[str, Any]) -> str:
+    """The Method section, for the device the results were measured on."""
+    any_w = next(iter(results["workloads"].values()))
+    cfg = any_w["config"]
+    figures = dict(pause=cfg["pause_s"], warmup=any_w["warmup"], steps=any_w["steps"], batches=cfg["batches"],
+                   threads=cfg["threads"], mwarm=any_w["memory_warmup"], msteps=any_w["memory_steps"],
+                   rate=any_w["matmul_flops_per_s"] / 1e9)
+    if results.get("device", "cpu") == "cpu":
+        return METHOD.format(**figures, sync="", memory=MEMORY_CPU.format(**figures),
+                             precision=("fp32, {threads} threads\n  (`torch.set_num_threads`, ORT "
+                                        "`intra_op_num_threads`)").format(**figures),
+                             rate_how="{threads} threads, 2048² `torch.mm`".format(**figures))
+    return METHOD.format(**figures, memory=MEMORY_CUDA,
+                         sync=("\n  On the GPU every step is fenced by `torch.cuda.synchronize()` before and after, so "
+                               "that its time\n  covers the kernels it queued, not only their launch."),
+                         precision=("fp32 with TensorFloat-32 off\n  (cuDNN and cuBLAS alike: a 1x1 convolution rounds "
+                                    f"the same as a convolution and as a matrix multiply), {cfg['threads']} host "
+                                    "threads (`torch.set_num_threads`)"),
+                         rate_how=f"{any_w.get('matmul_n', 2048)}² `torch.mm` on the GPU")
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -295,25 +336,46 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _introduction(results: dict[str, Any]) -> list[str]:
+    """How the report was made, the machine, and what the summary's memory columns mean, for the device measured."""
+    m = results["machine"]
+    if results.get("device", "cpu") == "cpu":
+        return ["Generated by `pockengine bench` (pockengine/bench/, configuration in bench/); rerunning the command "
+                "below rewrites this file, `results.json` and `bench.png` (`python -m pockengine.bench.cli` takes the "
+                "same options; `python -m pockengine.bench.report docs/benchmarks` redraws the tables and the plot "
+                "from `results.json`). `--quick` is the CI smoke test and writes under `.cache/bench/quick` instead; "
+                "`--device cuda` runs pockengine, eager and torch.compile on a GPU and writes docs/benchmarks/cuda.",
+                "",
+                f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; torch {m['torch']}, transformers "
+                f"{m.get('transformers', '?')}, peft {m.get('peft', '?')}, onnxruntime-training "
+                f"{m.get('onnxruntime-training', '?')}; Python {m['python']}.", "",
+                "## Summary", "",
+                "pockengine's step against PyTorch eager training exactly the same parameters (ratios below 1: "
+                "faster, smaller); *step mem* is what a step allocates above the weights and optimizer state (peak "
+                "RSS during the steps minus RSS before them, see Method); *step tracked* is the peak of live tensor "
+                "storage during one step, seen at the dispatcher (the same tracker for both; allocator arenas and "
+                "oneDNN's reordered weight copies are outside it, and so the RSS figure can sit a few MB above it). "
+                "Full tables per workload below."]
+    return ["Generated by `pockengine bench --device cuda` (pockengine/bench/, configuration in bench/) on a GPU; "
+            "rerunning the command below rewrites this file, `results.json` and `bench.png` in docs/benchmarks/cuda "
+            "and never the CPU tables of docs/benchmarks (`python -m pockengine.bench.report docs/benchmarks/cuda` "
+            "redraws the tables and the plot from `results.json`).", "",
+            f"Machine: {m['gpu']} ({m['gpu_memory_gb']} GB), NVIDIA driver {m.get('driver') or '?'}, torch "
+            f"{m['torch']} built for CUDA {m['cuda']}, cuDNN {m['cudnn']}; host {m['cpu']}, {m['cores']} cores, "
+            f"{m['memory_gb']} GB; transformers {m.get('transformers', '?')}, peft {m.get('peft', '?')}; Python "
+            f"{m['python']}.", "",
+            "## Summary", "",
+            "pockengine's step against PyTorch eager training exactly the same parameters (ratios below 1: faster, "
+            "smaller); *step mem* is what a step allocates on the GPU above the weights and optimizer state (the "
+            "caching allocator's peak of allocated bytes during the steps minus the bytes allocated before them, "
+            "see Method); *step tracked* is the peak of live tensor storage during one step, seen at the "
+            "dispatcher (the same tracker for both; cuDNN's and cuBLAS's workspaces come from the allocator but "
+            "not from an ATen op, so the allocator's figure can sit above it). Full tables per workload below."]
+
+
 def write(results: dict[str, Any], out: Path) -> None:
     out = Path(out)
-    m = results["machine"]
-    parts = ["# pockengine benchmarks", "",
-             "Generated by `pockengine bench` (pockengine/bench/, configuration in bench/); rerunning the command "
-             "below rewrites this file, `results.json` and `bench.png` (`python -m pockengine.bench.cli` takes the "
-             "same options; `python -m pockengine.bench.report docs/benchmarks` redraws the tables and the plot from "
-             "`results.json`). `--quick` is the CI smoke test and writes under `.cache/bench/quick` instead.", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; torch {m['torch']}, transformers "
-             f"{m.get('transformers', '?')}, peft {m.get('peft', '?')}, onnxruntime-training "
-             f"{m.get('onnxruntime-training', '?')}; Python {m['python']}.", "",
-             "## Summary", "",
-             "pockengine's step against PyTorch eager training exactly the same parameters (ratios below 1: faster, "
-             "smaller); *step mem* is what a step allocates above the weights and optimizer state (peak RSS during "
-             "the steps minus RSS before them, see Method); *step tracked* is the peak of live tensor storage during one "
-             "step, seen at the dispatcher (the same tracker for both; allocator arenas and oneDNN's reordered "
-             "weight copies are outside it, and so the RSS figure can sit a few MB above it). Full tables per "
-             "workload below.", "",
-             headline(results), "",
+    parts = ["# pockengine benchmarks", "", *_introduction(results), "", headline(results), "",
              "![step time and memory per system and scheme](bench.png)", ""]
     for name, w in results["workloads"].items():
         cmd = results.get("command", {}).get(name, f"pockengine bench --workload {name}")
@@ -340,11 +402,7 @@ def write(results: dict[str, Any], out: Path) -> None:
             parts.append(f"- `{s}`: {info['trained_tensors']} tensors, {info['trained_entries']:,} of "
                          f"{info['total_entries']:,} entries ({share:.2f}%); rules `{json.dumps(info['rules'])}`")
         parts.append("")
-    any_w = next(iter(results["workloads"].values()))
-    cfg = any_w["config"]
-    parts.append(METHOD.format(pause=cfg["pause_s"], warmup=any_w["warmup"], steps=any_w["steps"],
-                               batches=cfg["batches"], threads=cfg["threads"], mwarm=any_w["memory_warmup"],
-                               msteps=any_w["memory_steps"], rate=any_w["matmul_flops_per_s"] / 1e9))
+    parts.append(method(results))
     (out / "README.md").write_text("\n".join(parts))
     plot(results, out / "bench.png")
 

@@ -7,7 +7,9 @@ steps, so that drift of the machine hits every system alike. A group is the whol
 one scheme (`alternate: per_scheme`, when every process at once would not fit in memory). Memory pass: again one
 process per (system, scheme), a new interpreter run alone, with MALLOC_MMAP_THRESHOLD_=65536 (see memory.py):
 warm-up, reset of the high-water mark, measured steps, VmHWM; then one more step under FlopCounterMode where the
-system's ops are visible to it. A system that fails is recorded with its error.
+system's ops are visible to it. On a GPU (`device="cuda"`) there is no memory pass: the caching allocator counts each
+process's own tensors, so the timing processes measure memory over their timed rounds (gpu.py). A system that fails
+is recorded with its error; a system asked for that cannot run on the workload or the device is listed with why.
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ from typing import Any
 
 import torch
 
-from pockengine.bench import memory
+from pockengine.bench import gpu, memory
 from pockengine.bench.workloads import CONFIG_DIR, workload_config
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEM_ORDER = ["pockengine", "eager", "torch.compile", "ort"]
 LORA = "peft-lora"
+MATMUL_N = {"cpu": 2048, "cuda": 8192}  # a product that keeps the device busy long enough to time it
 SETUP_TIMEOUT = 1800.0
 STEP_TIMEOUT = 600.0
 # The timing processes fork from a server that has imported these once (about 3-8 s of CPU per process saved:
@@ -128,16 +131,19 @@ class Worker:
         self.proc.join()
 
 
-def matmul_rate(threads: int, n: int = 2048, reps: int = 8) -> float:
-    """Best fp32 matrix-multiply rate of this machine (FLOP/s) with `threads` threads: the physical floor's rate."""
+def matmul_rate(threads: int, n: int = 2048, reps: int = 8, device: str = "cpu") -> float:
+    """Best fp32 matrix-multiply rate of this machine (FLOP/s) with `threads` threads, or of its GPU: the physical
+    floor's rate."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(reps):
+        gpu.synchronize(device)
         t = time.perf_counter()
         torch.mm(a, b)
+        gpu.synchronize(device)
         best = min(best, time.perf_counter() - t)
     torch.set_num_threads(old)
     return 2 * n ** 3 / best
@@ -156,7 +162,7 @@ def code_version() -> str | None:
     return head + ("+changes" if changed else "")
 
 
-def machine_info() -> dict[str, Any]:
+def machine_info(device: str = "cpu") -> dict[str, Any]:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
@@ -172,12 +178,24 @@ def machine_info() -> dict[str, Any]:
         out = subprocess.run([str(ort_py), "-c", "import onnxruntime; print(onnxruntime.__version__)"],
                              capture_output=True, text=True)
         versions["onnxruntime-training"] = out.stdout.strip() or out.stderr.strip()[-200:]
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem / 2 ** 20, 1), "platform": platform.platform(),
+    info = {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem / 2 ** 20, 1), "platform": platform.platform(),
             "simd": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags], **versions}
+    return {**info, **gpu.device_info()} if device == "cuda" else info
 
 
 def _stats(times: list[float]) -> dict[str, float]:
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+
+
+def excluded(cfg: dict[str, Any], systems: list[str], device: str) -> dict[str, str]:
+    """The systems asked for that do not run on this workload and device, each with why (the report lists them)."""
+    from pockengine.bench.systems import SYSTEMS
+
+    out = {s: SYSTEMS[s].unsupported_devices[device] for s in systems
+           if s in SYSTEMS and device in SYSTEMS[s].unsupported_devices}
+    if LORA in systems and not cfg.get("lora"):
+        out[LORA] = "this workload has no LoRA configuration in bench/workloads.yaml"
+    return out
 
 
 def _jobs(cfg: dict[str, Any], schemes: list[str], systems: list[str]) -> list[tuple[str, str]]:
@@ -240,19 +258,35 @@ def _await_ready(w: Worker, key: str, runs: dict[str, Any], live: dict[str, Work
         _log(f"{name}: {key} FAILED: {str(e)[:300]}")
 
 
+def _memory_begin(w: Worker, device: str) -> dict[str, Any]:
+    msg = w.ask(cmd="mem_begin")
+    return msg if device == "cuda" else {"mem_before_kb": msg["rss_kb"]}
+
+
+def _memory_end(w: Worker, device: str) -> dict[str, Any]:
+    msg = w.ask(cmd="mem_end")
+    if device == "cuda":
+        return {**msg, "memory_method": "timing pass, CUDA caching allocator"}
+    return {"peak_rss_kb": msg["hwm_kb"], "memory_method": "timing pass, glibc defaults"}
+
+
 def run_workload(name: str, *, quick: bool, schemes: list[str] | None, systems: list[str], steps: int | None,
-                 work: Path) -> dict[str, Any]:
+                 work: Path, device: str = "cpu") -> dict[str, Any]:
     cfg = workload_config(name, quick)
     schemes = schemes or list(cfg["schemes"])
     steps = steps or cfg["steps"]
     threads = cfg["threads"]
     work = work / name
-    base = {"workload": name, "quick": quick, "threads": threads, "work_dir": str(work)}
-    jobs = _jobs(cfg, schemes, systems)
+    base = {"workload": name, "quick": quick, "threads": threads, "work_dir": str(work), "device": device}
+    left_out = excluded(cfg, systems, device)
+    jobs = _jobs(cfg, schemes, [s for s in systems if s not in left_out])
+    # The timing processes measure memory themselves under --quick (a smoke test) and on a GPU (its allocator
+    # counts per process); on the CPU a separate memory pass does, one process at a time.
+    memory_in_timing = quick or device != "cpu"
     result: dict[str, Any] = {"workload": name, "quick": quick, "description": cfg["description"], "config": cfg, "steps": steps,
                               "warmup": cfg["warmup"], "memory_steps": cfg["memory_steps"],
                               "memory_warmup": cfg["memory_warmup"], "schemes": {}, "runs": {},
-                              "loadavg_start": os.getloadavg()}
+                              "loadavg_start": os.getloadavg(), "device": device, "excluded": left_out}
     runs: dict[str, dict[str, Any]] = {f"{s}|{sc}": {"system": s, "scheme": sc} for s, sc in jobs}
 
     _log(f"{name}: resolving schemes {schemes} and counting eager FLOPs")
@@ -281,10 +315,10 @@ def run_workload(name: str, *, quick: bool, schemes: list[str] | None, systems: 
                 _await_ready(started.pop(key), key, runs, live, name)
         for key, w in started.items():
             _await_ready(w, key, runs, live, name)
-        if quick:  # one pass only: the high-water mark of the timing processes (glibc defaults)
+        if memory_in_timing:
             for key, w in list(live.items()):
                 try:
-                    runs[key]["mem_before_kb"] = w.ask(cmd="mem_begin")["rss_kb"]
+                    runs[key].update(_memory_begin(w, device))
                 except WorkerError as e:
                     runs[key]["error"] = f"memory: {e}"
                     del live[key]
@@ -308,9 +342,12 @@ def run_workload(name: str, *, quick: bool, schemes: list[str] | None, systems: 
                     runs[key].setdefault("times", []).append(msg["time"])
         for key, w in live.items():
             try:
-                if quick:
-                    end = w.ask(cmd="mem_end")
-                    runs[key].update(peak_rss_kb=end["hwm_kb"], memory_method="timing pass, glibc defaults")
+                if memory_in_timing:
+                    runs[key].update(_memory_end(w, device))
+                    if device != "cpu":
+                        tracked = w.ask(cmd="track")
+                        runs[key].update(tracked_step_bytes=tracked["tracked_bytes"],
+                                         predicted_step_bytes=tracked["predicted_bytes"])
                     runs[key]["flops"] = w.ask(cmd="flops")["flops"]
             except WorkerError as e:
                 runs[key]["error"] = f"memory/flops: {e}"
@@ -321,7 +358,7 @@ def run_workload(name: str, *, quick: bool, schemes: list[str] | None, systems: 
             runs[key].update(_stats(runs[key]["times"]))
 
     # -- memory pass ---------------------------------------------------------------------------------------
-    if not quick:
+    if not memory_in_timing:
         for system, scheme in jobs:
             key = f"{system}|{scheme}"
             if "error" in runs[key]:
@@ -358,32 +395,41 @@ def run_workload(name: str, *, quick: bool, schemes: list[str] | None, systems: 
 
 def run(workloads: list[str], *, quick: bool = False, schemes: list[str] | None = None,
         systems: list[str] | None = None, steps: int | None = None, out: Path | None = None,
-        work: Path | None = None, command: str | None = None) -> dict[str, Any]:
-    """Run the benchmark and write results.json, README.md and bench.png under `out`; returns the results."""
+        work: Path | None = None, command: str | None = None, device: str = "cpu") -> dict[str, Any]:
+    """Run the benchmark on `device` ("cpu" or "cuda") and write results.json, README.md and bench.png under `out`
+    (by default the CPU's in docs/benchmarks, the GPU's in docs/benchmarks/cuda); returns the results."""
     from pockengine.bench import report
+    from pockengine.bench.systems import OrtTraining
 
-    out = Path(out or (REPO / (".cache/bench/quick" if quick else "docs/benchmarks")))
-    work = Path(work or REPO / ".cache" / "bench" / ("quick" if quick else "full"))
+    on_cpu = device == "cpu"
+    tag = "" if on_cpu else f"-{device}"  # a GPU's results never overwrite the CPU's
+    default_out = f".cache/bench/quick{tag}" if quick else "docs/benchmarks" + ("" if on_cpu else f"/{device}")
+    out = Path(out or REPO / default_out)
+    work = Path(work or REPO / ".cache" / "bench" / (("quick" if quick else "full") + tag))
     systems = systems or SYSTEM_ORDER + [LORA]
-    if "ort" in systems:
+    if device == "cuda":
+        gpu.strict_fp32()  # the floor's matrix-multiply rate, as the systems run
+    if "ort" in systems and device not in OrtTraining.unsupported_devices:
         subprocess.run(["bash", str(CONFIG_DIR / "setup_ort.sh")], check=True)
     threads = workload_config(workloads[0], quick)["threads"]
     results_path = out / "results.json"
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.exists() else {}
     results.setdefault("workloads", {})
     started = time.time()
-    results["machine"] = machine_info()
+    results["machine"] = machine_info(device)
+    results["device"] = device
     results.setdefault("command", {})
     out.mkdir(parents=True, exist_ok=True)
     # --quick (a smoke test, whose times mean nothing) measures the floor's rate once, on a smaller product
-    quick_rate = matmul_rate(threads, n=1024, reps=3) if quick else None
+    quick_rate = matmul_rate(threads, n=1024, reps=3, device=device) if quick else None
 
     def measured(name: str) -> dict[str, Any]:
-        rate_start = quick_rate or matmul_rate(threads)
-        _log(f"matmul rate {rate_start / 1e9:.1f} GFLOP/s with {threads} threads")
-        w = run_workload(name, quick=quick, schemes=schemes, systems=systems, steps=steps, work=work)
-        rate_end = quick_rate or matmul_rate(threads)
+        rate_start = quick_rate or matmul_rate(threads, n=MATMUL_N[device], device=device)
+        _log(f"matmul rate {rate_start / 1e9:.1f} GFLOP/s " + (f"with {threads} threads" if on_cpu else f"on {device}"))
+        w = run_workload(name, quick=quick, schemes=schemes, systems=systems, steps=steps, work=work, device=device)
+        rate_end = quick_rate or matmul_rate(threads, n=MATMUL_N[device], device=device)
         w.update(matmul_flops_per_s=max(rate_start, rate_end), matmul_rates=[rate_start, rate_end],
+                 matmul_n=1024 if quick else MATMUL_N[device],
                  machine=results["machine"], finished=time.strftime("%Y-%m-%d %H:%M:%S"), code=code_version())
         return w
 

@@ -47,6 +47,7 @@ class System:
     name = "system"
     needs_selections = True  # False for systems with their own trainable set (LoRA)
     counts_flops = True  # FlopCounterMode can watch its step (ATen ops run in this process)
+    unsupported_devices: dict[str, str] = {}  # device -> why the system cannot train there
 
     def setup(self, model: nn.Module, loss_fn: Callable, batch: Any, selections: dict[str, Selection] | None,
               **kw: Any) -> None:
@@ -93,7 +94,7 @@ class _TorchLoop(System):
         params = dict(model.named_parameters())
         for name, p in params.items():
             p.requires_grad_(name in selections)
-        self.masked = [(params[n], m.to(params[n].dtype).contiguous())
+        self.masked = [(params[n], m.to(params[n].device, params[n].dtype).contiguous())
                        for n, m in gradient_masks(model, selections).items() if m is not None]
         self.trained = [params[n] for n in selections]
         self.opt = torch.optim.SGD(self.trained, lr=lr, momentum=MOMENTUM)
@@ -221,6 +222,8 @@ class OrtTraining(System):
 
     name = "ort"
     counts_flops = False
+    unsupported_devices = {"cuda": "ONNX Runtime training is installed as its CPU build (onnxruntime-training-cpu, "
+                                   "bench/setup_ort.sh)"}
 
     def setup(self, model, loss_fn, batch, selections, *, lr, workload, work_dir, threads, reuse=False, **kw):
         import numpy as np

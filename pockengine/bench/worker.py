@@ -6,8 +6,9 @@ FLOPs of an eager step with each trainable set (torch.utils.flop_counter.FlopCou
 `job["kind"] == "system"`: build the workload, set up one system on one scheme, run the first step (set-up time =
 setup() + first step, for every system), then answer commands received on the connection, one message each:
   {"cmd": "step"}      -> {"loss", "time"}     (step n uses batch n mod len(batches), the same order everywhere)
-  {"cmd": "mem_begin"} -> {"rss_kb"}           (resets the resident high-water mark of the system's process)
-  {"cmd": "mem_end"}   -> {"hwm_kb", "rss_kb"}
+  {"cmd": "mem_begin"} -> {"rss_kb"}           (resets the resident high-water mark of the system's process;
+                                                on CUDA the allocator's figures instead, see gpu.begin_memory)
+  {"cmd": "mem_end"}   -> {"hwm_kb", "rss_kb"}  (on CUDA: gpu.end_memory)
   {"cmd": "track"}     -> {"tracked_bytes", "predicted_bytes"} (one more step under the dispatch-level live-storage
                           tracker, null where it cannot watch; the system's own prediction, null if it makes none)
   {"cmd": "flops"}     -> {"flops"}            (one more step under FlopCounterMode; null where it cannot watch)
@@ -31,11 +32,16 @@ from typing import Any
 
 import torch
 
-from pockengine.bench import memory
+from pockengine.bench import gpu, memory
 
 
-def _set_threads(n: int) -> None:
-    torch.set_num_threads(n)
+def _set_up_process(job: dict[str, Any]) -> str:
+    """Threads (host-side work only, on a GPU) and, on a GPU, exact fp32; returns the job's device."""
+    torch.set_num_threads(job["threads"])
+    device = job.get("device", "cpu")
+    if device == "cuda":
+        gpu.strict_fp32()
+    return device
 
 
 def _selections_path(work_dir: str, scheme: str) -> Path:
@@ -82,8 +88,8 @@ def prepare(job: dict[str, Any], conn: Connection) -> None:
     from pockengine.bench.systems import Eager, PeftLoRA
     from pockengine.scheme import summary
 
-    _set_threads(job["threads"])
-    w = W.build(job["workload"], job["quick"])
+    device = _set_up_process(job)
+    w = W.build(job["workload"], job["quick"], device=device)
     out: dict[str, Any] = {}
     for name in job["schemes"]:
         scheme = W.scheme_for(job["workload"], name, job["quick"])
@@ -112,14 +118,14 @@ def run_system(job: dict[str, Any], conn: Connection) -> None:
     from pockengine.bench import workloads as W
     from pockengine.bench.systems import SYSTEMS
 
-    _set_threads(job["threads"])
+    device = _set_up_process(job)
     cfg = W.workload_config(job["workload"], job["quick"])
     if cfg["model"] in ("minilm", "smollm2"):
         import transformers  # noqa: F401  (a runtime library: in the baseline, not in the training memory)
     system = SYSTEMS[job["system"]]()
     system.import_runtime()
     baseline = memory.rss_kb()
-    w = W.build(job["workload"], job["quick"])
+    w = W.build(job["workload"], job["quick"], device=device)
     selections = load_selections(job["work_dir"], job["scheme"]) if system.needs_selections else None
     start = time.perf_counter()
     system.setup(w.model, w.loss_fn, w.batch(0), selections, lr=w.lr, workload=w,
@@ -130,6 +136,7 @@ def run_system(job: dict[str, Any], conn: Connection) -> None:
     n = 0
     t = time.perf_counter()
     first = system.step(w.batch(n))
+    gpu.synchronize(device)
     first_time = time.perf_counter() - t
     n += 1
     parts = system.setup_parts() if hasattr(system, "setup_parts") else {}
@@ -141,14 +148,17 @@ def run_system(job: dict[str, Any], conn: Connection) -> None:
         while (cmd := _receive(conn)) != "quit":
             if cmd == "step":
                 batch = w.batch(n)
+                gpu.synchronize(device)
                 t = time.perf_counter()
                 loss = system.step(batch)
+                gpu.synchronize(device)
                 conn.send({"loss": loss, "time": time.perf_counter() - t})
                 n += 1
             elif cmd == "mem_begin":
-                conn.send({"rss_kb": memory.reset_peak(system.pid())})
+                conn.send(gpu.begin_memory() if device == "cuda" else {"rss_kb": memory.reset_peak(system.pid())})
             elif cmd == "mem_end":
-                conn.send({"hwm_kb": memory.hwm_kb(system.pid()), "rss_kb": memory.rss_kb(system.pid())})
+                conn.send(gpu.end_memory() if device == "cuda" else
+                          {"hwm_kb": memory.hwm_kb(system.pid()), "rss_kb": memory.rss_kb(system.pid())})
             elif cmd == "track":
                 batch = w.batch(n)
                 conn.send({"tracked_bytes": track_step(system, batch) if system.counts_flops else None,

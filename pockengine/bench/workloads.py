@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 import yaml
 from torch import nn
+from torch.utils._pytree import tree_map
 
 import pockengine as pe
 from pockengine.scheme import Scheme, Selection
@@ -188,14 +189,18 @@ def _smollm2(cfg: dict[str, Any]) -> Workload:
 _BUILDERS = {"mobilenet_v2": _mobilenet, "minilm": _minilm, "smollm2": _smollm2}
 
 
-def build(name: str, quick: bool = False, config_dir: Path = CONFIG_DIR) -> Workload:
-    """Model (eval mode: dropout off, BatchNorm statistics frozen), loss and batches of workload `name`."""
+def build(name: str, quick: bool = False, config_dir: Path = CONFIG_DIR, device: str = "cpu") -> Workload:
+    """Model (eval mode: dropout off, BatchNorm statistics frozen), loss and batches of workload `name`, on
+    `device` (built on the CPU and moved, so that every device starts from the same weights and batches)."""
     cfg = workload_config(name, quick, config_dir)
     torch.manual_seed(0)
     w = _BUILDERS[cfg["model"]](cfg)
     w.model.eval()
     for p in w.model.parameters():
         p.requires_grad_(False)
+    if device != "cpu":
+        w.model.to(device)
+        w.batches = [tree_map(lambda t: t.to(device), b) for b in w.batches]
     return w
 
 
