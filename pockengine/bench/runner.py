@@ -63,7 +63,9 @@ class Worker:
 
     `fresh_env=None`: forked from the preloaded server (prepare and timing processes). Otherwise a new interpreter
     started with these variables added to its environment, for settings that must be there when the process
-    starts (the memory pass's MALLOC_MMAP_THRESHOLD_ is read by glibc at start-up).
+    starts (the memory pass's MALLOC_MMAP_THRESHOLD_ is read by glibc at start-up). Jobs on a GPU always start a
+    new interpreter: importing Inductor initializes CUDA on a machine that has it, and CUDA cannot be used again
+    in a process forked after that.
     """
 
     def __init__(self, job: dict[str, Any], log: Path, fresh_env: dict[str, str] | None = None):
@@ -71,7 +73,8 @@ class Worker:
 
         log.parent.mkdir(parents=True, exist_ok=True)
         self.log = log
-        ctx = _forkserver() if fresh_env is None else multiprocessing.get_context("spawn")
+        fork = fresh_env is None and job.get("device", "cpu") == "cpu"
+        ctx = _forkserver() if fork else multiprocessing.get_context("spawn")
         self.conn, child_end = ctx.Pipe()
         self.proc = ctx.Process(target=worker.serve, args=(job, child_end, str(log)))
         with _SPAWN_LOCK:

@@ -54,8 +54,10 @@ def batch_norm_frozen(ctx, g):
     g = g[0]
     if ctx.needs(w):
         mask = [ctx.needs(x), True, ctx.needs(b)]
-        out = ctx(aten.native_batch_norm_backward.default, g, x, w, running_mean, running_var, None, None, False,
-                  eps, mask)
+        # The op's two (empty) statistics outputs, as autograd passes them: CUDA's kernel refuses None there.
+        save_mean, save_invstd = ctx.graph.getitem(ctx.node, 1), ctx.graph.getitem(ctx.node, 2)
+        out = ctx(aten.native_batch_norm_backward.default, g, x, w, running_mean, running_var, save_mean,
+                  save_invstd, False, eps, mask)
         return (*_unpack(ctx, out, mask), None, None)
     channel = [1, x.meta.shape[1]] + [1] * (len(x.meta.shape) - 2)
     gx = gb = None
