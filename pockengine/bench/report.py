@@ -203,8 +203,8 @@ def notes(w: dict[str, Any]) -> list[str]:
 METHOD = """\
 ## Method
 
-- **One run, alternating.** Each (system, scheme) is its own process (in the timing pass forked from a server that has
-  imported the libraries once; set-up times never include imports). In the timing pass the processes of a group
+- **One run, alternating.** Each (system, scheme) is its own process ({processes}; set-up times never include
+  imports). In the timing pass the processes of a group
   (the whole workload, or one scheme for SmolLM2, whose 17 processes would not fit in memory together) are set up one
   after another, then take steps in turn (A B C … A B C …) with a {pause}s idle gap between steps, so that drift of
   the machine hits every system alike. The machine is shared: the gap is extended (up to `max_wait_s`, given above
@@ -271,10 +271,13 @@ def method(results: dict[str, Any]) -> str:
                    rate=any_w["matmul_flops_per_s"] / 1e9)
     if results.get("device", "cpu") == "cpu":
         return METHOD.format(**figures, sync="", memory=MEMORY_CPU.format(**figures),
+                             processes="in the timing pass forked from a server that has imported the libraries once",
                              precision=("fp32, {threads} threads\n  (`torch.set_num_threads`, ORT "
                                         "`intra_op_num_threads`)").format(**figures),
                              rate_how="{threads} threads, 2048² `torch.mm`".format(**figures))
     return METHOD.format(**figures, memory=MEMORY_CUDA,
+                         processes="a new interpreter each, as CUDA cannot be used in a process forked after it was "
+                                   "initialized",
                          sync=("\n  On the GPU every step is fenced by `torch.cuda.synchronize()` before and after, so "
                                "that its time\n  covers the kernels it queued, not only their launch."),
                          precision=("fp32 with TensorFloat-32 off\n  (cuDNN and cuBLAS alike: a 1x1 convolution rounds "
