@@ -8,6 +8,7 @@ shape (the last, smaller batch; another sequence length) compiles a new program,
 from __future__ import annotations
 
 import functools
+import gc
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -268,6 +269,11 @@ class Trainer:
         built = _Built(program, [self._binder(n, cap, static) for n in inputs], static,
                        time.perf_counter() - start)
         self._programs[(kind, shape_key)] = built
+        # Capture and planning leave reference cycles holding many small C++ objects (fake and meta tensors). Freed
+        # by a later, arbitrary collection, they leave holes all over the heap that every step's small allocations
+        # then spread over (MobileNetV2 sparse: 5.6 MB of free holes, a step's resident peak 5.5-7.2 MB for 3.6 MB
+        # of tensors); freed now, before the first step allocates anything, they leave 1 MB and a 3.8 MB peak.
+        gc.collect()
         return built
 
     def _binder(self, node: Node, cap: Any, static: dict[Node, torch.Tensor]) -> Callable[[list, dict], Any]:
