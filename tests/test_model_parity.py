@@ -4,7 +4,11 @@ Small, randomly initialized (seeded) models in fp32: an MLP, a CNN (conv + BN + 
 Hugging Face BERT, GPT-2, Llama (grouped-query attention), ViT and ResNet, each in train and in eval mode. For
 every parameter
 
-    rel_err = max|g - g_ref| / max(max|g_ref|, TINY) <= TOL = 1e-4.
+    rel_err = max|g - g_ref| / max(max|g_ref|, TINY) <= TOL = 1e-4,
+
+or, where the fp32 reference itself is further than that from autograd in float64 (a gradient summed with heavy
+cancellation, such as a BatchNorm scale's), pockengine's gradient is at least as close to the float64 one as the
+fp32 reference is.
 
 In train mode every dropout probability is 0 so that both sides compute the same function; in eval mode the
 models keep their dropout (> 0), which eval must switch off. `test_dropout_loss_is_reproducible_for_a_seed`
@@ -139,6 +143,7 @@ def test_gradients_match_autograd(name, mode):
     assert grads.keys() == ref.keys()
     noise = NOISE * max(r.abs().max().item() for r in ref.values())
     bad = []
+    exact = None
     for n, r in ref.items():
         g = grads[n]
         assert g.shape == r.shape and g.dtype == r.dtype, n
@@ -146,8 +151,21 @@ def test_gradients_match_autograd(name, mode):
             if g.abs().max() > noise:
                 bad.append(f"{n}: {g.abs().max().item():.2e} where autograd has ~0")
         elif (err := rel_err(g, r)) > TOL:
-            bad.append(f"{n}: relative error {err:.2e}")
+            exact = exact or _float64_gradients(ref_model, loss_fn, batch)
+            ours, reference = rel_err(g.double(), exact[n]), rel_err(r.double(), exact[n])
+            if ours > max(TOL, reference):
+                bad.append(f"{n}: relative error {err:.2e} (from float64: ours {ours:.2e}, fp32 autograd's "
+                           f"{reference:.2e})")
     assert not bad, "\n".join(bad)
+
+
+def _float64_gradients(model: nn.Module, loss_fn: Callable, batch: Any) -> dict[str, torch.Tensor]:
+    """torch.autograd's gradients of the same model and batch computed in float64."""
+    model = copy.deepcopy(model).double()
+    inputs = torch.utils._pytree.tree_map(lambda t: t.double() if torch.is_floating_point(t) else t, batch[0])
+    loss = loss_fn(_call(model, inputs), batch[1])
+    names, params = zip(*model.named_parameters())
+    return dict(zip(names, torch.autograd.grad(loss, params)))
 
 
 @pytest.mark.parametrize("name", ["mlp", "bert"])
