@@ -23,11 +23,11 @@ from pockengine.capture import Captured, capture, normalize_batch
 from pockengine.errors import BatchMismatchError, NonFiniteLossError, UserInputError
 from pockengine.ir.graph import BATCH, SCALAR, STATE, Node, eliminate_dead_code
 from pockengine.optim import SGD, Optimizer
-from pockengine.passes.activation_masks import MODES as MASK_MODES
 from pockengine.passes import (chunk_frozen_prefix, compact_activation_masks, drop_redundant_clones,
                                fold_constants, fold_frozen_batchnorm, frozen_region, plan_chunks,
                                pointwise_convolutions_as_matmul, rematerialize, run_in_place, to_channels_last,
                                update_early, uses_convolution)
+from pockengine.passes.activation_masks import MODES as MASK_MODES
 from pockengine.memory.plan import MemoryPlan, plan_memory
 from pockengine.scheme import Scheme, Selection
 from pockengine.scheme import summary as scheme_summary

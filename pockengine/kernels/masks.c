@@ -35,7 +35,8 @@ void pockengine_pack_keep_f32(const float *x, int64_t n, float lo, int has_hi, f
     }
 }
 
-/* Filled by pockengine_init, once, before any call: per byte value, the eight 32-bit masks that keep (all ones) or zero (all zeros) the float of each bit. */
+/* Filled by pockengine_init, once, before any call: per byte value, the eight 32-bit masks that keep (all ones)
+ * or zero (all zeros) the float of each bit. */
 static uint32_t spread[256][8];
 
 void pockengine_init(void) {

@@ -37,8 +37,8 @@ def compact_activation_masks(graph: Graph, mode: str = "bits", channels_last: bo
             continue  # kept for another reason anyway: a mask would only add memory
         first = readers[0]
         # Both ops pass the gradient where lo < x < hi (ReLU: where x > threshold).
-        lo, hi = (first.args[2], first.args[3]) if first.target is aten.hardtanh_backward.default \
-            else (first.args[2], None)
+        lo = first.args[2]
+        hi = first.args[3] if first.target is aten.hardtanh_backward.default else None
         ndim = len(saved.meta.shape)
         order = [0, 2, 3, 1] if channels_last and ndim == 4 else list(range(ndim))
         bits = graph.emitter(saved, saved.module, saved.section)(PACK_KEEP, saved, lo, hi, order)

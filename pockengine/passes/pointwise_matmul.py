@@ -31,6 +31,11 @@ def _rows(at, x: Node) -> Node:
     return at(aten.reshape.default, at(aten.permute.default, x, [0, 2, 3, 1]), [-1, x.meta.shape[1]])
 
 
+def _weight_matrix(at, w: Node) -> Node:
+    """The 1x1 convolution weight [A, B, 1, 1] as its A x B matrix: a view."""
+    return at(aten.reshape.default, w, list(w.meta.shape[:2]))
+
+
 def _become_nchw_view(at, node: Node, rows: Node, shape: tuple[int, ...]) -> None:
     """Turn `node` into the NCHW view of the matrix `rows` (same shape as before): its users need no rewiring."""
     batch, channels, height, width = shape
@@ -40,6 +45,7 @@ def _become_nchw_view(at, node: Node, rows: Node, shape: tuple[int, ...]) -> Non
 
 def pointwise_convolutions_as_matmul(graph: Graph) -> Graph:
     users = graph.users()
+
     def before(n: Node):
         return graph.emitter(graph.nodes[graph.nodes.index(n) - 1], n.module, n.section)
 
@@ -48,7 +54,7 @@ def pointwise_convolutions_as_matmul(graph: Graph) -> Graph:
             at = before(n)
             x, w, bias, *_, transposed, _, _ = n.args
             # weight: [C_out, C_in, 1, 1] for a convolution, [C_in, C_out, 1, 1] for a transposed one
-            matrix = at(aten.reshape.default, w, [w.meta.shape[0], w.meta.shape[1]])
+            matrix = _weight_matrix(at, w)
             if not transposed:
                 matrix = at(aten.permute.default, matrix, [1, 0])
             rows = _rows(at, x)
@@ -61,7 +67,7 @@ def pointwise_convolutions_as_matmul(graph: Graph) -> Graph:
             grad_rows = _rows(at, g)
             for item in users[n]:  # getitem 0: the input's gradient, 1: the weight's
                 if item.args[1] == 0:
-                    product = at(aten.mm.default, grad_rows, at(aten.reshape.default, w, list(w.meta.shape[:2])))
+                    product = at(aten.mm.default, grad_rows, _weight_matrix(at, w))
                     _become_nchw_view(at, item, product, x.meta.shape)
                 else:
                     product = at(aten.mm.default, at(aten.permute.default, grad_rows, [1, 0]), _rows(at, x))
