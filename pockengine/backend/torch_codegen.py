@@ -1,7 +1,7 @@
 """The torch backend: turn a program into one straight-line Python function of ATen calls.
 
 Each node becomes one line `name = aten.op.overload(args)` (or the op's plain Python binding, `torch.mm(args)`, where
-one dispatches to exactly that overload: FAST_CALLS); a `del` follows the last use of every value, so
+one dispatches to exactly that overload: `pockengine.ir.ops.FAST_CALLS`); a `del` follows the last use of every value, so
 intermediates are released as early as the schedule allows and nothing but the outputs survives the call. The
 per-step Python work is one function call with one line per op: no graph walking, no autograd.
 """
@@ -16,6 +16,7 @@ import torch
 
 from pockengine.errors import NonFiniteLossError
 from pockengine.ir.graph import Graph, Node
+from pockengine.ir.ops import FAST_CALLS
 from pockengine.memory.liveness import Liveness
 
 aten = torch.ops.aten
@@ -64,18 +65,6 @@ class _Source:
         name = f"_c{len(self.constants)}"
         self.constants[name] = a
         return name
-
-
-# Python bindings that dispatch to exactly these overloads when called with positional arguments only: they skip the
-# OpOverload object's generic argument handling, 2-3 us a call, and a MobileNetV2 step makes over a thousand calls.
-# tests/test_codegen.py checks that both spellings dispatch the same ops.
-FAST_CALLS = {
-    aten.permute.default: "torch.permute", aten.reshape.default: "torch.reshape",
-    aten.view.default: "torch.Tensor.view", aten.mm.default: "torch.mm", aten.addmm.default: "torch.addmm",
-    aten.convolution.default: "torch.convolution", aten.hardtanh_.default: "torch._C._nn.hardtanh_",
-    aten.add.Tensor: "torch.add", aten.add_.Tensor: "torch.Tensor.add_", aten.mul.Tensor: "torch.mul",
-    aten.mul_.Tensor: "torch.Tensor.mul_", aten.sum.dim_IntList: "torch.sum",
-}
 
 
 def _call_expr(n: Node, src: _Source, overrides: dict, fast: bool) -> str:

@@ -19,6 +19,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.utils._pytree import tree_map
 
+from pockengine.ir.ops import is_mutating
+
 SECTIONS = ("forward", "loss", "backward", "update")
 
 # Names the generated code uses for itself, never given to a value.
@@ -131,11 +133,6 @@ def op_name(target: Any) -> str:
     if target is operator.getitem:
         return "getitem"
     return str(target).removeprefix("aten.")
-
-
-def is_mutating(target: Any) -> bool:
-    schema = getattr(target, "_schema", None)
-    return schema is not None and schema.is_mutable
 
 
 def _to_meta_tensor(x: Any) -> Any:

@@ -13,7 +13,7 @@ import torch
 
 from pockengine.ir.graph import Graph
 from pockengine.kernels import APPLY_KEEP_, PACK_KEEP
-from pockengine.passes.inplace import VIEWS
+from pockengine.ir.ops import is_view
 
 aten = torch.ops.aten
 MASK_ACTIVATION_OPS = (aten.threshold_backward.default, aten.hardtanh_backward.default)
@@ -46,7 +46,7 @@ def compact_activation_masks(graph: Graph, mode: str = "bits", channels_last: bo
             bwd = graph.emitter(graph.nodes[graph.nodes.index(reader) - 1], reader.module, reader.section)
             g = reader.args[0]
             # g may be overwritten when it is a value of its own that nothing but this op reads
-            if g.is_input or g.target in VIEWS or g.mutates or g in outputs or users[g] != [reader]:
+            if g.is_input or is_view(g.target) or g.mutates or g in outputs or users[g] != [reader]:
                 g = bwd(aten.clone.default, g)
             bwd(APPLY_KEEP_, g, bits, order)
             graph.replace_all_uses(reader, g)

@@ -19,20 +19,9 @@ import torch
 from torch.utils._pytree import tree_map
 
 from pockengine.ir.graph import BATCH, Graph, Node, TensorMeta
+from pockengine.ir.ops import SAMPLEWISE, is_pointwise
 
 aten = torch.ops.aten
-
-# Element-wise ops: another operand broadcasts against the batch, so it must not have a batch dimension of its own.
-ELEMENTWISE = {
-    aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default, aten.clamp.default,
-    aten.sigmoid.default, aten.silu.default, aten.gelu.default, aten.tanh.default, aten.hardswish.default,
-    aten.hardsigmoid.default, aten.leaky_relu.default, aten.add.Tensor, aten.add_.Tensor, aten.mul.Tensor,
-    aten.mul_.Tensor, aten.sub.Tensor, aten.div.Tensor, aten.clone.default,
-}
-SAMPLEWISE = ELEMENTWISE | {
-    aten.convolution.default, aten._native_batch_norm_legit_no_training.default, aten.max_pool2d_with_indices.default,
-    aten.avg_pool2d.default, aten._adaptive_avg_pool2d.default, aten.mean.dim, operator.getitem,
-}
 
 
 def _outputs(meta) -> list[TensorMeta]:
@@ -56,7 +45,7 @@ def frozen_region(graph: Graph, trained: set[Node], until: Node | None = None) -
     users = graph.users()
 
     def allowed(n: Node, region: set[Node]) -> bool:
-        if n.is_input or n.section != "forward" or n.target not in SAMPLEWISE:
+        if n.is_input or n.section != "forward" or not (is_pointwise(n.target) or n.target in SAMPLEWISE):
             return False
         if n.target is aten.mean.dim and (n.args[1] is None or 0 in [d % len(n.args[0].meta.shape)
                                                                      for d in n.args[1]]):
@@ -70,7 +59,8 @@ def frozen_region(graph: Graph, trained: set[Node], until: Node | None = None) -
         batched = [i for i in n.inputs if i in region or i in seeds]
         shared = [i for i in n.inputs if i not in batched]
         shared_ok = all(i not in varying and isinstance(i.meta, TensorMeta) for i in shared) and (
-            n.target not in ELEMENTWISE
+            # a pointwise op's other operand broadcasts against the batch: it must have no batch dimension
+            not is_pointwise(n.target)
             or all(len(i.meta.shape) < len(outs[0].shape) or i.meta.shape[0] == 1 for i in shared))
         return bool(batched) and shared_ok
 

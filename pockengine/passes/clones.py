@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from pockengine.ir.graph import Graph
-from pockengine.passes.inplace import VIEWS
+from pockengine.ir.ops import is_view
 
 aten = torch.ops.aten
 
@@ -24,6 +24,6 @@ def drop_redundant_clones(graph: Graph) -> Graph:
         source = n.args[0] if n.target is aten.clone.default else None
         # A clone of a view (a slice, an expand) is dense where the view is not, and later views rely on that.
         if (source is not None and n.kwargs.get("memory_format", torch.preserve_format) is torch.preserve_format
-                and not source.is_input and source.target not in VIEWS):
+                and not source.is_input and not is_view(source.target)):
             graph.replace_all_uses(n, n.args[0])
     return graph

@@ -17,7 +17,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from pockengine.ir.graph import Graph, Node, TensorMeta
-from pockengine.passes.inplace import VIEWS
+from pockengine.ir.ops import is_view
 
 MAX_BYTES = 1 << 16
 
@@ -25,7 +25,7 @@ MAX_BYTES = 1 << 16
 def _foldable(target) -> bool:
     """Computes a new value (a view would only copy a weight) and draws nothing at random."""
     tags = getattr(target, "tags", ())
-    return torch.Tag.nondeterministic_seeded not in tags and target not in VIEWS
+    return torch.Tag.nondeterministic_seeded not in tags and not is_view(target)
 
 
 def fold_constants(graph: Graph, frozen: dict[Node, torch.Tensor], max_bytes: int = MAX_BYTES) -> Graph:

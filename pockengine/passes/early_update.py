@@ -17,7 +17,7 @@ at the end.
 from __future__ import annotations
 
 from pockengine.ir.graph import Graph, Node
-from pockengine.passes.inplace import VIEWS
+from pockengine.ir.ops import is_view
 
 
 def update_early(graph: Graph, loss: Node) -> Graph:
@@ -27,7 +27,7 @@ def update_early(graph: Graph, loss: Node) -> Graph:
     for n in graph.nodes:
         if n.is_input:
             root[n] = n
-        elif (n.target in VIEWS or n.mutates) and n.args and isinstance(n.args[0], Node):
+        elif (is_view(n.target) or n.mutates) and n.args and isinstance(n.args[0], Node):
             root[n] = root.get(n.args[0])
     readers: dict[Node, list[Node]] = {}
     for n in graph.nodes:

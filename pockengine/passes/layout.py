@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 
 from pockengine.ir.graph import BATCH, Graph
+from pockengine.ir.ops import STRICT_VIEWS
 
 aten = torch.ops.aten
-VIEWS = (aten.view.default, aten._unsafe_view.default)
 
 
 def uses_convolution(graph: Graph) -> bool:
@@ -32,7 +32,7 @@ def to_channels_last(graph: Graph) -> Graph:
             graph.replace_all_uses(x, converted)
             converted.args = (x,)
     for n in list(graph.nodes):
-        if n.target in VIEWS:
+        if n.target in STRICT_VIEWS:
             n.target = aten.reshape.default
         elif n.target is aten.expand.default and n.section == "backward" and len(n.meta.shape) == 4:
             dense = graph.call(aten.clone.default, (n,), {"memory_format": torch.channels_last}, after=n,

@@ -15,20 +15,10 @@ needs it.
 
 from __future__ import annotations
 
-import torch
 from torch.utils._pytree import tree_map
 
 from pockengine.ir.graph import BUFFER, CONST, PARAM, Graph, Node
-
-aten = torch.ops.aten
-
-VIEWS = {aten.view.default, aten.reshape.default, aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim,
-         aten.expand.default}
-ELEMENTWISE = {
-    aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor, aten.neg.default, aten.rsqrt.default,
-    aten.sqrt.default, aten.silu.default, aten.gelu.default, aten.sigmoid.default, aten.tanh.default,
-    aten.relu.default, aten.hardtanh.default, aten.hardswish.default, aten.hardsigmoid.default,
-}
+from pockengine.ir.ops import is_pointwise, is_view
 
 
 def rematerialize(graph: Graph) -> Graph:
@@ -38,13 +28,13 @@ def rematerialize(graph: Graph) -> Graph:
     # Values of weights alone, recomputable from the program's inputs by cheap ops.
     weights: set[Node] = {n for n in graph.inputs() if n.role in (PARAM, BUFFER, CONST)}
     for n in graph.nodes:
-        if (not n.is_input and n.section in ("forward", "loss") and n.target in ELEMENTWISE | VIEWS
+        if (not n.is_input and n.section in ("forward", "loss") and (is_pointwise(n.target) or is_view(n.target))
                 and n.inputs and all(i in weights for i in n.inputs)):
             weights.add(n)
     chosen: list[Node] = []
     kept: set[Node] = set()
     for n in [n for n in graph.nodes if n in saved]:
-        if n in weights or (n.target in ELEMENTWISE
+        if n in weights or (is_pointwise(n.target)
                             and all(i.is_input or i in weights or i in kept for i in n.inputs)):
             chosen.append(n)
         else:
