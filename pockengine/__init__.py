@@ -5,11 +5,13 @@
 """
 
 from pockengine import losses, optim
-from pockengine.checkpoint import load
-from pockengine.errors import (BatchMismatchError, CaptureError, MissingVJPError, NonFiniteLossError,
-                               PockEngineError, UserInputError)
+from pockengine.checkpoint import Checkpoint, load, read_checkpoint
+from pockengine.errors import (BatchMismatchError, CaptureError, CompilerError, MissingVJPError,
+                               NonFiniteLossError, PockEngineError, UserInputError)
+from pockengine.options import Options
 from pockengine.scheme import Scheme
 from pockengine.trainer import Trainer, compile
 
-__all__ = ["BatchMismatchError", "CaptureError", "MissingVJPError", "NonFiniteLossError", "PockEngineError",
-           "Scheme", "Trainer", "UserInputError", "compile", "load", "losses", "optim"]
+__all__ = ["BatchMismatchError", "CaptureError", "Checkpoint", "CompilerError", "MissingVJPError", "NonFiniteLossError",
+           "Options", "PockEngineError", "Scheme", "Trainer", "UserInputError", "compile", "load", "losses", "optim",
+           "read_checkpoint"]

@@ -30,7 +30,7 @@ VERSION = 1
 class Checkpoint:
     weights: dict[str, torch.Tensor]  # parameters and buffers by state-dict name
     optimizer_state: dict[str, dict[str, torch.Tensor]]  # parameter name -> state name -> tensor
-    meta: dict[str, Any]  # optimizer config, scheme, step count
+    meta: dict[str, Any]  # optimizer config, scheme, step count, options
 
 
 def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -47,9 +47,7 @@ def save_trainer(trainer: Trainer, path: str | os.PathLike) -> None:
         save_file(state, str(tmp / "optimizer.safetensors"))
         meta = {"format": FORMAT, "version": VERSION, "optimizer": trainer.optimizer.config(),
                 "scheme": trainer.scheme.to_dict(), "steps_done": trainer.steps_done,
-                "freeze_batchnorm": trainer.freeze_batchnorm, "on_nonfinite": trainer.on_nonfinite,
-                "activation_masks": trainer.activation_masks, "memory_format": trainer.memory_format,
-                "frozen_chunks": trainer.frozen_chunks,
+                "options": trainer.options.to_dict(),
                 # The resolved selection (channels chosen by magnitude included), so a resumed run trains exactly
                 # the same entries whatever the weights have become.
                 "selections": {name: sel.to_dict() for name, sel in trainer.trained.items()}}
@@ -57,6 +55,7 @@ def save_trainer(trainer: Trainer, path: str | os.PathLike) -> None:
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """The weights, optimizer state and metadata of a checkpoint, without a model."""
     folder = Path(path)
     meta_file = folder / "trainer.json"
     if not meta_file.is_file():
@@ -74,23 +73,17 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(weights, state, meta)
 
 
-def load(path: str | os.PathLike, model: nn.Module | None = None, loss_fn: Callable | None = None,
-         example_batch: Any = None) -> Trainer | Checkpoint:
-    """Read a checkpoint written by `Trainer.save`.
-
-    With only `path`, returns the `Checkpoint` (weights, optimizer state, metadata). With a `model` of the same
-    architecture, a `loss_fn` and an `example_batch`, loads the weights into the model and returns a Trainer that
-    resumes where the saved one stopped (same optimizer, state, scheme and step count).
+def load(path: str | os.PathLike, model: nn.Module, loss_fn: Callable, example_batch: Any) -> Trainer:
+    """Resume training from a checkpoint written by `Trainer.save`: loads the weights into `model` (of the
+    architecture that was trained) and returns a Trainer that continues where the saved one stopped (same
+    optimizer, state, scheme, options and step count). `read_checkpoint(path)` reads a checkpoint without a model.
     """
     from pockengine.optim import from_config
+    from pockengine.options import Options
     from pockengine.scheme import Scheme, Selection
     from pockengine.trainer import Trainer
 
     ckpt = read_checkpoint(path)
-    if model is None:
-        return ckpt
-    if loss_fn is None or example_batch is None:
-        raise UserInputError("to resume training, pass model, loss_fn and example_batch to pockengine.load")
     expected = {k: tuple(v.shape) for k, v in [*model.named_parameters(), *model.named_buffers()]}
     got = {k: tuple(v.shape) for k, v in ckpt.weights.items()}
     if expected != got:
@@ -105,9 +98,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, loss_fn: Calla
     selections = {name: Selection.from_dict(d) for name, d in meta["selections"].items()}
     trainer = Trainer(model, loss_fn, example_batch, from_config(meta["optimizer"]),
                       Scheme.from_resolved(selections, meta["scheme"].get("name", "recorded")),
-                      freeze_batchnorm=meta["freeze_batchnorm"], on_nonfinite=meta["on_nonfinite"],
-                      activation_masks=meta["activation_masks"], memory_format=meta["memory_format"],
-                      frozen_chunks=meta.get("frozen_chunks", "auto"))
+                      Options.from_dict(meta["options"]))
     for param, states in trainer.state.items():
         for name, t in states.items():
             t.copy_(ckpt.optimizer_state[param][name])

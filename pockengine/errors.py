@@ -23,3 +23,8 @@ class BatchMismatchError(UserInputError):
 
 class NonFiniteLossError(PockEngineError, FloatingPointError):
     """The loss was NaN or infinite; the step was abandoned before any weight changed."""
+
+
+class CompilerError(PockEngineError, RuntimeError):
+    """A pass of pockengine's compiler failed or left a malformed program: a bug in pockengine, not in the model.
+    The message names the pass and those before it; `disable={name}` may work around it until it is fixed."""

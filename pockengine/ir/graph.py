@@ -261,6 +261,35 @@ class Graph:
             n.args, n.kwargs = _substitute(n.args, old, new), _substitute(n.kwargs, old, new)
         self.outputs = _substitute(self.outputs, old, new)
 
+    def lint(self) -> None:
+        """Check the invariants every pass must keep; raise ValueError naming the first node that breaks one:
+        inputs lead the program, every value is defined before it is used, names are unique (they become Python
+        variables), every op has its section and the static metadata of its result."""
+        defined: set[Node] = set()
+        names: set[str] = set()
+        ops_started = False
+        for n in self.nodes:
+            if n.name in names:
+                raise ValueError(f"two values are named %{n.name}")
+            names.add(n.name)
+            if n.is_input:
+                if ops_started:
+                    raise ValueError(f"input %{n.name} comes after an op; inputs lead the program")
+            else:
+                ops_started = True
+                undefined = [i for i in n.inputs if i not in defined]
+                if undefined:
+                    raise ValueError(f"%{n.name} = {n.op_name}(...) reads {undefined} before it is defined (or a "
+                                     "value no longer in the program)")
+                if n.section not in SECTIONS:
+                    raise ValueError(f"%{n.name} has section {n.section!r}, not one of {SECTIONS}")
+                if n.meta is None:
+                    raise ValueError(f"%{n.name} = {n.op_name}(...) has no metadata (shape, dtype)")
+            defined.add(n)
+        missing = {k: v for k, v in self.outputs.items() if v not in defined}
+        if missing:
+            raise ValueError(f"outputs {missing} are not values of the program")
+
     def __str__(self) -> str:
         from pockengine.ir.printer import format_graph
         return format_graph(self)

@@ -1,7 +1,7 @@
 """Graph-to-graph transformations of the training program, each a plain function easy to test alone."""
 
 from pockengine.passes.activation_masks import compact_activation_masks
-from pockengine.passes.chunk_frozen import chunk_frozen_prefix, frozen_region, plan_chunks
+from pockengine.passes.chunk_frozen import chunk_for_memory, chunk_frozen_prefix, frozen_region, plan_chunks
 from pockengine.passes.clones import drop_redundant_clones
 from pockengine.passes.constant_fold import fold_constants
 from pockengine.passes.early_update import update_early
@@ -11,6 +11,6 @@ from pockengine.passes.layout import to_channels_last, uses_convolution
 from pockengine.passes.pointwise_matmul import pointwise_convolutions_as_matmul
 from pockengine.passes.rematerialize import rematerialize
 
-__all__ = ["chunk_frozen_prefix", "compact_activation_masks", "drop_redundant_clones", "fold_constants",
-           "fold_frozen_batchnorm", "frozen_region", "plan_chunks", "pointwise_convolutions_as_matmul",
+__all__ = ["chunk_for_memory", "chunk_frozen_prefix", "compact_activation_masks", "drop_redundant_clones",
+           "fold_constants", "fold_frozen_batchnorm", "frozen_region", "plan_chunks", "pointwise_convolutions_as_matmul",
            "rematerialize", "run_in_place", "to_channels_last", "update_early", "uses_convolution"]

@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_map
 
 from pockengine.ir.graph import BATCH, Graph, Node, TensorMeta
 from pockengine.ir.ops import SAMPLEWISE, is_pointwise
+from pockengine.memory.plan import plan_memory
 
 aten = torch.ops.aten
 
@@ -159,3 +160,20 @@ def plan_chunks(region: list[Node], boundary: list[Node], size: int,
         if size % k == 0 and (peak - leaving) / k + 2 * leaving <= outside:
             return k, until
     return size, until
+
+
+def chunk_for_memory(graph: Graph, trained: set[Node], chunks: int | str, device: torch.device,
+                     input_strides: dict[Node, tuple[int, ...]]) -> Graph:
+    """Run the frozen region in `chunks` micro-batches; "auto": on the CPU as many as `plan_chunks` finds on the
+    memory plan of the unsplit program (`input_strides`: the layout of its non-contiguous inputs), on a GPU one.
+    On a GPU memory is rarely the limit at these sizes, and every micro-batch launches the frozen prefix's kernels
+    once more, which costs time and saves nothing needed."""
+    until = None
+    if chunks == "auto":
+        chunks = 1
+        if device.type == "cpu":
+            region, boundary, size = frozen_region(graph, trained)
+            if region:
+                chunks, until = plan_chunks(region, boundary, size,
+                                            plan_memory(graph, input_strides).live_during)
+    return chunk_frozen_prefix(graph, trained, chunks, until)

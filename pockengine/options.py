@@ -1,0 +1,94 @@
+"""The compile options, in one frozen object: `compile(**options)`, `Trainer`, checkpoints and the CLI share it.
+
+Each option is validated once, here, with an error that names the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from pockengine.errors import UserInputError
+from pockengine.passes.activation_masks import MODES as MASK_MODES
+
+MEMORY_FORMATS = ("auto", "channels_last", "preserve")
+ON_NONFINITE = ("raise", "skip")
+
+
+def _check_from_environment() -> bool:
+    return os.environ.get("POCKENGINE_CHECK", "") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class Options:
+    """How a training step is compiled and run.
+
+    freeze_batchnorm: put BatchNorm layers in eval mode (frozen statistics, the usual fine-tuning setting);
+        otherwise every module keeps its mode.
+    on_nonfinite: "raise" (NonFiniteLossError, nothing changed) or "skip" (the step is skipped, returns nan).
+    seed: seeds the trainer's dropout generator.
+    activation_masks: how ReLU-like layers remember where they passed the gradient when their output is not saved
+        for anything else: "bits" (1 bit per element) or "off" (the fp32 activation).
+    memory_format: "auto" runs models with 2-d convolutions in channels-last layout (their 4-d weights are
+        converted in place, values unchanged), "channels_last" forces it, "preserve" keeps the model's layout.
+    frozen_chunks: the frozen layers before the earliest trained one run in this many micro-batches ("auto": on
+        the CPU as many as it takes for them not to set the step's peak memory, on a GPU 1; 1: whole batch).
+    disable: names of passes of `pockengine.pipeline.PASSES` to leave out (debugging, measuring one pass).
+    check: check the graph's invariants after every pass (`Graph.lint`); default: the POCKENGINE_CHECK
+        environment variable (set, and not 0).
+    """
+
+    freeze_batchnorm: bool = False
+    on_nonfinite: str = "raise"
+    seed: int = 0
+    activation_masks: str = "bits"
+    memory_format: str = "auto"
+    frozen_chunks: int | str = "auto"
+    disable: frozenset[str] = frozenset()
+    check: bool = field(default_factory=_check_from_environment)
+
+    def __post_init__(self) -> None:
+        from pockengine.pipeline import optional_pass_names
+
+        def one_of(name: str, allowed: tuple[str, ...]) -> None:
+            if getattr(self, name) not in allowed:
+                raise UserInputError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+        one_of("on_nonfinite", ON_NONFINITE)
+        one_of("activation_masks", MASK_MODES)
+        one_of("memory_format", MEMORY_FORMATS)
+        chunks = self.frozen_chunks
+        if not (chunks == "auto" or isinstance(chunks, int) and not isinstance(chunks, bool) and chunks >= 1):
+            raise UserInputError(f"frozen_chunks must be 'auto' or an integer >= 1, got {chunks!r}")
+        for name in ("freeze_batchnorm", "check"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserInputError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise UserInputError(f"seed must be an integer, got {self.seed!r}")
+        if isinstance(self.disable, str):
+            raise UserInputError(f"disable takes a set of pass names, got the string {self.disable!r}; write "
+                                 f"disable={{{self.disable!r}}}")
+        disable = frozenset(self.disable)
+        valid = optional_pass_names()
+        unknown = sorted(disable - set(valid))
+        if unknown:
+            raise UserInputError(f"disable: no pass can be switched off under the name(s) {unknown}; the passes "
+                                 f"are {list(valid)} (see pockengine.pipeline.PASSES)")
+        object.__setattr__(self, "disable", disable)
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any]) -> Options:
+        """Options from keyword arguments or a checkpoint's JSON dict; an unknown name is an error."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise UserInputError(f"unknown option(s) {unknown}; the options are {names}")
+        return cls(**options)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serializable; `Options.from_dict` reads it back."""
+        values = dataclasses.asdict(self)
+        values["disable"] = sorted(self.disable)
+        return values
