@@ -43,6 +43,7 @@ def train(args: argparse.Namespace) -> int:
     from pockengine.data import batches, load_mnist, mnist_for_imagenet_model
     from pockengine.models import mobilenet_v2
 
+    options = pe.Options(freeze_batchnorm=True, seed=args.seed, disable=frozenset(args.disable))
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -59,8 +60,7 @@ def train(args: argparse.Namespace) -> int:
     first_x, first_y = next(stream)
     example = ((mnist_for_imagenet_model(first_x, args.size),), first_y)
     start = time.perf_counter()
-    trainer = pe.compile(model, loss_fn, example, optimizer=optimizer, scheme=_scheme(args.scheme),
-                         freeze_batchnorm=True, seed=args.seed)
+    trainer = pe.Trainer(model, loss_fn, example, optimizer, _scheme(args.scheme), options)
     print(f"compiled MobileNetV2 ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{len(trainer.trained)} trained tensors, scheme {trainer.scheme.name}) in "
           f"{time.perf_counter() - start:.1f} s; predicted step peak "
@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--eval-size", type=int, default=512)
     t.add_argument("--log-every", type=int, default=20)
     t.add_argument("--show-program", action="store_true", help="print the compiled training program")
+    t.add_argument("--disable", action="append", default=[], metavar="PASS",
+                   help="leave this compiler pass out (repeatable; see pockengine.pipeline.PASSES)")
     t.add_argument("--save", default="", help="write a checkpoint folder here at the end")
     t.set_defaults(run=train)
     from pockengine.bench.cli import add_parser as add_bench_parser

@@ -64,7 +64,6 @@ class Context:
 class Pass:
     name: str
     run: Callable[[Graph, Context], object]
-    doc: str  # one line: what it does
     enabled: Callable[[Context], bool] = lambda ctx: True
     optional: bool = True  # can be switched off by name (`disable=`)
 
@@ -77,30 +76,22 @@ def _autodiff(graph: Graph, ctx: Context) -> None:
                           if gradients[p] is not None})
 
 
-PASSES: tuple[Pass, ...] = (
-    Pass("clones", lambda g, ctx: drop_redundant_clones(g), "copies that change nothing are dropped"),
-    Pass("fold", lambda g, ctx: fold_frozen_batchnorm(g, ctx.trained_nodes, set(ctx.slices)),
-         "frozen BatchNorm after a convolution is folded into it"),
-    Pass("autodiff", _autodiff, "backward nodes for the trained parameters", optional=False),
-    Pass("gradients", emit_gradient_outputs, "the gradient program returns the gradients",
-         enabled=lambda ctx: ctx.optimizer is None, optional=False),
-    Pass("update", emit_updates, "the step program updates the parameters in place and copies buffers back",
-         enabled=lambda ctx: ctx.optimizer is not None, optional=False),
-    Pass("constants", lambda g, ctx: fold_constants(g, {**ctx.frozen, **g.constants}),
-         "small values of frozen tensors are computed at compile time"),
-    Pass("recompute", lambda g, ctx: rematerialize(g), "cheap forward values are recomputed in the backward"),
-    Pass("layout", lambda g, ctx: to_channels_last(g), "convolution models run channels-last",
-         enabled=lambda ctx: ctx.channels_last),
+PASSES: tuple[Pass, ...] = (  # what each does: docs/architecture.md, "The pipeline"
+    Pass("clones", lambda g, ctx: drop_redundant_clones(g)),
+    Pass("fold", lambda g, ctx: fold_frozen_batchnorm(g, ctx.trained_nodes, set(ctx.slices))),
+    Pass("autodiff", _autodiff, optional=False),
+    Pass("gradients", emit_gradient_outputs, enabled=lambda ctx: ctx.optimizer is None, optional=False),
+    Pass("update", emit_updates, enabled=lambda ctx: ctx.optimizer is not None, optional=False),
+    Pass("constants", lambda g, ctx: fold_constants(g, {**ctx.frozen, **g.constants})),
+    Pass("recompute", lambda g, ctx: rematerialize(g)),
+    Pass("layout", lambda g, ctx: to_channels_last(g), enabled=lambda ctx: ctx.channels_last),
     Pass("masks", lambda g, ctx: compact_activation_masks(g, ctx.options.activation_masks, ctx.channels_last),
-         "ReLU-like backward ops read a bit mask", enabled=lambda ctx: ctx.options.activation_masks != "off"),
-    Pass("early_update", lambda g, ctx: update_early(g, g.outputs["loss"]),
-         "each update runs as soon as its gradient is complete"),
-    Pass("inplace", lambda g, ctx: run_in_place(g), "element-wise ops whose input dies run in place"),
+         enabled=lambda ctx: ctx.options.activation_masks != "off"),
+    Pass("early_update", lambda g, ctx: update_early(g, g.outputs["loss"])),
+    Pass("inplace", lambda g, ctx: run_in_place(g)),
     Pass("chunks", lambda g, ctx: chunk_for_memory(g, ctx.trained_nodes, ctx.options.frozen_chunks, ctx.device,
-                                                   ctx.input_strides(g)),
-         "the frozen prefix runs in micro-batches"),
-    Pass("matmul", lambda g, ctx: pointwise_convolutions_as_matmul(g), "1x1 convolutions run as matrix multiplies",
-         enabled=lambda ctx: ctx.channels_last),
+                                                   ctx.input_strides(g))),
+    Pass("matmul", lambda g, ctx: pointwise_convolutions_as_matmul(g), enabled=lambda ctx: ctx.channels_last),
 )
 
 

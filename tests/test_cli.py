@@ -23,6 +23,12 @@ def test_bad_scheme_is_a_clear_error(scheme, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_an_unknown_pass_to_disable_is_a_clear_error(capsys):
+    assert main(["train", "--steps", "1", "--disable", "matmull"]) == 2
+    err = capsys.readouterr().err
+    assert "matmull" in err and "'matmul'" in err
+
+
 def test_bench_refuses_unknown_workloads(capsys):
     assert main(["bench", "--workload", "resnet9000"]) == 2
     assert "unknown workload" in capsys.readouterr().err

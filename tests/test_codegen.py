@@ -36,7 +36,7 @@ def test_fast_calls_dispatch_the_same_ops_with_the_same_results():
     called = set()
     for name, (model, loss_fn, data, scheme) in cases.items():
         trainer = pe.compile(model, loss_fn, data, scheme=scheme, freeze_batchnorm=True)
-        built, leaves = trainer._prepared("grad", data)
+        built, leaves = trainer._prepared(data, updates=False)
         args = [bind(leaves, {}) for bind in built.binders]
         fast = built.program
         slow = CompiledProgram(fast.graph, fast.inputs, check_finite=None, fast_calls=False)

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 import pockengine as pe
+from pockengine.pipeline import optional_pass_names
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
@@ -126,6 +127,17 @@ def _call(model: nn.Module, inputs: Any) -> Any:
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_gradients_match_autograd(name, mode):
+    _check_gradients(name, mode)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("off", optional_pass_names())
+@pytest.mark.parametrize("name", ["cnn", "bert", "llama", "resnet"])
+def test_gradients_match_autograd_with_a_pass_switched_off(name, off):
+    _check_gradients(name, "train", frozenset({off}))
+
+
+def _check_gradients(name: str, mode: str, disable: frozenset[str] = frozenset()) -> None:
     build, make_batch, loss_fn = MODELS[name]
     torch.manual_seed(0)
     model = build(0.0 if mode == "train" else 0.1)  # eval mode must switch the dropout off by itself
@@ -137,7 +149,7 @@ def test_gradients_match_autograd(name, mode):
     names, params = zip(*ref_model.named_parameters())
     ref = dict(zip(names, torch.autograd.grad(ref_loss, params)))
 
-    trainer = pe.compile(model, loss_fn, batch)
+    trainer = pe.compile(model, loss_fn, batch, disable=disable)
     grads = trainer.gradients(batch)
     assert trainer.loss(batch) == pytest.approx(ref_loss.item(), rel=1e-5)
     assert grads.keys() == ref.keys()

@@ -40,6 +40,7 @@ from torch.utils._pytree import tree_map
 
 import pockengine as pe
 from pockengine.ir.graph import PARAM
+from pockengine.pipeline import optional_pass_names
 from pockengine.scheme import Selection, gradient_masks
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -373,9 +374,11 @@ def _eager(init: nn.Module, fam: Family, trained: dict[str, Selection], batches:
 
 
 @functools.cache
-def _run(family: str, scheme: str, opt: str = "sgd", device: str = "cpu") -> Findings:
-    """Compile `family` under `scheme` on `device`, check its gradients (SGD runs only) and program, run 5 steps
-    against eager PyTorch on the same device; returns what went wrong (cached: several tests read one run)."""
+def _run(family: str, scheme: str, opt: str = "sgd", device: str = "cpu", disable: frozenset[str] = frozenset(),
+         ) -> Findings:
+    """Compile `family` under `scheme` on `device` (without the passes in `disable`), check its gradients (SGD
+    runs only) and program, run 5 steps against eager PyTorch on the same device; returns what went wrong (cached:
+    several tests read one run)."""
     fam = FAMILIES[family]
     torch.manual_seed(0)
     model = fam.build().to(device)  # built on the CPU: the same weights on every device
@@ -383,7 +386,7 @@ def _run(family: str, scheme: str, opt: str = "sgd", device: str = "cpu") -> Fin
     batches = [tree_map(lambda t: t.to(device), fam.batch(g)) for _ in range(STEPS)]
     optimizer, make_ref_opt = _optimizer(opt, fam)
     trainer = pe.compile(model, fam.loss, batches[0], optimizer=optimizer, scheme=_scheme(family, scheme),
-                         freeze_batchnorm=fam.freeze_batchnorm)
+                         freeze_batchnorm=fam.freeze_batchnorm, disable=disable)
     # The eager reference starts from the compiled model: BatchNorm in the mode the trainer set, weights in the
     # layout it runs (channels-last for convolution models). Eager in another layout uses other kernels, and on
     # the real MobileNetV2 5 steps amplify their rounding differences to 1e-2 (eager against eager).
@@ -464,6 +467,20 @@ def test_sgd_trajectory_matches_eager(family, scheme):
 @pytest.mark.parametrize("family, scheme", ADAMW_CASES)
 def test_adamw_trajectory_matches_eager(family, scheme):
     f = _run(family, scheme, "adamw")
+    assert not f.touched, "\n".join(f.touched)
+    assert not f.trajectory_errors, "\n".join(f.trajectory_errors)
+
+
+# Each pass switched off in turn: every pass is an optimization, so the program must still train exactly as eager
+# does. One convolution family with frozen BatchNorm (fold, layout, masks, micro-batches, matmul), one with
+# train-mode BatchNorm (buffer copy-back), BERT (clones, recompute) and GPT-2 (tied weights).
+@pytest.mark.slow
+@pytest.mark.parametrize("off", optional_pass_names())
+@pytest.mark.parametrize("family", ["cnn_frozen_bn", "cnn_train_bn", "bert", "gpt2"])
+def test_every_pass_can_be_switched_off(family, off):
+    f = _run(family, "partial", disable=frozenset({off}))
+    assert f.gradient_keys == set(f.trained)
+    assert not f.gradient_errors, "\n".join(f.gradient_errors)
     assert not f.touched, "\n".join(f.touched)
     assert not f.trajectory_errors, "\n".join(f.trajectory_errors)
 

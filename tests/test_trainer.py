@@ -223,7 +223,7 @@ def test_save_and_load_resume_the_same_trajectory(tmp_path):
     trainer.save(tmp_path / "ckpt")  # overwriting an existing checkpoint works
     expected = [trainer.step(batch(seed=s)) for s in (1, 2)]
 
-    ckpt = pe.load(tmp_path / "ckpt")
+    ckpt = pe.read_checkpoint(tmp_path / "ckpt")
     assert ckpt.meta["steps_done"] == 1 and ckpt.meta["optimizer"]["kind"] == "AdamW"
     resumed = pe.load(tmp_path / "ckpt", small_cnn(), loss_fn, batch())
     assert resumed.steps_done == 1

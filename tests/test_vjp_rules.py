@@ -586,7 +586,7 @@ def test_dropout_through_the_trainer():
     weights = random_weights(model.x)
     batch = ((), weights)
     trainer = pe.compile(model, weighted_sum, batch)
-    assert DROPOUT in {n.target for n in trainer.program("grad").graph.nodes}
+    assert DROPOUT in {n.target for n in trainer.program(gradients=True).graph.nodes}
     grad = trainer.gradients(batch)["x"]
     kept = grad != 0
     assert 0.6 < kept.float().mean().item() < 0.9
