@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import pockengine as pe
 from pockengine.backend import CompiledProgram
-from pockengine.backend.torch_codegen import FAST_CALLS
+from pockengine.ir.ops import FAST_CALLS
 from test_model_parity import MODELS
 from test_passes import SPARSE, batch, mobile_net
 

@@ -1,9 +1,9 @@
 """The torch backend: turn a program into one straight-line Python function of ATen calls.
 
 Each node becomes one line `name = aten.op.overload(args)` (or the op's plain Python binding, `torch.mm(args)`, where
-one dispatches to exactly that overload: `pockengine.ir.ops.FAST_CALLS`); a `del` follows the last use of every value, so
-intermediates are released as early as the schedule allows and nothing but the outputs survives the call. The
-per-step Python work is one function call with one line per op: no graph walking, no autograd.
+one dispatches to exactly that overload: `pockengine.ir.ops.FAST_CALLS`); a `del` follows the last use of every
+value, so intermediates are released as early as the schedule allows and nothing but the outputs survives the call.
+The per-step Python work is one function call with one line per op: no graph walking, no autograd.
 """
 
 from __future__ import annotations

@@ -12,5 +12,5 @@ from pockengine.passes.pointwise_matmul import pointwise_convolutions_as_matmul
 from pockengine.passes.rematerialize import rematerialize
 
 __all__ = ["chunk_for_memory", "chunk_frozen_prefix", "compact_activation_masks", "drop_redundant_clones",
-           "fold_constants", "fold_frozen_batchnorm", "frozen_region", "plan_chunks", "pointwise_convolutions_as_matmul",
-           "rematerialize", "run_in_place", "to_channels_last", "update_early", "uses_convolution"]
+           "fold_constants", "fold_frozen_batchnorm", "frozen_region", "plan_chunks",
+           "pointwise_convolutions_as_matmul", "rematerialize", "run_in_place", "to_channels_last", "update_early", "uses_convolution"]
