@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from pockengine.trainer import Trainer
 
 FORMAT = "pockengine-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: the options as one dict
 
 
 @dataclass

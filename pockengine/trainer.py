@@ -70,8 +70,10 @@ class Trainer:
         cap = capture(model, loss_fn, example)
         # "auto" is channels-last on CUDA too: cuDNN has NHWC kernels for every convolution (PyTorch sends
         # channels-last depthwise ones to cuDNN), and 1x1 convolutions then run as cuBLAS matrix multiplies.
+        # Without the layout pass (disable={"layout"}) the program keeps the model's layout, as with "preserve".
         layout = self.options.memory_format
-        self.channels_last = layout == "channels_last" or layout == "auto" and uses_convolution(cap.graph)
+        self.channels_last = "layout" not in self.options.disable and (
+            layout == "channels_last" or layout == "auto" and uses_convolution(cap.graph))
         if self.channels_last:
             for p in model.parameters():
                 if p.dim() == 4:
