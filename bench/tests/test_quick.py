@@ -20,6 +20,8 @@ WORKLOADS = ["mobilenetv2", "minilm", "smollm2"]
 SYSTEMS = {"pockengine", "eager", "torch.compile", "ort"}
 LORA_WORKLOADS = {"minilm", "smollm2"}
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def ort_env():
@@ -36,7 +38,6 @@ def quick_results(ort_env, tmp_path_factory):
     return out, json.loads((out / "results.json").read_text())
 
 
-@pytest.mark.slow
 def test_quick_bench_runs_every_system(quick_results):
     out, results = quick_results
     assert set(results["workloads"]) == set(WORKLOADS)
@@ -57,7 +58,6 @@ def test_quick_bench_runs_every_system(quick_results):
         assert (out / f).stat().st_size > 0
 
 
-@pytest.mark.slow
 def test_quick_bench_pockengine_first_loss_equals_eager(quick_results):
     _, results = quick_results
     for name, w in results["workloads"].items():
