@@ -2,7 +2,7 @@
 # Idempotent set-up of .venv-ort: ONNX Runtime on-device training for the benchmark's "ort" system.
 # onnxruntime-training-cpu 1.19.2 (its last release) needs onnx==1.16.2 (newer onnx writes IR version 14, which it
 # rejects) and imports torch in onnxruntime.training, so this environment is kept apart from .venv: the main venv
-# exports the ONNX model, this one builds the training artifacts and runs the steps (pockengine/bench/ort_worker.py).
+# exports the ONNX model, this one builds the training artifacts and runs the steps (bench/ort_worker.py).
 # Re-running it does nothing once the pins below are unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # pockengine on a CUDA GPU, on a machine where it is not installed and nothing can be downloaded: run from the
 # repository root with a CUDA build of torch on the path. Prints the versions and the GPU, runs the CUDA tests
-# (tests/test_cuda.py), then `pockengine bench --workload mobilenetv2 --device cuda` (results in
+# (tests/test_cuda.py), then `python -m bench --workload mobilenetv2 --device cuda` (results in
 # docs/benchmarks/cuda). With $OUT set, the test log, the results and the benchmark's worker logs are copied there.
 #
 # The MobileNetV2 weights and MNIST come from $POCKENGINE_CACHE (default: .devcache/, filled by scripts/devcache.sh).
@@ -39,7 +39,7 @@ timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee
 tests=${PIPESTATUS[0]}
 
 stamp "benchmark"
-timeout 400 "$PY" -m pockengine.bench.cli --workload mobilenetv2 --device cuda "$@"
+timeout 400 "$PY" -m bench --workload mobilenetv2 --device cuda "$@"
 bench=$?
 
 if [ -n "$OUT" ]; then

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import pockengine as pe
-from pockengine.bench.gpu import strict_fp32
+from bench.gpu import strict_fp32
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available())")
 

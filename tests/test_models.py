@@ -145,6 +145,7 @@ def test_smollm2_truncated_uses_cache():
     assert logits.shape == (2, 7, 49152)
 
 
+@pytest.mark.slow  # the whole 135M-parameter model
 @needs_transformers
 @needs_smollm2
 def test_smollm2_full_model_knows_capital_of_france():

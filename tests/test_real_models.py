@@ -8,6 +8,8 @@ import torch
 import pockengine as pe
 from pockengine.models import minilm_classifier, mobilenet_v2, smollm2
 
+pytestmark = pytest.mark.slow  # real pretrained models, up to SmolLM2's 30 layers
+
 TOL = 1e-4  # relative (max abs error / max abs reference gradient), fp32
 NOISE = 1e-5  # gradients below this fraction of the largest entry are rounding noise on both sides (a bias
 # followed by a train-mode BatchNorm has an exactly zero gradient in exact arithmetic)

@@ -216,6 +216,14 @@ FAMILIES: dict[str, Family] = {
                       last_k=2, lr=0.01, schemes=("partial",)),
 }
 NO_BIAS = {"llama", "smollm2"}  # bias-only trains nothing there (tested to raise)
+# The real pretrained models and the larger random ones: marked slow (CI runs them; `-m "not slow"` leaves them out,
+# keeping the small MLP and CNNs and one transformer, BERT, in the fast tier).
+SLOW_FAMILIES = {"gpt2", "llama", "vit", "resnet", "mobilenet_v2", "minilm", "smollm2"}
+
+
+def _param(family: str, *values: Any, id: str | None = None) -> Any:
+    """A test case of `family`, marked slow for the families of SLOW_FAMILIES."""
+    return pytest.param(family, *values, id=id, marks=pytest.mark.slow if family in SLOW_FAMILIES else ())
 
 
 def _scheme(family: str, name: str) -> pe.Scheme:
@@ -437,7 +445,7 @@ def _run(family: str, scheme: str, opt: str = "sgd", device: str = "cpu", disabl
 
 
 # ------------------------------------------------------------------------------------------------ tests
-CASES = [pytest.param(family, scheme, id=f"{family}-{scheme}")
+CASES = [_param(family, scheme, id=f"{family}-{scheme}")
          for family, fam in FAMILIES.items() for scheme in fam.schemes
          if not (scheme == "bias_only" and family in NO_BIAS)]
 # AdamW turns a gradient that is 0 in exact arithmetic (a convolution bias before train-mode BatchNorm, BERT's key
@@ -501,14 +509,15 @@ def test_last_k_backward_stops_at_the_earliest_trained_layer(family, scheme):
                                             f"{sorted(f.backward_before_earliest)}")
 
 
-@pytest.mark.parametrize("family", [name for name, fam in FAMILIES.items() if fam.folds_batchnorm])
+@pytest.mark.parametrize("family", [_param(name) for name, fam in FAMILIES.items() if fam.folds_batchnorm])
 def test_bias_only_with_frozen_batchnorm_folds_it_and_computes_no_weight_gradient(family):
     f = _run(family, "bias_only")
     assert not f.batchnorm_ops, f"BatchNorm left in the program: {f.batchnorm_ops}"
     assert not f.weight_gradient_convs, f"convolution weight gradients computed: {f.weight_gradient_convs}"
 
 
-@pytest.mark.parametrize("family", ["mlp", "cnn_frozen_bn", "bert", "gpt2", "llama", "vit", "resnet"])
+@pytest.mark.parametrize("family", [_param(f) for f in ("mlp", "cnn_frozen_bn", "bert", "gpt2", "llama", "vit",
+                                                         "resnet")])
 def test_head_backward_stops_at_the_head(family):
     fam = FAMILIES[family]
     torch.manual_seed(0)
@@ -520,7 +529,7 @@ def test_head_backward_stops_at_the_head(family):
     assert not f.backward_before_earliest, sorted(f.backward_before_earliest)
 
 
-@pytest.mark.parametrize("family", sorted(NO_BIAS - {"smollm2"}))
+@pytest.mark.parametrize("family", [_param(f) for f in sorted(NO_BIAS - {"smollm2"})])
 def test_bias_only_on_a_model_without_biases_is_an_error(family):
     fam = FAMILIES[family]
     torch.manual_seed(0)
@@ -529,8 +538,8 @@ def test_bias_only_on_a_model_without_biases_is_an_error(family):
 
 
 @pytest.mark.parametrize("memory_format", ["preserve", "auto"])
-@pytest.mark.parametrize("family, module, select", [("cnn_frozen_bn", "0", FIRST),
-                                                     ("vit", "vit.embeddings.patch_embeddings.projection", MAG)])
+@pytest.mark.parametrize("family, module, select", [_param("cnn_frozen_bn", "0", FIRST),
+                                                     _param("vit", "vit.embeddings.patch_embeddings.projection", MAG)])
 def test_partial_channels_of_the_first_convolution(family, module, select, memory_format):
     """The layer reading the image batch, partially trained: its saved input is a slice of the batch itself, taken
     after the channels-last pass has converted the batch (memory_format="auto")."""

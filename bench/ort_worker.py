@@ -1,6 +1,6 @@
 """ONNX Runtime on-device training worker, run by .venv-ort's Python (onnxruntime-training-cpu 1.19.2, onnx 1.16.2).
 
-Reads a spec written by pockengine.bench.systems.OrtTraining (the exported ONNX model, trained and frozen parameter
+Reads a spec written by bench.systems.OrtTraining (the exported ONNX model, trained and frozen parameter
 names, batches, channel masks), builds the training artifacts, then answers JSON lines on stdin:
 {"cmd": "step", "batch": i} -> {"loss": ...}; {"cmd": "quit"}. Replies are stdout lines starting with "@@".
 This file imports neither torch nor pockengine itself.

@@ -30,10 +30,10 @@ from typing import Any
 
 import torch
 
-from pockengine.bench import gpu, memory
-from pockengine.bench.workloads import CONFIG_DIR, workload_config
+from bench import gpu, memory
+from bench.workloads import CONFIG_DIR, workload_config
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 SYSTEM_ORDER = ["pockengine", "eager", "torch.compile", "ort"]
 LORA = "peft-lora"
 MATMUL_N = {"cpu": 2048, "cuda": 8192}  # a product that keeps the device busy long enough to time it
@@ -43,7 +43,7 @@ STEP_TIMEOUT = 600.0
 # torch, transformers and its lazily imported model code, dynamo and Inductor).
 PRELOAD = ["torch", "torch._dynamo", "torch._inductor.compile_fx", "torch.export", "transformers",
            "transformers.models.bert.modeling_bert", "transformers.models.llama.modeling_llama", "peft",
-           "pockengine", "pockengine.bench.systems", "pockengine.bench.workloads", "pockengine.bench.worker"]
+           "pockengine", "bench.systems", "bench.workloads", "bench.worker"]
 _SPAWN_LOCK = threading.Lock()
 
 
@@ -59,7 +59,7 @@ def _forkserver() -> multiprocessing.context.BaseContext:
 
 
 class Worker:
-    """A worker process (pockengine.bench.worker.serve) and its messages.
+    """A worker process (bench.worker.serve) and its messages.
 
     `fresh_env=None`: forked from the preloaded server (prepare and timing processes). Otherwise a new interpreter
     started with these variables added to its environment, for settings that must be there when the process
@@ -69,7 +69,7 @@ class Worker:
     """
 
     def __init__(self, job: dict[str, Any], log: Path, fresh_env: dict[str, str] | None = None):
-        from pockengine.bench import worker
+        from bench import worker
 
         log.parent.mkdir(parents=True, exist_ok=True)
         self.log = log
@@ -192,7 +192,7 @@ def _stats(times: list[float]) -> dict[str, float]:
 
 def excluded(cfg: dict[str, Any], systems: list[str], device: str) -> dict[str, str]:
     """The systems asked for that do not run on this workload and device, each with why (the report lists them)."""
-    from pockengine.bench.systems import SYSTEMS
+    from bench.systems import SYSTEMS
 
     out = {s: SYSTEMS[s].unsupported_devices[device] for s in systems
            if s in SYSTEMS and device in SYSTEMS[s].unsupported_devices}
@@ -401,8 +401,8 @@ def run(workloads: list[str], *, quick: bool = False, schemes: list[str] | None 
         work: Path | None = None, command: str | None = None, device: str = "cpu") -> dict[str, Any]:
     """Run the benchmark on `device` ("cpu" or "cuda") and write results.json, README.md and bench.png under `out`
     (by default the CPU's in docs/benchmarks, the GPU's in docs/benchmarks/cuda); returns the results."""
-    from pockengine.bench import report
-    from pockengine.bench.systems import OrtTraining
+    from bench import report
+    from bench.systems import OrtTraining
 
     on_cpu = device == "cpu"
     tag = "" if on_cpu else f"-{device}"  # a GPU's results never overwrite the CPU's
@@ -438,7 +438,7 @@ def run(workloads: list[str], *, quick: bool = False, schemes: list[str] | None 
 
     def record(name: str, w: dict[str, Any]) -> None:
         results["workloads"][name] = w
-        results["command"][name] = command or f"pockengine bench --workload {name}"
+        results["command"][name] = command or f"python -m bench --workload {name}"
         results["wall_s"] = time.time() - started
         # Written after every workload, so that a later failure keeps what was measured.
         results_path.write_text(json.dumps(results, indent=1))

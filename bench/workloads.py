@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_map
 import pockengine as pe
 from pockengine.scheme import Scheme, Selection
 
-CONFIG_DIR = Path(os.environ.get("POCKENGINE_BENCH_CONFIG") or Path(__file__).resolve().parents[2] / "bench")
+CONFIG_DIR = Path(os.environ.get("POCKENGINE_BENCH_CONFIG") or Path(__file__).resolve().parent)
 
 
 def load_config(config_dir: Path = CONFIG_DIR) -> tuple[dict[str, Any], dict[str, Any]]:

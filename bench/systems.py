@@ -31,7 +31,7 @@ from torch import nn
 import pockengine as pe
 from pockengine.scheme import Scheme, Selection, gradient_masks
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 ORT_PYTHON = Path(os.environ.get("POCKENGINE_ORT_PYTHON") or REPO / ".venv-ort" / "bin" / "python")
 MOMENTUM = 0.9
 ONNX_PREFIX = "inner.model."  # parameter names in the exported graph: _EvalWrapper.inner -> LogitsForLoss.model
@@ -213,7 +213,7 @@ class PeftLoRA(_TorchLoop):
 class OrtTraining(System):
     """ONNX Runtime on-device training. This process exports the model to ONNX (TorchScript exporter, training
     mode, no constant folding) with the frozen parameters listed; a child process in .venv-ort builds the training
-    artifacts (gradient graph, CrossEntropyLoss, SGD) and runs the steps (pockengine/bench/ort_worker.py).
+    artifacts (gradient graph, CrossEntropyLoss, SGD) and runs the steps (bench/ort_worker.py).
 
     ONNX Runtime trains whole tensors only; partially trained parameters are emulated by writing the untrained
     entries back after every optimizer step (same result, the copy counts in ORT's step time). Its SGD optimizer
@@ -228,7 +228,7 @@ class OrtTraining(System):
     def setup(self, model, loss_fn, batch, selections, *, lr, workload, work_dir, threads, reuse=False, **kw):
         import numpy as np
 
-        from pockengine.bench.workloads import LogitsForLoss, causal
+        from bench.workloads import LogitsForLoss, causal
 
         w = workload
         work = Path(work_dir)

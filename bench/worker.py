@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from pockengine.bench import gpu, memory
+from bench import gpu, memory
 
 
 def _set_up_process(job: dict[str, Any]) -> str:
@@ -84,8 +84,8 @@ def track_step(system: Any, batch: Any) -> int:
 
 def prepare(job: dict[str, Any], conn: Connection) -> None:
     """Resolve the schemes and count eager FLOPs per scheme (and for LoRA)."""
-    from pockengine.bench import workloads as W
-    from pockengine.bench.systems import Eager, PeftLoRA
+    from bench import workloads as W
+    from bench.systems import Eager, PeftLoRA
     from pockengine.scheme import summary
 
     device = _set_up_process(job)
@@ -115,8 +115,8 @@ def prepare(job: dict[str, Any], conn: Connection) -> None:
 
 
 def run_system(job: dict[str, Any], conn: Connection) -> None:
-    from pockengine.bench import workloads as W
-    from pockengine.bench.systems import SYSTEMS
+    from bench import workloads as W
+    from bench.systems import SYSTEMS
 
     device = _set_up_process(job)
     cfg = W.workload_config(job["workload"], job["quick"])
