@@ -332,6 +332,25 @@ CASES = [
     mod(aten.native_group_norm.default, "train", lambda: _affine(nn.GroupNorm(2, 4)), (2, 4, 3, 3)),
     mod(aten.native_group_norm.default, "eval", lambda: _affine(nn.GroupNorm(2, 4)), (2, 4, 3, 3), mode="eval"),
     mod(aten.native_group_norm.default, "no-affine-1d", lambda: nn.GroupNorm(4, 4, affine=False), (2, 4, 5)),
+    # The cotangent arrives expanded (stride 0) from the mean: the kernel must get it dense.
+    fn(aten.native_group_norm.default, "expanded-cotangent", lambda x, w, b: F.group_norm(x, 2, w, b).mean(-1),
+       (3, 6, 5), (6,), (6,)),
+    fn(aten.native_group_norm.default, "permuted-cotangent",
+       lambda x, w, b: F.group_norm(x, 2, w, b).transpose(1, 2).contiguous(), (3, 6, 5), (6,), (6,)),
+    direct(aten.native_group_norm.default, "mean-rstd-outputs", (P(0), P(1), P(2), 2, 6, 5, 3, 1e-5),
+           (2, 6, 5), (6,), (6,)),
+    direct(aten._native_batch_norm_legit_functional.default, "training-false",
+           (P(0), P(1), P(2), In(0), In(1), False, 0.1, 1e-5), (4, 3, 5), (3,), (3,), inputs=((3,), pos(3)),
+           use=(0,)),
+    direct(aten._native_batch_norm_legit.default, "train", (P(0), P(1), P(2), In(0), In(1), True, 0.1, 1e-5),
+           (4, 3, 5), (3,), (3,), inputs=((3,), pos(3)), use=(0,)),
+    direct(aten._native_batch_norm_legit.default, "training-false",
+           (P(0), P(1), P(2), In(0), In(1), False, 0.1, 1e-5), (4, 3, 5), (3,), (3,), inputs=((3,), pos(3)),
+           use=(0,)),
+    fn(aten._native_batch_norm_legit.no_stats, "instance-norm", lambda x, w, b: F.instance_norm(x, weight=w, bias=b),
+       (2, 3, 5), (3,), (3,)),
+    fn(aten._native_batch_norm_legit.no_stats, "functional-no-buffers",
+       lambda x: F.batch_norm(x, None, None, training=True), (4, 3, 2, 2)),
     # ---------------------------------------------------------------- reductions, scans, pooling
     fn(aten.sum.dim_IntList, "dim", lambda a: a.sum(1), (2, 3, 4)),
     fn(aten.sum.dim_IntList, "negative-dims-keepdim", lambda a: a.sum((-1, 0), keepdim=True), (2, 3, 4)),
@@ -344,6 +363,8 @@ CASES = [
     fn(aten.mean.default, "plain", lambda a: aten.mean.default(a), (2, 3, 4)),
     fn(aten.mean.default, "float64-accumulator", lambda a: aten.mean.default(a, dtype=torch.float64), (2, 3, 4)),
     fn(aten.mean.dim, "float64-accumulator", lambda a: a.mean(0, dtype=torch.float64), (2, 3, 4)),
+    fn(aten.mean.dim, "0d-keepdim", lambda a: a.mean(dim=0, keepdim=True) * a, ()),
+    fn(aten.mean.dim, "0d-negative-dim", lambda a: a.mean(dim=-1), ()),
     fn(aten.cumsum.default, "last-dim", lambda a: a.cumsum(-1), (2, 3, 4)),
     fn(aten.cumsum.default, "dim0", lambda a: a.cumsum(0), (2, 3, 4)),
     fn(aten.cumsum.default, "float64-accumulator", lambda a: a.cumsum(1, dtype=torch.float64), (2, 3, 4)),
@@ -367,6 +388,7 @@ CASES = [
     fn(aten.var.correction, "population-keepdim", lambda a: a.var((0, 2), correction=0, keepdim=True), (2, 3, 4)),
     fn(aten.var.correction, "all", lambda a: a.var(), (2, 3, 4)),
     fn(aten.var.correction, "std", lambda a: a.std(1), (2, 3, 4)),
+    fn(aten.var.correction, "0d", lambda a: a.var(dim=0, correction=0) + a, ()),
     # ---------------------------------------------------------------- views, slicing, joining, indexing
     fn(aten.view.default, "plain", lambda a: a.view(4, 6), (2, 3, 4)),
     direct(aten._unsafe_view.default, "plain", (P(0), [6, 4]), (2, 3, 4)),
@@ -591,3 +613,56 @@ def test_dropout_through_the_trainer():
     kept = grad != 0
     assert 0.6 < kept.float().mean().item() < 0.9
     assert rel_err(grad, weights[0] * kept / 0.75) <= TOL
+
+
+# ------------------------------------------------------------------------------------------------ norm statistics
+def test_group_norm_rstd_output_alone():
+    """The per-group rstd output differentiated alone. autograd drops this term unless the mean output is used
+    too (its kernel adds the statistics' terms only when both are), so the reference is rstd written out."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5)
+    (weights,) = random_weights(torch.empty(2, 3))
+    graph, loss, wrt, values, _ = _direct_graph(aten.native_group_norm.default, (P(0), None, None, 2, 6, 5, 3, 1e-5),
+                                                {}, [x], [], (2,), (weights,))
+    leaf = x.clone().requires_grad_()
+    rstd = (leaf.reshape(2, 3, -1).var(-1, correction=0) + 1e-5).rsqrt()
+    (ref,) = torch.autograd.grad((rstd * weights).sum(), leaf)
+    _check(_run(graph, loss, wrt, values), {"x0": ref})
+
+
+@pytest.mark.parametrize("op,args,shapes", [
+    (aten.native_layer_norm.default, (P(0), [5], None, None, 1e-5), [(2, 3, 5)]),
+    (aten._native_batch_norm_legit_functional.default, (P(0), None, None, In(0), In(1), True, 0.1, 1e-5),
+     [(4, 3, 5)]),
+])
+def test_undifferentiable_norm_statistics_are_refused(op, args, shapes):
+    """PyTorch does not differentiate the statistics outputs of layer and batch norm: a loss reading them is
+    refused with a clear error, not given a gradient that leaves them out."""
+    params = [torch.randn(s) for s in shapes]
+    inputs = [torch.zeros(3), torch.ones(3)]
+    out = op(*_subst(args, params, inputs))
+    graph, loss, wrt, values, _ = _direct_graph(op, args, {}, params, inputs, (0, 1), random_weights(out[:2]))
+    with pytest.raises(pe.errors.MissingVJPError, match="does not differentiate"):
+        _run(graph, loss, wrt, values)
+
+
+def test_group_norm_after_conv_through_the_trainer():
+    """Conv1d -> GroupNorm -> mean -> Linear under cross-entropy, every parameter trained (the mean hands the
+    group norm an expanded cotangent)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(3, 6, 3, padding=1), _affine(nn.GroupNorm(2, 6)), _Mean(2), nn.Linear(6, 4))
+    x, y = torch.randn(5, 3, 8), torch.randint(0, 4, (5,))
+    ref_model = copy.deepcopy(model)
+    names, params = zip(*ref_model.named_parameters())
+    ref = dict(zip(names, torch.autograd.grad(F.cross_entropy(ref_model(x), y), params)))
+    trainer = pe.compile(model, pe.losses.cross_entropy(), ((x,), y), scheme=pe.Scheme.full())
+    _check(trainer.gradients(((x,), y)), ref)
+
+
+class _Mean(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=self.dim)

@@ -1,5 +1,7 @@
 """VJP rules of reductions, scans and pooling."""
 
+import math
+
 import torch
 
 from pockengine.autodiff.registry import register
@@ -8,7 +10,9 @@ aten = torch.ops.aten
 
 
 def _dims(dims, ndim):
-    if dims is None or len(dims) == 0:
+    """The reduced dimensions, non-negative and sorted; none or all of them means all. A 0-d tensor has no
+    dimension to reduce, although PyTorch accepts dim 0 or -1 for it."""
+    if dims is None or len(dims) == 0 or ndim == 0:
         return list(range(ndim))
     return sorted(d + ndim if d < 0 else d for d in dims)
 
@@ -105,5 +109,7 @@ def var(ctx, g):
     for d in dims:
         n *= x.meta.shape[d]
     centered = ctx(aten.sub.Tensor, x, ctx(aten.mean.dim, x, dims, True))
-    scale = ctx(aten.mul.Tensor, _broadcast_back(ctx, g, x, dims, keepdim), 2.0 / max(n - correction, 1))
+    # As autograd: with no degrees of freedom left (n <= correction) the variance and its gradient are not finite.
+    factor = 2.0 / (n - correction) if n != correction else math.inf
+    scale = ctx(aten.mul.Tensor, _broadcast_back(ctx, g, x, dims, keepdim), factor)
     return (ctx(aten.mul.Tensor, scale, centered),)
