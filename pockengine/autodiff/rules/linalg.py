@@ -102,3 +102,15 @@ def convolution(ctx, g):
     if ctx.needs(x):
         gx = _input_grad(ctx, g, x, w, stride, padding, dilation, groups)
     return gx, gw, gb
+
+
+@register(aten._cdist_forward.default)
+def cdist(ctx, g):
+    """ATen's kernel reads the gradient and distances as dense arrays, as autograd hands them."""
+    a, b, p, _mode = ctx.args
+    dense = lambda x: ctx(aten.contiguous.default, x)  # noqa: E731
+    ga = ctx(aten._cdist_backward.default, dense(g), a, b, p, ctx.node) if ctx.needs(a) else None
+    gb = None
+    if ctx.needs(b):
+        gb = ctx(aten._cdist_backward.default, dense(_t(ctx, g)), b, a, p, dense(_t(ctx, ctx.node)))
+    return ga, gb
