@@ -15,6 +15,9 @@ Each (op, sample) lands in one category:
 - `wrong`: a gradient outside the tolerance;
 - `crash`: any other exception, from inside pockengine.
 
+`through="graph"` skips the trainer (its passes, optimizer and second capture): capture -> differentiate ->
+generated code, as tests/test_vjp_rules.py does, at about half the cost (tests/test_opinfo.py).
+
 Samples that autograd cannot differentiate, without a float output that depends on a float input, with complex
 tensors, or whose op is random (two eager runs under different seeds differ) are not counted. An op's category is
 that of its worst sample (crash > wrong > refused > no rule > pass).
@@ -151,7 +154,30 @@ def _is_random(model: nn.Module) -> bool:
     return any(not torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(*outs))
 
 
-def check_sample(op: Any, sample: Any) -> Outcome | None:
+def _graph_gradients(model: nn.Module, batch: tuple) -> dict[str, torch.Tensor]:
+    """capture -> differentiate -> generated code, without the trainer's passes, optimizer and second capture."""
+    from pockengine.autodiff import differentiate
+    from pockengine.backend import CompiledProgram
+    from pockengine.capture import capture
+    from pockengine.ir.graph import eliminate_dead_code
+
+    cap = capture(model, weighted_loss, batch)
+    graph = cap.graph
+    grads = differentiate(graph, cap.loss, list(cap.params.values()))
+    graph.outputs = {"loss": cap.loss, **{name: g for name, node in cap.params.items()
+                                          if (g := grads[node]) is not None}}
+    eliminate_dead_code(graph)
+    values = {node: model.get_parameter(name) for name, node in cap.params.items()}
+    values.update({node: model.get_buffer(name) for name, node in cap.buffers.items()})
+    values.update(graph.constants)
+    values.update(zip(cap.batch, pytree.tree_leaves(batch)))
+    program = CompiledProgram(graph, graph.inputs(), check_finite=None)
+    with torch.no_grad():
+        out = program(*[values[n] for n in graph.inputs()])
+    return {name: g for name, g in zip(program.output_names, out) if name != "loss"}
+
+
+def check_sample(op: Any, sample: Any, through: str = "trainer") -> Outcome | None:
     """The outcome of one sample, or None when it does not count (see the module docstring)."""
     import pockengine as pe
 
@@ -174,8 +200,10 @@ def check_sample(op: Any, sample: Any) -> Outcome | None:
         return None
     batch = ((), weights)
     try:
-        trainer = pe.compile(model, weighted_loss, batch, scheme=pe.Scheme.full())
-        grads = trainer.gradients(batch)
+        if through == "trainer":
+            grads = pe.compile(model, weighted_loss, batch, scheme=pe.Scheme.full()).gradients(batch)
+        else:
+            grads = _graph_gradients(model, batch)
     except MissingVJPError as e:
         return Outcome("no rule", _missing_op(e))
     except PockEngineError as e:
@@ -200,7 +228,7 @@ def check_sample(op: Any, sample: Any) -> Outcome | None:
     return Outcome("pass")
 
 
-def check_op(op: Any, samples: int = SAMPLES) -> OpResult:
+def check_op(op: Any, samples: int = SAMPLES, through: str = "trainer") -> OpResult:
     """The outcomes of the first `samples` counted samples of `op`; stops at the first sample without a rule."""
     result = OpResult(op.name if not op.variant_test_name else f"{op.name}.{op.variant_test_name}")
     try:
@@ -210,7 +238,7 @@ def check_op(op: Any, samples: int = SAMPLES) -> OpResult:
             if sample is None:
                 break
             torch.manual_seed(0)
-            outcome = check_sample(op, sample)
+            outcome = check_sample(op, sample, through)
             if outcome is not None:
                 result.outcomes.append(outcome)
                 if outcome.category == "no rule":
@@ -220,16 +248,16 @@ def check_op(op: Any, samples: int = SAMPLES) -> OpResult:
     return result
 
 
-def run(ops: Iterable | None = None, samples: int = SAMPLES) -> list[OpResult]:
-    return [check_op(op, samples) for op in (differentiable_ops() if ops is None else ops)]
+def run(ops: Iterable | None = None, samples: int = SAMPLES, through: str = "trainer") -> list[OpResult]:
+    return [check_op(op, samples, through) for op in (differentiable_ops() if ops is None else ops)]
 
 
-def report(results: list[OpResult], top: int = 25) -> str:
+def report(results: list[OpResult], samples: int = SAMPLES, top: int = 25) -> str:
     """A markdown section: the counts per category, the most frequent missing rules, every wrong or crash."""
     counted = [r for r in results if r.category is not None]
     counts = Counter(r.category for r in counted)
     lines = [f"{len(results)} differentiable fp32 ops in `op_db`, {len(counted)} with at least one sample that "
-             f"autograd differentiates (first {SAMPLES} such samples each; an op counts as its worst sample):", "",
+             f"autograd differentiates (first {samples} such samples each; an op counts as its worst sample):", "",
              "| category | ops |", "|---|---|"]
     lines += [f"| {c} | {counts.get(c, 0)} |" for c in CATEGORIES]
     missing = Counter(r.worst.detail for r in counted if r.category == "no rule")
@@ -252,6 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=SAMPLES, help="samples per op")
     parser.add_argument("--ops", nargs="*", help="only these OpInfo names")
+    parser.add_argument("--through", choices=("trainer", "graph"), default="trainer",
+                        help="pe.compile(...).gradients (default), or capture -> differentiate -> code alone")
     parser.add_argument("--verbose", action="store_true", help="print each op's category as it runs")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -259,11 +289,11 @@ def main(argv: list[str] | None = None) -> None:
     ops = [op for op in differentiable_ops() if not args.ops or op.name in args.ops]
     results = []
     for op in ops:
-        results.append(check_op(op, args.samples))
+        results.append(check_op(op, args.samples, args.through))
         if args.verbose:
             r = results[-1]
             print(f"{r.name}: {r.category} {r.worst.detail if r.worst else ''}", flush=True)
-    print(report(results))
+    print(report(results, args.samples))
 
 
 if __name__ == "__main__":
