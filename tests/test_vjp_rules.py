@@ -788,3 +788,47 @@ class _Mean(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=self.dim)
+
+
+# ------------------------------------------------------------------------------------------------ no-rule paths
+def test_factory_ops_of_an_input_give_it_no_gradient():
+    """full_like, zeros_like, ones_like, empty_like and new_* read their input for its shape only: autograd
+    registers no derivative through them, so they need no rule and pass nothing back."""
+    def f(a):
+        made = torch.full_like(a, 2.0) + torch.zeros_like(a) + torch.ones_like(a) + torch.empty_like(a).fill_(1.0)
+        return a * made + a.new_ones(a.shape) * a.new_zeros(a.shape[-1]) + torch.rand_like(a) * 0.0
+    torch.manual_seed(0)
+    model = OpModule([torch.randn(3, 4)], fn=f)
+    weights = random_weights(torch.empty(3, 4))
+    grads, ops = engine_gradients(model, (), weights)
+    assert aten.full_like.default in ops and not {aten.full_like.default, aten.rand_like.default} & set(VJP)
+    _check(grads, autograd_gradients(copy.deepcopy(model), (), weights))
+
+
+class _Recurrent(nn.Module):
+    """A recurrent layer over a sequence, or a cell applied twice (the second step from the first's state)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(self.layer, (nn.LSTMCell, nn.GRUCell)):
+            return self.layer(x)[0]
+        state = self.layer(x[0])
+        return self.layer(x[1], state)[0] if isinstance(state, tuple) else self.layer(x[1], state)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layer", [lambda: nn.LSTM(4, 5, num_layers=2), lambda: nn.GRU(4, 5, bidirectional=True),
+                                   lambda: nn.LSTM(4, 5, batch_first=True, proj_size=3), lambda: nn.LSTMCell(4, 5),
+                                   lambda: nn.GRUCell(4, 5)], ids=["lstm-2-layers", "gru-bidirectional",
+                                                                   "lstm-projected", "lstm-cell", "gru-cell"])
+def test_recurrent_layers_through_the_trainer(layer):
+    """torch.export decomposes them into matmuls, sigmoid, tanh, split and cat: all have rules."""
+    torch.manual_seed(0)
+    model, x = _Recurrent(layer()), torch.randn(3, 2, 4)
+    weights = random_weights(model(x))
+    ref = autograd_gradients(copy.deepcopy(model), (x,), weights)
+    trainer = pe.compile(model, weighted_sum, ((x,), weights), scheme=pe.Scheme.full())
+    _check(trainer.gradients(((x,), weights)), ref)
