@@ -50,7 +50,7 @@ def _detached_by_autograd(n: Node) -> bool:
     def probe(a: Any) -> Any:
         if isinstance(a, Node) and isinstance(a.meta, TensorMeta):
             t = torch.empty(a.meta.shape, dtype=a.meta.dtype, device="meta")
-            return t.requires_grad_() if t.is_floating_point() else t
+            return t.requires_grad_() if t.is_floating_point() or t.is_complex() else t
         return torch.device("meta") if isinstance(a, torch.device) else a
 
     try:

@@ -141,7 +141,8 @@ def _autograd(model: nn.Module, weights: tuple, dtype: torch.dtype) -> dict[str,
 
 
 def _missing_op(e: MissingVJPError) -> str:
-    m = re.search(r"no VJP rule for (\S+)", str(e))
+    """The op the error names: 'no VJP rule for OP ...', or a rule's own refusal 'OP (node ...): ...'."""
+    m = re.search(r"no VJP rule for (\S+)", str(e)) or re.match(r"(\S+)", str(e))
     return m.group(1) if m else type(e).__name__
 
 
@@ -191,7 +192,8 @@ def check_sample(op: Any, sample: Any, through: str = "trainer") -> Outcome | No
         with torch.no_grad():
             out = model()
         outs = _float_outputs(out)
-        if not outs or any(o.is_complex() for o in outs) or _is_random(model):
+        complex_out = any(isinstance(t, torch.Tensor) and t.is_complex() for t in pytree.tree_leaves(out))
+        if not outs or complex_out or _is_random(model):
             return None
         gen = torch.Generator().manual_seed(1)
         weights = tuple(torch.randn(o.shape, generator=gen) for o in outs)

@@ -431,3 +431,40 @@ def fmax_fmin(ctx, g):
 @register(aten.i0.default)
 def i0(ctx, g):
     return _times(ctx, g, ctx(aten.special_i1.default, ctx.node.args[0]))
+
+
+@register(aten.copy.default)
+def copy_(ctx, g):
+    """self is overwritten by src (broadcast to self's shape, cast to its dtype)."""
+    _x, src = ctx.node.args[:2]
+    if ctx.needs(src) and g.meta.dtype != src.meta.dtype:
+        g = ctx(aten._to_copy.default, g, dtype=src.meta.dtype)
+    return None, _reduce(ctx, g, src)
+
+
+@register(aten.copysign.Tensor)
+def copysign(ctx, g):
+    """|a| with b's sign: a's derivative is sign(a) * sign(out) (0 at a = 0, as autograd); b's is 0."""
+    a = ctx.node.args[0]
+    d = ctx(aten.mul.Tensor, ctx(aten.sign.default, a), ctx(aten.sign.default, ctx.node))
+    return _reduce(ctx, ctx(aten.mul.Tensor, g, d), a), None
+
+
+@register(aten.ldexp.Tensor)
+def ldexp(ctx, g):
+    """x * 2^e."""
+    x, e = ctx.node.args
+    gx = ge = None
+    if ctx.needs(x):
+        gx = ctx.sum_to(ctx(aten.mul.Tensor, g, ctx(aten.exp2.default, e)), _shape(x))
+    if ctx.needs(e):
+        ge = ctx.sum_to(ctx(aten.mul.Tensor, ctx(aten.mul.Tensor, g, ctx.node), math.log(2.0)), _shape(e))
+    return gx, ge
+
+
+@register(aten.masked_scatter.default)
+def masked_scatter(ctx, g):
+    x, mask, src = ctx.node.args
+    gx = ctx.sum_to(_masked(ctx, g, ctx(aten.logical_not.default, mask)), _shape(x)) if ctx.needs(x) else None
+    gsrc = ctx(aten.masked_scatter_backward.default, g, mask, list(_shape(src))) if ctx.needs(src) else None
+    return gx, None, gsrc

@@ -88,6 +88,13 @@ def batch_norm(ctx, g):
     return (*rule(ctx, g, x, w, b, running_mean, running_var, eps), None, None)
 
 
+@register(aten._batch_norm_with_update_functional.default)
+def batch_norm_with_update(ctx, g):
+    """The newer training-mode batch norm (always batch statistics; outputs 1 and 2 are the saved ones)."""
+    x, w, b, running_mean, running_var, _momentum, eps = ctx.args
+    return (*_batch_norm_train(ctx, g, x, w, b, running_mean, running_var, eps), None, None)
+
+
 @register(aten._native_batch_norm_legit.no_stats)
 def batch_norm_no_stats(ctx, g):
     """Batch statistics without running ones (instance norm, F.batch_norm without buffers): the op cannot run
