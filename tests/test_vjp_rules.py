@@ -19,6 +19,7 @@ case here.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -327,6 +328,8 @@ CASES = [
     fn(aten._softmax.default, "last-dim", lambda a: a.softmax(-1), (2, 3, 4)),
     fn(aten._softmax.default, "dim0", lambda a: a.softmax(0), (2, 3, 4)),
     fn(aten._softmax.default, "float64-output", lambda a: a.softmax(-1, dtype=torch.float64), (2, 3, 4)),
+    fn(aten._safe_softmax.default, "masked-row", lambda a, m: aten._safe_softmax.default(a.masked_fill(m, -math.inf), 1),
+       (2, 3, 4), inputs=(lambda: torch.tensor([[True], [True], [True]]) & (torch.arange(4) < 3),)),
     fn(aten._log_softmax.default, "last-dim", lambda a: a.log_softmax(-1), (2, 3, 4)),
     fn(aten._log_softmax.default, "dim1", lambda a: a.log_softmax(1), (2, 3, 4)),
     mod(aten.native_layer_norm.default, "affine", lambda: _affine(nn.LayerNorm(4)), (2, 3, 4)),

@@ -20,6 +20,13 @@ def softmax(ctx, g):
     return (ctx(aten._softmax_backward_data.default, g, ctx.node, dim, x.meta.dtype),)
 
 
+@register(aten._safe_softmax.default)
+def safe_softmax(ctx, g):
+    """Softmax whose fully masked (all -inf) rows are 0 instead of NaN: the same backward, on that output."""
+    x, dim = ctx.args[:2]
+    return (ctx(aten._softmax_backward_data.default, g, ctx.node, dim, x.meta.dtype),)
+
+
 @register(aten._log_softmax.default)
 def log_softmax(ctx, g):
     x, dim = ctx.node.args[:2]
