@@ -468,3 +468,19 @@ def masked_scatter(ctx, g):
     gx = ctx.sum_to(_masked(ctx, g, ctx(aten.logical_not.default, mask)), _shape(x)) if ctx.needs(x) else None
     gsrc = ctx(aten.masked_scatter_backward.default, g, mask, list(_shape(src))) if ctx.needs(src) else None
     return gx, None, gsrc
+
+
+@register(aten.lgamma.default)
+def lgamma(ctx, g):
+    return _times(ctx, g, ctx(aten.digamma.default, ctx.node.args[0]))
+
+
+@register(aten.digamma.default)
+def digamma(ctx, g):
+    return _times(ctx, g, ctx(aten.polygamma.default, 1, ctx.node.args[0]))
+
+
+@register(aten.polygamma.default)
+def polygamma(ctx, g):
+    n, x = ctx.node.args
+    return None, ctx(aten.mul.Tensor, g, ctx(aten.polygamma.default, n + 1, x))

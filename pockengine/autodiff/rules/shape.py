@@ -20,12 +20,13 @@ def _reshape_to(ctx, g, x):
 
 
 @register(aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.squeeze.dims,
-          aten.squeeze.dim, aten.squeeze.default, aten.unsqueeze.default, aten.flatten.using_ints)
+          aten.squeeze.dim, aten.squeeze.default, aten.unsqueeze.default, aten.flatten.using_ints,
+          aten.view_copy.default)
 def reshape(ctx, g):
     return (_reshape_to(ctx, g, ctx.node.args[0]),)
 
 
-@register(aten.permute.default)
+@register(aten.permute.default, aten.permute_copy.default)
 def permute(ctx, g):
     dims = [_dim(d, len(g.meta.shape)) for d in ctx.node.args[1]]
     inverse = [0] * len(dims)
@@ -72,6 +73,12 @@ def slice_(ctx, g):
     start = 0 if start is None else start
     end = sys.maxsize if end is None else end
     return (ctx(aten.slice_backward.default, g, list(x.meta.shape), dim, start, end, step),)
+
+
+@register(aten.narrow_copy.default)
+def narrow_copy(ctx, g):
+    x, dim, start, length = ctx.args
+    return (ctx(aten.slice_backward.default, g, list(x.meta.shape), dim, start, start + length, 1),)
 
 
 @register(aten.select.int)
