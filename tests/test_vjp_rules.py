@@ -301,6 +301,9 @@ CASES = [
     fn(aten.maximum.default, "ties", torch.maximum, ties(4, 5), ties(4, 5)),
     fn(aten.minimum.default, "broadcast", torch.minimum, (2, 1, 4), (3, 4)),
     fn(aten.minimum.default, "ties", torch.minimum, ties(4, 5), ties(5,)),
+    # The cotangent of a bfloat16 value is rounded to bfloat16, as autograd's engine does, though mul computes it
+    # in float32 (the bfloat16 operand is promoted).
+    fn(aten._to_copy.default, "bfloat16-operand", lambda a, b: a.bfloat16() * b, (3, 4), (3, 4)),
     fn(aten._to_copy.default, "float64-roundtrip", lambda a, b: (a.double() * b.double()).float(), (3, 4), (3, 4)),
     # ---------------------------------------------------------------- matrix products, convolution
     fn(aten.mm.default, "plain", torch.mm, (3, 4), (4, 5)),

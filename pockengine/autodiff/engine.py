@@ -221,6 +221,9 @@ def differentiate(graph: Graph, loss: Node, wrt: Sequence[Node],
             sl = slices.get(arg)
             if sl is not None and gi.meta.shape == arg.meta.shape and sl.shape(arg.meta.shape) != arg.meta.shape:
                 gi = sl.take(lambda t, *a: graph.call(t, a, module=n.module, section="backward"), gi)
+            if gi.meta.dtype != arg.meta.dtype:  # as autograd's engine: a cotangent has its value's dtype
+                gi = graph.call(aten._to_copy.default, (gi,), {"dtype": arg.meta.dtype}, module=n.module,
+                                section="backward")
             expected = sl.shape(arg.meta.shape) if sl is not None else arg.meta.shape
             if gi.meta.shape != expected:
                 raise AssertionError(f"VJP rule of {n.op_name} returned a cotangent of shape {gi.meta.shape} "
