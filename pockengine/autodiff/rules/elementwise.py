@@ -484,3 +484,10 @@ def digamma(ctx, g):
 def polygamma(ctx, g):
     n, x = ctx.node.args
     return None, ctx(aten.mul.Tensor, g, ctx(aten.polygamma.default, n + 1, x))
+
+
+@register(aten.special_erfcx.default)
+def erfcx(ctx, g):  # erfcx(x) = exp(x^2) erfc(x): 2 x erfcx(x) - 2 / sqrt(pi)
+    d = ctx(aten.sub.Tensor, ctx(aten.mul.Tensor, ctx(aten.mul.Tensor, ctx.node.args[0], ctx.node), 2.0),
+            2 / math.sqrt(math.pi))
+    return _times(ctx, g, d)

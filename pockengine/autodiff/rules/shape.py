@@ -1,5 +1,6 @@
 """VJP rules of views, slicing, joining and indexing."""
 
+import operator
 import sys
 
 import torch
@@ -301,3 +302,13 @@ def slice_scatter(ctx, g):
     x, src, dim, start, end, step = ctx.args
     gx = ctx(aten.slice_scatter.default, g, ctx.zeros_like(src), dim, start, end, step) if ctx.needs(x) else None
     return gx, ctx(aten.slice.Tensor, g, dim, start, end, step) if ctx.needs(src) else None
+
+
+@register(aten.grid_sampler_2d.default, aten.grid_sampler_3d.default)
+def grid_sampler(ctx, g):
+    x, grid, interpolation, padding, align_corners = ctx.args
+    backward = (aten.grid_sampler_2d_backward.default if ctx.node.target is aten.grid_sampler_2d.default
+                else aten.grid_sampler_3d_backward.default)
+    mask = [ctx.needs(x), ctx.needs(grid)]
+    out = ctx(backward, g, x, grid, interpolation, padding, align_corners, mask)
+    return tuple(ctx(operator.getitem, out, i) if m else None for i, m in enumerate(mask))
