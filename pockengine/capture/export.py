@@ -6,6 +6,7 @@ flattened into tensor inputs, and every node keeps the dotted path of the module
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -78,11 +79,16 @@ def _module_path(fx_node: torch.fx.Node) -> tuple[str, bool]:
 # Activations the default core-ATen table would split into element-wise ops (silu -> x * sigmoid(x)). Whole, their
 # VJP rules keep just the input for the backward pass; split, the backward would keep the input, the sigmoid and the
 # product: three activations instead of one (SmolLM2's MLP).
-KEEP_WHOLE = (torch.ops.aten.silu.default, torch.ops.aten.hardswish.default, torch.ops.aten.hardsigmoid.default)
+# _safe_softmax (attention with fully masked rows) splits into softmax and a select that zeroes the masked rows: the
+# softmax's backward then reads the NaN those rows hold and spreads it; whole, its rule reads the zeroed output.
+KEEP_WHOLE = (torch.ops.aten.silu.default, torch.ops.aten.hardswish.default, torch.ops.aten.hardsigmoid.default,
+              torch.ops.aten._safe_softmax.default)
 
 
+@functools.cache
 def _decompositions() -> dict:
-    table = torch.export.default_decompositions()
+    """Built once: materializing the default table takes a quarter of a second (run_decompositions copies it)."""
+    table = dict(torch.export.default_decompositions().items())
     for op in KEEP_WHOLE:
         table.pop(op, None)
     return table
@@ -101,6 +107,18 @@ def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
             "pockengine needs a model whose forward (and loss_fn) torch.export can trace: no data-dependent "
             "Python control flow on tensor values and no calls that leave PyTorch (.item(), numpy)."
         ) from e
+
+
+def _check_static_shape(fx_node: torch.fx.Node, val: Any) -> None:
+    """pockengine plans every tensor's size at compile time: an op whose output size depends on tensor values
+    (masked_select, nonzero, unique...) cannot be compiled."""
+    for leaf in pytree.tree_leaves(val):
+        sizes = leaf.shape if isinstance(leaf, torch.Tensor) else [leaf]
+        if any(isinstance(s, torch.SymInt) for s in sizes):
+            raise CaptureError(
+                f"{fx_node.target} (node {fx_node.name}) returns a tensor whose size depends on tensor values; "
+                "pockengine compiles static shapes. Compute it outside the model, or use a fixed-size form "
+                "(torch.where instead of masked_select, a padded index instead of nonzero).")
 
 
 def capture(model: nn.Module, loss_fn: Callable, batch: Any) -> Captured:
@@ -146,6 +164,7 @@ def capture(model: nn.Module, loss_fn: Callable, batch: Any) -> Captured:
                                            (fx_node.args, fx_node.kwargs))
             module, inside = _module_path(fx_node)
             val = fx_node.meta.get("val")
+            _check_static_shape(fx_node, val)
             meta = meta_of(val)  # lists of outputs (split) become tuples, like every multi-output op
             env[fx_node] = graph.call(fx_node.target, args, kwargs, module=module,
                                       section="forward" if inside else "loss", name=fx_node.name,
