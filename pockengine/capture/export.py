@@ -104,7 +104,11 @@ def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
 
 
 def capture(model: nn.Module, loss_fn: Callable, batch: Any) -> Captured:
-    ep = export(model, loss_fn, batch)
+    return from_exported(model, export(model, loss_fn, batch))
+
+
+def from_exported(model: nn.Module, ep: ExportedProgram) -> Captured:
+    """Our IR of `ep`, the exported and decomposed `model` with its loss (see `export`)."""
     sig = ep.graph_signature
     kinds = {s.arg.name: s for s in sig.input_specs}
     graph = Graph()
