@@ -11,9 +11,6 @@ happened in and the other schemes still run.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import time
 import warnings
@@ -27,41 +24,17 @@ COMMAND = "python scripts/coverage.py --zoo"
 MARK = {"pass": "✓", "fail": "✗", "n/a": "n/a", "torch.export": "export"}
 
 
-def _run_child(name: str, mode: str, schemes: list[str]) -> dict[str, list[str]]:
-    """{scheme: [status, reason]} from a child process; a scheme whose child crashed gets the crash."""
-    from model_zoo.check import FAIL
-
-    results: dict[str, list[str]] = {}
-    while len(results) < len(schemes):
-        todo = [s for s in schemes if s not in results]
-        proc = subprocess.run([sys.executable, __file__, "--one", name, mode, *todo], capture_output=True,
-                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        for line in proc.stdout.splitlines():
-            if line.startswith("{"):
-                results.update(json.loads(line))
-        if proc.returncode != 0:
-            crashed = next(s for s in todo if s not in results)
-            tail = proc.stderr.strip().splitlines()[-1:] or [""]
-            results[crashed] = [FAIL, f"the process died (exit code {proc.returncode}) {tail[0][:200]}".strip()]
-    return results
-
-
-def _one(name: str, mode: str, schemes: list[str]) -> None:
-    from model_zoo.check import check
-
-    for scheme, outcome in check(name, mode, tuple(schemes)):
-        print(json.dumps({scheme: [outcome.status, outcome.reason]}), flush=True)
-
-
-def zoo_section() -> str:
+def zoo_section(only: list[str] | None = None) -> str:
     from model_zoo import ZOO
-    from model_zoo.check import MODES, SCHEMES
+    from model_zoo.check import MODES, SCHEMES, check_isolated
 
     results: dict[tuple[str, str], dict[str, list[str]]] = {}
     start = time.time()
-    for name in ZOO:
+    names = only or list(ZOO)
+    for name in names:
+        outcomes = check_isolated(name, [(m, s) for m in MODES for s in SCHEMES])
         for mode in MODES:
-            results[name, mode] = _run_child(name, mode, list(SCHEMES))
+            results[name, mode] = {s: [outcomes[mode, s].status, outcomes[mode, s].reason] for s in SCHEMES}
         print(f"{name}: {time.time() - start:.0f} s", file=sys.stderr, flush=True)
 
     header = ["model", "family"] + [f"{mode} {scheme}" for mode in MODES for scheme in SCHEMES]
@@ -70,7 +43,8 @@ def zoo_section() -> str:
              "Cells: ✓ every trained parameter's gradient matches torch.autograd's; ✗ fails (reasons below); n/a the "
              "scheme trains nothing there; export: torch.export itself cannot capture the model.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, entry in ZOO.items():
+    for name in names:
+        entry = ZOO[name]
         cells = [MARK[results[name, mode][scheme][0]] for mode in MODES for scheme in SCHEMES]
         lines.append(f"| {name} | {entry.family} | " + " | ".join(cells) + " |")
     passed = sum(r[0] == "pass" for res in results.values() for r in res.values())
@@ -90,13 +64,11 @@ def zoo_section() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", action="store_true", help="the model zoo table")
-    parser.add_argument("--one", nargs="+", metavar=("NAME MODE", "SCHEME"), help=argparse.SUPPRESS)
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="these zoo entries only")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    if args.one:
-        _one(args.one[0], args.one[1], args.one[2:])
-    elif args.zoo:
-        sys.stdout.write(zoo_section())
+    if args.zoo:
+        sys.stdout.write(zoo_section(args.only))
     else:
         parser.print_help()
 

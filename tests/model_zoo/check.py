@@ -18,7 +18,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
+import os
 import re
+import subprocess
+import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 from unittest import mock
@@ -57,7 +62,7 @@ def partial_rules(model: nn.Module) -> list[dict]:
     """Every bias, and partial input channels of three layers with a matrix or convolution weight (the first, the
     middle and the last one in registration order; embeddings excluded): 1/2 `first`, 1/4 and 1/2 `magnitude`."""
     layers = [n for n, m in model.named_modules() if not isinstance(m, (nn.Embedding, nn.EmbeddingBag))
-              and any(p.dim() >= 2 for p in m.parameters(recurse=False))]
+              and any("weight" in p and t.dim() >= 2 for p, t in m.named_parameters(recurse=False))]
     picks = dict.fromkeys([layers[0], layers[len(layers) // 2], layers[-1]])
     kinds = [("1/2", "first"), ("1/4", "magnitude"), ("1/2", "magnitude")]
     return [{"modules": "*", "mode": "bias"}] + [
@@ -176,9 +181,9 @@ def _export_failure(model: nn.Module, entry: Entry, batch: tuple, error: Capture
 
 def _check_scheme(model: nn.Module, entry: Entry, batch: tuple, scheme: pe.Scheme, ref: Gradients,
                   exact: Callable[[], Gradients]) -> Outcome:
-    if not scheme.resolve(model):
-        return Outcome(NA, "trains no parameter (the model has no biases)")
     try:
+        if not scheme.resolve(model):
+            return Outcome(NA, "trains no parameter (the model has no biases)")
         trainer = pe.compile(model, entry.loss, batch, scheme=scheme, seed=SEED)
         torch.manual_seed(SEED)
         grads = trainer.gradients(batch)
@@ -224,3 +229,37 @@ def check(name: str, mode: str, schemes: tuple[str, ...] = SCHEMES) -> Iterator[
     with _captured_once(cap):
         for s in schemes:
             yield s, _check_scheme(model, entry, batch, make_scheme(s, model), ref, exact)
+
+
+# ------------------------------------------------------------------------------------------------ in a child process
+def check_isolated(name: str, cells: list[tuple[str, str]]) -> dict[tuple[str, str], Outcome]:
+    """{(mode, scheme): Outcome} for `cells` of entry `name`, run in child processes: a crash (a kernel's
+    segmentation fault) is the outcome of the cell it happened in, and a new child goes on with the rest."""
+    results: dict[tuple[str, str], Outcome] = {}
+    while len(results) < len(cells):
+        todo = [c for c in cells if c not in results]
+        proc = subprocess.run([sys.executable, __file__, name, *(f"{m}:{s}" for m, s in todo)], capture_output=True,
+                              text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        for line in proc.stdout.splitlines():
+            if line.startswith("{"):
+                d = json.loads(line)
+                results[d["mode"], d["scheme"]] = Outcome(d["status"], d["reason"])
+        if proc.returncode != 0:
+            crashed = next(c for c in todo if c not in results)
+            last = (proc.stderr.strip().splitlines() or [""])[-1][:200]
+            results[crashed] = Outcome(FAIL, f"the process died (exit code {proc.returncode}) {last}".strip())
+    return results
+
+
+def _child(name: str, cells: list[str]) -> None:
+    for mode in MODES:
+        schemes = tuple(s for m, _, s in (c.partition(":") for c in cells) if m == mode)
+        if schemes:
+            for scheme, outcome in check(name, mode, schemes):
+                print(json.dumps({"mode": mode, "scheme": scheme, "status": outcome.status,
+                                  "reason": outcome.reason}), flush=True)
+
+
+if __name__ == "__main__":
+    warnings.filterwarnings("ignore")
+    _child(sys.argv[1], sys.argv[2:])
