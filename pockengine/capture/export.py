@@ -6,6 +6,7 @@ flattened into tensor inputs, and every node keeps the dotted path of the module
 
 from __future__ import annotations
 
+import inspect
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -139,11 +140,26 @@ def _check_static_shapes(fx_node: torch.fx.Node, val: Any, module: str | None) -
             "when the batch is prepared.")
 
 
-def _input_mutation_error(name: str, new_value: torch.fx.Node, user_inputs: list[str]) -> CaptureError:
+def _leaf_name(model: nn.Module, ep: ExportedProgram, index: int) -> str:
+    """How the user knows batch leaf `index`: the model's argument name, or the target."""
+    path = pytree.tree_flatten_with_path(ep.example_inputs[0])[0][index][0]
+    if path[0] == pytree.SequenceKey(1) or len(path) < 2:
+        return "the target"
+    key = path[1]
+    if isinstance(key, pytree.MappingKey):
+        return f"input '{key.key}'"
+    names = list(inspect.signature(model.forward).parameters)
+    return f"input '{names[key.idx]}'" if key.idx < len(names) else f"positional input {key.idx}"
+
+
+def _input_mutation_error(model: nn.Module, ep: ExportedProgram, name: str, new_value: torch.fx.Node
+                          ) -> CaptureError:
     module, inside = _module_path(new_value)
     where = (f"in module '{module}'" if module else "in the model's forward") if inside else "in loss_fn"
+    user_inputs = [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    index = user_inputs.index(name)
     return CaptureError(
-        f"the model writes in place to its input '{name}' (batch leaf {user_inputs.index(name)}) {where}; "
+        f"the model writes in place to its {_leaf_name(model, ep, index)} (batch leaf {index}) {where}; "
         "pockengine does not write into the batch. Make the operation out-of-place (x = x * 2 instead of "
         "x.mul_(2), x = x + y instead of x += y), or clone the input before changing it (x = x.clone()).")
 
@@ -228,9 +244,7 @@ def from_exported(model: nn.Module, ep: ExportedProgram) -> Captured:
                 elif spec.kind == OutputKind.BUFFER_MUTATION:
                     buffer_updates[_strip_model_prefix(spec.target)] = env[out]
                 elif spec.kind == OutputKind.USER_INPUT_MUTATION:
-                    raise _input_mutation_error(spec.target, out, [n.name for n in ep.graph.nodes
-                                                                   if n.op == "placeholder"
-                                                                   and kinds[n.name].kind == InputKind.USER_INPUT])
+                    raise _input_mutation_error(model, ep, spec.target, out)
                 elif spec.kind != OutputKind.TOKEN:
                     raise CaptureError(f"unsupported graph output kind {spec.kind}")
         else:

@@ -30,6 +30,7 @@ from unittest import mock
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
 import pockengine as pe
@@ -128,6 +129,11 @@ class _RandomDraws:
 def _exported_reference(model: nn.Module, ep: torch.export.ExportedProgram, loss_fn: Callable, batch: tuple
                         ) -> tuple[Gradients, Callable[[], Gradients]]:
     """autograd over `ep` with pockengine's random draws (see the module docstring), and its float64 rerun."""
+    if any(n.target is aten.scaled_dot_product_attention.default for n in ep.graph.nodes):
+        # pockengine keeps attention whole and differentiates it in its math form, where dropout is a native_dropout
+        # drawn from the trainer's generator; the reference runs the same math form.
+        with sdpa_kernel(SDPBackend.MATH):
+            ep = ep.run_decompositions(torch.export.default_decompositions())
     program = ep.module()
     draws = _RandomDraws(SEED)
     for node in program.graph.nodes:
