@@ -35,7 +35,8 @@ def zoo_section(only: list[str] | None = None) -> str:
         outcomes = check_isolated(name, [(m, s) for m in MODES for s in SCHEMES])
         for mode in MODES:
             results[name, mode] = {s: [outcomes[mode, s].status, outcomes[mode, s].reason] for s in SCHEMES}
-        print(f"{name}: {time.time() - start:.0f} s", file=sys.stderr, flush=True)
+        print(f"{name} ({time.time() - start:.0f} s): " + ", ".join(f"{m} {s} {o}" for (m, s), o in outcomes.items()),
+              file=sys.stderr, flush=True)
 
     header = ["model", "family"] + [f"{mode} {scheme}" for mode in MODES for scheme in SCHEMES]
     lines = ["## Model zoo", "",
