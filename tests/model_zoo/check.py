@@ -62,9 +62,13 @@ class Outcome:
 
 def partial_rules(model: nn.Module) -> list[dict]:
     """Every bias, and partial input channels of three layers with a matrix or convolution weight (the first, the
-    middle and the last one in registration order; embeddings excluded): 1/2 `first`, 1/4 and 1/2 `magnitude`."""
-    layers = [n for n, m in model.named_modules() if not isinstance(m, (nn.Embedding, nn.EmbeddingBag))
-              and any("weight" in p and t.dim() >= 2 for p, t in m.named_parameters(recurse=False))]
+    middle and the last one in registration order; embeddings excluded, and layers of under 3 channels, where 1/4
+    selects none): 1/2 `first`, 1/4 and 1/2 `magnitude`."""
+    def channels(t: torch.Tensor) -> int:  # along the dimension partial training selects (pockengine.scheme)
+        return t.shape[1] if t.shape[1] > 1 else t.shape[0]
+
+    layers = [n for n, m in model.named_modules() if not isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and any(
+        "weight" in p and t.dim() >= 2 and channels(t) >= 3 for p, t in m.named_parameters(recurse=False))]
     picks = dict.fromkeys([layers[0], layers[len(layers) // 2], layers[-1]])
     kinds = [("1/2", "first"), ("1/4", "magnitude"), ("1/2", "magnitude")]
     return [{"modules": "*", "mode": "bias"}] + [
@@ -137,9 +141,15 @@ def _exported_reference(model: nn.Module, ep: torch.export.ExportedProgram, loss
             ep = ep.run_decompositions(torch.export.default_decompositions())
     program = ep.module()
     draws = _RandomDraws(SEED)
-    for node in program.graph.nodes:
-        if node.op == "call_function" and torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()):
+    for node in list(program.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()):
             node.target = draws.wrap(node.target)
+        elif node.target is aten.copy_.default and node.args[0].op == "get_attr":
+            # Train-mode BatchNorm's new running statistics written into its buffers: autograd keeps the old ones
+            # for batch_norm's backward, and the reference has no use for the new ones.
+            program.graph.erase_node(node)
     program.recompile()
     # Parameters by the model's names; tied ones (one tensor under several names) get the sum over their copies.
     aliases: dict[int, list[str]] = {}
