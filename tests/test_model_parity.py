@@ -8,7 +8,7 @@ every parameter
 
 or, where the fp32 reference itself is further than that from autograd in float64 (a gradient summed with heavy
 cancellation, such as a BatchNorm scale's), pockengine's gradient is at least as close to the float64 one as the
-fp32 reference is.
+fp32 reference is (tests/model_zoo/parity.py, shared with the model zoo).
 
 In train mode every dropout probability is 0 so that both sides compute the same function; in eval mode the
 models keep their dropout (> 0), which eval must switch off. `test_dropout_loss_is_reproducible_for_a_seed`
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Callable
+from typing import Callable
 
 import pytest
 import torch
@@ -27,20 +27,10 @@ import torch.nn as nn
 
 import pockengine as pe
 from pockengine.pipeline import optional_pass_names
+from model_zoo.parity import autograd_gradients, call as _call, float64_gradients, gradient_errors
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
-
-TOL = 1e-4  # relative error, fp32
-TINY = 1e-12
-# A gradient that is 0 in exact arithmetic (the attention key bias: softmax ignores a shift shared by all keys)
-# comes out as rounding noise on both sides; below this fraction of the model's largest gradient entry a
-# gradient counts as 0, and the engine's must then be as small.
-NOISE = 1e-6
-
-
-def rel_err(g: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((g - ref).abs().max() / ref.abs().max().clamp_min(TINY)).item()
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -120,10 +110,6 @@ MODELS: dict[str, tuple[Callable, Callable, Callable]] = {
 }
 
 
-def _call(model: nn.Module, inputs: Any) -> Any:
-    return model(**inputs) if isinstance(inputs, dict) else model(*inputs)
-
-
 # The Hugging Face families are marked slow (CI runs them; `-m "not slow"` keeps the MLP and the CNN): the fast tier
 # covers transformers through tests/test_sparse_parity.py's BERT.
 SLOW_MODELS = {"bert", "gpt2", "llama", "vit", "resnet"}
@@ -150,40 +136,14 @@ def _check_gradients(name: str, mode: str, disable: frozenset[str] = frozenset()
     getattr(model, mode)()
     batch = make_batch()
     ref_model = copy.deepcopy(model)
-
-    ref_loss = loss_fn(_call(ref_model, batch[0]), batch[1])
-    names, params = zip(*ref_model.named_parameters())
-    ref = dict(zip(names, torch.autograd.grad(ref_loss, params)))
+    ref_loss, ref = autograd_gradients(ref_model, loss_fn, batch)
 
     trainer = pe.compile(model, loss_fn, batch, disable=disable)
     grads = trainer.gradients(batch)
-    assert trainer.loss(batch) == pytest.approx(ref_loss.item(), rel=1e-5)
+    assert trainer.loss(batch) == pytest.approx(ref_loss, rel=1e-5)
     assert grads.keys() == ref.keys()
-    noise = NOISE * max(r.abs().max().item() for r in ref.values())
-    bad = []
-    exact = None
-    for n, r in ref.items():
-        g = grads[n]
-        assert g.shape == r.shape and g.dtype == r.dtype, n
-        if r.abs().max() <= noise:  # 0 in exact arithmetic
-            if g.abs().max() > noise:
-                bad.append(f"{n}: {g.abs().max().item():.2e} where autograd has ~0")
-        elif (err := rel_err(g, r)) > TOL:
-            exact = exact or _float64_gradients(ref_model, loss_fn, batch)
-            ours, reference = rel_err(g.double(), exact[n]), rel_err(r.double(), exact[n])
-            if ours > max(TOL, reference):
-                bad.append(f"{n}: relative error {err:.2e} (from float64: ours {ours:.2e}, fp32 autograd's "
-                           f"{reference:.2e})")
+    bad = gradient_errors(grads, ref, lambda: float64_gradients(ref_model, loss_fn, batch))
     assert not bad, "\n".join(bad)
-
-
-def _float64_gradients(model: nn.Module, loss_fn: Callable, batch: Any) -> dict[str, torch.Tensor]:
-    """torch.autograd's gradients of the same model and batch computed in float64."""
-    model = copy.deepcopy(model).double()
-    inputs = torch.utils._pytree.tree_map(lambda t: t.double() if torch.is_floating_point(t) else t, batch[0])
-    loss = loss_fn(_call(model, inputs), batch[1])
-    names, params = zip(*model.named_parameters())
-    return dict(zip(names, torch.autograd.grad(loss, params)))
 
 
 @pytest.mark.parametrize("name", ["mlp", pytest.param("bert", marks=pytest.mark.slow)])

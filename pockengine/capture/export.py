@@ -7,6 +7,8 @@ flattened into tensor inputs, and every node keeps the dotted path of the module
 from __future__ import annotations
 
 import functools
+import inspect
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -38,7 +40,7 @@ class Captured:
     graph: Graph
     params: dict[str, Node]  # parameter name -> input node
     buffers: dict[str, Node]
-    batch: list[Node]  # flattened batch leaves, in pytree order
+    batch: list[Node | None]  # flattened batch leaves, in pytree order; None for a leaf traced as a constant
     loss: Node
     buffer_updates: dict[str, Node] = field(default_factory=dict)  # buffer name -> its new value
 
@@ -109,27 +111,78 @@ def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
         ) from e
 
 
-def _check_static_shape(fx_node: torch.fx.Node, val: Any) -> None:
-    """pockengine plans every tensor's size at compile time: an op whose output size depends on tensor values
-    (masked_select, nonzero, unique...) cannot be compiled."""
-    for leaf in pytree.tree_leaves(val):
-        sizes = leaf.shape if isinstance(leaf, torch.Tensor) else [leaf]
-        if any(isinstance(s, torch.SymInt) for s in sizes):
-            raise CaptureError(
-                f"{fx_node.target} (node {fx_node.name}) returns a tensor whose size depends on tensor values; "
-                "pockengine compiles static shapes. Compute it outside the model, or use a fixed-size form "
-                "(torch.where instead of masked_select, a padded index instead of nonzero).")
+_TOKEN = object()  # the value of torch.export's effect tokens: they only order side effects
+
+
+@dataclass(frozen=True)
+class _Effect:
+    """The value of a `with_effects` call: (token, *outputs of `node`)."""
+
+    node: Node
+    outputs: int
+
+    def item(self, graph: Graph, index: int) -> Any:
+        if index == 0:
+            return _TOKEN
+        return self.node if self.outputs == 1 else graph.getitem(self.node, index - 1)
+
+
+def _check_static_shapes(fx_node: torch.fx.Node, val: Any, module: str | None) -> None:
+    """pockengine compiles one program per batch shape: an op whose output shape depends on tensor values
+    (masked_select, nonzero, tensor_split at tensor indices: torch.export marks such sizes and the scalars read
+    out of tensors to compute them with symbols) cannot be part of it."""
+    leaves = pytree.tree_leaves(val)
+    shapes = [v.shape for v in leaves if isinstance(v, torch.Tensor)]
+    if any(isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)) for v in leaves) or any(
+            not isinstance(d, int) for shape in shapes for d in shape):
+        what = (f"returns a tensor whose shape depends on the values of its inputs "
+                f"({', '.join(str(list(s)) for s in shapes)})" if shapes else
+                "reads a tensor's value into a Python number (.item(), or a tensor used as a size or index)")
+        where = "the loss" if module is None else f"module '{module}'" if module else "the model's forward"
+        raise CaptureError(
+            f"{fx_node.target} (node {fx_node.name}, {where}) {what}; pockengine compiles programs of fixed shapes. "
+            "Write it with a fixed shape instead, for example torch.where(mask, x, 0) in place of x[mask] or "
+            "masked_select, or split at Python integers rather than at tensor indices; or do it outside the model, "
+            "when the batch is prepared.")
+
+
+def _leaf_name(model: nn.Module, ep: ExportedProgram, index: int) -> str:
+    """How the user knows batch leaf `index`: the model's argument name, or the target."""
+    path = pytree.tree_flatten_with_path(ep.example_inputs[0])[0][index][0]
+    if path[0] == pytree.SequenceKey(1) or len(path) < 2:
+        return "the target"
+    key = path[1]
+    if isinstance(key, pytree.MappingKey):
+        return f"input '{key.key}'"
+    names = list(inspect.signature(model.forward).parameters)
+    return f"input '{names[key.idx]}'" if key.idx < len(names) else f"positional input {key.idx}"
+
+
+def _input_mutation_error(model: nn.Module, ep: ExportedProgram, name: str, new_value: torch.fx.Node
+                          ) -> CaptureError:
+    module, inside = _module_path(new_value)
+    where = (f"in module '{module}'" if module else "in the model's forward") if inside else "in loss_fn"
+    user_inputs = [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    index = user_inputs.index(name)
+    return CaptureError(
+        f"the model writes in place to its {_leaf_name(model, ep, index)} (batch leaf {index}) {where}; "
+        "pockengine does not write into the batch. Make the operation out-of-place (x = x * 2 instead of "
+        "x.mul_(2), x = x + y instead of x += y), or clone the input before changing it (x = x.clone()).")
 
 
 def capture(model: nn.Module, loss_fn: Callable, batch: Any) -> Captured:
-    ep = export(model, loss_fn, batch)
+    return from_exported(model, export(model, loss_fn, batch))
+
+
+def from_exported(model: nn.Module, ep: ExportedProgram) -> Captured:
+    """Our IR of `ep`, the exported and decomposed `model` with its loss (see `export`)."""
     sig = ep.graph_signature
     kinds = {s.arg.name: s for s in sig.input_specs}
     graph = Graph()
-    env: dict[torch.fx.Node, Node] = {}
+    env: dict[torch.fx.Node, Any] = {}  # mostly Nodes; constants, tokens and _Effects too
     params: dict[str, Node] = {}
     buffers: dict[str, Node] = {}
-    batch_nodes: list[Node] = []
+    batch_nodes: list[Node | None] = []
     loss: Node | None = None
     buffer_updates: dict[str, Node] = {}
     # Tied parameters (an LM head sharing the embedding) are lifted once per name; all of them are one tensor,
@@ -140,6 +193,14 @@ def capture(model: nn.Module, loss_fn: Callable, batch: Any) -> Captured:
         if fx_node.op == "placeholder":
             spec = kinds[fx_node.name]
             val = fx_node.meta["val"]
+            if spec.kind == InputKind.TOKEN:
+                env[fx_node] = _TOKEN
+                continue
+            if spec.kind == InputKind.USER_INPUT and not isinstance(val, torch.Tensor):
+                # A leaf that is not a tensor (a None target, a number) was traced as a constant.
+                env[fx_node] = val
+                batch_nodes.append(None)
+                continue
             meta = TensorMeta(tuple(int(s) for s in val.shape), val.dtype)
             if spec.kind == InputKind.PARAMETER:
                 name = canonical[id(model.get_parameter(_strip_model_prefix(spec.target)))]
@@ -163,19 +224,34 @@ def capture(model: nn.Module, loss_fn: Callable, batch: Any) -> Captured:
             args, kwargs = pytree.tree_map(lambda a: env[a] if isinstance(a, torch.fx.Node) else a,
                                            (fx_node.args, fx_node.kwargs))
             module, inside = _module_path(fx_node)
+            section = "forward" if inside else "loss"
             val = fx_node.meta.get("val")
-            _check_static_shape(fx_node, val)
-            meta = meta_of(val)  # lists of outputs (split) become tuples, like every multi-output op
-            env[fx_node] = graph.call(fx_node.target, args, kwargs, module=module,
-                                      section="forward" if inside else "loss", name=fx_node.name,
-                                      meta=meta if val is not None else None)
+            _check_static_shapes(fx_node, val, module if inside else None)
+            if fx_node.target is operator.getitem and isinstance(args[0], _Effect):
+                env[fx_node] = args[0].item(graph, args[1])
+            elif fx_node.target is torch.ops.higher_order.with_effects:
+                # (token, op, *args): the token only orders effects, and our program runs ops in graph order.
+                # The op itself (an error check such as _linalg_check_errors) stays; dead-code elimination
+                # keeps it although nothing reads it (ir.graph.has_side_effects).
+                _, op, *op_args = args
+                outputs = tuple(val[1:]) if isinstance(val, (tuple, list)) else ()
+                meta = meta_of(outputs[0]) if len(outputs) == 1 else meta_of(outputs) if outputs else None
+                node = graph.call(op, tuple(op_args), kwargs, module=module, section=section, name=fx_node.name,
+                                  meta=meta)
+                env[fx_node] = _Effect(node, len(outputs))
+            else:
+                meta = meta_of(val)  # lists of outputs (split) become tuples, like every multi-output op
+                env[fx_node] = graph.call(fx_node.target, args, kwargs, module=module, section=section,
+                                          name=fx_node.name, meta=meta if val is not None else None)
         elif fx_node.op == "output":
             for spec, out in zip(sig.output_specs, fx_node.args[0]):
                 if spec.kind == OutputKind.USER_OUTPUT:
                     loss = env[out]
                 elif spec.kind == OutputKind.BUFFER_MUTATION:
                     buffer_updates[_strip_model_prefix(spec.target)] = env[out]
-                else:
+                elif spec.kind == OutputKind.USER_INPUT_MUTATION:
+                    raise _input_mutation_error(model, ep, spec.target, out)
+                elif spec.kind != OutputKind.TOKEN:
                     raise CaptureError(f"unsupported graph output kind {spec.kind}")
         else:
             raise CaptureError(f"unexpected node {fx_node.op} {fx_node.target} in the exported graph")

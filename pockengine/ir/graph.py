@@ -9,6 +9,7 @@ on meta tensors, so later passes (pruning, memory planning) can reason about siz
 
 from __future__ import annotations
 
+import functools
 import itertools
 import keyword
 import operator
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
+from torch._higher_order_ops.effects import has_effects
 from torch.utils._pytree import tree_map
 
 from pockengine.ir.ops import is_mutating
@@ -133,6 +135,13 @@ def op_name(target: Any) -> str:
     if target is operator.getitem:
         return "getitem"
     return str(target).removeprefix("aten.")
+
+
+@functools.cache
+def has_side_effects(target: Any) -> bool:
+    """Whether a call must run even when nothing reads its result: it writes to an input, or torch registers it
+    as effectful (error checks such as `_linalg_check_errors`, which torch.export orders with effect tokens)."""
+    return is_mutating(target) or (isinstance(target, torch._ops.OpOverload) and has_effects(target))
 
 
 def _to_meta_tensor(x: Any) -> Any:
@@ -296,9 +305,9 @@ class Graph:
 
 
 def eliminate_dead_code(graph: Graph, keep: Iterable[Node] = ()) -> Graph:
-    """Drop every node that no output, no mutation and nothing in `keep` depends on. Inputs are kept."""
+    """Drop every node that no output, no side effect and nothing in `keep` depends on. Inputs are kept."""
     live: set[Node] = set(graph.outputs.values()) | set(keep)
-    live |= {n for n in graph.nodes if n.mutates}
+    live |= {n for n in graph.nodes if has_side_effects(n.target)}
     for n in reversed(graph.nodes):
         if n in live:
             live.update(n.inputs)

@@ -1,0 +1,286 @@
+"""The model zoo: architectures built as their users build them, for tests/test_zoo.py and scripts/coverage.py.
+
+Hugging Face models come from their `XConfig` with the library's defaults (attention implementation, dropout,
+activations, drop-path, ...); only size fields are shrunk (layers, widths, heads, vocabulary, image and audio
+sizes, and token ids that must fit the smaller vocabulary) so that every model is tiny. torch.nn building blocks
+are wrapped in the smallest model that gives them a loss. Every entry is seeded: `ZOO[name].build()` returns the
+same weights each time, `ZOO[name].batch()` the same batch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pockengine as pe
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+VOCAB, SEQ, BATCH = 64, 8, 2
+CE, LM = pe.losses.cross_entropy(), pe.losses.causal_lm()
+
+
+@dataclass(frozen=True)
+class Entry:
+    family: str  # encoder, decoder, encoder part, vision, audio, torch.nn
+    make: Callable[[], nn.Module]
+    make_batch: Callable[[torch.Generator], tuple]
+    loss: Callable
+
+    def build(self) -> nn.Module:
+        torch.manual_seed(0)
+        return self.make()
+
+    def batch(self) -> tuple:
+        return self.make_batch(torch.Generator().manual_seed(0))
+
+
+# ------------------------------------------------------------------------------------------------ batches
+def text_classification(classes: int = 3) -> Callable[[torch.Generator], tuple]:
+    """Token ids with an attention mask; the second sequence is padded, so the mask is on the gradient path."""
+
+    def make(g: torch.Generator) -> tuple:
+        ids = torch.randint(3, VOCAB, (BATCH, SEQ), generator=g)
+        mask = torch.ones(BATCH, SEQ, dtype=torch.long)
+        mask[1, SEQ - 3:] = 0
+        return {"input_ids": ids, "attention_mask": mask}, torch.randint(0, classes, (BATCH,), generator=g)
+
+    return make
+
+
+def tokens(g: torch.Generator) -> tuple:
+    ids = torch.randint(3, VOCAB, (BATCH, SEQ), generator=g)
+    return {"input_ids": ids}, ids
+
+
+def images(size: int, classes: int = 3, channels: int = 3, key: str | None = "pixel_values"
+           ) -> Callable[[torch.Generator], tuple]:
+    def make(g: torch.Generator) -> tuple:
+        x = torch.randn(BATCH, channels, size, size, generator=g)
+        return ({key: x} if key else (x,)), torch.randint(0, classes, (BATCH,), generator=g)
+
+    return make
+
+
+def features(key: str, shape: tuple[int, ...], classes: int = 3) -> Callable[[torch.Generator], tuple]:
+    """A float input of `shape` (batch first) under keyword `key` (audio features, raw audio)."""
+    return lambda g: ({key: torch.randn(BATCH, *shape, generator=g)}, torch.randint(0, classes, (BATCH,), generator=g))
+
+
+def last_hidden_state_mse(output: Any, target: torch.Tensor) -> torch.Tensor:
+    """A regression loss on the mean of the encoder's last hidden state (an encoder used as a feature extractor)."""
+    return F.mse_loss(output.last_hidden_state.mean(dim=1), target)
+
+
+def hidden_targets(dim: int, make: Callable[[torch.Generator], tuple]) -> Callable[[torch.Generator], tuple]:
+    def with_target(g: torch.Generator) -> tuple:
+        return make(g)[0], torch.randn(BATCH, dim, generator=g)
+
+    return with_target
+
+
+# ------------------------------------------------------------------------------------------------ Hugging Face
+def _hf(config: str, model: str, **sizes: Any) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        import transformers
+
+        return getattr(transformers, model)(getattr(transformers, config)(**sizes))
+
+    return make
+
+
+def _hf_part(config: str, model: str, part: Callable[[nn.Module], nn.Module], **sizes: Any
+             ) -> Callable[[], nn.Module]:
+    whole = _hf(config, model, **sizes)
+    return lambda: part(whole())
+
+
+# width 16, 2 heads of 8, 2 layers, MLP 32; a vocabulary of 64; positions for 32 tokens
+TEXT = dict(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+            max_position_embeddings=32)
+DECODER = dict(TEXT, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+ENCODER = dict(TEXT, num_labels=3, pad_token_id=0)
+
+ZOO: dict[str, Entry] = {}
+
+
+def _add(family: str, name: str, make: Callable[[], nn.Module], batch: Callable, loss: Callable) -> None:
+    ZOO[name] = Entry(family, make, batch, loss)
+
+
+for name, config, model, extra in [
+    ("bert", "BertConfig", "BertForSequenceClassification", {}),
+    ("roberta", "RobertaConfig", "RobertaForSequenceClassification", {"pad_token_id": 1}),
+    ("deberta-v2", "DebertaV2Config", "DebertaV2ForSequenceClassification", {}),
+    ("albert", "AlbertConfig", "AlbertForSequenceClassification", {"embedding_size": 8}),
+    ("electra", "ElectraConfig", "ElectraForSequenceClassification", {"embedding_size": 8}),
+    ("modernbert", "ModernBertConfig", "ModernBertForSequenceClassification", {"global_attn_every_n_layers": 2}),
+    ("xlm-roberta", "XLMRobertaConfig", "XLMRobertaForSequenceClassification", {"pad_token_id": 1}),
+    ("mpnet", "MPNetConfig", "MPNetForSequenceClassification", {"pad_token_id": 1}),
+]:
+    _add("encoder", name, _hf(config, model, **{**ENCODER, **extra}), text_classification(), CE)
+
+for name, config, model, sizes in [
+    ("gpt2", "GPT2Config", "GPT2LMHeadModel",
+     dict(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=32, bos_token_id=1, eos_token_id=2)),
+    ("gpt-neo", "GPTNeoConfig", "GPTNeoForCausalLM",
+     dict(vocab_size=VOCAB, hidden_size=16, num_layers=2, num_heads=2, attention_types=[[["global", "local"], 1]],
+          max_position_embeddings=32, window_size=4, bos_token_id=1, eos_token_id=2)),
+    ("gpt-neox", "GPTNeoXConfig", "GPTNeoXForCausalLM", DECODER),
+    ("bloom", "BloomConfig", "BloomForCausalLM",
+     dict(vocab_size=VOCAB, hidden_size=16, n_layer=2, n_head=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    ("opt", "OPTConfig", "OPTForCausalLM", dict(DECODER, ffn_dim=32, word_embed_proj_dim=16)),
+    ("llama", "LlamaConfig", "LlamaForCausalLM", dict(DECODER, num_key_value_heads=1)),
+    ("mistral", "MistralConfig", "MistralForCausalLM", dict(DECODER, num_key_value_heads=1, sliding_window=4)),
+    ("mixtral", "MixtralConfig", "MixtralForCausalLM",
+     dict(DECODER, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2)),
+    ("qwen2", "Qwen2Config", "Qwen2ForCausalLM", dict(DECODER, num_key_value_heads=1)),
+    ("qwen3", "Qwen3Config", "Qwen3ForCausalLM", dict(DECODER, num_key_value_heads=1, head_dim=8)),
+    ("gemma", "GemmaConfig", "GemmaForCausalLM", dict(DECODER, num_key_value_heads=1, head_dim=8)),
+    ("gemma2", "Gemma2Config", "Gemma2ForCausalLM", dict(DECODER, num_key_value_heads=1, head_dim=8, sliding_window=4)),
+    ("gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM",
+     dict(DECODER, num_key_value_heads=1, head_dim=8, sliding_window=4)),
+    ("phi", "PhiConfig", "PhiForCausalLM", DECODER),
+    ("phi3", "Phi3Config", "Phi3ForCausalLM", DECODER),
+    ("falcon", "FalconConfig", "FalconForCausalLM",
+     dict(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, pad_token_id=0,
+          bos_token_id=1, eos_token_id=2)),
+    ("olmo", "OlmoConfig", "OlmoForCausalLM", DECODER),
+    ("stablelm", "StableLmConfig", "StableLmForCausalLM", dict(DECODER, num_key_value_heads=2)),
+    ("starcoder2", "Starcoder2Config", "Starcoder2ForCausalLM", dict(DECODER, num_key_value_heads=1)),
+]:
+    _add("decoder", name, _hf(config, model, **sizes), tokens, LM)
+
+_add("encoder part", "t5-encoder",
+     _hf("T5Config", "T5EncoderModel", vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+         relative_attention_num_buckets=8, relative_attention_max_distance=16, pad_token_id=0, eos_token_id=1),
+     hidden_targets(16, text_classification()), last_hidden_state_mse)
+_add("encoder part", "bart-encoder",
+     _hf_part("BartConfig", "BartModel", lambda m: m.get_encoder(), vocab_size=VOCAB, d_model=16,
+              encoder_layers=2, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+              encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32, pad_token_id=1, bos_token_id=0,
+              eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2),
+     hidden_targets(16, text_classification()), last_hidden_state_mse)
+
+VIT = dict(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+           intermediate_size=32, num_labels=3)
+for name, config, model, sizes, size in [
+    ("vit", "ViTConfig", "ViTForImageClassification", VIT, 16),
+    ("deit", "DeiTConfig", "DeiTForImageClassification", VIT, 16),
+    ("beit", "BeitConfig", "BeitForImageClassification", VIT, 16),
+    ("dinov2", "Dinov2Config", "Dinov2ForImageClassification", dict(VIT, mlp_ratio=2), 16),
+    ("swin", "SwinConfig", "SwinForImageClassification",
+     dict(image_size=16, patch_size=2, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=4, num_labels=3), 16),
+    ("convnext", "ConvNextConfig", "ConvNextForImageClassification",
+     dict(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3), 32),
+    ("mobilevit", "MobileViTConfig", "MobileViTForImageClassification",
+     dict(image_size=32, hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8, 8, 8, 8, 8, 16, 32],
+          num_attention_heads=2, num_labels=3), 32),
+    ("efficientnet", "EfficientNetConfig", "EfficientNetForImageClassification",
+     dict(image_size=32, width_coefficient=0.1, depth_coefficient=0.25, hidden_dim=128, num_labels=3), 32),
+    ("regnet", "RegNetConfig", "RegNetForImageClassification",
+     dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=8, num_labels=3), 32),
+    ("resnet", "ResNetConfig", "ResNetForImageClassification",
+     dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3), 32),
+]:
+    _add("vision", name, _hf(config, model, **sizes), images(size), CE)
+
+SPEECH = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8),
+              conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2,
+              classifier_proj_size=8, num_labels=3, vocab_size=VOCAB)
+_add("audio", "whisper-encoder",
+     _hf("WhisperConfig", "WhisperForAudioClassification", d_model=16, encoder_layers=2, decoder_layers=1,
+         encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+         num_mel_bins=8, max_source_positions=8, max_target_positions=16, vocab_size=VOCAB, num_labels=3,
+         classifier_proj_size=8, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1),
+     features("input_features", (8, 16)), CE)
+_add("audio", "wav2vec2", _hf("Wav2Vec2Config", "Wav2Vec2ForSequenceClassification", **SPEECH),
+     features("input_values", (400,)), CE)
+_add("audio", "hubert", _hf("HubertConfig", "HubertForSequenceClassification", **SPEECH),
+     features("input_values", (400,)), CE)
+_add("audio", "ast",
+     _hf("ASTConfig", "ASTForAudioClassification", hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+         intermediate_size=32, num_mel_bins=16, max_length=32, patch_size=8, frequency_stride=8, time_stride=8,
+         num_labels=3),
+     features("input_values", (32, 16)), CE)
+
+
+# ------------------------------------------------------------------------------------------------ torch.nn
+class _Sequence(nn.Module):
+    """A sequence layer (returning a tensor or a tuple led by one) over (batch, time, 8) and a classifier on its
+    last step."""
+
+    def __init__(self, layer: nn.Module, width: int):
+        super().__init__()
+        self.layer = layer
+        self.classifier = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.layer(x)
+        y = y[0] if isinstance(y, tuple) else y
+        return self.classifier(y[:, -1])
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.classifier = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.attention(x, x, x)
+        return self.classifier(y.mean(dim=1))
+
+
+class _Bag(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(VOCAB, 16, mode="mean")
+        self.classifier = nn.Linear(16, 3)
+
+    def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.bag(ids, offsets))
+
+
+def _sequence(g: torch.Generator) -> tuple:
+    return (torch.randn(BATCH, SEQ, 16, generator=g),), torch.randint(0, 3, (BATCH,), generator=g)
+
+
+def _bags(g: torch.Generator) -> tuple:
+    ids = torch.randint(0, VOCAB, (10,), generator=g)
+    return (ids, torch.tensor([0, 4])), torch.randint(0, 3, (BATCH,), generator=g)
+
+
+def _image_to_image(g: torch.Generator) -> tuple:
+    return (torch.randn(BATCH, 3, 8, 8, generator=g),), torch.randn(BATCH, 3, 8, 8, generator=g)
+
+
+def _conv_classifier(*layers: nn.Module, width: int) -> nn.Module:
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 3))
+
+
+for name, make, batch, loss in [
+    ("nn.TransformerEncoderLayer(norm_first)",
+     lambda: _Sequence(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, norm_first=True), 16), _sequence, CE),
+    ("nn.MultiheadAttention", _SelfAttention, _sequence, CE),
+    ("nn.LSTM", lambda: _Sequence(nn.LSTM(16, 16, num_layers=2, batch_first=True, dropout=0.1), 16), _sequence, CE),
+    ("nn.GRU", lambda: _Sequence(nn.GRU(16, 16, num_layers=2, batch_first=True, dropout=0.1), 16), _sequence, CE),
+    ("nn.ConvTranspose2d",
+     lambda: nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+                           nn.ConvTranspose2d(8, 3, 4, stride=2, padding=1)), _image_to_image, pe.losses.mse()),
+    ("nn.GroupNorm",
+     lambda: _conv_classifier(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.SiLU(), width=8),
+     images(8, key=None), CE),
+    ("nn.EmbeddingBag", _Bag, _bags, CE),
+    ("nn.Upsample",
+     lambda: _conv_classifier(nn.Conv2d(3, 8, 3, padding=1), nn.Upsample(scale_factor=2, mode="nearest"),
+                              nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                              nn.Upsample(scale_factor=2, mode="bilinear"), nn.Conv2d(8, 8, 3), width=8),
+     images(4, key=None), CE),
+]:
+    _add("torch.nn", name, make, batch, loss)

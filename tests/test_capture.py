@@ -1,0 +1,131 @@
+"""Capture of exported programs beyond plain ATen calls: effect tokens, data-dependent shapes, batch leaves that
+are not tensors, writes into the batch. Each case once crashed inside capture; now it works or fails with a
+CaptureError that names the op or input and the way out."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import pockengine as pe
+from pockengine.capture.export import _ModelWithLoss
+from pockengine.errors import CaptureError
+
+from model_zoo.parity import autograd_gradients, gradient_errors
+
+
+def _square_mean(output: torch.Tensor, target: object) -> torch.Tensor:
+    """A loss that ignores its target."""
+    return (output ** 2).mean()
+
+
+def _check_gradients(model: nn.Module, loss_fn, batch) -> pe.Trainer:
+    ref = autograd_gradients(model, loss_fn, batch)[1]
+    trainer = pe.compile(model, loss_fn, batch)
+    grads = trainer.gradients(batch)
+    assert grads.keys() == ref.keys()
+    assert not gradient_errors(grads, ref, exact=lambda: pytest.fail("fp32 autograd is not the reference here"))
+    return trainer
+
+
+class _LinearAlgebra(nn.Module):
+    """A layer followed by solves against matrices of the batch: torch.export orders the error checks of
+    inv, cholesky and solve (`_linalg_check_errors`) with effect tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        y = self.layer(x)
+        return y @ torch.linalg.inv(m) + y * torch.linalg.solve(m, x.mT).mT + y @ torch.linalg.cholesky(m @ m.mT)
+
+
+def test_linalg_error_checks_are_captured_and_kept():
+    torch.manual_seed(0)
+    m = torch.randn(2, 3, 3) + 3 * torch.eye(3)
+    batch = ((torch.randn(2, 4, 3), m), None)
+    trainer = _check_gradients(_LinearAlgebra(), _square_mean, batch)
+    checks = [n for n in trainer.program().graph.nodes if n.target is torch.ops.aten._linalg_check_errors.default]
+    assert len(checks) == 3  # nothing reads them; they stay for their effect
+    # ... which is PyTorch's error on a singular matrix, raised before any update
+    singular = m.clone()
+    singular[0] = 0
+    before = trainer.model.layer.weight.detach().clone()
+    with pytest.raises(torch.linalg.LinAlgError):
+        trainer.step(((batch[0][0], singular), None))
+    assert torch.equal(trainer.model.layer.weight, before)
+
+
+class _MaskedSelect(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.layer(x)
+        return torch.masked_select(y, y > 0)
+
+
+class _TensorSplit(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        return torch.tensor_split(self.layer(x), at, dim=1)[0]
+
+
+def test_data_dependent_output_shape_is_a_capture_error():
+    with pytest.raises(CaptureError,
+                       match=r"masked_select.*the model's forward.*shape depends on the values.*torch\.where"):
+        pe.compile(_MaskedSelect(), _square_mean, ((torch.randn(2, 3),), None))
+    # Tensor indices are read into Python numbers to compute the sizes
+    with pytest.raises(CaptureError, match=r"_local_scalar_dense.*reads a tensor's value.*Python integers"):
+        pe.compile(_TensorSplit(), _square_mean, ((torch.randn(2, 4), torch.tensor([1, 3])), None))
+
+
+class _Combinations(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.combinations(self.layer(x)[0])
+
+
+def test_what_torch_export_cannot_trace_is_a_capture_error():
+    batch = ((torch.randn(2, 4),), None)
+    with pytest.raises(Exception):  # torch.export's own limit, not pockengine's
+        torch.export.export(_ModelWithLoss(_Combinations(), _square_mean), batch)
+    with pytest.raises(CaptureError, match="torch.export could not capture"):
+        pe.compile(_Combinations(), _square_mean, batch)
+
+
+def test_a_none_target_is_allowed():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    batch = ((torch.randn(5, 3),), None)
+    trainer = _check_gradients(model, _square_mean, batch)
+    before = trainer.loss(batch)
+    trainer.step(batch)
+    assert trainer.loss(batch) < before
+
+
+class _WritesItsInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        scale.mul_(2)
+        return self.layer(x) * scale
+
+
+def test_writing_into_an_input_is_a_capture_error_naming_it():
+    batch = ((torch.randn(2, 3), torch.ones(3)), None)
+    with pytest.raises(CaptureError,
+                       match=r"writes in place to its input 'scale' \(batch leaf 1\) in the model's forward.*clone"):
+        pe.compile(_WritesItsInput(), _square_mean, batch)
+    assert torch.equal(batch[0][1], torch.ones(3))  # capture did not change the batch either
