@@ -123,8 +123,8 @@ def _call(model: nn.Module, inputs: Any) -> Any:
     return model(**inputs) if isinstance(inputs, dict) else model(*inputs)
 
 
-# The Hugging Face families are marked slow (CI runs them; `-m "not slow"` keeps the MLP and the CNN): the fast tier
-# covers transformers through tests/test_sparse_parity.py's BERT.
+# The Hugging Face families are marked slow (CI runs them; `-m "not slow"`, the fast tier, keeps the MLP and the CNN,
+# and runs BERT, Llama and ResNet through tests/test_codegen.py).
 SLOW_MODELS = {"bert", "gpt2", "llama", "vit", "resnet"}
 
 
