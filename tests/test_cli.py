@@ -5,6 +5,7 @@ import pytest
 from pockengine.cli import main
 
 
+@pytest.mark.slow  # the real MobileNetV2 on MNIST
 def test_train_runs_steps_and_saves_a_checkpoint(tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     code = main(["train", "--steps", "3", "--size", "32", "--batch-size", "4", "--eval-size", "16",

@@ -110,8 +110,8 @@ MODELS: dict[str, tuple[Callable, Callable, Callable]] = {
 }
 
 
-# The Hugging Face families are marked slow (CI runs them; `-m "not slow"` keeps the MLP and the CNN): the fast tier
-# covers transformers through tests/test_sparse_parity.py's BERT.
+# The Hugging Face families are marked slow (CI runs them; `-m "not slow"`, the fast tier, keeps the MLP and the CNN,
+# and runs BERT, Llama and ResNet through tests/test_codegen.py).
 SLOW_MODELS = {"bert", "gpt2", "llama", "vit", "resnet"}
 
 

@@ -216,9 +216,9 @@ FAMILIES: dict[str, Family] = {
                       last_k=2, lr=0.01, schemes=("partial",)),
 }
 NO_BIAS = {"llama", "smollm2"}  # bias-only trains nothing there (tested to raise)
-# The real pretrained models and the larger random ones: marked slow (CI runs them; `-m "not slow"` leaves them out,
-# keeping the small MLP and CNNs and one transformer, BERT, in the fast tier).
-SLOW_FAMILIES = {"gpt2", "llama", "vit", "resnet", "mobilenet_v2", "minilm", "smollm2"}
+# The real pretrained models and the Hugging Face ones: marked slow (CI runs them; `-m "not slow"`, the fast tier,
+# keeps the small MLP and CNNs).
+SLOW_FAMILIES = {"bert", "gpt2", "llama", "vit", "resnet", "mobilenet_v2", "minilm", "smollm2"}
 
 
 def _param(family: str, *values: Any, id: str | None = None) -> Any:

@@ -30,6 +30,7 @@ def _job(tmp_path, system: str) -> dict:
             "quick": True, "threads": 1, "work_dir": str(tmp_path)}
 
 
+@pytest.mark.slow  # a worker process preloads torch, Inductor, transformers and peft
 def test_worker_error_reaches_the_runner_with_its_message(tmp_path):
     from bench.runner import Worker, WorkerError
 
@@ -40,6 +41,7 @@ def test_worker_error_reaches_the_runner_with_its_message(tmp_path):
     assert not w.proc.is_alive()
 
 
+@pytest.mark.slow  # a worker process preloads torch, Inductor, transformers and peft
 def test_worker_that_dies_is_reported_not_awaited(tmp_path):
     from bench import worker, workloads
     from bench.runner import Worker, WorkerError
