@@ -1,8 +1,9 @@
 """Whole-model gradient parity: pockengine's compiled gradients equal torch.autograd's for every parameter.
 
 Small, randomly initialized (seeded) models in fp32: an MLP, a CNN (conv + BN + ReLU + maxpool + linear) and the
-Hugging Face BERT, GPT-2, Llama (grouped-query attention), ViT and ResNet, each in train and in eval mode. For
-every parameter
+Hugging Face BERT, GPT-2, Llama (grouped-query attention), ViT and ResNet, each in train and in eval mode, the
+transformers with their default attention (`sdpa`: one scaled_dot_product_attention op) fully and bias-only
+trained, and BERT with Hugging Face's eager attention too. For every parameter
 
     rel_err = max|g - g_ref| / max(max|g_ref|, TINY) <= TOL = 1e-4,
 
@@ -54,33 +55,32 @@ def _cnn(dropout: float) -> nn.Module:
                          nn.Dropout(dropout), nn.Linear(8 * 2 * 2, 5))
 
 
-def _bert(dropout: float) -> nn.Module:
+def _bert(dropout: float, attention: str | None = None) -> nn.Module:
     cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                                   intermediate_size=32, max_position_embeddings=16, num_labels=3,
                                   hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
-                                  attn_implementation="eager")
+                                  attn_implementation=attention)
     return transformers.BertForSequenceClassification(cfg)
 
 
 def _gpt2(dropout: float) -> nn.Module:
     cfg = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=16,
-                                  resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
-                                  attn_implementation="eager")
+                                  resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
     return transformers.GPT2LMHeadModel(cfg)
 
 
 def _llama(dropout: float) -> nn.Module:
     cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, intermediate_size=32, max_position_embeddings=16,
-                                   attention_dropout=dropout, use_cache=False, attn_implementation="eager")
+                                   attention_dropout=dropout, use_cache=False,
+                                   attention_bias=True)  # biases for the bias-only scheme
     return transformers.LlamaForCausalLM(cfg)
 
 
 def _vit(dropout: float) -> nn.Module:
     cfg = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2,
                                  num_attention_heads=2, intermediate_size=32, num_labels=3,
-                                 hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
-                                 attn_implementation="eager")
+                                 hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     return transformers.ViTForImageClassification(cfg)
 
 
@@ -111,6 +111,8 @@ MODELS: dict[str, tuple[Callable, Callable, Callable]] = {
     "mlp": (_mlp, lambda: ((torch.randn(6, 10),), torch.randint(0, 4, (6,))), pe.losses.cross_entropy()),
     "cnn": (_cnn, _images(8, 5), pe.losses.cross_entropy()),
     "bert": (_bert, _text_classification, pe.losses.cross_entropy()),
+    # Hugging Face's eager attention: matmul and softmax ops instead of one scaled_dot_product_attention
+    "bert-eager": (lambda dropout: _bert(dropout, "eager"), _text_classification, pe.losses.cross_entropy()),
     # the fused qkv projection is split in three; lm_head.weight is tied to transformer.wte.weight
     "gpt2": (_gpt2, _tokens, pe.losses.causal_lm()),
     "llama": (_llama, _tokens, pe.losses.causal_lm()),
@@ -126,6 +128,17 @@ def _call(model: nn.Module, inputs: Any) -> Any:
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_gradients_match_autograd(name, mode):
+    check_parity(name, mode, pe.Scheme.full())
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "vit"])
+def test_bias_only_gradients_match_autograd(name, mode):
+    """Bias-only training through the default (scaled_dot_product_attention) attention of the transformers."""
+    check_parity(name, mode, pe.Scheme.bias_only())
+
+
+def check_parity(name: str, mode: str, scheme: pe.Scheme) -> None:
     build, make_batch, loss_fn = MODELS[name]
     torch.manual_seed(0)
     model = build(0.0 if mode == "train" else 0.1)  # eval mode must switch the dropout off by itself
@@ -134,10 +147,11 @@ def test_gradients_match_autograd(name, mode):
     ref_model = copy.deepcopy(model)
 
     ref_loss = loss_fn(_call(ref_model, batch[0]), batch[1])
-    names, params = zip(*ref_model.named_parameters())
+    trained = set(scheme.resolve(model))
+    names, params = zip(*[(n, p) for n, p in ref_model.named_parameters() if n in trained])
     ref = dict(zip(names, torch.autograd.grad(ref_loss, params)))
 
-    trainer = pe.compile(model, loss_fn, batch)
+    trainer = pe.compile(model, loss_fn, batch, scheme=scheme)
     grads = trainer.gradients(batch)
     assert trainer.loss(batch) == pytest.approx(ref_loss.item(), rel=1e-5)
     assert grads.keys() == ref.keys()
