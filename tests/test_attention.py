@@ -243,3 +243,34 @@ def test_key_batch_that_broadcasts_is_refused_clearly():
     w = torch.randn(2, HEADS, 7, E)
     with pytest.raises(MissingVJPError, match="expand them to that shape"):
         pe.compile(model, weighted, ((), w))
+
+
+def test_gpt2_with_default_attention_captures_and_trains():
+    """GPT-2 as its users build it. Traced with the CPU's flash kernel, its `transpose(1, 2).reshape(...)` after
+    attention was recorded as a view of the kernel's (batch, L, heads, E) layout that failed in capture ("Cannot
+    view a tensor"); in train mode its attention dropout (0.1) runs the math form on the trainer's generator."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=64))
+    assert model.config._attn_implementation == "sdpa"
+    ids = torch.randint(0, 100, (2, 12))
+    batch, loss_fn = ({"input_ids": ids}, ids), pe.losses.causal_lm()
+
+    model.eval()
+    ref = copy.deepcopy(model)
+    names, params = zip(*ref.named_parameters())
+    expected = torch.autograd.grad(loss_fn(ref(**batch[0]), batch[1]), params)
+    grads = pe.compile(model, loss_fn, batch).gradients(batch)
+    floor = 1e-6 * max(r.abs().max().item() for r in expected)  # the key bias: 0 up to rounding on both sides
+    for n, r in zip(names, expected):
+        if r.abs().max() <= floor:
+            assert grads[n].abs().max() <= floor, n
+        else:
+            assert rel_err(grads[n], r) <= TOL, n
+
+    model.train()
+    trainer = pe.compile(model, loss_fn, batch, optimizer=pe.optim.SGD(lr=0.1))
+    assert "flash cannot run: it would draw the dropout mask" in str(trainer.program().graph)
+    losses = [trainer.step(batch) for _ in range(5)]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
