@@ -74,6 +74,8 @@ def _case(name: str, L: int):
         model = Attention(q, kv, mask_param=(1, HEADS, L, L))
     elif name == "gqa":
         model = Attention(q, (2, 2, L, E), enable_gqa=True)
+    elif name == "mqa-broadcast":  # one key/value head broadcast over the query heads, without enable_gqa
+        model = Attention(q, (2, 1, L, E))
     elif name == "scale":
         model = Attention(q, kv, scale=0.3, is_causal=True)
     elif name == "3d":
@@ -87,7 +89,8 @@ def _case(name: str, L: int):
     return model, ((mask,) if mask is not None else (), w)
 
 
-CASES = ["plain", "causal", "bool-mask", "float-mask", "mask-with-gradient", "gqa", "scale", "3d", "cross"]
+CASES = ["plain", "causal", "bool-mask", "float-mask", "mask-with-gradient", "gqa", "mqa-broadcast", "scale", "3d",
+         "cross"]
 
 
 def engine(model: Attention, batch: tuple, kernel: str) -> tuple[dict[str, torch.Tensor], torch.Tensor, str]:

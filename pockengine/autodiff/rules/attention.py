@@ -48,7 +48,7 @@ FLASH_BACKWARD = aten._scaled_dot_product_flash_attention_for_cpu_backward.defau
 
 KERNELS = ("auto", "math", "flash")
 MARGIN = 0.1  # math must be this much faster than flash to run: it keeps the probabilities
-# Above this, math's probabilities are not even timed (a long sequence): flash runs.
+# Where math's probabilities would take more than this (a long sequence), it is not even timed: flash runs.
 MATH_MAX_BYTES = 2 ** 30
 # Each kernel pair is timed after one warm-up run, at least _MIN_RUNS times and until _MIN_SECONDS have passed (at
 # most _MAX_RUNS); the fastest run counts: on a shared machine the others measure the neighbours too.
@@ -98,13 +98,16 @@ class _Call:
         values.update(node.kwargs)
         q, k, v = values["query"], values["key"], values["value"]
         qs, ks, vs = q.meta.shape, k.meta.shape, v.meta.shape
-        heads_ok = len(qs) < 3 or qs[-3] % ks[-3] == 0 and (qs[-3] == ks[-3] or values["enable_gqa"])
+        # One key/value head broadcasts over the query heads (multi-query attention, Falcon); fewer heads than the
+        # query's need enable_gqa=True.
+        heads_ok = len(qs) < 3 or qs[-3] % ks[-3] == 0 and (ks[-3] in (1, qs[-3]) or values["enable_gqa"])
         if not (len(qs) == len(ks) == len(vs) >= 2 and qs[:-3] == ks[:-3] == vs[:-3] and ks[:-1] == vs[:-1]
                 and qs[-1] == ks[-1] and heads_ok):
             raise MissingVJPError(
                 f"attention node %{node.name} (module '{node.module}') has query {list(qs)}, key {list(ks)}, value "
                 f"{list(vs)}: pockengine runs attention whose key and value share the query's batch dimensions "
-                "(and its heads, or a divisor of them with enable_gqa=True); expand them to that shape in the model")
+                "(and its heads, one head, or a divisor of them with enable_gqa=True); expand them to that shape in the "
+                "model")
         scale = values["scale"] if values["scale"] is not None else 1.0 / math.sqrt(qs[-1])
         return _Call(q, k, v, values["attn_mask"], float(values["dropout_p"]), bool(values["is_causal"]),
                      float(scale))
@@ -302,8 +305,8 @@ def choose(c: _Call, backward: bool, mask_needs_grad: bool = False) -> Choice:
     # log-sum-exp per query.
     keeps = {"math": c.probs_bytes(),
              "flash": TensorMeta(tuple(c.out_shape), c.q.meta.dtype).nbytes + c.probs_bytes() // c.S}
-    if backward and keeps["math"] > MATH_MAX_BYTES:
-        return Choice("flash", f"{what}: flash (math would keep {_size(keeps['math'])})")
+    if keeps["math"] > MATH_MAX_BYTES:
+        return Choice("flash", f"{what}: flash (math would hold {_size(keeps['math'])} of probabilities)")
     seconds = {kernel: _seconds(c, kernel, backward, setting.device) for kernel in ("math", "flash")}
     kernel = "math" if seconds["math"] < (1 - MARGIN) * seconds["flash"] else "flash"
     other = "flash" if kernel == "math" else "math"
