@@ -172,13 +172,21 @@ class _Flash:
     mask: Node | None
 
 
-def _additive_mask(emit: Emit, c: _Call) -> Node | None:
-    """The mask as a term added to the scores (a boolean mask: True takes part)."""
-    if c.mask is None or c.mask.meta.dtype != torch.bool:
-        return c.mask
-    zeros = emit(aten.new_zeros.default, c.q, list(c.mask.meta.shape))
-    return emit(aten.masked_fill.Scalar, zeros, emit(aten.logical_not.default, c.mask),
-                torch.finfo(c.q.meta.dtype).min)
+def _additive_mask(graph: Graph, c: _Call) -> Node | None:
+    """The mask as a term added to the scores (a boolean mask: True takes part). A boolean mask is converted once,
+    right after it is made, for all the attentions that read it (every layer of a model shares one)."""
+    mask = c.mask
+    if mask is None or mask.meta.dtype != torch.bool:
+        return mask
+    dtype = c.q.meta.dtype
+    for n in graph.nodes:
+        if (n.target is aten.masked_fill.Scalar and n.args[1].target is aten.logical_not.default
+                and n.args[1].args[0] is mask and n.meta.dtype == dtype):
+            return n
+    anchor = graph.inputs()[-1] if mask.is_input else mask  # ops start after the last input
+    emit = graph.emitter(anchor, anchor.module, anchor.section)
+    zeros = emit(aten.new_zeros.default, mask, list(mask.meta.shape), dtype=dtype)
+    return emit(aten.masked_fill.Scalar, zeros, emit(aten.logical_not.default, mask), torch.finfo(dtype).min)
 
 
 def _math_forward(emit: Emit, c: _Call, mask: Node | None) -> _Math:
@@ -247,8 +255,8 @@ def _flash_backward(ctx: VJPContext, c: _Call, f: _Flash, g: Node) -> tuple[Node
 
 def _forward(graph: Graph, node: Node, c: _Call, kernel: str, note: str | None) -> _Math | _Flash:
     """Emit `kernel`'s forward right after the attention `node` and make its users read it instead."""
+    mask = _additive_mask(graph, c)
     emit = graph.emitter(node, node.module, node.section)
-    mask = _additive_mask(emit, c)
     fwd = _math_forward(emit, c, mask) if kernel == "math" else _flash_forward(emit, c, mask)
     graph.replace_all_uses(node, fwd.out)
     if note is not None:
