@@ -18,6 +18,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from pockengine.autodiff import ChannelSlice, differentiate
+from pockengine.autodiff.rules.attention import KERNELS as ATTENTION_KERNELS
+from pockengine.autodiff.rules.attention import attention_setting, lower_attention
 from pockengine.backend import CompiledProgram
 from pockengine.capture import Captured, capture, normalize_batch
 from pockengine.errors import BatchMismatchError, NonFiniteLossError, UserInputError
@@ -50,7 +52,9 @@ class Trainer:
     def __init__(self, model: nn.Module, loss_fn: Callable, example_batch: Any, optimizer: Optimizer | None = None,
                  scheme: Scheme | None = None, *, freeze_batchnorm: bool = False, on_nonfinite: str = "raise",
                  seed: int = 0, activation_masks: str = "bits", memory_format: str = "auto",
-                 frozen_chunks: int | str = "auto"):
+                 frozen_chunks: int | str = "auto", attention: str = "auto"):
+        if attention not in ATTENTION_KERNELS:
+            raise UserInputError(f"attention must be one of {ATTENTION_KERNELS}, got {attention!r}")
         if not (frozen_chunks == "auto" or isinstance(frozen_chunks, int) and frozen_chunks >= 1):
             raise UserInputError(f"frozen_chunks must be 'auto' or an integer >= 1, got {frozen_chunks!r}")
         if activation_masks not in MASK_MODES:
@@ -69,6 +73,7 @@ class Trainer:
         self.on_nonfinite = on_nonfinite
         self.activation_masks = activation_masks
         self.frozen_chunks = frozen_chunks
+        self.attention = attention
         # Everything the trainer creates (optimizer state, channel indices, the dropout generator) lives here.
         self.device = _model_device(model)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -208,7 +213,9 @@ class Trainer:
                 slices[trained[name]] = ChannelSlice(sel.dim, sel.channels, index)
         drop_redundant_clones(graph)
         fold_frozen_batchnorm(graph, set(trained.values()), set(slices))
-        grads = differentiate(graph, cap.loss, list(trained.values()), slices)
+        with attention_setting(self.attention, self.device):
+            grads = differentiate(graph, cap.loss, list(trained.values()), slices)
+            lower_attention(graph)  # the attentions no gradient passes through
 
         def emit(target: Callable, *args: Any, module: str = "", **kwargs: Any) -> Node:
             return graph.call(target, args, kwargs, module=module, section="update")
@@ -324,7 +331,7 @@ def _trained_shape(shape: torch.Size, sel: Selection) -> tuple[int, ...]:
 def compile(model: nn.Module, loss_fn: Callable, example_batch: Any, optimizer: Optimizer | None = None,
             scheme: Scheme | None = None, *, freeze_batchnorm: bool = False, on_nonfinite: str = "raise",
             seed: int = 0, activation_masks: str = "bits", memory_format: str = "auto",
-            frozen_chunks: int | str = "auto") -> Trainer:
+            frozen_chunks: int | str = "auto", attention: str = "auto") -> Trainer:
     """Compile the training step of `model` under `loss_fn` for batches like `example_batch`.
 
     example_batch is `(inputs, target)`; inputs is a tuple of positional model arguments or a dict of keyword
@@ -338,8 +345,11 @@ def compile(model: nn.Module, loss_fn: Callable, example_batch: Any, optimizer: 
     `frozen_chunks`: the frozen layers before the earliest trained one run in this many micro-batches, one after
     the other ("auto": on the CPU as many as it takes for them not to set the step's peak memory, on a GPU 1;
     1: the whole batch at once).
+    `attention`: the kernels of scaled dot-product attention: "auto" times the math form and the fused flash kernels
+    on each shape and runs math only where it is clearly faster (it keeps the probabilities for the backward
+    pass), "math" or "flash" forces one (flash falls back to math where it cannot run; the listing says why).
     The trainer runs where the model is (`model.to(device)` before compiling); batches must be on that device.
     """
     return Trainer(model, loss_fn, example_batch, optimizer, scheme, freeze_batchnorm=freeze_batchnorm,
                    on_nonfinite=on_nonfinite, seed=seed, activation_masks=activation_masks,
-                   memory_format=memory_format, frozen_chunks=frozen_chunks)
+                   memory_format=memory_format, frozen_chunks=frozen_chunks, attention=attention)
