@@ -19,6 +19,7 @@ case here.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -215,6 +216,21 @@ def _affine(m: nn.Module) -> nn.Module:
     return m
 
 
+UPSAMPLE = [  # (op, align_corners if it takes it, scale factors, input shape)
+    ("upsample_nearest1d", (), [2.0], (1, 2, 3)),
+    ("upsample_nearest2d", (), [1.5, 2.0], (1, 2, 3, 3)),
+    ("upsample_nearest3d", (), [2.0, 1.0, 1.5], (1, 1, 2, 3, 2)),
+    ("_upsample_nearest_exact1d", (), [1.7], (1, 2, 3)),
+    ("_upsample_nearest_exact2d", (), [1.5, 2.0], (1, 2, 3, 3)),
+    ("_upsample_nearest_exact3d", (), [2.0, 1.0, 1.5], (1, 1, 2, 3, 2)),
+    ("upsample_linear1d", (False,), [2.5], (1, 2, 3)),
+    ("upsample_bilinear2d", (True,), [1.5, 2.0], (1, 2, 3, 3)),
+    ("upsample_bicubic2d", (False,), [2.0, 1.5], (1, 2, 3, 3)),
+    ("upsample_trilinear3d", (False,), [2.0, 1.0, 1.5], (1, 1, 2, 3, 2)),
+]
+UPSAMPLE_TO_SIZE = [(name, extra, [int(s * f) + 1 for s, f in zip(shape[2:], scales)], shape)
+                    for name, extra, scales, shape in UPSAMPLE]
+
 CASES = [
     # ---------------------------------------------------------------- arithmetic, with broadcasting
     fn(aten.add.Tensor, "same-shape", torch.add, (3, 4), (3, 4)),
@@ -285,6 +301,9 @@ CASES = [
     fn(aten.maximum.default, "ties", torch.maximum, ties(4, 5), ties(4, 5)),
     fn(aten.minimum.default, "broadcast", torch.minimum, (2, 1, 4), (3, 4)),
     fn(aten.minimum.default, "ties", torch.minimum, ties(4, 5), ties(5,)),
+    # The cotangent of a bfloat16 value is rounded to bfloat16, as autograd's engine does, though mul computes it
+    # in float32 (the bfloat16 operand is promoted).
+    fn(aten._to_copy.default, "bfloat16-operand", lambda a, b: a.bfloat16() * b, (3, 4), (3, 4)),
     fn(aten._to_copy.default, "float64-roundtrip", lambda a, b: (a.double() * b.double()).float(), (3, 4), (3, 4)),
     # ---------------------------------------------------------------- matrix products, convolution
     fn(aten.mm.default, "plain", torch.mm, (3, 4), (4, 5)),
@@ -312,6 +331,8 @@ CASES = [
     fn(aten._softmax.default, "last-dim", lambda a: a.softmax(-1), (2, 3, 4)),
     fn(aten._softmax.default, "dim0", lambda a: a.softmax(0), (2, 3, 4)),
     fn(aten._softmax.default, "float64-output", lambda a: a.softmax(-1, dtype=torch.float64), (2, 3, 4)),
+    fn(aten._safe_softmax.default, "masked-row",
+       lambda a, m: aten._safe_softmax.default(a.masked_fill(m, -math.inf), 1), (2, 3, 4), inputs=(lambda: torch.tensor([[True], [True], [True]]) & (torch.arange(4) < 3),)),
     fn(aten._log_softmax.default, "last-dim", lambda a: a.log_softmax(-1), (2, 3, 4)),
     fn(aten._log_softmax.default, "dim1", lambda a: a.log_softmax(1), (2, 3, 4)),
     # the rule's two kernel pairs, one case each at every option, are in tests/test_attention.py
@@ -339,6 +360,25 @@ CASES = [
     mod(aten.native_group_norm.default, "train", lambda: _affine(nn.GroupNorm(2, 4)), (2, 4, 3, 3)),
     mod(aten.native_group_norm.default, "eval", lambda: _affine(nn.GroupNorm(2, 4)), (2, 4, 3, 3), mode="eval"),
     mod(aten.native_group_norm.default, "no-affine-1d", lambda: nn.GroupNorm(4, 4, affine=False), (2, 4, 5)),
+    # The cotangent arrives expanded (stride 0) from the mean: the kernel must get it dense.
+    fn(aten.native_group_norm.default, "expanded-cotangent", lambda x, w, b: F.group_norm(x, 2, w, b).mean(-1),
+       (3, 6, 5), (6,), (6,)),
+    fn(aten.native_group_norm.default, "permuted-cotangent",
+       lambda x, w, b: F.group_norm(x, 2, w, b).transpose(1, 2).contiguous(), (3, 6, 5), (6,), (6,)),
+    direct(aten.native_group_norm.default, "mean-rstd-outputs", (P(0), P(1), P(2), 2, 6, 5, 3, 1e-5),
+           (2, 6, 5), (6,), (6,)),
+    direct(aten._native_batch_norm_legit_functional.default, "training-false",
+           (P(0), P(1), P(2), In(0), In(1), False, 0.1, 1e-5), (4, 3, 5), (3,), (3,), inputs=((3,), pos(3)),
+           use=(0,)),
+    direct(aten._native_batch_norm_legit.default, "train", (P(0), P(1), P(2), In(0), In(1), True, 0.1, 1e-5),
+           (4, 3, 5), (3,), (3,), inputs=((3,), pos(3)), use=(0,)),
+    direct(aten._native_batch_norm_legit.default, "training-false",
+           (P(0), P(1), P(2), In(0), In(1), False, 0.1, 1e-5), (4, 3, 5), (3,), (3,), inputs=((3,), pos(3)),
+           use=(0,)),
+    fn(aten._native_batch_norm_legit.no_stats, "instance-norm", lambda x, w, b: F.instance_norm(x, weight=w, bias=b),
+       (2, 3, 5), (3,), (3,)),
+    fn(aten._native_batch_norm_legit.no_stats, "functional-no-buffers",
+       lambda x: F.batch_norm(x, None, None, training=True), (4, 3, 2, 2)),
     # ---------------------------------------------------------------- reductions, scans, pooling
     fn(aten.sum.dim_IntList, "dim", lambda a: a.sum(1), (2, 3, 4)),
     fn(aten.sum.dim_IntList, "negative-dims-keepdim", lambda a: a.sum((-1, 0), keepdim=True), (2, 3, 4)),
@@ -351,6 +391,8 @@ CASES = [
     fn(aten.mean.default, "plain", lambda a: aten.mean.default(a), (2, 3, 4)),
     fn(aten.mean.default, "float64-accumulator", lambda a: aten.mean.default(a, dtype=torch.float64), (2, 3, 4)),
     fn(aten.mean.dim, "float64-accumulator", lambda a: a.mean(0, dtype=torch.float64), (2, 3, 4)),
+    fn(aten.mean.dim, "0d-keepdim", lambda a: a.mean(dim=0, keepdim=True) * a, ()),
+    fn(aten.mean.dim, "0d-negative-dim", lambda a: a.mean(dim=-1), ()),
     fn(aten.cumsum.default, "last-dim", lambda a: a.cumsum(-1), (2, 3, 4)),
     fn(aten.cumsum.default, "dim0", lambda a: a.cumsum(0), (2, 3, 4)),
     fn(aten.cumsum.default, "float64-accumulator", lambda a: a.cumsum(1, dtype=torch.float64), (2, 3, 4)),
@@ -374,6 +416,7 @@ CASES = [
     fn(aten.var.correction, "population-keepdim", lambda a: a.var((0, 2), correction=0, keepdim=True), (2, 3, 4)),
     fn(aten.var.correction, "all", lambda a: a.var(), (2, 3, 4)),
     fn(aten.var.correction, "std", lambda a: a.std(1), (2, 3, 4)),
+    fn(aten.var.correction, "0d", lambda a: a.var(dim=0, correction=0) + a, ()),
     # ---------------------------------------------------------------- views, slicing, joining, indexing
     fn(aten.view.default, "plain", lambda a: a.view(4, 6), (2, 3, 4)),
     direct(aten._unsafe_view.default, "plain", (P(0), [6, 4]), (2, 3, 4)),
@@ -423,6 +466,134 @@ CASES = [
     fn(aten.flip.default, "dims", lambda a: a.flip(0, -1), (2, 3, 4)),
     fn(aten.repeat.default, "same-rank", lambda a: a.repeat(2, 1, 3), (2, 3, 4)),
     fn(aten.repeat.default, "new-lead-dims", lambda a: a.repeat(2, 2, 1), (3, 4)),
+    # ---------------------------------------------------------------- more unary math (direct: fast, no export)
+    fn(aten.log1p.default, "plain", torch.log1p, pos(3, 4)),
+    fn(aten.expm1.default, "plain", torch.expm1, (3, 4)),
+    direct(aten.log2.default, "plain", (P(0),), pos(3, 4)),
+    direct(aten.log10.default, "plain", (P(0),), pos(3, 4)),
+    direct(aten.exp2.default, "plain", (P(0),), (3, 4)),
+    direct(aten.sinh.default, "plain", (P(0),), (3, 4)),
+    direct(aten.cosh.default, "plain", (P(0),), (3, 4)),
+    direct(aten.tan.default, "plain", (P(0),), (3, 4)),
+    direct(aten.asin.default, "plain", (P(0),), lambda: torch.rand(3, 4) * 1.6 - 0.8),
+    direct(aten.acos.default, "plain", (P(0),), lambda: torch.rand(3, 4) * 1.6 - 0.8),
+    direct(aten.asinh.default, "plain", (P(0),), (3, 4)),
+    direct(aten.acosh.default, "plain", (P(0),), lambda: torch.rand(3, 4) + 1.5),
+    direct(aten.atan.default, "plain", (P(0),), (3, 4)),
+    direct(aten.atanh.default, "plain", (P(0),), lambda: torch.rand(3, 4) * 1.6 - 0.8),
+    fn(aten.atan2.default, "broadcast", torch.atan2, (3, 4), (4,)),
+    direct(aten.erfc.default, "plain", (P(0),), (3, 4)),
+    direct(aten.erfinv.default, "plain", (P(0),), lambda: torch.rand(3, 4) * 1.6 - 0.8),
+    direct(aten.i0.default, "plain", (P(0),), (3, 4)),
+    direct(aten.lgamma.default, "plain", (P(0),), pos(3, 4)),
+    direct(aten.digamma.default, "plain", (P(0),), pos(3, 4)),
+    direct(aten.polygamma.default, "n2", (2, P(0)), pos(3, 4)),
+    direct(aten.view_copy.default, "plain", (P(0), [4, 3]), (3, 4)),
+    direct(aten.permute_copy.default, "plain", (P(0), [2, 0, 1]), (2, 3, 4)),
+    direct(aten.narrow_copy.default, "plain", (P(0), 1, 1, 2), (3, 4)),
+    direct(aten.special_erfcx.default, "plain", (P(0),), (3, 4)),
+    direct(aten.sign.default, "plain", (P(0),), (3, 4)),
+    direct(aten.floor.default, "plain", (P(0),), (3, 4)),
+    direct(aten.ceil.default, "plain", (P(0),), (3, 4)),
+    direct(aten.round.default, "plain", (P(0),), (3, 4)),
+    direct(aten.round.decimals, "plain", (P(0),), (3, 4), decimals=1),
+    direct(aten.trunc.default, "plain", (P(0),), (3, 4)),
+    direct(aten.fmod.Scalar, "plain", (P(0), 0.7), (3, 4)),
+    direct(aten.remainder.Scalar, "plain", (P(0), 0.7), (3, 4)),
+    direct(aten.fmod.Tensor, "broadcast", (P(0), P(1)), (3, 4), pos(4)),
+    direct(aten.remainder.Tensor, "broadcast", (P(0), P(1)), (3, 4), pos(3, 1)),
+    direct(aten.div.Tensor_mode, "floor", (P(0), P(1)), (3, 4), pos(4), rounding_mode="floor"),
+    direct(aten.div.Tensor_mode, "true", (P(0), P(1)), (3, 4), pos(4), rounding_mode=None),
+    fn(aten.elu.default, "elu", F.elu, wide(3, 4)),
+    fn(aten.elu.default, "selu", F.selu, wide(3, 4)),
+    direct(aten.elu.default, "alpha-scales", (P(0), 0.5, 1.2, 2.0), wide(3, 4)),
+    fn(aten.clamp.Tensor, "both", lambda a, lo, hi: torch.clamp(a, lo, hi), ties(3, 4), ties(4,),
+       lambda: torch.randint(-1, 3, (3, 1)).float()),
+    fn(aten.clamp.Tensor, "min-only", lambda a, lo: torch.clamp(a, min=lo), (3, 4), (3, 4)),
+    direct(aten.fmax.default, "ties-nan", (P(0), P(1)), ties(3, 4), lambda: torch.tensor([0.0, float("nan"), 1, 2])),
+    direct(aten.fmin.default, "broadcast", (P(0), P(1)), (3, 4), (4,)),
+    # ---------------------------------------------------------------- more reductions, selections, pooling
+    fn(aten.amin.default, "ties", lambda a: a.amin(-1), ties(3, 6)),
+    direct(aten.max.default, "ties", (P(0),), ties(3, 4)),
+    direct(aten.min.default, "plain", (P(0),), (3, 4)),
+    direct(aten.median.default, "plain", (P(0),), (3, 5)),
+    direct(aten.nanmedian.default, "plain", (P(0),), (3, 5)),
+    fn(aten.max.dim, "keepdim", lambda a: a.max(1, keepdim=True)[0], (3, 4)),
+    fn(aten.min.dim, "negative-dim", lambda a: a.min(-1)[0], (3, 4)),
+    direct(aten.kthvalue.default, "dim0", (P(0), 2, 0), (3, 4), use=(0,)),
+    direct(aten.mode.default, "plain", (P(0),), ties(3, 6), use=(0,)),
+    direct(aten.median.dim, "plain", (P(0), 1), (3, 5), use=(0,)),
+    direct(aten.nanmedian.dim, "keepdim", (P(0), 1, True), (3, 5), use=(0,)),
+    fn(aten.sort.default, "descending", lambda a: a.sort(1, descending=True)[0], (3, 4)),
+    direct(aten.sort.stable, "stable", (P(0),), ties(3, 6), use=(0,), stable=True, dim=0),
+    fn(aten.topk.default, "k2", lambda a: a.topk(2, 0)[0], (3, 4)),
+    fn(aten.cummax.default, "plain", lambda a: a.cummax(1)[0], (3, 4)),
+    fn(aten.cummin.default, "dim0", lambda a: a.cummin(0)[0], (3, 4)),
+    fn(aten.prod.dim_int, "with-zeros", lambda a: a.prod(1), lambda: torch.randn(3, 4) * (torch.rand(3, 4) > 0.3)),
+    fn(aten.prod.dim_int, "keepdim", lambda a: a.prod(0, keepdim=True), (3, 4)),
+    fn(aten.prod.default, "one-zero", lambda a: a.prod(), lambda: torch.randn(3, 4).index_fill(1, torch.tensor(2), 0)),
+    fn(aten.linalg_vector_norm.default, "l2-dim", lambda a: torch.linalg.vector_norm(a, dim=1), (3, 4)),
+    fn(aten.linalg_vector_norm.default, "l2-all-zero-row", lambda a: torch.linalg.vector_norm(a * torch.tensor(
+        [[0.0], [1.0], [1.0]]), dim=-1), (3, 4)),
+    fn(aten.linalg_vector_norm.default, "l1", lambda a: torch.linalg.vector_norm(a, 1), (3, 4)),
+    fn(aten.linalg_vector_norm.default, "l3-keepdim", lambda a: torch.linalg.vector_norm(a, 3, 0, True), (3, 4)),
+    fn(aten.linalg_vector_norm.default, "l0.5", lambda a: torch.linalg.vector_norm(a, 0.5, 1), (3, 4)),
+    fn(aten.linalg_vector_norm.default, "inf-ties", lambda a: torch.linalg.vector_norm(a, float("inf"), 1),
+       ties(3, 4)),
+    fn(aten.linalg_vector_norm.default, "l0", lambda a: torch.linalg.vector_norm(a, 0, 1, True) * a, (3, 4)),
+    fn(aten.var_mean.correction, "both", lambda a: torch.var_mean(a, 1), (3, 4)),
+    fn(aten.max_pool3d_with_indices.default, "k2", lambda a: F.max_pool3d(a, 2), (1, 2, 4, 4, 4)),
+    fn(aten.avg_pool3d.default, "k2-s1", lambda a: F.avg_pool3d(a, 2, 1), (1, 2, 3, 3, 3)),
+    fn(aten._adaptive_avg_pool3d.default, "uneven", lambda a: F.adaptive_avg_pool3d(a, (2, 1, 3)), (1, 2, 3, 3, 4)),
+    fn(aten.adaptive_max_pool2d.default, "uneven", lambda a: F.adaptive_max_pool2d(a, (2, 3)), (1, 2, 5, 5)),
+    fn(aten.adaptive_max_pool3d.default, "plain", lambda a: F.adaptive_max_pool3d(a, 2), (1, 2, 4, 4, 4)),
+    # ---------------------------------------------------------------- scatter, index updates, diagonals, upsampling
+    fn(aten.index_put.default, "overwrite", lambda a, v, i: a.index_put((i,), v), (4, 3), (2, 3),
+       inputs=(lambda: torch.tensor([0, 2]),)),
+    fn(aten.index_put.default, "accumulate-broadcast", lambda a, v, i: a.index_put((i,), v, accumulate=True), (4, 3),
+       (3,), inputs=(lambda: torch.tensor([1, 1, 3]),)),
+    fn(aten.scatter.src, "dim0", lambda a, s, i: a.scatter(0, i, s), (3, 4), (2, 4),
+       inputs=(lambda: torch.tensor([[0, 1, 2, 0], [2, 2, 1, 1]]),)),
+    fn(aten.scatter.value, "dim1", lambda a, i: a.scatter(1, i, 2.0), (3, 4), inputs=(ints(4, 3, 2),)),
+    fn(aten.scatter_add.default, "dim1", lambda a, s, i: a.scatter_add(1, i, s), (3, 4), (3, 2),
+       inputs=(ints(4, 3, 2),)),
+    fn(aten.scatter_reduce.two, "sum-exclude-self",
+       lambda a, s, i: a.scatter_reduce(0, i, s, "sum", include_self=False), (3, 4), (2, 4), inputs=(ints(3, 2, 4),)),
+    direct(aten.index_add.default, "alpha", (P(0), 1, In(0), P(1)), (3, 4), (3, 2),
+           inputs=(lambda: torch.tensor([3, 3]),), alpha=2.0),
+    fn(aten.diagonal.default, "offset", lambda a: torch.diagonal(a, 1, -1, 0), (4, 2, 3)),
+    fn(aten.unfold.default, "overlapping", lambda a: a.unfold(1, 3, 2), (2, 7)),
+    fn(aten.diagonal_scatter.default, "plain", torch.diagonal_scatter, (3, 4), (3,)),
+    direct(aten.select_scatter.default, "plain", (P(0), P(1), 1, 2), (3, 4), (3,)),
+    fn(aten.slice_scatter.default, "step", lambda a, s: torch.slice_scatter(a, s, 1, 0, 4, 2), (3, 4), (3, 2)),
+    fn(aten._cdist_forward.default, "p2", torch.cdist, (2, 3, 4), (2, 5, 4)),
+    fn(aten._cdist_forward.default, "p1", lambda a, b: torch.cdist(a, b, p=1), (3, 4), (5, 4)),
+    mod(aten._embedding_bag.default, "mean-2d", lambda: nn.EmbeddingBag(5, 3), inputs=(ints(5, 2, 4),)),
+    fn(aten._embedding_bag.default, "per-sample-weights",
+       lambda w, psw, i, o: F.embedding_bag(i, w, o, mode="sum", per_sample_weights=psw), (5, 3), (6,),
+       inputs=(ints(5, 6), lambda: torch.tensor([0, 2, 2]))),
+    mod(aten._embedding_bag.default, "max", lambda: nn.EmbeddingBag(5, 3, mode="max"), inputs=(ints(5, 3, 2),)),
+    *[direct(getattr(aten, name).vec, "scale", (P(0), None, *extra, scales), shape)
+      for name, extra, scales, shape in UPSAMPLE],
+    *[direct(getattr(aten, name).default, "size", (P(0), size, *extra, *[None] * len(size)), shape)
+      for name, extra, size, shape in UPSAMPLE_TO_SIZE],
+    fn(aten.copy.default, "broadcast-src", lambda a, s: (a * 2).copy_(s) * a, (3, 4), (4,)),
+    direct(aten.copysign.Tensor, "broadcast", (P(0), P(1)), (3, 4), (4,)),
+    direct(aten.ldexp.Tensor, "plain", (P(0), P(1)), (3, 4), (3, 4)),
+    direct(aten.masked_scatter.default, "broadcast-mask", (P(0), In(0), P(1)), (3, 4), (3, 5), inputs=(mask(4),)),
+    fn(aten.addmv.default, "beta-alpha", lambda b, m, v: torch.addmv(b, m, v, beta=0.5, alpha=2.0), (1,), (3, 4),
+       (4,)),
+    fn(aten.addbmm.default, "plain", torch.addbmm, (3, 5), (2, 3, 4), (2, 4, 5)),
+    direct(aten._batch_norm_with_update_functional.default, "train", (P(0), P(1), P(2), In(0), In(1), 0.1, 1e-5),
+           (4, 3, 5), (3,), (3,), inputs=((3,), pos(3)), use=(0,)),
+    fn(aten.grid_sampler_2d.default, "bilinear", lambda a, grid: F.grid_sample(a, grid, align_corners=False),
+       (2, 3, 4, 5), lambda: torch.rand(2, 3, 2, 2) * 2 - 1),
+    fn(aten.grid_sampler_3d.default, "nearest-border",
+       lambda a, grid: F.grid_sample(a, grid, mode="nearest", padding_mode="border", align_corners=True),
+       (1, 2, 3, 3, 3), lambda: torch.rand(1, 2, 2, 2, 3) * 2 - 1),
+    fn(aten.upsample_nearest2d.vec, "interpolate", lambda a: F.interpolate(a, scale_factor=1.5), (1, 2, 3, 4)),
+    fn(aten.upsample_bilinear2d.vec, "interpolate-align-corners",
+       lambda a: F.interpolate(a, size=(5, 7), mode="bilinear", align_corners=True), (1, 2, 3, 4)),
 ]
 DROPOUT = aten.native_dropout.default  # checked by the dedicated tests below, against its mask
 
@@ -598,3 +769,100 @@ def test_dropout_through_the_trainer():
     kept = grad != 0
     assert 0.6 < kept.float().mean().item() < 0.9
     assert rel_err(grad, weights[0] * kept / 0.75) <= TOL
+
+
+# ------------------------------------------------------------------------------------------------ norm statistics
+def test_group_norm_rstd_output_alone():
+    """The per-group rstd output differentiated alone. autograd drops this term unless the mean output is used
+    too (its kernel adds the statistics' terms only when both are), so the reference is rstd written out."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5)
+    (weights,) = random_weights(torch.empty(2, 3))
+    graph, loss, wrt, values, _ = _direct_graph(aten.native_group_norm.default, (P(0), None, None, 2, 6, 5, 3, 1e-5),
+                                                {}, [x], [], (2,), (weights,))
+    leaf = x.clone().requires_grad_()
+    rstd = (leaf.reshape(2, 3, -1).var(-1, correction=0) + 1e-5).rsqrt()
+    (ref,) = torch.autograd.grad((rstd * weights).sum(), leaf)
+    _check(_run(graph, loss, wrt, values), {"x0": ref})
+
+
+@pytest.mark.parametrize("op,args,shapes", [
+    (aten.native_layer_norm.default, (P(0), [5], None, None, 1e-5), [(2, 3, 5)]),
+    (aten._native_batch_norm_legit_functional.default, (P(0), None, None, In(0), In(1), True, 0.1, 1e-5),
+     [(4, 3, 5)]),
+])
+def test_undifferentiable_norm_statistics_are_refused(op, args, shapes):
+    """PyTorch does not differentiate the statistics outputs of layer and batch norm: a loss reading them is
+    refused with a clear error, not given a gradient that leaves them out."""
+    params = [torch.randn(s) for s in shapes]
+    inputs = [torch.zeros(3), torch.ones(3)]
+    out = op(*_subst(args, params, inputs))
+    graph, loss, wrt, values, _ = _direct_graph(op, args, {}, params, inputs, (0, 1), random_weights(out[:2]))
+    with pytest.raises(pe.errors.MissingVJPError, match="does not differentiate"):
+        _run(graph, loss, wrt, values)
+
+
+def test_group_norm_after_conv_through_the_trainer():
+    """Conv1d -> GroupNorm -> mean -> Linear under cross-entropy, every parameter trained (the mean hands the
+    group norm an expanded cotangent)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(3, 6, 3, padding=1), _affine(nn.GroupNorm(2, 6)), _Mean(2), nn.Linear(6, 4))
+    x, y = torch.randn(5, 3, 8), torch.randint(0, 4, (5,))
+    ref_model = copy.deepcopy(model)
+    names, params = zip(*ref_model.named_parameters())
+    ref = dict(zip(names, torch.autograd.grad(F.cross_entropy(ref_model(x), y), params)))
+    trainer = pe.compile(model, pe.losses.cross_entropy(), ((x,), y), scheme=pe.Scheme.full())
+    _check(trainer.gradients(((x,), y)), ref)
+
+
+class _Mean(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=self.dim)
+
+
+# ------------------------------------------------------------------------------------------------ no-rule paths
+def test_factory_ops_of_an_input_give_it_no_gradient():
+    """full_like, zeros_like, ones_like, empty_like and new_* read their input for its shape only: autograd
+    registers no derivative through them, so they need no rule and pass nothing back."""
+    def f(a):
+        made = torch.full_like(a, 2.0) + torch.zeros_like(a) + torch.ones_like(a) + torch.empty_like(a).fill_(1.0)
+        return a * made + a.new_ones(a.shape) * a.new_zeros(a.shape[-1]) + torch.rand_like(a) * 0.0
+    torch.manual_seed(0)
+    model = OpModule([torch.randn(3, 4)], fn=f)
+    weights = random_weights(torch.empty(3, 4))
+    grads, ops = engine_gradients(model, (), weights)
+    assert aten.full_like.default in ops and not {aten.full_like.default, aten.rand_like.default} & set(VJP)
+    _check(grads, autograd_gradients(copy.deepcopy(model), (), weights))
+
+
+class _Recurrent(nn.Module):
+    """A recurrent layer over a sequence, or a cell applied twice (the second step from the first's state)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(self.layer, (nn.LSTMCell, nn.GRUCell)):
+            return self.layer(x)[0]
+        state = self.layer(x[0])
+        return self.layer(x[1], state)[0] if isinstance(state, tuple) else self.layer(x[1], state)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layer", [lambda: nn.LSTM(4, 5, num_layers=2), lambda: nn.GRU(4, 5, bidirectional=True),
+                                   lambda: nn.LSTM(4, 5, batch_first=True, proj_size=3), lambda: nn.LSTMCell(4, 5),
+                                   lambda: nn.GRUCell(4, 5)], ids=["lstm-2-layers", "gru-bidirectional",
+                                                                   "lstm-projected", "lstm-cell", "gru-cell"])
+def test_recurrent_layers_through_the_trainer(layer):
+    """torch.export decomposes them into matmuls, sigmoid, tanh, split and cat: all have rules."""
+    torch.manual_seed(0)
+    model, x = _Recurrent(layer()), torch.randn(3, 2, 4)
+    weights = random_weights(model(x))
+    ref = autograd_gradients(copy.deepcopy(model), (x,), weights)
+    trainer = pe.compile(model, weighted_sum, ((x,), weights), scheme=pe.Scheme.full())
+    _check(trainer.gradients(((x,), weights)), ref)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
+from torch.utils import _pytree as pytree
 
 from pockengine.autodiff.registry import VJP
 from pockengine.errors import MissingVJPError
@@ -38,6 +39,26 @@ def _tensor_args(args: Sequence) -> list[tuple[int, int | None, Node]]:
         elif isinstance(a, (list, tuple)):
             found.extend((i, j, x) for j, x in enumerate(a) if isinstance(x, Node))
     return found
+
+
+def _detached_by_autograd(n: Node) -> bool:
+    """Whether autograd gives `n`'s op no derivative at all for these arguments: factory ops that read an input
+    only for its shape, dtype and device (`full_like`, `zeros_like`, `new_zeros`, `rand_like`...). ATen's own
+    autograd registration says so: run on meta tensors that require grad, their outputs do not. Such an output
+    depends on no input value, so nothing flows back through it (a zero cotangent, not a missing rule)."""
+
+    def probe(a: Any) -> Any:
+        if isinstance(a, Node) and isinstance(a.meta, TensorMeta):
+            t = torch.empty(a.meta.shape, dtype=a.meta.dtype, device="meta")
+            return t.requires_grad_() if t.is_floating_point() or t.is_complex() else t
+        return torch.device("meta") if isinstance(a, torch.device) else a
+
+    try:
+        with torch.enable_grad():
+            out = n.target(*pytree.tree_map(probe, n.args), **pytree.tree_map(probe, n.kwargs))
+    except Exception:  # the op cannot run on meta tensors: leave the verdict to its rule (or its absence)
+        return False
+    return not any(t.requires_grad for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
 
 
 @dataclass(frozen=True)
@@ -160,7 +181,8 @@ def differentiate(graph: Graph, loss: Node, wrt: Sequence[Node],
     # Forward sweep: which float values depend on a wanted input.
     depends: set[Node] = {w for w in wrt}
     for n in forward:
-        if not n.is_input and _is_float(n.meta) and any(i in depends for i in n.inputs):
+        if not n.is_input and _is_float(n.meta) and any(i in depends for i in n.inputs) and (
+                n.target in VJP or n.target is operator.getitem or not _detached_by_autograd(n)):
             depends.add(n)
     # Backward sweep: which of those the loss depends on.
     on_path: set[Node] = {loss} if loss in depends else set()
@@ -199,6 +221,9 @@ def differentiate(graph: Graph, loss: Node, wrt: Sequence[Node],
             sl = slices.get(arg)
             if sl is not None and gi.meta.shape == arg.meta.shape and sl.shape(arg.meta.shape) != arg.meta.shape:
                 gi = sl.take(lambda t, *a: graph.call(t, a, module=n.module, section="backward"), gi)
+            if gi.meta.dtype != arg.meta.dtype:  # as autograd's engine: a cotangent has its value's dtype
+                gi = graph.call(aten._to_copy.default, (gi,), {"dtype": arg.meta.dtype}, module=n.module,
+                                section="backward")
             expected = sl.shape(arg.meta.shape) if sl is not None else arg.meta.shape
             if gi.meta.shape != expected:
                 raise AssertionError(f"VJP rule of {n.op_name} returned a cotangent of shape {gi.meta.shape} "

@@ -6,6 +6,7 @@ flattened into tensor inputs, and every node keeps the dotted path of the module
 
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 from dataclasses import dataclass, field
@@ -82,12 +83,16 @@ def _module_path(fx_node: torch.fx.Node) -> tuple[str, bool]:
 # VJP rules keep just the input for the backward pass; split, the backward would keep the input, the sigmoid and the
 # product: three activations instead of one (SmolLM2's MLP). Attention stays whole too: its rule chooses between
 # the math form and the fused flash kernels per shape (pockengine/autodiff/rules/attention.py).
+# _safe_softmax (attention with fully masked rows) splits into softmax and a select that zeroes the masked rows: the
+# softmax's backward then reads the NaN those rows hold and spreads it; whole, its rule reads the zeroed output.
 KEEP_WHOLE = (torch.ops.aten.silu.default, torch.ops.aten.hardswish.default, torch.ops.aten.hardsigmoid.default,
-              torch.ops.aten.scaled_dot_product_attention.default)
+              torch.ops.aten.scaled_dot_product_attention.default, torch.ops.aten._safe_softmax.default)
 
 
+@functools.cache
 def _decompositions() -> dict:
-    table = torch.export.default_decompositions()
+    """Built once: materializing the default table takes a quarter of a second (run_decompositions copies it)."""
+    table = dict(torch.export.default_decompositions().items())
     for op in KEEP_WHOLE:
         table.pop(op, None)
     return table

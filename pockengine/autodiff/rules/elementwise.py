@@ -250,3 +250,244 @@ def native_dropout(ctx, g):
     # As in PyTorch: no scaling when not training (the output is the input), and p = 1 keeps nothing.
     scale = 1.0 if not train else 0.0 if p == 1 else 1.0 / (1.0 - p)
     return (ctx(aten.native_dropout_backward.default, g[0], mask, scale),)
+
+
+def _times(ctx, g, d):
+    return (ctx(aten.mul.Tensor, g, d),)
+
+
+@register(aten.log1p.default)
+def log1p(ctx, g):
+    return (ctx(aten.div.Tensor, g, ctx(aten.add.Tensor, ctx.node.args[0], 1)),)
+
+
+@register(aten.expm1.default)
+def expm1(ctx, g):
+    return _times(ctx, g, ctx(aten.add.Tensor, ctx.node, 1))
+
+
+@register(aten.log2.default, aten.log10.default)
+def log_base(ctx, g):
+    base = 2.0 if ctx.node.target is aten.log2.default else 10.0
+    return (ctx(aten.div.Tensor, g, ctx(aten.mul.Tensor, ctx.node.args[0], math.log(base))),)
+
+
+@register(aten.exp2.default)
+def exp2(ctx, g):
+    return _times(ctx, g, ctx(aten.mul.Tensor, ctx.node, math.log(2.0)))
+
+
+@register(aten.sinh.default)
+def sinh(ctx, g):
+    return _times(ctx, g, ctx(aten.cosh.default, ctx.node.args[0]))
+
+
+@register(aten.cosh.default)
+def cosh(ctx, g):
+    return _times(ctx, g, ctx(aten.sinh.default, ctx.node.args[0]))
+
+
+@register(aten.tan.default)
+def tan(ctx, g):  # 1 + tan^2
+    return _times(ctx, g, ctx(aten.add.Tensor, ctx(aten.mul.Tensor, ctx.node, ctx.node), 1))
+
+
+def _inverse_sqrt(ctx, x, one_minus: bool, shift: float = 0.0):
+    """1 / sqrt(1 - x^2) (one_minus), else 1 / sqrt(x^2 + shift)."""
+    sq = ctx(aten.mul.Tensor, x, x)
+    return ctx(aten.rsqrt.default, ctx(aten.rsub.Scalar, sq, 1) if one_minus else ctx(aten.add.Tensor, sq, shift))
+
+
+@register(aten.asin.default)
+def asin(ctx, g):
+    return _times(ctx, g, _inverse_sqrt(ctx, ctx.node.args[0], True))
+
+
+@register(aten.acos.default)
+def acos(ctx, g):
+    return (ctx(aten.neg.default, ctx(aten.mul.Tensor, g, _inverse_sqrt(ctx, ctx.node.args[0], True))),)
+
+
+@register(aten.asinh.default)
+def asinh(ctx, g):
+    return _times(ctx, g, _inverse_sqrt(ctx, ctx.node.args[0], False, 1.0))
+
+
+@register(aten.acosh.default)
+def acosh(ctx, g):
+    return _times(ctx, g, _inverse_sqrt(ctx, ctx.node.args[0], False, -1.0))
+
+
+@register(aten.atan.default)
+def atan(ctx, g):
+    x = ctx.node.args[0]
+    return (ctx(aten.div.Tensor, g, ctx(aten.add.Tensor, ctx(aten.mul.Tensor, x, x), 1)),)
+
+
+@register(aten.atanh.default)
+def atanh(ctx, g):
+    x = ctx.node.args[0]
+    return (ctx(aten.div.Tensor, g, ctx(aten.rsub.Scalar, ctx(aten.mul.Tensor, x, x), 1)),)
+
+
+@register(aten.atan2.default)
+def atan2(ctx, g):
+    a, b = ctx.node.args
+    r2 = ctx(aten.add.Tensor, ctx(aten.mul.Tensor, a, a), ctx(aten.mul.Tensor, b, b))
+    shared = ctx(aten.div.Tensor, g, r2)
+    ga = ctx.sum_to(ctx(aten.mul.Tensor, shared, b), _shape(a)) if ctx.needs(a) else None
+    gb = ctx.sum_to(ctx(aten.neg.default, ctx(aten.mul.Tensor, shared, a)), _shape(b)) if ctx.needs(b) else None
+    return ga, gb
+
+
+@register(aten.erfc.default)
+def erfc(ctx, g):
+    return (ctx(aten.neg.default, erf(ctx, g)[0]),)
+
+
+@register(aten.erfinv.default)
+def erfinv(ctx, g):  # sqrt(pi)/2 * exp(erfinv(x)^2)
+    d = ctx(aten.mul.Tensor, ctx(aten.exp.default, ctx(aten.mul.Tensor, ctx.node, ctx.node)), math.sqrt(math.pi) / 2)
+    return _times(ctx, g, d)
+
+
+@register(aten.sign.default, aten.floor.default, aten.ceil.default, aten.round.default, aten.round.decimals,
+          aten.trunc.default)
+def piecewise_constant(ctx, g):
+    """Piecewise-constant functions: a zero derivative almost everywhere, as autograd defines it."""
+    return (None,)
+
+
+@register(aten.fmod.Scalar, aten.remainder.Scalar)
+def modulo_scalar(ctx, g):
+    return (g, None)
+
+
+@register(aten.fmod.Tensor, aten.remainder.Tensor)
+def modulo(ctx, g):
+    """a - q * b with q = trunc(a / b) (fmod) or floor(a / b) (remainder), q piecewise constant."""
+    a, b = ctx.node.args
+    gb = None
+    if ctx.needs(b):
+        rounding = "trunc" if ctx.node.target is aten.fmod.Tensor else "floor"
+        q = ctx(aten.div.Tensor_mode, a, b, rounding_mode=rounding)
+        gb = ctx.sum_to(ctx(aten.neg.default, ctx(aten.mul.Tensor, g, q)), _shape(b))
+    return _reduce(ctx, g, a), gb
+
+
+@register(aten.elu.default)
+def elu(ctx, g):
+    """elu, selu and celu: reads the input (the output would do, but not for alpha < 0)."""
+    x, alpha, scale, input_scale = ctx.args
+    return (ctx(aten.elu_backward.default, g, alpha, scale, input_scale, False, x),)
+
+
+@register(aten.clamp.Tensor)
+def clamp_tensor(ctx, g):
+    """As autograd: x's gradient where lo <= x <= hi; lo's where x < lo < hi; hi's where x > hi or hi < lo (the
+    output is hi everywhere then)."""
+    x, lo, hi = ctx.args
+    gx = glo = ghi = None
+    if ctx.needs(x):
+        keep = None
+        if lo is not None:
+            keep = ctx(aten.ge.Tensor, x, lo)
+        if hi is not None:
+            upper = ctx(aten.le.Tensor, x, hi)
+            keep = upper if keep is None else ctx(aten.logical_and.default, keep, upper)
+        gx = ctx.sum_to(g if keep is None else _masked(ctx, g, keep), _shape(x))
+    if ctx.needs(lo):
+        below = ctx(aten.lt.Tensor, x, lo)
+        if hi is not None:
+            below = ctx(aten.logical_and.default, below, ctx(aten.lt.Tensor, lo, hi))
+        glo = ctx.sum_to(_masked(ctx, g, below), _shape(lo))
+    if ctx.needs(hi):
+        above = ctx(aten.gt.Tensor, x, hi)
+        if lo is not None:
+            above = ctx(aten.logical_or.default, above, ctx(aten.lt.Tensor, hi, lo))
+        ghi = ctx.sum_to(_masked(ctx, g, above), _shape(hi))
+    return gx, glo, ghi
+
+
+@register(aten.div.Tensor_mode)
+def div_mode(ctx, g):
+    """Rounded division (floor, trunc) is piecewise constant; rounding_mode=None is true division."""
+    if ctx.kwarg("rounding_mode") is not None:
+        return None, None
+    return div(ctx, g)
+
+
+@register(aten.fmax.default, aten.fmin.default)
+def fmax_fmin(ctx, g):
+    """As autograd: the whole gradient to the operand picked (a on ties), the NaN-ignoring way."""
+    a, b = ctx.node.args
+    compare = aten.ge.Tensor if ctx.node.target is aten.fmax.default else aten.le.Tensor
+    pick_a = ctx(aten.logical_or.default, ctx(compare, a, b), ctx(aten.isnan.default, b))
+    ga = ctx.sum_to(_masked(ctx, g, pick_a), _shape(a)) if ctx.needs(a) else None
+    gb = ctx.sum_to(_masked(ctx, g, ctx(aten.logical_not.default, pick_a)), _shape(b)) if ctx.needs(b) else None
+    return ga, gb
+
+
+@register(aten.i0.default)
+def i0(ctx, g):
+    return _times(ctx, g, ctx(aten.special_i1.default, ctx.node.args[0]))
+
+
+@register(aten.copy.default)
+def copy_(ctx, g):
+    """self is overwritten by src (broadcast to self's shape, cast to its dtype)."""
+    _x, src = ctx.node.args[:2]
+    if ctx.needs(src) and g.meta.dtype != src.meta.dtype:
+        g = ctx(aten._to_copy.default, g, dtype=src.meta.dtype)
+    return None, _reduce(ctx, g, src)
+
+
+@register(aten.copysign.Tensor)
+def copysign(ctx, g):
+    """|a| with b's sign: a's derivative is sign(a) * sign(out) (0 at a = 0, as autograd); b's is 0."""
+    a = ctx.node.args[0]
+    d = ctx(aten.mul.Tensor, ctx(aten.sign.default, a), ctx(aten.sign.default, ctx.node))
+    return _reduce(ctx, ctx(aten.mul.Tensor, g, d), a), None
+
+
+@register(aten.ldexp.Tensor)
+def ldexp(ctx, g):
+    """x * 2^e."""
+    x, e = ctx.node.args
+    gx = ge = None
+    if ctx.needs(x):
+        gx = ctx.sum_to(ctx(aten.mul.Tensor, g, ctx(aten.exp2.default, e)), _shape(x))
+    if ctx.needs(e):
+        ge = ctx.sum_to(ctx(aten.mul.Tensor, ctx(aten.mul.Tensor, g, ctx.node), math.log(2.0)), _shape(e))
+    return gx, ge
+
+
+@register(aten.masked_scatter.default)
+def masked_scatter(ctx, g):
+    x, mask, src = ctx.node.args
+    gx = ctx.sum_to(_masked(ctx, g, ctx(aten.logical_not.default, mask)), _shape(x)) if ctx.needs(x) else None
+    gsrc = ctx(aten.masked_scatter_backward.default, g, mask, list(_shape(src))) if ctx.needs(src) else None
+    return gx, None, gsrc
+
+
+@register(aten.lgamma.default)
+def lgamma(ctx, g):
+    return _times(ctx, g, ctx(aten.digamma.default, ctx.node.args[0]))
+
+
+@register(aten.digamma.default)
+def digamma(ctx, g):
+    return _times(ctx, g, ctx(aten.polygamma.default, 1, ctx.node.args[0]))
+
+
+@register(aten.polygamma.default)
+def polygamma(ctx, g):
+    n, x = ctx.node.args
+    return None, ctx(aten.mul.Tensor, g, ctx(aten.polygamma.default, n + 1, x))
+
+
+@register(aten.special_erfcx.default)
+def erfcx(ctx, g):  # erfcx(x) = exp(x^2) erfc(x): 2 x erfcx(x) - 2 / sqrt(pi)
+    d = ctx(aten.sub.Tensor, ctx(aten.mul.Tensor, ctx(aten.mul.Tensor, ctx.node.args[0], ctx.node), 2.0),
+            2 / math.sqrt(math.pi))
+    return _times(ctx, g, d)

@@ -102,3 +102,41 @@ def convolution(ctx, g):
     if ctx.needs(x):
         gx = _input_grad(ctx, g, x, w, stride, padding, dilation, groups)
     return gx, gw, gb
+
+
+@register(aten._cdist_forward.default)
+def cdist(ctx, g):
+    """ATen's kernel reads the gradient and distances as dense arrays, as autograd hands them."""
+    a, b, p, _mode = ctx.args
+    dense = lambda x: ctx(aten.contiguous.default, x)  # noqa: E731
+    ga = ctx(aten._cdist_backward.default, dense(g), a, b, p, ctx.node) if ctx.needs(a) else None
+    gb = None
+    if ctx.needs(b):
+        gb = ctx(aten._cdist_backward.default, dense(_t(ctx, g)), b, a, p, dense(_t(ctx, ctx.node)))
+    return ga, gb
+
+
+@register(aten.addmv.default)
+def addmv(ctx, g):
+    """beta * bias + alpha * (mat @ vec)."""
+    bias, mat, vec = ctx.node.args
+    beta, alpha = ctx.kwarg("beta"), ctx.kwarg("alpha")
+    scaled = g if alpha == 1 else ctx(aten.mul.Tensor, g, alpha)
+    gbias = ctx.sum_to(g if beta == 1 else ctx(aten.mul.Tensor, g, beta), bias.meta.shape) if ctx.needs(bias) else None
+    gmat = ctx(aten.mul.Tensor, ctx(aten.unsqueeze.default, scaled, 1), vec) if ctx.needs(mat) else None
+    gvec = ctx(aten.mv.default, _t(ctx, mat), scaled) if ctx.needs(vec) else None
+    return gbias, gmat, gvec
+
+
+@register(aten.addbmm.default)
+def addbmm(ctx, g):
+    """beta * bias + alpha * sum_b(batch1[b] @ batch2[b])."""
+    bias, b1, b2 = ctx.node.args
+    beta, alpha = ctx.kwarg("beta"), ctx.kwarg("alpha")
+    scaled = g if alpha == 1 else ctx(aten.mul.Tensor, g, alpha)
+    gbias = ctx.sum_to(g if beta == 1 else ctx(aten.mul.Tensor, g, beta), bias.meta.shape) if ctx.needs(bias) else None
+    batch = b1.meta.shape[0]
+    expanded = ctx(aten.expand.default, ctx(aten.unsqueeze.default, scaled, 0), [batch, *scaled.meta.shape])
+    g1 = ctx(aten.bmm.default, expanded, _t(ctx, b2)) if ctx.needs(b1) else None
+    g2 = ctx(aten.bmm.default, _t(ctx, b1), expanded) if ctx.needs(b2) else None
+    return gbias, g1, g2

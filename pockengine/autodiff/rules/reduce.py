@@ -1,5 +1,7 @@
 """VJP rules of reductions, scans and pooling."""
 
+import math
+
 import torch
 
 from pockengine.autodiff.registry import register
@@ -8,7 +10,9 @@ aten = torch.ops.aten
 
 
 def _dims(dims, ndim):
-    if dims is None or len(dims) == 0:
+    """The reduced dimensions, non-negative and sorted; none or all of them means all. A 0-d tensor has no
+    dimension to reduce, although PyTorch accepts dim 0 or -1 for it."""
+    if dims is None or len(dims) == 0 or ndim == 0:
         return list(range(ndim))
     return sorted(d + ndim if d < 0 else d for d in dims)
 
@@ -89,21 +93,178 @@ def avg_pool2d(ctx, g):
                 count_include_pad, divisor),)
 
 
-@register(aten._adaptive_avg_pool2d.default)
-def adaptive_avg_pool2d(ctx, g):
-    return (ctx(aten._adaptive_avg_pool2d_backward.default, g, ctx.node.args[0]),)
+@register(aten._adaptive_avg_pool2d.default, aten._adaptive_avg_pool3d.default)
+def adaptive_avg_pool(ctx, g):
+    backward = (aten._adaptive_avg_pool2d_backward.default if ctx.node.target is aten._adaptive_avg_pool2d.default
+                else aten._adaptive_avg_pool3d_backward.default)
+    return (ctx(backward, g, ctx.node.args[0]),)
+
+
+def _var_grad(ctx, g, x, dims, keepdim, correction):
+    n = 1
+    for d in dims:
+        n *= x.meta.shape[d]
+    centered = ctx(aten.sub.Tensor, x, ctx(aten.mean.dim, x, dims, True))
+    # As autograd: with no degrees of freedom left (n <= correction) the variance and its gradient are not finite.
+    factor = 2.0 / (n - correction) if n != correction else math.inf
+    return ctx(aten.mul.Tensor, ctx(aten.mul.Tensor, _broadcast_back(ctx, g, x, dims, keepdim), factor), centered)
 
 
 @register(aten.var.correction)
 def var(ctx, g):
     x, dims = ctx.args
-    dims = _dims(dims, len(x.meta.shape))
     correction = ctx.kwarg("correction")
-    correction = 1 if correction is None else correction
-    keepdim = ctx.kwarg("keepdim")
-    n = 1
-    for d in dims:
-        n *= x.meta.shape[d]
-    centered = ctx(aten.sub.Tensor, x, ctx(aten.mean.dim, x, dims, True))
-    scale = ctx(aten.mul.Tensor, _broadcast_back(ctx, g, x, dims, keepdim), 2.0 / max(n - correction, 1))
-    return (ctx(aten.mul.Tensor, scale, centered),)
+    return (_var_grad(ctx, g, x, _dims(dims, len(x.meta.shape)), ctx.kwarg("keepdim"),
+                      1 if correction is None else correction),)
+
+
+@register(aten.var_mean.correction)
+def var_mean(ctx, g):
+    x, dims = ctx.args
+    dims = _dims(dims, len(x.meta.shape))
+    correction, keepdim = ctx.kwarg("correction"), ctx.kwarg("keepdim")
+    gvar = gmean = None
+    if g[0] is not None:
+        gvar = _var_grad(ctx, g[0], x, dims, keepdim, 1 if correction is None else correction)
+    if g[1] is not None:
+        count = math.prod(x.meta.shape[d] for d in dims)
+        gmean = _broadcast_back(ctx, ctx(aten.div.Tensor, g[1], count), x, dims, keepdim)
+    return (gvar if gmean is None else gmean if gvar is None else ctx(aten.add.Tensor, gvar, gmean),)
+
+
+def _ties_share(ctx, g, x, out, dims, keepdim):
+    """The gradient of a max/min over `dims`: shared equally among the entries equal to the result."""
+    hit = ctx(aten._to_copy.default, ctx(aten.eq.Tensor, x, _broadcast_back(ctx, out, x, dims, keepdim)),
+              dtype=g.meta.dtype)
+    share = ctx(aten.div.Tensor, hit, ctx(aten.sum.dim_IntList, hit, dims, True))
+    return ctx(aten.mul.Tensor, share, _broadcast_back(ctx, g, x, dims, keepdim))
+
+
+@register(aten.amin.default)
+def amin(ctx, g):
+    x, dims, keepdim = ctx.args
+    return (_ties_share(ctx, g, x, ctx.node, _dims(dims, len(x.meta.shape)), keepdim),)
+
+
+@register(aten.max.default, aten.min.default, aten.median.default, aten.nanmedian.default)
+def max_min_all(ctx, g):
+    x = ctx.node.args[0]
+    return (_ties_share(ctx, g, x, ctx.node, _dims(None, len(x.meta.shape)), False),)
+
+
+def _scatter_back(ctx, g, x, dim, indices, keepdim):
+    """The gradient of values picked at `indices` along `dim` (max.dim, sort, topk...): scattered back there."""
+    return ctx(aten.value_selecting_reduction_backward.default, g, dim, indices, list(x.meta.shape), keepdim)
+
+
+@register(aten.max.dim, aten.min.dim, aten.kthvalue.default, aten.mode.default, aten.median.dim,
+          aten.nanmedian.dim)
+def value_selecting(ctx, g):
+    x, *rest = ctx.args
+    dim = ctx.args[2] if ctx.node.target is aten.kthvalue.default else rest[0]
+    keepdim = ctx.args[-1]
+    return (_scatter_back(ctx, g[0], x, dim, ctx.graph.getitem(ctx.node, 1), keepdim),)
+
+
+@register(aten.sort.default, aten.sort.stable, aten.topk.default)
+def sort_topk(ctx, g):
+    x = ctx.node.args[0]
+    if ctx.node.target is aten.sort.stable:
+        dim = ctx.kwarg("dim")
+    else:
+        dim = ctx.args[1] if ctx.node.target is aten.sort.default else ctx.args[2]
+    return (_scatter_back(ctx, g[0], x, dim, ctx.graph.getitem(ctx.node, 1), True),)
+
+
+@register(aten.cummax.default, aten.cummin.default)
+def cummax_cummin(ctx, g):
+    x, dim = ctx.args
+    indices = ctx.graph.getitem(ctx.node, 1)
+    return (ctx(aten.scatter_add.default, ctx.zeros_like(x), dim, indices, g[0]),)
+
+
+def _exclusive_product(ctx, x, dim):
+    """prod over `dim` of every entry but the one in place, without dividing (exact where x has zeros): the
+    product of the entries before it times that of the entries after it."""
+    n = x.meta.shape[dim]
+    one = ctx(aten.ones_like.default, ctx(aten.slice.Tensor, x, dim, 0, 1))
+
+    def shifted_cumprod(t):
+        c = ctx(aten.cumprod.default, t, dim)
+        return ctx(aten.cat.default, [one, ctx(aten.slice.Tensor, c, dim, 0, n - 1)], dim)
+
+    before = shifted_cumprod(x)
+    after = ctx(aten.flip.default, shifted_cumprod(ctx(aten.flip.default, x, [dim])), [dim])
+    return ctx(aten.mul.Tensor, before, after)
+
+
+@register(aten.prod.dim_int)
+def prod_dim(ctx, g):
+    x, dim, keepdim = ctx.args[:3]
+    if len(x.meta.shape) == 0:
+        return (_like(ctx, g, x),)
+    dim = _dims([dim], len(x.meta.shape))[0]
+    others = _exclusive_product(ctx, x, dim)
+    return (ctx(aten.mul.Tensor, _broadcast_back(ctx, _like(ctx, g, x), x, [dim], keepdim), others),)
+
+
+@register(aten.prod.default)
+def prod_all(ctx, g):
+    x = ctx.node.args[0]
+    flat = ctx(aten.reshape.default, x, [-1])
+    others = _exclusive_product(ctx, flat, 0) if x.meta.numel > 0 else flat
+    gx = ctx(aten.mul.Tensor, _like(ctx, g, x), others)
+    return (ctx(aten.reshape.default, gx, list(x.meta.shape)),)
+
+
+@register(aten.linalg_vector_norm.default)
+def vector_norm(ctx, g):
+    """As autograd's linalg_vector_norm_backward: sign(x) |x|^(p-1) / norm^(p-1), 0 where the norm is 0; the
+    max/min norms share the gradient among the entries that reach them."""
+    x, p, dims, keepdim = ctx.args[:4]
+    dims = _dims(dims, len(x.meta.shape))
+    g = _like(ctx, g, x)
+    norm = _like(ctx, ctx.node, x)
+    if p == 0:
+        return (None,)
+    if math.isinf(p):
+        ax = ctx(aten.abs.default, x)
+        return (ctx(aten.mul.Tensor, ctx(aten.sign.default, x), _ties_share(ctx, g, ax, norm, dims, keepdim)),)
+    g = _broadcast_back(ctx, g, x, dims, keepdim)
+    norm = _broadcast_back(ctx, norm, x, dims, keepdim)
+    if p == 2:
+        scaled = x
+    else:
+        scaled = ctx(aten.mul.Tensor, ctx(aten.sign.default, x), ctx(aten.pow.Tensor_Scalar, ctx(aten.abs.default, x),
+                                                                         p - 1))
+    if p < 1:  # |x|^(p-1) is infinite at 0, where autograd puts 0
+        zero = ctx(aten.scalar_tensor.default, 0.0, dtype=x.meta.dtype)
+        scaled = ctx(aten.where.self, ctx(aten.eq.Scalar, x, 0), zero, scaled)
+        return (ctx(aten.mul.Tensor, ctx(aten.mul.Tensor, scaled, g), ctx(aten.pow.Tensor_Scalar, norm, 1 - p)),)
+    scale = ctx(aten.div.Tensor, g, norm if p == 2 else ctx(aten.pow.Tensor_Scalar, norm, p - 1))
+    zero = ctx(aten.scalar_tensor.default, 0.0, dtype=x.meta.dtype)
+    scale = ctx(aten.where.self, ctx(aten.eq.Scalar, norm, 0), zero, scale)
+    return (ctx(aten.mul.Tensor, scaled, scale),)
+
+
+def _pool_backward(backward, *extra_outputs: int):
+    """A pooling op whose ATen backward takes (grad, input, *the op's arguments[, its indices output])."""
+
+    def rule(ctx, g):
+        x, kernel, stride, *args = ctx.args
+        args = [kernel, stride or kernel, *args]  # an empty stride means the kernel size
+        saved = [ctx.graph.getitem(ctx.node, i) for i in extra_outputs]
+        return (ctx(backward, g[0] if extra_outputs else g, x, *args, *saved),)
+
+    return rule
+
+
+register(aten.max_pool3d_with_indices.default)(_pool_backward(aten.max_pool3d_with_indices_backward.default, 1))
+register(aten.avg_pool3d.default)(_pool_backward(aten.avg_pool3d_backward.default))
+
+
+@register(aten.adaptive_max_pool2d.default, aten.adaptive_max_pool3d.default)
+def adaptive_max_pool(ctx, g):
+    backward = (aten.adaptive_max_pool2d_backward.default if ctx.node.target is aten.adaptive_max_pool2d.default
+                else aten.adaptive_max_pool3d_backward.default)
+    return (ctx(backward, g[0], ctx.node.args[0], ctx.graph.getitem(ctx.node, 1)),)

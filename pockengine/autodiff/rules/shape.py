@@ -1,5 +1,6 @@
 """VJP rules of views, slicing, joining and indexing."""
 
+import operator
 import sys
 
 import torch
@@ -20,12 +21,13 @@ def _reshape_to(ctx, g, x):
 
 
 @register(aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.squeeze.dims,
-          aten.squeeze.dim, aten.squeeze.default, aten.unsqueeze.default, aten.flatten.using_ints)
+          aten.squeeze.dim, aten.squeeze.default, aten.unsqueeze.default, aten.flatten.using_ints,
+          aten.view_copy.default)
 def reshape(ctx, g):
     return (_reshape_to(ctx, g, ctx.node.args[0]),)
 
 
-@register(aten.permute.default)
+@register(aten.permute.default, aten.permute_copy.default)
 def permute(ctx, g):
     dims = [_dim(d, len(g.meta.shape)) for d in ctx.node.args[1]]
     inverse = [0] * len(dims)
@@ -72,6 +74,12 @@ def slice_(ctx, g):
     start = 0 if start is None else start
     end = sys.maxsize if end is None else end
     return (ctx(aten.slice_backward.default, g, list(x.meta.shape), dim, start, end, step),)
+
+
+@register(aten.narrow_copy.default)
+def narrow_copy(ctx, g):
+    x, dim, start, length = ctx.args
+    return (ctx(aten.slice_backward.default, g, list(x.meta.shape), dim, start, start + length, 1),)
 
 
 @register(aten.select.int)
@@ -170,3 +178,137 @@ def repeat(ctx, g):
         split += [r, size]
     summed = ctx(aten.sum.dim_IntList, ctx(aten.reshape.default, g, split), dims)
     return (ctx(aten.reshape.default, summed, shape),)
+
+
+@register(aten.index_put.default)
+def index_put(ctx, g):
+    x, indices, values, accumulate = ctx.args
+    gx = gv = None
+    if ctx.needs(x):  # overwritten entries take nothing back from the output
+        gx = g if accumulate else ctx(aten.index_put.default, g, indices, ctx.zeros_like(values), False)
+    if ctx.needs(values):
+        gv = ctx.sum_to(ctx(aten.index.Tensor, g, indices), values.meta.shape)
+    return gx, None, gv, None
+
+
+@register(aten.scatter.src, aten.scatter.value)
+def scatter(ctx, g):
+    x, dim, idx, src = ctx.args
+    gx = ctx(aten.scatter.value, g, dim, idx, 0) if ctx.needs(x) else None
+    gsrc = ctx(aten.gather.default, g, dim, idx) if ctx.needs(src) else None
+    return gx, None, None, gsrc
+
+
+@register(aten.scatter_add.default)
+def scatter_add(ctx, g):
+    x, dim, idx, src = ctx.args
+    return g, None, None, ctx(aten.gather.default, g, dim, idx) if ctx.needs(src) else None
+
+
+@register(aten.scatter_reduce.two)
+def scatter_reduce(ctx, g):
+    """The sum reduction (scatter_add, with include_self=False the scattered-to entries of x drop out)."""
+    x, dim, idx, src, reduce = ctx.args
+    if reduce != "sum":
+        raise MissingVJPError(f"scatter_reduce with reduce='{reduce}' (node %{ctx.node.name}, module "
+                              f"'{ctx.node.module or '<top level>'}') has no VJP rule, only reduce='sum' has; "
+                              "freeze the parameters before it or register a rule")
+    gx = None
+    if ctx.needs(x):
+        gx = g if ctx.kwarg("include_self") else ctx(aten.scatter.value, g, dim, idx, 0)
+    return gx, None, None, ctx(aten.gather.default, g, dim, idx) if ctx.needs(src) else None
+
+
+@register(aten.index_add.default)
+def index_add(ctx, g):
+    x, dim, idx, source = ctx.args
+    alpha = ctx.kwarg("alpha")
+    gsrc = None
+    if ctx.needs(source):
+        gsrc = ctx(aten.index_select.default, g, dim, idx) if len(source.meta.shape) else \
+            ctx(aten.reshape.default, ctx(aten.index_select.default, g, dim, idx), [])
+        gsrc = gsrc if alpha == 1 else ctx(aten.mul.Tensor, gsrc, alpha)
+    return g if ctx.needs(x) else None, None, None, gsrc
+
+
+@register(aten.diagonal.default)
+def diagonal(ctx, g):
+    x, offset, dim1, dim2 = ctx.args
+    return (ctx(aten.diagonal_backward.default, g, list(x.meta.shape), offset, dim1, dim2),)
+
+
+@register(aten.unfold.default)
+def unfold(ctx, g):
+    x, dim, size, step = ctx.args
+    return (ctx(aten.unfold_backward.default, g, list(x.meta.shape), dim, size, step),)
+
+
+_UPSAMPLE = ("nearest1d", "nearest2d", "nearest3d", "_nearest_exact1d", "_nearest_exact2d", "_nearest_exact3d",
+             "linear1d", "bilinear2d", "bicubic2d", "trilinear3d")
+
+
+def _upsample_op(mode: str):
+    return getattr(aten, f"_upsample{mode}" if mode.startswith("_") else f"upsample_{mode}")
+
+
+@register(*[getattr(_upsample_op(m), o) for m in _UPSAMPLE for o in ("vec", "default")])
+def upsample(ctx, g):
+    """ATen's backward kernel takes the output and input sizes and the per-dimension scales (the `.vec` form's
+    scale factors, when given: nearest neighbours are picked with them)."""
+    schema = ctx.node.target._schema
+    args = dict(zip((a.name for a in schema.arguments if not a.kwarg_only), ctx.args))
+    x = args["input"] if "input" in args else args["self"]
+    spatial = len(x.meta.shape) - 2
+    if ctx.node.target._overloadname == "vec":
+        scales = list(args["scale_factors"] or [None] * spatial)
+    else:
+        scales = [v for k, v in args.items() if k.startswith("scales")]
+    align = [args["align_corners"]] if "align_corners" in args else []
+    backward = getattr(aten, schema.name.split("::")[1] + "_backward").default
+    return (ctx(backward, g, list(ctx.node.meta.shape[2:]), list(x.meta.shape), *align, *scales),)
+
+
+@register(aten._embedding_bag.default)
+def embedding_bag(ctx, g):
+    w, indices, offsets, scale_grad_by_freq, mode, _sparse, per_sample_weights, _last, padding_idx = ctx.args
+    offset2bag, bag_size, max_indices = (ctx.graph.getitem(ctx.node, i) for i in (1, 2, 3))
+    gw = gpsw = None
+    if ctx.needs(w):
+        gw = ctx(aten._embedding_bag_backward.default, g[0], indices, offsets, offset2bag, bag_size, max_indices,
+                 w.meta.shape[0], scale_grad_by_freq, mode, False, per_sample_weights, padding_idx)
+    if ctx.needs(per_sample_weights):
+        gpsw = ctx(aten._embedding_bag_per_sample_weights_backward.default, g[0], w, indices, offsets, offset2bag,
+                   mode, padding_idx)
+    return gw, None, None, None, None, None, gpsw
+
+
+@register(aten.diagonal_scatter.default)
+def diagonal_scatter(ctx, g):
+    x, src, offset, dim1, dim2 = ctx.args
+    gx = ctx(aten.diagonal_scatter.default, g, ctx.zeros_like(src), offset, dim1, dim2) if ctx.needs(x) else None
+    gsrc = ctx(aten.diagonal.default, g, offset, dim1, dim2) if ctx.needs(src) else None
+    return gx, gsrc
+
+
+@register(aten.select_scatter.default)
+def select_scatter(ctx, g):
+    x, src, dim, index = ctx.args
+    gx = ctx(aten.select_scatter.default, g, ctx.zeros_like(src), dim, index) if ctx.needs(x) else None
+    return gx, ctx(aten.select.int, g, dim, index) if ctx.needs(src) else None
+
+
+@register(aten.slice_scatter.default)
+def slice_scatter(ctx, g):
+    x, src, dim, start, end, step = ctx.args
+    gx = ctx(aten.slice_scatter.default, g, ctx.zeros_like(src), dim, start, end, step) if ctx.needs(x) else None
+    return gx, ctx(aten.slice.Tensor, g, dim, start, end, step) if ctx.needs(src) else None
+
+
+@register(aten.grid_sampler_2d.default, aten.grid_sampler_3d.default)
+def grid_sampler(ctx, g):
+    x, grid, interpolation, padding, align_corners = ctx.args
+    backward = (aten.grid_sampler_2d_backward.default if ctx.node.target is aten.grid_sampler_2d.default
+                else aten.grid_sampler_3d_backward.default)
+    mask = [ctx.needs(x), ctx.needs(grid)]
+    out = ctx(backward, g, x, grid, interpolation, padding, align_corners, mask)
+    return tuple(ctx(operator.getitem, out, i) if m else None for i, m in enumerate(mask))
