@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from pockengine.autodiff.rules.attention import KERNELS as ATTENTION_KERNELS
 from pockengine.errors import UserInputError
 from pockengine.passes.activation_masks import MODES as MASK_MODES
 
@@ -35,6 +36,9 @@ class Options:
         converted in place, values unchanged), "channels_last" forces it, "preserve" keeps the model's layout.
     frozen_chunks: the frozen layers before the earliest trained one run in this many micro-batches ("auto": on
         the CPU as many as it takes for them not to set the step's peak memory, on a GPU 1; 1: whole batch).
+    attention: the kernels of scaled dot-product attention: "auto" times the math form and the fused flash kernels
+        on each shape and runs math only where it is clearly faster (it keeps the probabilities for the backward
+        pass), "math" or "flash" forces one (flash falls back to math where it cannot run; the listing says why).
     disable: names of passes of `pockengine.pipeline.PASSES` to leave out (debugging, measuring one pass).
     check: check the graph's invariants after every pass (`Graph.lint`); default: the POCKENGINE_CHECK
         environment variable (set, and not 0).
@@ -46,6 +50,7 @@ class Options:
     activation_masks: str = "bits"
     memory_format: str = "auto"
     frozen_chunks: int | str = "auto"
+    attention: str = "auto"
     disable: frozenset[str] = frozenset()
     check: bool = field(default_factory=_check_from_environment)
 
@@ -59,6 +64,7 @@ class Options:
         one_of("on_nonfinite", ON_NONFINITE)
         one_of("activation_masks", MASK_MODES)
         one_of("memory_format", MEMORY_FORMATS)
+        one_of("attention", ATTENTION_KERNELS)
         chunks = self.frozen_chunks
         if not (chunks == "auto" or isinstance(chunks, int) and not isinstance(chunks, bool) and chunks >= 1):
             raise UserInputError(f"frozen_chunks must be 'auto' or an integer >= 1, got {chunks!r}")

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from pockengine.autodiff import ChannelSlice, differentiate
+from pockengine.autodiff.rules.attention import attention_setting, lower_attention
 from pockengine.capture import Captured
 from pockengine.errors import CompilerError, PockEngineError, UserInputError
 from pockengine.ir.graph import Graph, Node, eliminate_dead_code
@@ -71,15 +72,24 @@ class Pass:
 def _autodiff(graph: Graph, ctx: Context) -> None:
     """Backward nodes for the trained parameters; their gradients join the program's outputs as `grad:<name>`
     (for the output stage; a parameter the loss does not depend on gets none)."""
-    gradients = differentiate(graph, graph.outputs["loss"], list(ctx.trained.values()), ctx.slices)
+    with attention_setting(ctx.options.attention, ctx.device):
+        gradients = differentiate(graph, graph.outputs["loss"], list(ctx.trained.values()), ctx.slices)
     graph.outputs.update({f"{GRADIENT_OUTPUT}{name}": gradients[p] for name, p in ctx.trained.items()
                           if gradients[p] is not None})
+
+
+def _attention(graph: Graph, ctx: Context) -> None:
+    """The attentions no gradient passes through get the faster forward kernel alone (math where they draw
+    dropout: from the trainer's generator, never the global one, so this stage cannot be left out)."""
+    with attention_setting(ctx.options.attention, ctx.device):
+        lower_attention(graph)
 
 
 PASSES: tuple[Pass, ...] = (  # what each does: docs/architecture.md, "The pipeline"
     Pass("clones", lambda g, ctx: drop_redundant_clones(g)),
     Pass("fold", lambda g, ctx: fold_frozen_batchnorm(g, ctx.trained_nodes, set(ctx.slices))),
     Pass("autodiff", _autodiff, optional=False),
+    Pass("attention", _attention, optional=False),
     Pass("gradients", emit_gradient_outputs, enabled=lambda ctx: ctx.optimizer is None, optional=False),
     Pass("update", emit_updates, enabled=lambda ctx: ctx.optimizer is not None, optional=False),
     Pass("constants", lambda g, ctx: fold_constants(g, {**ctx.frozen, **g.constants})),

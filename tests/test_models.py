@@ -115,7 +115,7 @@ def minilm():
 @needs_minilm
 def test_minilm_classifier_logits_and_seeded_head(minilm):
     model, tokenizer = minilm
-    assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == "sdpa"  # the library default
     batch = tokenize_batch(tokenizer, ["a fine film", "dull and far too long, I left early"], seq_len=12)
     assert set(batch) == {"input_ids", "attention_mask", "token_type_ids"}
     assert all(v.shape == (2, 12) for v in batch.values())
@@ -136,7 +136,7 @@ def test_smollm2_truncated_uses_cache():
     assert "quantization_config" not in config and config["num_hidden_layers"] == 30
     assert len(model.model.layers) == 2 and model.config.num_hidden_layers == 2
     assert model.config.use_cache is False
-    assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == "sdpa"  # the library default
     assert model.lm_head.weight is model.model.embed_tokens.weight
     batch = tokenize_batch(tokenizer, ["Hello there", "A longer second prompt here"], seq_len=7)
     assert set(batch) == {"input_ids", "attention_mask"}

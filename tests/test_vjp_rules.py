@@ -335,6 +335,13 @@ CASES = [
        lambda a, m: aten._safe_softmax.default(a.masked_fill(m, -math.inf), 1), (2, 3, 4), inputs=(lambda: torch.tensor([[True], [True], [True]]) & (torch.arange(4) < 3),)),
     fn(aten._log_softmax.default, "last-dim", lambda a: a.log_softmax(-1), (2, 3, 4)),
     fn(aten._log_softmax.default, "dim1", lambda a: a.log_softmax(1), (2, 3, 4)),
+    # the rule's two kernel pairs, one case each at every option, are in tests/test_attention.py
+    fn(aten.scaled_dot_product_attention.default, "causal",
+       lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), (2, 2, 5, 4), (2, 2, 5, 4),
+       (2, 2, 5, 4)),
+    fn(aten.scaled_dot_product_attention.default, "gqa-float-mask",
+       lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True), (2, 4, 5, 4),
+       (2, 2, 6, 4), (2, 2, 6, 4), inputs=((2, 1, 5, 6),)),
     mod(aten.native_layer_norm.default, "affine", lambda: _affine(nn.LayerNorm(4)), (2, 3, 4)),
     mod(aten.native_layer_norm.default, "2d-shape", lambda: _affine(nn.LayerNorm([3, 4])), (2, 3, 4)),
     mod(aten.native_layer_norm.default, "no-bias", lambda: _affine(nn.LayerNorm(4, bias=False)), (2, 3, 4)),

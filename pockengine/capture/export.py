@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from torch.export import ExportedProgram
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
@@ -80,11 +81,12 @@ def _module_path(fx_node: torch.fx.Node) -> tuple[str, bool]:
 
 # Activations the default core-ATen table would split into element-wise ops (silu -> x * sigmoid(x)). Whole, their
 # VJP rules keep just the input for the backward pass; split, the backward would keep the input, the sigmoid and the
-# product: three activations instead of one (SmolLM2's MLP).
+# product: three activations instead of one (SmolLM2's MLP). Attention stays whole too: its rule chooses between
+# the math form and the fused flash kernels per shape (pockengine/autodiff/rules/attention.py).
 # _safe_softmax (attention with fully masked rows) splits into softmax and a select that zeroes the masked rows: the
 # softmax's backward then reads the NaN those rows hold and spreads it; whole, its rule reads the zeroed output.
 KEEP_WHOLE = (torch.ops.aten.silu.default, torch.ops.aten.hardswish.default, torch.ops.aten.hardsigmoid.default,
-              torch.ops.aten._safe_softmax.default)
+              torch.ops.aten.scaled_dot_product_attention.default, torch.ops.aten._safe_softmax.default)
 
 
 @functools.cache
@@ -100,9 +102,13 @@ def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
     inputs, target = normalize_batch(batch)
     wrapper = _ModelWithLoss(model, loss_fn)
     try:
-        with torch.no_grad():
+        # Traced with the math backend, attention returns a dense (..., heads, L, E) tensor, and the views after it
+        # are recorded for that layout, which both of pockengine's attention kernels produce. Traced with the CPU's
+        # flash kernel, which lays its output out as (batch, L, heads, E), a model's `transpose(1, 2).reshape(...)`
+        # is recorded as a plain view that fails on any other layout (GPT-2: "Cannot view a tensor").
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
             ep = torch.export.export(wrapper, (inputs, target))
-        return ep.run_decompositions(_decompositions())
+            return ep.run_decompositions(_decompositions())
     except Exception as e:  # torch.export raises many types; one error that says what to do instead
         raise CaptureError(
             f"torch.export could not capture the model with its loss: {type(e).__name__}: {str(e)[:2000]}\n"

@@ -182,6 +182,7 @@ class Graph:
         self.nodes: list[Node] = []
         self.outputs: dict[str, Node] = {}
         self.constants: dict[Node, torch.Tensor] = {}  # values of the CONST inputs
+        self.notes: dict[Node, str] = {}  # why a node is there, printed in the listing (the attention kernel chosen)
         self._names: set[str] = set()
 
     # -- building -------------------------------------------------------------------------------------------

@@ -26,11 +26,11 @@ def _fmt_meta(meta: Any) -> str:
     return ""
 
 
-def format_node(n: Node) -> str:
+def format_node(n: Node, note: str | None = None) -> str:
     args = [_fmt_arg(a) for a in n.args] + [f"{k}={_fmt_arg(v)}" for k, v in n.kwargs.items()]
     line = f"%{n.name} = {n.op_name}({', '.join(args)})"
-    where = f"  # {n.module}" if n.module else ""
-    return f"  {line:<96} {_fmt_meta(n.meta)}{where}"
+    comment = "; ".join(c for c in (n.module, note) if c)
+    return f"  {line:<96} {_fmt_meta(n.meta)}{f'  # {comment}' if comment else ''}"
 
 
 def format_graph(graph: Graph) -> str:
@@ -44,7 +44,7 @@ def format_graph(graph: Graph) -> str:
         nodes = graph.section(s)
         if nodes:
             lines.append(f"{s}:")
-            lines.extend(format_node(n) for n in nodes)
+            lines.extend(format_node(n, graph.notes.get(n)) for n in nodes)
     lines.append("outputs:")
     lines.extend(f"  {k} = %{v.name}" for k, v in graph.outputs.items())
     return "\n".join(lines)

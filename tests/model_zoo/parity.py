@@ -36,8 +36,11 @@ def call(model: nn.Module, inputs: Any) -> Any:
 
 
 def autograd_gradients(model: nn.Module, loss_fn: Callable, batch: tuple) -> tuple[float, Gradients]:
-    """The loss and torch.autograd's gradient of every parameter (0 for one the loss does not depend on)."""
+    """The loss and torch.autograd's gradient of every parameter (0 for one the loss does not depend on), those
+    with requires_grad off included (changes `model`): pockengine's schemes pick parameters by name alone."""
     names, params = zip(*model.named_parameters())
+    for p in params:
+        p.requires_grad_(True)
     loss = loss_fn(call(model, batch[0]), batch[1])
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     return loss.item(), {n: torch.zeros_like(p) if g is None else g for n, p, g in zip(names, params, grads)}

@@ -1,0 +1,279 @@
+"""Scaled dot-product attention (pockengine/autodiff/rules/attention.py) against torch.autograd, in fp32.
+
+Each case is a module whose parameters are the query, key and value (and, for one case, an additive mask) of one
+`F.scaled_dot_product_attention` call; the loss is the output times fixed random weights, summed. Both kernel pairs
+(`attention="math"` and `attention="flash"`), differentiated on an IR graph holding the attention node, must give autograd's gradients to a relative error of at most
+TOL = 1e-4 for: no mask, causal, boolean and additive masks, a mask that needs a gradient (math only: flash falls
+back), grouped-query attention, a custom scale, 3-d inputs, cross attention (L != S); at sequence lengths 1, 7
+and 64. Dropout is checked against autograd on the very mask the trainer's generator draws.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pockengine as pe
+from pockengine.autodiff import differentiate
+from pockengine.autodiff.rules import attention
+from pockengine.autodiff.rules.attention import attention_setting
+from pockengine.backend import CompiledProgram
+from pockengine.errors import MissingVJPError, UserInputError
+from pockengine.ir.graph import BATCH, PARAM, Graph, TensorMeta, eliminate_dead_code
+
+aten = torch.ops.aten
+
+TOL = 1e-4
+HEADS, E = 4, 8
+
+
+def rel_err(g: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((g - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+
+
+class Attention(nn.Module):
+    def __init__(self, q_shape, kv_shape, mask_param=None, **options):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.q = nn.Parameter(torch.randn(q_shape, generator=gen))
+        self.k = nn.Parameter(torch.randn(kv_shape, generator=gen))
+        self.v = nn.Parameter(torch.randn(kv_shape, generator=gen))
+        self.bias = None if mask_param is None else nn.Parameter(torch.randn(mask_param, generator=gen))
+        self.options = options
+
+    def forward(self, mask=None):
+        mask = self.bias if self.bias is not None else mask
+        return F.scaled_dot_product_attention(self.q, self.k, self.v, attn_mask=mask, **self.options)
+
+
+def weighted(out, w):
+    return (out * w).sum()
+
+
+def _case(name: str, L: int):
+    """(module, batch) for case `name` at query length L."""
+    q, kv = (2, HEADS, L, E), (2, HEADS, L, E)
+    gen = torch.Generator().manual_seed(1)
+    mask = None
+    if name == "plain":
+        model = Attention(q, kv)
+    elif name == "causal":
+        model = Attention(q, kv, is_causal=True)
+    elif name == "bool-mask":
+        mask = torch.rand(2, 1, L, L, generator=gen) > 0.3
+        mask[..., 0] = True  # every query keeps a key
+        model = Attention(q, kv)
+    elif name == "float-mask":
+        mask = torch.randn(2, HEADS, L, L, generator=gen)
+        model = Attention(q, kv)
+    elif name == "mask-with-gradient":
+        model = Attention(q, kv, mask_param=(1, HEADS, L, L))
+    elif name == "gqa":
+        model = Attention(q, (2, 2, L, E), enable_gqa=True)
+    elif name == "mqa-broadcast":  # one key/value head broadcast over the query heads, without enable_gqa
+        model = Attention(q, (2, 1, L, E))
+    elif name == "scale":
+        model = Attention(q, kv, scale=0.3, is_causal=True)
+    elif name == "3d":
+        model = Attention((3, L, E), (3, L, E))
+    elif name == "cross":
+        model = Attention(q, (2, HEADS, L + 3, E))
+    else:
+        raise KeyError(name)
+    out = model(mask)
+    w = torch.randn(out.shape, generator=gen)
+    return model, ((mask,) if mask is not None else (), w)
+
+
+CASES = ["plain", "causal", "bool-mask", "float-mask", "mask-with-gradient", "gqa", "mqa-broadcast", "scale", "3d",
+         "cross"]
+
+
+def engine(model: Attention, batch: tuple, kernel: str) -> tuple[dict[str, torch.Tensor], torch.Tensor, str]:
+    """Gradients, loss and listing of `weighted(model(*inputs), w)` differentiated by pockengine: the attention
+    node built directly in an IR graph (capture is covered by the compiled tests below and the model tests)."""
+    graph = Graph()
+    params = {n: graph.input(n, PARAM, TensorMeta(tuple(p.shape), p.dtype)) for n, p in model.named_parameters()}
+    (mask,), w = batch[0] or (None,), batch[1]
+    values = {params[n]: p.detach() for n, p in model.named_parameters()}
+    if mask is not None:
+        values[mask_node := graph.input("mask", BATCH, TensorMeta(tuple(mask.shape), mask.dtype))] = mask
+    w_node = graph.input("w", BATCH, TensorMeta(tuple(w.shape), w.dtype))
+    values[w_node] = w
+    attn_mask = params.get("bias", mask_node if mask is not None else None)
+    options = dict(model.options)
+    node = graph.call(aten.scaled_dot_product_attention.default,
+                      (params["q"], params["k"], params["v"], attn_mask, options.pop("dropout_p", 0.0),
+                       options.pop("is_causal", False)), options)
+    loss = graph.call(aten.sum.default, (graph.call(aten.mul.Tensor, (node, w_node)),))
+    with attention_setting(kernel):
+        grads = differentiate(graph, loss, list(params.values()))
+    graph.outputs = {"loss": loss, **{n: grads[p] for n, p in params.items()}}
+    eliminate_dead_code(graph)
+    program = CompiledProgram(graph, graph.inputs(), None)
+    with torch.no_grad():
+        out = dict(zip(program.output_names, program(*[values[n] for n in graph.inputs()])))
+    return out, out.pop("loss"), str(graph)
+
+
+@pytest.mark.parametrize("L", [1, 7, 64])
+@pytest.mark.parametrize("kernel", ["math", "flash"])
+@pytest.mark.parametrize("name", CASES)
+def test_gradients_match_autograd(name, kernel, L):
+    model, batch = _case(name, L)
+    out = model(*batch[0])
+    loss = weighted(out, batch[1])
+    expected = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters()))))
+
+    grads, engine_loss, listing = engine(model, batch, kernel)
+    # The loss sums terms of both signs: its rounding error is relative to their magnitude.
+    assert abs(engine_loss.item() - loss.item()) <= 1e-5 * (out * batch[1]).abs().sum().item()
+    for n, r in expected.items():
+        assert rel_err(grads[n], r) <= TOL, n
+
+    flash_can_run = name not in ("mask-with-gradient", "3d")
+    ran = "flash" if kernel == "flash" and flash_can_run else "math"
+    assert f"attention: {ran} (" in listing
+    assert ("_scaled_dot_product_flash_attention_for_cpu_backward" in listing) == (ran == "flash")
+    assert "scaled_dot_product_attention.default" not in listing  # replaced by the chosen pair
+
+
+def test_listing_says_why_flash_cannot_run():
+    model, batch = _case("mask-with-gradient", 7)
+    listing = str(pe.compile(model, weighted, batch, attention="flash").program().graph)
+    assert "attention: math (flash cannot run: the mask needs a gradient)" in listing
+    model, batch = _case("3d", 7)
+    listing = str(pe.compile(model, weighted, batch, attention="flash").program().graph)
+    assert "attention: math (flash cannot run: it takes 4-d queries, not 3-d)" in listing
+
+
+def test_auto_times_both_and_notes_the_costs():
+    model, batch = _case("causal", 64)
+    listing = str(pe.compile(model, weighted, batch).program().graph)
+    line = next(ln for ln in listing.splitlines() if "# " in ln and "attention: " in ln)
+    assert " ms, keeps " in line and ("attention: math (math " in line or "attention: flash (flash " in line)
+
+
+@pytest.mark.parametrize("math_ms, flash_ms, chosen", [(1.0, 2.0, "math"), (0.95, 1.0, "flash"), (2.0, 1.0, "flash")])
+def test_auto_runs_math_only_where_clearly_faster(monkeypatch, math_ms, flash_ms, chosen):
+    seconds = {"math": math_ms / 1e3, "flash": flash_ms / 1e3}
+    monkeypatch.setattr(attention, "_seconds", lambda c, kernel, backward, device: seconds[kernel])
+    model, batch = _case("plain", 64)
+    listing = str(pe.compile(model, weighted, batch).program().graph)
+    assert f"attention: {chosen} ({chosen} {seconds[chosen] * 1e3:.2f} ms, keeps " in listing
+
+
+def test_timings_are_cached_per_shape():
+    model, batch = _case("plain", 7)
+    pe.compile(model, weighted, batch)
+    keys = {k for k in attention._timings if k[3][0].shape == (2, HEADS, 7, E)}
+    assert {k[0] for k in keys} == {"math", "flash"}
+    before = dict(attention._timings)
+    pe.compile(copy.deepcopy(model), weighted, batch)
+    assert attention._timings == before  # the same shapes are not timed again
+
+
+def test_frozen_attention_runs_a_forward_only():
+    """Attention before the only trained layer: no backward is emitted for it."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(E, 3 * E)
+            self.head = nn.Linear(E, 3)
+
+        def forward(self, x):
+            q, k, v = self.proj(x).unflatten(-1, (3, 1, E)).unbind(-3)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=True)
+            return self.head(out.transpose(1, 2).flatten(2)).mean(1)
+
+    torch.manual_seed(0)
+    model = Net()
+    batch = ((torch.randn(2, 7, E),), torch.tensor([0, 2]))
+    ref = copy.deepcopy(model)
+    loss_fn = pe.losses.cross_entropy()
+    loss_fn(ref(*batch[0]), batch[1]).backward()
+    for kernel in ("math", "flash"):
+        trainer = pe.compile(copy.deepcopy(model), loss_fn, batch, scheme=pe.Scheme.from_dict(
+            {"rules": [{"modules": "head", "mode": "full"}]}), attention=kernel)
+        grads = trainer.gradients(batch)
+        assert rel_err(grads["head.weight"], ref.head.weight.grad) <= TOL
+        listing = str(trainer.program("grad").graph)
+        assert f"attention (forward only): {kernel} (attention='{kernel}')" in listing
+        assert "flash_attention_for_cpu_backward" not in listing and "= _softmax_backward_data" not in listing
+
+
+def test_dropout_draws_from_the_trainers_generator():
+    """Dropout in train mode runs the math form with its mask drawn from the trainer's generator: the same seed gives
+    the same result, and the gradients equal autograd's on that very mask."""
+    p, L = 0.3, 7
+    model, batch = _case("causal", L)
+    model.options["dropout_p"] = p
+    listing = str(pe.compile(copy.deepcopy(model), weighted, batch, attention="flash").program().graph)
+    assert "attention: math (flash cannot run: it would draw the dropout mask from the global generator" in listing
+
+    def grads(seed):
+        return pe.compile(copy.deepcopy(model), weighted, batch, seed=seed).gradients(batch)
+
+    first, again, other = grads(5), grads(5), grads(6)
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    assert not torch.equal(first["q"], other["q"])
+
+    # The mask the program drew: the first draw of a generator seeded 5, over the probabilities' shape.
+    keep = torch.empty(2, HEADS, L, L).bernoulli_(1 - p, generator=torch.Generator().manual_seed(5)).bool()
+    ref = copy.deepcopy(model)
+    scores = ref.q @ ref.k.transpose(-1, -2) / E ** 0.5
+    scores = scores.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+    out = (scores.softmax(-1) * keep / (1 - p)) @ ref.v
+    expected = torch.autograd.grad(weighted(out, batch[1]), [ref.q, ref.k, ref.v])
+    for n, r in zip("qkv", expected):
+        assert rel_err(first[n], r) <= TOL, n
+
+
+def test_bad_attention_option_is_refused():
+    model, batch = _case("plain", 7)
+    with pytest.raises(UserInputError, match="attention must be one of"):
+        pe.compile(model, weighted, batch, attention="fast")
+
+
+def test_key_batch_that_broadcasts_is_refused_clearly():
+    model = Attention((2, HEADS, 7, E), (1, HEADS, 7, E))
+    w = torch.randn(2, HEADS, 7, E)
+    with pytest.raises(MissingVJPError, match="expand them to that shape"):
+        pe.compile(model, weighted, ((), w))
+
+
+def test_gpt2_with_default_attention_captures_and_trains():
+    """GPT-2 as its users build it. Traced with the CPU's flash kernel, its `transpose(1, 2).reshape(...)` after
+    attention was recorded as a view of the kernel's (batch, L, heads, E) layout that failed in capture ("Cannot
+    view a tensor"); in train mode its attention dropout (0.1) runs the math form on the trainer's generator."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=64))
+    assert model.config._attn_implementation == "sdpa"
+    ids = torch.randint(0, 100, (2, 12))
+    batch, loss_fn = ({"input_ids": ids}, ids), pe.losses.causal_lm()
+
+    model.eval()
+    ref = copy.deepcopy(model)
+    names, params = zip(*ref.named_parameters())
+    expected = torch.autograd.grad(loss_fn(ref(**batch[0]), batch[1]), params)
+    grads = pe.compile(model, loss_fn, batch).gradients(batch)
+    floor = 1e-6 * max(r.abs().max().item() for r in expected)  # the key bias: 0 up to rounding on both sides
+    for n, r in zip(names, expected):
+        if r.abs().max() <= floor:
+            assert grads[n].abs().max() <= floor, n
+        else:
+            assert rel_err(grads[n], r) <= TOL, n
+
+    model.train()
+    trainer = pe.compile(model, loss_fn, batch, optimizer=pe.optim.SGD(lr=0.1))
+    assert "flash cannot run: it would draw the dropout mask" in str(trainer.program().graph)
+    losses = [trainer.step(batch) for _ in range(5)]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
