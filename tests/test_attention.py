@@ -203,7 +203,7 @@ def test_frozen_attention_runs_a_forward_only():
             {"rules": [{"modules": "head", "mode": "full"}]}), attention=kernel)
         grads = trainer.gradients(batch)
         assert rel_err(grads["head.weight"], ref.head.weight.grad) <= TOL
-        listing = str(trainer.program("grad").graph)
+        listing = str(trainer.program(gradients=True).graph)
         assert f"attention (forward only): {kernel} (attention='{kernel}')" in listing
         assert "flash_attention_for_cpu_backward" not in listing and "= _softmax_backward_data" not in listing
 

@@ -40,7 +40,7 @@ def test_the_architecture_table_lists_the_passes_in_pipeline_order():
 def test_every_optimization_can_be_switched_off_by_name_and_the_others_cannot():
     names = [p.name for p in pipeline.PASSES]
     assert len(set(names)) == len(names)
-    assert set(names) - set(pipeline.optional_pass_names()) == {"autodiff", "gradients", "update"}
+    assert set(names) - set(pipeline.optional_pass_names()) == {"autodiff", "attention", "gradients", "update"}
     with pytest.raises(pe.UserInputError, match="'matmul'") as err:
         pe.Options(disable={"matmull"})
     assert "matmull" in str(err.value)
@@ -95,7 +95,7 @@ def test_an_error_inside_a_pass_names_it_and_those_before_it(monkeypatch):
     monkeypatch.setattr(pipeline, "PASSES", _failing("recompute", KeyError("boom")))
     with pytest.raises(pe.CompilerError) as err:
         compiled(SPARSE)
-    assert "pass 'recompute' (after clones, fold, autodiff, update, constants) failed: KeyError" in str(err.value)
+    assert "pass 'recompute' (after clones, fold, autodiff, attention, update, constants) failed: KeyError" in str(err.value)
     # errors that already tell the user what to do keep their type, with the pass as a note
     monkeypatch.setattr(pipeline, "PASSES", _failing("layout", pe.UserInputError("bad input")))
     with pytest.raises(pe.UserInputError) as err:

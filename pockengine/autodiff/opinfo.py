@@ -205,7 +205,7 @@ def check_sample(op: Any, sample: Any, through: str = "trainer") -> Outcome | No
         if through == "trainer":
             trainer = pe.compile(model, weighted_loss, batch, scheme=pe.Scheme.full())
             grads = trainer.gradients(batch)
-            if _is_random(n.target for n in trainer.program("grad").graph.nodes):
+            if _is_random(n.target for n in trainer.program(gradients=True).graph.nodes):
                 return None
         else:
             grads = _graph_gradients(model, batch)

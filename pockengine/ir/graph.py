@@ -144,6 +144,12 @@ def has_side_effects(target: Any) -> bool:
     return is_mutating(target) or (isinstance(target, torch._ops.OpOverload) and has_effects(target))
 
 
+def _returns_something(target: Any) -> bool:
+    """False for an op called only for its effect (an error check such as `_linalg_check_errors`)."""
+    schema = getattr(target, "_schema", None)
+    return schema is None or bool(schema.returns)
+
+
 def _to_meta_tensor(x: Any) -> Any:
     if isinstance(x, Node):
         m = x.meta
@@ -293,7 +299,7 @@ class Graph:
                                      "value no longer in the program)")
                 if n.section not in SECTIONS:
                     raise ValueError(f"%{n.name} has section {n.section!r}, not one of {SECTIONS}")
-                if n.meta is None:
+                if n.meta is None and _returns_something(n.target):
                     raise ValueError(f"%{n.name} = {n.op_name}(...) has no metadata (shape, dtype)")
             defined.add(n)
         missing = {k: v for k, v in self.outputs.items() if v not in defined}
