@@ -2,10 +2,12 @@
 
 Each case is a module whose parameters are the query, key and value (and, for one case, an additive mask) of one
 `F.scaled_dot_product_attention` call; the loss is the output times fixed random weights, summed. Both kernel pairs
-(`attention="math"` and `attention="flash"`), differentiated on an IR graph holding the attention node, must give autograd's gradients to a relative error of at most
-TOL = 1e-4 for: no mask, causal, boolean and additive masks, a mask that needs a gradient (math only: flash falls
-back), grouped-query attention, a custom scale, 3-d inputs, cross attention (L != S); at sequence lengths 1, 7
-and 64. Dropout is checked against autograd on the very mask the trainer's generator draws.
+(`attention="math"` and `attention="flash"`), differentiated on an IR graph holding the attention node, must give
+autograd's gradients to a relative error of at most TOL = 1e-4 for: no mask, causal, boolean and additive masks, a
+mask that needs a gradient (math only: flash falls back), grouped-query attention, one key/value head broadcast
+over the query heads, a custom scale, 3-d inputs, cross attention (L != S); at sequence lengths 1, 7 and 64.
+Dropout is checked against autograd on the very mask the trainer's generator draws; GPT-2 with its default
+attention is captured and trained end to end.
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from torch.export import ExportedProgram
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.export.graph_signature import InputKind, OutputKind
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
 from pockengine.errors import CaptureError, UserInputError

@@ -106,8 +106,8 @@ class _Call:
             raise MissingVJPError(
                 f"attention node %{node.name} (module '{node.module}') has query {list(qs)}, key {list(ks)}, value "
                 f"{list(vs)}: pockengine runs attention whose key and value share the query's batch dimensions "
-                "(and its heads, one head, or a divisor of them with enable_gqa=True); expand them to that shape in the "
-                "model")
+                "(and its heads, one head, or a divisor of them with enable_gqa=True); expand them to that shape in "
+                "the model")
         scale = values["scale"] if values["scale"] is not None else 1.0 / math.sqrt(qs[-1])
         return _Call(q, k, v, values["attn_mask"], float(values["dropout_p"]), bool(values["is_causal"]),
                      float(scale))
