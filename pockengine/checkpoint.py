@@ -1,29 +1,52 @@
-"""Checkpoints: a folder with the weights and optimizer state as safetensors and the rest as JSON. Never pickle.
+"""Checkpoints: weights, optimizer and generator state as safetensors, the rest as JSON. Never pickle.
 
-A checkpoint is written into a temporary sibling folder and swapped in with renames (pockengine.storage), so a
-crash mid-save leaves the previous checkpoint intact.
+A checkpoint is a folder of numbered versions; only pockengine's own entries in it are ever written or removed:
+
+    ckpt/
+      v000003/                         the latest complete checkpoint
+        model.safetensors              parameters and buffers, by state-dict name
+        optimizer.safetensors          optimizer state, as `<parameter>::<state name>`
+        generator.safetensors          the dropout generator's state
+        trainer.json                   optimizer config, scheme and its resolution, step count, options, seed
+        pockengine-manifest.json       SHA-256 and size of each file above, written last
+      .v000004.<pid>.<random>.tmp/     a save in progress, or one a crash interrupted
+
+A save writes the next version into a temporary folder, flushes every file and the folder to disk, renames it to
+its version name (one atomic rename: the commit), flushes the parent, and only then deletes older versions and the
+temporaries that interrupted saves left. A load reads the highest version after verifying every file against the
+manifest. A crash at any instant therefore leaves the previous or the new checkpoint complete, and bytes changed
+later (truncation, zeroed blocks) are refused, never loaded.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pockengine.errors import UserInputError
-from pockengine.storage import atomic_dir
+from pockengine.errors import CheckpointError, UserInputError
+from pockengine.storage import fsync_dir, manifest_problems, temp_name, write_manifest, writer_alive
 
 if TYPE_CHECKING:
     from pockengine.trainer import Trainer
 
 FORMAT = "pockengine-checkpoint"
-VERSION = 1
+VERSION = 2
+_VERSION_DIR = re.compile(r"v(\d{6})")
+_TEMP_DIR = re.compile(r"\.v\d{6}\..+\.tmp")
+
+# Called with the name of each step of a save once it is done; the crash-safety test kills the saving process
+# there (tests/test_bad_checkpoints.py), one step after the other.
+after_save_step: Callable[[str], None] = lambda step: None
 
 
 @dataclass
@@ -31,6 +54,7 @@ class Checkpoint:
     weights: dict[str, torch.Tensor]  # parameters and buffers by state-dict name
     optimizer_state: dict[str, dict[str, torch.Tensor]]  # parameter name -> state name -> tensor
     meta: dict[str, Any]  # optimizer config, scheme, step count
+    generator_state: torch.Tensor | None = None  # the dropout generator's state (torch.Generator.get_state)
 
 
 def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -40,47 +64,179 @@ def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in tensors.items()}
 
 
+def _versions(folder: Path) -> list[Path]:
+    """The committed versions in `folder`, oldest first."""
+    found = [p for p in folder.iterdir() if _VERSION_DIR.fullmatch(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def _temporaries(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if _TEMP_DIR.fullmatch(p.name)]
+
+
+def _remove_interrupted(folder: Path) -> None:
+    """Delete the temporaries of saves whose process is gone (killed mid-save); a live saver's are kept."""
+    for tmp in _temporaries(folder):
+        if not writer_alive(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_target(folder: Path) -> None:
+    """A save may create `folder`, or add a version to a checkpoint folder; it never replaces anything else."""
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is a file, not a checkpoint folder; trainer.save writes a folder and never "
+                              "replaces other files: save to another path")
+    entries = sorted(p.name for p in folder.iterdir())
+    if entries and not (_versions(folder) or _temporaries(folder)):
+        raise CheckpointError(f"{folder} exists and is not a pockengine checkpoint (it holds {entries[:5]}); "
+                              "trainer.save never replaces other files: save to a new or empty folder")
+
+
+def _commit(folder: Path, tmp: Path) -> Path:
+    """Rename the finished `tmp` to the next free version name (a concurrent saver may have taken one)."""
+    versions = _versions(folder)
+    number = int(versions[-1].name[1:]) + 1 if versions else 1
+    while True:
+        target = folder / f"v{number:06d}"
+        try:
+            os.rename(tmp, target)  # onto an existing, non-empty version it fails instead of replacing
+        except OSError:
+            if not target.exists():
+                raise
+            number += 1
+            continue
+        fsync_dir(folder)
+        return target
+
+
 def save_trainer(trainer: Trainer, path: str | os.PathLike) -> None:
-    with atomic_dir(path, replace=True) as tmp:
+    folder = Path(path)
+    tmp: Path | None = None
+    try:
+        _check_target(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        _remove_interrupted(folder)
+        versions = _versions(folder)
+        number = int(versions[-1].name[1:]) + 1 if versions else 1
+        tmp = temp_name(folder / f"v{number:06d}")
+        tmp.mkdir()
+        after_save_step("created")
         save_file(_model_tensors(trainer.model), str(tmp / "model.safetensors"))
+        after_save_step("model")
         state = {f"{p}::{s}": t.contiguous() for p, states in trainer.state.items() for s, t in states.items()}
         save_file(state, str(tmp / "optimizer.safetensors"))
+        after_save_step("optimizer")
+        save_file({"state": trainer.generator.get_state()}, str(tmp / "generator.safetensors"))
+        after_save_step("generator")
         meta = {"format": FORMAT, "version": VERSION, "optimizer": trainer.optimizer.config(),
                 "scheme": trainer.scheme.to_dict(), "steps_done": trainer.steps_done,
                 "freeze_batchnorm": trainer.freeze_batchnorm, "on_nonfinite": trainer.on_nonfinite,
                 "activation_masks": trainer.activation_masks, "memory_format": trainer.memory_format,
-                "frozen_chunks": trainer.frozen_chunks,
+                "frozen_chunks": trainer.frozen_chunks, "seed": trainer.generator.initial_seed(),
                 # The resolved selection (channels chosen by magnitude included), so a resumed run trains exactly
                 # the same entries whatever the weights have become.
                 "selections": {name: sel.to_dict() for name, sel in trainer.trained.items()}}
         (tmp / "trainer.json").write_text(json.dumps(meta, indent=2))
+        after_save_step("trainer.json")
+        write_manifest(tmp)
+        after_save_step("manifest")
+        committed = _commit(folder, tmp)
+        after_save_step("committed")
+        for old in _versions(folder):
+            if old.name < committed.name:
+                shutil.rmtree(old)
+                after_save_step(f"removed {old.name}")
+    except OSError as e:
+        raise CheckpointError(f"cannot write the checkpoint {folder}: {type(e).__name__}: {e}; check that the "
+                              "folder is writable and the disk has space (the previous checkpoint is intact)") from e
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+_META_TYPES: dict[str, type | tuple[type, ...]] = {
+    "optimizer": dict, "scheme": dict, "steps_done": int, "freeze_batchnorm": bool, "on_nonfinite": str,
+    "activation_masks": str, "memory_format": str, "frozen_chunks": (int, str), "seed": int, "selections": dict}
+
+
+def _read_meta(file: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(file.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e}); the checkpoint is damaged") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{file} holds a {type(meta).__name__}, not a mapping; the checkpoint is damaged")
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise CheckpointError(f"{file} holds format {meta.get('format')} v{meta.get('version')}; this pockengine "
+                              f"reads {FORMAT} v{VERSION}")
+    for key, kind in _META_TYPES.items():
+        value = meta.get(key)
+        if key not in meta or not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise CheckpointError(f"{file}: '{key}' is missing or not a {getattr(kind, '__name__', kind)} "
+                                  f"(got {value!r:.80}); the checkpoint is damaged or was edited")
+    if meta["steps_done"] < 0:
+        raise CheckpointError(f"{file}: steps_done is {meta['steps_done']}; the checkpoint is damaged or was edited")
+    return meta
+
+
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {file}: {type(e).__name__}: {e}; the checkpoint is damaged") from e
+
+
+def latest_version(path: str | os.PathLike) -> Path:
+    """The folder of the latest complete checkpoint in `path`, verified against its manifest."""
+    folder = Path(path)
+    if not folder.exists():
+        raise CheckpointError(f"no checkpoint at {folder}: it does not exist; write one with trainer.save(path)")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is a file, not a checkpoint folder; write one with trainer.save(path)")
+    try:
+        if os.access(folder, os.W_OK):
+            _remove_interrupted(folder)
+        versions = _versions(folder)
+    except OSError as e:
+        raise CheckpointError(f"cannot read the checkpoint folder {folder}: {type(e).__name__}: {e}") from e
+    if not versions:
+        older = " (its trainer.json at the top was written by an older pockengine, format 1, which this version " \
+                "does not read)" if (folder / "trainer.json").exists() else ""
+        raise CheckpointError(f"{folder} holds no complete pockengine checkpoint{older}; write one with "
+                              "trainer.save(path)")
+    latest = versions[-1]
+    problems = manifest_problems(latest)
+    if problems:
+        raise CheckpointError(f"the checkpoint {latest} is damaged and cannot be trusted: {'; '.join(problems[:5])}. "
+                              "Restore the folder from a copy, or train again and save")
+    return latest
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    folder = Path(path)
-    meta_file = folder / "trainer.json"
-    if not meta_file.is_file():
-        raise UserInputError(f"{folder} is not a pockengine checkpoint (no trainer.json); write one with "
-                             "trainer.save(path)")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise UserInputError(f"{folder} holds format {meta.get('format')} v{meta.get('version')}; this pockengine "
-                             f"reads {FORMAT} v{VERSION}")
-    weights = load_file(str(folder / "model.safetensors"))
+    folder = latest_version(path)
+    meta = _read_meta(folder / "trainer.json")
+    weights = _load_tensors(folder / "model.safetensors")
     state: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in load_file(str(folder / "optimizer.safetensors")).items():
+    for key, t in _load_tensors(folder / "optimizer.safetensors").items():
         param, _, name = key.partition("::")
         state.setdefault(param, {})[name] = t
-    return Checkpoint(weights, state, meta)
+    generator = _load_tensors(folder / "generator.safetensors").get("state")
+    if generator is None or generator.dtype != torch.uint8:
+        raise CheckpointError(f"{folder / 'generator.safetensors'} holds no generator state; the checkpoint is "
+                              "damaged")
+    return Checkpoint(weights, state, meta, generator)
 
 
 def load(path: str | os.PathLike, model: nn.Module | None = None, loss_fn: Callable | None = None,
          example_batch: Any = None) -> Trainer | Checkpoint:
-    """Read a checkpoint written by `Trainer.save`.
+    """Read the latest checkpoint written by `Trainer.save` into `path`.
 
     With only `path`, returns the `Checkpoint` (weights, optimizer state, metadata). With a `model` of the same
     architecture, a `loss_fn` and an `example_batch`, loads the weights into the model and returns a Trainer that
-    resumes where the saved one stopped (same optimizer, state, scheme and step count).
+    resumes where the saved one stopped (same optimizer, state, scheme, step count and dropout generator).
+    Raises `CheckpointError` if `path` holds no complete checkpoint or any of its files is damaged.
     """
     from pockengine.optim import from_config
     from pockengine.scheme import Scheme, Selection
@@ -91,25 +247,43 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, loss_fn: Calla
         return ckpt
     if loss_fn is None or example_batch is None:
         raise UserInputError("to resume training, pass model, loss_fn and example_batch to pockengine.load")
-    expected = {k: tuple(v.shape) for k, v in [*model.named_parameters(), *model.named_buffers()]}
-    got = {k: tuple(v.shape) for k, v in ckpt.weights.items()}
+    if not isinstance(model, nn.Module):
+        raise UserInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    got = {k: (tuple(v.shape), v.dtype) for k, v in ckpt.weights.items()}
     if expected != got:
         missing = sorted(set(expected) - set(got))
         unexpected = sorted(set(got) - set(expected))
-        reshaped = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
-        raise UserInputError(f"the checkpoint does not fit this model: missing {missing[:10]}, unexpected "
-                             f"{unexpected[:10]}, other shapes {reshaped[:10]}; pass a model of the architecture "
-                             "that was trained")
-    model.load_state_dict(ckpt.weights, strict=False)  # strict would also ask for tied aliases
+        differ = sorted(f"{k}: {got[k][1]} {list(got[k][0])} saved, {expected[k][1]} {list(expected[k][0])} here"
+                        for k in set(got) & set(expected) if got[k] != expected[k])
+        raise CheckpointError(f"the checkpoint {path} does not fit this model: missing {missing[:10]}, unexpected "
+                              f"{unexpected[:10]}, other shapes or dtypes {differ[:10]}; pass a model of the "
+                              "architecture that was trained")
     meta = ckpt.meta
-    selections = {name: Selection.from_dict(d) for name, d in meta["selections"].items()}
-    trainer = Trainer(model, loss_fn, example_batch, from_config(meta["optimizer"]),
+    try:
+        selections = {name: Selection.from_dict(d) for name, d in meta["selections"].items()}
+        optimizer = from_config(meta["optimizer"])
+    except UserInputError as e:
+        raise CheckpointError(f"the checkpoint {path} records an unusable trainer in trainer.json: {e}") from e
+    model.load_state_dict(ckpt.weights, strict=False)  # strict would also ask for tied aliases
+    trainer = Trainer(model, loss_fn, example_batch, optimizer,
                       Scheme.from_resolved(selections, meta["scheme"].get("name", "recorded")),
                       freeze_batchnorm=meta["freeze_batchnorm"], on_nonfinite=meta["on_nonfinite"],
                       activation_masks=meta["activation_masks"], memory_format=meta["memory_format"],
-                      frozen_chunks=meta.get("frozen_chunks", "auto"))
+                      frozen_chunks=meta["frozen_chunks"], seed=meta["seed"])
     for param, states in trainer.state.items():
         for name, t in states.items():
-            t.copy_(ckpt.optimizer_state[param][name])
+            saved = ckpt.optimizer_state.get(param, {}).get(name)
+            if saved is None or saved.shape != t.shape:
+                found = "none" if saved is None else f"shape {list(saved.shape)}"
+                raise CheckpointError(f"the checkpoint {path} has no usable optimizer state '{name}' for {param} "
+                                      f"(expected shape {list(t.shape)}, found {found}); it is damaged or was "
+                                      "written for another scheme")
+            t.copy_(saved)
+    try:
+        trainer.generator.set_state(ckpt.generator_state)
+    except RuntimeError as e:
+        raise CheckpointError(f"the checkpoint {path} holds a dropout generator state this device cannot use: "
+                              f"{e}") from e
     trainer.steps_done = meta["steps_done"]
     return trainer

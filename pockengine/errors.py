@@ -23,3 +23,7 @@ class BatchMismatchError(UserInputError):
 
 class NonFiniteLossError(PockEngineError, FloatingPointError):
     """The loss was NaN or infinite; the step was abandoned before any weight changed."""
+
+
+class CheckpointError(UserInputError):
+    """A checkpoint cannot be written or read: the folder is not a checkpoint, or a file in it is damaged."""
