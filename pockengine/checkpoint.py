@@ -81,7 +81,7 @@ def _remove_interrupted(folder: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _check_target(folder: Path) -> None:
+def check_save_target(folder: Path) -> None:
     """A save may create `folder`, or add a version to a checkpoint folder; it never replaces anything else."""
     if not folder.exists():
         return
@@ -115,7 +115,7 @@ def save_trainer(trainer: Trainer, path: str | os.PathLike) -> None:
     folder = Path(path)
     tmp: Path | None = None
     try:
-        _check_target(folder)
+        check_save_target(folder)
         folder.mkdir(parents=True, exist_ok=True)
         _remove_interrupted(folder)
         versions = _versions(folder)
