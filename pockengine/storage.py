@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -147,21 +148,27 @@ def write_manifest(folder: Path) -> None:
         _fsync_file(p)
     entries = {p.relative_to(folder).as_posix(): {"sha256": file_digest(p), "size": p.stat().st_size} for p in files}
     manifest = folder / MANIFEST
-    manifest.write_text(json.dumps({"files": entries}, indent=1))
+    manifest.write_text(json.dumps({"files": entries, "sha256": _entries_digest(entries)}, indent=1))
     _fsync_file(manifest)
     fsync_dir(folder)
+
+
+def _entries_digest(entries: dict[str, Any]) -> str:
+    # The manifest's own checksum: a damaged manifest is reported as such, not as damage to the files it lists.
+    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
 
 
 def manifest_problems(folder: Path) -> list[str]:
     """What is wrong with `folder` against its manifest (nothing: an empty list)."""
     try:
-        entries = json.loads((folder / MANIFEST).read_text())["files"]
-        if not isinstance(entries, dict):
-            raise TypeError("files is not a mapping")
+        manifest = json.loads((folder / MANIFEST).read_text())
+        entries = manifest["files"]
+        if not isinstance(entries, dict) or manifest.get("sha256") != _entries_digest(entries):
+            raise ValueError("its recorded checksum does not match its content")
     except FileNotFoundError:
         return [f"{folder / MANIFEST} is missing"]
     except (OSError, ValueError, TypeError, KeyError) as e:
-        return [f"{folder / MANIFEST} is unreadable ({type(e).__name__}: {e})"]
+        return [f"{folder / MANIFEST} is unreadable or damaged ({type(e).__name__}: {e})"]
     problems = []
     for name, entry in entries.items():
         p = folder / name
