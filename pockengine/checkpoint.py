@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -90,8 +91,10 @@ def check_save_target(folder: Path) -> None:
                               "replaces other files: save to another path")
     entries = sorted(p.name for p in folder.iterdir())
     if entries and not (_versions(folder) or _temporaries(folder)):
-        raise CheckpointError(f"{folder} exists and is not a pockengine checkpoint (it holds {entries[:5]}); "
-                              "trainer.save never replaces other files: save to a new or empty folder")
+        what = ("holds a checkpoint of an older pockengine (format 1, trainer.json at the top)" if "trainer.json" in
+                entries else f"is not a pockengine checkpoint (it holds {entries[:5]})")
+        raise CheckpointError(f"{folder} exists and {what}; trainer.save never replaces other files: save to a new "
+                              "or empty folder")
 
 
 def _commit(folder: Path, tmp: Path) -> Path:
@@ -282,8 +285,9 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, loss_fn: Calla
             t.copy_(saved)
     try:
         trainer.generator.set_state(ckpt.generator_state)
-    except RuntimeError as e:
-        raise CheckpointError(f"the checkpoint {path} holds a dropout generator state this device cannot use: "
-                              f"{e}") from e
+    except RuntimeError:  # saved on another kind of device (a CPU state cannot seed a CUDA generator)
+        warnings.warn(f"pockengine: the dropout generator state in {path} was saved on another kind of device than "
+                      f"{trainer.device}; the generator is seeded with the recorded seed {meta['seed']} instead, so "
+                      "dropout draws differ from the uninterrupted run", RuntimeWarning, stacklevel=2)
     trainer.steps_done = meta["steps_done"]
     return trainer

@@ -44,6 +44,22 @@ def leftovers(folder) -> list[str]:
     return [p.name for p in folder.iterdir() if p.name.startswith(".")]
 
 
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A checkpoint after one step, written once; tests that damage or edit it work on copies."""
+    t = trainer()
+    t.step(batch(1))
+    folder = tmp_path_factory.mktemp("saved") / "ckpt"
+    t.save(folder)
+    return folder
+
+
+@pytest.fixture
+def ckpt(saved, tmp_path):
+    shutil.copytree(saved, tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
 def _record_steps(t, folder) -> list[str]:
     steps = []
     checkpoint.after_save_step = steps.append
@@ -157,11 +173,8 @@ def test_save_into_a_read_only_folder_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("file", ["model.safetensors", "optimizer.safetensors", "generator.safetensors",
                                   "trainer.json"])
 @pytest.mark.parametrize("damage", ["truncate", "zero 64 bytes", "flip one byte"])
-def test_damaged_files_are_refused_naming_them(tmp_path, file, damage):
-    t = trainer()
-    t.step(batch(1))
-    t.save(tmp_path / "ckpt")
-    path = only_version(tmp_path / "ckpt") / file
+def test_damaged_files_are_refused_naming_them(ckpt, file, damage):
+    path = only_version(ckpt) / file
     data = bytearray(path.read_bytes())
     if damage == "truncate":
         data = data[:len(data) // 2]
@@ -171,15 +184,14 @@ def test_damaged_files_are_refused_naming_them(tmp_path, file, damage):
     else:
         data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
-    for call in (lambda: pe.load(tmp_path / "ckpt"),
-                 lambda: pe.load(tmp_path / "ckpt", mlp(), pe.losses.cross_entropy(), batch())):
+    for call in (lambda: pe.load(ckpt), lambda: pe.load(ckpt, mlp(), pe.losses.cross_entropy(), batch())):
         with pytest.raises(pe.CheckpointError, match=f"damaged.*{file}"):
             call()
 
 
-def _edit(tmp_path, change) -> None:
+def _edit(ckpt, change) -> None:
     """Change the checkpoint's files and record them in the manifest, as a hand edit that kept it consistent."""
-    folder = only_version(tmp_path / "ckpt")
+    folder = only_version(ckpt)
     change(folder)
     (folder / "pockengine-manifest.json").unlink()
     write_manifest(folder)
@@ -204,23 +216,21 @@ def _edit_json(key_change):
      "selection of 0.weight.*does not fit"),
     (_edit_json(lambda m: m["selections"].update({"0.weight": {"kind": "sideways"}})), "a selection is"),
 ])
-def test_edited_trainer_json_is_refused_clearly(tmp_path, change, match):
-    trainer().save(tmp_path / "ckpt")
-    _edit(tmp_path, change)
+def test_edited_trainer_json_is_refused_clearly(ckpt, change, match):
+    _edit(ckpt, change)
     with pytest.raises(pe.PockEngineError, match=match):
-        pe.load(tmp_path / "ckpt", mlp(), pe.losses.cross_entropy(), batch())
+        pe.load(ckpt, mlp(), pe.losses.cross_entropy(), batch())
 
 
-def test_a_selection_without_optimizer_state_is_refused_naming_it(tmp_path):
-    trainer().save(tmp_path / "ckpt")
+def test_a_selection_without_optimizer_state_is_refused_naming_it(ckpt):
 
     def drop_state(folder):
         state = load_file(folder / "optimizer.safetensors")
         del state["3.bias::exp_avg"]
         save_file(state, folder / "optimizer.safetensors")
-    _edit(tmp_path, drop_state)
+    _edit(ckpt, drop_state)
     with pytest.raises(pe.CheckpointError, match="no usable optimizer state 'exp_avg' for 3.bias"):
-        pe.load(tmp_path / "ckpt", mlp(), pe.losses.cross_entropy(), batch())
+        pe.load(ckpt, mlp(), pe.losses.cross_entropy(), batch())
 
 
 @pytest.mark.parametrize("make,match", [
@@ -235,8 +245,7 @@ def test_what_is_not_a_checkpoint_is_refused(tmp_path, make, match):
         pe.load(tmp_path / "ckpt")
 
 
-def test_checkpoints_of_other_models_are_refused_naming_the_parameters(tmp_path):
-    trainer().save(tmp_path / "ckpt")
+def test_checkpoints_of_other_models_are_refused_naming_the_parameters(ckpt, tmp_path):
     wider = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Dropout(0.0), nn.Linear(32, 3))
     with pytest.raises(pe.CheckpointError, match=r"0.weight: torch.float32 \[16, 6\] saved, torch.float32 \[32, 6\]"):
         pe.load(tmp_path / "ckpt", wider, pe.losses.cross_entropy(), batch())
