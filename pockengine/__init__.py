@@ -11,5 +11,5 @@ from pockengine.errors import (BatchMismatchError, CaptureError, CheckpointError
 from pockengine.scheme import Scheme
 from pockengine.trainer import Trainer, compile
 
-__all__ = ["BatchMismatchError", "CaptureError", "CheckpointError", "MissingVJPError", "NonFiniteLossError", "PockEngineError",
-           "Scheme", "Trainer", "UserInputError", "compile", "load", "losses", "optim"]
+__all__ = ["BatchMismatchError", "CaptureError", "CheckpointError", "MissingVJPError", "NonFiniteLossError",
+           "PockEngineError", "Scheme", "Trainer", "UserInputError", "compile", "load", "losses", "optim"]

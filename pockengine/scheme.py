@@ -12,8 +12,9 @@ trained. Later rules override earlier ones for the parameters they reach. Modes:
   `magnitude`; one-dimensional parameters (biases, norm scales) are trained fully.
 
 Presets: `Scheme.full()`, `bias_only()`, `last(k)` (the last k parametrised layers in forward order, fully trained),
-`head()` (the last one). A parameter with `requires_grad=False` is never trained by any scheme: the user froze it. A scheme resolves against a model into `{parameter name: Selection}`; the selected channels
-are recorded there, so a run can be reproduced exactly (`Scheme.from_resolved`).
+`head()` (the last one). A scheme resolves against a model into `{parameter name: Selection}`; the selected channels
+are recorded there, so a run can be reproduced exactly (`Scheme.from_resolved`). A parameter with
+`requires_grad=False` is never trained by any scheme: the user froze it.
 """
 
 from __future__ import annotations
@@ -44,6 +45,15 @@ class Selection:
     dim: int = 0
     channels: tuple[int, ...] = ()
 
+    def __post_init__(self) -> None:
+        if self.kind == "full":
+            return
+        channels = list(self.channels) if isinstance(self.channels, tuple) else None
+        if (self.kind != "partial" or not _is_int(self.dim) or self.dim < 0 or not channels
+                or not all(_is_int(c) and c >= 0 for c in channels) or channels != sorted(set(channels))):
+            raise UserInputError(f"a selection is full, or partial with a dimension 'dim' >= 0 and 'channels', a "
+                                 f"non-empty sorted tuple of distinct indices; got {self!r:.200}")
+
     @property
     def is_prefix(self) -> bool:
         """The channels are 0..k-1, so the trained part is a plain slice (a view) of the parameter."""
@@ -71,12 +81,9 @@ class Selection:
                                  f"[...]}}, got {d!r:.200}")
         if d["kind"] == "full":
             return cls("full")
-        dim, channels = d.get("dim"), d.get("channels")
-        if (not _is_int(dim) or dim < 0 or not isinstance(channels, list) or not channels
-                or not all(_is_int(c) and c >= 0 for c in channels) or channels != sorted(set(channels))):
-            raise UserInputError(f"a partial selection needs a dimension 'dim' >= 0 and 'channels', a non-empty "
-                                 f"sorted list of distinct indices; got {d!r:.200}")
-        return cls("partial", dim, tuple(channels))
+        if not isinstance(d.get("channels"), list):
+            raise UserInputError(f"a partial selection lists its 'channels', got {d!r:.200}")
+        return cls("partial", d.get("dim"), tuple(d["channels"]))
 
     def check(self, name: str, shape: tuple[int, ...]) -> None:
         """Refuse a selection that does not fit parameter `name` of this shape (recorded for another model)."""
@@ -124,7 +131,8 @@ def _ratio(value: Any) -> float:
             raise ValueError(value)
         return float(Fraction(str(value)))
     except (ValueError, ZeroDivisionError) as e:
-        raise UserInputError(f"cannot read ratio {value!r}; write a number such as 0.25 or a fraction such as 1/4") from e
+        raise UserInputError(f"cannot read ratio {value!r}; write a number such as 0.25 or a fraction such as "
+                             "1/4") from e
 
 
 def parametrised_layers(model: nn.Module) -> list[str]:
@@ -138,6 +146,16 @@ class Scheme:
     rules: list[Rule] = field(default_factory=list)
     last_k: int | None = None  # train the last k parametrised layers (in forward order) fully
     resolved: dict[str, Selection] | None = None  # a recorded resolution, replayed as is
+
+    def __post_init__(self) -> None:
+        if self.last_k is not None and (not _is_int(self.last_k) or self.last_k < 1):
+            raise UserInputError(f"last(k) needs an integer k >= 1 (the number of layers to train), got "
+                                 f"{self.last_k!r}")
+        if not isinstance(self.rules, list) or not all(isinstance(r, Rule) for r in self.rules):
+            raise UserInputError(f"a scheme's rules are a list of pockengine.scheme.Rule, got {self.rules!r:.200}")
+        if self.resolved is not None and not all(isinstance(n, str) and isinstance(s, Selection)
+                                                 for n, s in self.resolved.items()):
+            raise UserInputError("a recorded scheme maps parameter names to pockengine.scheme.Selection")
 
     # -- presets --------------------------------------------------------------------------------------------
     @classmethod
@@ -153,8 +171,6 @@ class Scheme:
     @classmethod
     def last(cls, k: int) -> Scheme:
         """Train the last k parametrised layers in forward order, fully."""
-        if not _is_int(k) or k < 1:
-            raise UserInputError(f"last(k) needs an integer k >= 1 (the number of layers to train), got {k!r}")
         return cls(f"last{k}", [], last_k=k)
 
     @classmethod
@@ -194,8 +210,7 @@ class Scheme:
                                      f"{r['mode']!r}")
             rules.append(Rule(r["modules"], r["mode"], _ratio(r["ratio"]) if "ratio" in r else None,
                               r.get("select", "first")))
-        last = d.get("last")
-        return cls(name, rules, last_k=None if last is None else cls.last(last).last_k)
+        return cls(name, rules, last_k=d.get("last"))
 
     @classmethod
     def from_file(cls, path: str | Path) -> Scheme:

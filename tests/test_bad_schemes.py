@@ -129,3 +129,16 @@ def test_a_rule_reaching_only_frozen_parameters_warns_and_an_empty_result_is_an_
         Scheme.full().resolve(model)
     with pytest.raises(pe.UserInputError, match=r"requires_grad=False here: \['0.weight'\]"):
         Scheme.from_resolved({"0.weight": Selection("full")}).resolve(model)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: Scheme("mine", [], last_k=0), "integer k >= 1"),
+    (lambda: Scheme("mine", [{"modules": "*", "mode": "full"}]), "list of pockengine.scheme.Rule"),
+    (lambda: Scheme.from_resolved({"0.weight": {"kind": "full"}}), "maps parameter names to"),
+    (lambda: Selection("partial", 1, ()), "non-empty sorted tuple"),
+    (lambda: Selection("sideways"), "a selection is full, or partial"),
+    (lambda: pe.scheme.Rule("0", "partial", ratio=math.nan), "ratio in"),
+])
+def test_schemes_built_directly_are_checked_too(make, match):
+    with pytest.raises(pe.UserInputError, match=match):
+        make()

@@ -1,8 +1,8 @@
 """Build and load pockengine's C kernels (masks.c) with the machine's C compiler, once, into the cache.
 
 The library is compiled at first use for the machine it runs on (x86-64, AArch64...) and kept in the cache under a
-hash of its source and flags, with its SHA-256 checked before each load; a missing or failing compiler is reported once and the callers fall back to ATen
-compositions of the same functions. `POCKENGINE_NATIVE=0` turns the kernels off.
+hash of its source and flags, with its SHA-256 checked before each load (a damaged one is rebuilt); a missing or
+failing compiler is reported once and the callers fall back to ATen compositions of the same functions. `POCKENGINE_NATIVE=0` turns the kernels off.
 """
 
 from __future__ import annotations
