@@ -7,6 +7,7 @@ flattened into tensor inputs, and every node keeps the dotted path of the module
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -122,9 +123,12 @@ def _refuse_autograd_function(ctx: Any, g: Any) -> Any:
 @contextmanager
 def _marking_autograd_functions() -> Iterator[None]:
     original = Function.__dict__["apply"]
+    exporting = threading.get_ident()
 
     def apply(cls: type[Function], *args: Any, **kwargs: Any) -> Any:
         out = original.__func__(cls, *args, **kwargs)
+        if threading.get_ident() != exporting:  # another thread's eager autograd: untouched
+            return out
         name = f"{cls.__module__}.{cls.__qualname__}"
         return pytree.tree_map_only(torch.Tensor, lambda t: autograd_function_output(t, name), out)
 

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,9 @@ def smollm2(max_layers: int | None = None) -> tuple[nn.Module, Any]:
     """
     transformers = _transformers()
     bundle = cache_dir() / _SMOLLM2_CACHE
-    if bundle.exists() and manifest_problems(bundle):  # damaged, or converted before bundles had a manifest
+    if bundle.exists() and (problems := manifest_problems(bundle)):  # damaged, or converted without a manifest
+        warnings.warn(f"pockengine: the cached SmolLM2 folder is damaged or unverified ({problems[0]}); "
+                      "converting it again", RuntimeWarning, stacklevel=2)
         shutil.rmtree(bundle)
     if not bundle.is_dir():
         _convert_smollm2(bundle)
