@@ -119,7 +119,9 @@ def save_trainer(trainer: Trainer, path: str | os.PathLike) -> None:
     tmp: Path | None = None
     try:
         check_save_target(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        if not folder.exists():
+            folder.mkdir(parents=True)
+            fsync_dir(folder.parent)  # the new folder's own entry must survive a power loss too
         _remove_interrupted(folder)
         versions = _versions(folder)
         number = int(versions[-1].name[1:]) + 1 if versions else 1
