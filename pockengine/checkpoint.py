@@ -1,29 +1,28 @@
 """Checkpoints: weights, optimizer and generator state as safetensors, the rest as JSON. Never pickle.
 
-A checkpoint is a folder of numbered versions; only pockengine's own entries in it are ever written or removed:
+    ckpt/                              the checkpoint folder, holding only these files:
+      model.safetensors                parameters and buffers, by state-dict name
+      optimizer.safetensors            optimizer state, as `<parameter>::<state name>`
+      generator.safetensors            the dropout generator's state
+      trainer.json                     optimizer config, scheme and its resolution, step count, options, seed
+      pockengine-manifest.json         SHA-256 and size of each file above, written last
+    .ckpt.<pid>.<random>.saving/       beside it: a save in progress, or one a crash interrupted
+    .ckpt.<pid>.<random>.previous/     beside it: the checkpoint a save is replacing
 
-    ckpt/
-      v000003/                         the latest complete checkpoint
-        model.safetensors              parameters and buffers, by state-dict name
-        optimizer.safetensors          optimizer state, as `<parameter>::<state name>`
-        generator.safetensors          the dropout generator's state
-        trainer.json                   optimizer config, scheme and its resolution, step count, options, seed
-        pockengine-manifest.json       SHA-256 and size of each file above, written last
-      .v000004.<pid>.<random>.tmp/     a save in progress, or one a crash interrupted
-
-A save writes the next version into a temporary folder, flushes every file and the folder to disk, renames it to
-its version name (one atomic rename: the commit), flushes the parent, and only then deletes older versions and the
-temporaries that interrupted saves left. A load reads the highest version after verifying every file against the
-manifest. A crash at any instant therefore leaves the previous or the new checkpoint complete, and bytes changed
-later (truncation, zeroed blocks) are refused, never loaded.
+A save writes the new checkpoint into a `.saving` sibling and flushes every file and the folder to disk; then it
+renames the existing checkpoint to a `.previous` sibling, renames the new one into place (the commit), flushes the
+parent, and deletes the previous one. A crash between the two renames leaves no folder at the path but a complete
+`.previous`, which the next load or save renames back. So a load finds the last committed checkpoint after a crash
+at any instant, and removes what killed saves left. Every file is read and checked, then verified against the
+manifest: bytes changed after the save (truncation, zeroed blocks) are refused naming the file, never loaded.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,15 +34,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pockengine.errors import CheckpointError, UserInputError
-from pockengine.storage import fsync_dir, manifest_problems, temp_name, write_manifest, writer_alive
+from pockengine.storage import MANIFEST, fsync_dir, manifest_problems, write_manifest, writer_alive
 
 if TYPE_CHECKING:
     from pockengine.trainer import Trainer
 
 FORMAT = "pockengine-checkpoint"
 VERSION = 2
-_VERSION_DIR = re.compile(r"v(\d{6})")
-_TEMP_DIR = re.compile(r"\.v\d{6}\..+\.tmp")
+FILES = ("model.safetensors", "optimizer.safetensors", "generator.safetensors", "trainer.json", MANIFEST)
+_SAVING, _PREVIOUS = "saving", "previous"
 
 # Called with the name of each step of a save once it is done; the crash-safety test kills the saving process
 # there (tests/test_bad_checkpoints.py), one step after the other.
@@ -65,67 +64,57 @@ def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in tensors.items()}
 
 
-def _versions(folder: Path) -> list[Path]:
-    """The committed versions in `folder`, oldest first."""
-    found = [p for p in folder.iterdir() if _VERSION_DIR.fullmatch(p.name) and p.is_dir()]
-    return sorted(found, key=lambda p: p.name)
+def _sibling(folder: Path, kind: str) -> Path:
+    return folder.with_name(f".{folder.name}.{os.getpid()}.{uuid.uuid4().hex}.{kind}")
 
 
-def _temporaries(folder: Path) -> list[Path]:
-    return [p for p in folder.iterdir() if _TEMP_DIR.fullmatch(p.name)]
+def _siblings(folder: Path, kind: str) -> list[Path]:
+    """`kind` siblings of `folder` with the pid of the process that made them, newest first."""
+    prefix = f".{folder.name}."
+    found = [p for p in folder.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(f".{kind}")
+             and p.name[len(prefix):].count(".") == 2]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
-def _remove_interrupted(folder: Path) -> None:
-    """Delete the temporaries of saves whose process is gone (killed mid-save); a live saver's are kept."""
-    for tmp in _temporaries(folder):
-        if not writer_alive(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+def _recover(folder: Path) -> None:
+    """Put the last committed checkpoint back at `folder` after a crash mid-swap, and delete what killed saves left
+    (the siblings of processes that are gone)."""
+    if not folder.exists():
+        for previous in _siblings(folder, _PREVIOUS):
+            if not writer_alive(previous) and not manifest_problems(previous):
+                os.rename(previous, folder)
+                fsync_dir(folder.parent)
+                break
+    if folder.is_dir():
+        for leftover in _siblings(folder, _SAVING) + _siblings(folder, _PREVIOUS):
+            if not writer_alive(leftover):
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def check_save_target(folder: Path) -> None:
-    """A save may create `folder`, or add a version to a checkpoint folder; it never replaces anything else."""
+    """A save may create `folder`, or replace a checkpoint holding only pockengine's files; nothing else."""
     if not folder.exists():
         return
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is a file, not a checkpoint folder; trainer.save writes a folder and never "
                               "replaces other files: save to another path")
     entries = sorted(p.name for p in folder.iterdir())
-    if entries and not (_versions(folder) or _temporaries(folder)):
-        what = ("holds a checkpoint of an older pockengine (format 1, trainer.json at the top)" if "trainer.json" in
-                entries else f"is not a pockengine checkpoint (it holds {entries[:5]})")
-        raise CheckpointError(f"{folder} exists and {what}; trainer.save never replaces other files: save to a new "
-                              "or empty folder")
-
-
-def _commit(folder: Path, tmp: Path) -> Path:
-    """Rename the finished `tmp` to the next free version name (a concurrent saver may have taken one)."""
-    versions = _versions(folder)
-    number = int(versions[-1].name[1:]) + 1 if versions else 1
-    while True:
-        target = folder / f"v{number:06d}"
-        try:
-            os.rename(tmp, target)  # onto an existing, non-empty version it fails instead of replacing
-        except OSError:
-            if not target.exists():
-                raise
-            number += 1
-            continue
-        fsync_dir(folder)
-        return target
+    foreign = [name for name in entries if name not in FILES]
+    if foreign:
+        what = ("is not a pockengine checkpoint" if "trainer.json" not in entries else
+                "holds files that pockengine did not write")
+        raise CheckpointError(f"{folder} exists and {what} ({foreign[:5]}); trainer.save never replaces other "
+                              "files: move them out, or save to a new or empty folder")
 
 
 def save_trainer(trainer: Trainer, path: str | os.PathLike) -> None:
     folder = Path(path)
-    tmp: Path | None = None
+    tmp = previous = None
     try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        _recover(folder)
         check_save_target(folder)
-        if not folder.exists():
-            folder.mkdir(parents=True)
-            fsync_dir(folder.parent)  # the new folder's own entry must survive a power loss too
-        _remove_interrupted(folder)
-        versions = _versions(folder)
-        number = int(versions[-1].name[1:]) + 1 if versions else 1
-        tmp = temp_name(folder / f"v{number:06d}")
+        tmp = _sibling(folder, _SAVING)
         tmp.mkdir()
         after_save_step("created")
         save_file(_model_tensors(trainer.model), str(tmp / "model.safetensors"))
@@ -145,15 +134,21 @@ def save_trainer(trainer: Trainer, path: str | os.PathLike) -> None:
                 "selections": {name: sel.to_dict() for name, sel in trainer.trained.items()}}
         (tmp / "trainer.json").write_text(json.dumps(meta, indent=2))
         after_save_step("trainer.json")
-        write_manifest(tmp)
+        write_manifest(tmp)  # flushes every file and the folder
         after_save_step("manifest")
-        committed = _commit(folder, tmp)
+        if folder.exists():
+            previous = _sibling(folder, _PREVIOUS)
+            os.rename(folder, previous)
+            after_save_step("moved aside")
+        os.rename(tmp, folder)
+        fsync_dir(folder.parent)
         after_save_step("committed")
-        for old in _versions(folder):
-            if old.name < committed.name:
-                shutil.rmtree(old)
-                after_save_step(f"removed {old.name}")
+        if previous is not None:
+            shutil.rmtree(previous)
+            after_save_step("removed previous")
     except OSError as e:
+        if previous is not None and previous.exists() and not folder.exists():
+            os.rename(previous, folder)  # the swap failed half-way: the previous checkpoint goes back
         raise CheckpointError(f"cannot write the checkpoint {folder}: {type(e).__name__}: {e}; check that the "
                               "folder is writable and the disk has space (the previous checkpoint is intact)") from e
     finally:
@@ -169,8 +164,8 @@ _META_TYPES: dict[str, type | tuple[type, ...]] = {
 def _read_meta(file: Path) -> dict[str, Any]:
     try:
         meta = json.loads(file.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{file} is not valid JSON ({e}); the checkpoint is damaged") from e
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {file} ({type(e).__name__}: {e}); the checkpoint is damaged") from e
     if not isinstance(meta, dict):
         raise CheckpointError(f"{file} holds a {type(meta).__name__}, not a mapping; the checkpoint is damaged")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
@@ -193,44 +188,54 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read {file}: {type(e).__name__}: {e}; the checkpoint is damaged") from e
 
 
-def latest_version(path: str | os.PathLike) -> Path:
-    """The folder of the latest complete checkpoint in `path`, verified against its manifest."""
+def _checkpoint_folder(path: str | os.PathLike) -> Path:
+    """`path`, once it holds a checkpoint (recovered first if a crash interrupted a save there)."""
     folder = Path(path)
-    if not folder.exists():
-        raise CheckpointError(f"no checkpoint at {folder}: it does not exist; write one with trainer.save(path)")
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder} is a file, not a checkpoint folder; write one with trainer.save(path)")
     try:
-        if os.access(folder, os.W_OK):
-            _remove_interrupted(folder)
-        versions = _versions(folder)
+        if os.access(folder.parent, os.W_OK):
+            _recover(folder)
+        if not folder.exists():
+            interrupted = " (a save into it was interrupted before it completed)" if _siblings(folder, _SAVING) else ""
+            raise CheckpointError(f"no checkpoint at {folder}: it does not exist{interrupted}; write one with "
+                                  "trainer.save(path)")
+        if not folder.is_dir():
+            raise CheckpointError(f"{folder} is a file, not a checkpoint folder; write one with trainer.save(path)")
+        if not (folder / "trainer.json").exists():
+            raise CheckpointError(f"{folder} is not a pockengine checkpoint (no trainer.json); write one with "
+                                  "trainer.save(path)")
     except OSError as e:
         raise CheckpointError(f"cannot read the checkpoint folder {folder}: {type(e).__name__}: {e}") from e
-    if not versions:
-        older = " (its trainer.json at the top was written by an older pockengine, format 1, which this version " \
-                "does not read)" if (folder / "trainer.json").exists() else ""
-        raise CheckpointError(f"{folder} holds no complete pockengine checkpoint{older}; write one with "
-                              "trainer.save(path)")
-    latest = versions[-1]
-    problems = manifest_problems(latest)
-    if problems:
-        raise CheckpointError(f"the checkpoint {latest} is damaged and cannot be trusted: {'; '.join(problems[:5])}. "
-                              "Restore the folder from a copy, or train again and save")
-    return latest
+    return folder
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    folder = latest_version(path)
+    from pockengine.optim import from_config
+
+    folder = _checkpoint_folder(path)
     meta = _read_meta(folder / "trainer.json")
     weights = _load_tensors(folder / "model.safetensors")
     state: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in _load_tensors(folder / "optimizer.safetensors").items():
         param, _, name = key.partition("::")
         state.setdefault(param, {})[name] = t
+    try:
+        state_names = from_config(meta["optimizer"]).state_names
+    except UserInputError as e:
+        raise CheckpointError(f"{folder / 'trainer.json'} records an unusable optimizer: {e}") from e
+    for param in meta["selections"]:
+        missing = [name for name in state_names if name not in state.get(param, {})]
+        if missing:
+            raise CheckpointError(f"{folder / 'optimizer.safetensors'} has no optimizer state {missing} for {param}, "
+                                  "which the checkpoint trains; it is damaged or was written for another scheme")
     generator = _load_tensors(folder / "generator.safetensors").get("state")
     if generator is None or generator.dtype != torch.uint8:
         raise CheckpointError(f"{folder / 'generator.safetensors'} holds no generator state; the checkpoint is "
                               "damaged")
+    # Last: what parses may still be changed bytes (zeroed weights); only what was written is loaded.
+    problems = manifest_problems(folder)
+    if problems:
+        raise CheckpointError(f"the checkpoint {folder} is damaged and cannot be trusted: {'; '.join(problems[:5])}. "
+                              "Restore it from a copy, or train again and save")
     return Checkpoint(weights, state, meta, generator)
 
 

@@ -64,7 +64,8 @@ def temp_name(final: Path, suffix: str = "") -> Path:
 
 
 def writer_alive(temp: Path) -> bool:
-    """Whether the process that named `temp` (with `temp_name`, no suffix) may still be writing it."""
+    """Whether the process that named `temp` `.<name>.<pid>.<random>.<kind>` (as `temp_name` does without a
+    suffix) may still be writing it."""
     try:
         pid = int(temp.name.split(".")[-3])
     except (ValueError, IndexError):

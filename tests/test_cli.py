@@ -14,6 +14,7 @@ def test_train_runs_steps_and_saves_a_checkpoint(tmp_path, capsys):
     assert code == 0
     assert "scheme last2" in out and "predicted step peak" in out
     assert out.count("loss ") >= 2 and "validation accuracy after 3 steps" in out
+    assert (ckpt / "trainer.json").is_file() and (ckpt / "model.safetensors").is_file()
     assert pe.load(ckpt).meta["steps_done"] == 3
 
 

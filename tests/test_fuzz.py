@@ -143,7 +143,7 @@ def test_damaged_checkpoints_are_never_loaded(saved, tmp_path, file, where, byte
     folder = tmp_path / "ckpt"
     shutil.rmtree(folder, ignore_errors=True)
     shutil.copytree(saved, folder)
-    path = folder / "v000001" / file
+    path = folder / file
     data = bytearray(path.read_bytes())
     at = int(where * len(data))
     if byte is None:
