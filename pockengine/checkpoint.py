@@ -85,10 +85,11 @@ def _recover(folder: Path) -> None:
                 os.rename(previous, folder)
                 fsync_dir(folder.parent)
                 break
-    if folder.is_dir():
-        for leftover in _siblings(folder, _SAVING) + _siblings(folder, _PREVIOUS):
-            if not writer_alive(leftover):
-                shutil.rmtree(leftover, ignore_errors=True)
+    # An unfinished save is never needed again; a previous checkpoint only while nothing replaced it.
+    leftovers = _siblings(folder, _SAVING) + (_siblings(folder, _PREVIOUS) if folder.is_dir() else [])
+    for leftover in leftovers:
+        if not writer_alive(leftover):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def check_save_target(folder: Path) -> None:
@@ -192,10 +193,11 @@ def _checkpoint_folder(path: str | os.PathLike) -> Path:
     """`path`, once it holds a checkpoint (recovered first if a crash interrupted a save there)."""
     folder = Path(path)
     try:
+        interrupted = " (a save into it was interrupted before it completed)" if (
+            folder.parent.is_dir() and _siblings(folder, _SAVING)) else ""
         if os.access(folder.parent, os.W_OK):
             _recover(folder)
         if not folder.exists():
-            interrupted = " (a save into it was interrupted before it completed)" if _siblings(folder, _SAVING) else ""
             raise CheckpointError(f"no checkpoint at {folder}: it does not exist{interrupted}; write one with "
                                   "trainer.save(path)")
         if not folder.is_dir():

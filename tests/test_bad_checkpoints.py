@@ -122,6 +122,25 @@ def test_the_next_save_removes_what_a_killed_save_left(tmp_path):
     assert leftovers(tmp_path / "ckpt") == []
 
 
+def test_a_first_save_killed_leaves_no_checkpoint_and_nothing_behind(tmp_path):
+    t = trainer()
+    ckpt = tmp_path / "ckpt"
+    pid = os.fork()
+    if pid == 0:
+        checkpoint.after_save_step = lambda step: os.kill(os.getpid(), signal.SIGKILL) if step == "manifest" else None
+        try:
+            t.save(ckpt)
+        finally:
+            os._exit(3)
+    os.waitpid(pid, 0)
+    assert len(leftovers(ckpt)) == 1
+    with pytest.raises(pe.CheckpointError, match="no checkpoint at .*ckpt.*interrupted before it completed"):
+        pe.load(ckpt)
+    assert leftovers(ckpt) == []  # the load removed the dead save's folder
+    t.save(ckpt)
+    assert leftovers(ckpt) == [] and pe.load(ckpt).meta["steps_done"] == 0
+
+
 def test_save_never_replaces_what_is_not_a_checkpoint(tmp_path):
     t = trainer()
     run = tmp_path / "run1"
