@@ -6,10 +6,10 @@
 
 from pockengine import losses, optim
 from pockengine.checkpoint import load
-from pockengine.errors import (BatchMismatchError, CaptureError, CheckpointError, MissingVJPError,
+from pockengine.errors import (BatchMismatchError, CacheError, CaptureError, CheckpointError, MissingVJPError,
                                NonFiniteLossError, PockEngineError, UserInputError)
 from pockengine.scheme import Scheme
 from pockengine.trainer import Trainer, compile
 
-__all__ = ["BatchMismatchError", "CaptureError", "CheckpointError", "MissingVJPError", "NonFiniteLossError",
-           "PockEngineError", "Scheme", "Trainer", "UserInputError", "compile", "load", "losses", "optim"]
+__all__ = ["BatchMismatchError", "CacheError", "CaptureError", "CheckpointError", "MissingVJPError",
+           "NonFiniteLossError", "PockEngineError", "Scheme", "Trainer", "UserInputError", "compile", "load", "losses", "optim"]

@@ -25,5 +25,9 @@ class NonFiniteLossError(PockEngineError, FloatingPointError):
     """The loss was NaN or infinite; the step was abandoned before any weight changed."""
 
 
+class CacheError(PockEngineError, OSError):
+    """The cache folder cannot be created or written (converted weights, data, native kernels)."""
+
+
 class CheckpointError(UserInputError):
     """A checkpoint cannot be written or read: the folder is not a checkpoint, or a file in it is damaged."""

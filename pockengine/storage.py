@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from pockengine.errors import CacheError
+
 __all__ = ["cache_dir", "atomic_path", "atomic_dir", "save_safetensors", "file_digest", "fsync_dir", "cached_file",
            "write_manifest", "manifest_problems", "MANIFEST"]
 
@@ -33,7 +35,11 @@ def cache_dir() -> Path:
     """Return the cache directory (``$POCKENGINE_CACHE`` or ``~/.cache/pockengine``), creating it."""
     root = os.environ.get("POCKENGINE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "pockengine")
     path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CacheError(f"cannot create the cache folder {path}: {type(e).__name__}: {e}; set POCKENGINE_CACHE to "
+                         "a writable folder") from e
     return path
 
 
@@ -126,9 +132,9 @@ def cached_file(path: str | os.PathLike[str], build: Callable[[Path], None], wha
     if final.exists():
         warnings.warn(f"pockengine: the cached {what} {final} does not match its recorded checksum (damaged or "
                       "unverified); rebuilding it", RuntimeWarning, stacklevel=3)
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(final, final.suffix)
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
         build(tmp)
         record = _record(tmp)
         _fsync_file(tmp)
@@ -136,6 +142,9 @@ def cached_file(path: str | os.PathLike[str], build: Callable[[Path], None], wha
         # The entry is published before its checksum: a crash in between leaves an entry without one, rebuilt.
         with atomic_path(_sidecar(final)) as side:
             side.write_text(record)
+    except OSError as e:
+        raise CacheError(f"cannot write the cached {what} {final}: {type(e).__name__}: {e}; set POCKENGINE_CACHE "
+                         "to a writable folder with free space") from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

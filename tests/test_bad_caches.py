@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import pockengine as pe
 from pockengine import storage
 from pockengine.data import mnist
 from pockengine.kernels import native
@@ -137,3 +138,12 @@ def test_a_cache_folder_is_checked_against_its_manifest(cache):
     shutil.rmtree(cache / "bundle")
     (cache / "bundle").mkdir()
     assert storage.manifest_problems(cache / "bundle") == [f"{cache / 'bundle' / storage.MANIFEST} is missing"]
+
+
+def test_an_unusable_cache_folder_is_a_clear_error(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("POCKENGINE_CACHE", str(tmp_path / "file" / "cache"))
+    with pytest.raises(pe.CacheError, match="cannot create the cache folder .*file/cache.*POCKENGINE_CACHE"):
+        mnist.load_mnist("val")
+    with pytest.raises(pe.CacheError, match="cannot write the cached test entry .*POCKENGINE_CACHE"):
+        storage.cached_file(tmp_path / "file" / "entry.bin", lambda tmp: tmp.write_bytes(b"x"), "test entry")
