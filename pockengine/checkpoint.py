@@ -211,9 +211,25 @@ def _checkpoint_folder(path: str | os.PathLike) -> Path:
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Every file parsed and checked (errors saying what is wrong), then verified against the manifest (what still
+    parses may be changed bytes, such as zeroed weights): only what was written is returned."""
+    folder = _checkpoint_folder(path)
+    problems = manifest_problems(folder)
+    damaged = f"the checkpoint {folder} is damaged and cannot be trusted: {'; '.join(problems[:5])}"
+    try:
+        ckpt = _parse(folder)
+    except CheckpointError as e:
+        if problems:  # the specific error may show in a file other than the damaged one
+            raise CheckpointError(f"{e}. And {damaged}") from e
+        raise
+    if problems:
+        raise CheckpointError(f"{damaged}. Restore it from a copy, or train again and save")
+    return ckpt
+
+
+def _parse(folder: Path) -> Checkpoint:
     from pockengine.optim import from_config
 
-    folder = _checkpoint_folder(path)
     meta = _read_meta(folder / "trainer.json")
     weights = _load_tensors(folder / "model.safetensors")
     state: dict[str, dict[str, torch.Tensor]] = {}
@@ -233,11 +249,6 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if generator is None or generator.dtype != torch.uint8:
         raise CheckpointError(f"{folder / 'generator.safetensors'} holds no generator state; the checkpoint is "
                               "damaged")
-    # Last: what parses may still be changed bytes (zeroed weights); only what was written is loaded.
-    problems = manifest_problems(folder)
-    if problems:
-        raise CheckpointError(f"the checkpoint {folder} is damaged and cannot be trusted: {'; '.join(problems[:5])}. "
-                              "Restore it from a copy, or train again and save")
     return Checkpoint(weights, state, meta, generator)
 
 

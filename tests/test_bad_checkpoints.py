@@ -282,3 +282,11 @@ def test_resuming_with_dropout_is_reproducible(tmp_path):
     fresh = pe.load(tmp_path / "ckpt", mlp(dropout=0.5), pe.losses.cross_entropy(), batch())
     fresh.generator.manual_seed(8)
     assert [fresh.step(batch(s)) for s in (2, 3, 4)] != expected  # dropout matters here: the test can fail
+
+
+def test_an_error_seen_in_another_file_still_names_the_damaged_one(ckpt):
+    # A changed parameter name in trainer.json shows as optimizer state missing for a parameter that does not exist.
+    meta = ckpt / "trainer.json"
+    meta.write_text(meta.read_text().replace('"3.bias"', '"3.bi s"'))
+    with pytest.raises(pe.CheckpointError, match=r"no optimizer state .* for 3.bi s.*trainer.json does not match its"):
+        pe.load(ckpt)
