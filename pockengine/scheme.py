@@ -205,11 +205,12 @@ class Scheme:
             if extra or "modules" not in r or "mode" not in r:
                 raise UserInputError(f"a rule needs 'modules' and 'mode' (and for partial 'ratio', 'select'); "
                                      f"got {r}")
-            if r["mode"] != "partial" and ("ratio" in r or "select" in r):
-                raise UserInputError(f"'ratio' and 'select' apply to mode partial only; rule {r} has mode "
-                                     f"{r['mode']!r}")
-            rules.append(Rule(r["modules"], r["mode"], _ratio(r["ratio"]) if "ratio" in r else None,
-                              r.get("select", "first")))
+            partial = r["mode"] == "partial"
+            if not partial and ("ratio" in r or "select" in r):
+                warnings.warn(f"'ratio' and 'select' apply to mode partial only; ignored in rule {r}", UserWarning,
+                              stacklevel=2)
+            rules.append(Rule(r["modules"], r["mode"], _ratio(r["ratio"]) if partial and "ratio" in r else None,
+                              r.get("select", "first") if partial else "first"))
         return cls(name, rules, last_k=d.get("last"))
 
     @classmethod

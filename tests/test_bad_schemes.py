@@ -43,7 +43,6 @@ def test_last_must_be_a_positive_integer(last, match):
     ({"rules": [{"modules": "0", "mode": "partial", "ratio": True}]}, "cannot read ratio True"),
     ({"rules": [{"modules": "0", "mode": "partial", "ratio": [0.5]}]}, r"cannot read ratio \[0.5\]"),
     ({"rules": [{"modules": "0", "mode": "partial", "ratio": 0.5, "select": 1}]}, "select must be"),
-    ({"rules": [{"modules": "0", "mode": "full", "ratio": 0.5}]}, "partial only"),
     ({"rules": {"modules": "0", "mode": "full"}}, "list of rules"),
     ({"rules": ["0"]}, "a rule is a mapping"),
     ({"rules": [], "name": 5}, "name is a string"),
@@ -142,3 +141,9 @@ def test_a_rule_reaching_only_frozen_parameters_warns_and_an_empty_result_is_an_
 def test_schemes_built_directly_are_checked_too(make, match):
     with pytest.raises(pe.UserInputError, match=match):
         make()
+
+
+def test_ratio_on_a_rule_that_is_not_partial_warns():
+    with pytest.warns(UserWarning, match="apply to mode partial only; ignored"):
+        scheme = Scheme.from_dict({"rules": [{"modules": "0", "mode": "full", "ratio": 0.5}]})
+    assert scheme.resolve(net()) == {"0.weight": Selection("full"), "0.bias": Selection("full")}
