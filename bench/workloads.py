@@ -196,8 +196,6 @@ def build(name: str, quick: bool = False, config_dir: Path = CONFIG_DIR, device:
     torch.manual_seed(0)
     w = _BUILDERS[cfg["model"]](cfg)
     w.model.eval()
-    for p in w.model.parameters():
-        p.requires_grad_(False)
     if device != "cpu":
         w.model.to(device)
         w.batches = [tree_map(lambda t: t.to(device), b) for b in w.batches]

@@ -6,12 +6,12 @@
 
 from pockengine import losses, optim
 from pockengine.checkpoint import Checkpoint, load, read_checkpoint
-from pockengine.errors import (BatchMismatchError, CaptureError, CompilerError, MissingVJPError,
-                               NonFiniteLossError, PockEngineError, UserInputError)
+from pockengine.errors import (BatchMismatchError, CacheError, CaptureError, CheckpointError, CompilerError,
+                               MissingVJPError, NonFiniteLossError, PockEngineError, UserInputError)
 from pockengine.options import Options
 from pockengine.scheme import Scheme
 from pockengine.trainer import Trainer, compile
 
-__all__ = ["BatchMismatchError", "CaptureError", "Checkpoint", "CompilerError", "MissingVJPError", "NonFiniteLossError",
-           "Options", "PockEngineError", "Scheme", "Trainer", "UserInputError", "compile", "load", "losses", "optim",
-           "read_checkpoint"]
+__all__ = ["BatchMismatchError", "CacheError", "CaptureError", "Checkpoint", "CheckpointError", "CompilerError",
+           "MissingVJPError", "NonFiniteLossError", "Options", "PockEngineError", "Scheme", "Trainer", "UserInputError",
+           "compile", "load", "losses", "optim", "read_checkpoint"]

@@ -5,13 +5,17 @@ clone of the repository."""
 from __future__ import annotations
 
 import argparse
+import math
 import resource
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 import pockengine as pe
+from pockengine.checkpoint import check_save_target
 
 
 def _peak_rss_mb() -> float:
@@ -27,23 +31,61 @@ def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float
     return (pred == y).float().mean().item()
 
 
+PRESETS = {"full": pe.Scheme.full, "bias_only": pe.Scheme.bias_only, "head": pe.Scheme.head}
+
+
 def _scheme(spec: str) -> pe.Scheme:
     """`full`, `bias_only`, `head`, `last:K`, or a .yaml/.json scheme file."""
-    presets = {"full": pe.Scheme.full, "bias_only": pe.Scheme.bias_only, "head": pe.Scheme.head}
-    if spec in presets:
-        return presets[spec]()
+    if spec in PRESETS:
+        return PRESETS[spec]()
     if spec.startswith("last:"):
-        try:
-            return pe.Scheme.last(int(spec.removeprefix("last:")))
-        except ValueError:
-            raise pe.UserInputError(f"--scheme {spec}: write last:K with an integer K, e.g. last:4") from None
+        k = spec.removeprefix("last:").strip()
+        if not k.lstrip("+-").isdigit():
+            raise pe.UserInputError(f"--scheme {spec}: write last:K with an integer K, e.g. last:4")
+        if int(k) < 1:
+            raise pe.UserInputError(f"--scheme {spec}: K is the number of last layers to train, at least 1 "
+                                    "(last:1 trains the classifier only)")
+        return pe.Scheme.last(int(k))
+    if Path(spec).suffix not in (".yaml", ".yml", ".json"):
+        raise pe.UserInputError(f"--scheme {spec!r} is neither a preset ({', '.join(PRESETS)}, last:K) nor a scheme "
+                                "file (.yaml, .yml or .json)")
     return pe.Scheme.from_file(spec)
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _learning_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def train(args: argparse.Namespace) -> int:
     from pockengine.data import batches, load_mnist, mnist_for_imagenet_model
     from pockengine.models import mobilenet_v2
 
+    # Everything the user wrote is checked before minutes go into loading and compiling.
+    scheme = _scheme(args.scheme)
+    if args.save:
+        check_save_target(Path(args.save))
+    optimizer = (pe.optim.AdamW(lr=args.lr) if args.optimizer == "adamw"
+                 else pe.optim.SGD(lr=args.lr, momentum=0.9))
     options = pe.Options(freeze_batchnorm=True, seed=args.seed, disable=frozenset(args.disable))
     torch.manual_seed(args.seed)
     if args.threads:
@@ -53,15 +95,13 @@ def train(args: argparse.Namespace) -> int:
     val_x = mnist_for_imagenet_model(val_images[:args.eval_size], args.size)
     val_y = val_labels[:args.eval_size]
     model = mobilenet_v2(pretrained=True, num_classes=10)
-    optimizer = (pe.optim.AdamW(lr=args.lr) if args.optimizer == "adamw"
-                 else pe.optim.SGD(lr=args.lr, momentum=0.9))
     loss_fn = pe.losses.cross_entropy()
 
     stream = batches(images, labels, args.batch_size, seed=args.seed)
     first_x, first_y = next(stream)
     example = ((mnist_for_imagenet_model(first_x, args.size),), first_y)
     start = time.perf_counter()
-    trainer = pe.Trainer(model, loss_fn, example, optimizer, _scheme(args.scheme), options)
+    trainer = pe.Trainer(model, loss_fn, example, optimizer, scheme, options)
     print(f"compiled MobileNetV2 ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{len(trainer.trained)} trained tensors, scheme {trainer.scheme.name}) in "
           f"{time.perf_counter() - start:.1f} s; predicted step peak "
@@ -104,17 +144,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pockengine", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="fine-tune the real MobileNetV2 (ImageNet weights) on MNIST")
-    t.add_argument("--steps", type=int, default=100)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--size", type=int, default=64, help="input resolution")
+    t.add_argument("--steps", type=_at_least(1), default=100)
+    t.add_argument("--batch-size", type=_at_least(1), default=8)
+    t.add_argument("--size", type=_at_least(1), default=64, help="input resolution")
     t.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="sgd: with momentum 0.9")
-    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--lr", type=_learning_rate, default=1e-4)
     t.add_argument("--scheme", default="full",
                    help="what to train: full, bias_only, head, last:K, or a scheme file (.yaml/.json)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
-    t.add_argument("--eval-size", type=int, default=512)
-    t.add_argument("--log-every", type=int, default=20)
+    t.add_argument("--seed", type=_at_least(0), default=0)
+    t.add_argument("--threads", type=_at_least(0), default=0, help="torch threads (0: PyTorch's default)")
+    t.add_argument("--eval-size", type=_at_least(1), default=512)
+    t.add_argument("--log-every", type=_at_least(1), default=20)
     t.add_argument("--show-program", action="store_true", help="print the compiled training program")
     t.add_argument("--disable", action="append", default=[], metavar="PASS",
                    help="leave this compiler pass out (repeatable; see pockengine.pipeline.PASSES)")

@@ -28,3 +28,11 @@ class NonFiniteLossError(PockEngineError, FloatingPointError):
 class CompilerError(PockEngineError, RuntimeError):
     """A pass of pockengine's compiler failed or left a malformed program: a bug in pockengine, not in the model.
     The message names the pass and those before it; `disable={name}` may work around it until it is fixed."""
+
+
+class CacheError(PockEngineError, OSError):
+    """The cache folder cannot be created or written (converted weights, data, native kernels)."""
+
+
+class CheckpointError(UserInputError):
+    """A checkpoint cannot be written or read: the folder is not a checkpoint, or a file in it is damaged."""

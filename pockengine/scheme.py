@@ -13,7 +13,8 @@ trained. Later rules override earlier ones for the parameters they reach. Modes:
 
 Presets: `Scheme.full()`, `bias_only()`, `last(k)` (the last k parametrised layers in forward order, fully trained),
 `head()` (the last one). A scheme resolves against a model into `{parameter name: Selection}`; the selected channels
-are recorded there, so a run can be reproduced exactly (`Scheme.from_resolved`).
+are recorded there, so a run can be reproduced exactly (`Scheme.from_resolved`). A parameter with
+`requires_grad=False` is never trained by any scheme: the user froze it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import json
+import warnings
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -42,6 +44,15 @@ class Selection:
     kind: str = "full"  # "full" | "partial"
     dim: int = 0
     channels: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind == "full":
+            return
+        channels = list(self.channels) if isinstance(self.channels, tuple) else None
+        if (self.kind != "partial" or not _is_int(self.dim) or self.dim < 0 or not channels
+                or not all(_is_int(c) and c >= 0 for c in channels) or channels != sorted(set(channels))):
+            raise UserInputError(f"a selection is full, or partial with a dimension 'dim' >= 0 and 'channels', a "
+                                 f"non-empty sorted tuple of distinct indices; got {self!r:.200}")
 
     @property
     def is_prefix(self) -> bool:
@@ -65,7 +76,26 @@ class Selection:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Selection:
-        return cls(d["kind"], d.get("dim", 0), tuple(d.get("channels", ())))
+        if not isinstance(d, dict) or d.get("kind") not in ("full", "partial"):
+            raise UserInputError(f"a selection is {{'kind': 'full'}} or {{'kind': 'partial', 'dim': d, 'channels': "
+                                 f"[...]}}, got {d!r:.200}")
+        if d["kind"] == "full":
+            return cls("full")
+        if not isinstance(d.get("channels"), list):
+            raise UserInputError(f"a partial selection lists its 'channels', got {d!r:.200}")
+        return cls("partial", d.get("dim"), tuple(d["channels"]))
+
+    def check(self, name: str, shape: tuple[int, ...]) -> None:
+        """Refuse a selection that does not fit parameter `name` of this shape (recorded for another model)."""
+        if self.kind == "full":
+            return
+        if self.dim >= len(shape) or self.channels[-1] >= shape[self.dim]:
+            raise UserInputError(f"the selection of {name} (dim {self.dim}, channels up to {self.channels[-1]}) "
+                                 f"does not fit its shape {list(shape)}; it was recorded for another model")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -76,12 +106,15 @@ class Rule:
     select: str = "first"  # partial only
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
+        if not isinstance(self.modules, str) or not self.modules:
+            raise UserInputError(f"a rule's 'modules' is a glob over module names written as a string, such as "
+                                 f"'features.1[4-7]' or '*' (quote it in YAML), got {self.modules!r}")
+        if not isinstance(self.mode, str) or self.mode not in MODES:
             raise UserInputError(f"unknown mode {self.mode!r} for modules {self.modules!r}; expected one of {MODES}")
         if self.mode == "partial":
-            if self.ratio is None or not 0 < self.ratio <= 1:
+            if not isinstance(self.ratio, (int, float)) or isinstance(self.ratio, bool) or not 0 < self.ratio <= 1:
                 raise UserInputError(f"partial training of {self.modules!r} needs a ratio in (0, 1], got {self.ratio}")
-            if self.select not in SELECTS:
+            if not isinstance(self.select, str) or self.select not in SELECTS:
                 raise UserInputError(f"select must be one of {SELECTS}, got {self.select!r}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -94,14 +127,17 @@ class Rule:
 def _ratio(value: Any) -> float:
     """Ratios may be written as numbers or fractions such as "1/4"."""
     try:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError(value)
         return float(Fraction(str(value)))
     except (ValueError, ZeroDivisionError) as e:
-        raise UserInputError(f"cannot read ratio {value!r}; write a number such as 0.25 or a fraction such as 1/4") from e
+        raise UserInputError(f"cannot read ratio {value!r}; write a number such as 0.25 or a fraction such as "
+                             "1/4") from e
 
 
 def parametrised_layers(model: nn.Module) -> list[str]:
-    """Names of the modules that own parameters directly, in registration order."""
-    return [name for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
+    """Names of the modules that own trainable parameters (requires_grad) directly, in registration order."""
+    return [name for name, m in model.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
 
 
 @dataclass
@@ -110,6 +146,16 @@ class Scheme:
     rules: list[Rule] = field(default_factory=list)
     last_k: int | None = None  # train the last k parametrised layers (in forward order) fully
     resolved: dict[str, Selection] | None = None  # a recorded resolution, replayed as is
+
+    def __post_init__(self) -> None:
+        if self.last_k is not None and (not _is_int(self.last_k) or self.last_k < 1):
+            raise UserInputError(f"last(k) needs an integer k >= 1 (the number of layers to train), got "
+                                 f"{self.last_k!r}")
+        if not isinstance(self.rules, list) or not all(isinstance(r, Rule) for r in self.rules):
+            raise UserInputError(f"a scheme's rules are a list of pockengine.scheme.Rule, got {self.rules!r:.200}")
+        if self.resolved is not None and not all(isinstance(n, str) and isinstance(s, Selection)
+                                                 for n, s in self.resolved.items()):
+            raise UserInputError("a recorded scheme maps parameter names to pockengine.scheme.Selection")
 
     # -- presets --------------------------------------------------------------------------------------------
     @classmethod
@@ -125,8 +171,6 @@ class Scheme:
     @classmethod
     def last(cls, k: int) -> Scheme:
         """Train the last k parametrised layers in forward order, fully."""
-        if k < 1:
-            raise UserInputError(f"last(k) needs k >= 1, got {k}")
         return cls(f"last{k}", [], last_k=k)
 
     @classmethod
@@ -137,21 +181,37 @@ class Scheme:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Scheme:
         """Read `{"name": ..., "last": k, "rules": [{"modules": glob, "mode": ..., "ratio": ..., "select": ...}]}`."""
+        if not isinstance(d, dict):
+            raise UserInputError(f"a scheme is a mapping with 'rules' (and optionally 'name', 'last'), got "
+                                 f"{type(d).__name__}")
+        name = d.get("name", "custom")
+        if not isinstance(name, str):
+            raise UserInputError(f"a scheme's name is a string, got {name!r}")
         if "resolved" in d:
-            return cls.from_resolved({k: Selection.from_dict(v) for k, v in d["resolved"].items()},
-                                     d.get("name", "custom"))
+            if set(d) - {"name", "resolved"} or not isinstance(d["resolved"], dict):
+                raise UserInputError("a recorded scheme is {'name': ..., 'resolved': {parameter: selection}}")
+            return cls.from_resolved({k: Selection.from_dict(v) for k, v in d["resolved"].items()}, name)
         unknown = set(d) - {"name", "rules", "last"}
         if unknown:
-            raise UserInputError(f"unknown scheme keys {sorted(unknown)}; a scheme has name, rules and last")
+            raise UserInputError(f"unknown scheme keys {sorted(map(str, unknown))}; a scheme has name, rules and last")
+        raw_rules = d.get("rules", [])
+        if not isinstance(raw_rules, list):
+            raise UserInputError(f"a scheme's 'rules' is a list of rules, got {type(raw_rules).__name__}")
         rules = []
-        for r in d.get("rules", []):
+        for r in raw_rules:
+            if not isinstance(r, dict):
+                raise UserInputError(f"a rule is a mapping such as {{modules: '*', mode: bias}}, got {r!r}")
             extra = set(r) - {"modules", "mode", "ratio", "select"}
             if extra or "modules" not in r or "mode" not in r:
                 raise UserInputError(f"a rule needs 'modules' and 'mode' (and for partial 'ratio', 'select'); "
                                      f"got {r}")
-            rules.append(Rule(r["modules"], r["mode"], _ratio(r["ratio"]) if "ratio" in r else None,
-                              r.get("select", "first")))
-        return cls(d.get("name", "custom"), rules, last_k=d.get("last"))
+            partial = r["mode"] == "partial"
+            if not partial and ("ratio" in r or "select" in r):
+                warnings.warn(f"'ratio' and 'select' apply to mode partial only; ignored in rule {r}", UserWarning,
+                              stacklevel=2)
+            rules.append(Rule(r["modules"], r["mode"], _ratio(r["ratio"]) if partial and "ratio" in r else None,
+                              r.get("select", "first") if partial else "first"))
+        return cls(name, rules, last_k=d.get("last"))
 
     @classmethod
     def from_file(cls, path: str | Path) -> Scheme:
@@ -161,14 +221,19 @@ class Scheme:
             raise UserInputError(f"scheme files are .json, .yaml or .yml; got {path.name}")
         if not path.is_file():
             raise UserInputError(f"scheme file {path} does not exist")
-        if path.suffix == ".json":
-            data = json.loads(path.read_text())
-        else:
-            import yaml
-            data = yaml.safe_load(path.read_text())
+        import yaml
+
+        try:
+            text = path.read_text()
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+            raise UserInputError(f"cannot read the scheme file {path}: {type(e).__name__}: {e}") from e
         if not isinstance(data, dict):
             raise UserInputError(f"{path} must hold a mapping with 'rules' (and optionally 'name', 'last')")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except UserInputError as e:
+            raise UserInputError(f"scheme file {path}: {e}") from e
 
     @classmethod
     def from_resolved(cls, selections: dict[str, Selection], name: str = "recorded") -> Scheme:
@@ -189,16 +254,24 @@ class Scheme:
         `layer_order` lists parametrised module names in forward order (from the captured graph); without it the
         registration order is used.
         """
-        params = dict(model.named_parameters())
+        every = dict(model.named_parameters())
+        params = {n: p for n, p in every.items() if p.requires_grad}  # the user's requires_grad=False is final
         if self.resolved is not None:
-            unknown = sorted(set(self.resolved) - set(params))
+            unknown = sorted(set(self.resolved) - set(every))
             if unknown:
                 raise UserInputError(f"recorded selections name parameters the model lacks: {unknown[:10]}")
+            frozen = sorted(set(self.resolved) - set(params))
+            if frozen:
+                raise UserInputError(f"recorded selections train parameters that have requires_grad=False here: "
+                                     f"{frozen[:10]}; call requires_grad_(True) on them, or record another scheme")
+            for n, sel in self.resolved.items():
+                sel.check(n, tuple(every[n].shape))
             return {n: self.resolved[n] for n in params if n in self.resolved}
         modules = [name for name, _ in model.named_modules()]
         chosen: dict[str, Selection | None] = {}
         if self.last_k is not None:
-            layers = layer_order or parametrised_layers(model)
+            trainable = parametrised_layers(model)
+            layers = [layer for layer in layer_order if layer in trainable] if layer_order else trainable
             if self.last_k > len(layers):
                 raise UserInputError(f"last({self.last_k}) asks for more layers than the model's {len(layers)}")
             for layer in layers[-self.last_k:]:
@@ -212,10 +285,19 @@ class Scheme:
                 raise UserInputError(f"scheme rule {rule.modules!r} names no module of the model; closest names: "
                                      f"{close or modules[:5]}")
             prefixes = [m + "." if m else "" for m in matched]
-            for pname, p in params.items():
-                if any(pname.startswith(pre) for pre in prefixes):
-                    chosen[pname] = _select(rule, pname, p)
-        return {n: s for n, s in ((n, chosen.get(n)) for n in params) if s is not None}
+            reached = [pname for pname in every if any(pname.startswith(pre) for pre in prefixes)]
+            if rule.mode != "frozen" and reached and not any(pname in params for pname in reached):
+                warnings.warn(f"scheme rule {rule.modules!r} ({rule.mode}) reaches only parameters with "
+                              f"requires_grad=False ({reached[:5]}), so it trains nothing", UserWarning, stacklevel=2)
+            for pname in reached:
+                if pname in params:
+                    chosen[pname] = _select(rule, pname, params[pname])
+        selected = {n: s for n, s in ((n, chosen.get(n)) for n in params) if s is not None}
+        if not selected and len(params) < len(every):
+            raise UserInputError(f"scheme {self.name!r} trains nothing: the parameters it reaches all have "
+                                 f"requires_grad=False ({len(every) - len(params)} of the model's {len(every)} do); "
+                                 "pockengine never trains a parameter the user froze")
+        return selected
 
 
 def _select(rule: Rule, name: str, p: torch.Tensor) -> Selection | None:

@@ -49,6 +49,15 @@ class Trainer:
                  scheme: Scheme | None = None, options: Options | None = None):
         if not callable(loss_fn):
             raise UserInputError("loss_fn must be a callable loss_fn(model_output, target) -> scalar tensor")
+        if not isinstance(model, nn.Module):
+            raise UserInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if optimizer is not None and not isinstance(optimizer, Optimizer):
+            raise UserInputError(f"optimizer must be a pockengine optimizer (pockengine.optim.SGD or AdamW), got "
+                                 f"{type(optimizer).__name__}")
+        if scheme is not None and not isinstance(scheme, Scheme):
+            raise UserInputError(f"scheme must be a pockengine.Scheme, got {type(scheme).__name__}")
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 64:
+            raise UserInputError(f"seed must be an integer in [0, 2**64), got {seed!r}")
         self.model = model
         self.loss_fn = loss_fn
         self.optimizer = optimizer or SGD(lr=0.01)

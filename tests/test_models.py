@@ -92,7 +92,8 @@ def test_mobilenet_safetensors_cache_created_then_reused(temp_cache, monkeypatch
     first = mobilenet_v2()
     cached = temp_cache / "mobilenet_v2-b0353104.safetensors"
     assert cached.is_file()
-    assert sorted(p.name for p in temp_cache.iterdir()) == [cached.name]  # no temp files left behind
+    # No temporary files left behind; the entry's checksum beside it.
+    assert sorted(p.name for p in temp_cache.iterdir()) == [cached.name, cached.name + ".sha256"]
 
     def no_pickle(*args, **kwargs):
         raise AssertionError("the pickle must not be read once the cache exists")
@@ -173,7 +174,7 @@ def test_mnist_splits(split, n):
 @needs_mnist
 def test_mnist_npz_cache_created_then_reused(temp_cache, monkeypatch):
     x1, y1 = load_mnist("test")
-    assert sorted(p.name for p in temp_cache.iterdir()) == ["mnist.npz"]
+    assert sorted(p.name for p in temp_cache.iterdir()) == ["mnist.npz", "mnist.npz.sha256"]
 
     def no_pickle(*args, **kwargs):
         raise AssertionError("the pickle must not be read once the cache exists")

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import operator
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.autograd.function import Function
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -98,6 +103,73 @@ def _decompositions() -> dict:
     return table
 
 
+# torch.export records what a custom torch.autograd.Function's forward computes and drops its backward, so the
+# autodiff would differentiate the forward instead (a gradient reversal would get the wrong sign, a straight-through
+# round no gradient). Every tensor such a Function returns is passed through this marker op while capturing: it
+# stays in the program (a copy of its input), and its VJP rule (autodiff/rules/custom_function.py) refuses, naming
+# the Function, only when a trained parameter's gradient would have to pass through it.
+@torch.library.custom_op("pockengine::autograd_function_output", mutates_args=())
+def autograd_function_output(x: torch.Tensor, function: str) -> torch.Tensor:
+    return x.clone()
+
+
+@autograd_function_output.register_fake
+def _(x: torch.Tensor, function: str) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@contextmanager
+def _marking_autograd_functions() -> Iterator[None]:
+    original = Function.__dict__["apply"]
+    exporting = threading.get_ident()
+
+    def apply(cls: type[Function], *args: Any, **kwargs: Any) -> Any:
+        out = original.__func__(cls, *args, **kwargs)
+        if threading.get_ident() != exporting:  # another thread's eager autograd: untouched
+            return out
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        return pytree.tree_map_only(torch.Tensor, lambda t: autograd_function_output(t, name), out)
+
+    Function.apply = classmethod(apply)
+    try:
+        yield
+    finally:
+        Function.apply = original
+
+
+@contextmanager
+def _quiet_fake_tensor_errors() -> Iterator[None]:
+    # A shape error inside export is logged with its whole traceback before it is raised; we report it ourselves.
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _eager_error(model: nn.Module, loss_fn: Callable, inputs: Any, target: Any) -> Exception | None:
+    """The error the model and loss raise on this batch in plain PyTorch, if any (the model's buffers and the
+    random generators are restored afterwards)."""
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    devices = sorted({b.device.index or 0 for b in [*buffers.values(), *model.parameters()] if b.device.type == "cuda"})
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            _ModelWithLoss(model, loss_fn)(inputs, target)
+    except Exception as e:  # noqa: BLE001  (whatever the model raises is what the user must see)
+        return e
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+    return None
+
+
+def _shapes(tree: Any) -> str:
+    return str(pytree.tree_map_only(torch.Tensor, lambda t: list(t.shape), tree))
+
+
 def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
     inputs, target = normalize_batch(batch)
     wrapper = _ModelWithLoss(model, loss_fn)
@@ -106,10 +178,18 @@ def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
         # are recorded for that layout, which both of pockengine's attention kernels produce. Traced with the CPU's
         # flash kernel, which lays its output out as (batch, L, heads, E), a model's `transpose(1, 2).reshape(...)`
         # is recorded as a plain view that fails on any other layout (GPT-2: "Cannot view a tensor").
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        with (torch.no_grad(), sdpa_kernel(SDPBackend.MATH), _marking_autograd_functions(),
+              _quiet_fake_tensor_errors()):
             ep = torch.export.export(wrapper, (inputs, target))
             return ep.run_decompositions(_decompositions())
     except Exception as e:  # torch.export raises many types; one error that says what to do instead
+        eager = _eager_error(model, loss_fn, inputs, target)
+        if eager is not None:
+            raise UserInputError(
+                f"the model and loss_fn fail on this batch in plain PyTorch too, so the batch does not fit the model: "
+                f"{type(eager).__name__}: {str(eager)[:1000]}\nBatch shapes: inputs {_shapes(inputs)}, target "
+                f"{_shapes(target)}. A batch may differ from the example batch only where the model allows it (the "
+                "batch size, a sequence length); its feature sizes must be the example's.") from e
         raise CaptureError(
             f"torch.export could not capture the model with its loss: {type(e).__name__}: {str(e)[:2000]}\n"
             "pockengine needs a model whose forward (and loss_fn) torch.export can trace: no data-dependent "
@@ -250,6 +330,8 @@ def from_exported(model: nn.Module, ep: ExportedProgram) -> Captured:
                 env[fx_node] = graph.call(fx_node.target, args, kwargs, module=module, section=section,
                                           name=fx_node.name, meta=meta if val is not None else None)
         elif fx_node.op == "output":
+            _check_one_loss([out for spec, out in zip(sig.output_specs, fx_node.args[0])
+                             if spec.kind == OutputKind.USER_OUTPUT])
             for spec, out in zip(sig.output_specs, fx_node.args[0]):
                 if spec.kind == OutputKind.USER_OUTPUT:
                     loss = env[out]
@@ -271,3 +353,15 @@ def from_exported(model: nn.Module, ep: ExportedProgram) -> Captured:
     if not loss.meta.is_float:
         raise UserInputError(f"loss_fn must return a floating-point scalar, got {loss.meta.dtype}")
     return Captured(graph, params, buffers, batch_nodes, loss, buffer_updates)
+
+
+def _check_one_loss(outputs: list[Any]) -> None:
+    """loss_fn returns exactly one tensor: with more the trainer could only guess which one to minimise."""
+    if len(outputs) != 1:
+        raise UserInputError(
+            f"loss_fn must return one scalar tensor, the loss to minimise; it returned {len(outputs)} values. "
+            "Return only the loss (compute logged extras outside loss_fn, or add the terms into the loss)")
+    if not isinstance(outputs[0], torch.fx.Node):
+        raise UserInputError(f"loss_fn must return a scalar tensor, the loss to minimise; it returned "
+                             f"{type(outputs[0]).__name__} {outputs[0]!r:.50}: compute the loss with torch ops on "
+                             "the model output")

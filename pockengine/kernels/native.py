@@ -1,8 +1,8 @@
 """Build and load pockengine's C kernels (masks.c) with the machine's C compiler, once, into the cache.
 
 The library is compiled at first use for the machine it runs on (x86-64, AArch64...) and kept in the cache under a
-hash of its source and flags; a missing or failing compiler is reported once and the callers fall back to ATen
-compositions of the same functions. `POCKENGINE_NATIVE=0` turns the kernels off.
+hash of its source and flags, with its SHA-256 checked before each load (a damaged one is rebuilt); a missing or
+failing compiler is reported once and the callers fall back to ATen compositions of the same functions. `POCKENGINE_NATIVE=0` turns the kernels off.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import subprocess
 import warnings
 from pathlib import Path
 
-from pockengine.storage import atomic_path, cache_dir
+from pockengine.storage import cache_dir, cached_file
 
 SOURCE = Path(__file__).with_name("masks.c")
 # Aliasing: the mask is applied to the floats' bits through uint32 pointers.
@@ -31,11 +31,12 @@ def _compiler() -> str | None:
 def _build(compiler: str) -> Path:
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join([compiler, *FLAGS, platform.machine()]).encode()).hexdigest()[:16]
-    library = cache_dir() / "kernels" / f"masks-{key}.so"
-    if not library.exists():
-        with atomic_path(library) as tmp:
-            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp)], check=True, capture_output=True, text=True)
-    return library
+    # Verified before every load: a damaged library (a truncated one kills the process with SIGBUS when it is
+    # mapped) is rebuilt instead.
+    return cached_file(cache_dir() / "kernels" / f"masks-{key}.so",
+                       lambda tmp: subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp)], check=True,
+                                                  capture_output=True, text=True),
+                       "native kernel library")
 
 
 @functools.cache

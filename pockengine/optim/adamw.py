@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from pockengine.ir.graph import Node
-from pockengine.optim.base import Emit, Optimizer
+from pockengine.errors import UserInputError
+from pockengine.optim.base import Emit, Optimizer, hyperparameter, learning_rate
 
 aten = torch.ops.aten
 
@@ -19,12 +20,17 @@ class AdamW(Optimizer):
 
     def __init__(self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.01):
-        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"AdamW needs lr, eps, weight_decay >= 0 and betas in [0, 1), got lr={lr}, "
-                             f"betas={betas}, eps={eps}, weight_decay={weight_decay}")
-        self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise UserInputError(f"AdamW: betas must be a pair (beta1, beta2), got {betas!r}")
+        lr = learning_rate("AdamW", lr)
+        betas = tuple(hyperparameter("AdamW", f"betas[{i}]", b, 0.0, 1.0, high_open=True) for i, b in enumerate(betas))
+        # eps > 0: with eps = 0 an entry whose gradient has always been 0 is updated by 0 / 0 = NaN.
+        eps = hyperparameter("AdamW", "eps", eps, 0.0, low_open=True)
+        weight_decay = hyperparameter("AdamW", "weight_decay", weight_decay, 0.0)
+        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
 
     def scalars(self, step: int, lr: float) -> dict[str, float]:
+        lr = learning_rate("AdamW", lr)
         beta1, beta2 = self.betas
         return {"decay": 1 - lr * self.weight_decay,
                 "neg_step_size": -lr / (1 - beta1 ** step),

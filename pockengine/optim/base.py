@@ -8,9 +8,12 @@ no recompilation.
 
 from __future__ import annotations
 
+import math
+import numbers
 from abc import ABC, abstractmethod
 from typing import Any, Callable
 
+from pockengine.errors import UserInputError
 from pockengine.ir.graph import Node
 
 Emit = Callable[..., Node]  # emit(target, *args, **kwargs) -> node in the update section
@@ -38,13 +41,33 @@ class Optimizer(ABC):
         """Hyper-parameters, JSON-serializable, enough to rebuild the optimizer with `from_config`."""
 
 
+def hyperparameter(owner: str, name: str, value: Any, low: float, high: float = math.inf, *,
+                   low_open: bool = False, high_open: bool = False) -> float:
+    """`value` as a float after checking that it is a finite real number in the range (refused: NaN, inf, bools,
+    strings, tensors)."""
+    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+          and (value > low if low_open else value >= low) and (value < high if high_open else value <= high))
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open or high == math.inf else ']'}"
+        raise UserInputError(f"{owner}: {name} must be a finite number in {interval}, got {value!r}")
+    return float(value)
+
+
+def learning_rate(owner: str, lr: Any) -> float:
+    """A learning rate given at construction or to one step: finite and >= 0 (NaN would turn every weight NaN)."""
+    return hyperparameter(owner, "lr", lr, 0.0)
+
+
 def from_config(config: dict[str, Any]) -> Optimizer:
     from pockengine.optim.adamw import AdamW
     from pockengine.optim.sgd import SGD
 
     kinds = {"SGD": SGD, "AdamW": AdamW}
+    if not isinstance(config, dict) or config.get("kind") not in kinds:
+        raise UserInputError(f"an optimizer config is a mapping with 'kind' one of {sorted(kinds)}, got {config!r}")
     cfg = dict(config)
     kind = cfg.pop("kind")
-    if kind not in kinds:
-        raise ValueError(f"unknown optimizer kind {kind!r}; expected one of {sorted(kinds)}")
-    return kinds[kind](**cfg)
+    try:
+        return kinds[kind](**cfg)
+    except TypeError as e:  # an unknown or missing keyword
+        raise UserInputError(f"optimizer config {config!r} does not fit {kind}: {e}") from e

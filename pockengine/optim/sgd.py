@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 from pockengine.ir.graph import Node
-from pockengine.optim.base import Emit, Optimizer
+from pockengine.errors import UserInputError
+from pockengine.optim.base import Emit, Optimizer, hyperparameter, learning_rate
 
 aten = torch.ops.aten
 
@@ -16,15 +17,18 @@ class SGD(Optimizer):
     scalar_names = ("neg_lr",)
 
     def __init__(self, lr: float = 0.01, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0):
-        if lr < 0 or momentum < 0 or weight_decay < 0:
-            raise ValueError(f"SGD needs lr, momentum and weight_decay >= 0, got {lr}, {momentum}, {weight_decay}")
+        lr = learning_rate("SGD", lr)
+        momentum = hyperparameter("SGD", "momentum", momentum, 0.0, 1.0)
+        weight_decay = hyperparameter("SGD", "weight_decay", weight_decay, 0.0)
+        if not isinstance(nesterov, bool):
+            raise UserInputError(f"SGD: nesterov must be True or False, got {nesterov!r}")
         if nesterov and momentum == 0:
-            raise ValueError("Nesterov momentum needs momentum > 0")
+            raise UserInputError("SGD: Nesterov momentum needs momentum > 0; pass momentum=0.9, for example")
         self.lr, self.momentum, self.nesterov, self.weight_decay = lr, momentum, nesterov, weight_decay
         self.state_names = ("momentum_buffer",) if momentum else ()
 
     def scalars(self, step: int, lr: float) -> dict[str, float]:
-        return {"neg_lr": -lr}
+        return {"neg_lr": -learning_rate("SGD", lr)}
 
     def emit_update(self, emit: Emit, param: Node, grad: Node, state: dict[str, Node],
                     scalars: dict[str, Node]) -> Node:

@@ -1,0 +1,21 @@
+"""The VJP of the marker torch.export leaves after each custom torch.autograd.Function's output (see
+pockengine/capture/export.py): its backward was dropped at capture, so it is refused by name, never guessed."""
+
+from typing import Any
+
+import torch
+
+import pockengine.capture.export  # noqa: F401  (defines the marker op)
+from pockengine.autodiff.registry import register
+from pockengine.errors import CaptureError
+
+
+@register(torch.ops.pockengine.autograd_function_output.default)
+def _refuse_autograd_function(ctx: Any, g: Any) -> Any:
+    node = ctx.node
+    raise CaptureError(
+        f"the custom torch.autograd.Function {node.args[1]} (module '{node.module or '<top level>'}') lies on the "
+        "path from the trained parameters to the loss, and pockengine cannot use its backward: torch.export records "
+        "only its forward, and differentiating that would silently give wrong gradients. Either train only "
+        "parameters after it (freeze the layers before it in the scheme, or set requires_grad=False on them), or "
+        "replace the Function with ordinary differentiable PyTorch ops.")
