@@ -71,8 +71,8 @@ class Options:
         for name in ("freeze_batchnorm", "check"):
             if not isinstance(getattr(self, name), bool):
                 raise UserInputError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise UserInputError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2 ** 64:
+            raise UserInputError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
         if isinstance(self.disable, str):
             raise UserInputError(f"disable takes a set of pass names, got the string {self.disable!r}; write "
                                  f"disable={{{self.disable!r}}}")

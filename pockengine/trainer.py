@@ -56,8 +56,6 @@ class Trainer:
                                  f"{type(optimizer).__name__}")
         if scheme is not None and not isinstance(scheme, Scheme):
             raise UserInputError(f"scheme must be a pockengine.Scheme, got {type(scheme).__name__}")
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 64:
-            raise UserInputError(f"seed must be an integer in [0, 2**64), got {seed!r}")
         self.model = model
         self.loss_fn = loss_fn
         self.optimizer = optimizer or SGD(lr=0.01)

@@ -97,13 +97,13 @@ def test_a_save_killed_after_any_step_leaves_the_last_complete_checkpoint(tmp_pa
         _, status = os.waitpid(pid, 0)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"after {step}: {status}"
 
-        loaded = pe.load(ckpt)
+        loaded = pe.read_checkpoint(ckpt)
         want_steps, want = (2, new) if k >= committed_at else (1, old)
         assert loaded.meta["steps_done"] == want_steps, f"killed after {step}"
         assert all(torch.equal(loaded.weights[n], want[n]) for n in want), f"killed after {step}"
         assert leftovers(ckpt) == [], f"the load did not clean up after a kill after {step}"
         t.save(ckpt)  # the next save works and leaves one version, no temporary
-        assert leftovers(ckpt) == [] and pe.load(ckpt).meta["steps_done"] == 2
+        assert leftovers(ckpt) == [] and pe.read_checkpoint(ckpt).meta["steps_done"] == 2
 
 
 def test_the_next_save_removes_what_a_killed_save_left(tmp_path):
@@ -135,10 +135,10 @@ def test_a_first_save_killed_leaves_no_checkpoint_and_nothing_behind(tmp_path):
     os.waitpid(pid, 0)
     assert len(leftovers(ckpt)) == 1
     with pytest.raises(pe.CheckpointError, match="no checkpoint at .*ckpt.*interrupted before it completed"):
-        pe.load(ckpt)
+        pe.read_checkpoint(ckpt)
     assert leftovers(ckpt) == []  # the load removed the dead save's folder
     t.save(ckpt)
-    assert leftovers(ckpt) == [] and pe.load(ckpt).meta["steps_done"] == 0
+    assert leftovers(ckpt) == [] and pe.read_checkpoint(ckpt).meta["steps_done"] == 0
 
 
 def test_save_never_replaces_what_is_not_a_checkpoint(tmp_path):
@@ -164,7 +164,7 @@ def test_a_checkpoint_folder_holding_other_files_is_not_replaced(tmp_path):
     with pytest.raises(pe.CheckpointError, match=r"holds files that pockengine did not write \(\['notes.txt'\]\)"):
         t.save(tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "notes.txt").read_text() == "lr sweep 3"
-    assert pe.load(tmp_path / "ckpt").meta["steps_done"] == 0
+    assert pe.read_checkpoint(tmp_path / "ckpt").meta["steps_done"] == 0
 
 
 def test_save_where_no_folder_can_be_made_is_a_clear_error(tmp_path):
@@ -199,7 +199,7 @@ def test_damaged_files_are_refused_naming_them(ckpt, file, damage):
     else:
         data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
-    for call in (lambda: pe.load(ckpt), lambda: pe.load(ckpt, mlp(), pe.losses.cross_entropy(), batch())):
+    for call in (lambda: pe.read_checkpoint(ckpt), lambda: pe.load(ckpt, mlp(), pe.losses.cross_entropy(), batch())):
         with pytest.raises(pe.CheckpointError, match=f"damaged.*{file}"):
             call()
 
@@ -258,7 +258,7 @@ def test_a_selection_without_optimizer_state_is_refused_naming_it(ckpt):
 def test_what_is_not_a_checkpoint_is_refused(tmp_path, make, match):
     make(tmp_path / "ckpt")
     with pytest.raises(pe.CheckpointError, match=match):
-        pe.load(tmp_path / "ckpt")
+        pe.read_checkpoint(tmp_path / "ckpt")
 
 
 def test_checkpoints_of_other_models_are_refused_naming_the_parameters(ckpt, tmp_path):
@@ -289,4 +289,4 @@ def test_an_error_seen_in_another_file_still_names_the_damaged_one(ckpt):
     meta = ckpt / "trainer.json"
     meta.write_text(meta.read_text().replace('"3.bias"', '"3.bi s"'))
     with pytest.raises(pe.CheckpointError, match=r"no optimizer state .* for 3.bi s.*trainer.json does not match its"):
-        pe.load(ckpt)
+        pe.read_checkpoint(ckpt)

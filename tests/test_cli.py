@@ -16,7 +16,7 @@ def test_train_runs_steps_and_saves_a_checkpoint(tmp_path, capsys):
     assert "scheme last2" in out and "predicted step peak" in out
     assert out.count("loss ") >= 2 and "validation accuracy after 3 steps" in out
     assert (ckpt / "trainer.json").is_file() and (ckpt / "model.safetensors").is_file()
-    assert pe.load(ckpt).meta["steps_done"] == 3
+    assert pe.read_checkpoint(ckpt).meta["steps_done"] == 3
 
 
 @pytest.mark.parametrize("scheme, message", [("last:x", "last:K with an integer"),
