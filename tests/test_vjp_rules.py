@@ -332,7 +332,8 @@ CASES = [
     fn(aten._softmax.default, "dim0", lambda a: a.softmax(0), (2, 3, 4)),
     fn(aten._softmax.default, "float64-output", lambda a: a.softmax(-1, dtype=torch.float64), (2, 3, 4)),
     fn(aten._safe_softmax.default, "masked-row",
-       lambda a, m: aten._safe_softmax.default(a.masked_fill(m, -math.inf), 1), (2, 3, 4), inputs=(lambda: torch.tensor([[True], [True], [True]]) & (torch.arange(4) < 3),)),
+       lambda a, m: aten._safe_softmax.default(a.masked_fill(m, -math.inf), 1), (2, 3, 4),
+       inputs=(lambda: torch.arange(4) < 3,)),  # columns 0-2 masked along dim 1 entirely
     fn(aten._log_softmax.default, "last-dim", lambda a: a.log_softmax(-1), (2, 3, 4)),
     fn(aten._log_softmax.default, "dim1", lambda a: a.log_softmax(1), (2, 3, 4)),
     # the rule's two kernel pairs, one case each at every option, are in tests/test_attention.py
@@ -492,6 +493,8 @@ CASES = [
     direct(aten.permute_copy.default, "plain", (P(0), [2, 0, 1]), (2, 3, 4)),
     direct(aten.narrow_copy.default, "plain", (P(0), 1, 1, 2), (3, 4)),
     direct(aten.special_erfcx.default, "plain", (P(0),), (3, 4)),
+    fn(aten.special_log_ndtr.default, "both-tails", torch.special.log_ndtr,
+       lambda: torch.linspace(-9, 5, 12).view(3, 4)),  # below -6 the decomposition's log1p(-erfc/2) is -inf
     direct(aten.sign.default, "plain", (P(0),), (3, 4)),
     direct(aten.floor.default, "plain", (P(0),), (3, 4)),
     direct(aten.ceil.default, "plain", (P(0),), (3, 4)),

@@ -8,10 +8,19 @@ says whether argument `a` needs a cotangent, and `ctx(op, *args)` emits a backwa
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 
-VJPRule = Callable[[Any, Any], Any]
-VJP: dict[Any, VJPRule] = {}
+if TYPE_CHECKING:
+    from pockengine.autodiff.engine import VJPContext
+    from pockengine.ir.graph import Node
+
+Cotangent = Union["Node", None]
+# The cotangent the op's output receives: a node, or for an op with several outputs one entry per output.
+OutputCotangent = Union["Node", list[Cotangent]]
+# What a rule returns: one entry per positional argument of the op, a list of entries for a list argument.
+InputCotangents = Sequence[Union[Cotangent, Sequence[Cotangent]]]
+VJPRule = Callable[["VJPContext", OutputCotangent], InputCotangents]
+VJP: dict[Any, VJPRule] = {}  # ATen overload (torch.ops.aten.<op>.<overload>) -> its rule
 
 
 def register(*targets: Any) -> Callable[[VJPRule], VJPRule]:

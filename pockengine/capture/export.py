@@ -88,10 +88,12 @@ def _module_path(fx_node: torch.fx.Node) -> tuple[str, bool]:
 # VJP rules keep just the input for the backward pass; split, the backward would keep the input, the sigmoid and the
 # product: three activations instead of one (SmolLM2's MLP). Attention stays whole too: its rule chooses between
 # the math form and the fused flash kernels per shape (pockengine/autodiff/rules/attention.py).
-# _safe_softmax (attention with fully masked rows) splits into softmax and a select that zeroes the masked rows: the
-# softmax's backward then reads the NaN those rows hold and spreads it; whole, its rule reads the zeroed output.
+# Ops whose decomposition computes a branch that `where` then drops are kept whole too: the dropped branch's
+# backward multiplies its zero cotangent by an infinite derivative, and the NaN reaches the input.
+# _safe_softmax (attention with fully masked rows: the softmax of an all -inf row), special_log_ndtr (log1p(-1)).
 KEEP_WHOLE = (torch.ops.aten.silu.default, torch.ops.aten.hardswish.default, torch.ops.aten.hardsigmoid.default,
-              torch.ops.aten.scaled_dot_product_attention.default, torch.ops.aten._safe_softmax.default)
+              torch.ops.aten.scaled_dot_product_attention.default, torch.ops.aten._safe_softmax.default,
+              torch.ops.aten.special_log_ndtr.default)
 
 
 @functools.cache

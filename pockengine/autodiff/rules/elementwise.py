@@ -491,3 +491,11 @@ def erfcx(ctx, g):  # erfcx(x) = exp(x^2) erfc(x): 2 x erfcx(x) - 2 / sqrt(pi)
     d = ctx(aten.sub.Tensor, ctx(aten.mul.Tensor, ctx(aten.mul.Tensor, ctx.node.args[0], ctx.node), 2.0),
             2 / math.sqrt(math.pi))
     return _times(ctx, g, d)
+
+
+@register(aten.special_log_ndtr.default)
+def log_ndtr(ctx, g):  # the normal density over its CDF: exp(-x^2/2 - log_ndtr(x)) / sqrt(2 pi)
+    x = ctx.node.args[0]
+    exponent = ctx(aten.neg.default, ctx(aten.add.Tensor, ctx.node, ctx(aten.mul.Tensor, ctx(aten.mul.Tensor, x, x),
+                                                                         0.5)))
+    return _times(ctx, g, ctx(aten.mul.Tensor, ctx(aten.exp.default, exponent), 1 / math.sqrt(2 * math.pi)))
