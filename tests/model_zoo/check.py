@@ -157,7 +157,7 @@ def _exported_reference(model: nn.Module, ep: torch.export.ExportedProgram, loss
         aliases.setdefault(id(p), []).append(n)
     names = {n: aliases[id(p)] for n, p in model.named_parameters()}
 
-    def gradients(inputs: Any) -> Gradients:
+    def gradients(program: torch.fx.GraphModule, inputs: Any) -> Gradients:
         copies = {n: list({id(q): q for q in (program.get_parameter(f"model.{a}") for a in al)}.values())
                   for n, al in names.items()}
         flat = [q.requires_grad_(True) for qs in copies.values() for q in qs]
@@ -170,13 +170,13 @@ def _exported_reference(model: nn.Module, ep: torch.export.ExportedProgram, loss
             out[n] = sum((torch.zeros_like(q) if g is None else g for q, g in zip(qs, gs)), torch.zeros_like(qs[0]))
         return out
 
-    ref = gradients(batch[0])
+    ref = gradients(program, batch[0])
 
     @functools.cache
     def exact() -> Gradients:
         draws.replay()
-        program.double()
-        return gradients(tree_map(lambda t: t.double() if torch.is_floating_point(t) else t, batch[0]))
+        program64 = copy.deepcopy(program).double()  # the program shares its parameters with the model
+        return gradients(program64, tree_map(lambda t: t.double() if torch.is_floating_point(t) else t, batch[0]))
 
     return ref, exact
 
