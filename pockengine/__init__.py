@@ -5,12 +5,12 @@
 """
 
 from pockengine import losses, optim
-from pockengine.checkpoint import Checkpoint, load, read_checkpoint
+from pockengine.checkpoint import Checkpoint, read_checkpoint
 from pockengine.errors import (BatchMismatchError, CacheError, CaptureError, CheckpointError, CompilerError,
                                MissingVJPError, NonFiniteLossError, PockEngineError, UserInputError)
 from pockengine.options import Options
 from pockengine.scheme import Scheme
-from pockengine.trainer import Trainer, compile
+from pockengine.trainer import Trainer, compile, load
 
 __all__ = ["BatchMismatchError", "CacheError", "CaptureError", "Checkpoint", "CheckpointError", "CompilerError",
            "MissingVJPError", "NonFiniteLossError", "Options", "PockEngineError", "Scheme", "Trainer", "UserInputError",

@@ -34,6 +34,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pockengine.errors import CheckpointError, UserInputError
+from pockengine.optim import Optimizer, from_config
+from pockengine.options import Options
+from pockengine.scheme import Scheme, Selection
 from pockengine.storage import MANIFEST, fsync_dir, manifest_problems, write_manifest, writer_alive
 
 if TYPE_CHECKING:
@@ -225,8 +228,6 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 
 def _parse(folder: Path) -> Checkpoint:
-    from pockengine.optim import from_config
-
     meta = _read_meta(folder / "trainer.json")
     weights = _load_tensors(folder / "model.safetensors")
     state: dict[str, dict[str, torch.Tensor]] = {}
@@ -249,18 +250,10 @@ def _parse(folder: Path) -> Checkpoint:
     return Checkpoint(weights, state, meta, generator)
 
 
-def load(path: str | os.PathLike, model: nn.Module, loss_fn: Callable, example_batch: Any) -> Trainer:
-    """Resume training from the latest checkpoint written by `Trainer.save` into `path`: loads the weights into
-    `model` (of the architecture that was trained) and returns a Trainer that continues where the saved one stopped
-    (same optimizer, state, scheme, options, step count and dropout generator). `read_checkpoint(path)` reads a
-    checkpoint without a model. Raises `CheckpointError` if `path` holds no complete checkpoint or any of its files
-    is damaged.
-    """
-    from pockengine.optim import from_config
-    from pockengine.options import Options
-    from pockengine.scheme import Scheme, Selection
-    from pockengine.trainer import Trainer
-
+def recorded_setup(path: str | os.PathLike, model: nn.Module) -> tuple[Checkpoint, Optimizer, Scheme, Options]:
+    """Read the checkpoint at `path`, check that it fits `model` (the architecture that was trained), load its
+    weights into the model, and return it with the optimizer, scheme and options it records (`pockengine.load`
+    builds the Trainer from them, then `restore_state`)."""
     ckpt = read_checkpoint(path)
     if not isinstance(model, nn.Module):
         raise UserInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -282,9 +275,13 @@ def load(path: str | os.PathLike, model: nn.Module, loss_fn: Callable, example_b
     except UserInputError as e:
         raise CheckpointError(f"the checkpoint {path} records an unusable trainer in trainer.json: {e}") from e
     model.load_state_dict(ckpt.weights, strict=False)  # strict would also ask for tied aliases
-    trainer = Trainer(model, loss_fn, example_batch, optimizer,
-                      Scheme.from_resolved(selections, meta["scheme"].get("name", "recorded")),
-                      options)
+    scheme = Scheme.from_resolved(selections, meta["scheme"].get("name", "recorded"))
+    return ckpt, optimizer, scheme, options
+
+
+def restore_state(trainer: Trainer, ckpt: Checkpoint, path: str | os.PathLike) -> None:
+    """Put the recorded optimizer state, dropout generator state and step count into a Trainer built from
+    `recorded_setup`."""
     for param, states in trainer.state.items():
         for name, t in states.items():
             saved = ckpt.optimizer_state.get(param, {}).get(name)
@@ -298,7 +295,6 @@ def load(path: str | os.PathLike, model: nn.Module, loss_fn: Callable, example_b
         trainer.generator.set_state(ckpt.generator_state)
     except RuntimeError:  # saved on another kind of device (a CPU state cannot seed a CUDA generator)
         warnings.warn(f"pockengine: the dropout generator state in {path} was saved on another kind of device than "
-                      f"{trainer.device}; the generator is seeded with the recorded seed {trainer.options.seed} instead, so "
-                      "dropout draws differ from the uninterrupted run", RuntimeWarning, stacklevel=2)
-    trainer.steps_done = meta["steps_done"]
-    return trainer
+                      f"{trainer.device}; the generator is seeded with the recorded seed {trainer.options.seed} "
+                      "instead, so dropout draws differ from the uninterrupted run", RuntimeWarning, stacklevel=3)
+    trainer.steps_done = ckpt.meta["steps_done"]

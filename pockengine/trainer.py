@@ -10,6 +10,7 @@ the loss) and the gradient program (returns the loss and the gradients, updates 
 from __future__ import annotations
 
 import gc
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -21,6 +22,7 @@ from torch.utils import _pytree as pytree
 from pockengine import pipeline
 from pockengine.backend import CompiledProgram
 from pockengine.capture import Captured, capture, normalize_batch
+from pockengine.checkpoint import recorded_setup, restore_state, save_trainer
 from pockengine.errors import BatchMismatchError, NonFiniteLossError, UserInputError
 from pockengine.ir.graph import BATCH, SCALAR, Node
 from pockengine.memory.plan import MemoryPlan, plan_memory
@@ -142,8 +144,8 @@ class Trainer:
         built = self._prepared(self._example if batch is None else batch, not gradients)[0]
         return plan_memory(built.program.graph, {n: t.stride() for n, t in built.static.items()})
 
-    def save(self, path: str) -> None:
-        from pockengine.checkpoint import save_trainer
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a checkpoint folder at `path` (crash-safe; see pockengine.checkpoint); `pockengine.load` resumes."""
         save_trainer(self, path)
 
     # -- compilation ----------------------------------------------------------------------------------------
@@ -246,3 +248,15 @@ def compile(model: nn.Module, loss_fn: Callable, example_batch: Any, optimizer: 
     The trainer runs where the model is (`model.to(device)` before compiling); batches must be on that device.
     """
     return Trainer(model, loss_fn, example_batch, optimizer, scheme, Options.from_dict(options))
+
+
+def load(path: str | os.PathLike, model: nn.Module, loss_fn: Callable, example_batch: Any) -> Trainer:
+    """Resume training from the latest checkpoint written by `Trainer.save` into `path`: loads the weights into
+    `model` (of the architecture that was trained) and returns a Trainer that continues where the saved one stopped
+    (same optimizer, state, scheme, options, step count and dropout generator). `read_checkpoint(path)` reads a
+    checkpoint without a model. Raises `CheckpointError` if `path` holds no complete checkpoint or any of its files
+    is damaged."""
+    ckpt, optimizer, scheme, options = recorded_setup(path, model)
+    trainer = Trainer(model, loss_fn, example_batch, optimizer, scheme, options)
+    restore_state(trainer, ckpt, path)
+    return trainer

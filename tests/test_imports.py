@@ -165,27 +165,11 @@ def test_the_graph_sees_every_kind_of_import():
     assert _absolute(ast.parse("from . import x").body[0], "pockengine.passes", is_package=True) == "pockengine.passes"
 
 
-# Cycles found when this test was written, each through a function-level import, in modules being restructured
-# on another branch (issue #12: the pipeline of named passes): fixed there, then deleted here. The test fails on any
-# other cycle, and on an entry here that is gone, so that the list only shrinks.
-KNOWN_CYCLES = {
-    # Graph.__str__ imports the printer, which imports Graph.
-    frozenset({"pockengine.ir.graph", "pockengine.ir.printer"}),
-    # optim.base.from_config imports AdamW and SGD, which subclass base.Optimizer.
-    frozenset({"pockengine.optim.base", "pockengine.optim.adamw", "pockengine.optim.sgd"}),
-    # Trainer.save imports checkpoint.save_trainer; checkpoint.load imports Trainer.
-    frozenset({"pockengine.checkpoint", "pockengine.trainer"}),
-}
-
-
 def test_no_import_cycles_in_the_package():
     graph = import_graph()
     found = tangles(graph)
-    new = [f"{' -> '.join(cycle_in(graph, c))} (all modules of the tangle: {', '.join(sorted(c))})"
-           for c in found if c not in KNOWN_CYCLES]
-    assert not new, "import cycles (each: a module, what it imports, ..., back to it):\n" + "\n".join(new)
-    gone = KNOWN_CYCLES - {frozenset(c) for c in found}
-    assert not gone, f"these cycles are gone (or changed): delete them from KNOWN_CYCLES: {[sorted(g) for g in gone]}"
+    cycles = [f"{' -> '.join(cycle_in(graph, c))} (all modules of the tangle: {', '.join(sorted(c))})" for c in found]
+    assert not cycles, "import cycles (each: a module, what it imports, ..., back to it):\n" + "\n".join(cycles)
 
 
 def test_the_cycle_finder_names_a_cycle():

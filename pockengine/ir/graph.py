@@ -307,8 +307,9 @@ class Graph:
             raise ValueError(f"outputs {missing} are not values of the program")
 
     def __str__(self) -> str:
-        from pockengine.ir.printer import format_graph
-        return format_graph(self)
+        """The listing: inputs with their roles, then one block per section, each line an op with its result type
+        and the module it came from (and, where the compiler made a choice there, why)."""
+        return _format_graph(self)
 
 
 def eliminate_dead_code(graph: Graph, keep: Iterable[Node] = ()) -> Graph:
@@ -320,3 +321,47 @@ def eliminate_dead_code(graph: Graph, keep: Iterable[Node] = ()) -> Graph:
             live.update(n.inputs)
     graph.nodes = [n for n in graph.nodes if n.is_input or n in live]
     return graph
+
+
+# ------------------------------------------------------------------------------------------------ the listing
+def _fmt_arg(a: Any) -> str:
+    if isinstance(a, Node):
+        return f"%{a.name}"
+    if isinstance(a, (list, tuple)):
+        inner = ", ".join(_fmt_arg(x) for x in a)
+        return f"[{inner}]"
+    if isinstance(a, float):
+        return f"{a:g}"
+    return str(a).removeprefix("torch.")
+
+
+def _fmt_meta(meta: Any) -> str:
+    if isinstance(meta, TensorMeta):
+        return str(meta)
+    if isinstance(meta, tuple):
+        return "(" + ", ".join(_fmt_meta(m) for m in meta) + ")"
+    return ""
+
+
+def _format_node(n: Node, note: str | None = None) -> str:
+    args = [_fmt_arg(a) for a in n.args] + [f"{k}={_fmt_arg(v)}" for k, v in n.kwargs.items()]
+    line = f"%{n.name} = {n.op_name}({', '.join(args)})"
+    comment = "; ".join(c for c in (n.module, note) if c)
+    return f"  {line:<96} {_fmt_meta(n.meta)}{f'  # {comment}' if comment else ''}"
+
+
+def _format_graph(graph: Graph) -> str:
+    counts = {s: len(graph.section(s)) for s in SECTIONS}
+    lines = ["program: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + " ops"]
+    lines.append("inputs:")
+    for n in graph.inputs():
+        where = f"  # {n.module}" if n.module else ""
+        lines.append(f"  %{n.name:<40} {n.role:<7} {_fmt_meta(n.meta)}{where}")
+    for s in SECTIONS:
+        nodes = graph.section(s)
+        if nodes:
+            lines.append(f"{s}:")
+            lines.extend(_format_node(n, graph.notes.get(n)) for n in nodes)
+    lines.append("outputs:")
+    lines.extend(f"  {k} = %{v.name}" for k, v in graph.outputs.items())
+    return "\n".join(lines)

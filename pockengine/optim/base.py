@@ -56,18 +56,3 @@ def hyperparameter(owner: str, name: str, value: Any, low: float, high: float = 
 def learning_rate(owner: str, lr: Any) -> float:
     """A learning rate given at construction or to one step: finite and >= 0 (NaN would turn every weight NaN)."""
     return hyperparameter(owner, "lr", lr, 0.0)
-
-
-def from_config(config: dict[str, Any]) -> Optimizer:
-    from pockengine.optim.adamw import AdamW
-    from pockengine.optim.sgd import SGD
-
-    kinds = {"SGD": SGD, "AdamW": AdamW}
-    if not isinstance(config, dict) or config.get("kind") not in kinds:
-        raise UserInputError(f"an optimizer config is a mapping with 'kind' one of {sorted(kinds)}, got {config!r}")
-    cfg = dict(config)
-    kind = cfg.pop("kind")
-    try:
-        return kinds[kind](**cfg)
-    except TypeError as e:  # an unknown or missing keyword
-        raise UserInputError(f"optimizer config {config!r} does not fit {kind}: {e}") from e
