@@ -188,8 +188,8 @@ def _gradient_programs(cap: pockengine.capture.Captured) -> Iterator[None]:
     checked against torch.optim by tests/test_sparse_parity.py): the zoo's time goes to its gradients."""
     build = pockengine.trainer.Trainer._build
 
-    def gradients_only(self: pe.Trainer, kind: str, *args: Any, **kwargs: Any) -> Any:
-        return build(self, kind, *args, **kwargs) if kind == "grad" else None
+    def gradients_only(self: pe.Trainer, batch: Any, updates: bool, *args: Any, **kwargs: Any) -> Any:
+        return None if updates else build(self, batch, updates, *args, **kwargs)
 
     with mock.patch.object(pockengine.trainer, "capture", lambda model, loss_fn, batch: copy.deepcopy(cap)), \
             mock.patch.object(pockengine.trainer.Trainer, "_build", gradients_only):

@@ -87,6 +87,11 @@ def _sliceable(ctx, x, w, transposed, groups):
 @register(aten.convolution.default)
 def convolution(ctx, g):
     x, w, b, stride, padding, dilation, transposed, output_padding, groups = ctx.node.args
+    # ATen accepts one value for all spatial dimensions (EfficientNet's padding=[1] for a 2-d convolution);
+    # the input gradient's output-size arithmetic reads one per dimension.
+    spatial = len(x.meta.shape) - 2
+    stride, padding, dilation, output_padding = (list(v) * spatial if len(v) == 1 else list(v)
+                                                 for v in (stride, padding, dilation, output_padding))
     gx = gw = gb = None
     if ctx.needs(b):
         gb = ctx(aten.sum.dim_IntList, g, [0] + list(range(2, len(g.meta.shape))))

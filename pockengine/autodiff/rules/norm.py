@@ -142,9 +142,12 @@ def group_norm(ctx, g):
     mask = [ctx.needs(x), ctx.needs(w), ctx.needs(b)]
     gx = gw = gb = None
     if g[0] is not None:
-        # The kernel reads its gradient as a dense array; it may come expanded (after a mean) or permuted.
+        # The kernel reads its gradient and input as dense arrays of one layout (autograd makes both contiguous
+        # in the input's layout); the gradient may come expanded (after a mean) or permuted, and a channels-last
+        # input beside a contiguous gradient gives garbage, or a segmentation fault.
         dense = ctx(aten.contiguous.default, g[0])
-        out = ctx(aten.native_group_norm_backward.default, dense, x, mean, rstd, w, n, c, hxw, groups, mask)
+        x_dense = ctx(aten.contiguous.default, x)
+        out = ctx(aten.native_group_norm_backward.default, dense, x_dense, mean, rstd, w, n, c, hxw, groups, mask)
         gx, gw, gb = _unpack(ctx, out, mask)
     if ctx.needs(x) and (g[1] is not None or g[2] is not None):
         stat = _group_stat_grad(ctx, g, x, groups)
