@@ -818,6 +818,46 @@ def test_group_norm_after_conv_through_the_trainer():
     _check(trainer.gradients(((x,), y)), ref)
 
 
+@pytest.mark.parametrize("scheme", ["full", "last2"])
+def test_group_norm_after_a_channels_last_conv2d_through_the_trainer(scheme):
+    """Conv2d -> GroupNorm -> SiLU -> pool -> Linear: the trainer runs the convolution channels-last, so the group
+    norm's input is channels-last while its cotangent is not (the kernel then gave wrong gradients, or crashed)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.SiLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 4))
+    x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 4, (2,))
+    ref_model = copy.deepcopy(model)
+    names, params = zip(*ref_model.named_parameters())
+    ref = dict(zip(names, torch.autograd.grad(F.cross_entropy(ref_model(x), y), params)))
+    scheme = pe.Scheme.full() if scheme == "full" else pe.Scheme.last(2)
+    trainer = pe.compile(model, pe.losses.cross_entropy(), ((x,), y), scheme=scheme)
+    grads = trainer.gradients(((x,), y))
+    _check(grads, {n: ref[n] for n in grads})
+
+
+def test_convolution_with_one_padding_value_for_both_dimensions():
+    """ATen accepts padding=[1] for a 2-d convolution (EfficientNet's export has it); the input gradient reads one
+    value per spatial dimension."""
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 3, 7, 6), torch.randn(4, 3, 3, 3)
+
+    class OnePadding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = nn.Conv2d(3, 3, 1)
+            self.weight = nn.Parameter(w.clone())
+
+        def forward(self, x):
+            return torch.ops.aten.convolution(self.first(x), self.weight, None, [2], [1], [1], False, [0], 1)
+
+    model = OnePadding()
+    ref_model = copy.deepcopy(model)
+    names, params = zip(*ref_model.named_parameters())
+    ref = dict(zip(names, torch.autograd.grad(ref_model(x).square().mean(), params)))
+    trainer = pe.compile(model, lambda out, target: out.square().mean(), ((x,), None))
+    _check(trainer.gradients(((x,), None)), ref)
+
+
 class _Mean(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
