@@ -13,6 +13,7 @@ import gc
 import os
 import time
 from dataclasses import dataclass
+from collections.abc import Hashable
 from typing import Any, Callable
 
 import torch
@@ -33,7 +34,7 @@ from pockengine.passes import uses_convolution
 from pockengine.scheme import Scheme, Selection
 from pockengine.scheme import summary as scheme_summary
 
-ShapeKey = tuple[tuple[tuple[int, ...], torch.dtype], ...]
+ShapeKey = tuple[tuple[Any, ...], ...]  # per batch leaf: (shape, dtype) of a tensor, the value of anything else
 
 
 @dataclass
@@ -159,7 +160,10 @@ class Trainer:
                 f"to the model's device (for example with .to('{self.device}')) before passing it to the trainer")
 
     def _shape_key(self, leaves: list) -> ShapeKey:
-        return tuple((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else ((), type(t)) for t in leaves)
+        """What a compiled program is specific to. A leaf that is not a tensor (a float argument, a None target) is
+        a constant of the program: another value needs another program."""
+        return tuple((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else
+                     ("value", t if isinstance(t, Hashable) else id(t)) for t in leaves)
 
     def _prepared(self, batch: Any, updates: bool) -> tuple[_Built, list]:
         """The step program (`updates`) or the gradient program for `batch`'s shape, compiled on first sight."""

@@ -303,3 +303,22 @@ def test_gradient_flows_through_every_output_of_a_split():
     loss_fn = lambda out, target: (out * target).sum()  # noqa: E731
     (ref,) = torch.autograd.grad(loss_fn(model(*data[0]), data[1]), [model.x])
     assert rel_err(pe.compile(model, loss_fn, data).gradients(data)["x"], ref) <= TOL
+
+
+def test_a_number_in_the_batch_is_part_of_the_program_key():
+    """A non-tensor batch leaf is a constant of the compiled program: another value compiles another program
+    instead of silently reusing the first one's constant."""
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x, scale: float):
+            return self.lin(x) * scale
+
+    torch.manual_seed(0)
+    model, x, y = Scaled(), torch.randn(4, 3), torch.randn(4, 2)
+    trainer = pe.compile(model, pe.losses.mse(), ((x, 1.0), y))
+    for scale in (1.0, 3.0):
+        expected = F.mse_loss(model(x, scale), y).item()
+        assert trainer.loss(((x, scale), y)) == pytest.approx(expected, rel=1e-6)
