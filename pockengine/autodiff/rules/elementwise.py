@@ -214,13 +214,19 @@ def masked_fill(ctx, g):
 @register(aten.clamp.default)
 def clamp(ctx, g):
     x, lo, hi = ctx.args
+    keep = _within(ctx, x, lo, hi, aten.ge.Scalar, aten.le.Scalar)
+    return (g if keep is None else _masked(ctx, g, keep),)
+
+
+def _within(ctx, x, lo, hi, ge, le):
+    """Where lo <= x <= hi (a bound of None is no bound; None where neither is given): clamp passes x's gradient."""
     keep = None
     if lo is not None:
-        keep = ctx(aten.ge.Scalar, x, lo)
+        keep = ctx(ge, x, lo)
     if hi is not None:
-        upper = ctx(aten.le.Scalar, x, hi)
+        upper = ctx(le, x, hi)
         keep = upper if keep is None else ctx(aten.logical_and.default, keep, upper)
-    return (g if keep is None else _masked(ctx, g, keep),)
+    return keep
 
 
 @register(aten.maximum.default, aten.minimum.default)
@@ -389,12 +395,7 @@ def clamp_tensor(ctx, g):
     x, lo, hi = ctx.args
     gx = glo = ghi = None
     if ctx.needs(x):
-        keep = None
-        if lo is not None:
-            keep = ctx(aten.ge.Tensor, x, lo)
-        if hi is not None:
-            upper = ctx(aten.le.Tensor, x, hi)
-            keep = upper if keep is None else ctx(aten.logical_and.default, keep, upper)
+        keep = _within(ctx, x, lo, hi, aten.ge.Tensor, aten.le.Tensor)
         gx = ctx.sum_to(g if keep is None else _masked(ctx, g, keep), _shape(x))
     if ctx.needs(lo):
         below = ctx(aten.lt.Tensor, x, lo)

@@ -44,14 +44,20 @@ def bmm(ctx, g):
             ctx(aten.bmm.default, _t(ctx, a), g) if ctx.needs(b) else None)
 
 
-@register(aten.addmm.default)
-def addmm(ctx, g):
-    bias, a, b = ctx.node.args
+def _scaled_and_bias_grad(ctx, g):
+    """For beta * bias + alpha * product (addmm, addmv, addbmm): the product's cotangent (alpha * g) and the
+    bias's gradient (beta * g summed to its shape), if it needs one."""
+    bias = ctx.node.args[0]
     beta, alpha = ctx.kwarg("beta"), ctx.kwarg("alpha")
     scaled = g if alpha == 1 else ctx(aten.mul.Tensor, g, alpha)
-    gbias = None
-    if ctx.needs(bias):
-        gbias = ctx.sum_to(g if beta == 1 else ctx(aten.mul.Tensor, g, beta), bias.meta.shape)
+    gbias = ctx.sum_to(g if beta == 1 else ctx(aten.mul.Tensor, g, beta), bias.meta.shape) if ctx.needs(bias) else None
+    return scaled, gbias
+
+
+@register(aten.addmm.default)
+def addmm(ctx, g):
+    _, a, b = ctx.node.args
+    scaled, gbias = _scaled_and_bias_grad(ctx, g)
     return (gbias,
             ctx(aten.mm.default, scaled, _t(ctx, b)) if ctx.needs(a) else None,
             _weight_grad(ctx, a, scaled, b, 0) if ctx.needs(b) else None)
@@ -124,10 +130,8 @@ def cdist(ctx, g):
 @register(aten.addmv.default)
 def addmv(ctx, g):
     """beta * bias + alpha * (mat @ vec)."""
-    bias, mat, vec = ctx.node.args
-    beta, alpha = ctx.kwarg("beta"), ctx.kwarg("alpha")
-    scaled = g if alpha == 1 else ctx(aten.mul.Tensor, g, alpha)
-    gbias = ctx.sum_to(g if beta == 1 else ctx(aten.mul.Tensor, g, beta), bias.meta.shape) if ctx.needs(bias) else None
+    _, mat, vec = ctx.node.args
+    scaled, gbias = _scaled_and_bias_grad(ctx, g)
     gmat = ctx(aten.mul.Tensor, ctx(aten.unsqueeze.default, scaled, 1), vec) if ctx.needs(mat) else None
     gvec = ctx(aten.mv.default, _t(ctx, mat), scaled) if ctx.needs(vec) else None
     return gbias, gmat, gvec
@@ -136,10 +140,8 @@ def addmv(ctx, g):
 @register(aten.addbmm.default)
 def addbmm(ctx, g):
     """beta * bias + alpha * sum_b(batch1[b] @ batch2[b])."""
-    bias, b1, b2 = ctx.node.args
-    beta, alpha = ctx.kwarg("beta"), ctx.kwarg("alpha")
-    scaled = g if alpha == 1 else ctx(aten.mul.Tensor, g, alpha)
-    gbias = ctx.sum_to(g if beta == 1 else ctx(aten.mul.Tensor, g, beta), bias.meta.shape) if ctx.needs(bias) else None
+    _, b1, b2 = ctx.node.args
+    scaled, gbias = _scaled_and_bias_grad(ctx, g)
     batch = b1.meta.shape[0]
     expanded = ctx(aten.expand.default, ctx(aten.unsqueeze.default, scaled, 0), [batch, *scaled.meta.shape])
     g1 = ctx(aten.bmm.default, expanded, _t(ctx, b2)) if ctx.needs(b1) else None
