@@ -1,17 +1,16 @@
 """The VJP of the marker torch.export leaves after each custom torch.autograd.Function's output (see
 pockengine/capture/export.py): its backward was dropped at capture, so it is refused by name, never guessed."""
 
-from typing import Any
-
 import torch
 
 import pockengine.capture.export  # noqa: F401  (defines the marker op)
-from pockengine.autodiff.registry import register
+from pockengine.autodiff.engine import VJPContext
+from pockengine.autodiff.registry import InputCotangents, OutputCotangent, register
 from pockengine.errors import CaptureError
 
 
 @register(torch.ops.pockengine.autograd_function_output.default)
-def _refuse_autograd_function(ctx: Any, g: Any) -> Any:
+def _refuse_autograd_function(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     node = ctx.node
     raise CaptureError(
         f"the custom torch.autograd.Function {node.args[1]} (module '{node.module or '<top level>'}') lies on the "

@@ -4,7 +4,8 @@ import math
 
 import torch
 
-from pockengine.autodiff.registry import register
+from pockengine.autodiff.engine import VJPContext
+from pockengine.autodiff.registry import InputCotangents, OutputCotangent, register
 from pockengine.ir.graph import Node
 
 aten = torch.ops.aten
@@ -19,7 +20,7 @@ def _reduce(ctx, g, x):
 
 
 @register(aten.add.Tensor)
-def add(ctx, g):
+def add(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     a, b = ctx.node.args[:2]
     alpha = ctx.kwarg("alpha")
     gb = g if alpha == 1 or not ctx.needs(b) else ctx(aten.mul.Tensor, g, alpha)
@@ -27,7 +28,7 @@ def add(ctx, g):
 
 
 @register(aten.sub.Tensor)
-def sub(ctx, g):
+def sub(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     a, b = ctx.node.args[:2]
     alpha = ctx.kwarg("alpha")
     gb = ctx.sum_to(ctx(aten.mul.Tensor, g, -alpha), _shape(b)) if ctx.needs(b) else None
@@ -35,12 +36,12 @@ def sub(ctx, g):
 
 
 @register(aten.add.Scalar, aten.sub.Scalar, aten.clone.default, aten.alias.default, aten.contiguous.default)
-def identity(ctx, g):
+def identity(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return (g,)
 
 
 @register(aten.mul.Tensor)
-def mul(ctx, g):
+def mul(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     a, b = ctx.node.args
     ga = ctx.sum_to(ctx(aten.mul.Tensor, g, b), _shape(a)) if ctx.needs(a) else None
     gb = ctx.sum_to(ctx(aten.mul.Tensor, g, a), _shape(b)) if ctx.needs(b) else None
@@ -48,12 +49,12 @@ def mul(ctx, g):
 
 
 @register(aten.mul.Scalar)
-def mul_scalar(ctx, g):
+def mul_scalar(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return (ctx(aten.mul.Tensor, g, ctx.node.args[1]),)
 
 
 @register(aten.div.Tensor)
-def div(ctx, g):
+def div(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     a, b = ctx.node.args
     ga = ctx.sum_to(ctx(aten.div.Tensor, g, b), _shape(a)) if ctx.needs(a) else None
     gb = None
@@ -63,17 +64,17 @@ def div(ctx, g):
 
 
 @register(aten.div.Scalar)
-def div_scalar(ctx, g):
+def div_scalar(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return (ctx(aten.div.Tensor, g, ctx.node.args[1]),)
 
 
 @register(aten.neg.default)
-def neg(ctx, g):
+def neg(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return (ctx(aten.neg.default, g),)
 
 
 @register(aten.pow.Tensor_Scalar)
-def pow_scalar(ctx, g):
+def pow_scalar(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, e = ctx.node.args
     if e == 0:
         return (ctx.zeros_like(x),)
@@ -82,7 +83,7 @@ def pow_scalar(ctx, g):
 
 
 @register(aten.pow.Tensor_Tensor)
-def pow_tensor(ctx, g):
+def pow_tensor(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, e = ctx.node.args
     gx = ge = None
     if ctx.needs(x):
@@ -94,47 +95,47 @@ def pow_tensor(ctx, g):
 
 
 @register(aten.sqrt.default)
-def sqrt(ctx, g):
+def sqrt(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return (ctx(aten.div.Tensor, g, ctx(aten.mul.Tensor, ctx.node, 2)),)
 
 
 @register(aten.rsqrt.default)
-def rsqrt(ctx, g):  # d x^-1/2 = -1/2 x^-3/2 = -1/2 out^3
+def rsqrt(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:  # d x^-1/2 = -1/2 x^-3/2 = -1/2 out^3
     return (ctx(aten.mul.Tensor, g, ctx(aten.mul.Tensor, ctx(aten.pow.Tensor_Scalar, ctx.node, 3), -0.5)),)
 
 
 @register(aten.reciprocal.default)
-def reciprocal(ctx, g):
+def reciprocal(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return (ctx(aten.neg.default, ctx(aten.mul.Tensor, g, ctx(aten.mul.Tensor, ctx.node, ctx.node))),)
 
 
 @register(aten.exp.default)
-def exp(ctx, g):
+def exp(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return (ctx(aten.mul.Tensor, g, ctx.node),)
 
 
 @register(aten.log.default)
-def log(ctx, g):
+def log(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return (ctx(aten.div.Tensor, g, ctx.node.args[0]),)
 
 
 @register(aten.sin.default)
-def sin(ctx, g):
+def sin(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return (ctx(aten.mul.Tensor, g, ctx(aten.cos.default, ctx.node.args[0])),)
 
 
 @register(aten.cos.default)
-def cos(ctx, g):
+def cos(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return (ctx(aten.neg.default, ctx(aten.mul.Tensor, g, ctx(aten.sin.default, ctx.node.args[0]))),)
 
 
 @register(aten.abs.default)
-def abs_(ctx, g):
+def abs_(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return (ctx(aten.mul.Tensor, g, ctx(aten.sign.default, ctx.node.args[0])),)
 
 
 @register(aten.erf.default)
-def erf(ctx, g):
+def erf(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x = ctx.node.args[0]
     d = ctx(aten.mul.Tensor, ctx(aten.exp.default, ctx(aten.neg.default, ctx(aten.mul.Tensor, x, x))),
             2 / math.sqrt(math.pi))
@@ -142,33 +143,33 @@ def erf(ctx, g):
 
 
 @register(aten.tanh.default)
-def tanh(ctx, g):
+def tanh(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return (ctx(aten.tanh_backward.default, g, ctx.node),)
 
 
 @register(aten.sigmoid.default)
-def sigmoid(ctx, g):
+def sigmoid(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return (ctx(aten.sigmoid_backward.default, g, ctx.node),)
 
 
 @register(aten.relu.default)
-def relu(ctx, g):
+def relu(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return (ctx(aten.threshold_backward.default, g, ctx.node, 0),)
 
 
 @register(aten.gelu.default)
-def gelu(ctx, g):
+def gelu(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     approximate = ctx.kwarg("approximate")
     return (ctx(aten.gelu_backward.default, g, ctx.node.args[0], approximate=approximate),)
 
 
 @register(aten.silu.default)
-def silu(ctx, g):
+def silu(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return (ctx(aten.silu_backward.default, g, ctx.node.args[0]),)
 
 
 @register(aten.hardtanh.default)
-def hardtanh(ctx, g):
+def hardtanh(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     """Reads the output, not the input (lo < x < hi exactly where lo < out < hi): the output is usually kept for
     the next layer's weight gradient anyway, so the input need not be."""
     _, lo, hi = ctx.args
@@ -176,17 +177,17 @@ def hardtanh(ctx, g):
 
 
 @register(aten.hardswish.default)
-def hardswish(ctx, g):
+def hardswish(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return (ctx(aten.hardswish_backward.default, g, ctx.node.args[0]),)
 
 
 @register(aten.hardsigmoid.default)
-def hardsigmoid(ctx, g):
+def hardsigmoid(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return (ctx(aten.hardsigmoid_backward.default, g, ctx.node.args[0]),)
 
 
 @register(aten.leaky_relu.default)
-def leaky_relu(ctx, g):
+def leaky_relu(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, slope = ctx.args
     return (ctx(aten.leaky_relu_backward.default, g, x, slope, False),)
 
@@ -198,7 +199,7 @@ def _masked(ctx, g, keep: Node):
 
 
 @register(aten.where.self)
-def where(ctx, g):
+def where(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     cond, a, b = ctx.node.args
     ga = ctx.sum_to(_masked(ctx, g, cond), _shape(a)) if ctx.needs(a) else None
     gb = ctx.sum_to(_masked(ctx, g, ctx(aten.logical_not.default, cond)), _shape(b)) if ctx.needs(b) else None
@@ -206,13 +207,13 @@ def where(ctx, g):
 
 
 @register(aten.masked_fill.Scalar)
-def masked_fill(ctx, g):
+def masked_fill(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, mask = ctx.node.args[:2]
     return ctx.sum_to(_masked(ctx, g, ctx(aten.logical_not.default, mask)), _shape(x)), None
 
 
 @register(aten.clamp.default)
-def clamp(ctx, g):
+def clamp(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, lo, hi = ctx.args
     keep = _within(ctx, x, lo, hi, aten.ge.Scalar, aten.le.Scalar)
     return (g if keep is None else _masked(ctx, g, keep),)
@@ -230,7 +231,7 @@ def _within(ctx, x, lo, hi, ge, le):
 
 
 @register(aten.maximum.default, aten.minimum.default)
-def maximum_minimum(ctx, g):
+def maximum_minimum(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     a, b = ctx.node.args
     # Ties split the gradient in half, as PyTorch does.
     pick_a = ctx(aten.eq.Tensor, ctx.node, a)
@@ -244,13 +245,13 @@ def maximum_minimum(ctx, g):
 
 
 @register(aten._to_copy.default)
-def to_copy(ctx, g):
+def to_copy(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x = ctx.node.args[0]
     return (g if g.meta.dtype == x.meta.dtype else ctx(aten._to_copy.default, g, dtype=x.meta.dtype),)
 
 
 @register(aten.native_dropout.default)
-def native_dropout(ctx, g):
+def native_dropout(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     _x, p, train = ctx.args
     mask = ctx.graph.getitem(ctx.node, 1)
     # As in PyTorch: no scaling when not training (the output is the input), and p = 1 keeps nothing.
@@ -263,38 +264,38 @@ def _times(ctx, g, d):
 
 
 @register(aten.log1p.default)
-def log1p(ctx, g):
+def log1p(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return (ctx(aten.div.Tensor, g, ctx(aten.add.Tensor, ctx.node.args[0], 1)),)
 
 
 @register(aten.expm1.default)
-def expm1(ctx, g):
+def expm1(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return _times(ctx, g, ctx(aten.add.Tensor, ctx.node, 1))
 
 
 @register(aten.log2.default, aten.log10.default)
-def log_base(ctx, g):
+def log_base(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     base = 2.0 if ctx.node.target is aten.log2.default else 10.0
     return (ctx(aten.div.Tensor, g, ctx(aten.mul.Tensor, ctx.node.args[0], math.log(base))),)
 
 
 @register(aten.exp2.default)
-def exp2(ctx, g):
+def exp2(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return _times(ctx, g, ctx(aten.mul.Tensor, ctx.node, math.log(2.0)))
 
 
 @register(aten.sinh.default)
-def sinh(ctx, g):
+def sinh(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return _times(ctx, g, ctx(aten.cosh.default, ctx.node.args[0]))
 
 
 @register(aten.cosh.default)
-def cosh(ctx, g):
+def cosh(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return _times(ctx, g, ctx(aten.sinh.default, ctx.node.args[0]))
 
 
 @register(aten.tan.default)
-def tan(ctx, g):  # 1 + tan^2
+def tan(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:  # 1 + tan^2
     return _times(ctx, g, ctx(aten.add.Tensor, ctx(aten.mul.Tensor, ctx.node, ctx.node), 1))
 
 
@@ -305,39 +306,39 @@ def _inverse_sqrt(ctx, x, one_minus: bool, shift: float = 0.0):
 
 
 @register(aten.asin.default)
-def asin(ctx, g):
+def asin(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return _times(ctx, g, _inverse_sqrt(ctx, ctx.node.args[0], True))
 
 
 @register(aten.acos.default)
-def acos(ctx, g):
+def acos(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return (ctx(aten.neg.default, ctx(aten.mul.Tensor, g, _inverse_sqrt(ctx, ctx.node.args[0], True))),)
 
 
 @register(aten.asinh.default)
-def asinh(ctx, g):
+def asinh(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return _times(ctx, g, _inverse_sqrt(ctx, ctx.node.args[0], False, 1.0))
 
 
 @register(aten.acosh.default)
-def acosh(ctx, g):
+def acosh(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return _times(ctx, g, _inverse_sqrt(ctx, ctx.node.args[0], False, -1.0))
 
 
 @register(aten.atan.default)
-def atan(ctx, g):
+def atan(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x = ctx.node.args[0]
     return (ctx(aten.div.Tensor, g, ctx(aten.add.Tensor, ctx(aten.mul.Tensor, x, x), 1)),)
 
 
 @register(aten.atanh.default)
-def atanh(ctx, g):
+def atanh(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x = ctx.node.args[0]
     return (ctx(aten.div.Tensor, g, ctx(aten.rsub.Scalar, ctx(aten.mul.Tensor, x, x), 1)),)
 
 
 @register(aten.atan2.default)
-def atan2(ctx, g):
+def atan2(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     a, b = ctx.node.args
     r2 = ctx(aten.add.Tensor, ctx(aten.mul.Tensor, a, a), ctx(aten.mul.Tensor, b, b))
     shared = ctx(aten.div.Tensor, g, r2)
@@ -347,30 +348,30 @@ def atan2(ctx, g):
 
 
 @register(aten.erfc.default)
-def erfc(ctx, g):
+def erfc(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return (ctx(aten.neg.default, erf(ctx, g)[0]),)
 
 
 @register(aten.erfinv.default)
-def erfinv(ctx, g):  # sqrt(pi)/2 * exp(erfinv(x)^2)
+def erfinv(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:  # sqrt(pi)/2 * exp(erfinv(x)^2)
     d = ctx(aten.mul.Tensor, ctx(aten.exp.default, ctx(aten.mul.Tensor, ctx.node, ctx.node)), math.sqrt(math.pi) / 2)
     return _times(ctx, g, d)
 
 
 @register(aten.sign.default, aten.floor.default, aten.ceil.default, aten.round.default, aten.round.decimals,
           aten.trunc.default)
-def piecewise_constant(ctx, g):
+def piecewise_constant(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     """Piecewise-constant functions: a zero derivative almost everywhere, as autograd defines it."""
     return (None,)
 
 
 @register(aten.fmod.Scalar, aten.remainder.Scalar)
-def modulo_scalar(ctx, g):
+def modulo_scalar(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return (g, None)
 
 
 @register(aten.fmod.Tensor, aten.remainder.Tensor)
-def modulo(ctx, g):
+def modulo(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     """a - q * b with q = trunc(a / b) (fmod) or floor(a / b) (remainder), q piecewise constant."""
     a, b = ctx.node.args
     gb = None
@@ -382,14 +383,14 @@ def modulo(ctx, g):
 
 
 @register(aten.elu.default)
-def elu(ctx, g):
+def elu(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     """elu, selu and celu: reads the input (the output would do, but not for alpha < 0)."""
     x, alpha, scale, input_scale = ctx.args
     return (ctx(aten.elu_backward.default, g, alpha, scale, input_scale, False, x),)
 
 
 @register(aten.clamp.Tensor)
-def clamp_tensor(ctx, g):
+def clamp_tensor(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     """As autograd: x's gradient where lo <= x <= hi; lo's where x < lo < hi; hi's where x > hi or hi < lo (the
     output is hi everywhere then)."""
     x, lo, hi = ctx.args
@@ -411,7 +412,7 @@ def clamp_tensor(ctx, g):
 
 
 @register(aten.div.Tensor_mode)
-def div_mode(ctx, g):
+def div_mode(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     """Rounded division (floor, trunc) is piecewise constant; rounding_mode=None is true division."""
     if ctx.kwarg("rounding_mode") is not None:
         return None, None
@@ -419,7 +420,7 @@ def div_mode(ctx, g):
 
 
 @register(aten.fmax.default, aten.fmin.default)
-def fmax_fmin(ctx, g):
+def fmax_fmin(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     """As autograd: the whole gradient to the operand picked (a on ties), the NaN-ignoring way."""
     a, b = ctx.node.args
     compare = aten.ge.Tensor if ctx.node.target is aten.fmax.default else aten.le.Tensor
@@ -430,12 +431,12 @@ def fmax_fmin(ctx, g):
 
 
 @register(aten.i0.default)
-def i0(ctx, g):
+def i0(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return _times(ctx, g, ctx(aten.special_i1.default, ctx.node.args[0]))
 
 
 @register(aten.copy.default)
-def copy_(ctx, g):
+def copy_(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     """self is overwritten by src (broadcast to self's shape, cast to its dtype)."""
     _x, src = ctx.node.args[:2]
     if ctx.needs(src) and g.meta.dtype != src.meta.dtype:
@@ -444,7 +445,7 @@ def copy_(ctx, g):
 
 
 @register(aten.copysign.Tensor)
-def copysign(ctx, g):
+def copysign(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     """|a| with b's sign: a's derivative is sign(a) * sign(out) (0 at a = 0, as autograd); b's is 0."""
     a = ctx.node.args[0]
     d = ctx(aten.mul.Tensor, ctx(aten.sign.default, a), ctx(aten.sign.default, ctx.node))
@@ -452,7 +453,7 @@ def copysign(ctx, g):
 
 
 @register(aten.ldexp.Tensor)
-def ldexp(ctx, g):
+def ldexp(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     """x * 2^e."""
     x, e = ctx.node.args
     gx = ge = None
@@ -464,7 +465,7 @@ def ldexp(ctx, g):
 
 
 @register(aten.masked_scatter.default)
-def masked_scatter(ctx, g):
+def masked_scatter(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, mask, src = ctx.node.args
     gx = ctx.sum_to(_masked(ctx, g, ctx(aten.logical_not.default, mask)), _shape(x)) if ctx.needs(x) else None
     gsrc = ctx(aten.masked_scatter_backward.default, g, mask, list(_shape(src))) if ctx.needs(src) else None
@@ -472,30 +473,32 @@ def masked_scatter(ctx, g):
 
 
 @register(aten.lgamma.default)
-def lgamma(ctx, g):
+def lgamma(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return _times(ctx, g, ctx(aten.digamma.default, ctx.node.args[0]))
 
 
 @register(aten.digamma.default)
-def digamma(ctx, g):
+def digamma(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return _times(ctx, g, ctx(aten.polygamma.default, 1, ctx.node.args[0]))
 
 
 @register(aten.polygamma.default)
-def polygamma(ctx, g):
+def polygamma(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     n, x = ctx.node.args
     return None, ctx(aten.mul.Tensor, g, ctx(aten.polygamma.default, n + 1, x))
 
 
 @register(aten.special_erfcx.default)
-def erfcx(ctx, g):  # erfcx(x) = exp(x^2) erfc(x): 2 x erfcx(x) - 2 / sqrt(pi)
+def erfcx(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    # erfcx(x) = exp(x^2) erfc(x): its derivative is 2 x erfcx(x) - 2 / sqrt(pi)
     d = ctx(aten.sub.Tensor, ctx(aten.mul.Tensor, ctx(aten.mul.Tensor, ctx.node.args[0], ctx.node), 2.0),
             2 / math.sqrt(math.pi))
     return _times(ctx, g, d)
 
 
 @register(aten.special_log_ndtr.default)
-def log_ndtr(ctx, g):  # the normal density over its CDF: exp(-x^2/2 - log_ndtr(x)) / sqrt(2 pi)
+def log_ndtr(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    # the normal density over its CDF: exp(-x^2/2 - log_ndtr(x)) / sqrt(2 pi)
     x = ctx.node.args[0]
     exponent = ctx(aten.neg.default, ctx(aten.add.Tensor, ctx.node, ctx(aten.mul.Tensor, ctx(aten.mul.Tensor, x, x),
                                                                          0.5)))

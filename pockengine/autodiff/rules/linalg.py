@@ -10,7 +10,8 @@ import operator
 
 import torch
 
-from pockengine.autodiff.registry import register
+from pockengine.autodiff.engine import VJPContext
+from pockengine.autodiff.registry import InputCotangents, OutputCotangent, register
 
 aten = torch.ops.aten
 
@@ -31,20 +32,20 @@ def _weight_grad(ctx, activation, g, weight, weight_dim):
 
 
 @register(aten.mm.default)
-def mm(ctx, g):
+def mm(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     a, b = ctx.node.args
     return (ctx(aten.mm.default, g, _t(ctx, b)) if ctx.needs(a) else None,
             _weight_grad(ctx, a, g, b, 0) if ctx.needs(b) else None)
 
 
 @register(aten.bmm.default)
-def bmm(ctx, g):
+def bmm(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     a, b = ctx.node.args
     return (ctx(aten.bmm.default, g, _t(ctx, b)) if ctx.needs(a) else None,
             ctx(aten.bmm.default, _t(ctx, a), g) if ctx.needs(b) else None)
 
 
-def _scaled_and_bias_grad(ctx, g):
+def _scaled_and_bias_grad(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     """For beta * bias + alpha * product (addmm, addmv, addbmm): the product's cotangent (alpha * g) and the
     bias's gradient (beta * g summed to its shape), if it needs one."""
     bias = ctx.node.args[0]
@@ -55,7 +56,7 @@ def _scaled_and_bias_grad(ctx, g):
 
 
 @register(aten.addmm.default)
-def addmm(ctx, g):
+def addmm(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     _, a, b = ctx.node.args
     scaled, gbias = _scaled_and_bias_grad(ctx, g)
     return (gbias,
@@ -91,7 +92,7 @@ def _sliceable(ctx, x, w, transposed, groups):
 
 
 @register(aten.convolution.default)
-def convolution(ctx, g):
+def convolution(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, w, b, stride, padding, dilation, transposed, output_padding, groups = ctx.node.args
     # ATen accepts one value for all spatial dimensions (EfficientNet's padding=[1] for a 2-d convolution);
     # the input gradient's output-size arithmetic reads one per dimension.
@@ -116,7 +117,7 @@ def convolution(ctx, g):
 
 
 @register(aten._cdist_forward.default)
-def cdist(ctx, g):
+def cdist(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     """ATen's kernel reads the gradient and distances as dense arrays, as autograd hands them."""
     a, b, p, _mode = ctx.args
     dense = lambda x: ctx(aten.contiguous.default, x)  # noqa: E731
@@ -128,7 +129,7 @@ def cdist(ctx, g):
 
 
 @register(aten.addmv.default)
-def addmv(ctx, g):
+def addmv(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     """beta * bias + alpha * (mat @ vec)."""
     _, mat, vec = ctx.node.args
     scaled, gbias = _scaled_and_bias_grad(ctx, g)
@@ -138,7 +139,7 @@ def addmv(ctx, g):
 
 
 @register(aten.addbmm.default)
-def addbmm(ctx, g):
+def addbmm(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     """beta * bias + alpha * sum_b(batch1[b] @ batch2[b])."""
     _, b1, b2 = ctx.node.args
     scaled, gbias = _scaled_and_bias_grad(ctx, g)

@@ -4,7 +4,8 @@ import operator
 
 import torch
 
-from pockengine.autodiff.registry import register
+from pockengine.autodiff.engine import VJPContext
+from pockengine.autodiff.registry import InputCotangents, OutputCotangent, register
 from pockengine.errors import MissingVJPError
 
 aten = torch.ops.aten
@@ -15,20 +16,20 @@ def _unpack(ctx, out, mask):
 
 
 @register(aten._softmax.default)
-def softmax(ctx, g):
+def softmax(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, dim = ctx.node.args[:2]
     return (ctx(aten._softmax_backward_data.default, g, ctx.node, dim, x.meta.dtype),)
 
 
 @register(aten._safe_softmax.default)
-def safe_softmax(ctx, g):
+def safe_softmax(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     """Softmax whose fully masked (all -inf) rows are 0 instead of NaN: the same backward, on that output."""
     x, dim = ctx.args[:2]
     return (ctx(aten._softmax_backward_data.default, g, ctx.node, dim, x.meta.dtype),)
 
 
 @register(aten._log_softmax.default)
-def log_softmax(ctx, g):
+def log_softmax(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, dim = ctx.node.args[:2]
     return (ctx(aten._log_softmax_backward_data.default, g, ctx.node, dim, x.meta.dtype),)
 
@@ -44,7 +45,7 @@ def _refuse_stat_cotangents(ctx, g, stats: str) -> None:
 
 
 @register(aten.native_layer_norm.default)
-def layer_norm(ctx, g):
+def layer_norm(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, shape, w, b = ctx.node.args[:4]
     _refuse_stat_cotangents(ctx, g, "mean/rstd")
     mean, rstd = ctx.graph.getitem(ctx.node, 1), ctx.graph.getitem(ctx.node, 2)
@@ -89,21 +90,21 @@ def _batch_norm_frozen(ctx, g, x, w, b, running_mean, running_var, eps):
 
 
 @register(aten._native_batch_norm_legit_functional.default, aten._native_batch_norm_legit.default)
-def batch_norm(ctx, g):
+def batch_norm(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, w, b, running_mean, running_var, training, _momentum, eps = ctx.args
     rule = _batch_norm_train if training else _batch_norm_frozen
     return (*rule(ctx, g, x, w, b, running_mean, running_var, eps), None, None)
 
 
 @register(aten._batch_norm_with_update_functional.default)
-def batch_norm_with_update(ctx, g):
+def batch_norm_with_update(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     """The newer training-mode batch norm (always batch statistics; outputs 1 and 2 are the saved ones)."""
     x, w, b, running_mean, running_var, _momentum, eps = ctx.args
     return (*_batch_norm_train(ctx, g, x, w, b, running_mean, running_var, eps), None, None)
 
 
 @register(aten._native_batch_norm_legit.no_stats)
-def batch_norm_no_stats(ctx, g):
+def batch_norm_no_stats(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     """Batch statistics without running ones (instance norm, F.batch_norm without buffers): the op cannot run
     with training=False, so this is always the training form."""
     x, w, b, _training, _momentum, eps = ctx.args
@@ -111,7 +112,7 @@ def batch_norm_no_stats(ctx, g):
 
 
 @register(aten._native_batch_norm_legit_no_training.default)
-def batch_norm_no_training(ctx, g):
+def batch_norm_no_training(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, w, b, running_mean, running_var, _momentum, eps = ctx.args
     return (*_batch_norm_frozen(ctx, g, x, w, b, running_mean, running_var, eps), None, None)
 
@@ -136,7 +137,7 @@ def _group_stat_grad(ctx, g, x, groups):
 
 
 @register(aten.native_group_norm.default)
-def group_norm(ctx, g):
+def group_norm(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, w, b, n, c, hxw, groups, _eps = ctx.node.args
     mean, rstd = ctx.graph.getitem(ctx.node, 1), ctx.graph.getitem(ctx.node, 2)
     mask = [ctx.needs(x), ctx.needs(w), ctx.needs(b)]

@@ -4,7 +4,8 @@ import math
 
 import torch
 
-from pockengine.autodiff.registry import register
+from pockengine.autodiff.engine import VJPContext
+from pockengine.autodiff.registry import InputCotangents, OutputCotangent, register
 
 aten = torch.ops.aten
 
@@ -31,20 +32,20 @@ def _broadcast_back(ctx, g, x, dims, keepdim):
 
 
 @register(aten.sum.dim_IntList)
-def sum_dims(ctx, g):
+def sum_dims(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, dims, keepdim = ctx.args[:3]
     dims = _dims(dims, len(x.meta.shape))
     return (_broadcast_back(ctx, _like(ctx, g, x), x, dims, keepdim),)
 
 
 @register(aten.sum.default)
-def sum_all(ctx, g):
+def sum_all(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x = ctx.node.args[0]
     return (ctx(aten.expand.default, _like(ctx, g, x), list(x.meta.shape)),)
 
 
 @register(aten.mean.dim)
-def mean_dims(ctx, g):
+def mean_dims(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, dims, keepdim = ctx.args[:3]
     dims = _dims(dims, len(x.meta.shape))
     count = 1
@@ -54,20 +55,20 @@ def mean_dims(ctx, g):
 
 
 @register(aten.mean.default)
-def mean_all(ctx, g):
+def mean_all(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x = ctx.node.args[0]
     return (ctx(aten.expand.default, ctx(aten.div.Tensor, _like(ctx, g, x), x.meta.numel), list(x.meta.shape)),)
 
 
 @register(aten.cumsum.default)
-def cumsum(ctx, g):
+def cumsum(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, dim = ctx.node.args[:2]
     g = _like(ctx, g, x)
     return (ctx(aten.flip.default, ctx(aten.cumsum.default, ctx(aten.flip.default, g, [dim]), dim), [dim]),)
 
 
 @register(aten.amax.default)
-def amax(ctx, g):
+def amax(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, dims, keepdim = ctx.args
     dims = _dims(dims, len(x.meta.shape))
     out = _broadcast_back(ctx, ctx.node, x, dims, keepdim)
@@ -79,7 +80,7 @@ def amax(ctx, g):
 
 
 @register(aten.max_pool2d_with_indices.default)
-def max_pool2d(ctx, g):
+def max_pool2d(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, kernel, stride, padding, dilation, ceil_mode = ctx.args
     indices = ctx.graph.getitem(ctx.node, 1)
     return (ctx(aten.max_pool2d_with_indices_backward.default, g[0], x, kernel, stride, padding, dilation,
@@ -87,14 +88,14 @@ def max_pool2d(ctx, g):
 
 
 @register(aten.avg_pool2d.default)
-def avg_pool2d(ctx, g):
+def avg_pool2d(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, kernel, stride, padding, ceil_mode, count_include_pad, divisor = ctx.args
     return (ctx(aten.avg_pool2d_backward.default, g, x, kernel, stride or kernel, padding, ceil_mode,
                 count_include_pad, divisor),)
 
 
 @register(aten._adaptive_avg_pool2d.default, aten._adaptive_avg_pool3d.default)
-def adaptive_avg_pool(ctx, g):
+def adaptive_avg_pool(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     backward = (aten._adaptive_avg_pool2d_backward.default if ctx.node.target is aten._adaptive_avg_pool2d.default
                 else aten._adaptive_avg_pool3d_backward.default)
     return (ctx(backward, g, ctx.node.args[0]),)
@@ -111,7 +112,7 @@ def _var_grad(ctx, g, x, dims, keepdim, correction):
 
 
 @register(aten.var.correction)
-def var(ctx, g):
+def var(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, dims = ctx.args
     correction = ctx.kwarg("correction")
     return (_var_grad(ctx, g, x, _dims(dims, len(x.meta.shape)), ctx.kwarg("keepdim"),
@@ -119,7 +120,7 @@ def var(ctx, g):
 
 
 @register(aten.var_mean.correction)
-def var_mean(ctx, g):
+def var_mean(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, dims = ctx.args
     dims = _dims(dims, len(x.meta.shape))
     correction, keepdim = ctx.kwarg("correction"), ctx.kwarg("keepdim")
@@ -141,13 +142,13 @@ def _ties_share(ctx, g, x, out, dims, keepdim):
 
 
 @register(aten.amin.default)
-def amin(ctx, g):
+def amin(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, dims, keepdim = ctx.args
     return (_ties_share(ctx, g, x, ctx.node, _dims(dims, len(x.meta.shape)), keepdim),)
 
 
 @register(aten.max.default, aten.min.default, aten.median.default, aten.nanmedian.default)
-def max_min_all(ctx, g):
+def max_min_all(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x = ctx.node.args[0]
     return (_ties_share(ctx, g, x, ctx.node, _dims(None, len(x.meta.shape)), False),)
 
@@ -159,7 +160,7 @@ def _scatter_back(ctx, g, x, dim, indices, keepdim):
 
 @register(aten.max.dim, aten.min.dim, aten.kthvalue.default, aten.mode.default, aten.median.dim,
           aten.nanmedian.dim)
-def value_selecting(ctx, g):
+def value_selecting(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, *rest = ctx.args
     dim = ctx.args[2] if ctx.node.target is aten.kthvalue.default else rest[0]
     keepdim = ctx.args[-1]
@@ -167,7 +168,7 @@ def value_selecting(ctx, g):
 
 
 @register(aten.sort.default, aten.sort.stable, aten.topk.default)
-def sort_topk(ctx, g):
+def sort_topk(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x = ctx.node.args[0]
     if ctx.node.target is aten.sort.stable:
         dim = ctx.kwarg("dim")
@@ -177,7 +178,7 @@ def sort_topk(ctx, g):
 
 
 @register(aten.cummax.default, aten.cummin.default)
-def cummax_cummin(ctx, g):
+def cummax_cummin(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, dim = ctx.args
     indices = ctx.graph.getitem(ctx.node, 1)
     return (ctx(aten.scatter_add.default, ctx.zeros_like(x), dim, indices, g[0]),)
@@ -199,7 +200,7 @@ def _exclusive_product(ctx, x, dim):
 
 
 @register(aten.prod.dim_int)
-def prod_dim(ctx, g):
+def prod_dim(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, dim, keepdim = ctx.args[:3]
     if len(x.meta.shape) == 0:
         return (_like(ctx, g, x),)
@@ -209,7 +210,7 @@ def prod_dim(ctx, g):
 
 
 @register(aten.prod.default)
-def prod_all(ctx, g):
+def prod_all(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x = ctx.node.args[0]
     flat = ctx(aten.reshape.default, x, [-1])
     others = _exclusive_product(ctx, flat, 0) if x.meta.numel > 0 else flat
@@ -218,7 +219,7 @@ def prod_all(ctx, g):
 
 
 @register(aten.linalg_vector_norm.default)
-def vector_norm(ctx, g):
+def vector_norm(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     """As autograd's linalg_vector_norm_backward: sign(x) |x|^(p-1) / norm^(p-1), 0 where the norm is 0; the
     max/min norms share the gradient among the entries that reach them."""
     x, p, dims, keepdim = ctx.args[:4]
@@ -264,7 +265,7 @@ register(aten.avg_pool3d.default)(_pool_backward(aten.avg_pool3d_backward.defaul
 
 
 @register(aten.adaptive_max_pool2d.default, aten.adaptive_max_pool3d.default)
-def adaptive_max_pool(ctx, g):
+def adaptive_max_pool(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     backward = (aten.adaptive_max_pool2d_backward.default if ctx.node.target is aten.adaptive_max_pool2d.default
                 else aten.adaptive_max_pool3d_backward.default)
     return (ctx(backward, g[0], ctx.node.args[0], ctx.graph.getitem(ctx.node, 1)),)

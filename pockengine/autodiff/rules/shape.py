@@ -5,7 +5,8 @@ import sys
 
 import torch
 
-from pockengine.autodiff.registry import register
+from pockengine.autodiff.engine import VJPContext
+from pockengine.autodiff.registry import InputCotangents, OutputCotangent, register
 from pockengine.errors import MissingVJPError
 
 aten = torch.ops.aten
@@ -23,12 +24,12 @@ def _reshape_to(ctx, g, x):
 @register(aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.squeeze.dims,
           aten.squeeze.dim, aten.squeeze.default, aten.unsqueeze.default, aten.flatten.using_ints,
           aten.view_copy.default)
-def reshape(ctx, g):
+def reshape(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return (_reshape_to(ctx, g, ctx.node.args[0]),)
 
 
 @register(aten.permute.default, aten.permute_copy.default)
-def permute(ctx, g):
+def permute(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     dims = [_dim(d, len(g.meta.shape)) for d in ctx.node.args[1]]
     inverse = [0] * len(dims)
     for i, d in enumerate(dims):
@@ -37,18 +38,18 @@ def permute(ctx, g):
 
 
 @register(aten.transpose.int)
-def transpose(ctx, g):
+def transpose(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     _, a, b = ctx.node.args
     return (ctx(aten.transpose.int, g, a, b),)
 
 
 @register(aten.t.default)
-def t(ctx, g):
+def t(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return (ctx(aten.t.default, g),)
 
 
 @register(aten.as_strided.default)
-def as_strided(ctx, g):
+def as_strided(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     """Only the re-striding torch.export emits (a pooled [N, C, 1, 1] given channels-last strides): the same
     elements in the same places, so the gradient passes through."""
     x, size, stride = ctx.args[:3]
@@ -63,13 +64,13 @@ def as_strided(ctx, g):
 
 
 @register(aten.expand.default)
-def expand(ctx, g):
+def expand(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x = ctx.node.args[0]
     return (ctx.sum_to(g, x.meta.shape),)
 
 
 @register(aten.slice.Tensor)
-def slice_(ctx, g):
+def slice_(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, dim, start, end, step = ctx.args
     start = 0 if start is None else start
     end = sys.maxsize if end is None else end
@@ -77,19 +78,19 @@ def slice_(ctx, g):
 
 
 @register(aten.narrow_copy.default)
-def narrow_copy(ctx, g):
+def narrow_copy(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, dim, start, length = ctx.args
     return (ctx(aten.slice_backward.default, g, list(x.meta.shape), dim, start, start + length, 1),)
 
 
 @register(aten.select.int)
-def select(ctx, g):
+def select(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, dim, index = ctx.node.args
     return (ctx(aten.select_backward.default, g, list(x.meta.shape), dim, index),)
 
 
 @register(aten.cat.default)
-def cat(ctx, g):
+def cat(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     tensors, dim = ctx.args
     dim = _dim(dim, len(g.meta.shape))
     grads, offset = [], 0
@@ -111,12 +112,12 @@ def _join_split(ctx, g, dim):
 
 
 @register(aten.split_with_sizes.default, aten.split.Tensor)
-def split(ctx, g):
+def split(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return _join_split(ctx, g, ctx.args[2])
 
 
 @register(aten.unbind.int)
-def unbind(ctx, g):
+def unbind(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, dim = ctx.args
     parts = [gi if gi is not None else ctx(aten.new_zeros.default, x, list(m.shape))
              for gi, m in zip(g, ctx.node.meta)]
@@ -124,49 +125,49 @@ def unbind(ctx, g):
 
 
 @register(aten.stack.default)
-def stack(ctx, g):
+def stack(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     tensors, dim = ctx.args
     return ([ctx(aten.select.int, g, dim, i) if ctx.needs(x) else None for i, x in enumerate(tensors)],)
 
 
 @register(aten.index.Tensor)
-def index(ctx, g):
+def index(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, indices = ctx.node.args
     zeros = ctx.zeros_like(x)
     return ctx(aten.index_put.default, zeros, indices, g, True), None
 
 
 @register(aten.index_select.default)
-def index_select(ctx, g):
+def index_select(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, dim, idx = ctx.node.args
     return ctx(aten.index_add.default, ctx.zeros_like(x), dim, idx, g), None, None
 
 
 @register(aten.gather.default)
-def gather(ctx, g):
+def gather(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, dim, idx = ctx.node.args[:3]
     return ctx(aten.scatter_add.default, ctx.zeros_like(x), dim, idx, g), None, None
 
 
 @register(aten.embedding.default)
-def embedding(ctx, g):
+def embedding(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     w, indices, padding_idx, scale, _sparse = ctx.args
     return ctx(aten.embedding_dense_backward.default, g, indices, w.meta.shape[0], padding_idx, scale), None
 
 
 @register(aten.constant_pad_nd.default)
-def constant_pad(ctx, g):
+def constant_pad(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     pad = ctx.node.args[1]
     return (ctx(aten.constant_pad_nd.default, g, [-p for p in pad]),)
 
 
 @register(aten.flip.default)
-def flip(ctx, g):
+def flip(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return (ctx(aten.flip.default, g, ctx.node.args[1]),)
 
 
 @register(aten.repeat.default)
-def repeat(ctx, g):
+def repeat(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, repeats = ctx.node.args
     shape = list(x.meta.shape)
     lead = len(repeats) - len(shape)
@@ -181,7 +182,7 @@ def repeat(ctx, g):
 
 
 @register(aten.index_put.default)
-def index_put(ctx, g):
+def index_put(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, indices, values, accumulate = ctx.args
     gx = gv = None
     if ctx.needs(x):  # overwritten entries take nothing back from the output
@@ -192,7 +193,7 @@ def index_put(ctx, g):
 
 
 @register(aten.scatter.src, aten.scatter.value)
-def scatter(ctx, g):
+def scatter(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, dim, idx, src = ctx.args
     gx = ctx(aten.scatter.value, g, dim, idx, 0) if ctx.needs(x) else None
     gsrc = ctx(aten.gather.default, g, dim, idx) if ctx.needs(src) else None
@@ -200,13 +201,13 @@ def scatter(ctx, g):
 
 
 @register(aten.scatter_add.default)
-def scatter_add(ctx, g):
+def scatter_add(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, dim, idx, src = ctx.args
     return g, None, None, ctx(aten.gather.default, g, dim, idx) if ctx.needs(src) else None
 
 
 @register(aten.scatter_reduce.two)
-def scatter_reduce(ctx, g):
+def scatter_reduce(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     """The sum reduction (scatter_add, with include_self=False the scattered-to entries of x drop out)."""
     x, dim, idx, src, reduce = ctx.args
     if reduce != "sum":
@@ -220,7 +221,7 @@ def scatter_reduce(ctx, g):
 
 
 @register(aten.index_add.default)
-def index_add(ctx, g):
+def index_add(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, dim, idx, source = ctx.args
     alpha = ctx.kwarg("alpha")
     gsrc = None
@@ -232,13 +233,13 @@ def index_add(ctx, g):
 
 
 @register(aten.diagonal.default)
-def diagonal(ctx, g):
+def diagonal(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, offset, dim1, dim2 = ctx.args
     return (ctx(aten.diagonal_backward.default, g, list(x.meta.shape), offset, dim1, dim2),)
 
 
 @register(aten.unfold.default)
-def unfold(ctx, g):
+def unfold(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, dim, size, step = ctx.args
     return (ctx(aten.unfold_backward.default, g, list(x.meta.shape), dim, size, step),)
 
@@ -252,7 +253,7 @@ def _upsample_op(mode: str):
 
 
 @register(*[getattr(_upsample_op(m), o) for m in _UPSAMPLE for o in ("vec", "default")])
-def upsample(ctx, g):
+def upsample(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     """ATen's backward kernel takes the output and input sizes and the per-dimension scales (the `.vec` form's
     scale factors, when given: nearest neighbours are picked with them)."""
     schema = ctx.node.target._schema
@@ -269,7 +270,7 @@ def upsample(ctx, g):
 
 
 @register(aten._embedding_bag.default)
-def embedding_bag(ctx, g):
+def embedding_bag(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     w, indices, offsets, scale_grad_by_freq, mode, _sparse, per_sample_weights, _last, padding_idx = ctx.args
     offset2bag, bag_size, max_indices = (ctx.graph.getitem(ctx.node, i) for i in (1, 2, 3))
     gw = gpsw = None
@@ -283,7 +284,7 @@ def embedding_bag(ctx, g):
 
 
 @register(aten.diagonal_scatter.default)
-def diagonal_scatter(ctx, g):
+def diagonal_scatter(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, src, offset, dim1, dim2 = ctx.args
     gx = ctx(aten.diagonal_scatter.default, g, ctx.zeros_like(src), offset, dim1, dim2) if ctx.needs(x) else None
     gsrc = ctx(aten.diagonal.default, g, offset, dim1, dim2) if ctx.needs(src) else None
@@ -291,21 +292,21 @@ def diagonal_scatter(ctx, g):
 
 
 @register(aten.select_scatter.default)
-def select_scatter(ctx, g):
+def select_scatter(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, src, dim, index = ctx.args
     gx = ctx(aten.select_scatter.default, g, ctx.zeros_like(src), dim, index) if ctx.needs(x) else None
     return gx, ctx(aten.select.int, g, dim, index) if ctx.needs(src) else None
 
 
 @register(aten.slice_scatter.default)
-def slice_scatter(ctx, g):
+def slice_scatter(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, src, dim, start, end, step = ctx.args
     gx = ctx(aten.slice_scatter.default, g, ctx.zeros_like(src), dim, start, end, step) if ctx.needs(x) else None
     return gx, ctx(aten.slice.Tensor, g, dim, start, end, step) if ctx.needs(src) else None
 
 
 @register(aten.grid_sampler_2d.default, aten.grid_sampler_3d.default)
-def grid_sampler(ctx, g):
+def grid_sampler(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, grid, interpolation, padding, align_corners = ctx.args
     backward = (aten.grid_sampler_2d_backward.default if ctx.node.target is aten.grid_sampler_2d.default
                 else aten.grid_sampler_3d_backward.default)
