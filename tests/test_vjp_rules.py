@@ -678,7 +678,10 @@ def _rule_ops() -> set:
 
 
 def test_every_rule_has_a_case():
-    tested = {c.op for c in CASES} | {DROPOUT}
+    # The marker of a custom autograd.Function's output has a rule that only refuses, naming the Function: its
+    # cases are in tests/test_bad_training_inputs.py.
+    refusing = {torch.ops.pockengine.autograd_function_output.default}
+    tested = {c.op for c in CASES} | {DROPOUT} | refusing
     untested = sorted(str(op) for op in _rule_ops() - tested)
     assert not untested, f"VJP rules without a case in tests/test_vjp_rules.py: {untested}"
     unregistered = sorted(str(op) for op in tested - set(VJP))
