@@ -180,3 +180,31 @@ def test_wrong_argument_types_are_refused(kwargs, match):
         pe.compile(mlp(), pe.losses.cross_entropy(), batch(), **kwargs)
     with pytest.raises(pe.UserInputError, match="model must be a torch.nn.Module"):
         pe.compile(lambda x: x, pe.losses.cross_entropy(), batch())
+
+
+class ExactGelu(torch.autograd.Function):
+    """A Function whose backward is its forward's derivative (as BLOOM's GeLU): the forward is differentiated."""
+
+    @staticmethod
+    def forward(ctx, h):
+        ctx.save_for_backward(h)
+        return h * 0.5 * (1.0 + torch.tanh(0.79788456 * h * (1 + 0.044715 * h * h)))
+
+    @staticmethod
+    def backward(ctx, g):
+        (h,) = ctx.saved_tensors
+        t = torch.tanh(0.79788456 * h * (1 + 0.044715 * h * h))
+        return g * (0.5 * h * ((1 - t * t) * (0.79788456 + 0.1070322243 * h * h)) + 0.5 * (1 + t))
+
+
+def test_a_custom_function_whose_backward_is_its_forwards_derivative_trains_the_layers_before_it():
+    model = WithFunction(ExactGelu)
+    ref = copy.deepcopy(model)
+    trainer = pe.compile(model, pe.losses.cross_entropy(), batch(), scheme=pe.Scheme.full())
+    grads = trainer.gradients(batch())
+    (x,), y = batch()
+    names, params = zip(*ref.named_parameters())
+    expected = dict(zip(names, torch.autograd.grad(torch.nn.functional.cross_entropy(ref(x), y), params)))
+    for name, g in grads.items():
+        r = expected[name]
+        assert ((g - r).abs().max() / r.abs().max()).item() <= TOL, name
