@@ -20,7 +20,11 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -769,6 +773,16 @@ def test_grouped_mm_gradients_are_those_of_per_expert_matmuls():
     weights = random_weights(ref_model(EXPERT_OFFSETS))
     grads, _ = engine_gradients(model, (EXPERT_OFFSETS,), weights)
     _check(grads, autograd_gradients(ref_model, (EXPERT_OFFSETS,), weights))
+
+
+def test_rules_of_other_libraries_ops_need_no_import_of_them():
+    """pockengine registers the grouped matmul's rule by name: importing it loads no transformers, and the rule is
+    found once transformers defines the op."""
+    script = ("import sys, torch, pockengine.autodiff as ad; assert 'transformers' not in sys.modules; "
+              "import transformers.integrations.moe; "
+              "assert ad.rule_for(torch.ops.transformers.grouped_mm_fallback.default) is ad.rules.linalg.grouped_mm")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=300)
 
 
 # ------------------------------------------------------------------------------------------------ dropout
