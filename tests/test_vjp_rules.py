@@ -20,21 +20,27 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import transformers.integrations.moe  # noqa: F401  (registers transformers' grouped matmul op)
 
 import pockengine as pe
-from pockengine.autodiff import VJP, ChannelSlice, differentiate
+from pockengine.autodiff import VJP, VJP_BY_NAME, ChannelSlice, differentiate, rule_for
 from pockengine.backend import CompiledProgram
 from pockengine.capture import capture
 from pockengine.ir.graph import BATCH, CONST, PARAM, Graph, Node, TensorMeta, eliminate_dead_code
 
 aten = torch.ops.aten
+GROUPED_MM = torch.ops.transformers.grouped_mm_fallback.default
 TOL = 1e-4  # relative error, fp32
 TINY = 1e-12
 
@@ -108,6 +114,7 @@ def autograd_gradients(model: nn.Module, inputs: tuple, weights: tuple) -> dict[
 
 
 # ------------------------------------------------------------------------------------------------ the cases
+EXPERT_OFFSETS = torch.tensor([2, 2, 5, 5], dtype=torch.int32)  # cumulative rows per expert of a grouped matmul
 Spec = tuple | Callable[[], torch.Tensor]
 
 
@@ -587,6 +594,12 @@ CASES = [
     fn(aten.addmv.default, "beta-alpha", lambda b, m, v: torch.addmv(b, m, v, beta=0.5, alpha=2.0), (1,), (3, 4),
        (4,)),
     fn(aten.addbmm.default, "plain", torch.addbmm, (3, 5), (2, 3, 4), (2, 4, 5)),
+    # transformers' grouped matmul: 4 experts over 7 rows, expert 1 and 3 own none, rows 5-6 lie past the last
+    fn(GROUPED_MM, "empty-experts-and-tail", GROUPED_MM, (7, 3), (4, 3, 5), inputs=(lambda: EXPERT_OFFSETS,)),
+    fn(GROUPED_MM, "transposed-weight", lambda x, w, offs: GROUPED_MM(x, w.transpose(-2, -1), offs), (7, 3),
+       (4, 5, 3), inputs=(lambda: EXPERT_OFFSETS,)),
+    fn(GROUPED_MM, "frozen-input", lambda w, x, offs: GROUPED_MM(x, w, offs), (4, 3, 5),
+       inputs=((7, 3), lambda: EXPERT_OFFSETS)),
     direct(aten._batch_norm_with_update_functional.default, "train", (P(0), P(1), P(2), In(0), In(1), 0.1, 1e-5),
            (4, 3, 5), (3,), (3,), inputs=((3,), pos(3)), use=(0,)),
     fn(aten.grid_sampler_2d.default, "bilinear", lambda a, grid: F.grid_sample(a, grid, align_corners=False),
@@ -673,8 +686,10 @@ def test_vjp_rule_matches_autograd(case: Case):
 
 
 def _rule_ops() -> set:
-    """The ops whose rule ships with pockengine (tests elsewhere may register rules of their own)."""
-    return {op for op, rule in VJP.items() if rule.__module__.startswith("pockengine.autodiff.rules")}
+    """The ops whose rule ships with pockengine (tests elsewhere may register rules of their own); those of other
+    libraries' ops are registered by name, and this module imports the libraries."""
+    by_name = {torch._library.utils.lookup_op(name.replace(".", "::", 1)): rule for name, rule in VJP_BY_NAME.items()}
+    return {op for op, rule in {**VJP, **by_name}.items() if rule.__module__.startswith("pockengine.autodiff.rules")}
 
 
 def test_every_rule_has_a_case():
@@ -684,7 +699,7 @@ def test_every_rule_has_a_case():
     tested = {c.op for c in CASES} | {DROPOUT} | refusing
     untested = sorted(str(op) for op in _rule_ops() - tested)
     assert not untested, f"VJP rules without a case in tests/test_vjp_rules.py: {untested}"
-    unregistered = sorted(str(op) for op in tested - set(VJP))
+    unregistered = sorted(str(op) for op in tested if rule_for(op) is None)
     assert not unregistered, f"cases for ops with no rule: {unregistered}"
 
 
@@ -706,7 +721,26 @@ SLICED = [  # (id, op, layer, input shape, dim of weight, channels)
     ("conv-groups", aten.convolution.default, lambda: nn.Conv2d(4, 6, 3, groups=2), (2, 4, 5, 5), 1, (1,)),
     ("transposed", aten.convolution.default, lambda: nn.ConvTranspose2d(4, 3, 3, stride=2), (2, 4, 3, 3), 1,
      (0, 2)),
+    ("experts-contraction", GROUPED_MM, lambda: _Experts(4, 3, 5), (7, 3), 1, (0, 2)),
+    ("experts-out-scattered", GROUPED_MM, lambda: _Experts(4, 3, 5), (7, 3), 2, (1, 3, 4)),
+    ("experts-hf-layout", GROUPED_MM, lambda: _Experts(4, 5, 3, transposed=True), (7, 3), 1, (0, 1)),
+    ("experts-chosen", GROUPED_MM, lambda: _Experts(4, 3, 5), (7, 3), 0, (1, 2)),
 ]
+
+
+class _Experts(nn.Module):
+    """x @ weight[e] for the rows of expert e, as transformers' experts layers run it; `transposed`: the weight is
+    stored (experts, out, in) and transposed on the way, as transformers stores it (the scheme's dim 1 then selects
+    output channels)."""
+
+    def __init__(self, experts: int, k: int, n: int, transposed: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(experts, k, n))
+        self.transposed = transposed
+        self.register_buffer("offs", EXPERT_OFFSETS.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return GROUPED_MM(x, self.weight.transpose(-2, -1) if self.transposed else self.weight, self.offs)
 
 
 @pytest.mark.parametrize("id,op,layer,shape,dim,channels", SLICED, ids=[c[0] for c in SLICED])
@@ -720,6 +754,35 @@ def test_partial_weight_gradient_matches_autograd(id, op, layer, shape, dim, cha
     grads, ops = engine_gradients(model, (), weights, slices={"sub.weight": (dim, channels)})
     assert op in ops
     _check(grads, ref)
+
+
+def _per_expert_matmuls(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """The grouped matmul written as one matmul per expert, rows past the last offset 0."""
+    bounds = [0, *offs.tolist()]
+    rows = [x[start:end] @ w[e] for e, (start, end) in enumerate(zip(bounds, bounds[1:]))]
+    return torch.cat(rows + [x.new_zeros(len(x) - bounds[-1], w.shape[2])])
+
+
+def test_grouped_mm_gradients_are_those_of_per_expert_matmuls():
+    """The cases above compare with autograd through transformers' own backward of the op; this compares with
+    autograd through plain matmuls, one per expert, an oracle independent of transformers."""
+    torch.manual_seed(0)
+    x, w = torch.randn(7, 3), torch.randn(4, 3, 5)
+    model = OpModule([x, w], fn=GROUPED_MM)
+    ref_model = OpModule([x.clone(), w.clone()], fn=_per_expert_matmuls)
+    weights = random_weights(ref_model(EXPERT_OFFSETS))
+    grads, _ = engine_gradients(model, (EXPERT_OFFSETS,), weights)
+    _check(grads, autograd_gradients(ref_model, (EXPERT_OFFSETS,), weights))
+
+
+def test_rules_of_other_libraries_ops_need_no_import_of_them():
+    """pockengine registers the grouped matmul's rule by name: importing it loads no transformers, and the rule is
+    found once transformers defines the op."""
+    script = ("import sys, torch, pockengine.autodiff as ad; assert 'transformers' not in sys.modules; "
+              "import transformers.integrations.moe; "
+              "assert ad.rule_for(torch.ops.transformers.grouped_mm_fallback.default) is ad.rules.linalg.grouped_mm")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=300)
 
 
 # ------------------------------------------------------------------------------------------------ dropout

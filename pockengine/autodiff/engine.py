@@ -1,7 +1,7 @@
 """Reverse-mode differentiation over the IR, at compile time.
 
 `differentiate` walks the forward graph backwards from the loss and asks the VJP rule of each op (looked up in
-`pockengine.autodiff.registry.VJP`) for the cotangents of its inputs, appending the backward nodes to the same
+`pockengine.autodiff.registry`) for the cotangents of its inputs, appending the backward nodes to the same
 graph. Only nodes that lie between a wanted input and the loss get a backward node, and a rule is told which of
 its inputs need a cotangent, so frozen inputs cost nothing.
 """
@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-from pockengine.autodiff.registry import VJP
+from pockengine.autodiff.registry import rule_for
 from pockengine.errors import MissingVJPError
 from pockengine.ir.graph import Graph, Node, TensorMeta
 
@@ -182,7 +182,7 @@ def differentiate(graph: Graph, loss: Node, wrt: Sequence[Node],
     depends: set[Node] = {w for w in wrt}
     for n in forward:
         if not n.is_input and _is_float(n.meta) and any(i in depends for i in n.inputs) and (
-                n.target in VJP or n.target is operator.getitem or not _detached_by_autograd(n)):
+                rule_for(n.target) is not None or n.target is operator.getitem or not _detached_by_autograd(n)):
             depends.add(n)
     # Backward sweep: which of those the loss depends on.
     on_path: set[Node] = {loss} if loss in depends else set()
@@ -204,7 +204,7 @@ def differentiate(graph: Graph, loss: Node, wrt: Sequence[Node],
             slots = cot.setdefault(parent, [None] * len(parent.meta))
             slots[idx] = _add(graph, slots[idx], g, n.module)
             continue
-        rule = VJP.get(n.target)
+        rule = rule_for(n.target)
         if rule is None:
             raise MissingVJPError(
                 f"no VJP rule for {n.op_name} (node %{n.name}, module '{n.module or '<top level>'}') on the "

@@ -221,8 +221,9 @@ class Graph:
         kwargs = kwargs or {}
         if meta is None:
             meta = infer_meta(target, args, kwargs)
-        node = Node(self._fresh(name or op_name(target).split(".")[0]), target, tuple(args), kwargs, meta,
-                    module, section)
+        # named after the op without its namespace (`mm`, `grouped_mm_fallback_backward`)
+        default_name = getattr(target, "_opname", None) or op_name(target).split(".")[0]
+        node = Node(self._fresh(name or default_name), target, tuple(args), kwargs, meta, module, section)
         if after is None:
             self.nodes.append(node)
         else:

@@ -139,6 +139,13 @@ for name, config, model, sizes in [
     ("mistral", "MistralConfig", "MistralForCausalLM", dict(DECODER, num_key_value_heads=1, sliding_window=4)),
     ("mixtral", "MixtralConfig", "MixtralForCausalLM",
      dict(DECODER, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2)),
+    ("qwen2-moe", "Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+     dict(DECODER, num_key_value_heads=1, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+          shared_expert_intermediate_size=32)),
+    # experts stored transposed, with biases; its YaRN rope wants the default context length (no weights)
+    ("gpt-oss", "GptOssConfig", "GptOssForCausalLM",
+     dict(DECODER, num_key_value_heads=1, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+          max_position_embeddings=131072)),
     ("qwen2", "Qwen2Config", "Qwen2ForCausalLM", dict(DECODER, num_key_value_heads=1)),
     ("qwen3", "Qwen3Config", "Qwen3ForCausalLM", dict(DECODER, num_key_value_heads=1, head_dim=8)),
     ("gemma", "GemmaConfig", "GemmaForCausalLM", dict(DECODER, num_key_value_heads=1, head_dim=8)),

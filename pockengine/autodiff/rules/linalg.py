@@ -148,3 +148,33 @@ def addbmm(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     g1 = ctx(aten.bmm.default, expanded, _t(ctx, b2)) if ctx.needs(b1) else None
     g2 = ctx(aten.bmm.default, _t(ctx, b1), expanded) if ctx.needs(b2) else None
     return gbias, g1, g2
+
+
+@register("transformers.grouped_mm_fallback.default")
+def grouped_mm(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """transformers' grouped matmul of mixture-of-experts layers (transformers/integrations/moe.py), which
+    torch.export records for fp32 experts: `x` (S, K) holds the tokens' rows sorted by expert, `offs` (E,) the
+    cumulative row counts (int, no gradient), so expert e owns rows offs[e-1]:offs[e] (from 0), and
+    out[rows of e] = x[rows of e] @ w[e] for `w` (E, K, N); rows past offs[-1] are 0.
+
+    The weight's gradient, x_e^T @ g_e per expert, comes from the op's own backward kernel (registered with it,
+    a loop over the experts), which computes the input's, g_e @ w_e^T, alongside: one pass for both when both are
+    needed. The input's alone is the same grouped matmul with each w_e transposed. A partially trained `w` gets
+    its selected channels only: along K from those channels of `x`, saved in the forward pass; along N from those
+    of `g`; the input gradient the kernel then makes of the slices is not the input's, and is dropped."""
+    x, w, offs = ctx.args
+    gx = gw = None
+    if ctx.needs(w):
+        backward = torch.ops.transformers.grouped_mm_fallback_backward.default  # exists where the forward does
+        sl = ctx.slice_of(w)
+        if sl is not None and sl.dim == 1:
+            out = ctx(backward, sl.take(ctx.saved, x, 1), sl.take(ctx, w), offs, g)
+        elif sl is not None and sl.dim == 2:
+            out = ctx(backward, x, sl.take(ctx, w), offs, sl.take(ctx, g, 1))
+        else:  # the whole weight (or chosen experts, which the engine cuts from it)
+            out = ctx(backward, x, w, offs, g)
+            gx = ctx(operator.getitem, out, 0) if ctx.needs(x) else None
+        gw = ctx(operator.getitem, out, 1)
+    if ctx.needs(x) and gx is None:
+        gx = ctx(ctx.node.target, g, _t(ctx, w), offs)
+    return gx, gw, None
