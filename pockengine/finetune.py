@@ -434,6 +434,7 @@ def _check_out(out: Path, resume: bool) -> None:
 def resume_config(out: str | Path, given: dict[str, Any]) -> FinetuneConfig:
     """The recorded configuration of the run in `out`, with the settings of `given` that a resumed run may change
     (RESUMABLE_CHANGES); another setting that differs from the recorded one is an error."""
+    _check_out(Path(out), resume=True)
     recorded = _read_json(Path(out) / RUN_FILE)["config"]
     recorded["out"] = str(out)
     for key, value in given.items():
