@@ -12,6 +12,7 @@ import math
 import resource
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -236,8 +237,19 @@ def finetune_command(args: argparse.Namespace) -> int:
         given.setdefault("out", str(Path("runs") / f"{Path(given['model']).name.replace(':', '.')}-"
                                                    f"{Path(given['data']).stem}"))
         config = FinetuneConfig.from_dict(given)
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        # The data's notes (images resized, texts truncated) read as one line each, not as a Python warning.
+        if str(message).startswith("pockengine:"):
+            print(message, file=sys.stderr)
+        else:
+            original(message, category, filename, lineno, file, line)
+
     try:
-        finetune(config, resume=bool(args.resume))
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            finetune(config, resume=bool(args.resume))
     except KeyboardInterrupt:
         return 130
     return 0

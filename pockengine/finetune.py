@@ -234,7 +234,10 @@ def _image_batches(data: ImageData, loaded: LoadedModel, mean: tuple, std: tuple
     labels = data.labels
 
     def make(idx: torch.Tensor) -> Batch:
-        x = (data.images[idx].float().div_(255) - mean_t) / std_t
+        x = data.images[idx].float().div_(255)
+        if x.shape[-2:] != data.size:
+            x = F.interpolate(x, size=data.size, mode="bilinear", align_corners=False)
+        x = (x - mean_t) / std_t
         return ({"pixel_values": x} if loaded.keyword_inputs else (x,)), labels[idx]
 
     return make
@@ -337,7 +340,7 @@ def prepare(config: FinetuneConfig) -> FinetuneRun:
     shape: dict[str, int] = {}
     if kind == IMAGE:
         make = _image_batches(data, loaded, mean, std)
-        shape["image_height"], shape["image_width"] = data.images.shape[-2:]
+        shape["image_height"], shape["image_width"] = data.size
         if source.kind == "function":  # the head's size is known only from an output
             loaded.model.eval()
             with torch.no_grad():

@@ -44,13 +44,15 @@ def write_reviews_csv(path, n=24):
 def hf_folders(tmp_path_factory):
     """A tiny BERT (with its tokenizer) and a tiny ViT, each a save_pretrained folder of a base model (no head)."""
     root = tmp_path_factory.mktemp("hf")
-    (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
     torch.manual_seed(0)
     bert = transformers.BertModel(transformers.BertConfig(
         vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=64))
     bert.save_pretrained(root / "bert")
-    transformers.BertTokenizerFast(vocab_file=str(root / "vocab.txt")).save_pretrained(root / "bert")
+    vocab = {word: i for i, word in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
+    tokenizer = transformers.BertTokenizer(vocab=vocab)
+    assert tokenizer("the movie")["input_ids"] == [2, vocab["the"], vocab["movie"], 3]
+    tokenizer.save_pretrained(root / "bert")
     vit = transformers.ViTModel(transformers.ViTConfig(
         image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=64), add_pooling_layer=False)
@@ -230,3 +232,42 @@ def test_report_redraws_the_plots(tmp_path, cnn_module, capsys):
     assert "accuracy:" in capsys.readouterr().out
     with Image.open(out / "plots" / "metric.png") as png:
         assert png.width > 100
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m.role }}> {{ m.content }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant> {% endif %}")
+
+
+def test_finetune_a_causal_lm_folder_on_chats(tmp_path, hf_folders):
+    """Prompt/response pairs and chat messages in one JSONL; the loss covers the replies only; the saved folder
+    loads with AutoModelForCausalLM and has the held-out loss the run reported."""
+    folder = tmp_path / "llama"
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(WORDS) + 5, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0)).save_pretrained(folder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_folders / "bert")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    lines = []
+    for i in range(12):
+        if i % 2:
+            lines.append({"prompt": "is the movie good", "response": "the movie is great fun"})
+        else:
+            lines.append({"messages": [{"role": "user", "content": "the plot"}, {"role": "assistant", "content": "boring"},
+                                       {"role": "user", "content": "the actor"},
+                                       {"role": "assistant", "content": "the actor was awful"}]})
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", str(folder), "--data", str(data), "--scheme", "full", "--steps", "4",
+                 "--batch-size", "2", "--lr", "1e-2", "--eval-fraction", "0.25", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metric"] == "held-out loss" and summary["after"] < summary["before"]
+    saved = transformers.AutoModelForCausalLM.from_pretrained(out / "model")
+    run = prepare(FinetuneConfig.from_dict(json.loads((out / "run.json").read_text())["config"]))
+    assert -run.task.evaluate(saved) == pytest.approx(summary["after"], rel=1e-5)
+    inputs, target = run.batches.at(0)
+    for ids, labels in zip(inputs["input_ids"], target):
+        text = tokenizer.decode(ids[labels != -100])
+        assert text in ("the movie is great fun", "the actor was awful"), text  # the last reply only

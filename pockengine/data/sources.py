@@ -36,9 +36,10 @@ _TEXT_SUFFIXES = (".csv", ".jsonl", ".json")
 
 @dataclass
 class ImageData:
-    images: torch.Tensor  # uint8 (N, C, H, W), every image at the size the model takes
+    images: torch.Tensor  # uint8 (N, C, H, W), all of one size
     raw_labels: list[Any]  # class names (folder names) or integers
     where: list[str]  # the file of each image
+    size: tuple[int, int]  # (height, width) the model takes: batches are resized to it where the images differ
     classes: list[str] = field(default_factory=list)  # filled by assign_labels
     labels: torch.Tensor | None = None
     kind: str = IMAGE
@@ -255,22 +256,19 @@ def _image_folder(folder: Path, size: tuple[int, int] | None, channels: int) -> 
         _note(f"{folder}: the images have {len(first_of_size)} different sizes ({examples}, ...); each is resized "
               f"to {target[1]}x{target[0]} (width x height)")
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    data = ImageData(images, names, where)
+    data = ImageData(images, names, where, size=target)
     assign_labels(data)
     return data
 
 
 def _mnist(size: tuple[int, int] | None, channels: int) -> ImageData:
-    from torch.nn import functional as F
-
     from pockengine.data.mnist import load_mnist
 
     images, labels = load_mnist("train")
-    pixels = images.mul(255).round_()
-    if size is not None and size != (28, 28):
-        pixels = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False).clamp_(0, 255).round_()
-    data = ImageData(pixels.to(torch.uint8).expand(-1, channels, -1, -1), labels.tolist(),
-                     [f"mnist train image {i}" for i in range(len(labels))])
+    # Kept at 28x28 (39 MB); each batch is resized to the model's size when it is made.
+    pixels = images.mul_(255).round_().to(torch.uint8).expand(-1, channels, -1, -1)
+    data = ImageData(pixels, labels.tolist(), [f"mnist train image {i}" for i in range(len(labels))],
+                     size=size or (28, 28))
     assign_labels(data, [str(i) for i in range(10)])
     return data
 
