@@ -20,8 +20,10 @@ import json
 import math
 import re
 import resource
+import signal
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -207,7 +209,7 @@ def _evaluation(make: Callable[[torch.Tensor], Batch], held_out: torch.Tensor, k
     def evaluate(model: torch.nn.Module) -> float:
         if len(held_out) == 0:
             return float("nan")
-        was_training = model.training
+        modes = {m: m.training for m in model.modules()}  # frozen BatchNorm layers stay in eval mode afterwards
         model.eval()
         right = total = 0
         loss_sum = 0.0
@@ -222,7 +224,8 @@ def _evaluation(make: Callable[[torch.Tensor], Batch], held_out: torch.Tensor, k
                 else:
                     right += int((logits.argmax(-1) == target).sum())
                     total += len(target)
-        model.train(was_training)
+        for m, training in modes.items():
+            m.train(training)
         return -loss_sum / max(total, 1) if kind == CHAT else right / total
 
     return evaluate
@@ -459,6 +462,34 @@ def _total_steps(config: FinetuneConfig, per_epoch: int) -> int:
     return config.steps if config.steps is not None else DEFAULT_STEPS
 
 
+class _StopRequest:
+    """The first Ctrl-C asks the run to stop after the step in progress (a step stopped half-way would leave some
+    weights updated and others not) and save its checkpoint; a second one stops at once, keeping the last
+    checkpoint written."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.requested = False
+        self.log = log
+        self.previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            signal.signal(signal.SIGINT, self.previous)
+            raise KeyboardInterrupt
+        self.requested = True
+        self.log("stopping after this step to save a checkpoint (Ctrl-C again to stop at once, keeping the last "
+                 "checkpoint)")
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():  # only the main thread may handle signals
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -528,31 +559,30 @@ def finetune(config: FinetuneConfig, resume: bool = False, log: Callable[[str], 
     last_eval = next((r["eval"] for r in reversed(records) if "eval" in r), before)
     bar = tqdm(total=total, initial=trainer.steps_done, desc="fine-tuning", unit="step", file=sys.stderr,
                mininterval=0.5, dynamic_ncols=True)
-    try:
-        with open(out / METRICS_FILE, "a") as metrics:
-            while trainer.steps_done < total:
-                step = trainer.steps_done + 1
-                batch = run.batches.at(step - 1)
-                t = time.perf_counter()
-                loss = trainer.step(batch)
-                step_times.append(time.perf_counter() - t)
-                record: dict[str, Any] = {"step": step, "loss": loss, "step_ms": step_times[-1] * 1000}
-                if config.eval_every and step % config.eval_every == 0 and step < total:
-                    last_eval = record["eval"] = task.evaluate(model)
-                    bar.write(f"step {step}: loss {loss:.4f}, held-out {metric_name} {show(last_eval)}")
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-                if step % config.checkpoint_every == 0 and step < total:
-                    trainer.save(checkpoint)
-                after_step(step)
-    except KeyboardInterrupt:
-        bar.close()
-        trainer.save(checkpoint)
-        log(f"interrupted: checkpoint at step {trainer.steps_done} saved in {checkpoint}; continue with "
-            f"`pockengine finetune --out {out} --resume`")
-        raise
+    with _StopRequest(bar.write) as stop, open(out / METRICS_FILE, "a") as metrics:
+        while trainer.steps_done < total:
+            step = trainer.steps_done + 1
+            batch = run.batches.at(step - 1)
+            t = time.perf_counter()
+            loss = trainer.step(batch)
+            step_times.append(time.perf_counter() - t)
+            record: dict[str, Any] = {"step": step, "loss": loss, "step_ms": step_times[-1] * 1000}
+            if config.eval_every and step % config.eval_every == 0 and step < total:
+                last_eval = record["eval"] = task.evaluate(model)
+                bar.write(f"step {step}: loss {loss:.4f}, held-out {metric_name} {show(last_eval)}")
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            if step % config.checkpoint_every == 0 and step < total:
+                trainer.save(checkpoint)
+            after_step(step)
+            if stop.requested:
+                bar.close()
+                trainer.save(checkpoint)
+                log(f"stopped: the checkpoint at step {step} is saved in {checkpoint}; continue with "
+                    f"`pockengine finetune --out {out} --resume`")
+                raise KeyboardInterrupt
     bar.close()
     trainer.save(checkpoint)
     after = task.evaluate(model)

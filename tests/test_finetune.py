@@ -5,6 +5,8 @@ weights; a resumed run equals the uninterrupted one; `pockengine report` redraws
 from __future__ import annotations
 
 import json
+import os
+import signal
 import textwrap
 
 import numpy as np
@@ -13,6 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import pockengine as pe
 import pockengine.finetune as finetune_module
 from pockengine.cli import main
 from pockengine.finetune import FinetuneConfig, prepare
@@ -191,18 +194,22 @@ def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, cnn_module, monkey
     assert json.loads((cut / "summary.json").read_text())["steps"] == 8
 
 
-def test_ctrl_c_saves_a_checkpoint_to_resume_from(tmp_path, cnn_module, monkeypatch):
-    out = tmp_path / "run"
+def test_ctrl_c_stops_after_the_step_and_saves_a_checkpoint(tmp_path, cnn_module, monkeypatch):
+    whole, out = tmp_path / "whole", tmp_path / "run"
+    assert run_cnn(tmp_path, whole, cnn_module) == 0
 
     def interrupt(step):
         if step == 3:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C does, while the run is going
 
     monkeypatch.setattr(finetune_module, "after_step", interrupt)
     assert run_cnn(tmp_path, out, cnn_module) == 130
-    from pockengine import read_checkpoint
-
-    assert read_checkpoint(out / "checkpoint").meta["steps_done"] == 3
+    assert pe.read_checkpoint(out / "checkpoint").meta["steps_done"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run's handler is gone
+    monkeypatch.setattr(finetune_module, "after_step", lambda step: None)
+    assert main(["finetune", "--out", str(out), "--resume"]) == 0
+    a, b = load_file(whole / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_yaml_config_with_command_line_overrides(tmp_path, cnn_module):

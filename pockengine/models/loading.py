@@ -187,6 +187,8 @@ def _load(source: ModelSource, kind: str, classes: list[str] | None) -> LoadedMo
     except ValueError as e:  # the config has no model for this head
         raise UserInputError(f"--model {source.spec}: {type(source.config).__name__} has no {_HEADS[kind]} for "
                              f"{kind} ({e})") from e
+    except OSError as e:
+        raise UserInputError(f"--model {source.spec}: the weights cannot be loaded ({e})") from e
     tokenizer = None
     if kind != IMAGE:
         try:
@@ -194,6 +196,13 @@ def _load(source: ModelSource, kind: str, classes: list[str] | None) -> LoadedMo
         except (OSError, ValueError, TypeError) as e:
             raise UserInputError(f"--model {source.spec}: no usable tokenizer in the folder ({e}); save the "
                                  "tokenizer beside the model (tokenizer.save_pretrained(folder))") from e
+        if tokenizer.pad_token is None:  # decoder-only tokenizers: pad with the end-of-sequence token
+            if tokenizer.eos_token is None:
+                raise UserInputError(f"--model {source.spec}: the tokenizer has neither a padding nor an "
+                                     "end-of-sequence token to pad the examples with")
+            tokenizer.pad_token = tokenizer.eos_token
+        if model.config.pad_token_id is None:  # a decoder's classifier reads the last token before the padding
+            model.config.pad_token_id = tokenizer.pad_token_id
     return LoadedModel(model, "transformers", keyword_inputs=True, tokenizer=tokenizer,
                        processor=_image_processor(source.spec) if kind == IMAGE else None)
 
