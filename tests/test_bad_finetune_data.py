@@ -3,15 +3,13 @@ note said once, where the data is usable: mixed image sizes, texts too long)."""
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_finetune import SMALL_CNN, WORDS, cnn_module, hf_folders, write_image_folder, write_reviews_csv  # noqa: F401
+from test_finetune import WORDS, cnn_module, hf_folders, write_image_folder, write_reviews_csv  # noqa: F401 (fixtures)
 
 from pockengine.cli import main
 from pockengine.data.sources import load_data

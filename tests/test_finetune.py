@@ -278,3 +278,40 @@ def test_finetune_a_causal_lm_folder_on_chats(tmp_path, hf_folders):
     for ids, labels in zip(inputs["input_ids"], target):
         text = tokenizer.decode(ids[labels != -100])
         assert text in ("the movie is great fun", "the actor was awful"), text  # the last reply only
+
+
+def test_finetune_help_documents_the_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    for flag in ("--model", "--data", "--scheme", "--memory-budget", "--time-budget", "--steps", "--epochs", "--lr",
+                 "--eval-every", "--eval-fraction", "--seq-len", "--image-size", "--out", "--resume", "--config"):
+        assert flag in out, flag
+    assert "examples:" in out and "module:function" in out
+
+
+@pytest.mark.slow  # the real MobileNetV2 (ImageNet weights) on real MNIST images
+def test_finetune_the_builtin_mobilenet_v2_on_mnist(tmp_path):
+    from pockengine.models import mobilenet_v2
+
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", "mobilenet_v2", "--data", "mnist", "--scheme", "last:6", "--steps", "12",
+                 "--max-examples", "600", "--max-eval-examples", "100", "--image-size", "32", "--out", str(out)]) == 0
+    model = mobilenet_v2(pretrained=False, num_classes=10)
+    model.load_state_dict(load_file(out / "model" / "model.safetensors"), strict=True)
+    summary = json.loads((out / "summary.json").read_text())
+    run = prepare(FinetuneConfig.from_dict(json.loads((out / "run.json").read_text())["config"]))
+    assert run.task.evaluate(model) == pytest.approx(summary["after"])
+    assert summary["trained_tensors"] == 10 and summary["n_eval"] == 60
+
+
+@pytest.mark.slow  # the real all-MiniLM-L6-v2 on Rotten Tomatoes sentences
+def test_finetune_the_builtin_minilm_on_rotten_tomatoes(tmp_path):
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", "minilm", "--data", "rotten_tomatoes", "--scheme", "bias_only", "--steps",
+                 "4", "--seq-len", "32", "--max-examples", "200", "--eval-fraction", "0.2", "--out", str(out)]) == 0
+    saved = transformers.AutoModelForSequenceClassification.from_pretrained(out / "model")
+    assert saved.config.id2label == {0: "negative", 1: "positive"}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out / "model")
+    assert saved(**tokenizer(["a gripping, beautiful film"], return_tensors="pt")).logits.shape == (1, 2)
