@@ -34,7 +34,8 @@ import torch
 from torch.nn import functional as F
 
 import pockengine as pe
-from pockengine.data.sources import CHAT, IMAGE, ChatData, Data, ImageData, TextData, assign_labels, load_data
+from pockengine.data.sources import (CHAT, IMAGE, ChatData, Data, ImageData, TextData, assign_labels, data_kind,
+                                     load_data, note)
 from pockengine.errors import UserInputError
 from pockengine.models.loading import LoadedModel, ModelSource, load_model, model_source, save_model
 from pockengine.scheme import Scheme
@@ -173,12 +174,6 @@ class FinetuneRun:
     shape: dict[str, int] = field(default_factory=dict)  # seq_len or image size, as resolved
 
 
-def _note(message: str) -> None:
-    import warnings
-
-    warnings.warn(f"pockengine: {message}", UserWarning, stacklevel=3)
-
-
 def _split(n: int, config: FinetuneConfig) -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
     if config.max_examples is not None:
@@ -262,7 +257,7 @@ def _text_batches(data: TextData, loaded: LoadedModel, config: FinetuneConfig, s
     seq_len = shape["seq_len"] = _token_limit(loaded, config, max(lengths))
     long = [i for i, n in enumerate(lengths) if n > seq_len]
     if long:
-        _note(f"{len(long)} of {len(lengths)} texts are longer than {seq_len} tokens (the first: {data.where[long[0]]},"
+        note(f"{len(long)} of {len(lengths)} texts are longer than {seq_len} tokens (the first: {data.where[long[0]]},"
               f" {lengths[long[0]]} tokens) and are truncated to {seq_len}; --seq-len sets the length")
     encoded = tokenize_batch(loaded.tokenizer, data.texts, seq_len)
     labels = data.labels
@@ -310,7 +305,7 @@ def _chat_batches(data: ChatData, loaded: LoadedModel, config: FinetuneConfig, s
         mask[i, :n] = 1
         labels[i, len(prompt):n] = torch.tensor(reply)
     if long:
-        _note(f"{len(long)} of {len(pairs)} conversations are longer than {seq_len} tokens (the first: "
+        note(f"{len(long)} of {len(pairs)} conversations are longer than {seq_len} tokens (the first: "
               f"{data.where[long[0]]}); their prompt keeps its last tokens and their reply its first, to "
               f"{seq_len} in all; --seq-len sets the length")
 
@@ -323,8 +318,6 @@ def _chat_batches(data: ChatData, loaded: LoadedModel, config: FinetuneConfig, s
 def prepare(config: FinetuneConfig) -> FinetuneRun:
     """Load the data and the model of `config` and make the `Task` (bad data is refused here, by file and line)."""
     source = model_source(config.model)
-    from pockengine.data.sources import data_kind
-
     kind = data_kind(config.data)
     image_size: tuple[int, int] | None = None
     if kind == IMAGE:

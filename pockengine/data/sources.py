@@ -27,7 +27,7 @@ import torch
 from pockengine.errors import UserInputError
 
 __all__ = ["ImageData", "TextData", "ChatData", "Data", "BUILTIN_DATA", "data_kind", "load_data", "image_sizes",
-           "assign_labels"]
+           "assign_labels", "note"]
 
 IMAGE, TEXT, CHAT = "image classification", "text classification", "causal language modelling"
 BUILTIN_DATA = {"mnist": IMAGE, "rotten_tomatoes": TEXT, "chatterbot": CHAT}
@@ -65,8 +65,9 @@ class ChatData:
 Data = ImageData | TextData | ChatData
 
 
-def _note(message: str) -> None:
-    """Said once per data set: the loaders call it once per kind of problem, never per example."""
+def note(message: str) -> None:
+    """A problem with the data that pockengine works around (images resized, texts truncated), said once per data
+    set: callers say it once per kind of problem, never per example. The CLI prints it as one line."""
     warnings.warn(f"pockengine: {message}", UserWarning, stacklevel=3)
 
 
@@ -253,7 +254,7 @@ def _image_folder(folder: Path, size: tuple[int, int] | None, channels: int) -> 
             where.append(str(path))
     if len(first_of_size) > 1:
         examples = ", ".join(f"{p.name} {w}x{h}" for (h, w), p in list(first_of_size.items())[:3])
-        _note(f"{folder}: the images have {len(first_of_size)} different sizes ({examples}, ...); each is resized "
+        note(f"{folder}: the images have {len(first_of_size)} different sizes ({examples}, ...); each is resized "
               f"to {target[1]}x{target[0]} (width x height)")
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     data = ImageData(images, names, where, size=target)
