@@ -172,6 +172,7 @@ class FinetuneRun:
     n_train: int
     n_eval: int
     shape: dict[str, int] = field(default_factory=dict)  # seq_len or image size, as resolved
+    preprocessing: dict[str, Any] | None = None  # how an image becomes an input, saved beside the model
 
 
 def _split(n: int, config: FinetuneConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -337,6 +338,9 @@ def prepare(config: FinetuneConfig) -> FinetuneRun:
     if kind == IMAGE:
         make = _image_batches(data, loaded, mean, std)
         shape["image_height"], shape["image_width"] = data.size
+        preprocessing = {"size": list(data.size), "channels": channels, "mean": list(mean), "std": list(std),
+                         "how": "RGB (or grey for 1 channel) pixels resized bilinearly to size (height, width), "
+                                "divided by 255, then (x - mean) / std per channel; layout (N, C, H, W)"}
         if source.kind == "function":  # the head's size is known only from an output
             loaded.model.eval()
             with torch.no_grad():
@@ -361,7 +365,8 @@ def prepare(config: FinetuneConfig) -> FinetuneRun:
         evaluate=_evaluation(make, held_out, kind),
         metric="-loss" if kind == CHAT else "accuracy",
     )
-    return FinetuneRun(task, loaded, source, batches, kind, classes, len(train), len(held_out), shape)
+    return FinetuneRun(task, loaded, source, batches, kind, classes, len(train), len(held_out), shape,
+                       preprocessing if kind == IMAGE else None)
 
 
 def choose_scheme(spec: str, task: Task, memory_budget: int | None = None,
@@ -581,7 +586,7 @@ def finetune(config: FinetuneConfig, resume: bool = False, log: Callable[[str], 
     after = task.evaluate(model)
     with open(out / METRICS_FILE, "a") as metrics:
         metrics.write(json.dumps({"step": trainer.steps_done, "eval": after}) + "\n")
-    save_model(run.loaded, out / MODEL_DIR, run.classes)
+    save_model(run.loaded, out / MODEL_DIR, run.classes, run.preprocessing)
 
     timed = step_times[1:] or step_times  # the first step pays for first-touch allocations
     median_ms = statistics.median(timed) * 1000 if timed else None

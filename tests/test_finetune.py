@@ -160,6 +160,8 @@ def test_a_module_function_model_is_saved_as_a_state_dict(tmp_path, cnn_module):
     start = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(load_file(out / "model" / "model.safetensors"), strict=True)
     assert json.loads((out / "model" / "classes.json").read_text()) == ["cats", "dogs"]
+    preprocessing = json.loads((out / "model" / "preprocessing.json").read_text())
+    assert preprocessing["size"] == [12, 12] and preprocessing["mean"] == pytest.approx([0.485, 0.456, 0.406])
     moved = changed_parameters(start, model.state_dict())
     assert {"0.weight", "0.bias", "1.weight", "1.bias", "6.weight", "6.bias"} <= moved
     assert not {"1.running_mean", "1.running_var"} & moved  # BatchNorm statistics stay frozen

@@ -254,7 +254,8 @@ def _image_folder(folder: Path, size: tuple[int, int] | None, channels: int) -> 
             where.append(str(path))
     if len(first_of_size) > 1:
         examples = ", ".join(f"{p.name} {w}x{h}" for (h, w), p in list(first_of_size.items())[:3])
-        note(f"{folder}: the images have {len(first_of_size)} different sizes ({examples}, ...); each is resized "
+        more = ", ..." if len(first_of_size) > 3 else ""
+        note(f"{folder}: the images have {len(first_of_size)} different sizes ({examples}{more}); each is resized "
               f"to {target[1]}x{target[0]} (width x height)")
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     data = ImageData(images, names, where, size=target)

@@ -35,6 +35,7 @@ _HEADS = {IMAGE: "AutoModelForImageClassification", TEXT: "AutoModelForSequenceC
 MOBILENET_IMAGE_SIZE = 64  # fast on a CPU; ImageNet's 224 works too (--image-size 224)
 TORCH_WEIGHTS = "model.safetensors"
 CLASSES_FILE = "classes.json"
+PREPROCESSING_FILE = "preprocessing.json"
 
 
 @dataclass(frozen=True)
@@ -207,8 +208,10 @@ def _load(source: ModelSource, kind: str, classes: list[str] | None) -> LoadedMo
                        processor=_image_processor(source.spec) if kind == IMAGE else None)
 
 
-def save_model(loaded: LoadedModel, folder: Path, classes: list[str] | None) -> None:
-    """Write the model so its own library loads it, replacing `folder` only once the new one is complete."""
+def save_model(loaded: LoadedModel, folder: Path, classes: list[str] | None,
+               preprocessing: dict[str, Any] | None = None) -> None:
+    """Write the model so its own library loads it, replacing `folder` only once the new one is complete.
+    `preprocessing` (how images were turned into inputs) is written beside a model that has no image processor."""
     model = loaded.model
     tmp = temp_name(folder)
     tmp.mkdir(parents=True)
@@ -225,6 +228,8 @@ def save_model(loaded: LoadedModel, folder: Path, classes: list[str] | None) -> 
             save_safetensors(tensors, tmp / TORCH_WEIGHTS)
             if classes is not None:
                 (tmp / CLASSES_FILE).write_text(json.dumps(classes, indent=1))
+        if preprocessing is not None and loaded.processor is None:
+            (tmp / PREPROCESSING_FILE).write_text(json.dumps(preprocessing, indent=1))
         fsync_dir(tmp)
         previous = temp_name(folder, ".previous") if folder.exists() else None
         if previous is not None:
