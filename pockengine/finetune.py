@@ -544,8 +544,11 @@ def finetune(config: FinetuneConfig, resume: bool = False, log: Callable[[str], 
     recorded["config"] = config.to_dict()  # a resumed run may go on longer than first asked
     _write_json(out / RUN_FILE, recorded)
     before = recorded["before"]
-    # What happened after the last checkpoint is done again: its records go.
-    records = [r for r in _read_metrics(out / METRICS_FILE) if r["step"] <= trainer.steps_done]
+    # What happened after the last checkpoint is done again: its records go, and so does the final evaluation of a
+    # finished run that goes on (it is made again at the new end).
+    done = trainer.steps_done
+    records = [r for r in _read_metrics(out / METRICS_FILE)
+               if r["step"] < done or r["step"] == done and ("loss" in r or done == 0)]
     with atomic_path(out / METRICS_FILE) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
     if not records:

@@ -194,6 +194,9 @@ def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, cnn_module, monkey
     # A finished run can go on longer: only the new steps run.
     assert main(["finetune", "--out", str(cut), "--resume", "--steps", "8"]) == 0
     assert json.loads((cut / "summary.json").read_text())["steps"] == 8
+    records = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval" in r] == [0, 8]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))
 
 
 def test_ctrl_c_stops_after_the_step_and_saves_a_checkpoint(tmp_path, cnn_module, monkeypatch):
