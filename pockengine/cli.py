@@ -164,7 +164,8 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
                        description=FINETUNE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Every default is None here: a flag that is not given leaves the YAML's value or the run's recorded one.
     f.add_argument("--config", metavar="RUN.yaml", help="a YAML file of settings, keyed like the flags (model, "
-                   "data, steps, memory-budget or memory_budget, ...); flags on the command line override it")
+                   "data, steps, memory-budget or memory_budget, ...; paths relative to the current folder); flags on the command "
+                   "line override it")
     f.add_argument("--model", help="a built-in (" + ", ".join(BUILTIN_MODELS) + "), a local Hugging Face folder with "
                    "config.json (the head, AutoModelFor..., follows from the data; a classifier gets a new head for "
                    "the data's classes unless its own id2label names them), or module:function returning a "
