@@ -1,14 +1,18 @@
-"""Command line (`pockengine ...`, or `python -m pockengine ...`): `pockengine train` fine-tunes the real MobileNetV2
-on real MNIST images with a compiled step. The benchmark suite is not part of the package: `python -m bench` from a
-clone of the repository."""
+"""Command line (`pockengine ...`, or `python -m pockengine ...`): `pockengine finetune` fine-tunes your model on
+your data; `pockengine report RUN` redraws a run's plots; `pockengine train` fine-tunes the real MobileNetV2 on real
+MNIST images with a compiled step. The benchmark suite is not part of the package: `python -m bench` from a clone of
+the repository."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 import resource
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +20,7 @@ import torch
 
 import pockengine as pe
 from pockengine.checkpoint import check_save_target
+from pockengine.finetune import parse_scheme
 
 
 def _peak_rss_mb() -> float:
@@ -31,27 +36,6 @@ def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float
     return (pred == y).float().mean().item()
 
 
-PRESETS = {"full": pe.Scheme.full, "bias_only": pe.Scheme.bias_only, "head": pe.Scheme.head}
-
-
-def _scheme(spec: str) -> pe.Scheme:
-    """`full`, `bias_only`, `head`, `last:K`, or a .yaml/.json scheme file."""
-    if spec in PRESETS:
-        return PRESETS[spec]()
-    if spec.startswith("last:"):
-        k = spec.removeprefix("last:").strip()
-        if not k.lstrip("+-").isdigit():
-            raise pe.UserInputError(f"--scheme {spec}: write last:K with an integer K, e.g. last:4")
-        if int(k) < 1:
-            raise pe.UserInputError(f"--scheme {spec}: K is the number of last layers to train, at least 1 "
-                                    "(last:1 trains the classifier only)")
-        return pe.Scheme.last(int(k))
-    if Path(spec).suffix not in (".yaml", ".yml", ".json"):
-        raise pe.UserInputError(f"--scheme {spec!r} is neither a preset ({', '.join(PRESETS)}, last:K) nor a scheme "
-                                "file (.yaml, .yml or .json)")
-    return pe.Scheme.from_file(spec)
-
-
 def _at_least(low: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -64,6 +48,26 @@ def _at_least(low: int) -> Callable[[str], int]:
 
     parse.__name__ = f"integer >= {low}"
     return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
+    return value
 
 
 def _learning_rate(text: str) -> float:
@@ -81,7 +85,7 @@ def train(args: argparse.Namespace) -> int:
     from pockengine.models import mobilenet_v2
 
     # Everything the user wrote is checked before minutes go into loading and compiling.
-    scheme = _scheme(args.scheme)
+    scheme = parse_scheme(args.scheme)
     if args.save:
         check_save_target(Path(args.save))
     optimizer = (pe.optim.AdamW(lr=args.lr) if args.optimizer == "adamw"
@@ -134,6 +138,162 @@ def train(args: argparse.Namespace) -> int:
         print(f"saved checkpoint to {args.save}")
     return 0
 
+FINETUNE_HELP = """Fine-tune a model on your data with compiled sparse training steps, in a run folder (--out) that
+holds the checkpoint, the metrics log, the plots and the fine-tuned model.
+
+examples:
+  pockengine finetune --model mobilenet_v2 --data photos/ --scheme last:6 --steps 300 --out runs/photos
+  pockengine finetune --model ./my-bert --data reviews.csv --scheme bias_only --epochs 2 --eval-every 50
+  pockengine finetune --model smollm2 --data chats.jsonl --scheme last:4 --seq-len 96 --out runs/chat
+  pockengine finetune --model mymodels:small_cnn --data digits/ --image-size 32
+  pockengine finetune --config run.yaml --lr 3e-4       # the YAML's keys are the flags' names; flags override it
+  pockengine finetune --out runs/photos --resume        # continue an interrupted run (the same result)
+
+data (--data): an image folder with one sub-folder per class; a .csv or .jsonl with the columns text and label (a
+class name or an integer index); a .jsonl of {"prompt": ..., "response": ...} or {"messages": [{"role": ...,
+"content": ...}, ...]} (the model learns the last reply); or a built-in: mnist, rotten_tomatoes, chatterbot.
+Images are resized to the model's input size and normalised with ImageNet's (or the folder's image processor's)
+mean and std; texts are padded or truncated to --seq-len tokens. A bad file is refused naming the file and line."""
+
+
+def _finetune_parser(sub: argparse._SubParsersAction) -> None:
+    from pockengine.data.sources import BUILTIN_DATA
+    from pockengine.models.loading import BUILTIN_MODELS
+
+    f = sub.add_parser("finetune", help="fine-tune your model on your data (image folder, CSV/JSONL, chats)",
+                       description=FINETUNE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Every default is None here: a flag that is not given leaves the YAML's value or the run's recorded one.
+    f.add_argument("--config", metavar="RUN.yaml", help="a YAML file of settings, keyed like the flags (model, "
+                   "data, steps, memory-budget or memory_budget, ...; paths relative to the current folder); flags on the command "
+                   "line override it")
+    f.add_argument("--model", help="a built-in (" + ", ".join(BUILTIN_MODELS) + "), a local Hugging Face folder with "
+                   "config.json (the head, AutoModelFor..., follows from the data; a classifier gets a new head for "
+                   "the data's classes unless its own id2label names them), or module:function returning a "
+                   "torch.nn.Module for images")
+    f.add_argument("--data", help="a built-in (" + ", ".join(BUILTIN_DATA) + "), an image folder with one "
+                   "sub-folder per class, a .csv/.jsonl of text and label, or a .jsonl of prompt/response pairs or "
+                   "chat messages")
+    f.add_argument("--out", help="the run folder (new, or with --resume the run to continue); default "
+                   "runs/MODEL-DATA")
+    f.add_argument("--resume", action="store_true", default=None,
+                   help="continue the run in --out from its last checkpoint (only --steps/--epochs, --eval-every, "
+                   "--checkpoint-every and --threads may change)")
+    f.add_argument("--scheme", help="what to train: full (default), bias_only, head, last:K (the last K layers), a "
+                   "scheme file (.yaml/.json, docs/schemes.md), or auto (analysis and search under the budgets)")
+    f.add_argument("--memory-budget", metavar="SIZE", help="most step memory (the compiler's planned peak above the "
+                   "weights), e.g. 4MB or 512KB (powers of 1024); a scheme that plans more is refused")
+    f.add_argument("--time-budget", metavar="MS", help="most milliseconds per step, e.g. 30 or 30ms; the summary "
+                   "says when the median step was slower")
+    length = f.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=_at_least(1), help="training steps (default 100)")
+    length.add_argument("--epochs", type=_positive, help="passes over the training split (may be fractional)")
+    f.add_argument("--batch-size", type=_at_least(1), help="examples per step (default 8); the last, smaller batch "
+                   "of each epoch is left out (one compiled shape)")
+    f.add_argument("--lr", type=_learning_rate, help="learning rate (default 1e-4)")
+    f.add_argument("--optimizer", choices=["adamw", "sgd"], help="adamw (default) or sgd (momentum 0.9)")
+    f.add_argument("--eval-every", type=_at_least(0), help="evaluate on the held-out split every N steps (default 0: "
+                   "before and after training only)")
+    f.add_argument("--checkpoint-every", type=_at_least(1), help="write the checkpoint every N steps (default 50; "
+                   "also at the end and on Ctrl-C)")
+    f.add_argument("--eval-fraction", type=_fraction, help="share of the data held out for evaluation, chosen by "
+                   "--seed (default 0.1)")
+    f.add_argument("--seq-len", type=_at_least(1), help="tokens per example (default: the longest example, at most "
+                   "128); longer texts are truncated, said once")
+    f.add_argument("--image-size", type=_at_least(1), help="image side in pixels (default: the model's; 64 for "
+                   "mobilenet_v2; the images' own for module:function)")
+    f.add_argument("--seed", type=_at_least(0), help="seeds the split, the batch order, new heads and dropout "
+                   "(default 0)")
+    f.add_argument("--max-examples", type=_at_least(2), help="use a seeded subset of this many examples")
+    f.add_argument("--max-eval-examples", type=_at_least(1), help="evaluate on at most this many held-out examples")
+    f.add_argument("--threads", type=_at_least(0), help="torch threads (0: PyTorch's default)")
+    f.set_defaults(run=finetune_command)
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    """The FinetuneConfig fields the command line (and YAML) set, budgets parsed."""
+    from pockengine.finetune import FinetuneConfig, parse_memory, parse_milliseconds
+
+    names = {field.name for field in dataclasses.fields(FinetuneConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if "memory_budget" in given:
+        given["memory_budget"] = parse_memory(given["memory_budget"])
+    if "time_budget" in given:
+        given["time_budget"] = parse_milliseconds(given["time_budget"])
+    return given
+
+
+def finetune_command(args: argparse.Namespace) -> int:
+    from pockengine.finetune import FinetuneConfig, finetune, resume_config
+
+    given = _settings(args)
+    if args.resume:
+        if not args.out:
+            raise pe.UserInputError("--resume needs --out, the run folder to continue")
+        config = resume_config(args.out, given)
+    else:
+        missing = [flag for flag in ("model", "data") if flag not in given]
+        if missing:
+            raise pe.UserInputError(f"pockengine finetune needs {' and '.join('--' + m for m in missing)} (or "
+                                    "--config with them); see pockengine finetune --help")
+        given.setdefault("out", str(Path("runs") / f"{Path(given['model']).name.replace(':', '.')}-"
+                                                   f"{Path(given['data']).stem}"))
+        config = FinetuneConfig.from_dict(given)
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        # The data's notes (images resized, texts truncated) read as one line each, not as a Python warning.
+        if str(message).startswith("pockengine:"):
+            print(message, file=sys.stderr)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            finetune(config, resume=bool(args.resume))
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def report_command(args: argparse.Namespace) -> int:
+    from pockengine.finetune import SUMMARY_FILE, draw_plots, format_summary
+
+    for path in draw_plots(args.folder):
+        print(f"drew {path}")
+    summary = Path(args.folder) / SUMMARY_FILE
+    if summary.is_file():
+        print(format_summary(json.loads(summary.read_text())))
+    return 0
+
+
+def _with_yaml_config(argv: list[str]) -> list[str]:
+    """`finetune --config run.yaml ...`: the YAML's settings as flags, before the command line's (which win)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv[1:])
+    if argv[:1] != ["finetune"] or not known.config:
+        return argv
+    import yaml
+
+    path = Path(known.config)
+    try:
+        values = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise pe.UserInputError(f"--config {path}: cannot read it ({type(e).__name__}: {e})") from e
+    if not isinstance(values, dict):
+        raise pe.UserInputError(f"--config {path}: a run file is a YAML mapping of settings (model: ..., data: ...)")
+    flags = []
+    for key, value in values.items():
+        flag = "--" + str(key).replace("_", "-")
+        if flag in ("--config", "--help"):
+            raise pe.UserInputError(f"--config {path}: {key!r} cannot be set in a run file")
+        if value is True:
+            flags.append(flag)
+        elif value is not None and value is not False:
+            flags += [flag, str(value)]
+    return [argv[0], *flags, *argv[1:]]
+
 
 BENCH_MOVED = ("pockengine bench: the benchmark is not part of the installed package (it reads its configuration "
                "and writes its reports inside the repository); from a clone of the repository run `python -m bench "
@@ -160,13 +320,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="leave this compiler pass out (repeatable; see pockengine.pipeline.PASSES)")
     t.add_argument("--save", default="", help="write a checkpoint folder here at the end")
     t.set_defaults(run=train)
+    _finetune_parser(sub)
+    r = sub.add_parser("report", help="redraw a fine-tuning run's plots (loss, held-out metric) and print its summary",
+                       description="Redraw RUN/plots/loss.png and metric.png from RUN/metrics.jsonl, and print the "
+                       "run's summary.")
+    r.add_argument("folder", metavar="RUN", help="the run folder of `pockengine finetune` (its --out)")
+    r.set_defaults(run=report_command)
     sub.add_parser("bench", help="moved: run `python -m bench` from a clone of the repository")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # whatever its options, the answer is where the benchmark went
         print(BENCH_MOVED, file=sys.stderr)
         return 2
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(_with_yaml_config(argv))
         return args.run(args)
     except pe.PockEngineError as e:
         print(f"pockengine: {e}", file=sys.stderr)

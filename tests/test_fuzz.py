@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import pockengine as pe
 from pockengine import storage
 from pockengine.capture import normalize_batch
-from pockengine.cli import _scheme as cli_scheme
+from pockengine.finetune import parse_scheme as cli_scheme
 from pockengine.scheme import MODES, SELECTS, Scheme, Selection
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -1,0 +1,394 @@
+"""The data `pockengine finetune --data` reads: the built-in sets, or a person's own files.
+
+- an image folder with one sub-folder per class (`cats/1.jpg`, `dogs/a.png`): image classification;
+- a CSV or JSONL of `text` and `label` (a class name or an integer): text classification;
+- a JSONL of `prompt`/`response` pairs or of chat `messages`: causal language modelling on the replies;
+- `mnist`, `rotten_tomatoes`, `chatterbot`: the offline packages' data (/work/shared/OFFLINE_RESOURCES.md).
+
+Every example remembers where it came from (`file:line`, `file`), so that a bad one is refused by name
+(`UserInputError`) before any minute goes into loading a model or compiling. Images are decoded once, resized to the
+size the model takes and kept as uint8; texts stay strings until the model's tokenizer is known.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pockengine.errors import UserInputError
+
+__all__ = ["ImageData", "TextData", "ChatData", "Data", "BUILTIN_DATA", "data_kind", "load_data", "image_sizes",
+           "assign_labels", "note"]
+
+IMAGE, TEXT, CHAT = "image classification", "text classification", "causal language modelling"
+BUILTIN_DATA = {"mnist": IMAGE, "rotten_tomatoes": TEXT, "chatterbot": CHAT}
+_TEXT_SUFFIXES = (".csv", ".jsonl", ".json")
+
+
+@dataclass
+class ImageData:
+    images: torch.Tensor  # uint8 (N, C, H, W), all of one size
+    raw_labels: list[Any]  # class names (folder names) or integers
+    where: list[str]  # the file of each image
+    size: tuple[int, int]  # (height, width) the model takes: batches are resized to it where the images differ
+    classes: list[str] = field(default_factory=list)  # filled by assign_labels
+    labels: torch.Tensor | None = None
+    kind: str = IMAGE
+
+
+@dataclass
+class TextData:
+    texts: list[str]
+    raw_labels: list[Any]
+    where: list[str]  # file:line of each example
+    classes: list[str] = field(default_factory=list)
+    labels: torch.Tensor | None = None
+    kind: str = TEXT
+
+
+@dataclass
+class ChatData:
+    conversations: list[list[dict[str, str]]]  # each: messages {role, content}; the last one is the reply trained on
+    where: list[str]
+    kind: str = CHAT
+
+
+Data = ImageData | TextData | ChatData
+
+
+def note(message: str) -> None:
+    """A problem with the data that pockengine works around (images resized, texts truncated), said once per data
+    set: callers say it once per kind of problem, never per example. The CLI prints it as one line."""
+    warnings.warn(f"pockengine: {message}", UserWarning, stacklevel=3)
+
+
+def data_kind(spec: str) -> str:
+    """What `--data spec` holds, read from the name or the first record (for the model loader to pick a head)."""
+    if spec in BUILTIN_DATA:
+        return BUILTIN_DATA[spec]
+    path = Path(spec)
+    if path.is_dir():
+        return IMAGE
+    if not path.exists():
+        raise UserInputError(f"--data {spec}: no such file or folder, and not a built-in data set "
+                             f"({', '.join(BUILTIN_DATA)})")
+    if path.suffix.lower() not in _TEXT_SUFFIXES:
+        raise UserInputError(f"--data {spec}: a data file is a .csv or a .jsonl (text and label, prompt and "
+                             "response, or chat messages); an image data set is a folder with one sub-folder per "
+                             "class")
+    if path.suffix.lower() == ".csv":
+        return TEXT
+    first = next(_jsonl_records(path), None)
+    if first is None:
+        raise UserInputError(f"{path} is empty: it holds no record")
+    keys = first[1]
+    return CHAT if "messages" in keys or "prompt" in keys else TEXT
+
+
+def load_data(spec: str, image_size: tuple[int, int] | None = None, channels: int = 3) -> Data:
+    """Read `--data spec`; images are resized to `image_size` (None: their most common size)."""
+    if spec == "mnist":
+        return _mnist(image_size, channels)
+    if spec == "rotten_tomatoes":
+        from pockengine.data.text import load_movie_reviews
+
+        texts, labels = load_movie_reviews("rotten_tomatoes")
+        data = TextData(texts, labels, [f"rotten_tomatoes example {i}" for i in range(len(texts))])
+        assign_labels(data, ["negative", "positive"])
+        return data
+    if spec == "chatterbot":
+        return _chatterbot()
+    kind = data_kind(spec)
+    path = Path(spec)
+    if kind == IMAGE:
+        return _image_folder(path, image_size, channels)
+    if kind == CHAT:
+        return _chat_jsonl(path)
+    return _text_csv(path) if path.suffix.lower() == ".csv" else _text_jsonl(path)
+
+
+# -- labels ---------------------------------------------------------------------------------------------------
+def assign_labels(data: ImageData | TextData, known: list[str] | None = None, num_outputs: int | None = None) -> None:
+    """Turn the raw labels into class indices (`data.labels`) and names (`data.classes`).
+
+    `known`: the model's own class names (a fine-tuned classifier's `id2label`, the built-in sets' names): a class
+    name must be one of them, an integer a valid index. `num_outputs`: how many classes the model's head has when
+    its names are not known (a `module:function` model): integers must be below it. Otherwise the data defines the
+    classes: names sorted, integers 0..max.
+    """
+    raw, where = data.raw_labels, data.where
+    names = [str(label) for label in raw if isinstance(label, str)]
+    if names and len(names) != len(raw):
+        i = next(i for i, label in enumerate(raw) if not isinstance(label, str))
+        j = next(i for i, label in enumerate(raw) if isinstance(label, str))
+        raise UserInputError(f"{where[i]}: label {raw[i]!r} is a number, but {where[j]} has the class name "
+                             f"{raw[j]!r}; write every label as a class name or every one as an integer index")
+    if names:
+        classes = list(known) if known is not None else sorted(set(names))
+        if num_outputs is not None and len(classes) > num_outputs:
+            raise UserInputError(f"{where[0].rsplit(':', 1)[0]}: the data has {len(classes)} classes {classes[:10]}, "
+                                 f"but the model has {num_outputs} outputs; give a model with a head for every class")
+        index = {name: i for i, name in enumerate(classes)}
+        for i, label in enumerate(raw):
+            if label not in index:
+                raise UserInputError(f"{where[i]}: unknown label {label!r}; the model's classes are "
+                                     f"{classes[:20]}: use one of them, or fine-tune a model without a fixed "
+                                     "label set")
+        data.labels = torch.tensor([index[label] for label in raw], dtype=torch.int64)
+    else:
+        limit = len(known) if known is not None else num_outputs
+        for i, label in enumerate(raw):
+            if label < 0 or (limit is not None and label >= limit):
+                allowed = f"0..{limit - 1}" if limit is not None else "0 or more"
+                raise UserInputError(f"{where[i]}: label {label} is out of range: class indices are {allowed}"
+                                     + (f" (the model has {limit} classes)" if limit is not None else ""))
+        count = limit if limit is not None else (max(raw) + 1 if raw else 0)
+        classes = list(known) if known is not None else [str(i) for i in range(count)]
+        data.labels = torch.tensor(raw, dtype=torch.int64)
+    if len(set(data.labels.tolist())) < 2 and known is None and num_outputs is None:
+        raise UserInputError(f"{where[0].split(':')[0]}: every example has the same label {raw[0]!r}; a classifier "
+                             "needs examples of at least two classes")
+    data.classes = classes
+
+
+def _label(value: Any, where: str) -> Any:
+    """A label as written: an integer index (also "3" in a CSV) or a class name."""
+    if isinstance(value, bool) or value is None or (isinstance(value, str) and not value.strip()):
+        raise UserInputError(f"{where}: the label is empty; write a class name or an integer class index")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise UserInputError(f"{where}: label {value} is not a class: write a class name or an integer index")
+        value = int(value)
+    if isinstance(value, int):
+        return value
+    if not isinstance(value, str):
+        raise UserInputError(f"{where}: label {value!r} is neither a class name nor an integer class index")
+    text = value.strip()
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def _text(value: Any, where: str, column: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise UserInputError(f"{where}: the {column!r} is empty or not a string; every example needs its text")
+    return value
+
+
+# -- images ---------------------------------------------------------------------------------------------------
+def _image_files(folder: Path) -> tuple[list[str], list[list[Path]]]:
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    loose = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not classes:
+        raise UserInputError(f"{folder}: an image data set is a folder with one sub-folder per class (cats/, dogs/), "
+                             f"each holding that class's images; this one has no sub-folder"
+                             + (f" (files: {loose[:5]})" if loose else ""))
+    if loose:
+        raise UserInputError(f"{folder}: {loose[:5]} lie outside the class sub-folders; put each image in the "
+                             "sub-folder of its class")
+    files = []
+    for name in classes:
+        found = sorted(p for p in (folder / name).rglob("*") if p.is_file() and not p.name.startswith("."))
+        if not found:
+            raise UserInputError(f"{folder / name}: the class folder {name!r} holds no images; add some or remove "
+                                 "the folder")
+        files.append(found)
+    if len(classes) < 2:
+        raise UserInputError(f"{folder}: only one class folder ({classes[0]}); a classifier needs at least two")
+    return classes, files
+
+
+def _open_image(path: Path) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(path)
+        image.load()  # decodes now: a truncated file fails here, naming itself, not in the middle of training
+        return image
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise UserInputError(f"{path}: unreadable image ({type(e).__name__}: {e}); remove the file or replace it "
+                             "with a valid image") from e
+
+
+def image_sizes(spec: str) -> Counter[tuple[int, int]]:
+    """How many images of the folder `spec` have each (height, width), from the files' headers."""
+    from PIL import Image
+
+    if spec == "mnist":
+        return Counter({(28, 28): 1})
+    sizes: Counter[tuple[int, int]] = Counter()
+    for files in _image_files(Path(spec))[1]:
+        for path in files:
+            try:
+                with Image.open(path) as image:
+                    sizes[(image.height, image.width)] += 1
+            except Exception:  # reported by name when the image is decoded
+                continue
+    return sizes
+
+
+def _image_folder(folder: Path, size: tuple[int, int] | None, channels: int) -> ImageData:
+    from PIL import Image
+
+    classes, files = _image_files(folder)
+    target = size or image_sizes(str(folder)).most_common(1)[0][0]
+    mode = "RGB" if channels == 3 else "L"
+    arrays, names, where = [], [], []
+    first_of_size: dict[tuple[int, int], Path] = {}
+    for name, paths in zip(classes, files):
+        for path in paths:
+            with _open_image(path) as image:
+                first_of_size.setdefault((image.height, image.width), path)
+                if (image.height, image.width) != target:
+                    image = image.resize((target[1], target[0]), Image.BILINEAR)
+                pixels = np.asarray(image.convert(mode), dtype=np.uint8)
+            arrays.append(pixels.reshape(target[0], target[1], channels))
+            names.append(name)
+            where.append(str(path))
+    if len(first_of_size) > 1:
+        examples = ", ".join(f"{p.name} {w}x{h}" for (h, w), p in list(first_of_size.items())[:3])
+        more = ", ..." if len(first_of_size) > 3 else ""
+        note(f"{folder}: the images have {len(first_of_size)} different sizes ({examples}{more}); each is resized "
+              f"to {target[1]}x{target[0]} (width x height)")
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    data = ImageData(images, names, where, size=target)
+    assign_labels(data)
+    return data
+
+
+def _mnist(size: tuple[int, int] | None, channels: int) -> ImageData:
+    from pockengine.data.mnist import load_mnist
+
+    images, labels = load_mnist("train")
+    # Kept at 28x28 (39 MB); each batch is resized to the model's size when it is made.
+    pixels = images.mul_(255).round_().to(torch.uint8).expand(-1, channels, -1, -1)
+    data = ImageData(pixels, labels.tolist(), [f"mnist train image {i}" for i in range(len(labels))],
+                     size=size or (28, 28))
+    assign_labels(data, [str(i) for i in range(10)])
+    return data
+
+
+# -- text -----------------------------------------------------------------------------------------------------
+def _read_text_file(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserInputError(f"{path}: not UTF-8 text ({e}); save it as UTF-8") from e
+    if not text.strip():
+        raise UserInputError(f"{path} is empty: it holds no example")
+    return text
+
+
+def _text_csv(path: Path) -> TextData:
+    lines = _read_text_file(path).splitlines(keepends=True)
+    reader = csv.DictReader(lines)
+    columns = reader.fieldnames or []
+    missing = [c for c in ("text", "label") if c not in columns]
+    if missing:
+        raise UserInputError(f"{path}:1: missing column(s) {missing}; the header is {columns}, and a text data set "
+                             "needs the columns 'text' and 'label'")
+    texts, labels, where = [], [], []
+    for row in reader:
+        at = f"{path}:{reader.line_num}"
+        if None in row or any(value is None for value in row.values()):
+            raise UserInputError(f"{at}: the row has another number of fields than the header ({len(columns)}: "
+                                 f"{columns}); quote texts that hold commas")
+        texts.append(_text(row["text"], at, "text"))
+        labels.append(_label(row["label"], at))
+        where.append(at)
+    if not texts:
+        raise UserInputError(f"{path} has a header but no example rows")
+    data = TextData(texts, labels, where)
+    assign_labels(data)
+    return data
+
+
+def _jsonl_records(path: Path):
+    """(file:line, record) for each non-empty line; a JSON array file (.json) counts its items as lines."""
+    text = _read_text_file(path)
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserInputError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise UserInputError(f"{path}: item {i} is not an object with named fields")
+            yield f"{path} item {i}", item
+        return
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserInputError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno}); a .jsonl file "
+                                 "holds one JSON object per line") from e
+        if not isinstance(record, dict):
+            raise UserInputError(f"{path}:{number}: a line holds {type(record).__name__}, not a JSON object")
+        yield f"{path}:{number}", record
+
+
+def _text_jsonl(path: Path) -> TextData:
+    texts, labels, where = [], [], []
+    for at, record in _jsonl_records(path):
+        missing = [key for key in ("text", "label") if key not in record]
+        if missing:
+            raise UserInputError(f"{at}: missing field(s) {missing} (found {sorted(record)}); each line of a text "
+                                 "data set needs 'text' and 'label'")
+        texts.append(_text(record["text"], at, "text"))
+        labels.append(_label(record["label"], at))
+        where.append(at)
+    data = TextData(texts, labels, where)
+    assign_labels(data)
+    return data
+
+
+def _chat_jsonl(path: Path) -> ChatData:
+    conversations, where = [], []
+    for at, record in _jsonl_records(path):
+        if "messages" in record:
+            messages = record["messages"]
+            if (not isinstance(messages, list) or len(messages) < 2
+                    or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                               and isinstance(m.get("content"), str) for m in messages)):
+                raise UserInputError(f"{at}: 'messages' must be a list of at least two {{\"role\": ..., "
+                                     "\"content\": ...}} objects")
+            if messages[-1]["role"] != "assistant":
+                raise UserInputError(f"{at}: the last message is from {messages[-1]['role']!r}; the last message "
+                                     "is the reply the model learns, from the 'assistant'")
+            conversation = [{"role": m["role"], "content": m["content"]} for m in messages]
+        else:
+            missing = [key for key in ("prompt", "response") if key not in record]
+            if missing:
+                raise UserInputError(f"{at}: missing field(s) {missing} (found {sorted(record)}); each line needs "
+                                     "'prompt' and 'response', or 'messages'")
+            conversation = [{"role": "user", "content": _text(record["prompt"], at, "prompt")},
+                            {"role": "assistant", "content": _text(record["response"], at, "response")}]
+        conversations.append(conversation)
+        where.append(at)
+    return ChatData(conversations, where)
+
+
+def _chatterbot() -> ChatData:
+    import yaml
+
+    spec = importlib.util.find_spec("chatterbot_corpus")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the chatterbot data needs its package: pip install --no-deps chatterbot-corpus==1.3.3")
+    conversations, where = [], []
+    for file in sorted((Path(spec.submodule_search_locations[0]) / "data" / "english").glob("*.yml")):
+        for i, turns in enumerate(yaml.safe_load(file.read_text(encoding="utf-8")).get("conversations", [])):
+            turns = [str(t) for t in turns]
+            for j in range(len(turns) - 1):  # every turn and the reply to it is one pair
+                conversations.append([{"role": "user", "content": turns[j]},
+                                      {"role": "assistant", "content": turns[j + 1]}])
+                where.append(f"{file.name} conversation {i} turn {j}")
+    return ChatData(conversations, where)

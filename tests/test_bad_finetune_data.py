@@ -1,0 +1,222 @@
+"""Bad data, models and run folders given to `pockengine finetune` get a clear error naming the file and line (or a
+note said once, where the data is usable: mixed image sizes, texts too long)."""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import pytest
+import torch
+from PIL import Image
+from test_finetune import WORDS, cnn_module, hf_folders, write_image_folder, write_reviews_csv  # noqa: F401 (fixtures)
+
+from pockengine.cli import main
+from pockengine.data.sources import load_data
+from pockengine.finetune import FinetuneConfig, prepare
+
+transformers = pytest.importorskip("transformers")
+
+
+def refused(argv: list[str], capsys) -> str:
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def finetune_argv(model: str, data, out, *extra: str) -> list[str]:
+    return ["finetune", "--model", model, "--data", str(data), "--steps", "2", "--batch-size", "2", "--out", str(out),
+            *extra]
+
+
+# -- image folders ----------------------------------------------------------------------------------------------
+def test_an_unreadable_image_is_named(tmp_path, capsys):
+    images = write_image_folder(tmp_path / "images", per_class=3)
+    (images / "dogs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    err = refused(finetune_argv("mobilenet_v2", images, tmp_path / "run"), capsys)
+    assert "broken.png" in err and "unreadable image" in err
+
+
+def test_a_truncated_image_is_named(tmp_path, capsys):
+    images = write_image_folder(tmp_path / "images", per_class=3)
+    whole = (images / "cats" / "0.png").read_bytes()
+    (images / "cats" / "0.png").write_bytes(whole[:len(whole) // 2])
+    err = refused(finetune_argv("mobilenet_v2", images, tmp_path / "run"), capsys)
+    assert str(images / "cats" / "0.png") in err and "unreadable image" in err
+
+
+def test_a_class_folder_without_images_is_named(tmp_path, capsys):
+    images = write_image_folder(tmp_path / "images", per_class=3)
+    (images / "birds").mkdir()
+    err = refused(finetune_argv("mobilenet_v2", images, tmp_path / "run"), capsys)
+    assert "birds" in err and "holds no images" in err
+
+
+@pytest.mark.parametrize("layout, message", [("loose", "lie outside the class sub-folders"),
+                                             ("one class", "only one class folder"),
+                                             ("flat", "has no sub-folder")])
+def test_a_folder_that_is_not_one_sub_folder_per_class(tmp_path, capsys, layout, message):
+    images = tmp_path / "images"
+    if layout == "flat":
+        images.mkdir()
+        Image.new("RGB", (8, 8)).save(images / "a.png")
+    else:
+        write_image_folder(images, per_class=2, classes=("cats",) if layout == "one class" else ("cats", "dogs"))
+        if layout == "loose":
+            Image.new("RGB", (8, 8)).save(images / "stray.png")
+    assert message in refused(finetune_argv("mobilenet_v2", images, tmp_path / "run"), capsys)
+
+
+def test_mixed_image_sizes_are_resized_and_said_once(tmp_path):
+    images = write_image_folder(tmp_path / "images", size=12, per_class=3)
+    for i, size in enumerate([(20, 10), (7, 9), (30, 30)]):
+        Image.new("RGB", size, (9, 9, 9)).save(images / "dogs" / f"odd{i}.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = load_data(str(images), (16, 16))
+    notes = [str(w.message) for w in caught if "different sizes" in str(w.message)]
+    assert len(notes) == 1 and "resized to 16x16" in notes[0] and str(images) in notes[0]
+    assert data.images.shape == (9, 3, 16, 16) and data.images.dtype == torch.uint8
+
+
+# -- text files -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, text, message", [
+    ("empty.csv", "", "is empty"),
+    ("blank.csv", "\n\n", "is empty"),
+    ("header.csv", "text,label\n", "has a header but no example rows"),
+    ("columns.csv", "sentence,label\ngood,pos\n", ":1: missing column(s) ['text']"),
+    ("ragged.csv", "text,label\ngood,pos\nbad, awful,neg\n", ":3: the row has another number of fields"),
+    ("nolabel.csv", "text,label\ngood,pos\nbad,\n", ":3: the label is empty"),
+    ("notext.csv", "text,label\ngood,pos\n,neg\n", ":3: the 'text' is empty"),
+    ("mixed.csv", "text,label\ngood,pos\nbad,0\n", ":3: label 0 is a number, but"),
+    ("negative.jsonl", '{"text": "good", "label": 1}\n{"text": "bad", "label": -1}\n', ":2: label -1 is out of range"),
+    ("fraction.jsonl", '{"text": "good", "label": 1.5}\n', ":1: label 1.5 is not a class"),
+    ("badjson.jsonl", '{"text": "good", "label": 1}\n\n{"text": "bad", label: 0}\n', ":3: not valid JSON"),
+    ("field.jsonl", '{"text": "good", "label": 1}\n{"txt": "bad", "label": 0}\n', ":2: missing field(s) ['text']"),
+    ("chat.jsonl", '{"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "?"}]}\n',
+     ":1: the last message is from 'user'"),
+    ("pairs.jsonl", '{"prompt": "hi", "response": "hello"}\n{"prompt": "hi"}\n', ":2: missing field(s) ['response']"),
+    ("same.csv", "text,label\ngood,pos\nbad,pos\n", "every example has the same label"),
+    ("latin1.csv", "text,label\ncaf\xe9,pos\n", "not UTF-8"),
+])
+def test_bad_text_files_are_named_with_their_line(tmp_path, capsys, hf_folders, name, text, message):
+    path = tmp_path / name
+    path.write_bytes(text.encode("latin-1"))
+    err = refused(finetune_argv(str(hf_folders / "bert"), path, tmp_path / "run"), capsys)
+    assert str(path) in err and message in err, err
+
+
+@pytest.fixture(scope="module")
+def sentiment_classifier(tmp_path_factory, hf_folders):
+    """A tiny BERT that already is a classifier of its own classes (id2label neg, pos)."""
+    folder = tmp_path_factory.mktemp("classifier")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                                     id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
+    transformers.BertForSequenceClassification(config).save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(hf_folders / "bert").save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("labels, message", [(("pos", "meh", "neg"),
+                                              "unknown label 'meh'; the model's classes are ['neg', 'pos']"),
+                                             ((1, 2, 0), "label 2 is out of range: class indices are 0..1")])
+def test_labels_a_fine_tuned_classifier_does_not_know(tmp_path, capsys, sentiment_classifier, labels, message):
+    path = tmp_path / "reviews.csv"
+    path.write_text("text,label\n" + "".join(f"{text},{label}\n" for text, label in
+                                              zip(("good movie", "awful plot", "bad"), labels)))
+    err = refused(finetune_argv(str(sentiment_classifier), path, tmp_path / "run"), capsys)
+    assert f"{path}:3: {message}" in err, err
+
+
+def test_a_fine_tuned_classifier_keeps_its_head_for_its_own_labels(tmp_path, sentiment_classifier):
+    path = write_reviews_csv(tmp_path / "reviews.csv")
+    run = prepare(FinetuneConfig(model=str(sentiment_classifier), data=str(path), out=str(tmp_path / "run")))
+    original = transformers.AutoModelForSequenceClassification.from_pretrained(sentiment_classifier)
+    assert run.classes == ["neg", "pos"]
+    assert torch.equal(run.loaded.model.classifier.weight, original.classifier.weight)
+
+
+def test_texts_too_long_are_truncated_and_said_once(tmp_path, hf_folders):
+    path = tmp_path / "reviews.csv"
+    rows = ["good movie,pos", "the plot is boring the actor is awful the film is bad,neg", "fine,pos",
+            "good great fun movie the plot the actor,pos"]
+    path.write_text("text,label\n" + "\n".join(rows) + "\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = prepare(FinetuneConfig(model=str(hf_folders / "bert"), data=str(path), out=str(tmp_path / "run"),
+                                     seq_len=8, batch_size=2, eval_fraction=0.25))
+    notes = [str(w.message) for w in caught if "truncated" in str(w.message)]
+    assert len(notes) == 1 and f"{path}:3" in notes[0] and "2 of 4 texts" in notes[0]
+    inputs, _ = run.batches.at(0)
+    assert inputs["input_ids"].shape == (2, 8)
+
+
+# -- models, schemes, budgets, run folders -----------------------------------------------------------------------
+def test_an_unknown_model_name_lists_what_is_accepted(tmp_path, capsys):
+    err = refused(finetune_argv("mobilenet_v3", write_reviews_csv(tmp_path / "r.csv"), tmp_path / "run"), capsys)
+    assert "--model mobilenet_v3: unknown model name" in err and "mobilenet_v2, minilm, smollm2" in err
+
+
+@pytest.mark.parametrize("model, message", [("tinymodels:nowhere", "has no function 'nowhere'"),
+                                            ("nomodule:f", "cannot import the module 'nomodule'")])
+def test_a_bad_module_function_is_named(tmp_path, capsys, cnn_module, model, message):
+    images = write_image_folder(tmp_path / "images", per_class=2)
+    assert message in refused(finetune_argv(model, images, tmp_path / "run"), capsys)
+
+
+def test_more_classes_than_a_module_model_has_outputs(tmp_path, capsys, cnn_module):
+    images = write_image_folder(tmp_path / "images", per_class=2, classes=("cats", "dogs", "birds"))
+    err = refused(finetune_argv("tinymodels:small_cnn", images, tmp_path / "run"), capsys)
+    assert "the data has 3 classes" in err and "the model has 2 outputs" in err
+
+
+def test_a_model_made_for_other_data(tmp_path, capsys):
+    err = refused(finetune_argv("mobilenet_v2", write_reviews_csv(tmp_path / "r.csv"), tmp_path / "run"), capsys)
+    assert "mobilenet_v2 is made for image classification, but the data is for text classification" in err
+
+
+def test_scheme_auto_is_refused_until_the_search_is_wired(tmp_path, capsys, cnn_module):
+    images = write_image_folder(tmp_path / "images", size=8, per_class=2)
+    err = refused(finetune_argv("tinymodels:small_cnn", images, tmp_path / "run", "--scheme", "auto"), capsys)
+    assert "--scheme auto" in err and "choose a preset" in err
+
+
+def test_a_memory_budget_the_scheme_exceeds(tmp_path, capsys, cnn_module):
+    images = write_image_folder(tmp_path / "images", size=8, per_class=2)
+    err = refused(finetune_argv("tinymodels:small_cnn", images, tmp_path / "run", "--memory-budget", "10B"), capsys)
+    assert re.search(r"scheme 'full' plans [0-9.]+ MB per step above the weights, over --memory-budget", err), err
+
+
+@pytest.mark.parametrize("flag, value, message", [("--memory-budget", "4 parsecs", "write a size such as 4MB"),
+                                                  ("--time-budget", "soon", "write milliseconds per step"),
+                                                  ("--scheme", "last:x", "last:K with an integer")])
+def test_bad_settings_are_refused_before_loading(tmp_path, capsys, flag, value, message):
+    images = write_image_folder(tmp_path / "images", size=8, per_class=2)
+    assert message in refused(finetune_argv("mobilenet_v2", images, tmp_path / "run", flag, value), capsys)
+
+
+def test_run_folders_are_never_overwritten_and_resume_keeps_its_settings(tmp_path, capsys, cnn_module):
+    images = write_image_folder(tmp_path / "images", size=8, per_class=3)
+    out = tmp_path / "run"
+    assert main(finetune_argv("tinymodels:small_cnn", images, out)) == 0
+    assert "already holds a run; continue it with --resume" in refused(
+        finetune_argv("tinymodels:small_cnn", images, out), capsys)
+    assert "was started with lr = 0.0001, not 0.5" in refused(
+        ["finetune", "--out", str(out), "--resume", "--lr", "0.5"], capsys)
+    assert "holds no run" in refused(["finetune", "--out", str(tmp_path / "none"), "--resume"], capsys)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    assert "is not an empty folder" in refused(finetune_argv("tinymodels:small_cnn", images, tmp_path / "full"),
+                                               capsys)
+    assert "needs --data" in refused(["finetune", "--model", "mobilenet_v2"], capsys)
+
+
+def test_a_bad_yaml_config_is_named(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("model: mobilenet_v2\nlearning_rate: 0.1\n")
+    with pytest.raises(SystemExit):
+        main(["finetune", "--config", str(config)])  # argparse: unrecognized arguments: --learning-rate
+    assert "--learning-rate" in capsys.readouterr().err
+    config.write_text("- just a list\n")
+    assert "a run file is a YAML mapping" in refused(["finetune", "--config", str(config)], capsys)

@@ -1,0 +1,322 @@
+"""`pockengine finetune` end to end through the CLI entry: tiny Hugging Face folders (built from configs), tiny image
+folders and CSV files, a `module:function` model; the saved model loads with its own library and holds the trained
+weights; a resumed run equals the uninterrupted one; `pockengine report` redraws the plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import pockengine as pe
+import pockengine.finetune as finetune_module
+from pockengine.cli import main
+from pockengine.finetune import FinetuneConfig, prepare
+
+transformers = pytest.importorskip("transformers")
+
+WORDS = "good bad great awful fine movie film plot actor boring fun the a is was".split()
+
+
+def write_image_folder(root, size=16, per_class=8, classes=("cats", "dogs")):
+    rng = np.random.default_rng(0)
+    colors = [(200, 40, 40), (40, 40, 200), (40, 200, 40)]
+    for c, color in zip(classes, colors):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = np.clip(np.array(color) + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / c / f"{i}.png")
+    return root
+
+
+def write_reviews_csv(path, n=24):
+    rows = ["text,label"] + [f"{'good great fun' if i % 2 else 'bad awful boring'} movie {'the plot' * (i % 3)},"
+                             f"{'pos' if i % 2 else 'neg'}" for i in range(n)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory):
+    """A tiny BERT (with its tokenizer) and a tiny ViT, each a save_pretrained folder of a base model (no head)."""
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    bert = transformers.BertModel(transformers.BertConfig(
+        vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64))
+    bert.save_pretrained(root / "bert")
+    vocab = {word: i for i, word in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
+    tokenizer = transformers.BertTokenizer(vocab=vocab)
+    assert tokenizer("the movie")["input_ids"] == [2, vocab["the"], vocab["movie"], 3]
+    tokenizer.save_pretrained(root / "bert")
+    vit = transformers.ViTModel(transformers.ViTConfig(
+        image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64), add_pooling_layer=False)
+    vit.save_pretrained(root / "vit")
+    return root
+
+
+def changed_parameters(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    assert set(before) <= set(after)
+    return {name for name in before if not torch.equal(before[name], after[name])}
+
+
+def test_finetune_a_vit_folder_on_an_image_folder(tmp_path, hf_folders):
+    images = write_image_folder(tmp_path / "images")
+    out = tmp_path / "run"
+    argv = ["finetune", "--model", str(hf_folders / "vit"), "--data", str(images), "--scheme", "bias_only",
+            "--steps", "4", "--batch-size", "4", "--lr", "1e-2", "--eval-fraction", "0.25", "--out", str(out)]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "image classification" and summary["steps"] == 4
+    saved = transformers.AutoModelForImageClassification.from_pretrained(out / "model")
+    assert saved.config.id2label == {0: "cats", 1: "dogs"}
+    # The same pretrained copy the run started from (its new head from the same seed), to see what training moved.
+    config = FinetuneConfig.from_dict(json.loads((out / "run.json").read_text())["config"])
+    run = prepare(config)
+    start = dict(run.task.build_model().named_parameters())
+    trained = dict(saved.named_parameters())
+    moved = changed_parameters(start, trained)
+    assert moved and all(name.endswith("bias") for name in moved), moved
+    assert "classifier.bias" in moved
+    # The loaded model is the one the run evaluated: same held-out accuracy.
+    assert run.task.evaluate(saved) == pytest.approx(summary["after"])
+    assert (out / "plots" / "loss.png").stat().st_size > 0
+
+
+def test_finetune_a_bert_folder_on_a_csv(tmp_path, hf_folders):
+    data = write_reviews_csv(tmp_path / "reviews.csv")
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", str(hf_folders / "bert"), "--data", str(data), "--scheme", "last:2",
+                 "--steps", "5", "--batch-size", "4", "--lr", "1e-2", "--eval-every", "2", "--out", str(out)]) == 0
+    saved = transformers.AutoModelForSequenceClassification.from_pretrained(out / "model")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out / "model")
+    assert saved.config.id2label == {0: "neg", 1: "pos"}
+    config = FinetuneConfig.from_dict(json.loads((out / "run.json").read_text())["config"])
+    run = prepare(config)
+    start = dict(run.task.build_model().named_parameters())
+    moved = changed_parameters(start, dict(saved.named_parameters()))
+    # last:2 trains the last two parametrised layers in forward order: the pooler's dense layer and the classifier.
+    assert moved == {"bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"}
+    # The checkpoint's weights are the saved model's, and the tokenizer came along.
+    ckpt = load_file(out / "checkpoint" / "model.safetensors")
+    for name, p in saved.named_parameters():
+        assert torch.equal(ckpt[name], p), name
+    enc = tokenizer(["good great fun movie"], return_tensors="pt")
+    assert saved(**enc).logits.shape == (1, 2)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval" in r] == [0, 2, 4, 5]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5]
+    summary = json.loads((out / "summary.json").read_text())
+    assert run.task.evaluate(saved) == pytest.approx(summary["after"])
+    assert summary["planned_step_peak_bytes"] > 0 and summary["peak_rss_bytes"] > 0
+
+
+SMALL_CNN = '''
+import torch
+from torch import nn
+
+
+def small_cnn():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Dropout(0.3), nn.Linear(4, {outputs}))
+'''
+
+
+@pytest.fixture
+def cnn_module(tmp_path, monkeypatch):
+    """An importable module `tinymodels` with small_cnn() (two outputs) and three_way() (three)."""
+    folder = tmp_path / "modules"
+    folder.mkdir()
+    (folder / "tinymodels.py").write_text(SMALL_CNN.format(outputs=2) + SMALL_CNN.replace("small_cnn", "three_way")
+                                          .format(outputs=3))
+    monkeypatch.syspath_prepend(str(folder))
+    return "tinymodels"
+
+
+def run_cnn(tmp_path, out, module, extra=()):
+    images = tmp_path / "images"
+    if not images.exists():
+        write_image_folder(images, size=12)
+    return main(["finetune", "--model", f"{module}:small_cnn", "--data", str(images), "--steps", "6",
+                 "--batch-size", "4", "--lr", "0.05", "--optimizer", "sgd", "--checkpoint-every", "2",
+                 "--out", str(out), *extra])
+
+
+def test_a_module_function_model_is_saved_as_a_state_dict(tmp_path, cnn_module):
+    out = tmp_path / "run"
+    assert run_cnn(tmp_path, out, cnn_module) == 0
+    import tinymodels
+
+    model = tinymodels.small_cnn()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(load_file(out / "model" / "model.safetensors"), strict=True)
+    assert json.loads((out / "model" / "classes.json").read_text()) == ["cats", "dogs"]
+    preprocessing = json.loads((out / "model" / "preprocessing.json").read_text())
+    assert preprocessing["size"] == [12, 12] and preprocessing["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    moved = changed_parameters(start, model.state_dict())
+    assert {"0.weight", "0.bias", "1.weight", "1.bias", "6.weight", "6.bias"} <= moved
+    assert not {"1.running_mean", "1.running_var"} & moved  # BatchNorm statistics stay frozen
+    run = prepare(FinetuneConfig.from_dict(json.loads((out / "run.json").read_text())["config"]))
+    assert run.shape == {"image_height": 12, "image_width": 12}  # the images' own size
+    summary = json.loads((out / "summary.json").read_text())
+    assert run.task.evaluate(model) == pytest.approx(summary["after"])
+
+
+def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, cnn_module, monkeypatch):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert run_cnn(tmp_path, whole, cnn_module) == 0
+
+    def crash(step):
+        if step == 3:
+            raise RuntimeError("simulated crash after step 3")
+
+    monkeypatch.setattr(finetune_module, "after_step", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_cnn(tmp_path, cut, cnn_module)
+    assert not (cut / "model").exists()  # the run died between its checkpoint at step 2 and its end
+    monkeypatch.setattr(finetune_module, "after_step", lambda step: None)
+    assert main(["finetune", "--out", str(cut), "--resume"]) == 0
+
+    a, b = load_file(whole / "model" / "model.safetensors"), load_file(cut / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # dropout draws included
+    losses = [[(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+               if "loss" in r] for run in (whole, cut)]
+    assert losses[0] == losses[1] and [s for s, _ in losses[1]] == [1, 2, 3, 4, 5, 6]  # step 3 is not logged twice
+    # A finished run can go on longer: only the new steps run.
+    assert main(["finetune", "--out", str(cut), "--resume", "--steps", "8"]) == 0
+    assert json.loads((cut / "summary.json").read_text())["steps"] == 8
+    records = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval" in r] == [0, 8]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))
+
+
+def test_ctrl_c_stops_after_the_step_and_saves_a_checkpoint(tmp_path, cnn_module, monkeypatch):
+    whole, out = tmp_path / "whole", tmp_path / "run"
+    assert run_cnn(tmp_path, whole, cnn_module) == 0
+
+    def interrupt(step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C does, while the run is going
+
+    monkeypatch.setattr(finetune_module, "after_step", interrupt)
+    assert run_cnn(tmp_path, out, cnn_module) == 130
+    assert pe.read_checkpoint(out / "checkpoint").meta["steps_done"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run's handler is gone
+    monkeypatch.setattr(finetune_module, "after_step", lambda step: None)
+    assert main(["finetune", "--out", str(out), "--resume"]) == 0
+    a, b = load_file(whole / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_yaml_config_with_command_line_overrides(tmp_path, cnn_module):
+    images = write_image_folder(tmp_path / "images", size=12)
+    config = tmp_path / "run.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        model: {cnn_module}:small_cnn
+        data: {images}
+        steps: 50
+        batch_size: 4
+        lr: 0.05
+        memory-budget: 64MB
+        out: {tmp_path / 'run'}
+        """))
+    assert main(["finetune", "--config", str(config), "--steps", "2"]) == 0
+    recorded = json.loads((tmp_path / "run" / "run.json").read_text())["config"]
+    assert recorded["steps"] == 2 and recorded["batch_size"] == 4 and recorded["memory_budget"] == 64 * 2 ** 20
+
+
+def test_report_redraws_the_plots(tmp_path, cnn_module, capsys):
+    out = tmp_path / "run"
+    assert run_cnn(tmp_path, out, cnn_module, ["--eval-every", "2"]) == 0
+    for png in (out / "plots").iterdir():
+        png.unlink()
+    assert main(["report", str(out)]) == 0
+    assert {p.name for p in (out / "plots").iterdir()} == {"loss.png", "metric.png"}
+    assert "accuracy:" in capsys.readouterr().out
+    with Image.open(out / "plots" / "metric.png") as png:
+        assert png.width > 100
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m.role }}> {{ m.content }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant> {% endif %}")
+
+
+def test_finetune_a_causal_lm_folder_on_chats(tmp_path, hf_folders):
+    """Prompt/response pairs and chat messages in one JSONL; the loss covers the replies only; the saved folder
+    loads with AutoModelForCausalLM and has the held-out loss the run reported."""
+    folder = tmp_path / "llama"
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(WORDS) + 5, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0)).save_pretrained(folder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_folders / "bert")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    lines = []
+    for i in range(12):
+        if i % 2:
+            lines.append({"prompt": "is the movie good", "response": "the movie is great fun"})
+        else:
+            lines.append({"messages": [{"role": "user", "content": "the plot"}, {"role": "assistant", "content": "boring"},
+                                       {"role": "user", "content": "the actor"},
+                                       {"role": "assistant", "content": "the actor was awful"}]})
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", str(folder), "--data", str(data), "--scheme", "full", "--steps", "4",
+                 "--batch-size", "2", "--lr", "1e-2", "--eval-fraction", "0.25", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metric"] == "held-out loss" and summary["after"] < summary["before"]
+    saved = transformers.AutoModelForCausalLM.from_pretrained(out / "model")
+    run = prepare(FinetuneConfig.from_dict(json.loads((out / "run.json").read_text())["config"]))
+    assert -run.task.evaluate(saved) == pytest.approx(summary["after"], rel=1e-5)
+    inputs, target = run.batches.at(0)
+    for ids, labels in zip(inputs["input_ids"], target):
+        text = tokenizer.decode(ids[labels != -100])
+        assert text in ("the movie is great fun", "the actor was awful"), text  # the last reply only
+
+
+def test_finetune_help_documents_the_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    for flag in ("--model", "--data", "--scheme", "--memory-budget", "--time-budget", "--steps", "--epochs", "--lr",
+                 "--eval-every", "--eval-fraction", "--seq-len", "--image-size", "--out", "--resume", "--config"):
+        assert flag in out, flag
+    assert "examples:" in out and "module:function" in out
+
+
+@pytest.mark.slow  # the real MobileNetV2 (ImageNet weights) on real MNIST images
+def test_finetune_the_builtin_mobilenet_v2_on_mnist(tmp_path):
+    from pockengine.models import mobilenet_v2
+
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", "mobilenet_v2", "--data", "mnist", "--scheme", "last:6", "--steps", "12",
+                 "--max-examples", "600", "--max-eval-examples", "100", "--image-size", "32", "--out", str(out)]) == 0
+    model = mobilenet_v2(pretrained=False, num_classes=10)
+    model.load_state_dict(load_file(out / "model" / "model.safetensors"), strict=True)
+    summary = json.loads((out / "summary.json").read_text())
+    run = prepare(FinetuneConfig.from_dict(json.loads((out / "run.json").read_text())["config"]))
+    assert run.task.evaluate(model) == pytest.approx(summary["after"])
+    assert summary["trained_tensors"] == 10 and summary["n_eval"] == 60
+
+
+@pytest.mark.slow  # the real all-MiniLM-L6-v2 on Rotten Tomatoes sentences
+def test_finetune_the_builtin_minilm_on_rotten_tomatoes(tmp_path):
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", "minilm", "--data", "rotten_tomatoes", "--scheme", "bias_only", "--steps",
+                 "4", "--seq-len", "32", "--max-examples", "200", "--eval-fraction", "0.2", "--out", str(out)]) == 0
+    saved = transformers.AutoModelForSequenceClassification.from_pretrained(out / "model")
+    assert saved.config.id2label == {0: "negative", 1: "positive"}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out / "model")
+    assert saved(**tokenizer(["a gripping, beautiful film"], return_tensors="pt")).logits.shape == (1, 2)
