@@ -90,8 +90,7 @@ def is_mutating(target: Any) -> bool:
 def is_pointwise(target: Any) -> bool:
     """Each output element depends on the input elements at the same position only, and on nothing random."""
     tags = getattr(target, "tags", ())
-    return ((torch.Tag.pointwise in tags or target in UNTAGGED_POINTWISE)
-            and torch.Tag.nondeterministic_seeded not in tags)
+    return (torch.Tag.pointwise in tags or target in UNTAGGED_POINTWISE) and not draws_random(target)
 
 
 @functools.cache
