@@ -29,7 +29,8 @@ class DropPath(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         keep = 1 - self.p
-        mask = (keep + torch.rand(x.shape[0], 1, dtype=x.dtype, generator=self.generator)).floor()
+        shape = (x.shape[0], 1)
+        mask = (keep + torch.rand(shape, dtype=x.dtype, device=x.device, generator=self.generator)).floor()
         return x / keep * mask
 
 
