@@ -94,7 +94,7 @@ class _Source:
 def _op_name(target: Any) -> str:
     """How the program names `target`: `aten.op.overload`, `torch.ops.namespace.op.overload`, or the name of one of
     pockengine's functions (`SEEDED_IMPLEMENTATIONS`, bound by that name in the program's globals)."""
-    if not isinstance(target, torch._ops.OpOverload):
+    if target in SEEDED_IMPLEMENTATIONS.values():
         return target.__name__
     namespace, _, rest = str(target).partition(".")
     packet, _, overload = rest.partition(".")
