@@ -3,7 +3,7 @@
     ckpt/                              the checkpoint folder, holding only these files:
       model.safetensors                parameters and buffers, by state-dict name
       optimizer.safetensors            optimizer state, as `<parameter>::<state name>`
-      generator.safetensors            the dropout generator's state
+      generator.safetensors            the random generator's state
       trainer.json                     optimizer config, scheme and its resolution, step count, options, seed
       pockengine-manifest.json         SHA-256 and size of each file above, written last
     .ckpt.<pid>.<random>.saving/       beside it: a save in progress, or one a crash interrupted
@@ -57,7 +57,7 @@ class Checkpoint:
     weights: dict[str, torch.Tensor]  # parameters and buffers by state-dict name
     optimizer_state: dict[str, dict[str, torch.Tensor]]  # parameter name -> state name -> tensor
     meta: dict[str, Any]  # optimizer config, scheme, step count, options
-    generator_state: torch.Tensor | None = None  # the dropout generator's state (torch.Generator.get_state)
+    generator_state: torch.Tensor | None = None  # the random generator's state (torch.Generator.get_state)
 
 
 def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -280,7 +280,7 @@ def recorded_setup(path: str | os.PathLike, model: nn.Module) -> tuple[Checkpoin
 
 
 def restore_state(trainer: Trainer, ckpt: Checkpoint, path: str | os.PathLike) -> None:
-    """Put the recorded optimizer state, dropout generator state and step count into a Trainer built from
+    """Put the recorded optimizer state, random generator state and step count into a Trainer built from
     `recorded_setup`."""
     for param, states in trainer.state.items():
         for name, t in states.items():
@@ -294,7 +294,7 @@ def restore_state(trainer: Trainer, ckpt: Checkpoint, path: str | os.PathLike) -
     try:
         trainer.generator.set_state(ckpt.generator_state)
     except RuntimeError:  # saved on another kind of device (a CPU state cannot seed a CUDA generator)
-        warnings.warn(f"pockengine: the dropout generator state in {path} was saved on another kind of device than "
+        warnings.warn(f"pockengine: the random generator state in {path} was saved on another kind of device than "
                       f"{trainer.device}; the generator is seeded with the recorded seed {trainer.options.seed} "
-                      "instead, so dropout draws differ from the uninterrupted run", RuntimeWarning, stacklevel=3)
+                      "instead, so random draws (dropout, drop-path) differ from the uninterrupted run", RuntimeWarning, stacklevel=3)
     trainer.steps_done = ckpt.meta["steps_done"]

@@ -29,7 +29,7 @@ class Options:
     freeze_batchnorm: put BatchNorm layers in eval mode (frozen statistics, the usual fine-tuning setting);
         otherwise every module keeps its mode.
     on_nonfinite: "raise" (NonFiniteLossError, nothing changed) or "skip" (the step is skipped, returns nan).
-    seed: seeds the trainer's dropout generator.
+    seed: seeds the trainer's generator, which every random op of the program draws from (dropout, drop-path).
     activation_masks: how ReLU-like layers remember where they passed the gradient when their output is not saved
         for anything else: "bits" (1 bit per element) or "off" (the fp32 activation).
     memory_format: "auto" runs models with 2-d convolutions in channels-last layout (their 4-d weights are

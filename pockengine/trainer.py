@@ -64,7 +64,7 @@ class Trainer:
         self.optimizer = optimizer or SGD(lr=0.01)
         self.scheme = scheme or Scheme.full()
         self.options = options or Options()
-        # Everything the trainer creates (optimizer state, channel indices, the dropout generator) lives here.
+        # Everything the trainer creates (optimizer state, channel indices, the generator every random op draws from) lives here.
         self.device = _model_device(model)
         self.generator = torch.Generator(device=self.device).manual_seed(self.options.seed)
         self.steps_done = 0
@@ -257,7 +257,7 @@ def compile(model: nn.Module, loss_fn: Callable, example_batch: Any, optimizer: 
 def load(path: str | os.PathLike, model: nn.Module, loss_fn: Callable, example_batch: Any) -> Trainer:
     """Resume training from the latest checkpoint written by `Trainer.save` into `path`: loads the weights into
     `model` (of the architecture that was trained) and returns a Trainer that continues where the saved one stopped
-    (same optimizer, state, scheme, options, step count and dropout generator). `read_checkpoint(path)` reads a
+    (same optimizer, state, scheme, options, step count and random generator). `read_checkpoint(path)` reads a
     checkpoint without a model. Raises `CheckpointError` if `path` holds no complete checkpoint or any of its files
     is damaged."""
     ckpt, optimizer, scheme, options = recorded_setup(path, model)

@@ -40,11 +40,11 @@ outside them), or at least as close to float64 autograd as fp32 autograd is (tes
 - **train** (dropout, drop-path and layer-drop active): both sides must draw the same random values. The reference
   is autograd over the program pockengine compiles from, `torch.export(model + loss).run_decompositions(...)
   .module()` (attention decomposed into its math form, where pockengine's attention rule draws its dropout), with
-  each `native_dropout` replaced by pockengine's own dropout function drawing from a generator seeded with the
-  trainer's `seed` (in program order, as the compiled program does), and other random ops (`rand` of drop-path
-  and layer-drop, which pockengine's program draws from torch's default generator) run after
-  `torch.manual_seed(seed)`, as before the compiled program. The values drawn are recorded and replayed in the
-  float64 rerun. Eval mode checks the capture against eager PyTorch; train mode checks the differentiation of
+  every random op (`native_dropout`, the `rand` of drop-path and layer-drop, `bernoulli`...) calling what
+  pockengine's program calls for it (its ATen overload taking a generator, or pockengine's own dropout) on one
+  generator seeded with the trainer's `seed`, in program order, as the compiled program draws from the trainer's
+  generator; torch's global generator plays no part on either side. The values drawn are recorded and replayed in
+  the float64 rerun. Eval mode checks the capture against eager PyTorch; train mode checks the differentiation of
   the same program with its randomness.
 
 Each model runs in a child process, so a crash in a kernel is reported for the cell it happened in.

@@ -2,7 +2,8 @@
 
 Gradients equal torch.autograd's and 5 steps equal eager PyTorch's on the GPU (the parity harness of
 test_sparse_parity.py, run with `device="cuda"`), the memory plan predicts what the tracker measures there, and
-what the trainer creates (state, channel indices, the dropout generator) lives on the GPU. TensorFloat-32 is off
+what the trainer creates (state, channel indices, the random generator) lives on the GPU, and every random op
+draws from that generator. TensorFloat-32 is off
 for the whole module: cuDNN convolutions use it by default and cuBLAS matrix multiplies do not, so with it a 1x1
 convolution would round differently in eager PyTorch (cuDNN) and in pockengine (addmm), far beyond 1e-4.
 """
@@ -104,6 +105,23 @@ def test_trainer_state_indices_and_dropout_live_on_the_gpu_and_dropout_is_seeded
 
     assert run(seed=3) == pytest.approx(run(seed=3), rel=1e-6)
     assert run(seed=3) != pytest.approx(run(seed=4), rel=1e-3)
+
+
+def test_drop_path_and_other_random_ops_draw_from_the_trainers_gpu_generator():
+    from test_random_ops import batch, residual
+
+    def run(seed: int, global_seed: int) -> list[float]:
+        (x,), y = batch()
+        b = ((x.to(CUDA),), y.to(CUDA))
+        trainer = pe.compile(residual(noise=True).to(CUDA), pe.losses.cross_entropy(), b, seed=seed)
+        losses = []
+        for step in range(3):
+            torch.cuda.manual_seed_all(global_seed + step)
+            losses.append(trainer.step(b))
+        return losses
+
+    assert run(seed=3, global_seed=0) == pytest.approx(run(seed=3, global_seed=10), rel=1e-6)
+    assert run(seed=3, global_seed=0) != pytest.approx(run(seed=4, global_seed=0), rel=1e-3)
 
 
 def test_batch_on_the_cpu_for_a_model_on_the_gpu_is_refused_naming_both():

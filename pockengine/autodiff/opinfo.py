@@ -41,6 +41,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from pockengine.errors import MissingVJPError, PockEngineError
+from pockengine.ir.ops import draws_random
 
 TOL = 1e-4  # relative error, fp32
 SLACK = 2.0  # how much further from float64 than fp32 autograd pockengine may be, where autograd is past TOL
@@ -149,7 +150,7 @@ def _missing_op(e: MissingVJPError) -> str:
 def _is_random(ops: Iterable) -> bool:
     """Whether the program draws random numbers (dropout...): pockengine draws from its own generator, so its
     values cannot match eager's (OpInfo's wrappers reseed the global one)."""
-    return any(torch.Tag.nondeterministic_seeded in getattr(op, "tags", ()) for op in ops)
+    return any(draws_random(op) for op in ops)
 
 
 def _graph_gradients(model: nn.Module, batch: tuple) -> dict[str, torch.Tensor] | None:

@@ -6,7 +6,9 @@ Read from ATen's own metadata where it has them:
   `reshape(Tensor(a) self, ...) -> Tensor(a)`, without the `!` of an in-place op;
 - *mutating* ops write an input: `Tensor(a!)` in the schema;
 - *pointwise* ops carry `torch.Tag.pointwise` (and draw nothing at random: `torch.Tag.nondeterministic_seeded`);
-- the *in-place variant* of `aten.op.overload` is `aten.op_.overload` when its schema writes its first argument.
+- the *in-place variant* of `aten.op.overload` is `aten.op_.overload` when its schema writes its first argument;
+- *random* ops carry `torch.Tag.nondeterministic_seeded`; the overload that draws from a given generator is the one
+  whose schema adds a `Generator? generator` argument (`rand.default` -> `rand.generator`).
 
 The hand lists below are judgement calls ATen has no metadata for; each says why it exists.
 """
@@ -88,8 +90,7 @@ def is_mutating(target: Any) -> bool:
 def is_pointwise(target: Any) -> bool:
     """Each output element depends on the input elements at the same position only, and on nothing random."""
     tags = getattr(target, "tags", ())
-    return ((torch.Tag.pointwise in tags or target in UNTAGGED_POINTWISE)
-            and torch.Tag.nondeterministic_seeded not in tags)
+    return (torch.Tag.pointwise in tags or target in UNTAGGED_POINTWISE) and not draws_random(target)
 
 
 @functools.cache
@@ -108,3 +109,43 @@ def in_place_variant(target: Any) -> Any | None:
     writes_first = bool(args) and args[0].alias_info is not None and args[0].alias_info.is_write
     same_args = [a.name for a in args] == [a.name for a in schema.arguments]
     return variant if writes_first and same_args else None
+
+
+def draws_random(target: Any) -> bool:
+    """The op draws random numbers (dropout, `rand`, `bernoulli`, attention kernels that can apply dropout)."""
+    return torch.Tag.nondeterministic_seeded in getattr(target, "tags", ())
+
+
+@functools.cache
+def generator_variant(target: Any) -> Any | None:
+    """The overload drawing from a `generator=` argument: `target` itself where its schema has one (`bernoulli.p`),
+    else the overload of its packet taking the same arguments plus `generator` (`rand.default` -> `rand.generator`,
+    `randint.low` -> `randint.low_generator`); None when ATen has none (`native_dropout`, attention kernels)."""
+    schema = _schema(target)
+    if schema is None:
+        return None
+
+    def signature(s: torch.FunctionSchema) -> list[tuple[str, str]]:
+        return [(a.name, str(a.type)) for a in s.arguments if a.name != "generator"]
+
+    if any(a.name == "generator" for a in schema.arguments):
+        return target
+    for name in target.overloadpacket.overloads():
+        variant = getattr(target.overloadpacket, name)
+        if (any(a.name == "generator" for a in variant._schema.arguments)
+                and signature(variant._schema) == signature(schema)):
+            return variant
+    return None
+
+
+def draws_nothing(target: Any, args: tuple, kwargs: dict) -> bool:
+    """A random op whose randomness is a dropout (attention kernels, recurrent layers: their schemas name it
+    `dropout_p` or `dropout`, beside a `train` flag for the latter) draws nothing with these arguments when that
+    probability is 0 or `train` is off."""
+    schema = _schema(target)
+    if schema is None:
+        return False
+    values = {a.name: (args[i] if i < len(args) else kwargs.get(a.name, a.default_value))
+              for i, a in enumerate(schema.arguments)}
+    probability = next((values[n] for n in ("dropout_p", "dropout") if n in values), None)
+    return probability == 0 or (probability is not None and values.get("train") is False)

@@ -17,15 +17,14 @@ import torch
 from torch.utils._pytree import tree_map
 
 from pockengine.ir.graph import Graph, Node, TensorMeta
-from pockengine.ir.ops import is_view
+from pockengine.ir.ops import draws_random, is_view
 
 MAX_BYTES = 1 << 16
 
 
 def _foldable(target) -> bool:
     """Computes a new value (a view would only copy a weight) and draws nothing at random."""
-    tags = getattr(target, "tags", ())
-    return torch.Tag.nondeterministic_seeded not in tags and not is_view(target)
+    return not draws_random(target) and not is_view(target)
 
 
 def fold_constants(graph: Graph, frozen: dict[Node, torch.Tensor], max_bytes: int = MAX_BYTES) -> Graph:

@@ -8,9 +8,10 @@ copy each time: capture is most of a compile), then compares `trainer.gradients(
 The reference in eval mode is autograd over the eager model. In train mode the two sides must draw the same random
 values, so the reference is autograd over the program pockengine compiles from, the exported and decomposed
 model with its loss (`torch.export(...).run_decompositions(...).module()`, as `pockengine.capture.export` makes it),
-with its random ops drawing as pockengine's do: `native_dropout` from a generator seeded with the trainer's seed
-(through pockengine's own dropout function), other random ops (`rand` in drop-path and layer-drop) from torch's
-default generator, seeded alike before both runs. The values drawn are recorded and replayed in the float64 rerun.
+with its random ops drawing as pockengine's do: every one (`native_dropout`, `rand` of drop-path and layer-drop,
+`bernoulli`...) calls what pockengine's program calls for it (`seeded_target`: its overload taking a generator, or
+pockengine's own dropout) on one generator seeded with the trainer's seed, in program order; torch's global generator
+plays no part. The values drawn are recorded and replayed in the float64 rerun.
 Eval mode checks the capture against the eager model; train mode checks autodiff with randomness on.
 """
 
@@ -36,9 +37,10 @@ from torch.utils._pytree import tree_map
 
 import pockengine as pe
 import pockengine.trainer
-from pockengine.backend.torch_codegen import _seeded_dropout
+from pockengine.backend.torch_codegen import seeded_target
 from pockengine.capture.export import _ModelWithLoss, export, from_exported, normalize_batch
 from pockengine.errors import CaptureError
+from pockengine.ir.ops import draws_random
 from pockengine.scheme import gradient_masks
 
 from model_zoo import ZOO, Entry
@@ -102,30 +104,28 @@ def describe(e: BaseException) -> str:
 # ------------------------------------------------------------------------------------------------ references
 class _RandomDraws:
     """Wraps the random ops (tag nondeterministic_seeded) of an exported program: they draw as pockengine's
-    compiled program does and record what they drew; `replay()` makes the next run use the recorded values."""
+    compiled program does, from one generator seeded with `seed` in program order, and record what they drew;
+    `replay()` makes the next run use the recorded values."""
 
     def __init__(self, seed: int):
-        self.dropout = _seeded_dropout(torch.Generator().manual_seed(seed))
+        self.generator = torch.Generator().manual_seed(seed)
         self.drawn: list[torch.Tensor] = []
         self.replaying: list[torch.Tensor] | None = None
 
     def replay(self) -> None:
         self.replaying = list(self.drawn)
 
-    def wrap(self, op: torch._ops.OpOverload) -> Callable:
+    def wrap(self, op: torch._ops.OpOverload, seeded: Callable) -> Callable:
         def random_op(*args: Any, **kwargs: Any) -> Any:
-            if op is aten.native_dropout.default:
-                x, p, train = args
-                if self.replaying is not None:
-                    mask = self.replaying.pop(0)
-                    return (x * mask * (1 / (1 - p)) if train and 0 < p < 1 else x * mask), mask
-                out, mask = self.dropout(x, p, train)
-                self.drawn.append(mask)
-                return out, mask
+            dropout = op is aten.native_dropout.default  # recorded as its mask: the output is of this run's input
             if self.replaying is not None:
-                return self.replaying.pop(0)
-            out = op(*args, **kwargs)
-            self.drawn.append(out)
+                drawn = self.replaying.pop(0)
+                if not dropout:
+                    return drawn
+                x, p, train = args
+                return (x * drawn * (1 / (1 - p)) if train and 0 < p < 1 else x * drawn), drawn
+            out = seeded(*args, **{**kwargs, "generator": self.generator})
+            self.drawn.append(out[1] if dropout else out)
             return out
 
         return random_op
@@ -144,8 +144,10 @@ def _exported_reference(model: nn.Module, ep: torch.export.ExportedProgram, loss
     for node in list(program.graph.nodes):
         if node.op != "call_function":
             continue
-        if torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()):
-            node.target = draws.wrap(node.target)
+        if draws_random(node.target):
+            seeded = seeded_target(node.target, node.args, node.kwargs, f"node {node.name}")
+            if seeded is not None:
+                node.target = draws.wrap(node.target, seeded)
         elif node.target is aten.copy_.default and node.args[0].op == "get_attr":
             # Train-mode BatchNorm's new running statistics written into its buffers: autograd keeps the old ones
             # for batch_norm's backward, and the reference has no use for the new ones.
@@ -161,7 +163,6 @@ def _exported_reference(model: nn.Module, ep: torch.export.ExportedProgram, loss
         copies = {n: list({id(q): q for q in (program.get_parameter(f"model.{a}") for a in al)}.values())
                   for n, al in names.items()}
         flat = [q.requires_grad_(True) for qs in copies.values() for q in qs]
-        torch.manual_seed(SEED)
         loss = program(inputs, batch[1])
         grads = iter(torch.autograd.grad(loss, flat, allow_unused=True))
         out = {}
@@ -212,7 +213,6 @@ def _check_scheme(model: nn.Module, entry: Entry, batch: tuple, scheme: pe.Schem
         if not scheme.resolve(model):
             return Outcome(NA, "trains no parameter (the model has no biases)")
         trainer = pe.compile(model, entry.loss, batch, scheme=scheme, seed=SEED)
-        torch.manual_seed(SEED)
         grads = trainer.gradients(batch)
     except Exception as e:  # noqa: BLE001 -- every failure is reported, with its type
         return Outcome(FAIL, describe(e))
