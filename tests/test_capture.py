@@ -1,6 +1,7 @@
 """Capture of exported programs beyond plain ATen calls: effect tokens, data-dependent shapes, batch leaves that
-are not tensors, writes into the batch. Each case once crashed inside capture; now it works or fails with a
-CaptureError that names the op or input and the way out."""
+are not tensors, writes into the batch, stacked recurrent layers with dropout. Each case once crashed inside capture
+or captured the wrong function; now it works or fails with a CaptureError that names the op or input and the way
+out."""
 
 from __future__ import annotations
 
@@ -129,3 +130,33 @@ def test_writing_into_an_input_is_a_capture_error_naming_it():
                        match=r"writes in place to its input 'scale' \(batch leaf 1\) in the model's forward.*clone"):
         pe.compile(_WritesItsInput(), _square_mean, batch)
     assert torch.equal(batch[0][1], torch.ones(3))  # capture did not change the batch either
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, layer: type[nn.RNNBase], dropout: float) -> None:
+        super().__init__()
+        self.layer = layer(4, 8, num_layers=3, dropout=dropout, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(x)[0][:, -1])
+
+
+RECURRENT_BATCH = ((torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(0)),), torch.tensor([0, 2]))
+
+
+@pytest.mark.parametrize("layer", [nn.LSTM, nn.GRU, nn.RNN])
+def test_stacked_recurrent_layers_keep_their_dropout_in_training_mode(layer):
+    """torch 2.13's decomposition of stacked LSTM/GRU/RNN layers drops the dropout between them; capture puts it back.
+    At rate 1 the dropout is deterministic (the layers above the first see zeros), so eager autograd is the oracle;
+    without the dropout the loss and every gradient below the last layer would differ."""
+    torch.manual_seed(0)
+    model = _Recurrent(layer, dropout=1.0).train()
+    trainer = _check_gradients(model, pe.losses.cross_entropy(), RECURRENT_BATCH)
+    dropouts = [n for n in trainer.program(gradients=True).graph.nodes
+                if n.target is torch.ops.aten.native_dropout.default]
+    assert len(dropouts) == 2  # between layers 0-1 and 1-2, on both directions' concatenated output
+
+    model.eval()
+    assert not [n for n in pe.compile(model, pe.losses.cross_entropy(), RECURRENT_BATCH).program().graph.nodes
+                if n.target is torch.ops.aten.native_dropout.default]

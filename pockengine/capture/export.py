@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from torch.autograd.function import Function
+from torch._decomp import decompositions as torch_decompositions
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -94,6 +95,41 @@ def _module_path(fx_node: torch.fx.Node) -> tuple[str, bool]:
 KEEP_WHOLE = (torch.ops.aten.silu.default, torch.ops.aten.hardswish.default, torch.ops.aten.hardsigmoid.default,
               torch.ops.aten.scaled_dot_product_attention.default, torch.ops.aten._safe_softmax.default,
               torch.ops.aten.special_log_ndtr.default)
+
+
+def _stacked_recurrent_layers(input: torch.Tensor, hidden: Any, params: Any, has_biases: bool, num_layers: int,
+                              dropout: float, train: bool, bidirectional: bool, batch_first: bool,
+                              layer_fn: Callable) -> tuple[torch.Tensor, list]:
+    """torch's `_rnn_helper` (the decomposition of stacked LSTM/GRU/RNN layers) with the dropout between layers
+    that torch 2.13's leaves out: it zeroes its rate unless `num_layers < i - 1`, which never holds, so a model
+    with `nn.LSTM(num_layers=2, dropout=0.1)` in training mode would be captured without dropout."""
+    input = input.transpose(0, 1) if batch_first else input
+    final_hiddens = []
+    for i in range(num_layers):
+        cur_params, cur_hidden, bidir_params, bidir_hidden = torch_decompositions.params_hiddens(
+            params, hidden, i, bidirectional)
+        output, out_hidden = layer_fn(input, cur_hidden, cur_params, has_biases)
+        final_hiddens.append(out_hidden)
+        if bidirectional:
+            backward_output, backward_hidden = layer_fn(input, bidir_hidden, bidir_params, has_biases, reverse=True)
+            final_hiddens.append(backward_hidden)
+            output = torch.cat([output, backward_output], output.dim() - 1)
+        input = output
+        if dropout != 0 and train and i < num_layers - 1:
+            input = torch.dropout(input, dropout, train=True)
+    input = input.transpose(0, 1) if batch_first else input
+    return input, final_hiddens
+
+
+@contextmanager
+def _recurrent_dropout_kept() -> Iterator[None]:
+    """torch's LSTM/GRU/RNN decompositions look `_rnn_helper` up when they run: they get the corrected one."""
+    original = torch_decompositions._rnn_helper
+    torch_decompositions._rnn_helper = _stacked_recurrent_layers
+    try:
+        yield
+    finally:
+        torch_decompositions._rnn_helper = original
 
 
 @functools.cache
@@ -281,7 +317,8 @@ def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
         with (torch.no_grad(), sdpa_kernel(SDPBackend.MATH), _marking_autograd_functions(),
               _quiet_fake_tensor_errors()):
             ep = torch.export.export(wrapper, (inputs, target))
-            ep = ep.run_decompositions(_decompositions())
+            with _recurrent_dropout_kept():
+                ep = ep.run_decompositions(_decompositions())
     except Exception as e:  # torch.export raises many types; one error that says what to do instead
         eager = _eager_error(model, loss_fn, inputs, target)
         if eager is not None:
