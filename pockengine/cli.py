@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="leave this compiler pass out (repeatable; see pockengine.pipeline.PASSES)")
     t.add_argument("--save", default="", help="write a checkpoint folder here at the end")
     t.set_defaults(run=train)
+    from pockengine.search.cli import add_commands as add_search_commands
+    add_search_commands(sub)  # analyze, search
     sub.add_parser("bench", help="moved: run `python -m bench` from a clone of the repository")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # whatever its options, the answer is where the benchmark went

@@ -1,10 +1,13 @@
 """The scheme with the largest summed gain under a memory budget, a time budget or both.
 
-The choice is a multiple-choice knapsack (`solver.py`): one group for the biases (how many of the last blocks:
-each analysed k, with its own measured cost) and one group per analysed weight (ratio 0, or one of the analysed
-ratios, with its gain and its cost over the bias baseline). A combination's cost is predicted as the bias option's
-cost plus the weights' extra costs (an extra cost below zero, from measuring noise, counts as zero). Peaks do not
-add exactly, so the chosen scheme is then compiled and trained: its planned and tracked memory (step peak plus
+For each analysed k (biases of the last k blocks, with its own measured gain and cost), the weights inside those
+k blocks are a multiple-choice knapsack (`solver.py`): one group per analysed weight, whose options are ratio 0 or
+one of the analysed ratios, each with its gain and its cost over the weight baseline (the biases of every block,
+so backpropagation already reaches the weight and its extra cost is its own). Weights outside the last k blocks are
+not offered with that k: reaching them would cost a backward pass their measured extra cost does not include. The
+best of the per-k optima is the answer (exact for the predicted costs). A combination's cost is predicted as the
+bias option's cost plus the weights' extra costs (an extra cost below zero, from measuring noise, counts as zero).
+Peaks do not add exactly, so the chosen scheme is then compiled and trained: its planned and tracked memory (step peak plus
 optimizer state) and its measured step time are checked against the budgets. A scheme over a budget tightens that
 budget by the overshoot and the knapsack is solved again, up to `max_rounds` times.
 """
@@ -20,7 +23,7 @@ from fractions import Fraction
 from pockengine.errors import UserInputError
 from pockengine.scheme import Scheme
 from pockengine.search.analysis import Analysis, Measurement, measure
-from pockengine.search.candidates import build_scheme
+from pockengine.search.candidates import block_of, build_scheme
 from pockengine.search.solver import Option, solve
 from pockengine.search.task import Task
 
@@ -82,22 +85,46 @@ class SearchResult:
         return self.rounds[-1]
 
 
-def _groups(analysis: Analysis) -> tuple[list[list[Option]], list[str]]:
-    """The knapsack's groups: biases, then each analysed weight. Costs: (memory in KiB, time in 10 µs), rounded up."""
-    def grid(memory: float, ms: float) -> tuple[float, float]:
-        return (math.ceil(max(memory, 0) / MEMORY_GRID), math.ceil(max(ms, 0) / TIME_GRID))
+@dataclass
+class _Pick:
+    k: int
+    ratios: dict[str, Fraction]
+    gain: float
+    memory: int  # predicted, bytes
+    ms: float  # predicted
 
-    groups = [[Option(analysis.bias_gain(k), grid(m.memory, m.step_ms), k) for k, m in analysis.bias.items()]]
+
+def _grid(memory: float, ms: float) -> tuple[int, int]:
+    """Costs on the solver's grid (KiB, 10 µs), rounded up; an extra cost below zero (noise) counts as zero."""
+    return math.ceil(max(memory, 0) / MEMORY_GRID), math.ceil(max(ms, 0) / TIME_GRID)
+
+
+def _best(analysis: Analysis, limits: list[int | None]) -> _Pick | None:
+    """For each analysed k, the knapsack over the weights inside the last k blocks; the best of them."""
     base = analysis.weight_baseline
-    layers = list(dict.fromkeys(layer for layer, _ in analysis.weights))
-    for layer in layers:
-        options = [Option(0.0, (0, 0), Fraction(0))]
-        for (name, ratio), m in analysis.weights.items():
-            if name == layer:
-                options.append(Option(analysis.weight_gain(layer, ratio),
-                                      grid(m.memory - base.memory, m.step_ms - base.step_ms), ratio))
-        groups.append(options)
-    return groups, layers
+    blocks = analysis.structure.blocks
+    best: tuple[tuple[float, int, int], _Pick] | None = None
+    for k, m in analysis.bias.items():
+        covered = set(blocks[len(blocks) - k:])
+        layers = [layer for layer in dict.fromkeys(layer for layer, _ in analysis.weights)
+                  if block_of(layer) in covered]
+        groups = [[Option(analysis.bias_gain(k), _grid(m.memory, m.step_ms))]]
+        for layer in layers:
+            groups.append([Option(0.0, (0, 0), Fraction(0))] + [
+                Option(analysis.weight_gain(layer, ratio), _grid(w.memory - base.memory, w.step_ms - base.step_ms),
+                       ratio) for (name, ratio), w in analysis.weights.items() if name == layer])
+        solved = solve(groups, limits)
+        if solved is None:
+            continue
+        options = [group[i] for group, i in zip(groups, solved[0])]
+        memory = sum(o.costs[0] for o in options)
+        ms = sum(o.costs[1] for o in options)
+        pick = _Pick(k, {layer: o.label for layer, o in zip(layers, options[1:]) if o.label > 0}, solved[1],
+                     memory * MEMORY_GRID, ms * TIME_GRID)
+        key = (solved[1], -memory if limits[0] is not None else 0, -ms if limits[1] is not None else 0)
+        if best is None or key > best[0]:
+            best = key, pick
+    return None if best is None else best[1]
 
 
 def _too_small(analysis: Analysis, memory_budget: int | None, time_budget_ms: float | None) -> str | None:
@@ -130,33 +157,28 @@ def search(task: Task, analysis: Analysis, *, memory_budget: int | str | None = 
     problem = _too_small(analysis, memory, time_budget_ms)
     if problem:
         raise BudgetTooSmallError(f"no scheme fits: {problem}; raise the budget")
-    groups, layers = _groups(analysis)
     limits = [None if memory is None else memory // MEMORY_GRID,
               None if time_budget_ms is None else math.floor(time_budget_ms / TIME_GRID)]
     rounds: list[Round] = []
     for _ in range(max_rounds):
-        solved = solve(groups, limits)
-        if solved is None:
+        pick = _best(analysis, limits)
+        if pick is None:
             break
-        chosen, gain = solved
-        options = [group[i] for group, i in zip(groups, chosen)]
-        k = options[0].label
-        ratios = {layer: o.label for layer, o in zip(layers, options[1:]) if o.label > 0}
+        k, ratios = pick.k, pick.ratios
         lr = analysis.lr["weight" if ratios else "bias"]
         scheme = build_scheme(analysis.structure, k, ratios)
         m = measure(task, scheme, [lr], analysis.steps, analysis.seed)[0]
         memory_over = 0 if memory is None else max(m.memory, m.tracked_memory) - memory
         time_over = 0.0 if time_budget_ms is None else m.step_ms - time_budget_ms
-        predicted_memory = sum(o.costs[0] for o in options) * MEMORY_GRID
-        predicted_ms = sum(o.costs[1] for o in options) * TIME_GRID
-        rounds.append(Round(k, ratios, gain, predicted_memory, predicted_ms, m, memory_over <= 0 and time_over <= 0))
+        rounds.append(Round(k, ratios, pick.gain, pick.memory, pick.ms, m, memory_over <= 0 and time_over <= 0))
         if rounds[-1].within:
             return SearchResult(scheme, k, ratios, lr, memory, time_budget_ms, rounds, time.perf_counter() - start)
-        # Over a budget: ask the knapsack for that much less, so the next choice is cheaper.
+        # Over a budget: ask the knapsack for that much less, and for less than this choice's prediction, so the
+        # next choice differs and is cheaper.
         if memory_over > 0:
-            limits[0] -= math.ceil(memory_over / MEMORY_GRID)
+            limits[0] = min(limits[0] - math.ceil(memory_over / MEMORY_GRID), pick.memory // MEMORY_GRID - 1)
         if time_over > 0:
-            limits[1] -= math.ceil(time_over / TIME_GRID)
+            limits[1] = min(limits[1] - math.ceil(time_over / TIME_GRID), round(pick.ms / TIME_GRID) - 1)
     tried = "; ".join(f"k={r.k}, {len(r.ratios)} weights: {mb(max(r.measured.memory, r.measured.tracked_memory))}, "
                       f"{r.measured.step_ms:.1f} ms" for r in rounds)
     raise BudgetTooSmallError(f"no scheme was found whose measured cost fits the budget ({mb(memory) if memory else '-'}"
