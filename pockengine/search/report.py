@@ -101,7 +101,8 @@ def _plots(a: Analysis, r: SearchResult, files: dict[str, Path]) -> None:
     ax.set_xticks(range(len(rows)), [row["candidate"] for row in rows], rotation=90, fontsize=6)
     ax.axhline(0, color="black", linewidth=0.5)
     ax.set_ylabel(f"gain in {a.metric}")
-    ax.set_title("gain of each candidate (orange: biases of the last k blocks; blue: one weight at a ratio)")
+    ax.set_title("gain of each candidate\norange: biases of the last k blocks; blue: one weight at a ratio "
+                 "(over the biases of every block)", fontsize=9)
     _save(fig, files["gains"])
 
     weights = a.structure.weights
@@ -115,7 +116,8 @@ def _plots(a: Analysis, r: SearchResult, files: dict[str, Path]) -> None:
     ax.set_xticks(range(len(weights)), weights, rotation=90, fontsize=5)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("ratio")
-    ax.set_title(f"chosen scheme over the layers (shaded: biases trained; classifier {a.structure.classifier} full)")
+    ax.set_title(f"chosen scheme over the weights (shaded: their block's biases trained)\nclassifier "
+                 f"{a.structure.classifier}: trained fully", fontsize=9)
     ax.legend(fontsize=7)
     _save(fig, files["scheme_plot"])
 

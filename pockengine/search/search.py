@@ -55,7 +55,8 @@ def parse_memory(text: str | int | float) -> int:
 
 
 def mb(n: float) -> str:
-    return f"{n / 2 ** 20:.2f} MB"
+    """A size for people: MB (2^20 bytes) with two decimals, or KB below one MB."""
+    return f"{n / 2 ** 20:.2f} MB" if abs(n) >= 2 ** 20 else f"{n / 2 ** 10:.1f} KB"
 
 
 @dataclass
