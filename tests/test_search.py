@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 from fractions import Fraction
@@ -14,7 +15,7 @@ import pockengine as pe
 from pockengine.cli import main
 from pockengine.search import BudgetTooSmallError, SearchReport, analyze, choose_scheme, parse_memory, search
 from pockengine.search.analysis import measure
-from pockengine.search.search import mb
+from pockengine.search.search import MEMORY_GRID, mb
 from pockengine.search.candidates import Candidate, Structure, block_of, candidates
 from pockengine.search.solver import Option, solve
 from search_tasks import tiny_task
@@ -169,6 +170,23 @@ def test_the_chosen_scheme_fits_the_memory_budget(analysed, tmp_path):
     assert trainer.trained == result.scheme.resolve(task.build_model())
 
 
+def test_a_choice_over_the_budget_when_measured_tightens_the_budget_and_solves_again(analysed):
+    task, _, _, a, _ = analysed
+    # Pretend every weight is free in memory: the first choice (every useful weight) is predicted within the
+    # budget but measured over it, so the search must tighten and choose again.
+    base = a.weight_baseline
+    free = dataclasses.replace(a, weights={key: dataclasses.replace(m, planned_peak=base.planned_peak,
+                                                                    optimizer_state=base.optimizer_state)
+                                           for key, m in a.weights.items()})
+    free.weights[max(a.weights, key=lambda key: a.weights[key].memory)] = dataclasses.replace(
+        base, metric=base.metric + 1)  # and the most expensive weight the most useful one
+    budget = a.bias[3].memory + MEMORY_GRID  # the solver rounds each cost up to its grid
+    result = search(task, free, memory_budget=budget)
+    assert len(result.rounds) >= 2 and not result.rounds[0].within
+    assert result.rounds[0].measured.memory > budget >= result.rounds[0].predicted_memory
+    assert result.chosen.within and max(result.chosen.measured.memory, result.chosen.measured.tracked_memory) <= budget
+
+
 def test_a_budget_below_the_smallest_scheme_is_a_clear_error(analysed):
     task, _, _, a, _ = analysed
     smallest = min(m.memory for m in a.bias.values())
@@ -217,3 +235,10 @@ def test_cli_analyze_and_search_on_a_tiny_task(analysed, tmp_path, monkeypatch, 
     assert "needs --memory-budget" in capsys.readouterr().err
     assert main(["search", *common, "--memory-budget", "1B", "--out", str(tmp_path)]) == 2
     assert "smallest scheme needs" in capsys.readouterr().err
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("pockengine.search.cli.analyze", interrupted)
+    assert main(["analyze", *common]) == 130
+    assert "the same command resumes" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -106,14 +107,27 @@ def run_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resumable(command):
+    """Ctrl-C ends the command with a line, not a traceback: every finished candidate is in the cache already."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except KeyboardInterrupt:
+            print("\npockengine: interrupted; the candidates analysed so far are cached, and the same command "
+                  "resumes after them", file=sys.stderr)
+            return 130
+
+    return run
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="fine-tune each candidate alone and measure its gain and cost (cached)")
     _common(p)
-    p.set_defaults(run=run_analyze)
+    p.set_defaults(run=_resumable(run_analyze))
     p = sub.add_parser("search", help="the scheme with the largest gain under a memory and/or time budget")
     _common(p)
     p.add_argument("--memory-budget", type=_memory, default=None,
                    help="step memory (planned peak + optimizer state): 4MB, 512KB (powers of 1024)")
     p.add_argument("--time-budget", type=_positive(float), default=None, help="milliseconds per step")
     p.add_argument("--out", default="search-out", help="folder for scheme.yaml, report.md and the plots")
-    p.set_defaults(run=run_search)
+    p.set_defaults(run=_resumable(run_search))

@@ -9,7 +9,8 @@ best of the per-k optima is the answer (exact for the predicted costs). A combin
 bias option's cost plus the weights' extra costs (an extra cost below zero, from measuring noise, counts as zero).
 Peaks do not add exactly, so the chosen scheme is then compiled and trained: its planned and tracked memory (step peak plus
 optimizer state) and its measured step time are checked against the budgets. A scheme over a budget tightens that
-budget by the overshoot and the knapsack is solved again, up to `max_rounds` times.
+budget by the overshoot (and below that choice's prediction) and the knapsack is solved again, up to `max_rounds`
+times; once no combination with weights is left, the best biases alone whose analysed cost fits are taken.
 """
 
 from __future__ import annotations
@@ -100,15 +101,16 @@ def _grid(memory: float, ms: float) -> tuple[int, int]:
     return math.ceil(max(memory, 0) / MEMORY_GRID), math.ceil(max(ms, 0) / TIME_GRID)
 
 
-def _best(analysis: Analysis, limits: list[int | None]) -> _Pick | None:
-    """For each analysed k, the knapsack over the weights inside the last k blocks; the best of them."""
+def _best(analysis: Analysis, limits: list[int | None], weights: bool = True) -> _Pick | None:
+    """For each analysed k, the knapsack over the weights inside the last k blocks (`weights` False: none); the best
+    of them."""
     base = analysis.weight_baseline
     blocks = analysis.structure.blocks
     best: tuple[tuple[float, int, int], _Pick] | None = None
     for k, m in analysis.bias.items():
         covered = set(blocks[len(blocks) - k:])
         layers = [layer for layer in dict.fromkeys(layer for layer, _ in analysis.weights)
-                  if block_of(layer) in covered]
+                  if weights and block_of(layer) in covered]
         groups = [[Option(analysis.bias_gain(k), _grid(m.memory, m.step_ms))]]
         for layer in layers:
             groups.append([Option(0.0, (0, 0), Fraction(0))] + [
@@ -160,10 +162,13 @@ def search(task: Task, analysis: Analysis, *, memory_budget: int | str | None = 
         raise BudgetTooSmallError(f"no scheme fits: {problem}; raise the budget")
     limits = [None if memory is None else memory // MEMORY_GRID,
               None if time_budget_ms is None else math.floor(time_budget_ms / TIME_GRID)]
+    budget_limits = list(limits)
     rounds: list[Round] = []
     for _ in range(max_rounds):
-        pick = _best(analysis, limits)
-        if pick is None:
+        # Tightened past every combination with weights: the best biases alone, each measured within the budget by
+        # the analysis itself.
+        pick = _best(analysis, limits) or _best(analysis, budget_limits, weights=False)
+        if pick is None or any((r.k, r.ratios) == (pick.k, pick.ratios) for r in rounds):
             break
         k, ratios = pick.k, pick.ratios
         lr = analysis.lr["weight" if ratios else "bias"]
