@@ -98,7 +98,8 @@ def measure(task: Task, scheme: Scheme, lrs: list[float], steps: int, seed: int)
     compile_s = time.perf_counter() - start
     plan = trainer.memory_plan()
     state = [t for s in trainer.state.values() for t in s.values()]
-    pristine = {n: t.detach().clone() for n, t in (*model.named_parameters(), *model.named_buffers())}
+    pristine = {n: t.detach().clone() for n, t in (*model.named_parameters(), *model.named_buffers())
+                if len(lrs) > 1}  # for the reset between rates
     params = dict(model.named_parameters())
     trained_entries = sum(params[n].numel() // params[n].shape[s.dim] * len(s.channels) if s.kind == "partial"
                           else params[n].numel() for n, s in trainer.trained.items())
