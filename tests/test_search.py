@@ -8,7 +8,6 @@ import random
 from fractions import Fraction
 
 import pytest
-import torch
 import yaml
 
 import pockengine as pe

@@ -8,5 +8,5 @@ from pockengine.search.report import SearchReport
 from pockengine.search.search import BudgetTooSmallError, SearchResult, parse_memory, search
 from pockengine.search.task import Task
 
-__all__ = ["Analysis", "BudgetTooSmallError", "Measurement", "SearchReport", "SearchResult", "Task", "analyze", "choose_scheme",
-           "parse_memory", "search"]
+__all__ = ["Analysis", "BudgetTooSmallError", "Measurement", "SearchReport", "SearchResult", "Task", "analyze",
+           "choose_scheme", "parse_memory", "search"]

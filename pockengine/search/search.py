@@ -1,16 +1,17 @@
 """The scheme with the largest summed gain under a memory budget, a time budget or both.
 
-For each analysed k (biases of the last k blocks, with its own measured gain and cost), the weights inside those
-k blocks are a multiple-choice knapsack (`solver.py`): one group per analysed weight, whose options are ratio 0 or
-one of the analysed ratios, each with its gain and its cost over the weight baseline (the biases of every block,
-so backpropagation already reaches the weight and its extra cost is its own). Weights outside the last k blocks are
-not offered with that k: reaching them would cost a backward pass their measured extra cost does not include. The
-best of the per-k optima is the answer (exact for the predicted costs). A combination's cost is predicted as the
-bias option's cost plus the weights' extra costs (an extra cost below zero, from measuring noise, counts as zero).
-Peaks do not add exactly, so the chosen scheme is then compiled and trained: its planned and tracked memory (step peak plus
-optimizer state) and its measured step time are checked against the budgets. A scheme over a budget tightens that
-budget by the overshoot (and below that choice's prediction) and the knapsack is solved again, up to `max_rounds`
-times; once no combination with weights is left, the best biases alone whose analysed cost fits are taken.
+For each analysed k (biases of the last k blocks, with its own measured gain and cost), the weights inside those k
+blocks are a multiple-choice knapsack (`solver.py`): one group per analysed weight, whose options are ratio 0 or one
+of the analysed ratios, each with its gain and its cost over the weight baseline (the biases of every block, so
+backpropagation already reaches the weight and its extra cost is its own). Weights outside the last k blocks are not
+offered with that k: reaching them would cost a backward pass their measured extra cost does not include. The best
+of the per-k optima is the answer (exact for the predicted costs). A combination's cost is predicted as the bias
+option's cost plus the weights' extra costs (an extra cost below zero, from measuring noise, counts as zero). Peaks
+do not add exactly, so the chosen scheme is then compiled and trained: its planned and tracked memory (step peak
+plus optimizer state) and its measured step time are checked against the budgets. A scheme over a budget tightens
+that budget by the overshoot (and below that choice's prediction) and the knapsack is solved again, up to
+`max_rounds` times; once no combination with weights is left, the best biases alone whose analysed cost fits are
+taken.
 """
 
 from __future__ import annotations
@@ -187,7 +188,8 @@ def search(task: Task, analysis: Analysis, *, memory_budget: int | str | None = 
             limits[1] = min(limits[1] - math.ceil(time_over / TIME_GRID), round(pick.ms / TIME_GRID) - 1)
     tried = "; ".join(f"k={r.k}, {len(r.ratios)} weights: {mb(max(r.measured.memory, r.measured.tracked_memory))}, "
                       f"{r.measured.step_ms:.1f} ms" for r in rounds)
-    raise BudgetTooSmallError(f"no scheme was found whose measured cost fits the budget ({mb(memory) if memory else '-'}"
-                              f", {time_budget_ms if time_budget_ms else '-'} ms) after {len(rounds)} rounds "
+    raise BudgetTooSmallError(f"no scheme was found whose measured cost fits the budget "
+                              f"({mb(memory) if memory else '-'}, {time_budget_ms if time_budget_ms else '-'} ms) "
+                              f"after {len(rounds)} rounds "
                               f"(tried: {tried or 'none'}); raise the budget (the step time varies with the load of "
                               f"the machine)")
