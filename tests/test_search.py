@@ -17,7 +17,7 @@ from pockengine.search.analysis import measure
 from pockengine.search.search import MEMORY_GRID, mb
 from pockengine.search.candidates import Candidate, Structure, block_of, candidates
 from pockengine.search.solver import Option, solve
-from search_tasks import tiny_task
+from search_tasks import CLASSES as CLASSES_OUT, tiny_task
 
 STEPS, GRID = 3, (1e-2,)
 
@@ -127,6 +127,9 @@ def test_analysis_resumes_after_an_interruption_and_caches_everything(analysed):
     for m in (*resumed.bias.values(), *resumed.weights.values()):
         assert m.planned_peak > 0 and m.flops > 0 and m.step_ms > 0 and 0 <= m.metric <= 1
         assert abs(m.tracked_peak - m.planned_peak) <= 0.05 * m.planned_peak  # the plan predicts the tracker
+    rows = {row["candidate"]: row for row in resumed.rows()}
+    assert rows["bias k=0"]["trained"] == 16 * CLASSES_OUT + CLASSES_OUT  # the classifier
+    assert rows["1.0 @ 1/4"]["trained"] == 16 * 2 * 3 * 3  # over the baseline: 2 of 8 input channels of a 3x3 conv
     # Training weights on top of the biases helps this task (it learns within a few steps).
     assert max(resumed.weight_gain(*key) for key in resumed.weights) > 0
     # Another step count is another analysis: its first candidate is trained, not read from this one's cache.

@@ -44,7 +44,7 @@ from pockengine.errors import UserInputError
 from pockengine.memory.tracker import LiveStorageTracker
 from pockengine.optim import AdamW
 from pockengine.options import Options
-from pockengine.scheme import Scheme
+from pockengine.scheme import Scheme, gradient_masks
 from pockengine.search.candidates import (Candidate, Structure, batch_signature, candidates, model_fingerprint)
 from pockengine.search.task import Task
 from pockengine.storage import atomic_path
@@ -101,8 +101,8 @@ def measure(task: Task, scheme: Scheme, lrs: list[float], steps: int, seed: int)
     pristine = {n: t.detach().clone() for n, t in (*model.named_parameters(), *model.named_buffers())
                 if len(lrs) > 1}  # for the reset between rates
     params = dict(model.named_parameters())
-    trained_entries = sum(params[n].numel() // params[n].shape[s.dim] * len(s.channels) if s.kind == "partial"
-                          else params[n].numel() for n, s in trainer.trained.items())
+    trained_entries = sum(params[n].numel() if mask is None else int(mask.sum())
+                          for n, mask in gradient_masks(model, trainer.trained).items())
     results = []
     for i, lr in enumerate(lrs):
         if i:
@@ -190,7 +190,8 @@ class Analysis:
 
 
 def _costs(m: Measurement) -> dict[str, float]:
-    return dict(memory=m.memory, tracked_memory=m.tracked_memory, step_ms=m.step_ms, flops=m.flops)
+    return dict(memory=m.memory, tracked_memory=m.tracked_memory, step_ms=m.step_ms, flops=m.flops,
+                trained=m.trained_entries)
 
 
 class _Cache:

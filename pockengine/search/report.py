@@ -59,12 +59,13 @@ class SearchReport:
                          f"{rd.measured.step_ms:.1f} | {'yes' if rd.within else 'no'} |")
         lines += ["", "## Candidates", "",
                   "Bias rows: absolute cost; weight rows: cost over the weight baseline (biases of every block).", "",
-                  f"| candidate | lr | {a.metric} | gain | memory | tracked memory | ms/step | MFLOP/step | chosen |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  f"| candidate | lr | {a.metric} | gain | trained entries | memory | tracked memory | ms/step | "
+                  "MFLOP/step | chosen |", "|---|---|---|---|---|---|---|---|---|---|"]
         for row in a.rows():
             chosen = (row["k"] == r.k) if row["kind"] == "bias" else r.ratios.get(row["layer"]) == row["ratio"]
             lines.append(f"| {row['candidate']} | {row['lr']:g} | {row['metric']:.4f} | {row['gain']:+.4f} | "
-                         f"{mb(row['memory'])} | {mb(row['tracked_memory'])} | {row['step_ms']:.1f} | "
+                         f"{row['trained']} | {mb(row['memory'])} | {mb(row['tracked_memory'])} | "
+                         f"{row['step_ms']:.1f} | "
                          f"{row['flops'] / 1e6:.1f} | {'**yes**' if chosen else ''} |")
         if self.files:
             lines += ["", *[f"![{kind}]({path.name})" for kind, path in self.files.items() if path.suffix == ".png"]]
