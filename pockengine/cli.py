@@ -326,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
                        "run's summary.")
     r.add_argument("folder", metavar="RUN", help="the run folder of `pockengine finetune` (its --out)")
     r.set_defaults(run=report_command)
+    from pockengine.search.cli import add_commands as add_search_commands
+    add_search_commands(sub)  # analyze, search
     sub.add_parser("bench", help="moved: run `python -m bench` from a clone of the repository")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # whatever its options, the answer is where the benchmark went

@@ -1,0 +1,288 @@
+"""Contribution analysis: fine-tune each candidate alone from the pretrained weights and measure its gain and cost.
+
+Each candidate (see `candidates.py`) is compiled once by pockengine and trained for `steps` steps of AdamW on the
+task's seeded training batches, then evaluated on the held-out split. Gains:
+
+- bias candidate k: metric(biases of the last k blocks + classifier) - metric(classifier alone, k = 0);
+- weight candidate (layer, ratio): metric(that weight + biases of every block + classifier) - metric(biases of every
+  block + classifier), both at the weight learning rate.
+
+Costs come from pockengine itself: `memory` is the compiler's planned step peak (`trainer.memory_plan()`) plus the
+optimizer state; `tracked_memory` the same with the step peak measured by the live-storage tracker; `flops` are
+counted by `torch.utils.flop_counter` on one real step of the compiled program; `step_ms` is the median of the
+timed steps. Step 1 counts FLOPs, step 2 is tracked, steps 3.. are timed, so `steps` is at least 3.
+
+Learning rate: AdamW needs a larger rate for a few biases than for whole weights, so one rate is not fair to all.
+The rate is chosen per candidate kind from `lr_grid` on one representative candidate (bias kind: the biases of
+every block; weight kind: the last analysed weight at its largest ratio), by its held-out metric; every candidate of
+that kind then uses it. One compiled program serves every rate of the grid (weights, optimizer state, step count and
+generator reset between rates), since the rate is a run-time input of the program.
+
+Results are cached on disk, one JSON file per (candidate, learning rate), written atomically: an interrupted
+analysis resumes where it stopped, and a second run trains nothing. The key covers the task's name, the model's
+weights, the example batch's shapes, the candidate's scheme, the steps, the seed and the rate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from pockengine.capture import normalize_batch
+from pockengine.errors import UserInputError
+from pockengine.memory.tracker import LiveStorageTracker
+from pockengine.optim import AdamW
+from pockengine.options import Options
+from pockengine.scheme import Scheme, gradient_masks
+from pockengine.search.candidates import (Candidate, Structure, batch_signature, candidates, model_fingerprint)
+from pockengine.search.task import Task
+from pockengine.storage import atomic_path
+from pockengine.trainer import Trainer
+
+LR_GRID = (1e-4, 1e-3, 1e-2)
+QUICK_LR_GRID = (1e-3, 1e-2)
+STEPS, QUICK_STEPS = 100, 40
+CACHE_VERSION = 1  # bump when what a cached result means changes
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One scheme trained alone: its held-out metric and what a step of it costs."""
+
+    metric: float
+    planned_peak: int  # bytes, the compiler's memory plan of the step
+    tracked_peak: int  # bytes, measured by the live-storage tracker on one step
+    optimizer_state: int  # bytes
+    step_ms: float  # median of the timed steps
+    flops: int  # of one step, counted on the compiled program
+    trained_entries: int
+    compile_s: float
+
+    @property
+    def memory(self) -> int:
+        """What a budget is checked against: the planned step peak plus the optimizer state."""
+        return self.planned_peak + self.optimizer_state
+
+    @property
+    def tracked_memory(self) -> int:
+        return self.tracked_peak + self.optimizer_state
+
+
+def _options(seed: int) -> Options:
+    # Fine-tuning keeps BatchNorm's pretrained statistics (frozen and folded), as `pockengine train` does.
+    return Options(freeze_batchnorm=True, seed=seed)
+
+
+def measure(task: Task, scheme: Scheme, lrs: list[float], steps: int, seed: int) -> list[Measurement]:
+    """Train `scheme` from the pretrained weights for `steps` steps at each rate of `lrs` (one compiled program,
+    reset between rates) and measure each run."""
+    if steps < 3:
+        raise UserInputError(f"steps={steps}: the analysis needs at least 3 steps (one counts FLOPs, one is tracked, "
+                             "the rest are timed)")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = task.build_model()
+    start = time.perf_counter()
+    trainer = Trainer(model, task.loss_fn, task.example_batch, AdamW(lr=lrs[0]), scheme, _options(seed))
+    compile_s = time.perf_counter() - start
+    plan = trainer.memory_plan()
+    state = [t for s in trainer.state.values() for t in s.values()]
+    pristine = {n: t.detach().clone() for n, t in (*model.named_parameters(), *model.named_buffers())
+                if len(lrs) > 1}  # for the reset between rates
+    params = dict(model.named_parameters())
+    trained_entries = sum(params[n].numel() if mask is None else int(mask.sum())
+                          for n, mask in gradient_masks(model, trainer.trained).items())
+    results = []
+    for i, lr in enumerate(lrs):
+        if i:
+            _reset(trainer, pristine, state, seed)
+        batches = task.train_batches(seed)
+        times, flops, tracked = [], 0, 0
+        for step in range(1, steps + 1):
+            batch = next(batches)
+            if step == 1:
+                with FlopCounterMode(display=False) as counter:
+                    trainer.step(batch, lr=lr)
+                flops = counter.get_total_flops()
+            elif step == 2:
+                tracker = LiveStorageTracker()
+                leaves = [t for t in pytree.tree_leaves(normalize_batch(batch)) if isinstance(t, torch.Tensor)]
+                tracker.ignore(*model.parameters(), *model.buffers(), *state, *leaves)
+                with tracker:
+                    trainer.step(batch, lr=lr)
+                tracked = tracker.peak_bytes
+            else:
+                t = time.perf_counter()
+                trainer.step(batch, lr=lr)
+                times.append(time.perf_counter() - t)
+        results.append(Measurement(float(task.evaluate(model)), plan.peak_bytes, tracked,
+                                   sum(t.numel() * t.element_size() for t in state), statistics.median(times) * 1e3,
+                                   int(flops), trained_entries, compile_s))
+    return results
+
+
+def _reset(trainer: Trainer, pristine: dict[str, torch.Tensor], state: list[torch.Tensor], seed: int) -> None:
+    """Back to the pretrained weights and a fresh optimizer, in the tensors the compiled program is bound to."""
+    with torch.no_grad():
+        for name, t in (*trainer.model.named_parameters(), *trainer.model.named_buffers()):
+            t.copy_(pristine[name])
+        for t in state:
+            t.zero_()
+    trainer.steps_done = 0
+    trainer.generator.manual_seed(seed)
+
+
+@dataclass
+class Result:
+    """A candidate's measurement at one learning rate, as cached."""
+
+    candidate: Candidate
+    lr: float
+    measurement: Measurement
+
+
+@dataclass
+class Analysis:
+    task: str
+    metric: str
+    structure: Structure
+    steps: int
+    seed: int
+    quick: bool
+    metric_before: float  # the pretrained model (new classifier untrained), for the report
+    lr: dict[str, float]  # per kind: "bias", "weight"
+    lr_trials: dict[str, dict[float, float]]  # per kind: rate -> metric of the representative candidate
+    bias: dict[int, Measurement]  # k -> at lr["bias"]
+    weight_baseline: Measurement  # biases of every block, at lr["weight"]
+    weights: dict[tuple[str, Fraction], Measurement] = field(default_factory=dict)  # at lr["weight"]
+    seconds: float = 0.0  # wall time of this call (cached results cost nothing)
+    trained: int = 0  # how many (candidate, rate) runs this call trained; the rest came from the cache
+
+    def bias_gain(self, k: int) -> float:
+        return self.bias[k].metric - self.bias[0].metric
+
+    def weight_gain(self, layer: str, ratio: Fraction) -> float:
+        return self.weights[layer, ratio].metric - self.weight_baseline.metric
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Every candidate with its gain and costs (weights: over the weight baseline), for reports."""
+        out = []
+        for k, m in self.bias.items():
+            out.append(dict(candidate=f"bias k={k}", kind="bias", k=k, layer=None, ratio=None, lr=self.lr["bias"],
+                            gain=self.bias_gain(k), metric=m.metric, **_costs(m)))
+        base = _costs(self.weight_baseline)
+        for (layer, ratio), m in self.weights.items():
+            extra = {key: value - base[key] for key, value in _costs(m).items()}
+            out.append(dict(candidate=f"{layer} @ {ratio}", kind="weight", k=None, layer=layer, ratio=ratio,
+                            lr=self.lr["weight"], gain=self.weight_gain(layer, ratio), metric=m.metric, **extra))
+        return out
+
+
+def _costs(m: Measurement) -> dict[str, float]:
+    return dict(memory=m.memory, tracked_memory=m.tracked_memory, step_ms=m.step_ms, flops=m.flops,
+                trained=m.trained_entries)
+
+
+class _Cache:
+    def __init__(self, folder: Path, task: Task, structure: Structure, steps: int, seed: int, model_key: str):
+        self.folder = Path(folder)
+        self.base = dict(version=CACHE_VERSION, task=task.name, model=model_key,
+                         batch=batch_signature(task.example_batch), steps=steps, seed=seed)
+        self.structure = structure
+
+    def path(self, candidate: Candidate, lr: float) -> Path:
+        key = dict(self.base, scheme=candidate.scheme(self.structure).to_dict(), lr=lr)
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in self.base["task"])[:60]
+        return self.folder / safe / f"{digest}.json"
+
+    def get(self, candidate: Candidate, lr: float) -> Measurement | None:
+        path = self.path(candidate, lr)
+        try:
+            return Measurement(**json.loads(path.read_text())["measurement"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            warnings.warn(f"pockengine: the cached analysis result {path} is unreadable ({type(e).__name__}: {e}); "
+                          "training that candidate again", RuntimeWarning, stacklevel=2)
+            return None
+
+    def put(self, candidate: Candidate, lr: float, m: Measurement) -> None:
+        record = dict(self.base, candidate=candidate.label, lr=lr, measurement=asdict(m))
+        with atomic_path(self.path(candidate, lr)) as tmp:
+            tmp.write_text(json.dumps(record, indent=1))
+
+
+def analyze(task: Task, cache_dir: str | Path, *, quick: bool = False, steps: int | None = None, seed: int = 0,
+            lr_grid: tuple[float, ...] | None = None, quick_layers: int = 12, progress: bool = True,
+            on_result: Callable[[Candidate, float, Measurement], None] | None = None) -> Analysis:
+    """Run (or read from `cache_dir`) the contribution analysis of `task`. `quick`: fewer candidates (see
+    `candidates.candidates`), `QUICK_STEPS` steps and a two-rate grid. `on_result` is called after each
+    candidate trained here (not those read from the cache)."""
+    start = time.perf_counter()
+    steps = steps or (QUICK_STEPS if quick else STEPS)
+    grid = tuple(lr_grid or (QUICK_LR_GRID if quick else LR_GRID))
+    if not grid or any(not lr > 0 for lr in grid):
+        raise UserInputError(f"the learning-rate grid needs rates > 0, got {grid}")
+    structure = Structure.of(task)
+    model = task.build_model()
+    model_key = model_fingerprint(model)
+    model.eval()
+    metric_before = float(task.evaluate(model))
+    del model
+    cache = _Cache(Path(cache_dir), task, structure, steps, seed, model_key)
+    bias_cands, weight_cands = candidates(structure, quick, quick_layers)
+    deepest = bias_cands[-1]
+    probe = weight_cands[-1] if weight_cands else None
+
+    # Everything to train, in order: the two probes over the grid, then every candidate at its kind's rate
+    # (known only once the probes ran, so the bar's total is the worst case; cached runs are skipped at once).
+    from tqdm.auto import tqdm
+
+    total = len(grid) * (1 + (probe is not None)) + len(bias_cands) + 1 + len(weight_cands)
+    bar = tqdm(total=total, desc=f"analysis of {task.name}", unit="run", disable=not progress)
+    trained = 0
+
+    def run(candidate: Candidate, lrs: list[float]) -> dict[float, Measurement]:
+        nonlocal trained
+        found = {lr: cache.get(candidate, lr) for lr in lrs}
+        missing = [lr for lr, m in found.items() if m is None]
+        bar.update(len(lrs) - len(missing))
+        if missing:
+            bar.set_postfix_str(candidate.label)
+            for lr, m in zip(missing, measure(task, candidate.scheme(structure), missing, steps, seed)):
+                cache.put(candidate, lr, m)
+                found[lr] = m
+                trained += 1
+                bar.update(1)
+                if on_result is not None:
+                    on_result(candidate, lr, m)
+        return found
+
+    try:
+        trials = {"bias": run(deepest, list(grid))}
+        lr = {"bias": max(grid, key=lambda r: trials["bias"][r].metric)}
+        if probe is not None:
+            trials["weight"] = run(probe, list(grid))
+            lr["weight"] = max(grid, key=lambda r: trials["weight"][r].metric)
+        else:
+            lr["weight"] = lr["bias"]
+        bias = {c.k: run(c, [lr["bias"]])[lr["bias"]] for c in bias_cands}
+        baseline = run(deepest, [lr["weight"]])[lr["weight"]]
+        weights = {(c.layer, c.ratio): run(c, [lr["weight"]])[lr["weight"]] for c in weight_cands}
+    finally:
+        bar.close()
+    return Analysis(task.name, task.metric, structure, steps, seed, quick, metric_before, lr,
+                    {kind: {r: m.metric for r, m in t.items()} for kind, t in trials.items()}, bias, baseline,
+                    weights, time.perf_counter() - start, trained)

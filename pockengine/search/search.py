@@ -1,0 +1,195 @@
+"""The scheme with the largest summed gain under a memory budget, a time budget or both.
+
+For each analysed k (biases of the last k blocks, with its own measured gain and cost), the weights inside those k
+blocks are a multiple-choice knapsack (`solver.py`): one group per analysed weight, whose options are ratio 0 or one
+of the analysed ratios, each with its gain and its cost over the weight baseline (the biases of every block, so
+backpropagation already reaches the weight and its extra cost is its own). Weights outside the last k blocks are not
+offered with that k: reaching them would cost a backward pass their measured extra cost does not include. The best
+of the per-k optima is the answer (exact for the predicted costs). A combination's cost is predicted as the bias
+option's cost plus the weights' extra costs (an extra cost below zero, from measuring noise, counts as zero). Peaks
+do not add exactly, so the chosen scheme is then compiled and trained: its planned and tracked memory (step peak
+plus optimizer state) and its measured step time are checked against the budgets. A scheme over a budget tightens
+that budget by the overshoot (and below that choice's prediction) and the knapsack is solved again, up to
+`max_rounds` times; once no combination with weights is left, the best biases alone whose analysed cost fits are
+taken.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+
+from pockengine.errors import UserInputError
+from pockengine.scheme import Scheme
+from pockengine.search.analysis import Analysis, Measurement, measure
+from pockengine.search.candidates import block_of, build_scheme
+from pockengine.search.solver import Option, solve
+from pockengine.search.task import Task
+
+MEMORY_GRID = 1024  # bytes: predicted memory is rounded up to KiB for the solver
+TIME_GRID = 0.01  # ms
+
+
+class BudgetTooSmallError(UserInputError):
+    """No scheme fits the budget; the message says what the smallest one needs."""
+
+
+_UNITS = {"": 1, "b": 1, "k": 2 ** 10, "kb": 2 ** 10, "kib": 2 ** 10, "m": 2 ** 20, "mb": 2 ** 20, "mib": 2 ** 20,
+          "g": 2 ** 30, "gb": 2 ** 30, "gib": 2 ** 30}
+
+
+def parse_memory(text: str | int | float) -> int:
+    """Bytes from `4MB`, `512 KiB`, `1.5GB` or a number of bytes; KB, MB and GB are powers of 1024 (as MiB)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+        if not match or match.group(2).lower() not in _UNITS:
+            raise UserInputError(f"cannot read the memory budget {text!r}; write a size such as 4MB, 512KB or 1.5GB")
+        value, unit = float(match.group(1)), match.group(2).lower()
+    size = value * _UNITS[unit]
+    if not math.isfinite(size) or size <= 0:
+        raise UserInputError(f"the memory budget must be above zero, got {text!r}")
+    return int(size)
+
+
+def mb(n: float) -> str:
+    """A size for people: MB (2^20 bytes) with two decimals, or KB below one MB."""
+    return f"{n / 2 ** 20:.2f} MB" if abs(n) >= 2 ** 20 else f"{n / 2 ** 10:.1f} KB"
+
+
+@dataclass
+class Round:
+    k: int
+    ratios: dict[str, Fraction]
+    predicted_gain: float
+    predicted_memory: int
+    predicted_ms: float
+    measured: Measurement
+    within: bool
+
+
+@dataclass
+class SearchResult:
+    scheme: Scheme
+    k: int  # biases of the last k blocks
+    ratios: dict[str, Fraction]  # trained weights and their ratios
+    lr: float  # the rate the analysis found for this kind of scheme (the weight rate if any weight is trained)
+    memory_budget: int | None
+    time_budget_ms: float | None
+    rounds: list[Round]  # the last is the chosen scheme
+    seconds: float
+
+    @property
+    def chosen(self) -> Round:
+        return self.rounds[-1]
+
+
+@dataclass
+class _Pick:
+    k: int
+    ratios: dict[str, Fraction]
+    gain: float
+    memory: int  # predicted, bytes
+    ms: float  # predicted
+
+
+def _grid(memory: float, ms: float) -> tuple[int, int]:
+    """Costs on the solver's grid (KiB, 10 µs), rounded up; an extra cost below zero (noise) counts as zero."""
+    return math.ceil(max(memory, 0) / MEMORY_GRID), math.ceil(max(ms, 0) / TIME_GRID)
+
+
+def _best(analysis: Analysis, limits: list[int | None], weights: bool = True) -> _Pick | None:
+    """For each analysed k, the knapsack over the weights inside the last k blocks (`weights` False: none); the best
+    of them."""
+    base = analysis.weight_baseline
+    blocks = analysis.structure.blocks
+    best: tuple[tuple[float, int, int], _Pick] | None = None
+    for k, m in analysis.bias.items():
+        covered = set(blocks[len(blocks) - k:])
+        layers = [layer for layer in dict.fromkeys(layer for layer, _ in analysis.weights)
+                  if weights and block_of(layer) in covered]
+        groups = [[Option(analysis.bias_gain(k), _grid(m.memory, m.step_ms))]]
+        for layer in layers:
+            groups.append([Option(0.0, (0, 0), Fraction(0))] + [
+                Option(analysis.weight_gain(layer, ratio), _grid(w.memory - base.memory, w.step_ms - base.step_ms),
+                       ratio) for (name, ratio), w in analysis.weights.items() if name == layer])
+        solved = solve(groups, limits)
+        if solved is None:
+            continue
+        options = [group[i] for group, i in zip(groups, solved[0])]
+        memory = sum(o.costs[0] for o in options)
+        ms = sum(o.costs[1] for o in options)
+        pick = _Pick(k, {layer: o.label for layer, o in zip(layers, options[1:]) if o.label > 0}, solved[1],
+                     memory * MEMORY_GRID, ms * TIME_GRID)
+        key = (solved[1], -memory if limits[0] is not None else 0, -ms if limits[1] is not None else 0)
+        if best is None or key > best[0]:
+            best = key, pick
+    return None if best is None else best[1]
+
+
+def _too_small(analysis: Analysis, memory_budget: int | None, time_budget_ms: float | None) -> str | None:
+    """What the smallest scheme needs, if it does not fit."""
+    problems = []
+    if memory_budget is not None:
+        k, m = min(analysis.bias.items(), key=lambda kv: kv[1].memory)
+        if m.memory > memory_budget:
+            problems.append(f"the memory budget {mb(memory_budget)} is below what the smallest scheme needs: "
+                            f"{mb(m.memory)} (bias k={k}: step peak {mb(m.planned_peak)} planned + optimizer state "
+                            f"{mb(m.optimizer_state)})")
+    if time_budget_ms is not None:
+        k, m = min(analysis.bias.items(), key=lambda kv: kv[1].step_ms)
+        if m.step_ms > time_budget_ms:
+            problems.append(f"the time budget {time_budget_ms:g} ms per step is below what the fastest scheme takes: "
+                            f"{m.step_ms:.1f} ms measured (bias k={k})")
+    return "; ".join(problems) or None
+
+
+def search(task: Task, analysis: Analysis, *, memory_budget: int | str | None = None,
+           time_budget_ms: float | None = None, max_rounds: int = 5) -> SearchResult:
+    """The scheme with the largest summed gain within the budgets, checked by compiling and training it."""
+    start = time.perf_counter()
+    memory = None if memory_budget is None else parse_memory(memory_budget)
+    if time_budget_ms is not None and not (math.isfinite(time_budget_ms) and time_budget_ms > 0):
+        raise UserInputError(f"the time budget must be a number of milliseconds above zero, got {time_budget_ms}")
+    if memory is None and time_budget_ms is None:
+        raise UserInputError("the search needs a budget: a memory budget (such as 4MB), a time budget in ms per "
+                             "step, or both")
+    problem = _too_small(analysis, memory, time_budget_ms)
+    if problem:
+        raise BudgetTooSmallError(f"no scheme fits: {problem}; raise the budget")
+    limits = [None if memory is None else memory // MEMORY_GRID,
+              None if time_budget_ms is None else math.floor(time_budget_ms / TIME_GRID)]
+    budget_limits = list(limits)
+    rounds: list[Round] = []
+    for _ in range(max_rounds):
+        # Tightened past every combination with weights: the best biases alone, each measured within the budget by
+        # the analysis itself.
+        pick = _best(analysis, limits) or _best(analysis, budget_limits, weights=False)
+        if pick is None or any((r.k, r.ratios) == (pick.k, pick.ratios) for r in rounds):
+            break
+        k, ratios = pick.k, pick.ratios
+        lr = analysis.lr["weight" if ratios else "bias"]
+        scheme = build_scheme(analysis.structure, k, ratios)
+        m = measure(task, scheme, [lr], analysis.steps, analysis.seed)[0]
+        memory_over = 0 if memory is None else max(m.memory, m.tracked_memory) - memory
+        time_over = 0.0 if time_budget_ms is None else m.step_ms - time_budget_ms
+        rounds.append(Round(k, ratios, pick.gain, pick.memory, pick.ms, m, memory_over <= 0 and time_over <= 0))
+        if rounds[-1].within:
+            return SearchResult(scheme, k, ratios, lr, memory, time_budget_ms, rounds, time.perf_counter() - start)
+        # Over a budget: ask the knapsack for that much less, and for less than this choice's prediction, so the
+        # next choice differs and is cheaper.
+        if memory_over > 0:
+            limits[0] = min(limits[0] - math.ceil(memory_over / MEMORY_GRID), pick.memory // MEMORY_GRID - 1)
+        if time_over > 0:
+            limits[1] = min(limits[1] - math.ceil(time_over / TIME_GRID), round(pick.ms / TIME_GRID) - 1)
+    tried = "; ".join(f"k={r.k}, {len(r.ratios)} weights: {mb(max(r.measured.memory, r.measured.tracked_memory))}, "
+                      f"{r.measured.step_ms:.1f} ms" for r in rounds)
+    raise BudgetTooSmallError(f"no scheme was found whose measured cost fits the budget "
+                              f"({mb(memory) if memory else '-'}, {time_budget_ms if time_budget_ms else '-'} ms) "
+                              f"after {len(rounds)} rounds "
+                              f"(tried: {tried or 'none'}); raise the budget (the step time varies with the load of "
+                              f"the machine)")

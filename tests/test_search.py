@@ -1,0 +1,246 @@
+"""Contribution analysis and scheme search (pockengine.search, docs/search.md) on a tiny pretrained conv net."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import random
+from fractions import Fraction
+
+import pytest
+import yaml
+
+import pockengine as pe
+from pockengine.cli import main
+from pockengine.search import BudgetTooSmallError, SearchReport, analyze, choose_scheme, parse_memory, search
+from pockengine.search.analysis import measure
+from pockengine.search.search import MEMORY_GRID, mb
+from pockengine.search.candidates import Candidate, Structure, block_of, candidates
+from pockengine.search.solver import Option, solve
+from search_tasks import CLASSES as CLASSES_OUT, tiny_task
+
+STEPS, GRID = 3, (1e-2,)
+
+
+# -- the solver ------------------------------------------------------------------------------------------------
+def brute_force(groups, budgets):
+    best = None
+    for chosen in itertools.product(*(range(len(g)) for g in groups)):
+        costs = [sum(g[i].costs[d] for g, i in zip(groups, chosen)) for d in range(len(budgets))]
+        if all(b is None or c <= b for c, b in zip(costs, budgets)):
+            gain = sum(g[i].gain for g, i in zip(groups, chosen))
+            best = gain if best is None else max(best, gain)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_solver_matches_brute_force(seed):
+    rng = random.Random(seed)
+    dims = rng.choice([1, 2])
+    groups = [[Option(0.0, (0,) * 2)] + [Option(rng.uniform(-0.2, 1), (rng.randint(0, 9), rng.randint(0, 9)))
+                                         for _ in range(rng.randint(1, 4))] for _ in range(rng.randint(1, 6))]
+    groups[0] = groups[0][1:] or groups[0]  # one group without a free option, like the biases
+    budgets = [rng.randint(0, 25), rng.randint(0, 25) if dims == 2 else None]
+    expected = brute_force(groups, budgets)
+    solved = solve(groups, budgets)
+    if expected is None:
+        assert solved is None
+        return
+    chosen, gain = solved
+    assert gain == pytest.approx(expected)
+    picked = [g[i] for g, i in zip(groups, chosen)]
+    assert sum(o.gain for o in picked) == pytest.approx(gain)
+    for d, b in enumerate(budgets):
+        assert b is None or sum(o.costs[d] for o in picked) <= b
+
+
+def test_solver_known_optimum():
+    # Two layers, budget 10: the two mid options (6 + 4 = 10) beat the single best option (9).
+    groups = [[Option(0, (0,)), Option(5, (6,)), Option(9, (10,))], [Option(0, (0,)), Option(5, (4,)),
+                                                                      Option(6, (11,))]]
+    assert solve(groups, [10]) == ([1, 1], 10)
+    assert solve(groups, [3]) == ([0, 0], 0)
+    assert solve([[Option(1, (4,))]], [3]) is None
+    with pytest.raises(ValueError, match=">= 0"):
+        solve([[Option(1, (-1,))]], [3])
+
+
+def test_parse_memory():
+    assert parse_memory("4MB") == 4 * 2 ** 20
+    assert parse_memory("512 KiB") == 512 * 1024
+    assert parse_memory("1.5GB") == int(1.5 * 2 ** 30)
+    assert parse_memory(1000) == 1000
+    for bad in ("4 parsecs", "-1MB", "0", "MB"):
+        with pytest.raises(pe.UserInputError, match="memory budget"):
+            parse_memory(bad)
+
+
+# -- candidates ------------------------------------------------------------------------------------------------
+def test_structure_and_candidates_come_from_the_model():
+    s = Structure.of(tiny_task())
+    assert s.layers == ("0.0", "0.1", "1.0", "1.1", "2.0", "2.1", "5")
+    assert (s.classifier, s.blocks, s.weights, s.channels) == ("5", ("0", "1", "2"), ("0.0", "1.0", "2.0"), (3, 8, 16))
+    assert block_of("features.3.conv.0.0") == "features.3" and block_of("fc") == "fc"
+    # 1/8 of 3 channels selects none (round(0.375)); of 8 channels 1/8 and 1/4 select 1 and 2.
+    every = (Fraction(1, 8), Fraction(1, 4), Fraction(1, 2), Fraction(1))
+    assert s.ratios("0.0", every) == list(every[1:]) and s.ratios("1.0", every) == list(every)
+    assert s.ratios("0.0", (Fraction(1, 4), Fraction(1, 3))) == [Fraction(1, 4)]  # both select 1 of 3
+    bias, weights = candidates(s, quick=False)
+    assert [c.k for c in bias] == [0, 1, 2, 3]
+    assert {c.k for c in weights} == {3} and len(weights) == 3 + 4 + 4
+    model = tiny_task().build_model()
+    trained = Candidate(2, "1.0", Fraction(1, 4)).scheme(s).resolve(model)
+    assert trained["1.0.weight"].channels == (0, 1)  # 1/4 of 8 input channels
+    assert {n for n, sel in trained.items() if sel.kind == "full"} == {"1.1.bias", "2.1.bias", "5.weight", "5.bias"}
+
+
+# -- the analysis ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory):
+    """One analysis, interrupted after 3 trained runs, then resumed; then run again (all from the cache)."""
+    cache = tmp_path_factory.mktemp("analysis")
+    task = tiny_task()
+    seen = []
+
+    def interrupt(candidate, lr, m):
+        seen.append(candidate)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        analyze(task, cache, quick=True, steps=STEPS, lr_grid=GRID, progress=False, on_result=interrupt)
+    resumed = analyze(task, cache, quick=True, steps=STEPS, lr_grid=GRID, progress=False)
+    again = analyze(task, cache, quick=True, steps=STEPS, lr_grid=GRID, progress=False)
+    return task, cache, seen, resumed, again
+
+
+def test_analysis_resumes_after_an_interruption_and_caches_everything(analysed):
+    task, cache, seen, resumed, again = analysed
+    s = Structure.of(task)
+    bias, weights = candidates(s, quick=True)
+    runs = len(bias) + len(weights)  # every candidate once at the one rate (the probes are candidates too)
+    assert len(seen) == 3 and resumed.trained == runs - 3 and again.trained == 0
+    assert len(list(cache.rglob("*.json"))) == runs
+    assert again.rows() == resumed.rows()
+    assert set(resumed.bias) == {0, 1, 2, 3} and resumed.bias_gain(0) == 0
+    assert set(resumed.weights) == {(w, r) for w in s.weights for r in s.ratios(w, (Fraction(1, 4), Fraction(1)))}
+    for m in (*resumed.bias.values(), *resumed.weights.values()):
+        assert m.planned_peak > 0 and m.flops > 0 and m.step_ms > 0 and 0 <= m.metric <= 1
+        assert abs(m.tracked_peak - m.planned_peak) <= 0.05 * m.planned_peak  # the plan predicts the tracker
+    rows = {row["candidate"]: row for row in resumed.rows()}
+    assert rows["bias k=0"]["trained"] == 16 * CLASSES_OUT + CLASSES_OUT  # the classifier
+    assert rows["1.0 @ 1/4"]["trained"] == 16 * 2 * 3 * 3  # over the baseline: 2 of 8 input channels of a 3x3 conv
+    # Training weights on top of the biases helps this task (it learns within a few steps).
+    assert max(resumed.weight_gain(*key) for key in resumed.weights) > 0
+    # Another step count is another analysis: its first candidate is trained, not read from this one's cache.
+    class Trained(Exception):
+        pass
+
+    def stop(*args):
+        raise Trained
+
+    with pytest.raises(Trained):
+        analyze(task, cache, quick=True, steps=STEPS + 1, lr_grid=GRID, progress=False, on_result=stop)
+
+
+def test_one_compiled_program_serves_every_rate_like_a_fresh_one():
+    task = tiny_task()
+    scheme = Candidate(3, "2.0", Fraction(1, 4)).scheme(Structure.of(task))
+    shared = measure(task, scheme, [1e-3, 1e-2], STEPS, 0)
+    fresh = measure(task, scheme, [1e-2], STEPS, 0)
+    assert shared[1].metric == fresh[0].metric
+    assert shared[1].planned_peak == fresh[0].planned_peak and shared[1].flops == fresh[0].flops
+
+
+# -- the search ------------------------------------------------------------------------------------------------
+def test_the_chosen_scheme_fits_the_memory_budget(analysed, tmp_path):
+    task, cache, _, a, _ = analysed
+    smallest = min(m.memory for m in a.bias.values())
+    largest = max(m.memory for m in (*a.bias.values(), *a.weights.values()))
+    budget = (smallest + largest) // 2
+    result = search(task, a, memory_budget=budget)
+    measured = result.chosen.measured
+    assert measured.memory <= budget and measured.tracked_memory <= budget
+    assert result.chosen.predicted_gain >= max(a.bias_gain(k) for k, m in a.bias.items() if m.memory <= budget)
+    # The scheme file, read back as `pockengine train --scheme` reads it, trains within the budget too.
+    files = SearchReport(a, result).write(tmp_path)
+    scheme = pe.Scheme.from_file(files["scheme"])
+    trainer = pe.compile(task.build_model(), task.loss_fn, task.example_batch, pe.optim.AdamW(lr=result.lr), scheme,
+                         freeze_batchnorm=True)
+    state = sum(t.numel() * t.element_size() for s in trainer.state.values() for t in s.values())
+    assert trainer.memory_plan().peak_bytes + state <= budget
+    assert trainer.trained == result.scheme.resolve(task.build_model())
+
+
+def test_a_choice_over_the_budget_when_measured_tightens_the_budget_and_solves_again(analysed):
+    task, _, _, a, _ = analysed
+    # Pretend every weight is free in memory: the first choice (every useful weight) is predicted within the
+    # budget but measured over it, so the search must tighten and choose again.
+    base = a.weight_baseline
+    free = dataclasses.replace(a, weights={key: dataclasses.replace(m, planned_peak=base.planned_peak,
+                                                                    optimizer_state=base.optimizer_state)
+                                           for key, m in a.weights.items()})
+    free.weights[max(a.weights, key=lambda key: a.weights[key].memory)] = dataclasses.replace(
+        base, metric=base.metric + 1)  # and the most expensive weight the most useful one
+    budget = a.bias[3].memory + MEMORY_GRID  # the solver rounds each cost up to its grid
+    result = search(task, free, memory_budget=budget)
+    assert len(result.rounds) >= 2 and not result.rounds[0].within
+    assert result.rounds[0].measured.memory > budget >= result.rounds[0].predicted_memory
+    assert result.chosen.within and max(result.chosen.measured.memory, result.chosen.measured.tracked_memory) <= budget
+
+
+def test_a_budget_below_the_smallest_scheme_is_a_clear_error(analysed):
+    task, _, _, a, _ = analysed
+    smallest = min(m.memory for m in a.bias.values())
+    with pytest.raises(BudgetTooSmallError, match=rf"smallest scheme needs: {mb(smallest)} \(bias k="):
+        search(task, a, memory_budget=smallest - 1)
+    with pytest.raises(BudgetTooSmallError, match="below what the fastest scheme takes"):
+        search(task, a, time_budget_ms=1e-6)
+    with pytest.raises(pe.UserInputError, match="needs a budget"):
+        search(task, a)
+
+
+def test_report_and_choose_scheme(analysed, tmp_path):
+    task, cache, _, a, _ = analysed
+    scheme, report = choose_scheme(task, memory_budget="1GB", time_budget_ms=1e6, cache_dir=cache, quick=True,
+                                   steps=STEPS, lr_grid=GRID, progress=False, out_dir=tmp_path)
+    assert report.analysis.trained == 0  # cached
+    # With room for everything: for the best k, its gain plus each positive weight gain (at its best ratio) of the
+    # weights inside the last k blocks.
+    def best_weight(w):
+        return max(0, max(a.weight_gain(w, r) for (w2, r) in a.weights if w2 == w))
+
+    blocks = a.structure.blocks
+    expected = max(a.bias_gain(k) + sum(best_weight(w) for w in a.structure.weights
+                                        if block_of(w) in blocks[len(blocks) - k:]) for k in a.bias)
+    assert report.result.chosen.predicted_gain == pytest.approx(expected)
+    assert yaml.safe_load((tmp_path / "scheme.yaml").read_text()) == scheme.to_dict()
+    for png in ("gains.png", "scheme.png", "costs.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (tmp_path / "report.md").read_text()
+    assert all(row["candidate"] in markdown for row in a.rows()) and "![costs](costs.png)" in markdown
+
+
+# -- the command line ------------------------------------------------------------------------------------------
+def test_cli_analyze_and_search_on_a_tiny_task(analysed, tmp_path, monkeypatch, capsys):
+    task, cache, _, a, _ = analysed
+    monkeypatch.setattr("pockengine.search.cli.task_from_args", lambda args: task)
+    common = ["--cache", str(cache), "--quick", "--steps", str(STEPS), "--lr-grid", "1e-2", "--no-progress"]
+    assert main(["analyze", *common]) == 0
+    out = capsys.readouterr().out
+    assert "bias k=3" in out and "0 runs trained" in out
+    budget = max(m.memory for m in a.bias.values())
+    assert main(["search", *common, "--memory-budget", f"{budget}B", "--out", str(tmp_path)]) == 0
+    scheme = pe.Scheme.from_file(tmp_path / "scheme.yaml")
+    assert scheme.resolve(task.build_model())
+    assert main(["search", *common]) == 2
+    assert "needs --memory-budget" in capsys.readouterr().err
+    assert main(["search", *common, "--memory-budget", "1B", "--out", str(tmp_path)]) == 2
+    assert "smallest scheme needs" in capsys.readouterr().err
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("pockengine.search.cli.analyze", interrupted)
+    assert main(["analyze", *common]) == 130
+    assert "the same command resumes" in capsys.readouterr().err
