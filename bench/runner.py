@@ -412,7 +412,6 @@ def run(workloads: list[str], *, quick: bool = False, schemes: list[str] | None 
     """Run the benchmark on `device` ("cpu" or "cuda") and write results.json, README.md and bench.png under `out`
     (by default the CPU's in docs/benchmarks, the GPU's in docs/benchmarks/cuda); returns the results."""
     from bench import report
-    from bench.systems import OrtTraining
 
     on_cpu = device == "cpu"
     tag = "" if on_cpu else f"-{device}"  # a GPU's results never overwrite the CPU's
@@ -422,7 +421,8 @@ def run(workloads: list[str], *, quick: bool = False, schemes: list[str] | None 
     systems = systems or SYSTEM_ORDER + [LORA]
     if device == "cuda":
         gpu.strict_fp32()  # the floor's matrix-multiply rate, as the systems run
-    if "ort" in systems and device not in OrtTraining.unsupported_devices:
+    # ONNX Runtime's environment, where a workload runs it (its device and workload do not leave it out)
+    if "ort" in systems and any(not excluded(workload_config(name, quick), ["ort"], device) for name in workloads):
         subprocess.run(["bash", str(CONFIG_DIR / "setup_ort.sh")], check=True)
     threads = workload_config(workloads[0], quick)["threads"]
     results_path = out / "results.json"
