@@ -2,7 +2,10 @@
 
 `y = relu(x)` allocates a second tensor the size of x while x is still alive; when nothing reads x afterwards and
 x shares its storage with no other value, `relu_(x)` gives the same result in x's memory. This halves the
-transient peak of activation layers in the forward pass and of gradient masking in the backward pass.
+transient peak of activation layers in the forward pass and of gradient masking in the backward pass. Ops run in
+place one after another on the same storage (`exp_(a)`, then `mul_` on its result) while no value of that storage
+is read later: the log-softmax backward of a language model's loss needs no buffer beyond the log-probabilities and
+the incoming gradient.
 """
 
 from __future__ import annotations
