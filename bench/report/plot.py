@@ -17,7 +17,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     from matplotlib.patches import Patch
 
     ws = list(results["workloads"].values())
-    # every system run of the report, variants (hatched, in their system's colour) after their system
+    # every system run of the report (the legend), variants (hatched, in their system's colour) after their system
     systems = sorted({r["system"] for w in ws for r in rows(w)}, key=system_rank)
     fig, axes = plt.subplots(len(ws), 2, figsize=(14, 3.6 * len(ws)), squeeze=False)
     colors = {"pockengine": "#d62728", "eager": "#1f77b4", "torch.compile": "#2ca02c", "ort": "#9467bd",
@@ -25,18 +25,19 @@ def plot(results: dict[str, Any], path: Path) -> None:
     for i, w in enumerate(ws):
         rs = rows(w)
         schemes = list(dict.fromkeys(r["scheme"] for r in rs))
-        width = 0.8 / len(systems)
+        present = [s for s in systems if any(r["system"] == s for r in rs)]  # this workload's bars, centred
+        width = 0.8 / len(present)
         for col, (field, label) in enumerate([("median_s", "step time (ms, median; bars: min–max)"),
                                               ("mem_mb", "training memory (MB over runtime)")]):
             ax = axes[i][col]
             ys_all: list[float] = []
-            for j, system in enumerate(systems):
+            for j, system in enumerate(present):
                 xs, ys, lo, hi, failed = [], [], [], [], []
                 for k, scheme in enumerate(schemes):
                     r = next((r for r in rs if r["scheme"] == scheme and r["system"] == system), None)
                     if r is None:
                         continue
-                    x = k + (j - len(systems) / 2 + 0.5) * width
+                    x = k + (j - len(present) / 2 + 0.5) * width
                     if r["error"] or r[field] is None:
                         failed.append(x)
                         continue
@@ -52,6 +53,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
                 for x in failed:
                     ax.text(x, 0, "×", color=colors[base_system(system)], ha="center", va="bottom", fontsize=12)
             ax.set_xticks(range(len(schemes)), schemes)
+            ax.set_xlim(-0.6, len(schemes) - 0.4)
             ax.set_title(f"{w['workload']}: {label}", fontsize=10)
             if field == "median_s" and ys_all:
                 ax.set_ylim(0, 1.15 * max(ys_all))  # a long max whisker (a stall) may run off the top
