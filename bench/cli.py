@@ -5,11 +5,12 @@ PEFT LoRA) on the real workloads of bench/workloads.yaml with the schemes of ben
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 PROG = "python -m bench"
-WORKLOADS = ["mobilenetv2", "minilm", "smollm2"]
+WORKLOADS = ["mobilenetv2", "minilm", "smollm2", "smollm2_long"]
 DEVICES = ["cpu", "cuda"]
 SYSTEMS = ["pockengine", "eager", "torch.compile", "ort", "peft-lora"]
 
@@ -18,11 +19,18 @@ def _list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _systems(value: str) -> list[str]:
+    """Comma-separated systems; the commas inside a variant's brackets separate its options."""
+    return [v.strip() for v in re.split(r",(?![^\[]*\])", value) if v.strip()]
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__)
     p.add_argument("--workload", default="all", help=f"comma-separated, of {WORKLOADS} (default: all)")
     p.add_argument("--scheme", default=None, help="comma-separated scheme names (default: the workload's list)")
-    p.add_argument("--systems", default="all", help=f"comma-separated, of {SYSTEMS} (default: all)")
+    p.add_argument("--systems", default="all",
+                   help=f"comma-separated, of {SYSTEMS} or variants such as 'eager[attn=eager]' and "
+                        "'pockengine[attention=math]' (default: all, with the workload's variants)")
     p.add_argument("--quick", action="store_true", help="smoke-test sizes for CI (results under .cache/bench/quick)")
     p.add_argument("--steps", type=int, default=None, help="measured steps per system (default: bench/workloads.yaml)")
     p.add_argument("--device", default="cpu", choices=DEVICES,
@@ -37,11 +45,19 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
     workloads = WORKLOADS if args.workload == "all" else _list(args.workload)
-    systems = SYSTEMS if args.systems == "all" else _list(args.systems)
-    unknown = [w for w in workloads if w not in WORKLOADS] + [s for s in systems if s not in SYSTEMS]
+    systems = SYSTEMS if args.systems == "all" else _systems(args.systems)
+    unknown = [w for w in workloads if w not in WORKLOADS]
     if unknown:
-        print(f"unknown workload or system {unknown}; workloads {WORKLOADS}, systems {SYSTEMS}", file=sys.stderr)
+        print(f"unknown workload {unknown}; workloads {WORKLOADS}", file=sys.stderr)
         return 2
+    from bench.systems import make_system
+
+    for spec in systems:
+        try:
+            make_system(spec)  # a known system, and options it offers
+        except ValueError as e:
+            print(e, file=sys.stderr)
+            return 2
     if args.steps is not None and args.steps < 1:
         print("--steps must be >= 1", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from bench import gpu, memory
+from bench.variants import base_system
 from bench.workloads import CONFIG_DIR, workload_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,18 +192,27 @@ def _stats(times: list[float]) -> dict[str, float]:
 
 
 def excluded(cfg: dict[str, Any], systems: list[str], device: str) -> dict[str, str]:
-    """The systems asked for that do not run on this workload and device, each with why (the report lists them)."""
+    """The systems asked for that do not run on this workload and device, each with why (the report lists them).
+    `systems` are plain names; a variant runs where its system does."""
     from bench.systems import SYSTEMS
 
     out = {s: SYSTEMS[s].unsupported_devices[device] for s in systems
            if s in SYSTEMS and device in SYSTEMS[s].unsupported_devices}
     if LORA in systems and not cfg.get("lora"):
         out[LORA] = "this workload has no LoRA configuration in bench/workloads.yaml"
+    out.update({s: why for s, why in (cfg.get("leave_out") or {}).items() if s in systems and s not in out})
     return out
 
 
 def _jobs(cfg: dict[str, Any], schemes: list[str], systems: list[str]) -> list[tuple[str, str]]:
-    jobs = [(system, scheme) for scheme in schemes for system in SYSTEM_ORDER if system in systems]
+    """(system, scheme) in run order: per scheme, each system of SYSTEM_ORDER asked for, then its variants (the
+    workload's `variants` and those asked for by name, `eager[attn=eager]`)."""
+    order: list[str] = []
+    for base in SYSTEM_ORDER:
+        # the workload's variants of a system run with it; a variant asked for by name runs alone too
+        with_base = [base, *(cfg.get("variants") or [])] if base in systems else []
+        order += [s for s in dict.fromkeys([*with_base, *systems]) if base_system(s) == base]
+    jobs = [(system, scheme) for scheme in schemes for system in order]
     if LORA in systems and cfg.get("lora"):
         jobs.append((LORA, "lora"))
     return jobs
@@ -281,8 +291,8 @@ def run_workload(name: str, *, quick: bool, schemes: list[str] | None, systems: 
     threads = cfg["threads"]
     work = work / name
     base = {"workload": name, "quick": quick, "threads": threads, "work_dir": str(work), "device": device}
-    left_out = excluded(cfg, systems, device)
-    jobs = _jobs(cfg, schemes, [s for s in systems if s not in left_out])
+    left_out = excluded(cfg, list(dict.fromkeys(base_system(s) for s in systems)), device)
+    jobs = _jobs(cfg, schemes, [s for s in systems if base_system(s) not in left_out])
     # The timing processes measure memory themselves under --quick (a smoke test) and on a GPU (its allocator
     # counts per process); on the CPU a separate memory pass does, one process at a time.
     memory_in_timing = quick or device != "cpu"
@@ -402,7 +412,6 @@ def run(workloads: list[str], *, quick: bool = False, schemes: list[str] | None 
     """Run the benchmark on `device` ("cpu" or "cuda") and write results.json, README.md and bench.png under `out`
     (by default the CPU's in docs/benchmarks, the GPU's in docs/benchmarks/cuda); returns the results."""
     from bench import report
-    from bench.systems import OrtTraining
 
     on_cpu = device == "cpu"
     tag = "" if on_cpu else f"-{device}"  # a GPU's results never overwrite the CPU's
@@ -412,7 +421,8 @@ def run(workloads: list[str], *, quick: bool = False, schemes: list[str] | None 
     systems = systems or SYSTEM_ORDER + [LORA]
     if device == "cuda":
         gpu.strict_fp32()  # the floor's matrix-multiply rate, as the systems run
-    if "ort" in systems and device not in OrtTraining.unsupported_devices:
+    # ONNX Runtime's environment, where a workload runs it (its device and workload do not leave it out)
+    if "ort" in systems and any(not excluded(workload_config(name, quick), ["ort"], device) for name in workloads):
         subprocess.run(["bash", str(CONFIG_DIR / "setup_ort.sh")], check=True)
     threads = workload_config(workloads[0], quick)["threads"]
     results_path = out / "results.json"

@@ -14,6 +14,12 @@ number of threads (set by the worker process before anything is built).
                 masking and the optimizer step run eagerly, as in the usual torch.compile training loop
 - OrtTraining:  ONNX Runtime on-device training (onnxruntime-training-cpu in .venv-ort), driven in a child process
 - PeftLoRA:     Hugging Face PEFT LoRA adapters (its own trainable set: the "lora" scheme), eager PyTorch
+
+A system may run as a variant with options, named `system[option=value,...]` (`make_system`): `eager[attn=eager]`
+and `torch.compile[attn=eager]` run the Hugging Face model with `attn_implementation="eager"` (attention as matmuls
+and softmax) instead of its default `sdpa`; `pockengine[attention=math]` / `[attention=flash]` force pockengine's
+attention kernels (`pe.compile(attention=...)`; its default "auto" chooses per shape). A workload lists the variants
+it runs beside the plain systems (`variants` in bench/workloads.yaml).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import json
 import os
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,6 +36,8 @@ import torch
 from torch import nn
 
 import pockengine as pe
+from bench.variants import parse_system
+from pockengine.autodiff.rules.attention import KERNELS as ATTENTION_KERNELS
 from pockengine.scheme import Scheme, Selection, gradient_masks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,6 +57,10 @@ class System:
     needs_selections = True  # False for systems with their own trainable set (LoRA)
     counts_flops = True  # FlopCounterMode can watch its step (ATen ops run in this process)
     unsupported_devices: dict[str, str] = {}  # device -> why the system cannot train there
+    options: dict[str, tuple[str, ...]] = {}  # option -> its values, for variants `name[option=value]`
+
+    def __init__(self, **options: str) -> None:
+        self.chosen = options  # checked by make_system
 
     def setup(self, model: nn.Module, loss_fn: Callable, batch: Any, selections: dict[str, Selection] | None,
               **kw: Any) -> None:
@@ -86,10 +99,23 @@ class System:
         pass
 
 
+HF_ATTENTION = ("sdpa", "eager")  # Hugging Face's attn_implementation: its default, and matmuls + softmax
+
+
+def _set_hf_attention(model: nn.Module, implementation: str) -> None:
+    """Switch a Hugging Face model's attention to `implementation` (what `from_pretrained(...,
+    attn_implementation=...)` would have loaded)."""
+    if not hasattr(model, "set_attn_implementation"):
+        raise ValueError(f"attn={implementation} needs a Hugging Face model; {type(model).__name__} is not one")
+    model.set_attn_implementation(implementation)
+
+
 class _TorchLoop(System):
     """Eager PyTorch training loop with gradient masks for partially trained parameters."""
 
     def _prepare(self, model: nn.Module, selections: dict[str, Selection], lr: float) -> None:
+        if "attn" in self.chosen:
+            _set_hf_attention(model, self.chosen["attn"])
         self.model = model
         params = dict(model.named_parameters())
         for name, p in params.items():
@@ -119,6 +145,7 @@ class _TorchLoop(System):
 
 class Eager(_TorchLoop):
     name = "eager"
+    options = {"attn": HF_ATTENTION}
 
     def setup(self, model, loss_fn, batch, selections, *, lr, **kw):
         self.loss_fn = loss_fn
@@ -132,6 +159,7 @@ class Eager(_TorchLoop):
 class TorchCompile(_TorchLoop):
     name = "torch.compile"
     counts_flops = False  # the compiled kernels bypass ATen dispatch
+    options = {"attn": HF_ATTENTION}
 
     def import_runtime(self) -> None:
         import torch._dynamo  # noqa: F401
@@ -154,6 +182,7 @@ class TorchCompile(_TorchLoop):
 
 class PockEngine(System):
     name = "pockengine"
+    options = {"attention": ATTENTION_KERNELS}
 
     def import_runtime(self) -> None:
         import torch.export  # noqa: F401  (the capture machinery: torch._dynamo)
@@ -162,7 +191,7 @@ class PockEngine(System):
     def setup(self, model, loss_fn, batch, selections, *, lr, freeze_batchnorm=False, scheme_name="scheme", **kw):
         self.trainer = pe.compile(model, loss_fn, batch, optimizer=pe.optim.SGD(lr=lr, momentum=MOMENTUM),
                                   scheme=Scheme.from_resolved(selections, scheme_name),
-                                  freeze_batchnorm=freeze_batchnorm)
+                                  freeze_batchnorm=freeze_batchnorm, attention=self.chosen.get("attention", "auto"))
         params = dict(model.named_parameters())
         self._entries = sum(params[n].numel() if s.kind == "full"
                             else params[n].numel() // params[n].shape[s.dim] * len(s.channels)
@@ -177,6 +206,11 @@ class PockEngine(System):
 
     def predicted_step_bytes(self) -> int | None:
         return self.trainer.memory_plan().peak_bytes
+
+    def notes(self) -> list[str]:
+        """The attention kernels the program runs and why (the listing's notes), one line per distinct choice."""
+        choices = Counter(note for note in self.trainer.program().graph.notes.values() if "attention" in note)
+        return [f"{count}x {note}" for note, count in choices.items()]
 
     def step(self, batch):
         return self.trainer.step(batch)
@@ -364,3 +398,14 @@ class _EvalWrapper(nn.Module):
 
 
 SYSTEMS: dict[str, type[System]] = {cls.name: cls for cls in (PockEngine, Eager, TorchCompile, OrtTraining, PeftLoRA)}
+def make_system(spec: str) -> System:
+    """The system `spec` names (`parse_system`), its options checked against what the system offers."""
+    base, chosen = parse_system(spec)
+    if base not in SYSTEMS:
+        raise ValueError(f"system {spec!r}: no system {base!r}; the systems are {sorted(SYSTEMS)}")
+    cls = SYSTEMS[base]
+    for option, value in chosen.items():
+        if value not in cls.options.get(option, ()):
+            offered = ", ".join(f"{k}={'|'.join(v)}" for k, v in cls.options.items()) or "none"
+            raise ValueError(f"system {spec!r}: {base} has no option {option}={value}; its options: {offered}")
+    return cls(**chosen)

@@ -116,13 +116,13 @@ def prepare(job: dict[str, Any], conn: Connection) -> None:
 
 def run_system(job: dict[str, Any], conn: Connection) -> None:
     from bench import workloads as W
-    from bench.systems import SYSTEMS
+    from bench.systems import make_system
 
     device = _set_up_process(job)
     cfg = W.workload_config(job["workload"], job["quick"])
     if cfg["model"] in ("minilm", "smollm2"):
         import transformers  # noqa: F401  (a runtime library: in the baseline, not in the training memory)
-    system = SYSTEMS[job["system"]]()
+    system = make_system(job["system"])
     system.import_runtime()
     baseline = memory.rss_kb()
     w = W.build(job["workload"], job["quick"], device=device)

@@ -152,6 +152,19 @@ def _long_reviews(tokenizer: Any, n: int, seq_len: int) -> tuple[list[str], list
     return out_t, out_l
 
 
+def _packed_reviews(tokenizer: Any, n: int, seq_len: int) -> list[list[int]]:
+    """n rows of seq_len tokens: IMDB reviews in file order, each followed by the end-of-text token, concatenated and
+    cut into rows (packing, as language models are trained on long text; few reviews fill 1024 tokens alone)."""
+    from pockengine.data import load_movie_reviews
+
+    stream: list[int] = []
+    for text in load_movie_reviews("imdb")[0]:
+        stream += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+        if len(stream) >= n * seq_len:
+            return [stream[i * seq_len:(i + 1) * seq_len] for i in range(n)]
+    raise ValueError(f"the IMDB reviews hold {len(stream)} tokens, fewer than {n} rows of {seq_len}")
+
+
 def _minilm(cfg: dict[str, Any]) -> Workload:
     from pockengine.data import tokenize_batch
     from pockengine.models import minilm_classifier
@@ -175,11 +188,14 @@ def _smollm2(cfg: dict[str, Any]) -> Workload:
 
     model, tokenizer = smollm2(max_layers=cfg.get("layers"))
     n, b, t = cfg["batches"] * cfg["batch"], cfg["batch"], cfg["seq_len"]
-    texts, _ = _long_reviews(tokenizer, n, t)
+    if cfg.get("packed"):
+        rows = _packed_reviews(tokenizer, n, t)
+    else:
+        rows = [tokenizer(s)["input_ids"][:t] for s in _long_reviews(tokenizer, n, t)[0]]
     data = []
     for i in range(cfg["batches"]):
-        ids = torch.stack([torch.tensor(tokenizer(s)["input_ids"][:t]) for s in texts[i * b:(i + 1) * b]])
-        # An explicit all-ones mask (no padding: every review fills the sequence) for every system; without one,
+        ids = torch.tensor(rows[i * b:(i + 1) * b])
+        # An explicit all-ones mask (no padding: every row is full) for every system; without one,
         # transformers looks for packed sequences with torch.diff, which ONNX export does not support.
         data.append(({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ids.clone()))
     return Workload(cfg["name"], cfg, model, pe.losses.causal_lm(), data, "tokens", b * t, cfg["lr"], False,

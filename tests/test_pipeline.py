@@ -195,6 +195,28 @@ def test_the_in_place_pass_does_not_overwrite_what_a_view_shares():
     assert r.target is aten.relu_.default
 
 
+@pytest.mark.parametrize("read_later", [None, "y", "exp"])
+def test_the_in_place_pass_chains_ops_on_one_storage_while_no_value_of_it_is_read_later(read_later):
+    """The log-softmax backward's shape: (exp(y) * x) - x. exp runs in y's storage, the product in that same storage
+    (exp_'s output is y's storage), the difference too: unless y or exp(y) is read after them."""
+    g, x, y = _graph()
+    e = g.call(aten.exp.default, (y,))
+    m = g.call(aten.mul.Tensor, (e, x))
+    d = g.call(aten.sub.Tensor, (m, x))
+    loss = g.call(aten.sum.default, (d,))
+    later = {"y": y, "exp": e}.get(read_later)
+    if later is not None:
+        loss = g.call(aten.add.Tensor, (loss, g.call(aten.sum.default, (later,))))
+    g.outputs = {"loss": loss}
+    run_in_place(g)
+    assert e.target is (aten.exp.default if read_later == "y" else aten.exp_.default)
+    # the product overwrites exp's output (y's storage, or its own when exp could not run in place) unless that is
+    # read later
+    assert m.target is (aten.mul.Tensor if read_later == "exp" else aten.mul_.Tensor)
+    assert d.target is aten.sub_.Tensor  # whichever storage m holds dies at d
+    assert not _shared_writes(g, {n for n in (e, m, d) if n.mutates})
+
+
 def _meta(a):
     if isinstance(a, torch.device):
         return torch.device("meta")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench.variants import base_system
+
 SYSTEMS = ["pockengine", "eager", "torch.compile", "ort", "peft-lora"]
 MB = 1024  # KiB per MiB
 
@@ -39,7 +41,7 @@ def step_mb(run: dict[str, Any]) -> float | None:
     the caching allocator's counts of allocated bytes."""
     if "cuda_peak_bytes" in run:
         return (run["cuda_peak_bytes"] - run["cuda_before_bytes"]) / 2 ** 20
-    if "peak_rss_kb" not in run or "mem_before_kb" not in run or run["system"] in ARENA_SYSTEMS:
+    if "peak_rss_kb" not in run or "mem_before_kb" not in run or base_system(run["system"]) in ARENA_SYSTEMS:
         return None
     return (run["peak_rss_kb"] - run["mem_before_kb"]) / MB
 
@@ -96,8 +98,14 @@ def rows(w: dict[str, Any]) -> list[dict[str, Any]]:
             row["floor_fraction"] = row["floor_s"] / row["median_s"] if row["floor_s"] else None
         out.append(row)
     order = {s: i for i, s in enumerate(list(w["schemes"]))}
-    out.sort(key=lambda r: (order.get(r["scheme"], 99), SYSTEMS.index(r["system"]) if r["system"] in SYSTEMS else 9))
+    out.sort(key=lambda r: (order.get(r["scheme"], 99), system_rank(r["system"])))
     return out
+
+
+def system_rank(name: str) -> tuple[int, bool, str]:
+    """Order of the report: SYSTEMS' order, each system before its variants."""
+    base = base_system(name)
+    return SYSTEMS.index(base) if base in SYSTEMS else len(SYSTEMS), name != base, name
 
 
 def _cell(value: float | None, fmt: str) -> str:
@@ -137,11 +145,23 @@ def table(w: dict[str, Any]) -> str:
         mem_lines.append([
             r["scheme"], r["system"],
             _cell(r["mem_mb"], ".0f") if r["mem_mb"] is not None or not r["memory_error"] else "failed",
-            "arena" if r["system"] in ARENA_SYSTEMS else _cell(r["step_mb"], ".1f"),
+            "arena" if base_system(r["system"]) in ARENA_SYSTEMS else _cell(r["step_mb"], ".1f"),
             _cell(r["tracked_mb"], ".1f"), _cell(r["predicted_mb"], ".1f"),
             _ratio(r["mem_vs_eager_full"], 1), _ratio(r["mem_vs_best_other"], 1),
             _ratio(r["step_mem_vs_eager_same"], 1)])
     return _table(time_head, time_lines) + "\n\n" + _table(mem_head, mem_lines)
+
+
+def peer_table(w: dict[str, Any]) -> str | None:
+    """pockengine (and its variants) ÷ every other system on the same scheme: step time, step memory (resident and
+    tracked); None when no scheme has both."""
+    head = ["scheme", "pockengine", "peer", "step time ÷ peer", "step mem ÷ peer", "step tracked ÷ peer"]
+    ok = [r for r in rows(w) if not r["error"]]
+    lines = [[ours["scheme"], ours["system"], peer["system"], _ratio(ours["median_s"], peer["median_s"]),
+              _ratio(ours["step_mb"], peer["step_mb"]), _ratio(ours["tracked_mb"], peer["tracked_mb"])]
+             for ours in ok if base_system(ours["system"]) == "pockengine"
+             for peer in ok if peer["scheme"] == ours["scheme"] and base_system(peer["system"]) != "pockengine"]
+    return _table(head, lines) if lines else None
 
 
 def headline(results: dict[str, Any]) -> str:

@@ -6,11 +6,36 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from bench.report.tables import rows, table
+from bench.report.tables import peer_table, rows, table
+from bench.variants import base_system, parse_system
+
+# What a variant's option (bench/systems.py) changes, for the notes under its workload's tables.
+OPTION_MEANINGS = {
+    "attn=eager": "the model with Hugging Face's `attn_implementation=\"eager\"` (attention as matrix products and "
+                  "softmax, keeping the probabilities for the backward pass); the plain row runs it as loaded, with "
+                  "`sdpa` (PyTorch's fused attention kernels)",
+    "attn=sdpa": "the model with Hugging Face's `attn_implementation=\"sdpa\"` (PyTorch's fused attention kernels)",
+    "attention=math": "pockengine's attention forced to its math form (`pe.compile(attention=\"math\")`); the plain "
+                      "row runs `attention=\"auto\"`, which chooses per shape",
+    "attention=flash": "pockengine's attention forced to the fused flash kernels (`pe.compile(attention=\"flash\")`); "
+                       "the plain row runs `attention=\"auto\"`, which chooses per shape",
+    "attention=auto": "pockengine choosing its attention kernels per shape (`pe.compile(attention=\"auto\")`)",
+}
+
+
+def variant_notes(w: dict[str, Any]) -> list[str]:
+    """One line per system variant of the workload: what its options change."""
+    out = []
+    for system in dict.fromkeys(r["system"] for r in w["runs"].values()):
+        options = parse_system(system)[1]
+        if options:
+            meaning = "; ".join(OPTION_MEANINGS.get(f"{k}={v}", f"option {k}={v}") for k, v in options.items())
+            out.append(f"- `{system}`: {meaning}.")
+    return out
 
 
 def notes(w: dict[str, Any]) -> list[str]:
-    out = [f"- {system}: not run: {why}" for system, why in w.get("excluded", {}).items()]
+    out = variant_notes(w) + [f"- {system}: not run: {why}" for system, why in w.get("excluded", {}).items()]
     seen = set()
     for r in rows(w):
         for n in r["notes"]:
@@ -23,7 +48,7 @@ def notes(w: dict[str, Any]) -> list[str]:
             out.append(f"- {r['system']} on {r['scheme']} **failed**: {r['error'][:600]}")
         ours = w["runs"].get(f"{r['system']}|{r['scheme']}", {}).get("losses") or []
         eager = w["runs"].get(f"eager|{r['scheme']}", {}).get("losses") or []
-        if r["system"] in ("pockengine", "torch.compile") and ours and eager:
+        if base_system(r["system"]) in ("pockengine", "torch.compile") and ours and eager:
             drift = [abs(a - b) / max(abs(b), 1e-6) for a, b in zip(ours, eager)]
             if max(drift) > 1e-3:
                 k = next(i for i, d in enumerate(drift) if d > 1e-3)
@@ -179,6 +204,10 @@ def workload_section(name: str, w: dict[str, Any], command: str) -> list[str]:
              f"for other processes, and {w.get('quiet_gate', {}).get('busy_steps', 0)} measured steps started "
              "on a busy machine after all). "
              f"Command: `{command}`", "", table(w), ""]
+    peers = peer_table(w)
+    if peers:
+        parts += ["pockengine ÷ each other system on the same scheme (below 1: pockengine faster, smaller; *step mem* "
+                  "from the resident set, *step tracked* from the dispatcher, as in the tables above):", "", peers, ""]
     ns = notes(w)
     if ns:
         parts += ["Notes:", ""] + ns + [""]

@@ -85,3 +85,23 @@ def test_committed_reports_are_what_the_generator_writes_from_their_results(fold
     report.write(results, tmp_path)
     assert (tmp_path / "README.md").read_text() == (committed / "README.md").read_text()
     assert all(command.startswith("python -m bench ") for command in results["command"].values())
+
+
+def test_report_divides_pockengine_by_each_peer_and_explains_system_variants(tmp_path):
+    """The peer table: pockengine ÷ every other system of its scheme (variants included); each variant's options
+    are explained under the tables, and variants sort after their system."""
+    from bench import report
+    from bench.report.tables import rows
+
+    results = _cuda_results()
+    w = results["workloads"]["mobilenetv2"]
+    variant = {**w["runs"]["eager|sparse"], "system": "eager[attn=eager]", "median_s": 0.012, "min_s": 0.012,
+               "max_s": 0.012, "cuda_peak_bytes": 220 * MB, "tracked_step_bytes": 116 * MB}
+    w["runs"] = {"eager[attn=eager]|sparse": variant, **w["runs"]}
+    assert [r["system"] for r in rows(w)] == ["pockengine", "eager", "eager[attn=eager]", "torch.compile"]
+    report.write(results, tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    assert "| sparse | pockengine | eager | 0.75 | 0.50 | 0.50 |" in text  # 6/8 ms, 30/60 MB, 29/58 MB
+    assert "| sparse | pockengine | eager[attn=eager] | 0.50 | 0.25 | 0.25 |" in text  # 6/12 ms, 30/120, 29/116
+    assert "| sparse | pockengine | torch.compile | 1.20 | 0.75 | – |" in text  # not tracked
+    assert '- `eager[attn=eager]`: the model with Hugging Face\'s `attn_implementation="eager"`' in text

@@ -113,6 +113,96 @@ def test_unknown_workload_or_bad_steps_exit_2_naming_the_choices(capsys):
     from bench.cli import main
 
     assert main(["--workload", "resnet"]) == 2
-    assert "unknown workload or system ['resnet']" in capsys.readouterr().err
+    assert "unknown workload ['resnet']" in capsys.readouterr().err
+    assert main(["--workload", "minilm", "--systems", "eager,jax"]) == 2
+    assert "no system 'jax'" in capsys.readouterr().err
     assert main(["--workload", "minilm", "--steps", "0"]) == 2
     assert "--steps must be >= 1" in capsys.readouterr().err
+
+
+def test_system_variants_are_named_with_options_that_the_system_offers():
+    from bench.systems import Eager, PockEngine, make_system
+    from bench.variants import parse_system
+
+    assert parse_system("eager[attn=eager]") == ("eager", {"attn": "eager"})
+    assert parse_system("pockengine[attention=math]") == ("pockengine", {"attention": "math"})
+    assert parse_system("torch.compile") == ("torch.compile", {})
+    assert isinstance(make_system("eager[attn=eager]"), Eager)
+    assert make_system("pockengine[attention=flash]").chosen == {"attention": "flash"}
+    with pytest.raises(ValueError, match=r"eager has no option attn=math; its options: attn=sdpa\|eager"):
+        make_system("eager[attn=math]")
+    with pytest.raises(ValueError, match="ort has no option attn=eager; its options: none"):
+        make_system("ort[attn=eager]")
+    with pytest.raises(ValueError, match=r"name\[option=value,...\]"):
+        make_system("eager[attn]")
+
+
+def test_a_workloads_variants_run_after_their_system_and_left_out_systems_are_listed():
+    from bench.cli import SYSTEMS as ALL
+    from bench.runner import _jobs, excluded
+
+    cfg = workload_config("smollm2_long")
+    assert [s for s, _ in _jobs(cfg, ["last4"], ["pockengine", "eager", "torch.compile"])] == [
+        "pockengine", "eager", "eager[attn=eager]", "torch.compile"]
+    # a variant asked for by name runs without its plain system; the workload's variants of absent systems do not
+    assert _jobs(cfg, ["last4"], ["pockengine[attention=math]", "eager"]) == [
+        ("pockengine[attention=math]", "last4"), ("eager", "last4"), ("eager[attn=eager]", "last4")]
+    left_out = excluded(cfg, ALL, "cpu")
+    assert set(left_out) == {"ort", "peft-lora"} and "long-sequence workload" in left_out["ort"]
+
+
+def test_bad_system_variant_on_the_command_line_exits_2_naming_the_options(capsys):
+    from bench.cli import _systems, main
+
+    assert _systems("eager,pockengine[attention=math,x=y]") == ["eager", "pockengine[attention=math,x=y]"]
+    assert main(["--workload", "smollm2_long", "--systems", "eager[attn=flash]"]) == 2
+    assert "eager has no option attn=flash" in capsys.readouterr().err
+
+
+def test_eager_attention_variant_trains_the_model_with_hugging_faces_eager_attention():
+    """`eager[attn=eager]` switches a Hugging Face model to attn_implementation="eager": the same function as its
+    default sdpa attention (first losses agree), computed another way."""
+    import copy
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import pockengine as pe
+    from bench.systems import make_system
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+    model = LlamaForCausalLM(config).eval()
+    assert model.config._attn_implementation == "sdpa"  # transformers' default, as loaded
+    ids = torch.randint(0, 64, (2, 16))
+    batch = ({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ids)
+    selections = pe.Scheme.from_dict({"rules": [{"modules": "model.layers.1", "mode": "full"}]}).resolve(model)
+    losses = {}
+    for spec in ("eager", "eager[attn=eager]"):
+        system = make_system(spec)
+        system.setup(copy.deepcopy(model), pe.losses.causal_lm(), batch, selections, lr=0.01)
+        losses[spec] = [system.step(batch) for _ in range(2)]
+        assert system.model.config._attn_implementation == ("eager" if "attn" in spec else "sdpa")
+    assert losses["eager[attn=eager]"][0] == pytest.approx(losses["eager"][0], rel=1e-5)
+    assert losses["eager[attn=eager]"][1] < losses["eager[attn=eager]"][0]
+
+
+def test_packed_reviews_fill_every_row_with_consecutive_review_tokens():
+    from bench.workloads import _packed_reviews
+    from pockengine.data import load_movie_reviews
+
+    class Characters:  # a tokenizer stand-in: one token per character
+        eos_token_id = 0
+
+        def __call__(self, text):
+            return {"input_ids": [ord(c) for c in text]}
+
+    rows = _packed_reviews(Characters(), 3, 2000)
+    assert [len(r) for r in rows] == [2000] * 3
+    stream: list[int] = []
+    for text in load_movie_reviews("imdb")[0]:  # the reviews in file order, each ended by the end-of-text token
+        stream += [ord(c) for c in text] + [0]
+        if len(stream) >= 6000:
+            break
+    assert rows[0] + rows[1] + rows[2] == stream[:6000]

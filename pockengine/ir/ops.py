@@ -36,6 +36,9 @@ UNTAGGED_POINTWISE = frozenset({aten.hardswish.default})
 RUN_IN_PLACE = frozenset({
     aten.relu.default, aten.hardtanh.default, aten.masked_fill.Scalar, aten.add.Tensor, aten.mul.Tensor,
     aten.bitwise_and.Scalar, aten.bitwise_right_shift.Tensor_Scalar, aten.logical_or.default,
+    # the log-softmax backward (rules/norm.py) and the gather backward's scatter into zeros: a causal LM's
+    # (tokens x vocabulary) gradients (SmolLM2 at 1024 tokens: 192 MiB each)
+    aten.exp.default, aten.sub.Tensor, aten.scatter_add.default,
 })
 # Ops whose two tensor operands can be swapped (ATen has no tag for it): either one may be overwritten.
 COMMUTATIVE = frozenset({aten.add.Tensor, aten.mul.Tensor, aten.logical_or.default})

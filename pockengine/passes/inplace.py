@@ -2,7 +2,10 @@
 
 `y = relu(x)` allocates a second tensor the size of x while x is still alive; when nothing reads x afterwards and
 x shares its storage with no other value, `relu_(x)` gives the same result in x's memory. This halves the
-transient peak of activation layers in the forward pass and of gradient masking in the backward pass.
+transient peak of activation layers in the forward pass and of gradient masking in the backward pass. Ops run in
+place one after another on the same storage (`exp_(a)`, then `mul_` on its result) while no value of that storage
+is read later: the log-softmax backward of a language model's loss needs no buffer beyond the log-probabilities and
+the incoming gradient.
 """
 
 from __future__ import annotations
@@ -26,20 +29,29 @@ def run_in_place(graph: Graph) -> Graph:
     users = graph.users()
     position = {n: i for i, n in enumerate(graph.nodes)}
     outputs = set(graph.outputs.values())
+    written: dict[Node, Node] = {}  # an op this pass made in place -> the value whose storage it wrote
     for n in list(graph.nodes):
         if n.target not in RUN_IN_PLACE or n.kwargs.get("alpha", 1) != 1:
             continue
         candidates = [0, 1] if n.target in COMMUTATIVE else [0]
         for i in candidates:
             x = n.args[i] if i < len(n.args) else None
-            if not isinstance(x, Node) or x.meta != n.meta or not _owns_storage(x) or x in outputs:
+            if not isinstance(x, Node) or x.meta != n.meta:
                 continue
-            others = [u for u in users[x] if u is not n]
+            # x may itself be an op run in place (exp_(a) * s): then its storage is a's, and a chain of such ops
+            # (a, exp_(a), ...) names one storage, which n may overwrite when no value of the chain is read later.
+            chain = [x]
+            while chain[-1] in written:
+                chain.append(written[chain[-1]])
+            if not _owns_storage(chain[-1]) or any(c in outputs for c in chain):
+                continue
+            others = [u for c in chain for u in users[c] if u is not n and u not in chain]
             if any(is_view(u.target) or position[u] > position[n] for u in others):
-                continue  # x is read later, or viewed: overwriting it would change those values
+                continue  # the storage is read later, or viewed: overwriting it would change those values
             args = list(n.args)
             if i == 1:
                 args[0], args[1] = args[1], args[0]
             n.target, n.args = in_place_variant(n.target), tuple(args)
+            written[n] = x
             break
     return graph

@@ -30,8 +30,15 @@ def safe_softmax(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
 
 @register(aten._log_softmax.default)
 def log_softmax(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """g - exp(out) * sum(g), written as ops rather than ATen's fused `_log_softmax_backward_data`, so that the
+    in-place pass runs them in the memory of the output and of g, which usually die there: a language model's
+    (tokens x vocabulary) log-probabilities are the largest tensors of its step, and the fused kernel needs a third
+    one at the step's peak. (The fused kernel where the output's dtype is not the input's.)"""
     x, dim = ctx.node.args[:2]
-    return (ctx(aten._log_softmax_backward_data.default, g, ctx.node, dim, x.meta.dtype),)
+    if x.meta.dtype != ctx.node.meta.dtype:
+        return (ctx(aten._log_softmax_backward_data.default, g, ctx.node, dim, x.meta.dtype),)
+    total = ctx(aten.sum.dim_IntList, g, [dim], True)
+    return (ctx(aten.sub.Tensor, g, ctx(aten.mul.Tensor, ctx(aten.exp.default, ctx.node), total)),)
 
 
 def _refuse_stat_cotangents(ctx, g, stats: str) -> None:
