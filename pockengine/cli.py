@@ -181,9 +181,13 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--scheme", help="what to train: full (default), bias_only, head, last:K (the last K layers), a "
                    "scheme file (.yaml/.json, docs/schemes.md), or auto (analysis and search under the budgets)")
     f.add_argument("--memory-budget", metavar="SIZE", help="most step memory (the compiler's planned peak above the "
-                   "weights), e.g. 4MB or 512KB (powers of 1024); a scheme that plans more is refused")
+                   "weights plus the optimizer state), e.g. 4MB or 512KB (powers of 1024); auto searches under it, "
+                   "another scheme that needs more is refused")
     f.add_argument("--time-budget", metavar="MS", help="most milliseconds per step, e.g. 30 or 30ms; the summary "
                    "says when the median step was slower")
+    f.add_argument("--quick", action="store_true", default=None, help="with --scheme auto: the analysis's quick "
+                   "mode (fewer candidates and steps: minutes instead of an hour on MobileNetV2, noisier gains; "
+                   "docs/search.md)")
     length = f.add_mutually_exclusive_group()
     length.add_argument("--steps", type=_at_least(1), help="training steps (default 100)")
     length.add_argument("--epochs", type=_positive, help="passes over the training split (may be fractional)")
@@ -211,7 +215,8 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
 
 def _settings(args: argparse.Namespace) -> dict:
     """The FinetuneConfig fields the command line (and YAML) set, budgets parsed."""
-    from pockengine.finetune import FinetuneConfig, parse_memory, parse_milliseconds
+    from pockengine.finetune import FinetuneConfig, parse_milliseconds
+    from pockengine.search import parse_memory
 
     names = {field.name for field in dataclasses.fields(FinetuneConfig)}
     given = {k: v for k, v in vars(args).items() if k in names and v is not None}

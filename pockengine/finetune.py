@@ -39,18 +39,20 @@ from pockengine.data.sources import (CHAT, IMAGE, ChatData, Data, ImageData, Tex
 from pockengine.errors import UserInputError
 from pockengine.models.loading import LoadedModel, ModelSource, load_model, model_source, save_model
 from pockengine.scheme import Scheme
+from pockengine.search import choose_scheme as choose_search
+from pockengine.search.search import mb, parse_memory
 from pockengine.search.task import Batch, Task
-from pockengine.storage import atomic_path
+from pockengine.storage import atomic_path, cache_dir
 
-__all__ = ["FinetuneConfig", "FinetuneRun", "prepare", "choose_scheme", "finetune", "resume_config", "draw_plots",
-           "parse_memory", "parse_milliseconds", "Batches"]
+__all__ = ["FinetuneConfig", "FinetuneRun", "prepare", "scheme_for", "finetune", "resume_config", "draw_plots",
+           "parse_milliseconds", "Batches"]
 
 PRESETS = {"full": Scheme.full, "bias_only": Scheme.bias_only, "head": Scheme.head}
 DEFAULT_SEQ_LEN = 128
 DEFAULT_STEPS = 100
 EVAL_BATCH = 64
 RUN_FILE, METRICS_FILE, SUMMARY_FILE = "run.json", "metrics.jsonl", "summary.json"
-CHECKPOINT_DIR, MODEL_DIR, PLOTS_DIR = "checkpoint", "model", "plots"
+CHECKPOINT_DIR, MODEL_DIR, PLOTS_DIR, SEARCH_DIR = "checkpoint", "model", "plots", "search"
 # What a resumed run may change: how long it goes on and how often it reports; everything else is the run itself.
 RESUMABLE_CHANGES = ("steps", "epochs", "eval_every", "checkpoint_every", "threads")
 
@@ -82,12 +84,16 @@ class FinetuneConfig:
     max_examples: int | None = None  # use a seeded subset of the data (before the split)
     max_eval_examples: int | None = None
     threads: int = 0
+    quick: bool = False  # --scheme auto: the analysis's quick mode (docs/search.md)
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.epochs is not None:
             raise UserInputError("give --steps or --epochs, not both")
         if not 0 <= self.eval_fraction < 1:
             raise UserInputError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.scheme == "auto" and self.memory_budget is None and self.time_budget is None:
+            raise UserInputError("--scheme auto searches under a budget: give --memory-budget (such as 4MB), "
+                                 "--time-budget (ms per step), or both")
         if self.optimizer not in ("adamw", "sgd"):
             raise UserInputError(f"--optimizer must be adamw or sgd, got {self.optimizer!r}")
 
@@ -104,20 +110,6 @@ class FinetuneConfig:
 
 
 # -- budgets --------------------------------------------------------------------------------------------------
-_UNITS = {"": 1, "b": 1, "kb": 2 ** 10, "kib": 2 ** 10, "mb": 2 ** 20, "mib": 2 ** 20, "gb": 2 ** 30, "gib": 2 ** 30}
-
-
-def parse_memory(text: str) -> int:
-    """'4MB', '512 KB', '1.5GB', '1000000' -> bytes. KB/MB/GB are powers of 1024, as pockengine reports memory."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not match or match.group(2).lower() not in _UNITS:
-        raise UserInputError(f"memory budget {text!r}: write a size such as 4MB, 512KB or 1.5GB")
-    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
-    if value <= 0:
-        raise UserInputError(f"memory budget {text!r} must be above zero")
-    return int(value)
-
-
 def parse_milliseconds(text: str) -> float:
     """'30', '30ms', '0.5s' -> milliseconds per step."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|)\s*", str(text))
@@ -127,10 +119,6 @@ def parse_milliseconds(text: str) -> float:
     if value <= 0:
         raise UserInputError(f"time budget {text!r} must be above zero")
     return value
-
-
-def _mb(n_bytes: float) -> str:
-    return f"{n_bytes / 2 ** 20:.1f} MB"
 
 
 # -- the task -------------------------------------------------------------------------------------------------
@@ -369,15 +357,17 @@ def prepare(config: FinetuneConfig) -> FinetuneRun:
                        preprocessing if kind == IMAGE else None)
 
 
-def choose_scheme(spec: str, task: Task, memory_budget: int | None = None,
-                  time_budget: float | None = None) -> Scheme:
-    """The scheme `--scheme spec` names: a preset (full, bias_only, head, last:K), a scheme file, or `auto`
-    (the contribution analysis and the search under the budgets)."""
-    if spec == "auto":
-        raise UserInputError("--scheme auto (contribution analysis and a search under the budget) is not available "
-                             "in this version yet; choose a preset (full, bias_only, head, last:K) or a scheme "
-                             "file (.yaml/.json, docs/schemes.md)")
-    return parse_scheme(spec)
+def scheme_for(config: FinetuneConfig, task: Task) -> tuple[Scheme, float]:
+    """The scheme `--scheme` names and the learning rate to train it with: a preset (full, bias_only, head, last:K)
+    or a scheme file at `--lr`; or `auto`: the contribution analysis of `task` (cached in the pockengine cache, so a
+    second run on the same model and data skips it) and the search under the budgets, at the learning rate the
+    analysis found best for that kind of scheme. The search report goes to the run folder's search/."""
+    if config.scheme != "auto":
+        return parse_scheme(config.scheme), config.lr
+    scheme, report = choose_search(task, memory_budget=config.memory_budget, time_budget_ms=config.time_budget,
+                                   cache_dir=cache_dir() / "analysis", quick=config.quick, seed=config.seed,
+                                   out_dir=Path(config.out) / SEARCH_DIR)
+    return scheme, report.lr
 
 
 def parse_scheme(spec: str) -> Scheme:
@@ -506,22 +496,23 @@ def finetune(config: FinetuneConfig, resume: bool = False, log: Callable[[str], 
     run = prepare(config)
     task = run.task
     total = _total_steps(config, run.batches.per_epoch)
-    optimizer = pe.optim.AdamW(lr=config.lr) if config.optimizer == "adamw" else pe.optim.SGD(lr=config.lr,
-                                                                                           momentum=0.9)
     model = run.loaded.model
     checkpoint = out / CHECKPOINT_DIR
     if resume and checkpoint.exists():
         trainer = pe.load(checkpoint, model, task.loss_fn, task.example_batch)
         log(f"resuming {out} at step {trainer.steps_done} of {total}")
     else:
-        scheme = choose_scheme(config.scheme, task, config.memory_budget, config.time_budget)
+        scheme, lr = scheme_for(config, task)
+        optimizer = pe.optim.AdamW(lr=lr) if config.optimizer == "adamw" else pe.optim.SGD(lr=lr, momentum=0.9)
         trainer = pe.compile(model, task.loss_fn, task.example_batch, optimizer, scheme, freeze_batchnorm=True,
                              seed=config.seed)
     planned = trainer.memory_plan().peak_bytes
-    if config.memory_budget is not None and planned > config.memory_budget:
-        raise UserInputError(f"scheme {trainer.scheme.name!r} plans {_mb(planned)} per step above the weights, over "
-                             f"--memory-budget {_mb(config.memory_budget)}; train less (bias_only, last:K with a "
-                             "smaller K, a scheme file) or raise the budget")
+    state = trainer.optimizer_state_bytes()
+    if config.memory_budget is not None and planned + state > config.memory_budget:
+        raise UserInputError(f"scheme {trainer.scheme.name!r} plans {mb(planned + state)} per step above the weights "
+                             f"(step peak {mb(planned)} + optimizer state {mb(state)}), over --memory-budget "
+                             f"{mb(config.memory_budget)}; train less (bias_only, last:K with a smaller K, a scheme "
+                             "file, auto) or raise the budget")
     trained = sum(p.numel() if s.kind == "full" else p.numel() // p.shape[s.dim] * len(s.channels)
                   for name, p in model.named_parameters() if (s := trainer.trained.get(name)) is not None)
     n_params = sum(p.numel() for p in model.parameters())
@@ -530,7 +521,7 @@ def finetune(config: FinetuneConfig, resume: bool = False, log: Callable[[str], 
     log(f"{task.name}: {run.kind}, {run.n_train} training and {run.n_eval} held-out examples"
         + (f", {len(run.classes)} classes" if run.classes else "") + f"; {total} steps of {config.batch_size}; "
         f"scheme {trainer.scheme.name}: {trained:,} of {n_params:,} parameters ({100 * trained / n_params:.2f}%) "
-        f"in {len(trainer.trained)} tensors; planned step peak {_mb(planned)}; ready in "
+        f"in {len(trainer.trained)} tensors; planned step peak {mb(planned)}; ready in "
         f"{time.perf_counter() - start:.1f} s")
 
     out.mkdir(parents=True, exist_ok=True)
@@ -619,8 +610,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{summary['trained_tensors']} tensors",
         "step time: " + (f"{summary['step_ms_median']:.1f} ms (median)" if summary["step_ms_median"] is not None
                          else "no step in this session"),
-        f"memory: planned step peak {_mb(summary['planned_step_peak_bytes'])} above the weights, peak RSS "
-        f"{_mb(summary['peak_rss_bytes'])}",
+        f"memory: planned step peak {mb(summary['planned_step_peak_bytes'])} above the weights, peak RSS "
+        f"{mb(summary['peak_rss_bytes'])}",
         f"saved: {summary['saved_model']} (load it with {summary['library']})",
     ]
     return "\n".join(lines)

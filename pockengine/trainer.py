@@ -140,6 +140,10 @@ class Trainer:
         """A table of every parameter: how it is trained, trained and total entries."""
         return scheme_summary(self.model, self.trained)
 
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of the optimizer's state (momentum, moments) of the trained entries, kept between steps."""
+        return sum(t.numel() * t.element_size() for state in self.state.values() for t in state.values())
+
     def memory_plan(self, batch: Any = None, *, gradients: bool = False) -> MemoryPlan:
         """The predicted memory of one step (see pockengine.memory.plan), or of the gradient program."""
         built = self._prepared(self._example if batch is None else batch, not gradients)[0]

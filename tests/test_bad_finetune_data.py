@@ -176,16 +176,17 @@ def test_a_model_made_for_other_data(tmp_path, capsys):
     assert "mobilenet_v2 is made for image classification, but the data is for text classification" in err
 
 
-def test_scheme_auto_is_refused_until_the_search_is_wired(tmp_path, capsys, cnn_module):
+def test_scheme_auto_needs_a_budget(tmp_path, capsys, cnn_module):
     images = write_image_folder(tmp_path / "images", size=8, per_class=2)
     err = refused(finetune_argv("tinymodels:small_cnn", images, tmp_path / "run", "--scheme", "auto"), capsys)
-    assert "--scheme auto" in err and "choose a preset" in err
+    assert "--scheme auto searches under a budget: give --memory-budget" in err
 
 
 def test_a_memory_budget_the_scheme_exceeds(tmp_path, capsys, cnn_module):
     images = write_image_folder(tmp_path / "images", size=8, per_class=2)
     err = refused(finetune_argv("tinymodels:small_cnn", images, tmp_path / "run", "--memory-budget", "10B"), capsys)
-    assert re.search(r"scheme 'full' plans [0-9.]+ MB per step above the weights, over --memory-budget", err), err
+    assert re.search(r"scheme 'full' plans [0-9.]+ [KM]B per step above the weights \(step peak [0-9.]+ [KM]B \+ optimizer state "
+                     r"[0-9.]+ [KM]B\), over --memory-budget", err), err
 
 
 @pytest.mark.parametrize("flag, value, message", [("--memory-budget", "4 parsecs", "write a size such as 4MB"),

@@ -171,6 +171,18 @@ def test_a_module_function_model_is_saved_as_a_state_dict(tmp_path, cnn_module):
     assert run.task.evaluate(model) == pytest.approx(summary["after"])
 
 
+def test_scheme_auto_trains_the_scheme_the_search_chose_within_the_budget(tmp_path, cnn_module, monkeypatch):
+    monkeypatch.setenv("POCKENGINE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    budget = 64 * 2 ** 10
+    assert run_cnn(tmp_path, out, cnn_module, ["--scheme", "auto", "--quick", "--memory-budget", f"{budget}B"]) == 0
+    chosen = pe.Scheme.from_file(out / "search" / "scheme.yaml")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scheme"] == chosen.name
+    assert summary["planned_step_peak_bytes"] <= budget
+    assert (tmp_path / "cache" / "analysis").is_dir() and any((tmp_path / "cache" / "analysis").rglob("*.json"))
+
+
 def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, cnn_module, monkeypatch):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert run_cnn(tmp_path, whole, cnn_module) == 0

@@ -127,7 +127,7 @@ def measure(task: Task, scheme: Scheme, lrs: list[float], steps: int, seed: int)
                 trainer.step(batch, lr=lr)
                 times.append(time.perf_counter() - t)
         results.append(Measurement(float(task.evaluate(model)), plan.peak_bytes, tracked,
-                                   sum(t.numel() * t.element_size() for t in state), statistics.median(times) * 1e3,
+                                   trainer.optimizer_state_bytes(), statistics.median(times) * 1e3,
                                    int(flops), trained_entries, compile_s))
     return results
 

@@ -12,7 +12,6 @@ import torch
 
 from pockengine.errors import UserInputError
 from pockengine.search.analysis import analyze
-from pockengine.search.builtin import DATA, MODELS, builtin_task
 from pockengine.search.report import SearchReport
 from pockengine.search.search import mb, parse_memory, search
 from pockengine.search.task import Task
@@ -20,8 +19,12 @@ from pockengine.storage import cache_dir
 
 
 def task_from_args(args: argparse.Namespace) -> Task:
-    """The Task that --model and --data name."""
-    return builtin_task(args.model, args.data, size=args.size, batch_size=args.batch_size, eval_size=args.eval_size)
+    """The Task that --model and --data name, loaded as `pockengine finetune` loads them."""
+    from pockengine.finetune import FinetuneConfig, prepare
+
+    return prepare(FinetuneConfig(model=args.model, data=args.data, out=args.out, batch_size=args.batch_size,
+                                  image_size=args.size, max_eval_examples=args.eval_size, seed=args.seed,
+                                  max_examples=args.max_examples)).task
 
 
 def _positive(kind: type) -> type:
@@ -53,9 +56,13 @@ def _memory(text: str) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="mobilenet_v2", help=f"built in: {', '.join(MODELS)}")
-    p.add_argument("--data", default="mnist", help=f"built in: {', '.join(DATA)}")
-    p.add_argument("--size", type=_positive(int), default=64, help="input resolution of image models")
+    p.add_argument("--model", default="mobilenet_v2", help="as pockengine finetune's --model: a built-in "
+                   "(mobilenet_v2, minilm, smollm2), a Hugging Face folder or module:function")
+    p.add_argument("--data", default="mnist", help="as pockengine finetune's --data: a built-in (mnist, "
+                   "rotten_tomatoes, chatterbot), an image folder, a CSV/JSONL file")
+    p.add_argument("--size", type=_positive(int), default=None, help="image side of image models (default: the "
+                   "model's; 64 for mobilenet_v2)")
+    p.add_argument("--max-examples", type=_positive(int), default=None, help="a seeded subset of the data")
     p.add_argument("--batch-size", type=_positive(int), default=8)
     p.add_argument("--eval-size", type=_positive(int), default=512, help="held-out examples for the metric")
     p.add_argument("--cache", default="", help="analysis cache folder (default: the pockengine cache's analysis/)")
@@ -123,6 +130,7 @@ def _resumable(command):
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="fine-tune each candidate alone and measure its gain and cost (cached)")
     _common(p)
+    p.set_defaults(out="")
     p.set_defaults(run=_resumable(run_analyze))
     p = sub.add_parser("search", help="the scheme with the largest gain under a memory and/or time budget")
     _common(p)
