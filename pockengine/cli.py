@@ -8,17 +8,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import resource
 import sys
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 import pockengine as pe
+from pockengine.arguments import integer, number
 from pockengine.checkpoint import check_save_target
 from pockengine.finetune import parse_scheme
 
@@ -34,50 +33,6 @@ def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float
         pred = torch.cat([model(x[i:i + 64]).argmax(-1) for i in range(0, len(x), 64)])
     model.train(was_training)
     return (pred == y).float().mean().item()
-
-
-def _at_least(low: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-
-    parse.__name__ = f"integer >= {low}"
-    return parse
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
-    return value
-
-
-def _learning_rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
 
 
 def train(args: argparse.Namespace) -> int:
@@ -189,27 +144,27 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
                    "mode (fewer candidates and steps: minutes instead of an hour on MobileNetV2, noisier gains; "
                    "docs/search.md)")
     length = f.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=_at_least(1), help="training steps (default 100)")
-    length.add_argument("--epochs", type=_positive, help="passes over the training split (may be fractional)")
-    f.add_argument("--batch-size", type=_at_least(1), help="examples per step (default 8); the last, smaller batch "
+    length.add_argument("--steps", type=integer(1), help="training steps (default 100)")
+    length.add_argument("--epochs", type=number(above=0), help="passes over the training split (may be fractional)")
+    f.add_argument("--batch-size", type=integer(1), help="examples per step (default 8); the last, smaller batch "
                    "of each epoch is left out (one compiled shape)")
-    f.add_argument("--lr", type=_learning_rate, help="learning rate (default 1e-4)")
+    f.add_argument("--lr", type=number(at_least=0), help="learning rate (default 1e-4)")
     f.add_argument("--optimizer", choices=["adamw", "sgd"], help="adamw (default) or sgd (momentum 0.9)")
-    f.add_argument("--eval-every", type=_at_least(0), help="evaluate on the held-out split every N steps (default 0: "
+    f.add_argument("--eval-every", type=integer(0), help="evaluate on the held-out split every N steps (default 0: "
                    "before and after training only)")
-    f.add_argument("--checkpoint-every", type=_at_least(1), help="write the checkpoint every N steps (default 50; "
+    f.add_argument("--checkpoint-every", type=integer(1), help="write the checkpoint every N steps (default 50; "
                    "also at the end and on Ctrl-C)")
-    f.add_argument("--eval-fraction", type=_fraction, help="share of the data held out for evaluation, chosen by "
+    f.add_argument("--eval-fraction", type=number(at_least=0, below=1), help="share of the data held out for evaluation, chosen by "
                    "--seed (default 0.1)")
-    f.add_argument("--seq-len", type=_at_least(1), help="tokens per example (default: the longest example, at most "
+    f.add_argument("--seq-len", type=integer(1), help="tokens per example (default: the longest example, at most "
                    "128); longer texts are truncated, said once")
-    f.add_argument("--image-size", type=_at_least(1), help="image side in pixels (default: the model's; 64 for "
+    f.add_argument("--image-size", type=integer(1), help="image side in pixels (default: the model's; 64 for "
                    "mobilenet_v2; the images' own for module:function)")
-    f.add_argument("--seed", type=_at_least(0), help="seeds the split, the batch order, new heads and dropout "
+    f.add_argument("--seed", type=integer(0), help="seeds the split, the batch order, new heads and dropout "
                    "(default 0)")
-    f.add_argument("--max-examples", type=_at_least(2), help="use a seeded subset of this many examples")
-    f.add_argument("--max-eval-examples", type=_at_least(1), help="evaluate on at most this many held-out examples")
-    f.add_argument("--threads", type=_at_least(0), help="torch threads (0: PyTorch's default)")
+    f.add_argument("--max-examples", type=integer(2), help="use a seeded subset of this many examples")
+    f.add_argument("--max-eval-examples", type=integer(1), help="evaluate on at most this many held-out examples")
+    f.add_argument("--threads", type=integer(0), help="torch threads (0: PyTorch's default)")
     f.set_defaults(run=finetune_command)
 
 
@@ -309,17 +264,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pockengine", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="fine-tune the real MobileNetV2 (ImageNet weights) on MNIST")
-    t.add_argument("--steps", type=_at_least(1), default=100)
-    t.add_argument("--batch-size", type=_at_least(1), default=8)
-    t.add_argument("--size", type=_at_least(1), default=64, help="input resolution")
+    t.add_argument("--steps", type=integer(1), default=100)
+    t.add_argument("--batch-size", type=integer(1), default=8)
+    t.add_argument("--size", type=integer(1), default=64, help="input resolution")
     t.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="sgd: with momentum 0.9")
-    t.add_argument("--lr", type=_learning_rate, default=1e-4)
+    t.add_argument("--lr", type=number(at_least=0), default=1e-4)
     t.add_argument("--scheme", default="full",
                    help="what to train: full, bias_only, head, last:K, or a scheme file (.yaml/.json)")
-    t.add_argument("--seed", type=_at_least(0), default=0)
-    t.add_argument("--threads", type=_at_least(0), default=0, help="torch threads (0: PyTorch's default)")
-    t.add_argument("--eval-size", type=_at_least(1), default=512)
-    t.add_argument("--log-every", type=_at_least(1), default=20)
+    t.add_argument("--seed", type=integer(0), default=0)
+    t.add_argument("--threads", type=integer(0), default=0, help="torch threads (0: PyTorch's default)")
+    t.add_argument("--eval-size", type=integer(1), default=512)
+    t.add_argument("--log-every", type=integer(1), default=20)
     t.add_argument("--show-program", action="store_true", help="print the compiled training program")
     t.add_argument("--disable", action="append", default=[], metavar="PASS",
                    help="leave this compiler pass out (repeatable; see pockengine.pipeline.PASSES)")

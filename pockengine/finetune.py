@@ -40,7 +40,7 @@ from pockengine.errors import UserInputError
 from pockengine.models.loading import LoadedModel, ModelSource, load_model, model_source, save_model
 from pockengine.scheme import Scheme
 from pockengine.search import choose_scheme as choose_search
-from pockengine.search.search import mb, parse_memory
+from pockengine.search.search import mb
 from pockengine.search.task import Batch, Task
 from pockengine.storage import atomic_path, cache_dir
 

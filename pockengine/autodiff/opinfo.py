@@ -269,7 +269,7 @@ def report(results: list[OpResult], samples: int = SAMPLES, top: int = 25) -> st
              "| category | ops |", "|---|---|"]
     lines += [f"| {c} | {counts.get(c, 0)} |" for c in CATEGORIES]
     missing = Counter(r.worst.detail for r in counted if r.category == "no rule")
-    lines += ["", f"Most frequent missing rules (ops of `op_db` whose graph stops at them):", "",
+    lines += ["", "Most frequent missing rules (ops of `op_db` whose graph stops at them):", "",
               "| ATen op | ops |", "|---|---|"]
     lines += [f"| `{name}` | {n} |" for name, n in missing.most_common(top)]
     refused = Counter(r.worst.detail.split(":")[0] for r in counted if r.category == "refused")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from pockengine.arguments import integer, number
 from pockengine.errors import UserInputError
 from pockengine.search.analysis import analyze
 from pockengine.search.report import SearchReport
@@ -27,22 +27,8 @@ def task_from_args(args: argparse.Namespace) -> Task:
                                   max_examples=args.max_examples)).task
 
 
-def _positive(kind: type) -> type:
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not (math.isfinite(value) and value > 0):
-            raise argparse.ArgumentTypeError(f"must be above zero, got {text}")
-        return value
-
-    parse.__name__ = f"{kind.__name__} > 0"
-    return parse
-
-
 def _rates(text: str) -> tuple[float, ...]:
-    rates = tuple(_positive(float)(r) for r in text.split(",") if r.strip())
+    rates = tuple(number(above=0)(r) for r in text.split(",") if r.strip())
     if not rates:
         raise argparse.ArgumentTypeError("write one or more rates separated by commas, e.g. 1e-3,1e-2")
     return rates
@@ -60,21 +46,21 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "(mobilenet_v2, minilm, smollm2), a Hugging Face folder or module:function")
     p.add_argument("--data", default="mnist", help="as pockengine finetune's --data: a built-in (mnist, "
                    "rotten_tomatoes, chatterbot), an image folder, a CSV/JSONL file")
-    p.add_argument("--size", type=_positive(int), default=None, help="image side of image models (default: the "
+    p.add_argument("--size", type=integer(1), default=None, help="image side of image models (default: the "
                    "model's; 64 for mobilenet_v2)")
-    p.add_argument("--max-examples", type=_positive(int), default=None, help="a seeded subset of the data")
-    p.add_argument("--batch-size", type=_positive(int), default=8)
-    p.add_argument("--eval-size", type=_positive(int), default=512, help="held-out examples for the metric")
+    p.add_argument("--max-examples", type=integer(1), default=None, help="a seeded subset of the data")
+    p.add_argument("--batch-size", type=integer(1), default=8)
+    p.add_argument("--eval-size", type=integer(1), default=512, help="held-out examples for the metric")
     p.add_argument("--cache", default="", help="analysis cache folder (default: the pockengine cache's analysis/)")
     p.add_argument("--quick", action="store_true",
                    help="fewer candidates (k at powers of two, the last 12 weights, ratios 1/4 and 1), fewer steps "
                         "(40) and two learning rates: minutes instead of an hour on MobileNetV2, noisier gains")
-    p.add_argument("--steps", type=_positive(int), default=None, help="steps per candidate (default 100, quick 40)")
+    p.add_argument("--steps", type=integer(1), default=None, help="steps per candidate (default 100, quick 40)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr-grid", type=_rates, default=None,
                    help="learning rates tried per candidate kind, comma-separated (default 1e-4,1e-3,1e-2; quick "
                         "1e-3,1e-2)")
-    p.add_argument("--threads", type=_positive(int), default=None, help="torch threads (default: PyTorch's)")
+    p.add_argument("--threads", type=integer(1), default=None, help="torch threads (default: PyTorch's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -136,6 +122,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument("--memory-budget", type=_memory, default=None,
                    help="step memory (planned peak + optimizer state): 4MB, 512KB (powers of 1024)")
-    p.add_argument("--time-budget", type=_positive(float), default=None, help="milliseconds per step")
+    p.add_argument("--time-budget", type=number(above=0), default=None, help="milliseconds per step")
     p.add_argument("--out", default="search-out", help="folder for scheme.yaml, report.md and the plots")
     p.set_defaults(run=_resumable(run_search))
