@@ -279,3 +279,135 @@ def test_gpt2_with_default_attention_captures_and_trains():
     assert "flash cannot run: it would draw the dropout mask" in str(trainer.program().graph)
     losses = [trainer.step(batch) for _ in range(5)]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+# ------------------------------------------------------------------------------------------------ masks known at compile time
+class BuiltMask(nn.Module):
+    """Attention over parameters q, k, v whose mask `form` is built in forward, as models build theirs: from the
+    sequence length (arange and a comparison), from a buffer or a constant tensor, or from a padding mask in the
+    batch."""
+
+    def __init__(self, form: str, L: int = 16, heads: int = HEADS):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.q, self.k, self.v = (nn.Parameter(torch.randn(2, heads, L, E, generator=gen)) for _ in range(3))
+        self.form = form
+        self.register_buffer("tril", torch.ones(L, L, dtype=torch.bool).tril(), persistent=False)
+        self.tril_additive = torch.zeros(L, L).masked_fill(~self.tril, float("-inf"))  # lifted as a constant
+
+    def forward(self, padding=None):
+        L = self.q.shape[-2]
+        i = torch.arange(L)
+        keep = i[None, :] <= i[:, None]
+        mask = {
+            "bool": lambda: keep[None, None].expand(2, 1, L, L),
+            "additive-inf": lambda: torch.zeros(L, L).masked_fill(~keep, float("-inf")),
+            "additive-lowest": lambda: torch.where(keep, 0.0, torch.finfo(torch.float32).min)[None, None],
+            "buffer": lambda: self.tril,
+            "constant": lambda: self.tril_additive,
+            "all-keys": lambda: torch.ones(2, 1, L, L, dtype=torch.bool),
+            "window": lambda: keep & (i[None, :] > i[:, None] - 4),  # Mistral's sliding window, shorter than L
+            "bias": lambda: torch.zeros(L, L).masked_fill(~keep, -1e4),  # a large shift is not a removal
+            "upper": lambda: keep.T,
+            "padding": lambda: keep & padding[:, None, None, :],
+        }[self.form]()
+        return F.scaled_dot_product_attention(self.q, self.k, self.v, attn_mask=mask)
+
+
+REWRITTEN = {"bool": "causal", "additive-inf": "causal", "additive-lowest": "causal", "buffer": "causal",
+             "constant": "causal", "all-keys": "every key", "window": None, "bias": None, "upper": None,
+             "padding": None}
+
+
+@pytest.mark.parametrize("kernel", ["math", "flash"])
+@pytest.mark.parametrize("form", list(REWRITTEN))
+def test_masks_known_at_compile_time_are_rewritten_exactly(form, kernel):
+    """A causal mask becomes is_causal=True, a mask that keeps every key goes; any other mask, and any mask built
+    from the batch, stays. Gradients equal autograd's either way."""
+    model = BuiltMask(form)
+    padding = torch.ones(2, 16, dtype=torch.bool)
+    padding[0, :5] = False  # left padding: the first queries of row 0 see no key at all
+    inputs = (padding,) if form == "padding" else ()
+    out = model(*inputs)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    if form == "padding":
+        out = torch.nan_to_num(out)  # a query with no key: NaN in PyTorch, uniform over the masked keys in pockengine
+        w[0, :, :5] = 0
+    expected = torch.autograd.grad(weighted(out, w), [model.q, model.k, model.v])
+
+    trainer = pe.compile(model, weighted, (inputs, w), attention=kernel)
+    grads = trainer.gradients((inputs, w))
+    for n, r in zip("qkv", expected):
+        assert rel_err(grads[n], r) <= TOL, n
+    listing = str(trainer.program(gradients=True).graph)
+    causal = "is the causal mask, known at compile time: is_causal=True, no mask read" in listing
+    kept = "keeps every key, known at compile time: no mask read" in listing
+    assert (causal, kept) == (REWRITTEN[form] == "causal", REWRITTEN[form] == "every key")
+    if REWRITTEN[form] is not None:
+        assert not any(f"= {op}." in listing for op in ("le", "where", "masked_fill", "logical_not")), "mask left"
+        flash = [ln for ln in listing.splitlines() if "= _scaled_dot_product_flash_attention_for_cpu" in ln]
+        assert all(f", {causal}, attn_mask=None" in ln for ln in flash)
+
+
+def test_the_pass_can_be_left_out():
+    model = BuiltMask("bool")
+    w = torch.randn(2, HEADS, 16, E)
+    listing = str(pe.compile(model, weighted, ((), w), disable={"attention_masks"}).program().graph)
+    assert "is_causal=True" not in listing and "le.Tensor" in listing
+
+
+def _decoder(kind: str, window: int | None = None) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2)
+    if kind == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**sizes))
+    if kind == "mistral":
+        return transformers.MistralForCausalLM(transformers.MistralConfig(**sizes, sliding_window=window))
+    return transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=64))
+
+
+@pytest.mark.parametrize("kind, window", [("llama", None), ("gpt2", None), ("mistral", 4096), ("mistral", 5)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_decoders_causal_mask_becomes_is_causal(kind, window, padded):
+    """Hugging Face decoders with their defaults build the causal mask from the sequence length: it becomes
+    is_causal=True, unless the batch pads (the mask reads `attention_mask`) or Mistral's sliding window is shorter
+    than the sequence. Gradients equal autograd's at 1e-4 (eval mode; Llama and Mistral draw no dropout in train
+    mode either, GPT-2's dropout is checked below)."""
+    model = _decoder(kind, window).eval()
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids}
+    if padded:
+        inputs["attention_mask"] = torch.ones(2, 12, dtype=torch.long)
+        inputs["attention_mask"][0, :3] = 0
+    batch, loss_fn = (inputs, ids), pe.losses.causal_lm()
+    ref = copy.deepcopy(model)
+    names, params = zip(*ref.named_parameters())
+    expected = torch.autograd.grad(loss_fn(ref(**inputs), ids), params)
+    trainer = pe.compile(model, loss_fn, batch)
+    grads = trainer.gradients(batch)
+    floor = 1e-6 * max(r.abs().max().item() for r in expected)  # GPT-2's key bias: 0 up to rounding
+    for n, r in zip(names, expected):
+        if r.abs().max() <= floor:
+            assert grads[n].abs().max() <= floor, n
+        else:
+            assert rel_err(grads[n], r) <= TOL, n
+    listing = str(trainer.program(gradients=True).graph)
+    rewritten = listing.count("is the causal mask, known at compile time: is_causal=True")
+    assert rewritten == (0 if padded or window == 5 else 2)
+
+
+def test_gpt2_train_mode_causal_rewrite_changes_nothing():
+    """In train mode GPT-2's attention dropout runs the math form on the trainer's generator: with the causal
+    rewrite and without it the same seed draws the same masks and gives the same gradients."""
+    model = _decoder("gpt2").train()
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    batch, loss_fn = ({"input_ids": ids}, ids), pe.losses.causal_lm()
+    rewritten = pe.compile(copy.deepcopy(model), loss_fn, batch, seed=3)
+    assert "is_causal=True" in str(rewritten.program(gradients=True).graph)
+    grads = rewritten.gradients(batch)
+    reference = pe.compile(copy.deepcopy(model), loss_fn, batch, seed=3, disable={"attention_masks"})
+    for n, r in reference.gradients(batch).items():
+        assert rel_err(grads[n], r) <= TOL, n

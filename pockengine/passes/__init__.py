@@ -1,6 +1,7 @@
 """Graph-to-graph transformations of the training program, each a plain function easy to test alone."""
 
 from pockengine.passes.activation_masks import compact_activation_masks
+from pockengine.passes.attention_masks import simplify_attention_masks
 from pockengine.passes.chunk_frozen import chunk_for_memory, chunk_frozen_prefix, frozen_region, plan_chunks
 from pockengine.passes.clones import drop_redundant_clones
 from pockengine.passes.constant_fold import fold_constants
@@ -13,4 +14,5 @@ from pockengine.passes.rematerialize import rematerialize
 
 __all__ = ["chunk_for_memory", "chunk_frozen_prefix", "compact_activation_masks", "drop_redundant_clones",
            "fold_constants", "fold_frozen_batchnorm", "frozen_region", "plan_chunks",
-           "pointwise_convolutions_as_matmul", "rematerialize", "run_in_place", "to_channels_last", "update_early", "uses_convolution"]
+           "pointwise_convolutions_as_matmul", "rematerialize", "run_in_place", "simplify_attention_masks",
+           "to_channels_last", "update_early", "uses_convolution"]

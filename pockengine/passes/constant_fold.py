@@ -27,6 +27,13 @@ def _foldable(target) -> bool:
     return not draws_random(target) and not is_view(target)
 
 
+def evaluate(n: Node, known: dict[Node, torch.Tensor]) -> torch.Tensor:
+    """The value of op `n` from the values of its inputs."""
+    args, kwargs = tree_map(lambda a: known[a] if isinstance(a, Node) else a, (n.args, n.kwargs))
+    with torch.no_grad():
+        return n.target(*args, **kwargs)
+
+
 def fold_constants(graph: Graph, frozen: dict[Node, torch.Tensor], max_bytes: int = MAX_BYTES) -> Graph:
     """`frozen`: the program inputs no step changes, with their values."""
     known: dict[Node, torch.Tensor] = dict(frozen)
@@ -34,9 +41,7 @@ def fold_constants(graph: Graph, frozen: dict[Node, torch.Tensor], max_bytes: in
         if (n.is_input or n.mutates or not isinstance(n.meta, TensorMeta) or n.meta.nbytes > max_bytes
                 or not n.inputs or not all(i in known for i in n.inputs) or not _foldable(n.target)):
             continue
-        args, kwargs = tree_map(lambda a: known[a] if isinstance(a, Node) else a, (n.args, n.kwargs))
-        with torch.no_grad():
-            known[n] = n.target(*args, **kwargs)
+        known[n] = evaluate(n, known)
     users = graph.users()
     outputs = set(graph.outputs.values())
     for n in [n for n in graph.nodes if n in known and not n.is_input]:

@@ -259,8 +259,9 @@ def _forward(graph: Graph, node: Node, c: _Call, kernel: str, note: str | None) 
     emit = graph.emitter(node, node.module, node.section)
     fwd = _math_forward(emit, c, mask) if kernel == "math" else _flash_forward(emit, c, mask)
     graph.replace_all_uses(node, fwd.out)
-    if note is not None:
-        graph.notes[fwd.main] = note
+    notes = [n for n in (graph.notes.get(node), note) if n is not None]  # the attention's own (its mask's) first
+    if notes:
+        graph.notes[fwd.main] = "; ".join(notes)
     return fwd
 
 

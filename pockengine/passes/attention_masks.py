@@ -1,0 +1,99 @@
+"""Attention masks known at compile time become `is_causal=True`, or go.
+
+Hugging Face's decoders (Llama, SmolLM2, GPT-2, Mistral, Qwen2, Gemma) build their causal mask from the sequence
+length: torch.export records `arange`s, a comparison and an `expand` to (batch, 1, L, S), and every layer's
+`scaled_dot_product_attention` reads that tensor as `attn_mask`. Eager PyTorch, seeing no padding at run time,
+calls the kernel with `is_causal=True` instead: the flash kernel then skips the blocks above the diagonal (half the
+work at long sequences) and reads no mask. BERT-like encoders without padding pass a mask that keeps every key.
+
+This pass evaluates each attention mask computed from constants alone (the ops and constants of the graph, and
+frozen tensors, as the `constants` pass reads them) and compares its value with the two masks that need no tensor:
+- every key kept (True, or an additive 0): the mask is dropped;
+- query i keeps keys 0..i, top-left aligned as `is_causal=True` is (True/False, or additive 0 and -inf or the
+  dtype's lowest value): the attention gets `is_causal=True` and no mask.
+The value is compared for every batch and head slice, so a mask with anything else anywhere (a sliding window
+shorter than the sequence, Mistral's; a bias) stays. A mask computed from the batch (padding from an
+`attention_mask` input) is never evaluated and stays. The replacement is exact: both kernels' causal forms mask
+the same keys with -inf, and an additive mask's lowest value already gives those keys a probability of exactly 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pockengine.ir.graph import Graph, Node
+from pockengine.ir.ops import draws_random
+from pockengine.passes.constant_fold import evaluate
+
+aten = torch.ops.aten
+SDPA = aten.scaled_dot_product_attention.default
+_POSITIONAL = [a for a in SDPA._schema.arguments if not a.kwarg_only]  # query, key, value, attn_mask, ..., is_causal
+
+
+def simplify_attention_masks(graph: Graph, known: dict[Node, torch.Tensor]) -> Graph:
+    """`known`: the program inputs whose values are fixed at compile time (frozen tensors, constants)."""
+    values: dict[Node, torch.Tensor | None] = {}  # every layer reads the same mask: evaluated once
+    for node in [n for n in graph.nodes if n.target is SDPA]:
+        args = {a.name: a.default_value for a in _POSITIONAL}
+        args.update(zip(args, node.args))
+        args.update({name: v for name, v in node.kwargs.items() if name in args})
+        mask = args["attn_mask"]
+        if not isinstance(mask, Node):
+            continue
+        if mask not in values:
+            values[mask] = _constant_value(graph, mask, known)
+        form = None if values[mask] is None else _form(values[mask], args["query"].meta.shape[-2],
+                                                        args["key"].meta.shape[-2])
+        if form is None:
+            continue
+        args["attn_mask"], args["is_causal"] = None, form == "causal"
+        node.args = tuple(args.values())
+        node.kwargs = {name: v for name, v in node.kwargs.items() if name not in args}
+        graph.notes[node] = (f"attn_mask %{mask.name} is the causal mask, known at compile time: is_causal=True, "
+                             "no mask read" if form == "causal" else
+                             f"attn_mask %{mask.name} keeps every key, known at compile time: no mask read")
+    return graph
+
+
+def _constant_value(graph: Graph, mask: Node, known: dict[Node, torch.Tensor]) -> torch.Tensor | None:
+    """The value of `mask` if it is computed from `known` inputs alone, without drawing at random or writing to a
+    value in place; None otherwise (it reads the batch or a trained parameter)."""
+    needed: set[Node] = set()
+    stack = [mask]
+    while stack:
+        n = stack.pop()
+        if n in needed:
+            continue
+        if n.is_input and n not in known or n.mutates or draws_random(n.target):
+            return None
+        needed.add(n)
+        stack.extend(n.inputs)
+    if any(n.mutates and set(n.inputs) & needed for n in graph.nodes):  # something writes to it later
+        return None
+    values = {n: known[n] for n in needed if n.is_input}
+    for n in graph.nodes:
+        if n in needed and not n.is_input:
+            values[n] = evaluate(n, values)
+    return values[mask]
+
+
+def _form(value: torch.Tensor, L: int, S: int) -> str | None:
+    """"none" (every key kept), "causal" (query i keeps keys 0..i) or None, for a mask of any batch and head
+    dimensions broadcast to the scores (..., L, S)."""
+    # Leading dimensions the mask is broadcast over (stride 0: an `expand`) hold one slice: compare it once.
+    value = value[tuple(0 if stride == 0 else slice(None) for stride in value.stride()[:-2])]
+    while value.dim() < 2:
+        value = value.unsqueeze(0)
+    value = value.expand(*value.shape[:-2], L, S)
+    if value.dtype == torch.bool:
+        keep = value
+    elif value.is_floating_point():
+        keep = value == 0
+        if not torch.equal(keep | (value <= torch.finfo(value.dtype).min), torch.ones_like(keep)):
+            return None  # some score is shifted, not just kept or removed
+    else:
+        return None
+    if bool(keep.all()):
+        return "none"
+    causal = torch.ones(L, S, dtype=torch.bool, device=keep.device).tril()
+    return "causal" if torch.equal(keep, causal.expand_as(keep)) else None
