@@ -357,16 +357,21 @@ def test_the_pass_can_be_left_out():
 
 
 def _decoder(kind: str, window: int | None = None) -> nn.Module:
+    """A small Hugging Face model of family `kind`, built with its defaults (`sdpa` attention)."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    sizes = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2)
-    if kind == "llama":
-        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**sizes))
+    sizes = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    if kind == "gpt2":
+        return transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=64))
+    if kind == "bert":
+        return transformers.BertForMaskedLM(transformers.BertConfig(**sizes))
     if kind == "mistral":
-        return transformers.MistralForCausalLM(transformers.MistralConfig(**sizes, sliding_window=window))
-    return transformers.GPT2LMHeadModel(
-        transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=64))
+        return transformers.MistralForCausalLM(
+            transformers.MistralConfig(**sizes, num_key_value_heads=2, sliding_window=window))
+    family = {"llama": "Llama", "qwen2": "Qwen2", "gemma": "Gemma"}[kind]
+    config = getattr(transformers, f"{family}Config")(**sizes, num_key_value_heads=2)
+    return getattr(transformers, f"{family}ForCausalLM")(config)
 
 
 @pytest.mark.parametrize("kind, window", [("llama", None), ("gpt2", None), ("mistral", 4096), ("mistral", 5)])
@@ -374,18 +379,19 @@ def _decoder(kind: str, window: int | None = None) -> nn.Module:
 def test_decoders_causal_mask_becomes_is_causal(kind, window, padded):
     """Hugging Face decoders with their defaults build the causal mask from the sequence length: it becomes
     is_causal=True, unless the batch pads (the mask reads `attention_mask`) or Mistral's sliding window is shorter
-    than the sequence. Gradients equal autograd's at 1e-4 (eval mode; Llama and Mistral draw no dropout in train
-    mode either, GPT-2's dropout is checked below)."""
-    model = _decoder(kind, window).eval()
+    than the sequence. Gradients equal autograd's at 1e-4: Llama and Mistral in train mode (their attention draws no
+    dropout), GPT-2 in eval mode (its train-mode dropout is checked below)."""
+    model = _decoder(kind, window).train(kind != "gpt2")
     ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
-    inputs = {"input_ids": ids}
-    if padded:
+    inputs, labels = {"input_ids": ids}, ids.clone()
+    if padded:  # left padding; the loss ignores what the padded positions predict, as users set it up
         inputs["attention_mask"] = torch.ones(2, 12, dtype=torch.long)
         inputs["attention_mask"][0, :3] = 0
-    batch, loss_fn = (inputs, ids), pe.losses.causal_lm()
+        labels[0, :4] = -100
+    batch, loss_fn = (inputs, labels), pe.losses.causal_lm()
     ref = copy.deepcopy(model)
     names, params = zip(*ref.named_parameters())
-    expected = torch.autograd.grad(loss_fn(ref(**inputs), ids), params)
+    expected = torch.autograd.grad(loss_fn(ref(**inputs), labels), params)
     trainer = pe.compile(model, loss_fn, batch)
     grads = trainer.gradients(batch)
     floor = 1e-6 * max(r.abs().max().item() for r in expected)  # GPT-2's key bias: 0 up to rounding
@@ -411,3 +417,15 @@ def test_gpt2_train_mode_causal_rewrite_changes_nothing():
     reference = pe.compile(copy.deepcopy(model), loss_fn, batch, seed=3, disable={"attention_masks"})
     for n, r in reference.gradients(batch).items():
         assert rel_err(grads[n], r) <= TOL, n
+
+
+@pytest.mark.parametrize("kind, rewrite", [("qwen2", "is the causal mask"), ("gemma", "is the causal mask"),
+                                           ("bert", "keeps every key")])
+def test_other_families_masks(kind, rewrite):
+    """Qwen2 and Gemma build Llama's causal mask; BERT without padding passes one that keeps every key."""
+    model = _decoder(kind).eval()
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    trainer = pe.compile(model, pe.losses.causal_lm(), ({"input_ids": ids}, ids))
+    graph = trainer.program(gradients=True, after="attention_masks").graph
+    attentions = [n for n in graph.nodes if n.target is aten.scaled_dot_product_attention.default]
+    assert len(attentions) == 2 and all(rewrite in graph.notes.get(n, "") for n in attentions)
