@@ -7,7 +7,9 @@ autograd's gradients to a relative error of at most TOL = 1e-4 for: no mask, cau
 mask that needs a gradient (math only: flash falls back), grouped-query attention, one key/value head broadcast
 over the query heads, a custom scale, 3-d inputs, cross attention (L != S); at sequence lengths 1, 7 and 64.
 Dropout is checked against autograd on the very mask the trainer's generator draws; GPT-2 with its default
-attention is captured and trained end to end.
+attention is captured and trained end to end. Masks known at compile time (pass `attention_masks`): causal ones
+become is_causal=True, ones that keep every key go, others and padding masks stay, with autograd's gradients, on
+masks built in forward and on Hugging Face's Llama, GPT-2, Mistral (sliding window), Qwen2, Gemma and BERT.
 """
 
 from __future__ import annotations
@@ -281,7 +283,7 @@ def test_gpt2_with_default_attention_captures_and_trains():
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
 
 
-# ------------------------------------------------------------------------------------------------ masks known at compile time
+# ------------------------------------------------------------------------------------------------ mask rewrite
 class BuiltMask(nn.Module):
     """Attention over parameters q, k, v whose mask `form` is built in forward, as models build theirs: from the
     sequence length (arange and a comparison), from a buffer or a constant tensor, or from a padding mask in the

@@ -3,8 +3,9 @@
 Hugging Face's decoders (Llama, SmolLM2, GPT-2, Mistral, Qwen2, Gemma) build their causal mask from the sequence
 length: torch.export records `arange`s, a comparison and an `expand` to (batch, 1, L, S), and every layer's
 `scaled_dot_product_attention` reads that tensor as `attn_mask`. Eager PyTorch, seeing no padding at run time,
-calls the kernel with `is_causal=True` instead: the flash kernel then skips the blocks above the diagonal (half the
-work at long sequences) and reads no mask. BERT-like encoders without padding pass a mask that keeps every key.
+calls the kernel with `is_causal=True` instead: the flash kernel then skips the blocks above the diagonal and
+reads no mask (on a CPU, one attention of SmolLM2's at 1024 tokens: 242 ms forward and backward instead of 330).
+BERT-like encoders without padding pass a mask that keeps every key.
 
 This pass evaluates each attention mask computed from constants alone (the ops and constants of the graph, and
 frozen tensors, as the `constants` pass reads them) and compares its value with the two masks that need no tensor:

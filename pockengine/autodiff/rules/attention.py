@@ -17,7 +17,8 @@ always agree; `lower_attention` replaces the attentions off it (frozen layers) b
 memory. `attention="math" | "flash"` (`pockengine.compile`) forces one. Flash never runs with dropout (its kernel
 draws the mask from the global generator, not from the trainer's seed), where the mask needs a gradient (T5's
 position bias), off the CPU, or for shapes its kernel refuses; math runs there. The listing
-(`print(trainer.program().graph)`) shows the choice and why on the attention's main op.
+(`print(trainer.program().graph)`) shows the choice and why on the attention's main op, after the note of the
+`attention_masks` pass (pockengine/passes/attention_masks.py) where it turned a causal mask into `is_causal=True`.
 
 A boolean mask becomes an additive one holding the dtype's lowest value, not -inf, for both kernels: a query whose
 keys are all masked (left padding) then attends to them uniformly, as in Hugging Face's eager attention, instead of
