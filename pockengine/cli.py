@@ -217,13 +217,22 @@ def finetune_command(args: argparse.Namespace) -> int:
 
 
 def report_command(args: argparse.Namespace) -> int:
-    from pockengine.finetune import SUMMARY_FILE, draw_plots, format_summary
+    from pockengine.finetune import SUMMARY_FILE, compare_summaries, draw_plots, format_summary
 
-    for path in draw_plots(args.folder):
-        print(f"drew {path}")
-    summary = Path(args.folder) / SUMMARY_FILE
-    if summary.is_file():
-        print(format_summary(json.loads(summary.read_text())))
+    summaries = {}
+    for folder in args.folders:
+        for path in draw_plots(folder):
+            print(f"drew {path}")
+        summary = Path(folder) / SUMMARY_FILE
+        if summary.is_file():
+            summaries[folder] = json.loads(summary.read_text())
+            print(format_summary(summaries[folder]))
+    if len(args.folders) > 1:
+        unfinished = [f for f in args.folders if f not in summaries]
+        if unfinished:
+            raise pe.UserInputError(f"cannot compare: {', '.join(unfinished)} has no {SUMMARY_FILE} (the run has not "
+                                    "finished; continue it with `pockengine finetune --out RUN --resume`)")
+        print(compare_summaries(summaries))
     return 0
 
 
@@ -281,10 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--save", default="", help="write a checkpoint folder here at the end")
     t.set_defaults(run=train)
     _finetune_parser(sub)
-    r = sub.add_parser("report", help="redraw a fine-tuning run's plots (loss, held-out metric) and print its summary",
+    r = sub.add_parser("report", help="redraw fine-tuning runs' plots (loss, held-out metric), print their summaries, "
+                       "and compare several side by side",
                        description="Redraw RUN/plots/loss.png and metric.png from RUN/metrics.jsonl, and print the "
-                       "run's summary.")
-    r.add_argument("folder", metavar="RUN", help="the run folder of `pockengine finetune` (its --out)")
+                       "run's summary; given several runs, also a table comparing them (each divided by the first).")
+    r.add_argument("folders", nargs="+", metavar="RUN", help="run folders of `pockengine finetune` (their --out)")
     r.set_defaults(run=report_command)
     from pockengine.search.cli import add_commands as add_search_commands
     add_search_commands(sub)  # analyze, search

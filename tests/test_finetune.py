@@ -258,6 +258,25 @@ def test_report_redraws_the_plots(tmp_path, cnn_module, capsys):
         assert png.width > 100
 
 
+def test_report_compares_runs_each_divided_by_the_first(tmp_path, cnn_module, capsys):
+    full, bias = tmp_path / "full", tmp_path / "bias"
+    assert run_cnn(tmp_path, full, cnn_module) == 0
+    assert run_cnn(tmp_path, bias, cnn_module, ["--scheme", "bias_only"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(full), str(bias)]) == 0
+    table = capsys.readouterr().out.split("| run |", 1)[1].splitlines()
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (full, bias)]
+    memory = [s["planned_step_peak_bytes"] + s["optimizer_state_bytes"] for s in summaries]
+    first, second = (row.split("|") for row in table[2:4])
+    assert first[2].strip() == "full" and second[2].strip() == "bias_only"
+    assert float(first[-2]) == 1.0 and float(second[-2]) == pytest.approx(memory[1] / memory[0], abs=0.01)
+    assert memory[1] < memory[0]
+
+    (bias / "summary.json").unlink()
+    assert main(["report", str(full), str(bias)]) == 2
+    assert "has no summary.json (the run has not finished" in capsys.readouterr().err
+
+
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m.role }}> {{ m.content }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<assistant> {% endif %}")
 
