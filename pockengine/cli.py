@@ -156,6 +156,9 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
                    "also at the end and on Ctrl-C)")
     f.add_argument("--eval-fraction", type=number(at_least=0, below=1), help="share of the data held out for evaluation, chosen by "
                    "--seed (default 0.1)")
+    f.add_argument("--text-column", help="the text column of a CSV/TSV (or field of a JSONL) text data set "
+                   "(default: text)")
+    f.add_argument("--label-column", help="its label column or field (default: label)")
     f.add_argument("--seq-len", type=integer(1), help="tokens per example (default: the longest example, at most "
                    "128); longer texts are truncated, said once")
     f.add_argument("--image-size", type=integer(1), help="image side in pixels (default: the model's; 64 for "

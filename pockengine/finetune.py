@@ -84,6 +84,8 @@ class FinetuneConfig:
     max_examples: int | None = None  # use a seeded subset of the data (before the split)
     max_eval_examples: int | None = None
     threads: int = 0
+    text_column: str = "text"  # of a CSV/TSV/JSONL text data set
+    label_column: str = "label"
     quick: bool = False  # --scheme auto: the analysis's quick mode (docs/search.md)
 
     def __post_init__(self) -> None:
@@ -314,7 +316,7 @@ def prepare(config: FinetuneConfig) -> FinetuneRun:
         image_size = (config.image_size,) * 2 if config.image_size else size
         data: Data = load_data(config.data, image_size, channels)
     else:
-        data = load_data(config.data)
+        data = load_data(config.data, columns=(config.text_column, config.label_column))
     classes = None
     if kind != CHAT:
         fixed = source.fixed_classes()

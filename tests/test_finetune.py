@@ -119,6 +119,20 @@ def test_finetune_a_bert_folder_on_a_csv(tmp_path, hf_folders):
     assert summary["planned_step_peak_bytes"] > 0 and summary["peak_rss_bytes"] > 0
 
 
+def test_a_tsv_with_its_own_column_names(tmp_path, hf_folders, capsys):
+    rows = ["sentence\tsentiment"] + [f"{'good great fun' if i % 2 else 'bad awful boring'} movie\t"
+                                     f"{'positive' if i % 2 else 'negative'}" for i in range(16)]
+    data = tmp_path / "reviews.tsv"
+    data.write_text("\n".join(rows) + "\n")
+    argv = ["finetune", "--model", str(hf_folders / "bert"), "--data", str(data), "--scheme", "bias_only",
+            "--steps", "2", "--batch-size", "4"]
+    assert main([*argv, "--out", str(tmp_path / "refused")]) == 2
+    assert "missing column(s) ['text', 'label']" in capsys.readouterr().err
+    assert main([*argv, "--text-column", "sentence", "--label-column", "sentiment", "--out", str(tmp_path / "run")]) == 0
+    saved = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "model")
+    assert saved.config.id2label == {0: "negative", 1: "positive"}
+
+
 SMALL_CNN = '''
 import torch
 from torch import nn
