@@ -156,6 +156,9 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
                    "also at the end and on Ctrl-C)")
     f.add_argument("--eval-fraction", type=number(at_least=0, below=1), help="share of the data held out for evaluation, chosen by "
                    "--seed (default 0.1)")
+    f.add_argument("--text-column", help="the text column of a CSV/TSV (or field of a JSONL) text data set "
+                   "(default: text)")
+    f.add_argument("--label-column", help="its label column or field (default: label)")
     f.add_argument("--seq-len", type=integer(1), help="tokens per example (default: the longest example, at most "
                    "128); longer texts are truncated, said once")
     f.add_argument("--image-size", type=integer(1), help="image side in pixels (default: the model's; 64 for "
@@ -217,13 +220,22 @@ def finetune_command(args: argparse.Namespace) -> int:
 
 
 def report_command(args: argparse.Namespace) -> int:
-    from pockengine.finetune import SUMMARY_FILE, draw_plots, format_summary
+    from pockengine.finetune import SUMMARY_FILE, compare_summaries, draw_plots, format_summary
 
-    for path in draw_plots(args.folder):
-        print(f"drew {path}")
-    summary = Path(args.folder) / SUMMARY_FILE
-    if summary.is_file():
-        print(format_summary(json.loads(summary.read_text())))
+    summaries = {}
+    for folder in args.folders:
+        for path in draw_plots(folder):
+            print(f"drew {path}")
+        summary = Path(folder) / SUMMARY_FILE
+        if summary.is_file():
+            summaries[folder] = json.loads(summary.read_text())
+            print(format_summary(summaries[folder]))
+    if len(args.folders) > 1:
+        unfinished = [f for f in args.folders if f not in summaries]
+        if unfinished:
+            raise pe.UserInputError(f"cannot compare: {', '.join(unfinished)} has no {SUMMARY_FILE} (the run has not "
+                                    "finished; continue it with `pockengine finetune --out RUN --resume`)")
+        print(compare_summaries(summaries))
     return 0
 
 
@@ -281,10 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--save", default="", help="write a checkpoint folder here at the end")
     t.set_defaults(run=train)
     _finetune_parser(sub)
-    r = sub.add_parser("report", help="redraw a fine-tuning run's plots (loss, held-out metric) and print its summary",
+    r = sub.add_parser("report", help="redraw fine-tuning runs' plots (loss, held-out metric), print their summaries, "
+                       "and compare several side by side",
                        description="Redraw RUN/plots/loss.png and metric.png from RUN/metrics.jsonl, and print the "
-                       "run's summary.")
-    r.add_argument("folder", metavar="RUN", help="the run folder of `pockengine finetune` (its --out)")
+                       "run's summary; given several runs, also a table comparing them (each divided by the first).")
+    r.add_argument("folders", nargs="+", metavar="RUN", help="run folders of `pockengine finetune` (their --out)")
     r.set_defaults(run=report_command)
     from pockengine.search.cli import add_commands as add_search_commands
     add_search_commands(sub)  # analyze, search

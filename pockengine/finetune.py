@@ -44,7 +44,7 @@ from pockengine.search.search import mb
 from pockengine.search.task import Batch, Task
 from pockengine.storage import atomic_path, cache_dir
 
-__all__ = ["FinetuneConfig", "FinetuneRun", "prepare", "scheme_for", "finetune", "resume_config", "draw_plots",
+__all__ = ["FinetuneConfig", "FinetuneRun", "prepare", "scheme_for", "finetune", "resume_config", "draw_plots", "compare_summaries",
            "parse_milliseconds", "Batches"]
 
 PRESETS = {"full": Scheme.full, "bias_only": Scheme.bias_only, "head": Scheme.head}
@@ -84,6 +84,8 @@ class FinetuneConfig:
     max_examples: int | None = None  # use a seeded subset of the data (before the split)
     max_eval_examples: int | None = None
     threads: int = 0
+    text_column: str = "text"  # of a CSV/TSV/JSONL text data set
+    label_column: str = "label"
     quick: bool = False  # --scheme auto: the analysis's quick mode (docs/search.md)
 
     def __post_init__(self) -> None:
@@ -314,7 +316,7 @@ def prepare(config: FinetuneConfig) -> FinetuneRun:
         image_size = (config.image_size,) * 2 if config.image_size else size
         data: Data = load_data(config.data, image_size, channels)
     else:
-        data = load_data(config.data)
+        data = load_data(config.data, columns=(config.text_column, config.label_column))
     classes = None
     if kind != CHAT:
         fixed = source.fixed_classes()
@@ -590,7 +592,7 @@ def finetune(config: FinetuneConfig, resume: bool = False, log: Callable[[str], 
         "steps": trainer.steps_done, "batch_size": config.batch_size, "n_train": run.n_train, "n_eval": run.n_eval,
         "scheme": trainer.scheme.name, "trained_parameters": trained, "parameters": n_params,
         "trained_tensors": len(trainer.trained), "step_ms_median": median_ms, "planned_step_peak_bytes": planned,
-        "peak_rss_bytes": _peak_rss(), "memory_budget_bytes": config.memory_budget,
+        "optimizer_state_bytes": state, "peak_rss_bytes": _peak_rss(), "memory_budget_bytes": config.memory_budget,
         "time_budget_ms": config.time_budget, "saved_model": str(out / MODEL_DIR), "library": run.loaded.library,
     }
     _write_json(out / SUMMARY_FILE, summary)
@@ -610,11 +612,30 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{summary['trained_tensors']} tensors",
         "step time: " + (f"{summary['step_ms_median']:.1f} ms (median)" if summary["step_ms_median"] is not None
                          else "no step in this session"),
-        f"memory: planned step peak {mb(summary['planned_step_peak_bytes'])} above the weights, peak RSS "
+        f"memory: planned step peak {mb(summary['planned_step_peak_bytes'])} above the weights, optimizer state "
+        f"{mb(summary.get('optimizer_state_bytes', 0))}, peak RSS "
         f"{mb(summary['peak_rss_bytes'])}",
         f"saved: {summary['saved_model']} (load it with {summary['library']})",
     ]
     return "\n".join(lines)
+
+
+def compare_summaries(runs: dict[str, dict[str, Any]]) -> str:
+    """A table of finished runs side by side (`pockengine report RUN RUN ...`): the held-out metric, the step time and
+    the step memory of each, and each figure divided by the first run's."""
+    first = next(iter(runs.values()))
+    step_memory = {name: s["planned_step_peak_bytes"] + s.get("optimizer_state_bytes", 0) for name, s in runs.items()}
+    rows = ["| run | scheme | trained parameters | " + f"{first['metric']} before -> after | step ms (median) | "
+            "step memory (planned peak + optimizer state) | peak RSS | time / first | step memory / first |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for name, s in runs.items():
+        time_ratio = (f"{s['step_ms_median'] / first['step_ms_median']:.2f}"
+                      if s["step_ms_median"] and first["step_ms_median"] else "-")
+        rows.append(f"| {name} | {s['scheme']} | {s['trained_parameters']:,} | {s['before']:.4f} -> {s['after']:.4f} | "
+                    + (f"{s['step_ms_median']:.1f}" if s["step_ms_median"] else "-")
+                    + f" | {mb(step_memory[name])} | {mb(s['peak_rss_bytes'])} | {time_ratio} | "
+                    f"{step_memory[name] / step_memory[next(iter(runs))]:.2f} |")
+    return "\n".join(rows)
 
 
 def draw_plots(run_folder: str | Path) -> list[Path]:

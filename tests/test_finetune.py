@@ -119,6 +119,20 @@ def test_finetune_a_bert_folder_on_a_csv(tmp_path, hf_folders):
     assert summary["planned_step_peak_bytes"] > 0 and summary["peak_rss_bytes"] > 0
 
 
+def test_a_tsv_with_its_own_column_names(tmp_path, hf_folders, capsys):
+    rows = ["sentence\tsentiment"] + [f"{'good great fun' if i % 2 else 'bad awful boring'} movie\t"
+                                     f"{'positive' if i % 2 else 'negative'}" for i in range(16)]
+    data = tmp_path / "reviews.tsv"
+    data.write_text("\n".join(rows) + "\n")
+    argv = ["finetune", "--model", str(hf_folders / "bert"), "--data", str(data), "--scheme", "bias_only",
+            "--steps", "2", "--batch-size", "4"]
+    assert main([*argv, "--out", str(tmp_path / "refused")]) == 2
+    assert "missing column(s) ['text', 'label']" in capsys.readouterr().err
+    assert main([*argv, "--text-column", "sentence", "--label-column", "sentiment", "--out", str(tmp_path / "run")]) == 0
+    saved = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "model")
+    assert saved.config.id2label == {0: "negative", 1: "positive"}
+
+
 SMALL_CNN = '''
 import torch
 from torch import nn
@@ -256,6 +270,25 @@ def test_report_redraws_the_plots(tmp_path, cnn_module, capsys):
     assert "accuracy:" in capsys.readouterr().out
     with Image.open(out / "plots" / "metric.png") as png:
         assert png.width > 100
+
+
+def test_report_compares_runs_each_divided_by_the_first(tmp_path, cnn_module, capsys):
+    full, bias = tmp_path / "full", tmp_path / "bias"
+    assert run_cnn(tmp_path, full, cnn_module) == 0
+    assert run_cnn(tmp_path, bias, cnn_module, ["--scheme", "bias_only"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(full), str(bias)]) == 0
+    table = capsys.readouterr().out.split("| run |", 1)[1].splitlines()
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (full, bias)]
+    memory = [s["planned_step_peak_bytes"] + s["optimizer_state_bytes"] for s in summaries]
+    first, second = (row.split("|") for row in table[2:4])
+    assert first[2].strip() == "full" and second[2].strip() == "bias_only"
+    assert float(first[-2]) == 1.0 and float(second[-2]) == pytest.approx(memory[1] / memory[0], abs=0.01)
+    assert memory[1] < memory[0]
+
+    (bias / "summary.json").unlink()
+    assert main(["report", str(full), str(bias)]) == 2
+    assert "has no summary.json (the run has not finished" in capsys.readouterr().err
 
 
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m.role }}> {{ m.content }}\n{% endfor %}"

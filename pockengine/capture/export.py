@@ -11,6 +11,7 @@ import inspect
 import logging
 import operator
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -274,13 +275,17 @@ def _marking_autograd_functions() -> Iterator[None]:
 
 
 @contextmanager
-def _quiet_fake_tensor_errors() -> Iterator[None]:
+def _quiet_export() -> Iterator[None]:
     # A shape error inside export is logged with its whole traceback before it is raised; we report it ourselves.
+    # torch 2.13's export copies its own tree specs through an API it deprecates, warning once per compile.
     log = logging.getLogger("torch._subclasses.fake_tensor")
     level = log.level
     log.setLevel(logging.CRITICAL)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                    category=FutureWarning)
+            yield
     finally:
         log.setLevel(level)
 
@@ -315,7 +320,7 @@ def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
         # flash kernel, which lays its output out as (batch, L, heads, E), a model's `transpose(1, 2).reshape(...)`
         # is recorded as a plain view that fails on any other layout (GPT-2: "Cannot view a tensor").
         with (torch.no_grad(), sdpa_kernel(SDPBackend.MATH), _marking_autograd_functions(),
-              _quiet_fake_tensor_errors()):
+              _quiet_export()):
             ep = torch.export.export(wrapper, (inputs, target))
             with _recurrent_dropout_kept():
                 ep = ep.run_decompositions(_decompositions())

@@ -31,7 +31,8 @@ __all__ = ["ImageData", "TextData", "ChatData", "Data", "BUILTIN_DATA", "data_ki
 
 IMAGE, TEXT, CHAT = "image classification", "text classification", "causal language modelling"
 BUILTIN_DATA = {"mnist": IMAGE, "rotten_tomatoes": TEXT, "chatterbot": CHAT}
-_TEXT_SUFFIXES = (".csv", ".jsonl", ".json")
+_TABLE_DELIMITERS = {".csv": ",", ".tsv": "\t"}
+_TEXT_SUFFIXES = (*_TABLE_DELIMITERS, ".jsonl", ".json")
 
 
 @dataclass
@@ -82,10 +83,10 @@ def data_kind(spec: str) -> str:
         raise UserInputError(f"--data {spec}: no such file or folder, and not a built-in data set "
                              f"({', '.join(BUILTIN_DATA)})")
     if path.suffix.lower() not in _TEXT_SUFFIXES:
-        raise UserInputError(f"--data {spec}: a data file is a .csv or a .jsonl (text and label, prompt and "
+        raise UserInputError(f"--data {spec}: a data file is a .csv, .tsv or .jsonl (text and label, prompt and "
                              "response, or chat messages); an image data set is a folder with one sub-folder per "
                              "class")
-    if path.suffix.lower() == ".csv":
+    if path.suffix.lower() in _TABLE_DELIMITERS:
         return TEXT
     first = next(_jsonl_records(path), None)
     if first is None:
@@ -94,8 +95,10 @@ def data_kind(spec: str) -> str:
     return CHAT if "messages" in keys or "prompt" in keys else TEXT
 
 
-def load_data(spec: str, image_size: tuple[int, int] | None = None, channels: int = 3) -> Data:
-    """Read `--data spec`; images are resized to `image_size` (None: their most common size)."""
+def load_data(spec: str, image_size: tuple[int, int] | None = None, channels: int = 3,
+              columns: tuple[str, str] = ("text", "label")) -> Data:
+    """Read `--data spec`; images are resized to `image_size` (None: their most common size); a text data set's
+    `columns` are the names of its (text, label) columns or fields."""
     if spec == "mnist":
         return _mnist(image_size, channels)
     if spec == "rotten_tomatoes":
@@ -113,7 +116,7 @@ def load_data(spec: str, image_size: tuple[int, int] | None = None, channels: in
         return _image_folder(path, image_size, channels)
     if kind == CHAT:
         return _chat_jsonl(path)
-    return _text_csv(path) if path.suffix.lower() == ".csv" else _text_jsonl(path)
+    return _text_table(path, columns) if path.suffix.lower() in _TABLE_DELIMITERS else _text_jsonl(path, columns)
 
 
 # -- labels ---------------------------------------------------------------------------------------------------
@@ -286,22 +289,23 @@ def _read_text_file(path: Path) -> str:
     return text
 
 
-def _text_csv(path: Path) -> TextData:
+def _text_table(path: Path, names: tuple[str, str]) -> TextData:
     lines = _read_text_file(path).splitlines(keepends=True)
-    reader = csv.DictReader(lines)
+    reader = csv.DictReader(lines, delimiter=_TABLE_DELIMITERS[path.suffix.lower()])
     columns = reader.fieldnames or []
-    missing = [c for c in ("text", "label") if c not in columns]
+    text_column, label_column = names
+    missing = [c for c in names if c not in columns]
     if missing:
-        raise UserInputError(f"{path}:1: missing column(s) {missing}; the header is {columns}, and a text data set "
-                             "needs the columns 'text' and 'label'")
+        raise UserInputError(f"{path}:1: missing column(s) {missing}; the header is {columns}. A text data set needs "
+                             f"a text and a label column: name yours with --text-column and --label-column")
     texts, labels, where = [], [], []
     for row in reader:
         at = f"{path}:{reader.line_num}"
         if None in row or any(value is None for value in row.values()):
             raise UserInputError(f"{at}: the row has another number of fields than the header ({len(columns)}: "
                                  f"{columns}); quote texts that hold commas")
-        texts.append(_text(row["text"], at, "text"))
-        labels.append(_label(row["label"], at))
+        texts.append(_text(row[text_column], at, text_column))
+        labels.append(_label(row[label_column], at))
         where.append(at)
     if not texts:
         raise UserInputError(f"{path} has a header but no example rows")
@@ -336,15 +340,17 @@ def _jsonl_records(path: Path):
         yield f"{path}:{number}", record
 
 
-def _text_jsonl(path: Path) -> TextData:
+def _text_jsonl(path: Path, names: tuple[str, str]) -> TextData:
     texts, labels, where = [], [], []
+    text_field, label_field = names
     for at, record in _jsonl_records(path):
-        missing = [key for key in ("text", "label") if key not in record]
+        missing = [key for key in names if key not in record]
         if missing:
             raise UserInputError(f"{at}: missing field(s) {missing} (found {sorted(record)}); each line of a text "
-                                 "data set needs 'text' and 'label'")
-        texts.append(_text(record["text"], at, "text"))
-        labels.append(_label(record["label"], at))
+                                 "data set needs a text and a label field: name yours with --text-column and "
+                                 "--label-column")
+        texts.append(_text(record[text_field], at, text_field))
+        labels.append(_label(record[label_field], at))
         where.append(at)
     data = TextData(texts, labels, where)
     assign_labels(data)
