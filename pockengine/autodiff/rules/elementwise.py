@@ -247,6 +247,8 @@ def maximum_minimum(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
 @register(aten._to_copy.default)
 def to_copy(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x = ctx.node.args[0]
+    if g.meta.dtype.is_complex and not x.meta.dtype.is_complex:  # a real tensor made complex: its real part
+        g = ctx(aten.real.default, g)
     return (g if g.meta.dtype == x.meta.dtype else ctx(aten._to_copy.default, g, dtype=x.meta.dtype),)
 
 
