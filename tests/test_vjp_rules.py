@@ -322,6 +322,10 @@ CASES = [
     fn(aten.view_as_real.default, "imaginary-part", lambda a: torch.fft.fft(a, dim=0).imag * a, (4, 3)),
     fn(aten.view_as_complex.default, "fft-of-pairs",
        lambda a: torch.view_as_real(torch.fft.fft(torch.view_as_complex(a), norm="forward")), (3, 4, 2)),
+    fn(aten.mul.Tensor, "complex-rotation", lambda a, b: torch.view_as_real(
+        torch.view_as_complex(a) * torch.view_as_complex(b)), (3, 4, 2), (4, 2)),
+    fn(aten.mul.Tensor, "real-by-complex", lambda a, b: torch.view_as_real(a * torch.view_as_complex(b)),
+       (3, 1), (4, 2)),
     fn(aten.mm.default, "plain", torch.mm, (3, 4), (4, 5)),
     mod(aten.mm.default, "linear-3d-input", lambda: nn.Linear(4, 5, bias=False), (2, 3, 4)),
     fn(aten.bmm.default, "plain", torch.bmm, (2, 3, 4), (2, 4, 5)),
