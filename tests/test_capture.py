@@ -113,6 +113,24 @@ def test_a_checked_item_runs_as_a_tensor_assertion():
         trainer.gradients(((x, torch.tensor([3, 0])), None))
 
 
+class _RescalesItself(nn.Module):
+    """RWKV in eval mode: its first forward pass rescales its weights in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.layer.weight.div_(2)
+        return self.layer(x)
+
+
+def test_a_forward_writing_into_a_parameter_is_a_capture_error():
+    with pytest.raises(CaptureError, match=r"writes into its parameter 'layer.weight'.*outside the forward pass"):
+        pe.compile(_RescalesItself(), _square_mean, ((torch.randn(2, 4),), None))
+
+
 class _Combinations(nn.Module):
     def __init__(self) -> None:
         super().__init__()

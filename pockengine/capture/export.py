@@ -526,6 +526,14 @@ def from_exported(model: nn.Module, ep: ExportedProgram) -> Captured:
                     buffer_updates[_strip_model_prefix(spec.target)] = env[out]
                 elif spec.kind == OutputKind.USER_INPUT_MUTATION:
                     raise _input_mutation_error(model, ep, spec.target, out)
+                elif spec.kind == OutputKind.PARAMETER_MUTATION:
+                    module, inside = _module_path(out)
+                    raise CaptureError(
+                        f"the model writes into its parameter '{_strip_model_prefix(spec.target)}' "
+                        f"{f'in module {module!r}' if module else 'in its forward'}; pockengine changes parameters "
+                        "only in the optimizer step, so a program repeating the write at every step would differ "
+                        "from eager PyTorch. Make the change outside the forward pass (RWKV rescales its weights "
+                        "on the first forward pass of each mode: run the model once in that mode before compiling).")
                 elif spec.kind != OutputKind.TOKEN:
                     raise CaptureError(f"unsupported graph output kind {spec.kind}")
         else:
