@@ -319,6 +319,8 @@ CASES = [
                                                                                         norm="ortho")), (3, 5)),
     fn(aten._fft_r2c.default, "full", lambda a: torch.view_as_real(torch.fft.fft(a, dim=0, norm="ortho")), (4, 3)),
     fn(aten._fft_r2c.default, "onesided", lambda a: torch.view_as_real(torch.fft.rfftn(a, dim=(0, 1))), (4, 5, 2)),
+    fn(aten._fft_c2r.default, "irfft-even", lambda a: torch.fft.irfft(torch.fft.rfft(a, dim=1), n=6, dim=1), (3, 6)),
+    fn(aten._fft_c2r.default, "irfftn-odd", lambda a: torch.fft.irfftn(torch.fft.rfftn(a), s=(4, 5)), (4, 5)),
     fn(aten.view_as_real.default, "imaginary-part", lambda a: torch.fft.fft(a, dim=0).imag * a, (4, 3)),
     fn(aten.view_as_complex.default, "fft-of-pairs",
        lambda a: torch.view_as_real(torch.fft.fft(torch.view_as_complex(a), norm="forward")), (3, 4, 2)),

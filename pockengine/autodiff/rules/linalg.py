@@ -111,6 +111,22 @@ def fft_r2c(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return (ctx(aten.real.default, ctx(aten._fft_c2c.default, g, dims, normalization, False)),)
 
 
+@register(aten._fft_c2r.default)
+def fft_c2r(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    # The inverse of a one-sided transform, as in PyTorch: the one-sided transform of g, where the entries that
+    # stand for two of the full spectrum (all but the first and, for an even length, the last) count twice.
+    x, dims, normalization, _last_size = ctx.node.args
+    last = dims[-1] % len(x.meta.shape)
+    gx = ctx(aten._fft_r2c.default, g, dims, normalization, True)
+    doubled = g.meta.shape[last] - x.meta.shape[last]
+    if doubled <= 0:
+        return (gx,)
+    parts = [ctx(aten.slice.Tensor, gx, last, 0, 1),
+             ctx(aten.mul.Tensor, ctx(aten.slice.Tensor, gx, last, 1, 1 + doubled), 2.0),
+             ctx(aten.slice.Tensor, gx, last, 1 + doubled, x.meta.shape[last])]
+    return (ctx(aten.cat.default, [p for p in parts if p.meta.shape[last] > 0], last),)
+
+
 @register(aten.convolution.default)
 def convolution(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, w, b, stride, padding, dilation, transposed, output_padding, groups = ctx.node.args
