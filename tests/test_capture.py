@@ -87,6 +87,50 @@ def test_data_dependent_output_shape_is_a_capture_error():
         pe.compile(_TensorSplit(), _square_mean, ((torch.randn(2, 4), torch.tensor([1, 3])), None))
 
 
+class _CheckedLengths(nn.Module):
+    """Numbers read out of a tensor only to be checked, as XLM's `assert lengths.max().item() <= slen` (torch.export
+    records both forms as the same runtime assertion)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        torch._check(lengths.max().item() <= x.shape[1])
+        torch._check(0 < lengths.min().item())
+        return self.layer(x)
+
+
+def test_a_checked_item_runs_as_a_tensor_assertion():
+    model, x = _CheckedLengths(), torch.randn(2, 4)
+    trainer = pe.compile(model, _square_mean, ((x, torch.tensor([4, 2])), None))
+    ref = autograd_gradients(model, _square_mean, ((x, torch.tensor([4, 2])), None))[1]
+    assert not gradient_errors(trainer.gradients(((x, torch.tensor([3, 1])), None)), ref,
+                               exact=lambda: pytest.fail("fp32 autograd is not the reference here"))
+    with pytest.raises(RuntimeError, match="Runtime assertion failed"):
+        trainer.gradients(((x, torch.tensor([5, 1])), None))
+    with pytest.raises(RuntimeError, match="Runtime assertion failed"):
+        trainer.gradients(((x, torch.tensor([3, 0])), None))
+
+
+class _RescalesItself(nn.Module):
+    """RWKV in eval mode: its first forward pass rescales its weights in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.layer.weight.div_(2)
+        return self.layer(x)
+
+
+def test_a_forward_writing_into_a_parameter_is_a_capture_error():
+    with pytest.raises(CaptureError, match=r"writes into its parameter 'layer.weight'.*outside the forward pass"):
+        pe.compile(_RescalesItself(), _square_mean, ((torch.randn(2, 4),), None))
+
+
 class _Combinations(nn.Module):
     def __init__(self) -> None:
         super().__init__()

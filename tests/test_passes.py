@@ -233,6 +233,25 @@ def test_a_copy_of_a_view_is_kept_for_the_views_after_it():
     torch.testing.assert_close(pe.compile(model, loss_fn, data).gradients(data)["w"], ref, rtol=1e-5, atol=1e-6)
 
 
+def test_a_sum_keeps_its_first_operands_layout_when_run_in_place():
+    """`w + q` with q permuted is laid out like w (contiguous), so export records a view after it; run in place in
+    q's storage it would be permuted and the view would fail (Mamba2's gated norm under the partial scheme)."""
+    class PermutedSecond(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(2, 8, 4, 3))
+
+        def forward(self, x):
+            return (self.w + torch.sin(x.permute(0, 3, 1, 2))).view(2, -1)
+
+    torch.manual_seed(0)
+    model = PermutedSecond()
+    data = ((torch.randn(2, 4, 3, 8),), torch.randn(2, 96))
+    loss_fn = lambda out, target: (out * target).sum()  # noqa: E731
+    (ref,) = torch.autograd.grad(loss_fn(model(*data[0]), data[1]), [model.w])
+    torch.testing.assert_close(pe.compile(model, loss_fn, data).gradients(data)["w"], ref, rtol=1e-5, atol=1e-6)
+
+
 def test_parameters_are_updated_as_soon_as_the_backward_pass_is_done_with_them():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))

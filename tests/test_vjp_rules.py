@@ -313,6 +313,21 @@ CASES = [
     fn(aten._to_copy.default, "bfloat16-operand", lambda a, b: a.bfloat16() * b, (3, 4), (3, 4)),
     fn(aten._to_copy.default, "float64-roundtrip", lambda a, b: (a.double() * b.double()).float(), (3, 4), (3, 4)),
     # ---------------------------------------------------------------- matrix products, convolution
+    # ---------------------------------------------------------------- Fourier transforms, complex views (FNet)
+    fn(aten._fft_c2c.default, "fftn-real-part", lambda a: torch.fft.fftn(a, dim=(1, 2)).real, (2, 3, 4)),
+    fn(aten._fft_c2c.default, "ifft-ortho", lambda a: torch.view_as_real(torch.fft.ifft(a.to(torch.complex64),
+                                                                                        norm="ortho")), (3, 5)),
+    fn(aten._fft_r2c.default, "full", lambda a: torch.view_as_real(torch.fft.fft(a, dim=0, norm="ortho")), (4, 3)),
+    fn(aten._fft_r2c.default, "onesided", lambda a: torch.view_as_real(torch.fft.rfftn(a, dim=(0, 1))), (4, 5, 2)),
+    fn(aten._fft_c2r.default, "irfft-even", lambda a: torch.fft.irfft(torch.fft.rfft(a, dim=1), n=6, dim=1), (3, 6)),
+    fn(aten._fft_c2r.default, "irfftn-odd", lambda a: torch.fft.irfftn(torch.fft.rfftn(a), s=(4, 5)), (4, 5)),
+    fn(aten.view_as_real.default, "imaginary-part", lambda a: torch.fft.fft(a, dim=0).imag * a, (4, 3)),
+    fn(aten.view_as_complex.default, "fft-of-pairs",
+       lambda a: torch.view_as_real(torch.fft.fft(torch.view_as_complex(a), norm="forward")), (3, 4, 2)),
+    fn(aten.mul.Tensor, "complex-rotation", lambda a, b: torch.view_as_real(
+        torch.view_as_complex(a) * torch.view_as_complex(b)), (3, 4, 2), (4, 2)),
+    fn(aten.mul.Tensor, "real-by-complex", lambda a, b: torch.view_as_real(a * torch.view_as_complex(b)),
+       (3, 1), (4, 2)),
     fn(aten.mm.default, "plain", torch.mm, (3, 4), (4, 5)),
     mod(aten.mm.default, "linear-3d-input", lambda: nn.Linear(4, 5, bias=False), (2, 3, 4)),
     fn(aten.bmm.default, "plain", torch.bmm, (2, 3, 4), (2, 4, 5)),

@@ -359,6 +359,49 @@ class _Effect:
         return self.node if self.outputs == 1 else graph.getitem(self.node, index - 1)
 
 
+@dataclass(frozen=True)
+class _Checked:
+    """A number read out of a 0-d tensor (`.item()`) only to be checked (`assert lengths.max().item() <= n`), or a
+    comparison of it: the check runs on `tensor`, the number is never read out."""
+
+    tensor: Node
+
+
+# A comparison of a number read out of a tensor, as the same comparison of the tensor (a 0-d bool tensor).
+_TENSOR_COMPARISONS = {operator.le: torch.ops.aten.le.Scalar, operator.lt: torch.ops.aten.lt.Scalar,
+                       operator.ge: torch.ops.aten.ge.Scalar, operator.gt: torch.ops.aten.gt.Scalar,
+                       operator.eq: torch.ops.aten.eq.Scalar, operator.ne: torch.ops.aten.ne.Scalar}
+
+
+def _checked_value(graph: Graph, fx_node: torch.fx.Node, args: tuple, module: str | None, section: str
+                   ) -> _Checked | None:
+    """torch.export records `assert x.item() <= n` as _local_scalar_dense -> le -> _assert_scalar. Where every use
+    of the number is such a check, it becomes the tensor's own comparison and `_assert_async`, which checks it as
+    the program runs without reading the number into Python; None for any other node."""
+    def checks_only(n: torch.fx.Node) -> bool:
+        return all(u.target is torch.ops.aten._assert_scalar.default or
+                   (u.target in _TENSOR_COMPARISONS and checks_only(u)) for u in n.users)
+
+    target = fx_node.target
+    if target is torch.ops.aten._local_scalar_dense.default and checks_only(fx_node):
+        return _Checked(args[0])
+    if target in _TENSOR_COMPARISONS and len(args) == 2 and any(isinstance(a, _Checked) for a in args):
+        (x, other), op = (args, target) if isinstance(args[0], _Checked) else (args[::-1], _MIRRORED[target])
+        if not isinstance(other, (int, float, bool)):
+            return None
+        return _Checked(graph.call(_TENSOR_COMPARISONS[op], (x.tensor, other), {}, module=module, section=section,
+                                   name=fx_node.name))
+    if target is torch.ops.aten._assert_scalar.default and isinstance(args[0], _Checked):
+        graph.call(torch.ops.aten._assert_async.msg, (args[0].tensor, args[1]), {}, module=module, section=section,
+                   name=fx_node.name, meta=None)
+        return _Checked(args[0].tensor)
+    return None
+
+
+_MIRRORED = {operator.le: operator.ge, operator.lt: operator.gt, operator.ge: operator.le, operator.gt: operator.lt,
+             operator.eq: operator.eq, operator.ne: operator.ne}  # n <= x is x >= n
+
+
 def _check_static_shapes(fx_node: torch.fx.Node, val: Any, module: str | None) -> None:
     """pockengine compiles one program per batch shape: an op whose output shape depends on tensor values
     (masked_select, nonzero, tensor_split at tensor indices: torch.export marks such sizes and the scalars read
@@ -457,6 +500,9 @@ def from_exported(model: nn.Module, ep: ExportedProgram) -> Captured:
                                            (fx_node.args, fx_node.kwargs))
             module, inside = _module_path(fx_node)
             section = "forward" if inside else "loss"
+            if (checked := _checked_value(graph, fx_node, args, module, section)) is not None:
+                env[fx_node] = checked
+                continue
             val = fx_node.meta.get("val")
             _check_static_shapes(fx_node, val, module if inside else None)
             if fx_node.target is operator.getitem and isinstance(args[0], _Effect):
@@ -485,6 +531,14 @@ def from_exported(model: nn.Module, ep: ExportedProgram) -> Captured:
                     buffer_updates[_strip_model_prefix(spec.target)] = env[out]
                 elif spec.kind == OutputKind.USER_INPUT_MUTATION:
                     raise _input_mutation_error(model, ep, spec.target, out)
+                elif spec.kind == OutputKind.PARAMETER_MUTATION:
+                    module, inside = _module_path(out)
+                    raise CaptureError(
+                        f"the model writes into its parameter '{_strip_model_prefix(spec.target)}' "
+                        f"{f'in module {module!r}' if module else 'in its forward'}; pockengine changes parameters "
+                        "only in the optimizer step, so a program repeating the write at every step would differ "
+                        "from eager PyTorch. Make the change outside the forward pass (RWKV rescales its weights "
+                        "on the first forward pass of each mode: run the model once in that mode before compiling).")
                 elif spec.kind != OutputKind.TOKEN:
                     raise CaptureError(f"unsupported graph output kind {spec.kind}")
         else:

@@ -139,9 +139,11 @@ def op_name(target: Any) -> str:
 
 @functools.cache
 def has_side_effects(target: Any) -> bool:
-    """Whether a call must run even when nothing reads its result: it writes to an input, or torch registers it
-    as effectful (error checks such as `_linalg_check_errors`, which torch.export orders with effect tokens)."""
-    return is_mutating(target) or (isinstance(target, torch._ops.OpOverload) and has_effects(target))
+    """Whether a call must run even when nothing reads its result: it writes to an input, torch registers it
+    as effectful (error checks such as `_linalg_check_errors`, which torch.export orders with effect tokens), or it
+    returns nothing, so it is called for its effect alone (`_assert_async`, a model's runtime check)."""
+    return is_mutating(target) or (isinstance(target, torch._ops.OpOverload) and (
+        has_effects(target) or not _returns_something(target)))
 
 
 def _returns_something(target: Any) -> bool:

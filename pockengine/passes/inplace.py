@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import operator
 
-from pockengine.ir.graph import Graph, Node
+from pockengine.ir.graph import Graph, Node, TensorMeta
 from pockengine.ir.ops import COMMUTATIVE, RUN_IN_PLACE, in_place_variant, is_view
 
 
@@ -25,6 +25,19 @@ def _owns_storage(x: Node) -> bool:
     return x.meta is not None and not isinstance(x.meta, tuple)
 
 
+def _may_lay_out(operand: object, out: Node) -> bool:
+    """Whether the first operand of a commutative op can decide the layout of its out-of-place result: PyTorch
+    orders the result's dimensions by the first operand whose strides tell two dimensions apart, and a broadcast
+    dimension (stride 0) tells none. When it can, running the op in place in the second operand's storage would
+    give the result the second operand's layout instead, and a `view` after it may no longer apply (a permuted
+    operand first: `add(permuted, contiguous)` is permuted, `add_(contiguous, permuted)` contiguous)."""
+    if not isinstance(operand, Node) or not isinstance(operand.meta, TensorMeta):
+        return False
+    shape, out_shape = operand.meta.shape, out.meta.shape
+    own = [s for s, o in zip(shape[::-1], out_shape[::-1]) if s == o and o > 1]  # the dims it does not broadcast
+    return len(own) > 1
+
+
 def run_in_place(graph: Graph) -> Graph:
     users = graph.users()
     position = {n: i for i, n in enumerate(graph.nodes)}
@@ -33,7 +46,7 @@ def run_in_place(graph: Graph) -> Graph:
     for n in list(graph.nodes):
         if n.target not in RUN_IN_PLACE or n.kwargs.get("alpha", 1) != 1:
             continue
-        candidates = [0, 1] if n.target in COMMUTATIVE else [0]
+        candidates = [0, 1] if n.target in COMMUTATIVE and not _may_lay_out(n.args[0], n) else [0]
         for i in candidates:
             x = n.args[i] if i < len(n.args) else None
             if not isinstance(x, Node) or x.meta != n.meta:

@@ -122,6 +122,12 @@ for name, config, model, extra in [
     ("modernbert", "ModernBertConfig", "ModernBertForSequenceClassification", {"global_attn_every_n_layers": 2}),
     ("xlm-roberta", "XLMRobertaConfig", "XLMRobertaForSequenceClassification", {"pad_token_id": 1}),
     ("mpnet", "MPNetConfig", "MPNetForSequenceClassification", {"pad_token_id": 1}),
+    ("distilbert", "DistilBertConfig", "DistilBertForSequenceClassification",
+     dict(dim=16, n_layers=2, n_heads=2, hidden_dim=32)),
+    ("convbert", "ConvBertConfig", "ConvBertForSequenceClassification", {"embedding_size": 16}),
+    # checks its lengths with `assert lengths.max().item() <= slen`
+    ("xlm", "XLMConfig", "XLMForSequenceClassification", dict(emb_dim=16, n_layers=2, n_heads=2)),
+    ("fnet", "FNetConfig", "FNetForSequenceClassification", {}),  # mixes tokens with complex Fourier transforms
 ]:
     _add("encoder", name, _hf(config, model, **{**ENCODER, **extra}), text_classification(), CE)
 
@@ -160,12 +166,22 @@ for name, config, model, sizes in [
     ("olmo", "OlmoConfig", "OlmoForCausalLM", DECODER),
     ("stablelm", "StableLmConfig", "StableLmForCausalLM", dict(DECODER, num_key_value_heads=2)),
     ("starcoder2", "Starcoder2Config", "Starcoder2ForCausalLM", dict(DECODER, num_key_value_heads=1)),
+    # state-space and recurrent models, in their PyTorch implementations (no mamba_ssm or CUDA kernels)
+    ("mamba2", "Mamba2Config", "Mamba2ForCausalLM",
+     dict(vocab_size=VOCAB, hidden_size=16, num_heads=4, head_dim=8, state_size=4, n_groups=1, num_hidden_layers=2,
+          chunk_size=4, time_step_rank=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    ("rwkv", "RwkvConfig", "RwkvForCausalLM",
+     dict(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, attention_hidden_size=16, intermediate_size=32,
+          context_length=32, bos_token_id=1, eos_token_id=2)),
 ]:
     _add("decoder", name, _hf(config, model, **sizes), tokens, LM)
 
 _add("encoder part", "t5-encoder",
      _hf("T5Config", "T5EncoderModel", vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
          relative_attention_num_buckets=8, relative_attention_max_distance=16, pad_token_id=0, eos_token_id=1),
+     hidden_targets(16, text_classification()), last_hidden_state_mse)
+_add("encoder part", "clip-text",
+     _hf("CLIPTextConfig", "CLIPTextModel", **TEXT, eos_token_id=2),
      hidden_targets(16, text_classification()), last_hidden_state_mse)
 _add("encoder part", "bart-encoder",
      _hf_part("BartConfig", "BartModel", lambda m: m.get_encoder(), vocab_size=VOCAB, d_model=16,
@@ -194,6 +210,17 @@ for name, config, model, sizes, size in [
      dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=8, num_labels=3), 32),
     ("resnet", "ResNetConfig", "ResNetForImageClassification",
      dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3), 32),
+    ("mobilenet-v1", "MobileNetV1Config", "MobileNetV1ForImageClassification",
+     dict(image_size=32, depth_multiplier=0.25, num_labels=3), 32),
+    ("segformer", "SegformerConfig", "SegformerForImageClassification",
+     dict(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], patch_sizes=[7, 3],
+          strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2], num_labels=3), 32),
+    ("poolformer", "PoolFormerConfig", "PoolFormerForImageClassification",
+     dict(num_encoder_blocks=2, depths=[1, 1], hidden_sizes=[8, 16], patch_sizes=[7, 3], strides=[4, 2],
+          padding=[2, 1], mlp_ratio=2.0, num_labels=3), 32),
+    ("hiera", "HieraConfig", "HieraForImageClassification",
+     dict(embed_dim=8, image_size=[32, 32], depths=[1, 1], num_heads=[1, 2], masked_unit_size=[4, 4],
+          num_query_pool=1, num_labels=3), 32),
 ]:
     _add("vision", name, _hf(config, model, **sizes), images(size), CE)
 

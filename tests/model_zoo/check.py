@@ -131,6 +131,10 @@ class _RandomDraws:
         return random_op
 
 
+def _functional_copy(dst: torch.Tensor, src: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
+    return src.to(dst.dtype).expand_as(dst).clone()
+
+
 def _exported_reference(model: nn.Module, ep: torch.export.ExportedProgram, loss_fn: Callable, batch: tuple
                         ) -> tuple[Gradients, Callable[[], Gradients]]:
     """autograd over `ep` with pockengine's random draws (see the module docstring), and its float64 rerun."""
@@ -148,6 +152,10 @@ def _exported_reference(model: nn.Module, ep: torch.export.ExportedProgram, loss
             seeded = seeded_target(node.target, node.args, node.kwargs, f"node {node.name}")
             if seeded is not None:
                 node.target = draws.wrap(node.target, seeded)
+        elif node.target is aten.copy.default:
+            # The functional copy (a value written into a slice: RWKV's state, DeepSeek's rope) has no autograd
+            # formula; the same values with one: src broadcast to dst's shape and dtype.
+            node.target = _functional_copy
         elif node.target is aten.copy_.default and node.args[0].op == "get_attr":
             # Train-mode BatchNorm's new running statistics written into its buffers: autograd keeps the old ones
             # for batch_norm's backward, and the reference has no use for the new ones.
@@ -177,6 +185,10 @@ def _exported_reference(model: nn.Module, ep: torch.export.ExportedProgram, loss
     def exact() -> Gradients:
         draws.replay()
         program64 = copy.deepcopy(program).double()  # the program shares its parameters with the model
+        for node in program64.graph.nodes:  # tensors the program creates in fp32 (zeros filled by index_put)
+            if node.kwargs.get("dtype") == torch.float32:
+                node.kwargs = {**node.kwargs, "dtype": torch.float64}
+        program64.recompile()
         return gradients(program64, tree_map(lambda t: t.double() if torch.is_floating_point(t) else t, batch[0]))
 
     return ref, exact

@@ -43,9 +43,23 @@ def identity(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
 @register(aten.mul.Tensor)
 def mul(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     a, b = ctx.node.args
-    ga = ctx.sum_to(ctx(aten.mul.Tensor, g, b), _shape(a)) if ctx.needs(a) else None
-    gb = ctx.sum_to(ctx(aten.mul.Tensor, g, a), _shape(b)) if ctx.needs(b) else None
+    ga = _complex_to(ctx, ctx.sum_to(ctx(aten.mul.Tensor, g, _conj(ctx, b)), _shape(a)), a) if ctx.needs(a) else None
+    gb = _complex_to(ctx, ctx.sum_to(ctx(aten.mul.Tensor, g, _conj(ctx, a)), _shape(b)), b) if ctx.needs(b) else None
     return ga, gb
+
+
+def _is_complex(x) -> bool:
+    return isinstance(x, Node) and x.meta.dtype.is_complex
+
+
+def _conj(ctx, x):
+    """The conjugate of a complex factor: PyTorch's cotangent of a complex tensor is conj(d out / d x) * g."""
+    return ctx(aten.conj_physical.default, x) if _is_complex(x) else x
+
+
+def _complex_to(ctx, g, x):
+    """The cotangent of a real `x` from a complex product with it: the real part."""
+    return ctx(aten.real.default, g) if _is_complex(g) and not _is_complex(x) else g
 
 
 @register(aten.mul.Scalar)
@@ -247,6 +261,8 @@ def maximum_minimum(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
 @register(aten._to_copy.default)
 def to_copy(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x = ctx.node.args[0]
+    if g.meta.dtype.is_complex and not x.meta.dtype.is_complex:  # a real tensor made complex: its real part
+        g = ctx(aten.real.default, g)
     return (g if g.meta.dtype == x.meta.dtype else ctx(aten._to_copy.default, g, dtype=x.meta.dtype),)
 
 

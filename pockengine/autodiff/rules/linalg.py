@@ -91,6 +91,42 @@ def _sliceable(ctx, x, w, transposed, groups):
     return sl is not None and not transposed and (groups == 1 and sl.dim == 1 or depthwise and sl.dim == 0)
 
 
+@register(aten._fft_c2c.default)
+def fft_c2c(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    # A discrete Fourier transform is linear; its adjoint is the transform the other way with the same
+    # normalization (the unnormalized inverse of an unnormalized forward transform), as in PyTorch.
+    _x, dims, normalization, forward = ctx.node.args
+    return (ctx(aten._fft_c2c.default, g, dims, normalization, not forward),)
+
+
+@register(aten._fft_r2c.default)
+def fft_r2c(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    # The transform of a real input made complex, as in PyTorch: a one-sided output (the half spectrum along the
+    # last transformed dimension) is zero-padded back to the full spectrum first.
+    x, dims, normalization, onesided = ctx.node.args
+    if onesided:
+        last = dims[-1] % len(x.meta.shape)
+        missing = x.meta.shape[last] - g.meta.shape[last]
+        g = ctx(aten.constant_pad_nd.default, g, [0, 0] * (len(x.meta.shape) - 1 - last) + [0, missing])
+    return (ctx(aten.real.default, ctx(aten._fft_c2c.default, g, dims, normalization, False)),)
+
+
+@register(aten._fft_c2r.default)
+def fft_c2r(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    # The inverse of a one-sided transform, as in PyTorch: the one-sided transform of g, where the entries that
+    # stand for two of the full spectrum (all but the first and, for an even length, the last) count twice.
+    x, dims, normalization, _last_size = ctx.node.args
+    last = dims[-1] % len(x.meta.shape)
+    gx = ctx(aten._fft_r2c.default, g, dims, normalization, True)
+    doubled = g.meta.shape[last] - x.meta.shape[last]
+    if doubled <= 0:
+        return (gx,)
+    parts = [ctx(aten.slice.Tensor, gx, last, 0, 1),
+             ctx(aten.mul.Tensor, ctx(aten.slice.Tensor, gx, last, 1, 1 + doubled), 2.0),
+             ctx(aten.slice.Tensor, gx, last, 1 + doubled, x.meta.shape[last])]
+    return (ctx(aten.cat.default, [p for p in parts if p.meta.shape[last] > 0], last),)
+
+
 @register(aten.convolution.default)
 def convolution(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, w, b, stride, padding, dilation, transposed, output_padding, groups = ctx.node.args

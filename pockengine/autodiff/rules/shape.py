@@ -166,6 +166,18 @@ def flip(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return (ctx(aten.flip.default, g, ctx.node.args[1]),)
 
 
+@register(aten.view_as_real.default)
+def view_as_real(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    # The cotangent of a complex tensor is (dL/d real) + i (dL/d imag), as in PyTorch; view_as_complex needs
+    # the (real, imag) pairs adjacent, which a cotangent after a select or permute may not have.
+    return (ctx(aten.view_as_complex.default, ctx(aten.clone.default, g, memory_format=torch.contiguous_format)),)
+
+
+@register(aten.view_as_complex.default)
+def view_as_complex(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    return (ctx(aten.view_as_real.default, g),)
+
+
 @register(aten.repeat.default)
 def repeat(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, repeats = ctx.node.args
