@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import resource
 import sys
 import time
 import warnings
@@ -19,11 +18,7 @@ import torch
 import pockengine as pe
 from pockengine.arguments import integer, number
 from pockengine.checkpoint import check_save_target
-from pockengine.finetune import parse_scheme
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+from pockengine.finetune import parse_scheme, peak_rss_bytes
 
 
 def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -77,7 +72,7 @@ def train(args: argparse.Namespace) -> int:
         step_times.append(time.perf_counter() - t)
         if step == 1 or step % args.log_every == 0 or step == args.steps:
             print(f"step {step:4d}  loss {loss:.4f}  step {step_times[-1] * 1000:7.1f} ms  "
-                  f"peak RSS {_peak_rss_mb():7.1f} MB")
+                  f"peak RSS {peak_rss_bytes() / 2 ** 20:7.1f} MB")
         try:
             bx, y = next(stream)
         except StopIteration:
@@ -86,7 +81,7 @@ def train(args: argparse.Namespace) -> int:
         x = mnist_for_imagenet_model(bx, args.size)
     median = sorted(step_times)[len(step_times) // 2]
     print(f"median step {median * 1000:.1f} ms ({args.batch_size / median:.1f} images/s), "
-          f"peak RSS {_peak_rss_mb():.1f} MB")
+          f"peak RSS {peak_rss_bytes() / 2 ** 20:.1f} MB")
     print(f"validation accuracy after {args.steps} steps: {_accuracy(model, val_x, val_y):.3f}")
     if args.save:
         trainer.save(args.save)

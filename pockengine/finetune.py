@@ -480,7 +480,8 @@ class _StopRequest:
             signal.signal(signal.SIGINT, self.previous)
 
 
-def _peak_rss() -> int:
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory so far."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
@@ -592,7 +593,7 @@ def finetune(config: FinetuneConfig, resume: bool = False, log: Callable[[str], 
         "steps": trainer.steps_done, "batch_size": config.batch_size, "n_train": run.n_train, "n_eval": run.n_eval,
         "scheme": trainer.scheme.name, "trained_parameters": trained, "parameters": n_params,
         "trained_tensors": len(trainer.trained), "step_ms_median": median_ms, "planned_step_peak_bytes": planned,
-        "optimizer_state_bytes": state, "peak_rss_bytes": _peak_rss(), "memory_budget_bytes": config.memory_budget,
+        "optimizer_state_bytes": state, "peak_rss_bytes": peak_rss_bytes(), "memory_budget_bytes": config.memory_budget,
         "time_budget_ms": config.time_budget, "saved_model": str(out / MODEL_DIR), "library": run.loaded.library,
     }
     _write_json(out / SUMMARY_FILE, summary)
