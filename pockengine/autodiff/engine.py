@@ -17,7 +17,7 @@ from torch.utils import _pytree as pytree
 
 from pockengine.autodiff.registry import rule_for
 from pockengine.errors import MissingVJPError
-from pockengine.ir.graph import Graph, Node, TensorMeta
+from pockengine.ir.graph import Graph, Node, TensorMeta, meta_of
 
 aten = torch.ops.aten
 
@@ -162,6 +162,29 @@ class VJPContext:
 
     def zeros_like(self, x: Node) -> Node:
         return self(aten.zeros_like.default, x)
+
+    def inline(self, program: torch.fx.GraphModule, args: Sequence[Node]) -> Any:
+        """Emit the ops of `program` (an fx graph of ATen ops traced at compile time: a custom Function's
+        backward) as backward ops, its placeholders bound to `args`; returns its outputs as nodes."""
+        bound = iter(args)
+        env: dict[torch.fx.Node, Any] = {}
+
+        def value(a: Any) -> Any:
+            return env[a] if isinstance(a, torch.fx.Node) else a
+
+        for fx_node in program.graph.nodes:
+            if fx_node.op == "placeholder":
+                env[fx_node] = next(bound)
+            elif fx_node.op == "get_attr":  # a tensor the traced code made from Python values
+                env[fx_node] = self.graph.constant(fx_node.target, getattr(program, fx_node.target))
+            elif fx_node.op == "call_function":
+                call_args, call_kwargs = pytree.tree_map(value, (fx_node.args, fx_node.kwargs))
+                val = fx_node.meta.get("val")
+                env[fx_node] = self.graph.call(fx_node.target, call_args, call_kwargs, module=self.node.module,
+                                               section="backward", meta=None if val is None else meta_of(val))
+            elif fx_node.op == "output":
+                return pytree.tree_map(value, fx_node.args[0])
+        raise AssertionError("an fx graph without an output node")
 
 
 def _add(graph: Graph, a: Node | None, b: Node, module: str) -> Node:

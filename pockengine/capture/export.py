@@ -10,7 +10,6 @@ import functools
 import inspect
 import logging
 import operator
-import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,13 +18,13 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.autograd.function import Function
 from torch._decomp import decompositions as torch_decompositions
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
+from pockengine.capture.functions import recording_autograd_functions
 from pockengine.errors import CaptureError, UserInputError
 from pockengine.ir.graph import BATCH, BUFFER, PARAM, Graph, Node, TensorMeta, meta_of
 
@@ -134,144 +133,12 @@ def _recurrent_dropout_kept() -> Iterator[None]:
 
 
 @functools.cache
-def _decompositions() -> dict:
+def decompositions() -> dict:
     """Built once: materializing the default table takes a quarter of a second (run_decompositions copies it)."""
     table = dict(torch.export.default_decompositions().items())
     for op in KEEP_WHOLE:
         table.pop(op, None)
     return table
-
-
-# torch.export records what a custom torch.autograd.Function's forward computes and drops its backward, so the
-# autodiff would differentiate the forward instead: right where the backward is the forward's derivative (BLOOM's
-# GeLU), silently wrong elsewhere (a gradient reversal would get the wrong sign, a straight-through round no
-# gradient). Every tensor such a Function returns is passed through this marker op while capturing. After export, the
-# model runs once eagerly on the batch and each Function's own backward is compared with autograd's derivative of
-# its forward (`_check_functions`). Where they agree the marker's VJP rule (autodiff/rules/custom_function.py)
-# passes the gradient through; elsewhere it refuses, naming the Function, when a trained parameter's gradient would
-# have to pass through it.
-FUNCTIONS_AGREEING: set[str] = set()  # Functions whose backward was found to be the derivative of their forward
-
-
-@torch.library.custom_op("pockengine::autograd_function_output", mutates_args=())
-def autograd_function_output(x: torch.Tensor, function: str) -> torch.Tensor:
-    return x.clone()
-
-
-@autograd_function_output.register_fake
-def _(x: torch.Tensor, function: str) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
-# The exported program itself (a test oracle runs autograd over it) differentiates the marker as the copy it is.
-autograd_function_output.register_autograd(lambda ctx, g: (g, None))
-
-
-def _function_name(cls: type[Function]) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-class _ForwardContext:
-    """What a Function's forward may call on its ctx, when the forward is run directly to differentiate it."""
-
-    needs_input_grad: tuple[bool, ...] = ()
-
-    def save_for_backward(self, *tensors: torch.Tensor) -> None:
-        self.saved_tensors = tensors
-
-    def mark_dirty(self, *tensors: torch.Tensor) -> None:
-        pass
-
-    def mark_non_differentiable(self, *tensors: torch.Tensor) -> None:
-        pass
-
-    def set_materialize_grads(self, value: bool) -> None:
-        pass
-
-
-def _backward_is_derivative(apply: Callable, cls: type[Function], args: tuple, kwargs: dict) -> bool:
-    """Whether `cls`'s own backward equals autograd's derivative of its forward at these inputs, for a random
-    cotangent (both runs draw the same random numbers). Anything that fails counts as disagreeing."""
-    float_args = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()]
-    if not float_args:
-        return True
-
-    def run(call: Callable) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        leaves = {i: args[i].detach().clone().requires_grad_(True) for i in float_args}
-        inputs = tuple(leaves.get(i, a) for i, a in enumerate(args))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            out = call(inputs)
-        outs = [o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor) and o.requires_grad]
-        return outs, list(leaves.values())
-
-    try:
-        own_out, own_in = run(lambda inputs: apply(cls, *inputs, **kwargs))
-        new_style = any("setup_context" in vars(k) for k in cls.__mro__ if k not in Function.__mro__)
-        ref_out, ref_in = run(lambda inputs: cls.forward(*inputs, **kwargs) if new_style else
-                              cls.forward(_ForwardContext(), *inputs, **kwargs))
-        if len(own_out) != len(ref_out):
-            return False
-        generator = torch.Generator(device=own_out[0].device).manual_seed(0) if own_out else None
-        cotangents = [torch.randn(o.shape, dtype=o.dtype, device=o.device, generator=generator) for o in own_out]
-        own = torch.autograd.grad(own_out, own_in, cotangents, allow_unused=True)
-        ref = torch.autograd.grad(ref_out, ref_in, cotangents, allow_unused=True)
-    except Exception:  # noqa: BLE001 -- a Function that cannot be checked is not trusted
-        return False
-    for a, b, x in zip(own, ref, own_in):
-        a = torch.zeros_like(x) if a is None else a
-        b = torch.zeros_like(x) if b is None else b
-        if not torch.allclose(a, b, rtol=1e-4, atol=1e-6 * max(1.0, b.abs().max().item())):
-            return False
-    return True
-
-
-def _check_functions(model: nn.Module, loss_fn: Callable, inputs: Any, target: Any, names: set[str]) -> None:
-    """Run the model eagerly on the batch (its buffers and the random generators are restored afterwards) and add
-    to FUNCTIONS_AGREEING each Function of `names` whose backward equals its forward's derivative at every call."""
-    agree = {name: True for name in names - FUNCTIONS_AGREEING}
-    if not agree:
-        return
-    original = Function.__dict__["apply"]
-
-    def apply(cls: type[Function], *args: Any, **kwargs: Any) -> Any:
-        name = _function_name(cls)
-        if agree.get(name):
-            agree[name] = _backward_is_derivative(original.__func__, cls, args, kwargs)
-        return original.__func__(cls, *args, **kwargs)
-
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    Function.apply = classmethod(apply)
-    try:
-        with torch.enable_grad(), torch.random.fork_rng(devices=[]):
-            _ModelWithLoss(model, loss_fn)(inputs, target)
-    except Exception:  # noqa: BLE001 -- then nothing is trusted: the markers refuse, naming the Functions
-        return
-    finally:
-        Function.apply = original
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(buffers[name])
-    FUNCTIONS_AGREEING.update(name for name, ok in agree.items() if ok)
-
-
-@contextmanager
-def _marking_autograd_functions() -> Iterator[None]:
-    original = Function.__dict__["apply"]
-    exporting = threading.get_ident()
-
-    def apply(cls: type[Function], *args: Any, **kwargs: Any) -> Any:
-        out = original.__func__(cls, *args, **kwargs)
-        if threading.get_ident() != exporting:  # another thread's eager autograd: untouched
-            return out
-        name = _function_name(cls)
-        return pytree.tree_map_only(torch.Tensor, lambda t: autograd_function_output(t, name), out)
-
-    Function.apply = classmethod(apply)
-    try:
-        yield
-    finally:
-        Function.apply = original
 
 
 @contextmanager
@@ -319,11 +186,11 @@ def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
         # are recorded for that layout, which both of pockengine's attention kernels produce. Traced with the CPU's
         # flash kernel, which lays its output out as (batch, L, heads, E), a model's `transpose(1, 2).reshape(...)`
         # is recorded as a plain view that fails on any other layout (GPT-2: "Cannot view a tensor").
-        with (torch.no_grad(), sdpa_kernel(SDPBackend.MATH), _marking_autograd_functions(),
+        with (torch.no_grad(), sdpa_kernel(SDPBackend.MATH), recording_autograd_functions(),
               _quiet_export()):
             ep = torch.export.export(wrapper, (inputs, target))
             with _recurrent_dropout_kept():
-                ep = ep.run_decompositions(_decompositions())
+                ep = ep.run_decompositions(decompositions())
     except Exception as e:  # torch.export raises many types; one error that says what to do instead
         eager = _eager_error(model, loss_fn, inputs, target)
         if eager is not None:
@@ -337,9 +204,6 @@ def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
             "pockengine needs a model whose forward (and loss_fn) torch.export can trace: no data-dependent "
             "Python control flow on tensor values and no calls that leave PyTorch (.item(), numpy)."
         ) from e
-    functions = {n.args[1] for n in ep.graph.nodes if n.target is torch.ops.pockengine.autograd_function_output.default}
-    if functions:
-        _check_functions(model, loss_fn, inputs, target, functions)
     return ep
 
 

@@ -1,25 +1,26 @@
-"""The VJP of the marker torch.export leaves after each custom torch.autograd.Function's output (see
-pockengine/capture/export.py): the Function's backward was dropped at capture. Where it was checked to be the
-derivative of the forward, the gradient passes through (the forward's ops are differentiated); otherwise it is
-refused by name, never guessed."""
+"""The VJP of a custom torch.autograd.Function: its own backward (see pockengine/capture/functions.py), traced at
+compile time into ATen ops for the call's shapes and for the inputs that need a gradient, and inlined."""
 
 import torch
 
-from pockengine.capture.export import FUNCTIONS_AGREEING  # also defines the marker op
 from pockengine.autodiff.engine import VJPContext
 from pockengine.autodiff.registry import InputCotangents, OutputCotangent, register
-from pockengine.errors import CaptureError
+from pockengine.capture.export import decompositions
+from pockengine.capture.functions import function_call, trace_backward
 
 
-@register(torch.ops.pockengine.autograd_function_output.default)
-def _refuse_autograd_function(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
-    node = ctx.node
-    if node.args[1] in FUNCTIONS_AGREEING:
-        return g, None
-    raise CaptureError(
-        f"the custom torch.autograd.Function {node.args[1]} (module '{node.module or '<top level>'}') lies on the "
-        "path from the trained parameters to the loss, and pockengine cannot use its backward: torch.export records "
-        "only its forward, and its backward is not the derivative of that forward (compared on the example batch), "
-        "so differentiating the forward would silently give wrong gradients. Either train only "
-        "parameters after it (freeze the layers before it in the scheme, or set requires_grad=False on them), or "
-        "replace the Function with ordinary differentiable PyTorch ops.")
+@register(torch.ops.pockengine.autograd_function.default)
+def _function_backward(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    outputs, inputs, saved, _, call = ctx.args
+    record = function_call(call)
+    needs = [ctx.needs(x) for x in inputs]
+    input_grads: list = [None] * len(inputs)
+    if any(needs):
+        # The cotangent of an output marked non-differentiable never reaches the backward, as in autograd.
+        grads = [gi if differentiable else None for gi, differentiable in zip(g, record.differentiable)]
+        backward = trace_backward(call, [gi is not None for gi in grads], needs, ctx.node.module, decompositions())
+        traced = ctx.inline(backward, [*saved, *(gi for gi in grads if gi is not None)])
+        for i, (x, gi) in enumerate(zip(inputs, traced)):
+            if gi is not None:  # autograd sums a gradient of a broadcast shape down to the input's, as here
+                input_grads[i] = ctx.sum_to(gi, x.meta.shape)
+    return [None] * len(outputs), input_grads, [None] * len(saved), None, None
