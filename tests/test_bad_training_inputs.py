@@ -1,7 +1,7 @@
-"""Training inputs that used to give silently wrong results or unclear crashes: custom autograd.Functions, losses
-that are not one tensor, bad learning rates and hyper-parameters, batches that do not fit the model."""
+"""Training inputs that used to give silently wrong results or unclear crashes: losses that are not one tensor, bad
+learning rates and hyper-parameters, batches that do not fit the model (custom autograd.Functions:
+tests/test_custom_functions.py)."""
 
-import copy
 import math
 import re
 
@@ -10,40 +10,6 @@ import torch
 import torch.nn as nn
 
 import pockengine as pe
-
-TOL = 1e-4
-
-
-class GradientReversal(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h):
-        return h.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return -g
-
-
-class RoundStraightThrough(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h):
-        return torch.round(h)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
-
-
-class WithFunction(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        torch.manual_seed(0)
-        self.encoder = nn.Linear(4, 8)
-        self.head = nn.Linear(8, 3)
-        self.fn = fn
-
-    def forward(self, x):
-        return self.head(self.fn.apply(self.encoder(x)))
 
 
 def batch(features: int = 4, n: int = 6, seed: int = 0):
@@ -54,36 +20,6 @@ def batch(features: int = 4, n: int = 6, seed: int = 0):
 def mlp():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
-
-
-HEAD_ONLY = pe.Scheme.from_dict({"rules": [{"modules": "head", "mode": "full"}]})
-
-
-@pytest.mark.parametrize("fn", [GradientReversal, RoundStraightThrough])
-def test_a_custom_function_before_trained_layers_is_refused_naming_it(fn):
-    with pytest.raises(pe.CaptureError) as err:
-        pe.compile(WithFunction(fn), pe.losses.cross_entropy(), batch(), scheme=pe.Scheme.full())
-    msg = str(err.value)
-    assert f"torch.autograd.Function {__name__}.{fn.__qualname__}" in msg
-    assert "freeze the layers before it" in msg and "replace the Function" in msg
-
-
-@pytest.mark.parametrize("fn", [GradientReversal, RoundStraightThrough])
-@pytest.mark.parametrize("how", ["scheme", "requires_grad"])
-def test_layers_after_a_custom_function_train_with_autograd_gradients(fn, how):
-    model = WithFunction(fn)
-    scheme = HEAD_ONLY
-    if how == "requires_grad":
-        model.encoder.requires_grad_(False)
-        scheme = pe.Scheme.full()
-    ref = copy.deepcopy(model)
-    trainer = pe.compile(model, pe.losses.cross_entropy(), batch(), scheme=scheme)
-    grads = trainer.gradients(batch())
-    pe.losses.cross_entropy()(ref(batch()[0][0]), batch()[1]).backward()
-    assert set(grads) == {"head.weight", "head.bias"}
-    for name, g in grads.items():
-        expected = ref.get_parameter(name).grad
-        assert ((g - expected).abs().max() / expected.abs().max()).item() <= TOL
 
 
 @pytest.mark.parametrize("loss_fn,match", [
@@ -180,31 +116,3 @@ def test_wrong_argument_types_are_refused(kwargs, match):
         pe.compile(mlp(), pe.losses.cross_entropy(), batch(), **kwargs)
     with pytest.raises(pe.UserInputError, match="model must be a torch.nn.Module"):
         pe.compile(lambda x: x, pe.losses.cross_entropy(), batch())
-
-
-class ExactGelu(torch.autograd.Function):
-    """A Function whose backward is its forward's derivative (as BLOOM's GeLU): the forward is differentiated."""
-
-    @staticmethod
-    def forward(ctx, h):
-        ctx.save_for_backward(h)
-        return h * 0.5 * (1.0 + torch.tanh(0.79788456 * h * (1 + 0.044715 * h * h)))
-
-    @staticmethod
-    def backward(ctx, g):
-        (h,) = ctx.saved_tensors
-        t = torch.tanh(0.79788456 * h * (1 + 0.044715 * h * h))
-        return g * (0.5 * h * ((1 - t * t) * (0.79788456 + 0.1070322243 * h * h)) + 0.5 * (1 + t))
-
-
-def test_a_custom_function_whose_backward_is_its_forwards_derivative_trains_the_layers_before_it():
-    model = WithFunction(ExactGelu)
-    ref = copy.deepcopy(model)
-    trainer = pe.compile(model, pe.losses.cross_entropy(), batch(), scheme=pe.Scheme.full())
-    grads = trainer.gradients(batch())
-    (x,), y = batch()
-    names, params = zip(*ref.named_parameters())
-    expected = dict(zip(names, torch.autograd.grad(torch.nn.functional.cross_entropy(ref(x), y), params)))
-    for name, g in grads.items():
-        r = expected[name]
-        assert ((g - r).abs().max() / r.abs().max()).item() <= TOL, name
