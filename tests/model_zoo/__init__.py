@@ -318,3 +318,17 @@ for name, make, batch, loss in [
      images(4, key=None), CE),
 ]:
     _add("torch.nn", name, make, batch, loss)
+
+# ------------------------------------------------------------------------------------------------ custom Functions
+# Hugging Face models with custom torch.autograd.Functions whose backward is not their forward's derivative: they
+# train through the Function's own backward (pockengine/capture/functions.py).
+for family, name, config, model, sizes, batch, loss in [
+    # the sparse-mixer router: a straight-through-like estimator of the expert choice (PhimoeMultiplier)
+    ("decoder", "phimoe", "PhimoeConfig", "PhimoeForCausalLM",
+     dict(DECODER, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2), tokens, LM),
+    # YOSO's attention as the expectation of its LSH collisions, with an approximate backward (YosoCumulation)
+    ("encoder", "yoso", "YosoConfig", "YosoForSequenceClassification", ENCODER, text_classification(), CE),
+    # DeBERTa's masked softmax and dropout (XSoftmax, XDropout: its mask is saved in the forward)
+    ("audio", "sew-d", "SEWDConfig", "SEWDForSequenceClassification", SPEECH, features("input_values", (400,)), CE),
+]:
+    _add(family, name, _hf(config, model, **sizes), batch, loss)
