@@ -50,6 +50,18 @@ class ExactGelu(torch.autograd.Function):
         return g * (0.5 * h * ((1 - t * t) * (0.79788456 + 0.1070322243 * h * h)) + 0.5 * (1 + t))
 
 
+class WeightedIdentity(torch.autograd.Function):
+    """Returns its input itself; the backward makes a tensor from Python numbers (a constant of the trace)."""
+
+    @staticmethod
+    def forward(ctx, h):
+        return h
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * torch.tensor([1.0, -1.0, 2.0, 0.5, 1.0, 1.0, -3.0, 1.0])
+
+
 class ClippedTanh(torch.autograd.Function):
     """Saves an intermediate of its forward and sets a tensor and a number on ctx; its backward clips."""
 
@@ -186,7 +198,7 @@ def assert_matches_eager(model: nn.Module, scheme: pe.Scheme = pe.Scheme.full())
     return grads
 
 
-@pytest.mark.parametrize("fn", [GradientReversal, RoundStraightThrough, ExactGelu])
+@pytest.mark.parametrize("fn", [GradientReversal, RoundStraightThrough, ExactGelu, WeightedIdentity])
 def test_layers_before_a_function_train_with_its_own_backward(fn):
     grads = assert_matches_eager(WithFunction(fn))
     assert set(grads) == {"encoder.weight", "encoder.bias", "head.weight", "head.bias"}

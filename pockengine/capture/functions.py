@@ -113,7 +113,7 @@ class _RecordingContext:
     read. Its own state lives in `_recorded`; every other attribute is the Function's."""
 
     def __init__(self, needs_input_grad: tuple[bool, ...]):
-        object.__setattr__(self, "_recorded", {"saved": (), "non_differentiable": [], "materialize": True})
+        self._recorded = {"saved": (), "non_differentiable": [], "materialize": True}
         self.needs_input_grad = needs_input_grad
 
     def save_for_backward(self, *tensors: torch.Tensor | None) -> None:
