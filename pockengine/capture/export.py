@@ -25,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
 from pockengine.capture.functions import recording_autograd_functions
+from pockengine.capture.masked_rows import rewrite_masked_rows
 from pockengine.errors import CaptureError, UserInputError
 from pockengine.ir.graph import BATCH, BUFFER, PARAM, Graph, Node, TensorMeta, meta_of
 
@@ -191,6 +192,7 @@ def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
             ep = torch.export.export(wrapper, (inputs, target))
             with _recurrent_dropout_kept():
                 ep = ep.run_decompositions(decompositions())
+            rewrite_masked_rows(ep.graph_module)
     except Exception as e:  # torch.export raises many types; one error that says what to do instead
         eager = _eager_error(model, loss_fn, inputs, target)
         if eager is not None:

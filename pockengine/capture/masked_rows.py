@@ -1,0 +1,186 @@
+"""Rows picked by a boolean mask, changed row by row and written back: `out[mask] = f(x[mask])`, fixed-shape.
+
+X-MOD's language adapters run each sample's rows through its language's adapter this way. How many rows a mask
+picks depends on its values, and pockengine compiles programs of fixed shapes, so torch.export's data-dependent
+size (an unbacked symbol) cannot stay. Where every op between the pick (`aten.index.Tensor(x, [mask])`) and the
+write-back (`aten.index_put(z, [mask], y)`) provably treats the picked rows independently -- views that keep each
+row's elements together, matrix products with the rows on the left, element-wise ops with operands that do not
+vary along the rows, layer norms and softmaxes over the trailing dimensions -- computing `f` on every row and keeping
+the picked ones with `where(mask, f(x), z)` gives the same values and the same gradients (rows not picked get a
+zero cotangent). `rewrite_masked_rows` rewrites the exported graph so and re-propagates its shapes, which are then
+static. Anything else keeps its data-dependent size, and capture refuses it by name as before.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import sympy
+import torch
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from pockengine.ir.ops import is_pointwise
+
+aten = torch.ops.aten
+
+_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+_COPIES = (aten.clone.default, aten._to_copy.default, aten.alias.default)
+
+
+def _val(n: Any) -> Any:
+    return n.meta.get("val") if isinstance(n, torch.fx.Node) else n
+
+
+def _rows(val: Any, symbol: sympy.Symbol) -> bool:
+    """`val` is a tensor whose leading size is the picked rows times a constant, every other size static."""
+    if not isinstance(val, torch.Tensor) or val.dim() == 0:
+        return False
+    lead, rest = val.shape[0], val.shape[1:]
+    if not isinstance(lead, torch.SymInt) or any(not isinstance(d, int) for d in rest):
+        return False
+    expr = sympy.expand(lead.node.expr)
+    if expr.free_symbols != {symbol}:
+        return False
+    poly = sympy.Poly(expr, symbol)
+    return poly.monoms() == [(1,)] and poly.coeffs()[0].is_Integer and poly.coeffs()[0] > 0
+
+
+def _independent_operand(a: Any, out: torch.Tensor) -> bool:
+    """An operand outside the rows that broadcasts along them (it does not span the leading dimension)."""
+    v = _val(a)
+    if not isinstance(v, torch.Tensor):
+        return True
+    return v.dim() < out.dim() or (v.dim() == out.dim() and v.shape[0] == 1)
+
+
+def _rowwise_user(user: torch.fx.Node, source: torch.fx.Node, region: set, symbol: sympy.Symbol) -> bool:
+    """Whether `user` of the region's value `source` computes each row of its result from the same row alone."""
+    out, target = _val(user), user.target
+    first = out[0] if isinstance(out, tuple) else out
+    if not _rows(first, symbol):
+        return False
+    tensor_args = [a for a in user.args if isinstance(a, torch.fx.Node)]
+    others = [a for a in tensor_args if a not in region]
+    if target is operator.getitem:
+        return True  # an output of a row-by-row op with several (layer norm's)
+    if target in _VIEWS or target in _COPIES:
+        return user.args[0] is source  # a row-major view keeping a row-multiple leading size keeps rows together
+    if target is aten.addmm.default:
+        return user.args[1] is source and user.args[0] not in region and user.args[2] not in region
+    if target is aten.mm.default:
+        return user.args[0] is source and user.args[1] not in region
+    if target is aten.native_layer_norm.default:
+        return user.args[0] is source and len(user.args[1]) < first.dim() and all(
+            a not in region for a in user.args[2:4])
+    if target in (aten._softmax.default, aten._log_softmax.default):
+        return user.args[0] is source and user.args[1] % first.dim() != 0
+    if is_pointwise(target):
+        return all(_val(a).dim() == first.dim() and _val(a).shape[0] == first.shape[0]
+                   for a in tensor_args if a in region) and all(_independent_operand(a, first) for a in others)
+    return False
+
+
+def _region(pick: torch.fx.Node, symbol: sympy.Symbol) -> list | None:
+    """The write-backs that end the nodes computed row by row from the picked rows; None if the rows reach anything
+    else (a reduction over them, an output, a write-back under another mask)."""
+    mask = pick.args[1][0]
+    region, sinks, sizes, todo = {pick}, [], set(), [pick]
+    while todo:
+        source = todo.pop()
+        for user in source.users:
+            if user in region or user in sinks or user in sizes:
+                continue
+            if user.op != "call_function":
+                return None  # the picked rows leave the program
+            if (user.target is aten.index_put.default and user.args[2] is source and user.args[0] not in region
+                    and len(user.args[1]) == 1 and user.args[1][0] is mask
+                    and not (len(user.args) > 3 and user.args[3]) and _val(source).shape[0].node.expr == symbol):
+                sinks.append(user)
+            elif not isinstance(_val(user), (torch.Tensor, tuple)):
+                if source not in sizes and user.target is not aten.sym_size.int:
+                    return None  # a number read out of the rows' values
+                sizes.add(user)  # a size of the rows, its arithmetic, range asserts on it
+                todo.append(user)
+            elif source in sizes:
+                continue  # a value shaped by the row count: checked below, once the region is complete
+            elif _rowwise_user(user, source, region, symbol):
+                region.add(user)
+                todo.append(user)
+            else:
+                return None
+    # The row count becomes the mask's size: it may only be the size of a view of the rows, never a value.
+    if any(user not in sizes and not (user in region and user.target in _VIEWS) for n in sizes for user in n.users):
+        return None
+    return sinks or None
+
+
+def _mask_pick(n: torch.fx.Node) -> sympy.Symbol | None:
+    """The unbacked symbol of `x[mask]`'s row count, for one boolean mask over x's leading dimensions."""
+    if n.op != "call_function" or n.target is not aten.index.Tensor or len(n.args[1]) != 1:
+        return None
+    x, mask, out = _val(n.args[0]), _val(n.args[1][0]), _val(n)
+    if not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and isinstance(out, torch.Tensor)):
+        return None
+    if tuple(x.shape[:mask.dim()]) != tuple(mask.shape) or not isinstance(out.shape[0], torch.SymInt):
+        return None
+    symbol = out.shape[0].node.expr
+    return symbol if isinstance(symbol, sympy.Symbol) else None
+
+
+def _rewrite(graph: torch.fx.Graph, pick: torch.fx.Node, sinks: list) -> None:
+    x, mask = pick.args[0], pick.args[1][0]
+    x_shape, mask_shape = list(_val(x).shape), list(_val(mask).shape)
+    rows = math.prod(mask_shape)
+    with graph.inserting_before(pick):
+        every_row = x if len(mask_shape) == 1 else graph.call_function(
+            aten.view.default, (x, [rows, *x_shape[len(mask_shape):]]))
+    pick.replace_all_uses_with(every_row)
+    graph.erase_node(pick)
+    for sink in sinks:
+        z, _, y = sink.args[:3]
+        z_shape = list(_val(sink).shape)  # z may be an earlier write-back, rewritten already
+        with graph.inserting_before(sink):
+            keep = graph.call_function(aten.view.default, (mask, mask_shape + [1] * (len(z_shape) - len(mask_shape))))
+            y = graph.call_function(aten.view.default, (y, z_shape))
+            kept = graph.call_function(aten.where.self, (keep, y, z))
+        sink.replace_all_uses_with(kept)
+        graph.erase_node(sink)
+
+
+def _fold_sizes(graph: torch.fx.Graph) -> None:
+    """Sizes are static again: each node computing a Python number becomes that number, and each range assert on
+    them (now a constant True) goes."""
+    for n in list(graph.nodes):
+        if n.op != "call_function":
+            continue
+        val = _val(n)
+        if n.target is aten._assert_scalar.default and _val(n.args[0]) is True:
+            graph.erase_node(n)
+        elif isinstance(val, (int, bool)):
+            for user in list(n.users):
+                user.args, user.kwargs = torch.fx.node.map_arg((user.args, user.kwargs), lambda a: val if a is n else a)
+            graph.erase_node(n)
+
+
+def rewrite_masked_rows(gm: torch.fx.GraphModule) -> bool:
+    """Rewrite every `out[mask] = f(x[mask])` of `gm` whose `f` is row by row (see the module docstring); whether
+    anything changed."""
+    changed = False
+    for n in list(gm.graph.nodes):
+        symbol = _mask_pick(n)
+        sinks = _region(n, symbol) if symbol is not None else None
+        if sinks is not None:
+            _rewrite(gm.graph, n, sinks)
+            changed = True
+    if not changed:
+        return False
+    placeholders = [p.meta["val"] for p in gm.graph.nodes if p.op == "placeholder"]
+    fake_mode = torch._guards.detect_fake_mode(placeholders)
+    gm.recompile()
+    FakeTensorProp(gm, mode=fake_mode).propagate_dont_convert_inputs(*placeholders)
+    _fold_sizes(gm.graph)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return True
