@@ -332,3 +332,15 @@ for family, name, config, model, sizes, batch, loss in [
     ("audio", "sew-d", "SEWDConfig", "SEWDForSequenceClassification", SPEECH, features("input_values", (400,)), CE),
 ]:
     _add(family, name, _hf(config, model, **sizes), batch, loss)
+
+
+def _languages(g: torch.Generator) -> tuple:
+    """Text classification with one language per sample: X-MOD picks each sample's rows for its language's adapter."""
+    inputs, target = text_classification()(g)
+    return {**inputs, "lang_ids": torch.tensor([0, 1])}, target
+
+
+# its adapters take the rows of each language with a boolean mask (pockengine/capture/masked_rows.py); two
+# languages (the default has one), so that each mask picks some rows only
+_add("encoder", "xmod", _hf("XmodConfig", "XmodForSequenceClassification", **ENCODER, languages=("en_XX", "de_DE")),
+     _languages, CE)
