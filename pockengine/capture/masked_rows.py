@@ -59,7 +59,7 @@ def _rowwise_user(user: torch.fx.Node, source: torch.fx.Node, region: set, symbo
     """Whether `user` of the region's value `source` computes each row of its result from the same row alone."""
     out, target = _val(user), user.target
     first = out[0] if isinstance(out, tuple) else out
-    if not _rows(first, symbol):
+    if not _rows(first, symbol) or any(isinstance(v, torch.fx.Node) for v in user.kwargs.values()):
         return False
     tensor_args = [a for a in user.args if isinstance(a, torch.fx.Node)]
     others = [a for a in tensor_args if a not in region]
@@ -181,6 +181,5 @@ def rewrite_masked_rows(gm: torch.fx.GraphModule) -> bool:
     gm.recompile()
     FakeTensorProp(gm, mode=fake_mode).propagate_dont_convert_inputs(*placeholders)
     _fold_sizes(gm.graph)
-    gm.graph.eliminate_dead_code()
     gm.recompile()
     return True
