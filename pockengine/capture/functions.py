@@ -23,12 +23,14 @@ from __future__ import annotations
 import inspect
 import itertools
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch.autograd.function import Function, _is_setup_context_defined
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils import _pytree as pytree
@@ -176,6 +178,13 @@ def _marker_backward(ctx: Any, grads: list[torch.Tensor | None]) -> tuple:
 autograd_function.register_autograd(_marker_backward, setup_context=_marker_setup)
 
 
+# Reentrant activation checkpointing (`checkpoint(..., use_reentrant=True)`) is a Function whose backward reruns the
+# forward under autograd: its gradient is the forward's derivative by construction, and it reaches the parameters
+# of the checkpointed block through `.grad`, not through its inputs. Its forward is captured as plain ops and
+# differentiated (pockengine plans what the backward keeps itself).
+DIFFERENTIATED_AS_CAPTURED = (torch.utils.checkpoint.CheckpointFunction,)
+
+
 def _apply_recorded(cls: type[Function], args: tuple, kwargs: dict) -> Any:
     """Run `cls`'s forward as `Function.apply` would, and pass its tensors through the marker."""
     new_style = _is_setup_context_defined(cls.setup_context)
@@ -223,6 +232,10 @@ def recording_autograd_functions() -> Iterator[None]:
     def apply(cls: type[Function], *args: Any, **kwargs: Any) -> Any:
         if threading.get_ident() != exporting:  # another thread's eager autograd: untouched
             return original.__func__(cls, *args, **kwargs)
+        if issubclass(cls, DIFFERENTIATED_AS_CAPTURED):
+            with warnings.catch_warnings():  # export traces without grad: "None of the inputs have requires_grad"
+                warnings.filterwarnings("ignore", message="None of the inputs have requires_grad", category=UserWarning)
+                return original.__func__(cls, *args, **kwargs)
         return _apply_recorded(cls, args, kwargs)
 
     Function.apply = classmethod(apply)
