@@ -192,7 +192,6 @@ def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
             ep = torch.export.export(wrapper, (inputs, target))
             with _recurrent_dropout_kept():
                 ep = ep.run_decompositions(decompositions())
-            rewrite_masked_rows(ep.graph_module)
     except Exception as e:  # torch.export raises many types; one error that says what to do instead
         eager = _eager_error(model, loss_fn, inputs, target)
         if eager is not None:
@@ -206,6 +205,7 @@ def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
             "pockengine needs a model whose forward (and loss_fn) torch.export can trace: no data-dependent "
             "Python control flow on tensor values and no calls that leave PyTorch (.item(), numpy)."
         ) from e
+    rewrite_masked_rows(ep.graph_module)
     return ep
 
 
