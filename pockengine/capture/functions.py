@@ -170,7 +170,7 @@ def _marker_backward(ctx: Any, grads: list[torch.Tensor | None]) -> tuple:
     """Autograd over the exported program runs the Function's own backward, as eager autograd does."""
     record = function_call(ctx.call)
     grads = [g if differentiable else None for g, differentiable in zip(grads, record.differentiable)]
-    n_outputs, n_inputs, n_saved = ctx.arguments
+    n_outputs, _, n_saved = ctx.arguments
     input_grads = record.backward(ctx.saved_tensors, grads, ctx.needs)
     return [None] * n_outputs, input_grads, [None] * n_saved, None, None
 
