@@ -36,5 +36,6 @@ def _suffix_groups(items: list[pytest.Item]) -> None:
     for item in items:
         groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
                          for m in item.iter_markers("xdist_group")})
-        if groups and "@" not in item.nodeid:
-            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(groups)}")
+        suffix = "@" + "_".join(groups)
+        if groups and not item.nodeid.endswith(suffix):  # a pytest-xdist that writes it itself did so already
+            item._id = NodeId.parse(item.nodeid + suffix)
