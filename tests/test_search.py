@@ -20,6 +20,9 @@ from pockengine.search.solver import Option, solve
 from search_tasks import CLASSES as CLASSES_OUT, tiny_task
 
 STEPS, GRID = 3, (1e-2,)
+# Under pytest-xdist one worker runs this file: its tests share the module's analysis and the pretrained weights of
+# search_tasks (computed once per process).
+pytestmark = pytest.mark.xdist_group("search")
 
 
 # -- the solver ------------------------------------------------------------------------------------------------

@@ -221,9 +221,14 @@ NO_BIAS = {"llama", "smollm2"}  # bias-only trains nothing there (tested to rais
 SLOW_FAMILIES = {"bert", "gpt2", "llama", "vit", "resnet", "mobilenet_v2", "minilm", "smollm2"}
 
 
-def _param(family: str, *values: Any, id: str | None = None) -> Any:
-    """A test case of `family`, marked slow for the families of SLOW_FAMILIES."""
-    return pytest.param(family, *values, id=id, marks=pytest.mark.slow if family in SLOW_FAMILIES else ())
+def _param(family: str, *values: Any, id: str | None = None, run: str | None = None) -> Any:
+    """A test case of `family`, marked slow for the families of SLOW_FAMILIES. `run`: the scheme of the cached
+    `_run(family, run)` the test reads; under pytest-xdist every test of one run goes to one worker, which compiles
+    it once."""
+    marks = [pytest.mark.slow] if family in SLOW_FAMILIES else []
+    if run is not None:
+        marks.append(pytest.mark.xdist_group(f"sparse_parity-{family}-{run}"))
+    return pytest.param(family, *values, id=id, marks=marks)
 
 
 def _scheme(family: str, name: str) -> pe.Scheme:
@@ -445,7 +450,7 @@ def _run(family: str, scheme: str, opt: str = "sgd", device: str = "cpu", disabl
 
 
 # ------------------------------------------------------------------------------------------------ tests
-CASES = [_param(family, scheme, id=f"{family}-{scheme}")
+CASES = [_param(family, scheme, id=f"{family}-{scheme}", run=scheme)
          for family, fam in FAMILIES.items() for scheme in fam.schemes
          if not (scheme == "bias_only" and family in NO_BIAS)]
 # AdamW turns a gradient that is 0 in exact arithmetic (a convolution bias before train-mode BatchNorm, BERT's key
@@ -509,7 +514,8 @@ def test_last_k_backward_stops_at_the_earliest_trained_layer(family, scheme):
                                             f"{sorted(f.backward_before_earliest)}")
 
 
-@pytest.mark.parametrize("family", [_param(name) for name, fam in FAMILIES.items() if fam.folds_batchnorm])
+@pytest.mark.parametrize("family", [_param(name, run="bias_only") for name, fam in FAMILIES.items()
+                                    if fam.folds_batchnorm])
 def test_bias_only_with_frozen_batchnorm_folds_it_and_computes_no_weight_gradient(family):
     f = _run(family, "bias_only")
     assert not f.batchnorm_ops, f"BatchNorm left in the program: {f.batchnorm_ops}"

@@ -22,7 +22,8 @@ LORA_WORKLOADS = {"minilm", "smollm2"}
 # the long-sequence workload runs system variants and leaves out the systems the others cover (bench/workloads.yaml)
 QUICK_SYSTEMS = {"smollm2_long": {"pockengine", "pockengine[attention=flash]", "eager", "eager[attn=eager]"}}
 
-pytestmark = pytest.mark.slow
+# one worker runs both tests under pytest-xdist, so that the benchmark runs once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("bench_quick")]
 
 
 @pytest.fixture(scope="module")
