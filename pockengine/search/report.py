@@ -50,7 +50,10 @@ class SearchReport:
                  f"{a.metric_before:.4f}. Learning rates (AdamW, chosen per kind from the grid): bias "
                  f"{a.lr['bias']:g} ({_trials(a, 'bias')}), weight {a.lr['weight']:g} ({_trials(a, 'weight')}). "
                  f"This run: {a.seconds:.0f} s analysis ({a.trained} runs trained, the rest cached), "
-                 f"{r.seconds:.0f} s search.", "", "```", self.summary(), "```", "", "## Rounds", "",
+                 f"{r.seconds:.0f} s search"
+                 + (f" (incl. the rate of the chosen scheme, tuned over {r.lr_steps} steps on the validation split: "
+                    + ", ".join(f"{lr:g}: {m:.4f}" for lr, m in r.lr_trials.items()) + ")" if r.lr_trials else "")
+                 + ".", "", "```", self.summary(), "```", "", "## Rounds", "",
                  "| round | k | weights | predicted gain | predicted memory | measured memory (planned / tracked) "
                  "| predicted ms | measured ms | within |", "|---|---|---|---|---|---|---|---|---|"]
         for i, rd in enumerate(r.rounds, 1):
