@@ -16,6 +16,7 @@ from its last checkpoint (`--resume`) computes exactly the steps the uninterrupt
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -367,6 +368,7 @@ def prepare(config: FinetuneConfig) -> FinetuneRun:
         train_batches=batches.endless,
         evaluate=_evaluation(make, held_out, kind),
         metric="-loss" if kind == CHAT else "accuracy",
+        data_key=hashlib.sha256(json.dumps([train.tolist(), held_out.tolist()]).encode()).hexdigest()[:32],
     )
     return FinetuneRun(task, loaded, source, batches, kind, classes, len(train), len(held_out), shape,
                        preprocessing if kind == IMAGE else None, _evaluation(make, test, kind), len(test))

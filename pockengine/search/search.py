@@ -82,6 +82,7 @@ class SearchResult:
     time_budget_ms: float | None
     rounds: list[Round]  # the last is the chosen scheme
     seconds: float
+    cpu_seconds: float = 0.0  # CPU time of the process, all threads
     lr_trials: dict[float, float] = field(default_factory=dict)  # rate -> validation metric, from `tune_lr`
     lr_steps: int = 0  # the steps of each of those trials
 
@@ -153,7 +154,7 @@ def _too_small(analysis: Analysis, memory_budget: int | None, time_budget_ms: fl
 def search(task: Task, analysis: Analysis, *, memory_budget: int | str | None = None,
            time_budget_ms: float | None = None, max_rounds: int = 5) -> SearchResult:
     """The scheme with the largest summed gain within the budgets, checked by compiling and training it."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     memory = None if memory_budget is None else parse_memory(memory_budget)
     if time_budget_ms is not None and not (math.isfinite(time_budget_ms) and time_budget_ms > 0):
         raise UserInputError(f"the time budget must be a number of milliseconds above zero, got {time_budget_ms}")
@@ -181,7 +182,8 @@ def search(task: Task, analysis: Analysis, *, memory_budget: int | str | None = 
         time_over = 0.0 if time_budget_ms is None else m.step_ms - time_budget_ms
         rounds.append(Round(k, ratios, pick.gain, pick.memory, pick.ms, m, memory_over <= 0 and time_over <= 0))
         if rounds[-1].within:
-            return SearchResult(scheme, k, ratios, lr, memory, time_budget_ms, rounds, time.perf_counter() - start)
+            return SearchResult(scheme, k, ratios, lr, memory, time_budget_ms, rounds, time.perf_counter() - start,
+                                time.process_time() - cpu_start)
         # Over a budget: ask the knapsack for that much less, and for less than this choice's prediction, so the
         # next choice differs and is cheaper.
         if memory_over > 0:
@@ -210,10 +212,11 @@ def tune_lr(task: Task, result: SearchResult, steps: int, seed: int = 0,
     the combination chosen under 4 MB lost points at the analysis's rate over 300 steps)."""
     if steps < 3:
         raise UserInputError(f"steps={steps}: tuning the learning rate needs runs of at least 3 steps")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     lrs = sorted({result.lr * f for f in factors})
     trials = {lr: m.metric for lr, m in zip(lrs, measure(task, result.scheme, lrs, steps, seed))}
     result.lr = max(lrs, key=lambda lr: trials[lr])
     result.lr_trials, result.lr_steps = trials, steps
     result.seconds += time.perf_counter() - start
+    result.cpu_seconds += time.process_time() - cpu_start
     return result
