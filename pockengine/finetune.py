@@ -35,8 +35,8 @@ import torch
 from torch.nn import functional as F
 
 import pockengine as pe
-from pockengine.data.sources import (CHAT, IMAGE, ChatData, Data, ImageData, TextData, assign_labels, data_kind,
-                                     load_data, note)
+from pockengine.data.sources import (CHAT, IMAGE, ChatData, Data, ImageData, TextData, append_data, assign_labels,
+                                     data_kind, load_data, note)
 from pockengine.errors import UserInputError
 from pockengine.models.loading import LoadedModel, ModelSource, load_model, model_source, save_model
 from pockengine.scheme import Scheme
@@ -80,6 +80,7 @@ class FinetuneConfig:
     checkpoint_every: int = 50
     eval_fraction: float = 0.1  # the validation split: the analysis, the search and --eval-every read it
     test_fraction: float = 0.0  # a test split, read only for the summary's test metric (never for a choice)
+    test_data: str | None = None  # or a test set of its own (as --data; `mnist-test`), instead of test_fraction
     seq_len: int | None = None  # default: the longest example, at most 128 tokens
     image_size: int | None = None  # default: the model's (64 for mobilenet_v2; the images' own for module:function)
     seed: int = 0
@@ -95,6 +96,8 @@ class FinetuneConfig:
             raise UserInputError("give --steps or --epochs, not both")
         if not 0 <= self.eval_fraction < 1:
             raise UserInputError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.test_data is not None and self.test_fraction:
+            raise UserInputError("give --test-data or --test-fraction, not both")
         if not 0 <= self.test_fraction < 1 or self.eval_fraction + self.test_fraction >= 1:
             raise UserInputError(f"--test-fraction must be in [0, 1) and leave training examples beside "
                                  f"--eval-fraction {self.eval_fraction}, got {self.test_fraction}")
@@ -172,9 +175,11 @@ class FinetuneRun:
     n_test: int = 0
 
 
-def _split(n: int, config: FinetuneConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(training, validation, test) example indices: one seeded order, the test split first, then the validation
-    split (the same examples as without a test split when --test-fraction is 0), the rest for training."""
+def _split(n: int, config: FinetuneConfig, n_test_data: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(training, validation, test) example indices. The last `n_test_data` examples are --test-data's: they are the
+    test split, the others are split as without them. Otherwise one seeded order: the test split first, then the
+    validation split (the same examples as without a test split when --test-fraction is 0), the rest for training."""
+    n -= n_test_data
     order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
     if config.max_examples is not None:
         order = order[:config.max_examples]
@@ -185,6 +190,8 @@ def _split(n: int, config: FinetuneConfig) -> tuple[torch.Tensor, torch.Tensor, 
     n_test = share(config.test_fraction)
     n_eval = min(share(config.eval_fraction), len(order) - 1 - n_test)
     test, held_out, train = order[:n_test], order[n_test:n_test + n_eval], order[n_test + n_eval:]
+    if n_test_data:
+        test = torch.arange(n, n + n_test_data)
     if config.max_eval_examples is not None:
         held_out = held_out[:config.max_eval_examples]
     if len(train) < config.batch_size:
@@ -331,6 +338,15 @@ def prepare(config: FinetuneConfig) -> FinetuneRun:
         data: Data = load_data(config.data, image_size, channels)
     else:
         data = load_data(config.data, columns=(config.text_column, config.label_column))
+    n_test_data = 0
+    if config.test_data is not None:
+        if data_kind(config.test_data) != kind:
+            raise UserInputError(f"--test-data {config.test_data} holds {data_kind(config.test_data)} examples, "
+                                 f"--data {config.data} {kind} ones; give a test set of the same kind")
+        extra = (load_data(config.test_data, image_size, channels) if kind == IMAGE
+                 else load_data(config.test_data, columns=(config.text_column, config.label_column)))
+        n_test_data = len(extra.where)
+        data = append_data(data, extra, f"--test-data {config.test_data}")
     classes = None
     if kind != CHAT:
         fixed = source.fixed_classes()
@@ -357,7 +373,7 @@ def prepare(config: FinetuneConfig) -> FinetuneRun:
     else:
         make = _text_batches(data, loaded, config, shape)
     n = len(data.where)
-    train, held_out, test = _split(n, config)
+    train, held_out, test = _split(n, config, n_test_data)
     batches = Batches(len(train), config.batch_size, lambda idx: make(train[idx]), config.seed)
     loss_fn = pe.losses.causal_lm() if kind == CHAT else pe.losses.cross_entropy()
     task = Task(

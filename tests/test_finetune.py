@@ -303,6 +303,24 @@ def test_a_test_split_is_held_out_apart_from_the_validation_split():
     assert len(none) == 0 and torch.equal(alone, torch.cat([test, validation])[:10])
     with pytest.raises(pe.UserInputError, match="--test-fraction"):
         FinetuneConfig(model="m", data="d", out="o", eval_fraction=0.5, test_fraction=0.5)
+    # A test set of its own (--test-data, appended after the data): the rest is split as without it.
+    train_alone, _, _ = _split(100, FinetuneConfig(model="m", data="d", out="o", eval_fraction=0.1))
+    train, validation, test = _split(130, FinetuneConfig(model="m", data="d", out="o", test_data="t"), 30)
+    assert torch.equal(train, train_alone) and torch.equal(validation, alone)
+    assert test.tolist() == list(range(100, 130))
+
+
+def test_a_test_set_of_its_own_is_evaluated_for_the_summary_only(tmp_path, cnn_module):
+    write_image_folder(tmp_path / "test", size=12, per_class=5)
+    out = tmp_path / "run"
+    assert run_cnn(tmp_path, out, cnn_module, ["--test-data", str(tmp_path / "test")]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_test"] == 10 and summary["n_eval"] == 2 and summary["n_train"] == 14
+    assert 0 <= summary["test_before"] <= 1 and 0 <= summary["test_after"] <= 1
+    write_image_folder(tmp_path / "other", size=12, per_class=2, classes=("cats", "birds"))
+    with pytest.raises(pe.UserInputError, match="unknown label 'birds'"):
+        prepare(FinetuneConfig(model=f"{cnn_module}:small_cnn", data=str(tmp_path / "images"),
+                               test_data=str(tmp_path / "other"), out=str(tmp_path / "x")))
 
 
 def test_report_compares_runs_on_their_test_split(tmp_path, cnn_module, capsys):
