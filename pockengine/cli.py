@@ -149,8 +149,13 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
                    "before and after training only)")
     f.add_argument("--checkpoint-every", type=integer(1), help="write the checkpoint every N steps (default 50; "
                    "also at the end and on Ctrl-C)")
-    f.add_argument("--eval-fraction", type=number(at_least=0, below=1), help="share of the data held out for evaluation, chosen by "
-                   "--seed (default 0.1)")
+    f.add_argument("--eval-fraction", type=number(at_least=0, below=1), help="share of the data held out for "
+                   "validation, chosen by --seed (default 0.1): --eval-every, the analysis and the search read it")
+    f.add_argument("--test-fraction", type=number(at_least=0, below=1), help="share of the data held out as a test "
+                   "split (default 0: none), evaluated only before and after training, for the summary and "
+                   "`pockengine report`; no choice reads it")
+    f.add_argument("--test-data", help="a test set of its own instead of --test-fraction, read as --data is (a "
+                   "built-in such as mnist-test, MNIST's 10,000 test images; a folder; a file)")
     f.add_argument("--text-column", help="the text column of a CSV/TSV (or field of a JSONL) text data set "
                    "(default: text)")
     f.add_argument("--label-column", help="its label column or field (default: label)")

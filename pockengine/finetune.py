@@ -16,6 +16,7 @@ from its last checkpoint (`--resume`) computes exactly the steps the uninterrupt
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -34,8 +35,8 @@ import torch
 from torch.nn import functional as F
 
 import pockengine as pe
-from pockengine.data.sources import (CHAT, IMAGE, ChatData, Data, ImageData, TextData, assign_labels, data_kind,
-                                     load_data, note)
+from pockengine.data.sources import (CHAT, IMAGE, ChatData, Data, ImageData, TextData, append_data, assign_labels,
+                                     data_kind, load_data, note)
 from pockengine.errors import UserInputError
 from pockengine.models.loading import LoadedModel, ModelSource, load_model, model_source, save_model
 from pockengine.scheme import Scheme
@@ -77,7 +78,9 @@ class FinetuneConfig:
     optimizer: str = "adamw"
     eval_every: int = 0  # 0: evaluate before and after only
     checkpoint_every: int = 50
-    eval_fraction: float = 0.1
+    eval_fraction: float = 0.1  # the validation split: the analysis, the search and --eval-every read it
+    test_fraction: float = 0.0  # a test split, read only for the summary's test metric (never for a choice)
+    test_data: str | None = None  # or a test set of its own (as --data; `mnist-test`), instead of test_fraction
     seq_len: int | None = None  # default: the longest example, at most 128 tokens
     image_size: int | None = None  # default: the model's (64 for mobilenet_v2; the images' own for module:function)
     seed: int = 0
@@ -93,6 +96,11 @@ class FinetuneConfig:
             raise UserInputError("give --steps or --epochs, not both")
         if not 0 <= self.eval_fraction < 1:
             raise UserInputError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.test_data is not None and self.test_fraction:
+            raise UserInputError("give --test-data or --test-fraction, not both")
+        if not 0 <= self.test_fraction < 1 or self.eval_fraction + self.test_fraction >= 1:
+            raise UserInputError(f"--test-fraction must be in [0, 1) and leave training examples beside "
+                                 f"--eval-fraction {self.eval_fraction}, got {self.test_fraction}")
         if self.scheme == "auto" and self.memory_budget is None and self.time_budget is None:
             raise UserInputError("--scheme auto searches under a budget: give --memory-budget (such as 4MB), "
                                  "--time-budget (ms per step), or both")
@@ -163,21 +171,34 @@ class FinetuneRun:
     n_eval: int
     shape: dict[str, int] = field(default_factory=dict)  # seq_len or image size, as resolved
     preprocessing: dict[str, Any] | None = None  # how an image becomes an input, saved beside the model
+    evaluate_test: Callable[[Any], float] | None = None  # task.evaluate's metric on the test split
+    n_test: int = 0
 
 
-def _split(n: int, config: FinetuneConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def _split(n: int, config: FinetuneConfig, n_test_data: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(training, validation, test) example indices. The last `n_test_data` examples are --test-data's: they are the
+    test split, the others are split as without them. Otherwise one seeded order: the test split first, then the
+    validation split (the same examples as without a test split when --test-fraction is 0), the rest for training."""
+    n -= n_test_data
     order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
     if config.max_examples is not None:
         order = order[:config.max_examples]
-    n_eval = min(len(order) - 1, max(1, round(len(order) * config.eval_fraction))) if config.eval_fraction else 0
-    train, held_out = order[n_eval:], order[:n_eval]
+
+    def share(fraction: float) -> int:
+        return min(len(order) - 1, max(1, round(len(order) * fraction))) if fraction else 0
+
+    n_test = share(config.test_fraction)
+    n_eval = min(share(config.eval_fraction), len(order) - 1 - n_test)
+    test, held_out, train = order[:n_test], order[n_test:n_test + n_eval], order[n_test + n_eval:]
+    if n_test_data:
+        test = torch.arange(n, n + n_test_data)
     if config.max_eval_examples is not None:
         held_out = held_out[:config.max_eval_examples]
     if len(train) < config.batch_size:
         raise UserInputError(f"--data {config.data}: {len(train)} training examples after holding out "
-                             f"{n_eval}, fewer than --batch-size {config.batch_size}; lower --batch-size or "
-                             "--eval-fraction, or add examples")
-    return train, held_out
+                             f"{n_eval + n_test}, fewer than --batch-size {config.batch_size}; lower --batch-size, "
+                             "--eval-fraction or --test-fraction, or add examples")
+    return train, held_out, test
 
 
 def _forward(model: torch.nn.Module, inputs: Any) -> Any:
@@ -317,6 +338,15 @@ def prepare(config: FinetuneConfig) -> FinetuneRun:
         data: Data = load_data(config.data, image_size, channels)
     else:
         data = load_data(config.data, columns=(config.text_column, config.label_column))
+    n_test_data = 0
+    if config.test_data is not None:
+        if data_kind(config.test_data) != kind:
+            raise UserInputError(f"--test-data {config.test_data} holds {data_kind(config.test_data)} examples, "
+                                 f"--data {config.data} {kind} ones; give a test set of the same kind")
+        extra = (load_data(config.test_data, image_size, channels) if kind == IMAGE
+                 else load_data(config.test_data, columns=(config.text_column, config.label_column)))
+        n_test_data = len(extra.where)
+        data = append_data(data, extra, f"--test-data {config.test_data}")
     classes = None
     if kind != CHAT:
         fixed = source.fixed_classes()
@@ -343,7 +373,7 @@ def prepare(config: FinetuneConfig) -> FinetuneRun:
     else:
         make = _text_batches(data, loaded, config, shape)
     n = len(data.where)
-    train, held_out = _split(n, config)
+    train, held_out, test = _split(n, config, n_test_data)
     batches = Batches(len(train), config.batch_size, lambda idx: make(train[idx]), config.seed)
     loss_fn = pe.losses.causal_lm() if kind == CHAT else pe.losses.cross_entropy()
     task = Task(
@@ -354,21 +384,23 @@ def prepare(config: FinetuneConfig) -> FinetuneRun:
         train_batches=batches.endless,
         evaluate=_evaluation(make, held_out, kind),
         metric="-loss" if kind == CHAT else "accuracy",
+        data_key=hashlib.sha256(json.dumps([train.tolist(), held_out.tolist()]).encode()).hexdigest()[:32],
     )
     return FinetuneRun(task, loaded, source, batches, kind, classes, len(train), len(held_out), shape,
-                       preprocessing if kind == IMAGE else None)
+                       preprocessing if kind == IMAGE else None, _evaluation(make, test, kind), len(test))
 
 
-def scheme_for(config: FinetuneConfig, task: Task) -> tuple[Scheme, float]:
+def scheme_for(config: FinetuneConfig, task: Task, steps: int) -> tuple[Scheme, float]:
     """The scheme `--scheme` names and the learning rate to train it with: a preset (full, bias_only, head, last:K)
     or a scheme file at `--lr`; or `auto`: the contribution analysis of `task` (cached in the pockengine cache, so a
-    second run on the same model and data skips it) and the search under the budgets, at the learning rate the
-    analysis found best for that kind of scheme. The search report goes to the run folder's search/."""
+    second run on the same model and data skips it) and the search under the budgets, at the learning rate tuned
+    for the chosen scheme over the run's `steps` on the validation split, around the rate the analysis found for
+    its kind. The search report goes to the run folder's search/."""
     if config.scheme != "auto":
         return parse_scheme(config.scheme), config.lr
     scheme, report = choose_search(task, memory_budget=config.memory_budget, time_budget_ms=config.time_budget,
                                    cache_dir=cache_dir() / "analysis", quick=config.quick, seed=config.seed,
-                                   out_dir=Path(config.out) / SEARCH_DIR)
+                                   out_dir=Path(config.out) / SEARCH_DIR, lr_steps=steps)
     return scheme, report.lr
 
 
@@ -505,7 +537,7 @@ def finetune(config: FinetuneConfig, resume: bool = False, log: Callable[[str], 
         trainer = pe.load(checkpoint, model, task.loss_fn, task.example_batch)
         log(f"resuming {out} at step {trainer.steps_done} of {total}")
     else:
-        scheme, lr = scheme_for(config, task)
+        scheme, lr = scheme_for(config, task, total)
         optimizer = pe.optim.AdamW(lr=lr) if config.optimizer == "adamw" else pe.optim.SGD(lr=lr, momentum=0.9)
         trainer = pe.compile(model, task.loss_fn, task.example_batch, optimizer, scheme, freeze_batchnorm=True,
                              seed=config.seed)
@@ -532,12 +564,14 @@ def finetune(config: FinetuneConfig, resume: bool = False, log: Callable[[str], 
         before = task.evaluate(model)
         _write_json(out / RUN_FILE, {"config": config.to_dict(), "task": run.kind, "metric": metric_name,
                                      "classes": run.classes, "n_train": run.n_train, "n_eval": run.n_eval,
-                                     "shape": run.shape, "before": before})
+                                     "n_test": run.n_test, "shape": run.shape, "before": before,
+                                     "test_before": run.evaluate_test(model) if run.n_test else None})
         log(f"{metric_name} before: {show(before)}")
     recorded = _read_json(out / RUN_FILE)
     recorded["config"] = config.to_dict()  # a resumed run may go on longer than first asked
     _write_json(out / RUN_FILE, recorded)
     before = recorded["before"]
+    sign = -1 if run.kind == CHAT else 1  # the summary shows losses, the metric is minus the loss
     # What happened after the last checkpoint is done again: its records go, and so does the final evaluation of a
     # finished run that goes on (it is made again at the new end).
     done = trainer.steps_done
@@ -581,6 +615,7 @@ def finetune(config: FinetuneConfig, resume: bool = False, log: Callable[[str], 
     bar.close()
     trainer.save(checkpoint)
     after = task.evaluate(model)
+    test_after = run.evaluate_test(model) if run.n_test else None
     with open(out / METRICS_FILE, "a") as metrics:
         metrics.write(json.dumps({"step": trainer.steps_done, "eval": after}) + "\n")
     save_model(run.loaded, out / MODEL_DIR, run.classes, run.preprocessing)
@@ -589,8 +624,10 @@ def finetune(config: FinetuneConfig, resume: bool = False, log: Callable[[str], 
     median_ms = statistics.median(timed) * 1000 if timed else None
     summary = {
         "model": config.model, "data": config.data, "task": run.kind, "metric": metric_name,
-        "before": -before if run.kind == CHAT else before, "after": -after if run.kind == CHAT else after,
+        "before": sign * before, "after": sign * after,
         "steps": trainer.steps_done, "batch_size": config.batch_size, "n_train": run.n_train, "n_eval": run.n_eval,
+        **({"n_test": run.n_test, "test_before": sign * recorded["test_before"], "test_after": sign * test_after}
+           if run.n_test else {}), "lr": trainer.optimizer.lr,
         "scheme": trainer.scheme.name, "trained_parameters": trained, "parameters": n_params,
         "trained_tensors": len(trainer.trained), "step_ms_median": median_ms, "planned_step_peak_bytes": planned,
         "optimizer_state_bytes": state, "peak_rss_bytes": peak_rss_bytes(), "memory_budget_bytes": config.memory_budget,
@@ -608,6 +645,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [
         f"{summary['metric']}: {summary['before']:.4f} before, {summary['after']:.4f} after {summary['steps']} steps "
         f"({summary['n_eval']} held-out examples)",
+        *([f"test {summary['metric'].removeprefix('held-out ')}: {summary['test_before']:.4f} before, "
+           f"{summary['test_after']:.4f} after ({summary['n_test']} test examples)"] if summary.get("n_test") else []),
         f"trained: scheme {summary['scheme']}, {summary['trained_parameters']:,} of {summary['parameters']:,} "
         f"parameters ({100 * summary['trained_parameters'] / summary['parameters']:.2f}%) in "
         f"{summary['trained_tensors']} tensors",
@@ -626,13 +665,18 @@ def compare_summaries(runs: dict[str, dict[str, Any]]) -> str:
     the step memory of each, and each figure divided by the first run's."""
     first = next(iter(runs.values()))
     step_memory = {name: s["planned_step_peak_bytes"] + s.get("optimizer_state_bytes", 0) for name, s in runs.items()}
-    rows = ["| run | scheme | trained parameters | " + f"{first['metric']} before -> after | step ms (median) | "
+    # The test split where every run has one (no choice read it); else the validation split.
+    split = "test_" if all(s.get("n_test") for s in runs.values()) else ""
+    metric = f"test {first['metric'].removeprefix('held-out ')}" if split else first["metric"]
+    rows = ["| run | scheme | trained parameters | lr | " + f"{metric} before -> after | step ms (median) | "
             "step memory (planned peak + optimizer state) | peak RSS | time / first | step memory / first |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in runs.items():
         time_ratio = (f"{s['step_ms_median'] / first['step_ms_median']:.2f}"
                       if s["step_ms_median"] and first["step_ms_median"] else "-")
-        rows.append(f"| {name} | {s['scheme']} | {s['trained_parameters']:,} | {s['before']:.4f} -> {s['after']:.4f} | "
+        rows.append(f"| {name} | {s['scheme']} | {s['trained_parameters']:,} | "
+                    + (f"{s['lr']:g}" if "lr" in s else "-")
+                    + f" | {s[split + 'before']:.4f} -> {s[split + 'after']:.4f} | "
                     + (f"{s['step_ms_median']:.1f}" if s["step_ms_median"] else "-")
                     + f" | {mb(step_memory[name])} | {mb(s['peak_rss_bytes'])} | {time_ratio} | "
                     f"{step_memory[name] / step_memory[next(iter(runs))]:.2f} |")

@@ -291,6 +291,52 @@ def test_report_compares_runs_each_divided_by_the_first(tmp_path, cnn_module, ca
     assert "has no summary.json (the run has not finished" in capsys.readouterr().err
 
 
+def test_a_test_split_is_held_out_apart_from_the_validation_split():
+    from pockengine.finetune import _split
+
+    config = FinetuneConfig(model="m", data="d", out="o", eval_fraction=0.1, test_fraction=0.2)
+    train, validation, test = _split(100, config)
+    assert (len(train), len(validation), len(test)) == (70, 10, 20)
+    assert sorted(torch.cat([train, validation, test]).tolist()) == list(range(100))
+    # Without a test split the validation split is what it always was: the first examples of the seeded order.
+    _, alone, none = _split(100, FinetuneConfig(model="m", data="d", out="o", eval_fraction=0.1))
+    assert len(none) == 0 and torch.equal(alone, torch.cat([test, validation])[:10])
+    with pytest.raises(pe.UserInputError, match="--test-fraction"):
+        FinetuneConfig(model="m", data="d", out="o", eval_fraction=0.5, test_fraction=0.5)
+    # A test set of its own (--test-data, appended after the data): the rest is split as without it.
+    train_alone, _, _ = _split(100, FinetuneConfig(model="m", data="d", out="o", eval_fraction=0.1))
+    train, validation, test = _split(130, FinetuneConfig(model="m", data="d", out="o", test_data="t"), 30)
+    assert torch.equal(train, train_alone) and torch.equal(validation, alone)
+    assert test.tolist() == list(range(100, 130))
+
+
+def test_a_test_set_of_its_own_is_evaluated_for_the_summary_only(tmp_path, cnn_module):
+    write_image_folder(tmp_path / "test", size=12, per_class=5)
+    out = tmp_path / "run"
+    assert run_cnn(tmp_path, out, cnn_module, ["--test-data", str(tmp_path / "test")]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_test"] == 10 and summary["n_eval"] == 2 and summary["n_train"] == 14
+    assert 0 <= summary["test_before"] <= 1 and 0 <= summary["test_after"] <= 1
+    write_image_folder(tmp_path / "other", size=12, per_class=2, classes=("cats", "birds"))
+    with pytest.raises(pe.UserInputError, match="unknown label 'birds'"):
+        prepare(FinetuneConfig(model=f"{cnn_module}:small_cnn", data=str(tmp_path / "images"),
+                               test_data=str(tmp_path / "other"), out=str(tmp_path / "x")))
+
+
+def test_report_compares_runs_on_their_test_split(tmp_path, cnn_module, capsys):
+    runs = [tmp_path / "full", tmp_path / "bias"]
+    for run, scheme in zip(runs, ("full", "bias_only")):
+        assert run_cnn(tmp_path, run, cnn_module, ["--scheme", scheme, "--test-fraction", "0.25"]) == 0
+    summaries = [json.loads((run / "summary.json").read_text()) for run in runs]
+    assert all(s["n_test"] == 4 and 0 <= s["test_after"] <= 1 and s["lr"] == 0.05 for s in summaries)
+    capsys.readouterr()
+    assert main(["report", *map(str, runs)]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy: " in out and "| test accuracy before -> after |" in out
+    row = out.split("| run |", 1)[1].splitlines()[3].split("|")
+    assert row[5].strip() == f"{summaries[1]['test_before']:.4f} -> {summaries[1]['test_after']:.4f}"
+
+
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m.role }}> {{ m.content }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<assistant> {% endif %}")
 

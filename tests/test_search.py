@@ -14,7 +14,7 @@ import pockengine as pe
 from pockengine.cli import main
 from pockengine.search import BudgetTooSmallError, SearchReport, analyze, choose_scheme, parse_memory, search
 from pockengine.search.analysis import measure
-from pockengine.search.search import MEMORY_GRID, mb
+from pockengine.search.search import MEMORY_GRID, mb, tune_lr
 from pockengine.search.candidates import Candidate, Structure, block_of, candidates
 from pockengine.search.solver import Option, solve
 from search_tasks import CLASSES as CLASSES_OUT, tiny_task
@@ -222,6 +222,18 @@ def test_report_and_choose_scheme(analysed, tmp_path):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (tmp_path / "report.md").read_text()
     assert all(row["candidate"] in markdown for row in a.rows()) and "![costs](costs.png)" in markdown
+
+
+def test_the_rate_of_the_chosen_scheme_is_tuned_on_its_own_runs(analysed):
+    task, _, _, a, _ = analysed
+    result = search(task, a, memory_budget="1GB")
+    analysis_rate = result.lr
+    tuned = tune_lr(task, result, STEPS + 2, factors=(0.1, 1.0, 10.0))
+    assert tuned.lr_steps == STEPS + 2 and set(tuned.lr_trials) == {analysis_rate * f for f in (0.1, 1.0, 10.0)}
+    # Each trial is the scheme trained alone at that rate; the best validation metric wins.
+    for lr, metric in tuned.lr_trials.items():
+        assert measure(task, result.scheme, [lr], STEPS + 2, 0)[0].metric == metric
+    assert tuned.lr_trials[tuned.lr] == max(tuned.lr_trials.values())
 
 
 # -- the command line ------------------------------------------------------------------------------------------

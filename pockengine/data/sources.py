@@ -3,7 +3,8 @@
 - an image folder with one sub-folder per class (`cats/1.jpg`, `dogs/a.png`): image classification;
 - a CSV or JSONL of `text` and `label` (a class name or an integer): text classification;
 - a JSONL of `prompt`/`response` pairs or of chat `messages`: causal language modelling on the replies;
-- `mnist`, `rotten_tomatoes`, `chatterbot`: the offline packages' data (/work/shared/OFFLINE_RESOURCES.md).
+- `mnist` (`mnist-test`: its test split), `rotten_tomatoes`, `chatterbot`: the offline packages' data
+  (/work/shared/OFFLINE_RESOURCES.md).
 
 Every example remembers where it came from (`file:line`, `file`), so that a bad one is refused by name
 (`UserInputError`) before any minute goes into loading a model or compiling. Images are decoded once, resized to the
@@ -26,11 +27,11 @@ import torch
 
 from pockengine.errors import UserInputError
 
-__all__ = ["ImageData", "TextData", "ChatData", "Data", "BUILTIN_DATA", "data_kind", "load_data", "image_sizes",
-           "assign_labels", "note"]
+__all__ = ["ImageData", "TextData", "ChatData", "Data", "BUILTIN_DATA", "data_kind", "load_data", "append_data",
+           "image_sizes", "assign_labels", "note"]
 
 IMAGE, TEXT, CHAT = "image classification", "text classification", "causal language modelling"
-BUILTIN_DATA = {"mnist": IMAGE, "rotten_tomatoes": TEXT, "chatterbot": CHAT}
+BUILTIN_DATA = {"mnist": IMAGE, "mnist-test": IMAGE, "rotten_tomatoes": TEXT, "chatterbot": CHAT}
 _TABLE_DELIMITERS = {".csv": ",", ".tsv": "\t"}
 _TEXT_SUFFIXES = (*_TABLE_DELIMITERS, ".jsonl", ".json")
 
@@ -99,8 +100,8 @@ def load_data(spec: str, image_size: tuple[int, int] | None = None, channels: in
               columns: tuple[str, str] = ("text", "label")) -> Data:
     """Read `--data spec`; images are resized to `image_size` (None: their most common size); a text data set's
     `columns` are the names of its (text, label) columns or fields."""
-    if spec == "mnist":
-        return _mnist(image_size, channels)
+    if spec in ("mnist", "mnist-test"):
+        return _mnist(image_size, channels, "test" if spec == "mnist-test" else "train")
     if spec == "rotten_tomatoes":
         from pockengine.data.text import load_movie_reviews
 
@@ -117,6 +118,27 @@ def load_data(spec: str, image_size: tuple[int, int] | None = None, channels: in
     if kind == CHAT:
         return _chat_jsonl(path)
     return _text_table(path, columns) if path.suffix.lower() in _TABLE_DELIMITERS else _text_jsonl(path, columns)
+
+
+def append_data(data: Data, extra: Data, name: str) -> Data:
+    """`data` followed by `extra` (the examples of `--test-data`, named `name`), one data set of data's kind whose
+    class names are data's."""
+    if type(extra) is not type(data):
+        raise UserInputError(f"{name} holds {extra.kind} examples, --data {data.kind} ones; give a test set of the "
+                             "same kind")
+    if isinstance(data, ChatData):
+        return ChatData(data.conversations + extra.conversations, data.where + extra.where)
+    if isinstance(data, TextData):
+        merged: ImageData | TextData = TextData(data.texts + extra.texts, data.raw_labels + extra.raw_labels,
+                                                data.where + extra.where)
+    else:
+        if extra.size != data.size or extra.images.shape[1:] != data.images.shape[1:]:
+            raise UserInputError(f"{name}: its images are {tuple(extra.images.shape[1:])}, --data's "
+                                 f"{tuple(data.images.shape[1:])}; give --image-size so both are resized alike")
+        merged = ImageData(torch.cat([data.images, extra.images]), data.raw_labels + extra.raw_labels,
+                           data.where + extra.where, data.size)
+    assign_labels(merged, data.classes)
+    return merged
 
 
 # -- labels ---------------------------------------------------------------------------------------------------
@@ -224,7 +246,7 @@ def image_sizes(spec: str) -> Counter[tuple[int, int]]:
     """How many images of the folder `spec` have each (height, width), from the files' headers."""
     from PIL import Image
 
-    if spec == "mnist":
+    if spec in ("mnist", "mnist-test"):
         return Counter({(28, 28): 1})
     sizes: Counter[tuple[int, int]] = Counter()
     for files in _image_files(Path(spec))[1]:
@@ -266,13 +288,14 @@ def _image_folder(folder: Path, size: tuple[int, int] | None, channels: int) -> 
     return data
 
 
-def _mnist(size: tuple[int, int] | None, channels: int) -> ImageData:
+def _mnist(size: tuple[int, int] | None, channels: int, split: str) -> ImageData:
+    """MNIST's training split (`mnist`, 50,000 images) or its test split (`mnist-test`, 10,000)."""
     from pockengine.data.mnist import load_mnist
 
-    images, labels = load_mnist("train")
+    images, labels = load_mnist(split)
     # Kept at 28x28 (39 MB); each batch is resized to the model's size when it is made.
     pixels = images.mul_(255).round_().to(torch.uint8).expand(-1, channels, -1, -1)
-    data = ImageData(pixels, labels.tolist(), [f"mnist train image {i}" for i in range(len(labels))],
+    data = ImageData(pixels, labels.tolist(), [f"mnist {split} image {i}" for i in range(len(labels))],
                      size=size or (28, 28))
     assign_labels(data, [str(i) for i in range(10)])
     return data

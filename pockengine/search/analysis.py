@@ -19,8 +19,9 @@ that kind then uses it. One compiled program serves every rate of the grid (weig
 generator reset between rates), since the rate is a run-time input of the program.
 
 Results are cached on disk, one JSON file per (candidate, learning rate), written atomically: an interrupted
-analysis resumes where it stopped, and a second run trains nothing. The key covers the task's name, the model's
-weights, the example batch's shapes, the candidate's scheme, the steps, the seed and the rate.
+analysis resumes where it stopped, and a second run trains nothing. The key covers the task's name, its data key
+(which training and validation examples), the model's weights, the example batch's shapes, the candidate's scheme,
+the steps, the seed and the rate.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from pockengine.trainer import Trainer
 LR_GRID = (1e-4, 1e-3, 1e-2)
 QUICK_LR_GRID = (1e-3, 1e-2)
 STEPS, QUICK_STEPS = 100, 40
-CACHE_VERSION = 1  # bump when what a cached result means changes
+CACHE_VERSION = 2  # bump when what a cached result means changes
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,8 @@ class Measurement:
     flops: int  # of one step, counted on the compiled program
     trained_entries: int
     compile_s: float
+    train_s: float = 0.0  # wall time of the steps at this rate (FLOP counting and tracking included)
+    eval_s: float = 0.0  # wall time of the held-out evaluation
 
     @property
     def memory(self) -> int:
@@ -109,6 +112,7 @@ def measure(task: Task, scheme: Scheme, lrs: list[float], steps: int, seed: int)
             _reset(trainer, pristine, state, seed)
         batches = task.train_batches(seed)
         times, flops, tracked = [], 0, 0
+        train_start = time.perf_counter()
         for step in range(1, steps + 1):
             batch = next(batches)
             if step == 1:
@@ -126,9 +130,11 @@ def measure(task: Task, scheme: Scheme, lrs: list[float], steps: int, seed: int)
                 t = time.perf_counter()
                 trainer.step(batch, lr=lr)
                 times.append(time.perf_counter() - t)
-        results.append(Measurement(float(task.evaluate(model)), plan.peak_bytes, tracked,
-                                   trainer.optimizer_state_bytes(), statistics.median(times) * 1e3,
-                                   int(flops), trained_entries, compile_s))
+        eval_start = time.perf_counter()
+        metric = float(task.evaluate(model))
+        results.append(Measurement(metric, plan.peak_bytes, tracked, trainer.optimizer_state_bytes(),
+                                   statistics.median(times) * 1e3, int(flops), trained_entries, compile_s,
+                                   eval_start - train_start, time.perf_counter() - eval_start))
     return results
 
 
@@ -167,6 +173,7 @@ class Analysis:
     weight_baseline: Measurement  # biases of every block, at lr["weight"]
     weights: dict[tuple[str, Fraction], Measurement] = field(default_factory=dict)  # at lr["weight"]
     seconds: float = 0.0  # wall time of this call (cached results cost nothing)
+    cpu_seconds: float = 0.0  # CPU time of this process in this call, all threads: less sensitive to other jobs
     trained: int = 0  # how many (candidate, rate) runs this call trained; the rest came from the cache
 
     def bias_gain(self, k: int) -> float:
@@ -197,7 +204,7 @@ def _costs(m: Measurement) -> dict[str, float]:
 class _Cache:
     def __init__(self, folder: Path, task: Task, structure: Structure, steps: int, seed: int, model_key: str):
         self.folder = Path(folder)
-        self.base = dict(version=CACHE_VERSION, task=task.name, model=model_key,
+        self.base = dict(version=CACHE_VERSION, task=task.name, data=task.data_key, model=model_key,
                          batch=batch_signature(task.example_batch), steps=steps, seed=seed)
         self.structure = structure
 
@@ -230,7 +237,7 @@ def analyze(task: Task, cache_dir: str | Path, *, quick: bool = False, steps: in
     """Run (or read from `cache_dir`) the contribution analysis of `task`. `quick`: fewer candidates (see
     `candidates.candidates`), `QUICK_STEPS` steps and a two-rate grid. `on_result` is called after each
     candidate trained here (not those read from the cache)."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     steps = steps or (QUICK_STEPS if quick else STEPS)
     grid = tuple(lr_grid or (QUICK_LR_GRID if quick else LR_GRID))
     if not grid or any(not lr > 0 for lr in grid):
@@ -285,4 +292,4 @@ def analyze(task: Task, cache_dir: str | Path, *, quick: bool = False, steps: in
         bar.close()
     return Analysis(task.name, task.metric, structure, steps, seed, quick, metric_before, lr,
                     {kind: {r: m.metric for r, m in t.items()} for kind, t in trials.items()}, bias, baseline,
-                    weights, time.perf_counter() - start, trained)
+                    weights, time.perf_counter() - start, time.process_time() - cpu_start, trained)

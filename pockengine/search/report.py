@@ -49,8 +49,11 @@ class SearchReport:
                  f"(seed {a.seed}{', quick' if a.quick else ''}); {a.metric} of the pretrained model before training: "
                  f"{a.metric_before:.4f}. Learning rates (AdamW, chosen per kind from the grid): bias "
                  f"{a.lr['bias']:g} ({_trials(a, 'bias')}), weight {a.lr['weight']:g} ({_trials(a, 'weight')}). "
-                 f"This run: {a.seconds:.0f} s analysis ({a.trained} runs trained, the rest cached), "
-                 f"{r.seconds:.0f} s search.", "", "```", self.summary(), "```", "", "## Rounds", "",
+                 f"This run: {a.seconds:.0f} s analysis ({a.cpu_seconds:.0f} s CPU; {a.trained} runs trained, the "
+                 f"rest cached), {r.seconds:.0f} s search ({r.cpu_seconds:.0f} s CPU)"
+                 + (f" (incl. the rate of the chosen scheme, tuned over {r.lr_steps} steps on the validation split: "
+                    + ", ".join(f"{lr:g}: {m:.4f}" for lr, m in r.lr_trials.items()) + ")" if r.lr_trials else "")
+                 + ".", "", "```", self.summary(), "```", "", "## Rounds", "",
                  "| round | k | weights | predicted gain | predicted memory | measured memory (planned / tracked) "
                  "| predicted ms | measured ms | within |", "|---|---|---|---|---|---|---|---|---|"]
         for i, rd in enumerate(r.rounds, 1):

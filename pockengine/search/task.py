@@ -23,3 +23,6 @@ class Task:
     train_batches: Callable[[int], Iterator[Batch]]  # seed -> an endless iterator of shuffled training batches
     evaluate: Callable[[torch.nn.Module], float]  # the metric on the held-out split; higher is better
     metric: str  # what `evaluate` returns, for reports: "accuracy", or "-loss" (negated held-out loss)
+    # Which training and validation examples these are (e.g. a digest of their indices): the analysis reuses a
+    # cached result only for the same ones, so another split (a test split taken out) is analysed again.
+    data_key: str = ""
