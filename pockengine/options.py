@@ -23,6 +23,11 @@ def _check_from_environment() -> bool:
     return os.environ.get("POCKENGINE_CHECK", "") not in ("", "0")
 
 
+def _backend_from_environment() -> str:
+    # Lets a whole test suite run on another backend (POCKENGINE_BACKEND=inductor pytest tests/test_model_parity.py).
+    return os.environ.get("POCKENGINE_BACKEND") or "aten"
+
+
 @dataclass(frozen=True)
 class Options:
     """How a training step is compiled and run.
@@ -44,7 +49,8 @@ class Options:
         "inductor" (the same program compiled by Inductor into fused kernels: the first compile of a shape takes
         seconds to minutes, a warm one reads Inductor's cache), or "auto" (both compiled and timed on this machine,
         the faster kept; the choice is cached on disk). Programs that draw random numbers run on "aten" (the
-        listing says why). See pockengine/backend/choice.py.
+        listing says why). Default: the POCKENGINE_BACKEND environment variable, else "aten". See
+        pockengine/backend/choice.py.
     disable: names of passes of `pockengine.pipeline.PASSES` to leave out (debugging, measuring one pass).
     check: check the graph's invariants after every pass (`Graph.lint`); default: the POCKENGINE_CHECK
         environment variable (set, and not 0).
@@ -57,7 +63,7 @@ class Options:
     memory_format: str = "auto"
     frozen_chunks: int | str = "auto"
     attention: str = "auto"
-    backend: str = "aten"
+    backend: str = field(default_factory=_backend_from_environment)
     disable: frozenset[str] = frozenset()
     check: bool = field(default_factory=_check_from_environment)
 

@@ -14,14 +14,20 @@ What changes on the way:
   product instead (`add_(p, mul(g, neg_lr))`); any other such use keeps the program on the ATen backend.
 - The step program is two regions: up to the loss, then the rest; the loss is checked for NaN/inf between them,
   so a non-finite loss still stops the step before any update.
+- pockengine's own ops (the activation bit masks, `pockengine/kernels/`) are traced as their ATen compositions,
+  which Inductor fuses with the ops around them, instead of calling the C kernels.
 - Programs that draw random numbers stay on the ATen backend (`inductor_refusal`): Inductor's random ops draw from
   its own seeds, not from the trainer's generator, so the seed and the checkpoints could not reproduce the draws.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import operator
-from typing import Any, Callable
+import platform
+from typing import Any, Callable, ContextManager
 
 import torch
 import torch.fx as fx
@@ -29,6 +35,8 @@ import torch.fx as fx
 from pockengine.backend.torch_codegen import _check_finite, seeded_target
 from pockengine.ir.graph import SCALAR, Graph, Node
 from pockengine.ir.ops import draws_random, is_mutating
+from pockengine.kernels.masks import ATEN_COMPOSITIONS
+from pockengine.storage import cache_dir, cached_file
 
 aten = torch.ops.aten
 
@@ -97,7 +105,8 @@ class _Builder:
         if use in _SCALE_ARGUMENT:
             self.env[n] = self._scaled(n, use)
         else:
-            self.env[n] = self.call(n.target, *self.value(n.args), **self.value(n.kwargs))
+            target = ATEN_COMPOSITIONS.get(n.target, n.target)
+            self.env[n] = self.call(target, *self.value(n.args), **self.value(n.kwargs))
 
     def _scaled(self, n: Node, argument: str) -> fx.Node:
         """`n` with its run-time scalar `Scalar` argument turned into a product with the 0-d tensor."""
@@ -141,6 +150,35 @@ def scalar_tensor(value: float) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.float64)
 
 
+def known_vector_isa() -> ContextManager:
+    """Inductor's C++ code generation first checks, once per process, that the compiler builds and the process
+    loads code for each vector instruction set the CPU reports (AVX2, AVX-512), compiling and loading a test library
+    in a child process per set: about a second each on a loaded machine, most of a warm compile. The answer depends
+    on the CPU, the compiler and torch only, so it is cached on disk; when every set passed, the compile runs with
+    Inductor told so (`cpp.vec_isa_ok`), which picks the same set the check would. Elsewhere (other architectures,
+    the option set by the user, a set that failed) Inductor checks as usual."""
+    from torch._inductor import config, cpu_vec_isa
+
+    if platform.machine() not in ("x86_64", "AMD64") or config.cpp.vec_isa_ok is not None:
+        return contextlib.nullcontext()
+    flags = cpu_vec_isa.x86_isa_checker()
+    reported = [isa for isa in cpu_vec_isa.supported_vec_isa_list if all(f in flags for f in str(isa).split())]
+    key = hashlib.sha256(json.dumps([torch.__version__, flags, str(config.cpp.cxx)]).encode()).hexdigest()
+
+    def probe(tmp: Any) -> None:
+        with open(tmp, "w") as f:
+            json.dump({"reported": [str(i) for i in reported],
+                       "loadable": [str(i) for i in cpu_vec_isa.valid_vec_isa_list()]}, f)
+
+    try:
+        entry = json.loads(cached_file(cache_dir() / "inductor" / f"vec-isa-{key}.json", probe,
+                                       "Inductor vector ISA check").read_text())
+        all_pass = entry["loadable"] == entry["reported"] == [str(i) for i in reported]
+    except (ValueError, KeyError, TypeError):  # not an entry of this format: Inductor checks as usual
+        all_pass = False
+    return config.patch({"cpp.vec_isa_ok": True}) if all_pass else contextlib.nullcontext()
+
+
 class InductorProgram:
     """An executable program compiled by Inductor, called like `CompiledProgram`: one value per input node (in
     `inputs` order). `examples` are values of the inputs (the trainer's bound tensors and the example batch) that
@@ -160,19 +198,23 @@ class InductorProgram:
         self.regions: list[_Region] = []
         wanted = list(dict.fromkeys(graph.outputs.values()))
         for part, later in ((ops[:split], ops[split:]), (ops[split:], [])):
-            if not part:
-                continue
-            defined = set(part)
-            needed = {i for n in part for i in n.inputs}
-            region_inputs = [n for n in inputs if n in needed] + [n for n in values if not n.is_input and n in needed
-                                                                     and n not in defined]
-            later_reads = {i for n in later for i in n.inputs} | set(wanted) | ({check_finite} - {None})
-            region_outputs = [n for n in part if n in later_reads]
-            region = _Region(part, region_inputs, region_outputs, values)
-            self.regions.append(region)
-            if later:  # the next region is specialized to these values' strides: run this one (it writes no input)
-                with torch.no_grad():
-                    values.update(zip(region_outputs, region.fn(*[values[n] for n in region_inputs])))
+            if part:
+                self._compile_region(part, later, inputs, values, wanted, check_finite)
+
+    def _compile_region(self, ops: list[Node], later: list[Node], inputs: list[Node], values: dict[Node, Any],
+                        wanted: list[Node], check_finite: Node | None) -> None:
+        """Compile `ops` as one region: it reads program inputs and earlier regions' results (from `values`) and
+        returns what `later` ops, the program's outputs (`wanted`) and the loss check read."""
+        needed = {i for n in ops for i in n.inputs}
+        region_inputs = [n for n in values if n in needed]
+        later_reads = {i for n in later for i in n.inputs} | set(wanted) | ({check_finite} - {None})
+        region_outputs = [n for n in ops if n in later_reads]
+        with known_vector_isa():
+            region = _Region(ops, region_inputs, region_outputs, values)
+        self.regions.append(region)
+        if later:  # the next region is specialized to these values' strides: run this one (it writes no input)
+            with torch.no_grad():
+                values.update(zip(region_outputs, region.fn(*[values[n] for n in region_inputs])))
 
     def _with_scalar_tensors(self, values: list[Any]) -> list[Any]:
         for i in self._scalars:
@@ -183,7 +225,7 @@ class InductorProgram:
         env: dict[Node, Any] = dict(zip(self.inputs, self._with_scalar_tensors(list(values))))
         for region in self.regions:
             env.update(zip(region.outputs, region.fn(*[env[n] for n in region.inputs])))
-            if self.check_finite is not None and self.check_finite in env and region is self.regions[0]:
+            if region is self.regions[0] and self.check_finite is not None:
                 _check_finite(env[self.check_finite])
         return tuple(env[n] for n in self.graph.outputs.values())
 
