@@ -19,8 +19,8 @@ A system may run as a variant with options, named `system[option=value,...]` (`m
 and `torch.compile[attn=eager]` run the Hugging Face model with `attn_implementation="eager"` (attention as matmuls
 and softmax) instead of its default `sdpa`; `pockengine[attention=math]` / `[attention=flash]` force pockengine's
 attention kernels (`pe.compile(attention=...)`; its default "auto" chooses per shape); `pockengine[backend=inductor]`
-(or `[backend=auto]`) runs pockengine's finished program compiled by Inductor (`pe.compile(backend=...)`). A workload lists the variants
-it runs beside the plain systems (`variants` in bench/workloads.yaml).
+(or `[backend=auto]`) runs pockengine's finished program compiled by Inductor (`pe.compile(backend=...)`). A workload
+lists the variants it runs beside the plain systems (`variants` in bench/workloads.yaml).
 """
 
 from __future__ import annotations

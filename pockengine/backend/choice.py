@@ -29,7 +29,7 @@ import torch
 
 from pockengine.backend.inductor import InductorProgram, inductor_refusal
 from pockengine.backend.torch_codegen import CompiledProgram
-from pockengine.errors import NonFiniteLossError
+from pockengine.errors import CompilerError, NonFiniteLossError
 from pockengine.ir.graph import Graph, Node
 from pockengine.ir.ops import is_mutating, is_view
 from pockengine.storage import cache_dir, cached_file
@@ -65,6 +65,25 @@ def _cpu_model() -> str:
         return platform.processor()
 
 
+def _program_text(graph: Graph) -> str:
+    """The program's ops, shapes and dtypes, without the listing's notes (they carry times measured at compile
+    time, such as the attention kernels')."""
+    def arg(a: Any) -> str:
+        if isinstance(a, Node):
+            return f"%{a.name}"
+        if isinstance(a, torch.Tensor):
+            return f"tensor({a.dtype}, {list(a.shape)})"
+        if isinstance(a, (list, tuple)):
+            return f"[{', '.join(arg(x) for x in a)}]"
+        return repr(a)
+
+    lines = [f"%{n.name} = {n.role}" if n.is_input else
+             f"%{n.name} = {n.op_name}({arg(list(n.args))}, {arg([f'{k}={arg(v)}' for k, v in n.kwargs.items()])})"
+             f" {n.meta}" for n in graph.nodes]
+    lines += [f"{k} = %{v.name}" for k, v in graph.outputs.items()]
+    return "\n".join(lines)
+
+
 def cache_key(graph: Graph, examples: list[Any], device: torch.device) -> tuple[str, dict[str, Any]]:
     """The key of a program's backend choice, and what it is made of (recorded in the entry for a reader)."""
     fields = {
@@ -73,7 +92,7 @@ def cache_key(graph: Graph, examples: list[Any], device: torch.device) -> tuple[
         "device": str(device) + (f" {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
     }
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
-    digest.update(str(graph).encode())
+    digest.update(_program_text(graph).encode())
     digest.update(repr([(tuple(v.stride()), v.dtype, str(v.device)) if isinstance(v, torch.Tensor) else type(v)
                         for v in examples]).encode())
     return digest.hexdigest(), fields
@@ -125,8 +144,8 @@ def _read_entry(path: os.PathLike, key: str) -> dict[str, Any] | None:
 
 
 def _describe(seconds: dict[str, float], backend: str, how: str) -> str:
-    times = ", ".join(f"{b} {seconds[b] * 1e3:.3g} ms" for b in ("aten", "inductor"))
-    return f"backend: {backend} (auto, {how}: {times} per call)"
+    times = ", ".join(f"{b} {seconds[b] * 1e3:.3g} ms" for b in ("aten", "inductor") if seconds[b] != float("inf"))
+    return f"backend: {backend} (auto, {how}: {times + ' per call' if times else 'no finite loss to time'})"
 
 
 def select(graph: Graph, inputs: list[Node], check_finite: Node | None, generator: torch.Generator | None,
@@ -140,21 +159,31 @@ def select(graph: Graph, inputs: list[Node], check_finite: Node | None, generato
     if refusal is not None:
         return aten_program, Choice("aten", f"backend: aten (Inductor cannot run this program: {refusal})")
     if setting == "inductor":
-        return InductorProgram(graph, inputs, check_finite, examples), Choice("inductor",
-                                                                               "backend: inductor (backend='inductor')")
+        try:
+            program = InductorProgram(graph, inputs, check_finite, examples)
+        except Exception as e:
+            raise CompilerError(f"Inductor could not compile the program ({type(e).__name__}: {e}); compile with "
+                                "backend='aten' (or 'auto', which falls back to it)") from e
+        return program, Choice("inductor", "backend: inductor (backend='inductor')")
     key, fields = cache_key(graph, examples, device)
     path = cache_dir() / "backend" / f"{key}.json"
     compiled: dict[str, Any] = {}
+    failure: dict[str, str] = {}
 
     def measure(tmp: os.PathLike) -> None:
-        compiled["inductor"] = InductorProgram(graph, inputs, check_finite, examples)
         try:
-            seconds = _measure({"aten": aten_program, "inductor": compiled["inductor"]}, graph, inputs, examples)
+            compiled["inductor"] = InductorProgram(graph, inputs, check_finite, examples)
+        except Exception as e:  # an op Inductor cannot lower: recorded, so the next compile does not try again
+            failure["inductor"] = f"{type(e).__name__}: {str(e)[:300]}"
+        seconds = {"aten": float("inf"), "inductor": float("inf")}
+        try:
+            seconds.update(_measure({"aten": aten_program, **compiled}, graph, inputs, examples))
         except NonFiniteLossError:  # the example batch gives no finite loss: nothing to compare, keep ATen
-            seconds = {"aten": float("inf"), "inductor": float("inf")}
+            pass
         backend = "inductor" if seconds["inductor"] <= INDUCTOR_MARGIN * seconds["aten"] else "aten"
         with open(tmp, "w") as f:
             json.dump({"format": CACHE_FORMAT, "key": key, "fields": fields, "backend": backend, "seconds": seconds,
+                       "inductor_error": failure.get("inductor"),
                        "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, f, indent=1)
 
     entry = _read_entry(cached_file(path, measure, "backend choice"), key)
@@ -164,8 +193,10 @@ def select(graph: Graph, inputs: list[Node], check_finite: Node | None, generato
         os.unlink(path)
         entry = _read_entry(cached_file(path, measure, "backend choice"), key)
         assert entry is not None, "a backend choice just written must read back"
-    how = "measured now" if compiled else f"measured {entry['measured']}, cached"
-    choice = Choice(entry["backend"], _describe(entry["seconds"], entry["backend"], how), entry["seconds"])
+    how = "measured now" if compiled or failure else f"measured {entry['measured']}, cached"
+    reason = (_describe(entry["seconds"], entry["backend"], how) if entry.get("inductor_error") is None else
+              f"backend: aten (auto, {how}: Inductor could not compile it: {entry['inductor_error']})")
+    choice = Choice(entry["backend"], reason, entry["seconds"])
     if choice.backend == "aten":
         return aten_program, choice
     return compiled.get("inductor") or InductorProgram(graph, inputs, check_finite, examples), choice
