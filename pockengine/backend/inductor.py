@@ -104,9 +104,26 @@ class _Builder:
         use = _scalar_use(n) if n.target is not operator.getitem else None
         if use in _SCALE_ARGUMENT:
             self.env[n] = self._scaled(n, use)
+        elif n.target in ATEN_COMPOSITIONS:
+            self.env[n] = self._composition(n)
         else:
-            target = ATEN_COMPOSITIONS.get(n.target, n.target)
-            self.env[n] = self.call(target, *self.value(n.args), **self.value(n.kwargs))
+            self.env[n] = self.call(n.target, *self.value(n.args), **self.value(n.kwargs))
+
+    def _composition(self, n: Node) -> fx.Node:
+        """pockengine's own op `n` as the ATen ops of its composition, traced on meta tensors of its inputs' shapes
+        and inlined (ATen ops only: a Python function in the graph would keep AOTAutograd from caching it)."""
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        tensors = [a for a in n.args if isinstance(a, Node)]
+
+        def composition(*values: torch.Tensor) -> torch.Tensor:
+            given = iter(values)
+            return ATEN_COMPOSITIONS[n.target](*[next(given) if isinstance(a, Node) else a for a in n.args])
+
+        traced = make_fx(composition)(*[torch.empty(a.meta.shape, dtype=a.meta.dtype, device="meta")
+                                        for a in tensors])
+        placeholders = [p for p in traced.graph.nodes if p.op == "placeholder"]
+        return self.graph.graph_copy(traced.graph, {p: self.env[a] for p, a in zip(placeholders, tensors)})
 
     def _scaled(self, n: Node, argument: str) -> fx.Node:
         """`n` with its run-time scalar `Scalar` argument turned into a product with the 0-d tensor."""
