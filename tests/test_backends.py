@@ -156,3 +156,14 @@ def test_auto_measures_once_caches_the_choice_and_rebuilds_a_damaged_entry(tmp_p
     with pytest.warns(RuntimeWarning, match="not one for this program"):
         again, remark = compile_auto()
     assert "measured now" in remark and json.loads(entry.read_text())["key"] == recorded["key"]
+
+
+def test_the_default_backend_comes_from_the_environment(monkeypatch):
+    """POCKENGINE_BACKEND runs a whole test suite on another backend (the parity tests on Inductor)."""
+    monkeypatch.setenv("POCKENGINE_BACKEND", "inductor")
+    assert pe.Options().backend == "inductor" and pe.Options(backend="aten").backend == "aten"
+    monkeypatch.setenv("POCKENGINE_BACKEND", "tvm")
+    with pytest.raises(pe.UserInputError, match="backend must be one of"):
+        pe.Options()
+    monkeypatch.delenv("POCKENGINE_BACKEND")
+    assert pe.Options().backend == "aten"
