@@ -18,8 +18,9 @@ number of threads (set by the worker process before anything is built).
 A system may run as a variant with options, named `system[option=value,...]` (`make_system`): `eager[attn=eager]`
 and `torch.compile[attn=eager]` run the Hugging Face model with `attn_implementation="eager"` (attention as matmuls
 and softmax) instead of its default `sdpa`; `pockengine[attention=math]` / `[attention=flash]` force pockengine's
-attention kernels (`pe.compile(attention=...)`; its default "auto" chooses per shape). A workload lists the variants
-it runs beside the plain systems (`variants` in bench/workloads.yaml).
+attention kernels (`pe.compile(attention=...)`; its default "auto" chooses per shape); `pockengine[backend=inductor]`
+(or `[backend=auto]`) runs pockengine's finished program compiled by Inductor (`pe.compile(backend=...)`). A workload
+lists the variants it runs beside the plain systems (`variants` in bench/workloads.yaml).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from torch import nn
 import pockengine as pe
 from bench.variants import parse_system
 from pockengine.autodiff.rules.attention import KERNELS as ATTENTION_KERNELS
+from pockengine.backend import BACKENDS
 from pockengine.scheme import Scheme, Selection, gradient_masks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,16 +184,19 @@ class TorchCompile(_TorchLoop):
 
 class PockEngine(System):
     name = "pockengine"
-    options = {"attention": ATTENTION_KERNELS}
+    options = {"attention": ATTENTION_KERNELS, "backend": BACKENDS}
 
     def import_runtime(self) -> None:
         import torch.export  # noqa: F401  (the capture machinery: torch._dynamo)
         torch.export.default_decompositions()
+        if self.chosen.get("backend", "aten") != "aten":
+            import torch._inductor.compile_fx  # noqa: F401
 
     def setup(self, model, loss_fn, batch, selections, *, lr, freeze_batchnorm=False, scheme_name="scheme", **kw):
         self.trainer = pe.compile(model, loss_fn, batch, optimizer=pe.optim.SGD(lr=lr, momentum=MOMENTUM),
                                   scheme=Scheme.from_resolved(selections, scheme_name),
-                                  freeze_batchnorm=freeze_batchnorm, attention=self.chosen.get("attention", "auto"))
+                                  freeze_batchnorm=freeze_batchnorm, attention=self.chosen.get("attention", "auto"),
+                                  backend=self.chosen.get("backend", "aten"))
         params = dict(model.named_parameters())
         self._entries = sum(params[n].numel() if s.kind == "full"
                             else params[n].numel() // params[n].shape[s.dim] * len(s.channels)
@@ -208,9 +213,12 @@ class PockEngine(System):
         return self.trainer.memory_plan().peak_bytes
 
     def notes(self) -> list[str]:
-        """The attention kernels the program runs and why (the listing's notes), one line per distinct choice."""
-        choices = Counter(note for note in self.trainer.program().graph.notes.values() if "attention" in note)
-        return [f"{count}x {note}" for note, count in choices.items()]
+        """The backend and the attention kernels the program runs and why (the listing's remarks and notes), one
+        line per distinct choice."""
+        graph = self.trainer.program().graph
+        choices = Counter(note for note in graph.notes.values() if "attention" in note)
+        backend = graph.remarks if "backend" in self.chosen else []
+        return [*backend, *(f"{count}x {note}" for note, count in choices.items())]
 
     def step(self, batch):
         return self.trainer.step(batch)

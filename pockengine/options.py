@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pockengine.autodiff.rules.attention import KERNELS as ATTENTION_KERNELS
+from pockengine.backend.choice import BACKENDS
 from pockengine.errors import UserInputError
 from pockengine.passes.activation_masks import MODES as MASK_MODES
 
@@ -20,6 +21,11 @@ ON_NONFINITE = ("raise", "skip")
 
 def _check_from_environment() -> bool:
     return os.environ.get("POCKENGINE_CHECK", "") not in ("", "0")
+
+
+def _backend_from_environment() -> str:
+    # Lets a whole test suite run on another backend (POCKENGINE_BACKEND=inductor pytest tests/test_model_parity.py).
+    return os.environ.get("POCKENGINE_BACKEND") or "aten"
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,12 @@ class Options:
     attention: the kernels of scaled dot-product attention: "auto" times the math form and the fused flash kernels
         on each shape and runs math only where it is clearly faster (it keeps the probabilities for the backward
         pass), "math" or "flash" forces one (flash falls back to math where it cannot run; the listing says why).
+    backend: what runs the finished program: "aten" (pockengine's generated ATen calls, one op at a time),
+        "inductor" (the same program compiled by Inductor into fused kernels: the first compile of a shape takes
+        seconds to minutes, a warm one reads Inductor's cache), or "auto" (both compiled and timed on this machine,
+        the faster kept; the choice is cached on disk). Programs that draw random numbers run on "aten" (the
+        listing says why). Default: the POCKENGINE_BACKEND environment variable, else "aten". See
+        pockengine/backend/choice.py.
     disable: names of passes of `pockengine.pipeline.PASSES` to leave out (debugging, measuring one pass).
     check: check the graph's invariants after every pass (`Graph.lint`); default: the POCKENGINE_CHECK
         environment variable (set, and not 0).
@@ -51,6 +63,7 @@ class Options:
     memory_format: str = "auto"
     frozen_chunks: int | str = "auto"
     attention: str = "auto"
+    backend: str = field(default_factory=_backend_from_environment)
     disable: frozenset[str] = frozenset()
     check: bool = field(default_factory=_check_from_environment)
 
@@ -65,6 +78,7 @@ class Options:
         one_of("activation_masks", MASK_MODES)
         one_of("memory_format", MEMORY_FORMATS)
         one_of("attention", ATTENTION_KERNELS)
+        one_of("backend", BACKENDS)
         chunks = self.frozen_chunks
         if not (chunks == "auto" or isinstance(chunks, int) and not isinstance(chunks, bool) and chunks >= 1):
             raise UserInputError(f"frozen_chunks must be 'auto' or an integer >= 1, got {chunks!r}")

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from pockengine import pipeline
-from pockengine.backend import CompiledProgram
+from pockengine.backend import Choice, CompiledProgram, InductorProgram, select
 from pockengine.capture import Captured, capture, normalize_batch
 from pockengine.checkpoint import recorded_setup, restore_state, save_trainer
 from pockengine.errors import BatchMismatchError, NonFiniteLossError, UserInputError
@@ -39,7 +39,8 @@ ShapeKey = tuple[tuple[Any, ...], ...]  # per batch leaf: (shape, dtype) of a te
 
 @dataclass
 class _Built:
-    program: CompiledProgram
+    program: CompiledProgram | InductorProgram
+    choice: Choice  # the backend it runs on, and why
     binders: list[Callable[[list[torch.Tensor], dict[str, float]], Any]]
     static: dict[Node, torch.Tensor]  # inputs bound to the same tensors at every step
     compile_seconds: float
@@ -126,10 +127,12 @@ class Trainer:
             out = built.program(*[bind(leaves, {}) for bind in built.binders])
         return out[0].item()
 
-    def program(self, batch: Any = None, *, gradients: bool = False, after: str | None = None) -> CompiledProgram:
+    def program(self, batch: Any = None, *, gradients: bool = False, after: str | None = None
+                ) -> CompiledProgram | InductorProgram:
         """The compiled step program for `batch` (default: the example batch), or with `gradients=True` the
-        gradient program; print `.graph` for a listing. `after`: the program as it is after that pass of
-        `pockengine.pipeline.PASSES` (compiled anew, not cached)."""
+        gradient program; print `.graph` for a listing (its second line: the backend that runs it, and why).
+        `after`: the program as it is after that pass of `pockengine.pipeline.PASSES` (compiled anew on the ATen
+        backend, not cached)."""
         batch = self._example if batch is None else batch
         if after is not None:
             self._leaves(batch)  # a batch the trainer takes
@@ -137,8 +140,12 @@ class Trainer:
         return self._prepared(batch, not gradients)[0].program
 
     def summary(self) -> str:
-        """A table of every parameter: how it is trained, trained and total entries."""
-        return scheme_summary(self.model, self.trained)
+        """A table of every parameter: how it is trained, trained and total entries; then the backend of every
+        program compiled so far."""
+        programs = [f"{'step' if updates else 'gradient'} program, batch {[k[0] for k in key]}: "
+                    f"{built.choice.reason.removeprefix('backend: ')}"
+                    for (updates, key), built in self._programs.items()]
+        return "\n".join([scheme_summary(self.model, self.trained), "programs:", *(f"  {p}" for p in programs)])
 
     def optimizer_state_bytes(self) -> int:
         """Bytes of the optimizer's state (momentum, moments) of the trained entries, kept between steps."""
@@ -201,9 +208,13 @@ class Trainer:
         graph = pipeline.run(cap.graph, ctx, until)
         static = {**ctx.static, **graph.constants}
         inputs = graph.inputs()
-        program = CompiledProgram(graph, inputs, check_finite=graph.outputs["loss"] if updates else None,
-                                  generator=self.generator)
-        built = _Built(program, [self._binder(n, cap, static) for n in inputs], static, time.perf_counter() - start)
+        binders = [self._binder(n, cap, static) for n in inputs]
+        scalars = self.optimizer.scalars(self.steps_done + 1, self.optimizer.lr) if updates else {}
+        examples = [bind(pytree.tree_flatten(batch)[0], scalars) for bind in binders]
+        program, choice = select(graph, inputs, graph.outputs["loss"] if updates else None, self.generator, examples,
+                                 "aten" if until is not None else self.options.backend, self.device)
+        graph.remarks.append(choice.reason)
+        built = _Built(program, choice, binders, static, time.perf_counter() - start)
         # Capture and planning leave reference cycles holding many small C++ objects (fake and meta tensors). Freed
         # by a later, arbitrary collection, they leave holes all over the heap that every step's small allocations
         # then spread over (MobileNetV2 sparse: 5.6 MB of free holes, a step's resident peak 5.5-7.2 MB for 3.6 MB

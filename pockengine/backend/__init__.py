@@ -1,3 +1,5 @@
+from pockengine.backend.choice import BACKENDS, Choice, select
+from pockengine.backend.inductor import InductorProgram
 from pockengine.backend.torch_codegen import CompiledProgram
 
-__all__ = ["CompiledProgram"]
+__all__ = ["BACKENDS", "Choice", "CompiledProgram", "InductorProgram", "select"]

@@ -191,6 +191,7 @@ class Graph:
         self.outputs: dict[str, Node] = {}
         self.constants: dict[Node, torch.Tensor] = {}  # values of the CONST inputs
         self.notes: dict[Node, str] = {}  # why a node is there, printed in the listing (the attention kernel chosen)
+        self.remarks: list[str] = []  # choices about the whole program, printed under its first line (the backend)
         self._names: set[str] = set()
 
     # -- building -------------------------------------------------------------------------------------------
@@ -355,7 +356,7 @@ def _format_node(n: Node, note: str | None = None) -> str:
 
 def _format_graph(graph: Graph) -> str:
     counts = {s: len(graph.section(s)) for s in SECTIONS}
-    lines = ["program: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + " ops"]
+    lines = ["program: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + " ops", *graph.remarks]
     lines.append("inputs:")
     for n in graph.inputs():
         where = f"  # {n.module}" if n.module else ""

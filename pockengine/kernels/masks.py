@@ -37,14 +37,9 @@ def _native_ok(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.is_contiguous() for t in tensors) and native.library() is not None
 
 
-def pack_keep(x: torch.Tensor, lo: float, hi: float | None, order: list[int]) -> torch.Tensor:
-    in_order = x.permute(order)
-    if x.dtype == torch.float32 and _native_ok(in_order):
-        bits = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8)
-        native.library().pockengine_pack_keep_f32(in_order.data_ptr(), x.numel(), lo, hi is not None,
-                                                  0.0 if hi is None else hi, bits.data_ptr())
-        return bits
-    flat = in_order.reshape(-1)
+def pack_keep_aten(x: torch.Tensor, lo: float, hi: float | None, order: list[int]) -> torch.Tensor:
+    """`pack_keep` as ATen ops (any device and dtype; what Inductor traces and fuses)."""
+    flat = x.permute(order).reshape(-1)
     keep = flat > lo
     if hi is not None:
         keep &= flat < hi
@@ -52,17 +47,33 @@ def pack_keep(x: torch.Tensor, lo: float, hi: float | None, order: list[int]) ->
     return torch.bitwise_right_shift(padded.view(torch.int64) * _GATHER, 56).to(torch.uint8)
 
 
-def apply_keep_(grad: torch.Tensor, bits: torch.Tensor, order: list[int]) -> torch.Tensor:
+def pack_keep(x: torch.Tensor, lo: float, hi: float | None, order: list[int]) -> torch.Tensor:
+    in_order = x.permute(order)
+    if x.dtype == torch.float32 and _native_ok(in_order):
+        bits = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8)
+        native.library().pockengine_pack_keep_f32(in_order.data_ptr(), x.numel(), lo, hi is not None,
+                                                  0.0 if hi is None else hi, bits.data_ptr())
+        return bits
+    return pack_keep_aten(x, lo, hi, order)
+
+
+def apply_keep_aten_(grad: torch.Tensor, bits: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """`apply_keep_` as ATen ops (any device and dtype; what Inductor traces and fuses)."""
     in_order = grad.permute(order)
-    if grad.dtype == torch.float32 and _native_ok(in_order, bits):
-        native.library().pockengine_apply_keep_f32(in_order.data_ptr(), grad.numel(), bits.data_ptr())
-        return grad
     words = bits.to(torch.int64) * _SPREAD
     words = torch.bitwise_and(torch.bitwise_right_shift(torch.bitwise_and(words, _BIT_OF_BYTE) + _CARRY, 7),
                               _LOW_BITS)
     keep = words.view(torch.bool)[:grad.numel()].view(in_order.shape)
     in_order.masked_fill_(keep.logical_not(), 0.0)
     return grad
+
+
+def apply_keep_(grad: torch.Tensor, bits: torch.Tensor, order: list[int]) -> torch.Tensor:
+    in_order = grad.permute(order)
+    if grad.dtype == torch.float32 and _native_ok(in_order, bits):
+        native.library().pockengine_apply_keep_f32(in_order.data_ptr(), grad.numel(), bits.data_ptr())
+        return grad
+    return apply_keep_aten_(grad, bits, order)
 
 
 _LIBRARY.impl("pack_keep", pack_keep, "CompositeExplicitAutograd")
@@ -81,3 +92,7 @@ def _apply_keep_shape(grad: torch.Tensor, bits: torch.Tensor, order: list[int]) 
 
 PACK_KEEP = torch.ops.pockengine.pack_keep.default
 APPLY_KEEP_ = torch.ops.pockengine.apply_keep_.default
+
+# The ops as ATen compositions, for a compiler that traces them instead of calling the C kernels (Inductor: it fuses
+# them with their neighbours; functionalization also refuses a custom op returning an alias of its input).
+ATEN_COMPOSITIONS = {PACK_KEEP: pack_keep_aten, APPLY_KEEP_: apply_keep_aten_}
