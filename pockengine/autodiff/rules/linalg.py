@@ -214,3 +214,30 @@ def grouped_mm(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     if ctx.needs(x) and gx is None:
         gx = ctx(ctx.node.target, g, _t(ctx, w), offs)
     return gx, gw, None
+
+
+def _mH(ctx, x):
+    """The conjugate transpose of a batch of matrices (the transpose for real ones)."""
+    t = _t(ctx, x)
+    return ctx(aten.conj.default, t) if x.meta.dtype.is_complex else t
+
+
+@register(aten._linalg_eigh.default)
+def linalg_eigh(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """A = V diag(L) V^H: gA = V (diag(gL) + skew(V^H gV) / E) V^H with E_ij = L_j - L_i off the diagonal, the
+    skew-Hermitian part of V^H gV being the one that moves V (PyTorch's linalg_eig_backward, Hermitian case)."""
+    g_values, g_vectors = g[0], g[1]
+    values, vectors = ctx.graph.getitem(ctx.node, 0), ctx.graph.getitem(ctx.node, 1)
+    eye = ctx(aten.diag_embed.default, ctx(aten.ones_like.default, values))
+    inner = None
+    if g_vectors is not None:
+        vhgv = ctx(aten.matmul.default, _mH(ctx, vectors), g_vectors)
+        skew = ctx(aten.mul.Tensor, ctx(aten.sub.Tensor, vhgv, _mH(ctx, vhgv)), 0.5)
+        gaps = ctx(aten.add.Tensor, ctx(aten.sub.Tensor, ctx(aten.unsqueeze.default, values, -2),
+                                        ctx(aten.unsqueeze.default, values, -1)), eye)
+        inner = ctx(aten.mul.Tensor, ctx(aten.div.Tensor, skew, gaps), ctx(aten.rsub.Scalar, eye, 1))
+    if g_values is not None:
+        diagonal = ctx(aten.diag_embed.default, ctx(aten._to_copy.default, g_values, dtype=vectors.meta.dtype)
+                       if g_values.meta.dtype != vectors.meta.dtype else g_values)
+        inner = diagonal if inner is None else ctx(aten.add.Tensor, inner, diagonal)
+    return (ctx(aten.matmul.default, vectors, ctx(aten.matmul.default, inner, _mH(ctx, vectors))), None, None)
