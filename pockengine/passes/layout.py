@@ -78,8 +78,9 @@ def precise_batch_norms(graph: Graph) -> None:
 
 
 def _channel_sum(emit, t: Node) -> Node:
-    """Per-channel sum of a 4-d tensor, accumulated in double (a double result)."""
-    return emit(aten.sum.dim_IntList, t, [0, 2, 3], dtype=torch.float64)
+    """Per-channel sum of a 4-d tensor by ATen's reduction (a cascade of partial sums: its error grows with the log
+    of the count, not with the count), as a double for the arithmetic after it."""
+    return emit(aten._to_copy.default, emit(aten.sum.dim_IntList, t, [0, 2, 3]), dtype=torch.float64)
 
 
 def _per_channel(emit, t: Node, dtype: torch.dtype) -> Node:
