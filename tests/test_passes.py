@@ -288,9 +288,9 @@ def test_pointwise_convolutions_run_as_matrix_multiplies():
 
 
 def test_train_mode_batch_norm_in_channels_last_is_as_precise_as_autograd():
-    """ATen's channels-last CPU batch norm sums its statistics and its backward's sums in float; the layout pass
-    computes them in double, as the contiguous kernels autograd runs do. With inputs of mean 4 the float sums put
-    the batch norm parameters' gradients 1e-3 from float64 autograd, 20x further than fp32 autograd is."""
+    """ATen's channels-last CPU batch norm sums its statistics and its backward's sums element by element in float;
+    the layout pass computes them with ATen's cascaded sum. With inputs of mean 4 ATen's kernels put the batch norm
+    parameters' gradients 1e-3 from float64 autograd, 20x further than fp32 autograd is."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
                           nn.BatchNorm2d(8), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).train()
