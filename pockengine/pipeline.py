@@ -95,7 +95,7 @@ PASSES: tuple[Pass, ...] = (  # what each does: docs/architecture.md, "The pipel
     Pass("update", emit_updates, enabled=lambda ctx: ctx.optimizer is not None, optional=False),
     Pass("constants", lambda g, ctx: fold_constants(g, {**ctx.frozen, **g.constants})),
     Pass("recompute", lambda g, ctx: rematerialize(g)),
-    Pass("layout", lambda g, ctx: to_channels_last(g), enabled=lambda ctx: ctx.channels_last),
+    Pass("layout", lambda g, ctx: to_channels_last(g, ctx.device), enabled=lambda ctx: ctx.channels_last),
     Pass("masks", lambda g, ctx: compact_activation_masks(g, ctx.options.activation_masks, ctx.channels_last),
          enabled=lambda ctx: ctx.options.activation_masks != "off"),
     Pass("early_update", lambda g, ctx: update_early(g, g.outputs["loss"])),

@@ -322,6 +322,12 @@ CASES = [
     fn(aten._fft_c2r.default, "irfft-even", lambda a: torch.fft.irfft(torch.fft.rfft(a, dim=1), n=6, dim=1), (3, 6)),
     fn(aten._fft_c2r.default, "irfftn-odd", lambda a: torch.fft.irfftn(torch.fft.rfftn(a), s=(4, 5)), (4, 5)),
     fn(aten.view_as_real.default, "imaginary-part", lambda a: torch.fft.fft(a, dim=0).imag * a, (4, 3)),
+    # ---------------------------------------------------------------- linear algebra (on well-conditioned matrices)
+    fn(aten._linalg_eigh.default, "values-and-vectors", lambda a: torch.linalg.eigh(a + a.mT), (2, 4, 4)),
+    fn(aten._linalg_eigh.default, "values", lambda a: torch.linalg.eigvalsh(a + a.mT, UPLO="U"), (4, 4)),
+    fn(aten._linalg_slogdet.default, "logabsdet", lambda a: torch.linalg.slogdet(a + 4 * torch.eye(3))[1], (2, 3, 3)),
+    fn(aten.cholesky.default, "upper", lambda a: torch.cholesky(a @ a.mT + torch.eye(4), upper=True), (4, 4)),
+    fn(aten.linalg_cholesky_ex.default, "lower", lambda a: torch.linalg.cholesky(a @ a.mT + torch.eye(3)), (2, 3, 3)),
     fn(aten.view_as_complex.default, "fft-of-pairs",
        lambda a: torch.view_as_real(torch.fft.fft(torch.view_as_complex(a), norm="forward")), (3, 4, 2)),
     fn(aten.mul.Tensor, "complex-rotation", lambda a, b: torch.view_as_real(
@@ -419,6 +425,10 @@ CASES = [
     fn(aten.cumsum.default, "last-dim", lambda a: a.cumsum(-1), (2, 3, 4)),
     fn(aten.cumsum.default, "dim0", lambda a: a.cumsum(0), (2, 3, 4)),
     fn(aten.cumsum.default, "float64-accumulator", lambda a: a.cumsum(1, dtype=torch.float64), (2, 3, 4)),
+    fn(aten.cumprod.default, "no-zeros", lambda a: a.cumprod(-1), pos(2, 3, 4)),
+    # zeros: one per line, two in a line (the first gets the gradient, after it nothing), none in the last line
+    fn(aten.cumprod.default, "zeros", lambda a: a.cumprod(1),
+       lambda: torch.tensor([[1.5, 0.0, 2.0, -1.0], [0.0, 3.0, 0.0, 2.0], [0.5, -2.0, 1.5, 3.0]])),
     fn(aten.amax.default, "dim", lambda a: a.amax(1), (2, 3, 4)),
     fn(aten.amax.default, "negative-dims-keepdim", lambda a: a.amax((-1, 0), keepdim=True), (2, 3, 4)),
     fn(aten.amax.default, "ties", lambda a: a.amax(-1), ties(3, 6)),
@@ -587,6 +597,10 @@ CASES = [
        inputs=(ints(4, 3, 2),)),
     fn(aten.scatter_reduce.two, "sum-exclude-self",
        lambda a, s, i: a.scatter_reduce(0, i, s, "sum", include_self=False), (3, 4), (2, 4), inputs=(ints(3, 2, 4),)),
+    *[fn(aten.scatter_reduce.two, f"{reduce}-{'include' if include else 'exclude'}-self",
+         lambda a, s, i, reduce=reduce, include=include: a.scatter_reduce(0, i, s, reduce, include_self=include),
+         ties(3, 4), ties(4, 4), inputs=(lambda: torch.tensor([[0, 1, 2, 0], [2, 2, 1, 1], [0, 1, 2, 2], [2, 0, 0, 1]]),))
+      for reduce in ("prod", "mean", "amax", "amin") for include in (True, False)],
     direct(aten.index_add.default, "alpha", (P(0), 1, In(0), P(1)), (3, 4), (3, 2),
            inputs=(lambda: torch.tensor([3, 3]),), alpha=2.0),
     fn(aten.diagonal.default, "offset", lambda a: torch.diagonal(a, 1, -1, 0), (4, 2, 3)),

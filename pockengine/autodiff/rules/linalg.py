@@ -12,6 +12,7 @@ import torch
 
 from pockengine.autodiff.engine import VJPContext
 from pockengine.autodiff.registry import InputCotangents, OutputCotangent, register
+from pockengine.errors import MissingVJPError
 
 aten = torch.ops.aten
 
@@ -214,3 +215,66 @@ def grouped_mm(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     if ctx.needs(x) and gx is None:
         gx = ctx(ctx.node.target, g, _t(ctx, w), offs)
     return gx, gw, None
+
+
+def _mH(ctx, x):
+    """The conjugate transpose of a batch of matrices (the transpose for real ones)."""
+    t = _t(ctx, x)
+    return ctx(aten.conj.default, t) if x.meta.dtype.is_complex else t
+
+
+@register(aten._linalg_eigh.default)
+def linalg_eigh(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """A = V diag(L) V^H: gA = V (diag(gL) + skew(V^H gV) / E) V^H with E_ij = L_j - L_i off the diagonal, the
+    skew-Hermitian part of V^H gV being the one that moves V (PyTorch's linalg_eig_backward, Hermitian case)."""
+    g_values, g_vectors = g[0], g[1]
+    values, vectors = ctx.graph.getitem(ctx.node, 0), ctx.graph.getitem(ctx.node, 1)
+    eye = ctx(aten.diag_embed.default, ctx(aten.ones_like.default, values))
+    inner = None
+    if g_vectors is not None:
+        vhgv = ctx(aten.matmul.default, _mH(ctx, vectors), g_vectors)
+        skew = ctx(aten.mul.Tensor, ctx(aten.sub.Tensor, vhgv, _mH(ctx, vhgv)), 0.5)
+        gaps = ctx(aten.add.Tensor, ctx(aten.sub.Tensor, ctx(aten.unsqueeze.default, values, -2),
+                                        ctx(aten.unsqueeze.default, values, -1)), eye)
+        inner = ctx(aten.mul.Tensor, ctx(aten.div.Tensor, skew, gaps), ctx(aten.rsub.Scalar, eye, 1))
+    if g_values is not None:
+        diagonal = ctx(aten.diag_embed.default, ctx(aten._to_copy.default, g_values, dtype=vectors.meta.dtype)
+                       if g_values.meta.dtype != vectors.meta.dtype else g_values)
+        inner = diagonal if inner is None else ctx(aten.add.Tensor, inner, diagonal)
+    return (ctx(aten.matmul.default, vectors, ctx(aten.matmul.default, inner, _mH(ctx, vectors))), None, None)
+
+
+@register(aten._linalg_slogdet.default)
+def linalg_slogdet(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """d log|det A| = tr(A^-1 dA): gA = g A^-H (real A: the sign is piecewise constant and takes no gradient)."""
+    a = ctx.node.args[0]
+    if a.meta.dtype.is_complex:
+        raise MissingVJPError(f"_linalg_slogdet of a complex matrix (node %{ctx.node.name}) has no VJP rule, only "
+                              "real ones have; freeze the parameters before it or register a rule")
+    inverse = ctx.graph.getitem(ctx(aten.linalg_inv_ex.default, a), 0)
+    scale = ctx(aten.unsqueeze.default, ctx(aten.unsqueeze.default, g[1], -1), -1)
+    return (ctx(aten.mul.Tensor, scale, _t(ctx, inverse)),)
+
+
+def _cholesky_grad(ctx, factor, g, upper):
+    """A = L L^H: gA = sym(L^-H Phi(L^H gL) L^-1), Phi taking the lower triangle with the diagonal halved (Murray,
+    arXiv 1602.07527, as PyTorch's cholesky_backward)."""
+    lower, g_lower = (factor, g) if not upper else (_mH(ctx, factor), _mH(ctx, g))
+    phi = ctx(aten.tril.default, ctx(aten.matmul.default, _mH(ctx, lower), g_lower))
+    phi = ctx(aten.sub.Tensor, phi, ctx(aten.mul.Tensor, ctx(aten.diag_embed.default, ctx(
+        aten.diagonal.default, phi, 0, -2, -1)), 0.5))
+    left = ctx(aten.linalg_solve_triangular.default, _mH(ctx, lower), phi, upper=True)
+    ga = ctx(aten.linalg_solve_triangular.default, lower, left, upper=False, left=False)
+    return ctx(aten.mul.Tensor, ctx(aten.add.Tensor, ga, _mH(ctx, ga)), 0.5)
+
+
+@register(aten.cholesky.default)
+def cholesky(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    _a, upper = ctx.args
+    return _cholesky_grad(ctx, ctx.node, g, upper), None
+
+
+@register(aten.linalg_cholesky_ex.default)
+def linalg_cholesky_ex(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """(L, info): only L carries a gradient."""
+    return (_cholesky_grad(ctx, ctx.graph.getitem(ctx.node, 0), g[0], ctx.kwarg("upper")),)

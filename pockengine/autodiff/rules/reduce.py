@@ -67,6 +67,31 @@ def cumsum(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return (ctx(aten.flip.default, ctx(aten.cumsum.default, ctx(aten.flip.default, g, [dim]), dim), [dim]),)
 
 
+def _reverse_cumsum(ctx, t, dim):
+    return ctx(aten.flip.default, ctx(aten.cumsum.default, ctx(aten.flip.default, t, [dim]), dim), [dim])
+
+
+@register(aten.cumprod.default)
+def cumprod(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """d out_j / d x_k = prod_{i <= j, i != k} x_i for j >= k. Up to the first zero of x along `dim` that is
+    out_j / x_k (the usual sum_{j >= k} g_j out_j / x_k: the out_j past the zero are 0); past it every product
+    holds that zero; at it, the products are those of x with that one zero replaced by 1. All three are computed
+    and picked per element, so the graph does not depend on where the zeros are (PyTorch branches on it)."""
+    x, dim = ctx.node.args[:2]
+    g = _like(ctx, g, x)
+    if len(x.meta.shape) == 0:
+        return (g,)
+    is_zero = ctx(aten.eq.Scalar, x, 0)
+    zeros_so_far = ctx(aten.cumsum.default, is_zero, dim)
+    first_zero = ctx(aten.logical_and.default, is_zero, ctx(aten.eq.Scalar, zeros_so_far, 1))
+    before_zero = ctx(aten.eq.Scalar, zeros_so_far, 0)
+    one_zero_lifted = ctx(aten.where.ScalarSelf, first_zero, 1.0, x)  # x with its first zero replaced by 1
+    out = _like(ctx, ctx.node, x)
+    up_to_zero = ctx(aten.div.Tensor, _reverse_cumsum(ctx, ctx(aten.mul.Tensor, g, out), dim), one_zero_lifted)
+    at_zero = _reverse_cumsum(ctx, ctx(aten.mul.Tensor, g, ctx(aten.cumprod.default, one_zero_lifted, dim)), dim)
+    return (ctx(aten.where.self, before_zero, up_to_zero, ctx(aten.where.ScalarOther, first_zero, at_zero, 0.0)),)
+
+
 @register(aten.amax.default)
 def amax(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, dims, keepdim = ctx.args

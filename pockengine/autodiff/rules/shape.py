@@ -236,16 +236,57 @@ def scatter_add(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
 
 @register(aten.scatter_reduce.two)
 def scatter_reduce(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
-    """The sum reduction (scatter_add, with include_self=False the scattered-to entries of x drop out)."""
+    """PyTorch's formulas (scatter_reduce_backward): `sum` as scatter_add; `prod` as the product of the others,
+    recomputed with zeros masked so that a single zero still gets its gradient; `mean` divided by the count of
+    values reduced into each entry; `amax`/`amin` shared evenly among the entries equal to the result. With
+    include_self=False the scattered-to entries of x take no gradient."""
     x, dim, idx, src, reduce = ctx.args
-    if reduce != "sum":
+    include_self = ctx.kwarg("include_self")
+    out = ctx.node
+    gx = gsrc = None
+    if reduce == "sum":
+        gx = g if ctx.needs(x) else None
+        gsrc = ctx(aten.gather.default, g, dim, idx) if ctx.needs(src) else None
+    elif reduce == "prod":
+        if ctx.needs(x):
+            masked_x = ctx(aten.where.ScalarSelf, ctx(aten.eq.Scalar, x, 0), 1.0, x)
+            others = ctx(aten.scatter_reduce.two, masked_x, dim, idx, src, "prod", include_self=include_self)
+            gx = ctx(aten.div.Tensor, ctx(aten.mul.Tensor, g, others), masked_x)
+        if ctx.needs(src):
+            src_zero = ctx(aten.eq.Scalar, src, 0)
+            zeros_per_entry = ctx(aten.gather.default, ctx(aten.scatter_add.default, ctx.zeros_like(x), dim, idx, ctx(
+                aten._to_copy.default, src_zero, dtype=x.meta.dtype)), dim, idx)
+            single_zero = ctx(aten.logical_and.default, src_zero, ctx(aten.eq.Scalar, zeros_per_entry, 1))
+            without_zero = ctx(aten.scatter_reduce.two, x, dim, idx,
+                               ctx(aten.where.ScalarSelf, single_zero, 1.0, src), "prod", include_self=include_self)
+            through_zero = ctx(aten.gather.default, ctx(aten.mul.Tensor, g, without_zero), dim, idx)
+            through_result = ctx(aten.div.Tensor, ctx(aten.gather.default, ctx(aten.mul.Tensor, g, out), dim, idx),
+                                 ctx(aten.where.ScalarSelf, src_zero, 1.0, src))
+            gsrc = ctx(aten.where.self, single_zero, through_zero, through_result)
+    elif reduce == "mean":
+        count = ctx(aten.scatter_add.default, ctx(aten.ones_like.default, g) if include_self else ctx.zeros_like(g),
+                    dim, idx, ctx(aten.ones_like.default, src))
+        count = ctx(aten.where.ScalarSelf, ctx(aten.eq.Scalar, count, 0), 1.0, count)
+        gx = ctx(aten.div.Tensor, g, count) if ctx.needs(x) else None
+        gsrc = ctx(aten.div.Tensor, ctx(aten.gather.default, g, dim, idx), ctx(aten.gather.default, count, dim, idx)) \
+            if ctx.needs(src) else None
+    elif reduce in ("amax", "amin"):
+        value = ctx(aten.gather.default, out, dim, idx)
+        x_is_result = ctx(aten.eq.Tensor, x, out)
+        src_is_result = ctx(aten.eq.Tensor, src, value)
+        ties = ctx(aten.scatter_add.default, ctx(aten._to_copy.default, x_is_result, dtype=g.meta.dtype), dim, idx,
+                   ctx(aten._to_copy.default, src_is_result, dtype=g.meta.dtype))
+        shared = ctx(aten.div.Tensor, g, ties)
+        gx = ctx(aten.mul.Tensor, shared, x_is_result) if ctx.needs(x) else None
+        gsrc = ctx(aten.mul.Tensor, ctx(aten.gather.default, shared, dim, idx), src_is_result) \
+            if ctx.needs(src) else None
+    else:
         raise MissingVJPError(f"scatter_reduce with reduce='{reduce}' (node %{ctx.node.name}, module "
-                              f"'{ctx.node.module or '<top level>'}') has no VJP rule, only reduce='sum' has; "
-                              "freeze the parameters before it or register a rule")
-    gx = None
-    if ctx.needs(x):
-        gx = g if ctx.kwarg("include_self") else ctx(aten.scatter.value, g, dim, idx, 0)
-    return gx, None, None, ctx(aten.gather.default, g, dim, idx) if ctx.needs(src) else None
+                              f"'{ctx.node.module or '<top level>'}') has no VJP rule; freeze the parameters "
+                              "before it or register a rule")
+    if gx is not None and not include_self:
+        gx = ctx(aten.scatter.value, gx, dim, idx, 0)
+    return gx, None, None, gsrc, None
 
 
 @register(aten.index_add.default)
