@@ -51,8 +51,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
         # One (chunk x V) buffer, in float32, updated in place: logits, then exp(logits - max), then the gradient.
         logits = logits.to(torch.float32)
         picked = logits.gather(1, t.unsqueeze(1))
-        top = logits.amax(1, keepdim=True)
-        exp = logits.sub_(top).exp_()
+        top = logits.detach().amax(1, keepdim=True)  # cancels out of the log-sum-exp: autograd needs no path
+        # (out of place where torch.autograd differentiates the op itself: never in a program, which runs without)
+        exp = (logits - top).exp() if torch.is_grad_enabled() else logits.sub_(top).exp_()
         sums = exp.sum(1, keepdim=True)
         total = total + ((top + sums.log() - picked) * row_scale).sum()  # log-sum-exp - the target's logit
         if grad_hidden or grad_weight:
