@@ -6,14 +6,14 @@ pockengine/passes/fused_cross_entropy.py, which puts it in place of `mm -> log_s
                          grad_hidden, grad_weight) -> (loss[], d_hidden, d_weight, d_bias)
 
 `loss` is the cross-entropy of the logits `hidden @ weight.T + bias` against `target` (rows whose target is
-`ignore_index` are skipped), the mean over the other rows (`mean`) or their sum. The loss is linear in nothing,
-but a scalar: the gradient of anything computed from it is its derivative times these of the loss, so the op
-computes them while each chunk's logits are at hand, and the backward pass only scales them (no logits again):
-`d_hidden` ([N, D], the size of the hidden state) when `grad_hidden`, `d_weight` ([V, D], accumulated over the
-chunks) and `d_bias` when `grad_weight`; an output not asked for is an empty tensor. The derivative of the loss
-with respect to a row's logits is c * (softmax - onehot(target)), c = 1/(rows not ignored) for the mean, 1 for
-the sum, 0 for an ignored row: computed in the memory of the chunk's logits, which is all the op allocates
-besides its outputs (chunk x V, in float32 for lower-precision logits).
+`ignore_index` are skipped), the mean over the other rows (`mean`) or their sum. The loss is a scalar: the gradient
+of anything computed from it is its derivative times those of the loss, so the op computes them while each chunk's
+logits are at hand, and the backward pass only scales them (no logits again): `d_hidden` ([N, D], the size of the
+hidden state) when `grad_hidden`, `d_weight` ([V, D], accumulated over the chunks) and `d_bias` when
+`grad_weight`; an output not asked for is an empty tensor. The derivative of the loss with respect to a row's
+logits is c * (softmax - onehot(target)), c = 1/(rows not ignored) for the mean, 1 for the sum, 0 for an ignored
+row. A chunk's logits, their exponentials and that derivative take turns in one (chunk x V) float32 buffer, which
+is all the op allocates besides its outputs (`workspace_bytes`, for the memory plan).
 
 The op is a composition of ATen ops (CompositeImplicitAutograd): it runs on any device and dtype, and the
 dispatch-level memory tracker sees the chunk it allocates.

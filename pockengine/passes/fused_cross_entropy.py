@@ -14,7 +14,7 @@ and replaces it by `pockengine::linear_cross_entropy` (pockengine/kernels/cross_
 the hidden state (the views and slices replayed on it): the logits are computed CHUNK_TOKENS rows at a time (more
 where the vocabulary is small: up to CHUNK_BYTES of logits), and the loss's gradients with respect to the hidden
 state and, when they are trained, the weight and bias are computed there too, from each chunk's logits: the
-backward pass only scales them (the op's VJP rule). The op allocates one chunk of log-probabilities (256 x 49152
+backward pass only scales them (the op's VJP rule). The op allocates one float32 chunk of logits (256 x 49152
 floats: 48 MB) besides a (tokens x hidden) gradient. Anything else reading the logits, the log-probabilities or
 the per-token losses (label smoothing reads the whole log-probabilities, `reduction="none"` returns the per-token
 losses, class weights multiply them) leaves the program as it is.
