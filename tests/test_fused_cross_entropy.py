@@ -2,8 +2,8 @@
 (`pockengine::linear_cross_entropy`) that never holds the whole logits.
 
 Gradients are compared with torch.autograd on the unfused model (rel err <= 1e-4, fp32) on small Llama and GPT-2
-models with tied and untied heads, the head trained or not, a biased head, mean and sum reductions, and targets
-with ignored rows; chunks of 5 rows make every case run several chunks and a ragged last one. Losses the op does
+models with tied and untied heads, the head trained or not, a biased head, mean and sum reductions, Hugging Face's
+own loss (`labels=`), and targets with ignored rows; chunks of 5 rows make every case run several chunks and a ragged last one. Losses the op does
 not compute (label smoothing, a mean over every row) are left unfused and still exact. The memory plan predicts
 the fused program's peak (the op's chunk of logits included) as the tracker measures it, and that peak is lower
 than the unfused program's by more than the logits.
@@ -67,6 +67,10 @@ def _tokens(hf: bool = True) -> tuple:
     return ({"input_ids": ids} if hf else (ids,)), target
 
 
+def _labels(inputs: dict, target: torch.Tensor) -> tuple:
+    return {**inputs, "labels": target}, None
+
+
 def _rules(*modules: str) -> pe.Scheme:
     return pe.Scheme.from_dict({"rules": [{"modules": m, "mode": "full"} for m in modules]})
 
@@ -80,6 +84,9 @@ CASES = {
     "llama-untied-last-block-and-head": (lambda: _llama(False), pe.losses.causal_lm(),
                                          _rules("model.layers.1", "lm_head"), _tokens, "both"),
     "gpt2-tied-full": (_gpt2, pe.losses.causal_lm(), pe.Scheme.full(), _tokens, "both"),
+    # Hugging Face's own loss (`labels=`: ForCausalLMLoss pads the labels with -100 and shifts them)
+    "llama-hf-labels": (lambda: _llama(True), lambda out, target: out.loss, _rules("model.layers.1"),
+                        lambda: _labels(*_tokens()), "hidden"),
     "biased-head-full-mean": (BiasedHead, pe.losses.cross_entropy(), pe.Scheme.full(), lambda: _tokens(False),
                               "both"),
     "biased-head-bias-only-sum": (BiasedHead, _sum_loss, pe.Scheme.bias_only(), lambda: _tokens(False), "both"),
