@@ -29,8 +29,8 @@ from pockengine.ir.graph import Graph, Node, eliminate_dead_code
 from pockengine.optim.base import Optimizer
 from pockengine.optim.update import BUFFER_OUTPUT, GRADIENT_OUTPUT, emit_gradient_outputs, emit_updates
 from pockengine.passes import (chunk_for_memory, compact_activation_masks, drop_redundant_clones, fold_constants,
-                               fold_frozen_batchnorm, pointwise_convolutions_as_matmul, rematerialize, run_in_place,
-                               simplify_attention_masks, to_channels_last, update_early)
+                               fold_frozen_batchnorm, fuse_linear_cross_entropy, pointwise_convolutions_as_matmul,
+                               rematerialize, run_in_place, simplify_attention_masks, to_channels_last, update_early)
 from pockengine.scheme import Selection
 
 if TYPE_CHECKING:
@@ -89,6 +89,7 @@ PASSES: tuple[Pass, ...] = (  # what each does: docs/architecture.md, "The pipel
     Pass("clones", lambda g, ctx: drop_redundant_clones(g)),
     Pass("fold", lambda g, ctx: fold_frozen_batchnorm(g, ctx.trained_nodes, set(ctx.slices))),
     Pass("attention_masks", lambda g, ctx: simplify_attention_masks(g, {**ctx.frozen, **g.constants})),
+    Pass("cross_entropy", lambda g, ctx: fuse_linear_cross_entropy(g, ctx.trained_nodes)),
     Pass("autodiff", _autodiff, optional=False),
     Pass("attention", _attention, optional=False),
     Pass("gradients", emit_gradient_outputs, enabled=lambda ctx: ctx.optimizer is None, optional=False),

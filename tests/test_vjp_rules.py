@@ -38,6 +38,7 @@ from pockengine.autodiff import VJP, VJP_BY_NAME, ChannelSlice, differentiate, r
 from pockengine.backend import CompiledProgram
 from pockengine.capture import capture
 from pockengine.ir.graph import BATCH, CONST, PARAM, Graph, Node, TensorMeta, eliminate_dead_code
+from pockengine.kernels import LINEAR_CROSS_ENTROPY
 
 aten = torch.ops.aten
 GROUPED_MM = torch.ops.transformers.grouped_mm_fallback.default
@@ -632,6 +633,12 @@ CASES = [
        (4, 5, 3), inputs=(lambda: EXPERT_OFFSETS,)),
     fn(GROUPED_MM, "frozen-input", lambda w, x, offs: GROUPED_MM(x, w, offs), (4, 3, 5),
        inputs=((7, 3), lambda: EXPERT_OFFSETS)),
+    # pockengine's fused head and loss: the rule runs the op again in the backward pass with the gradient outputs
+    # on (the forward here computed none); 3-row chunks over 7 rows, rows 1 and 5 ignored
+    direct(LINEAR_CROSS_ENTROPY, "mean-recomputed", (P(0), P(1), P(2), In(0), -100, True, 3, False, False),
+           (7, 4), (9, 4), (9,), inputs=(lambda: torch.tensor([3, -100, 0, 8, 2, -100, 5]),), use=(0,)),
+    direct(LINEAR_CROSS_ENTROPY, "sum-no-bias-recomputed", (P(0), P(1), None, In(0), -100, False, 3, False, False),
+           (7, 4), (9, 4), inputs=(lambda: torch.tensor([3, -100, 0, 8, 2, -100, 5]),), use=(0,)),
     direct(aten._batch_norm_with_update_functional.default, "train", (P(0), P(1), P(2), In(0), In(1), 0.1, 1e-5),
            (4, 3, 5), (3,), (3,), inputs=((3,), pos(3)), use=(0,)),
     fn(aten.grid_sampler_2d.default, "bilinear", lambda a, grid: F.grid_sample(a, grid, align_corners=False),

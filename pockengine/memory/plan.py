@@ -2,7 +2,8 @@
 
 The program is walked in execution order on meta tensors (shapes, dtypes and strides, no data), so the plan knows
 which ops allocate and which return views or update in place (by storage identity), and it frees each value where
-the runner does (`Liveness`). What it predicts is storage allocated during a step, the quantity
+the runner does (`Liveness`); pockengine's own ops that allocate while they run say how much
+(`pockengine.kernels.WORKSPACE`). What it predicts is storage allocated during a step, the quantity
 `LiveStorageTracker` measures; the tensors that live across steps (weights, buffers, optimizer state, the batch)
 are reported beside it.
 """
@@ -17,6 +18,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
 from pockengine.ir.graph import BATCH, BUFFER, CONST, PARAM, STATE, Graph, Node, TensorMeta
+from pockengine.kernels import WORKSPACE
 from pockengine.memory.liveness import Liveness
 
 aten = torch.ops.aten
@@ -143,10 +145,11 @@ def plan_memory(graph: Graph, input_strides: dict[Node, tuple[int, ...]] | None 
             holders[key] += 1
             keys.append(key)
         storage_of[n] = keys
-        live_during[n] = step_bytes
-        if step_bytes > peak:
-            peak, peak_node = step_bytes, n
-            at_peak = {}
+        scratch = WORKSPACE[n.target](*args, **kwargs) if n.target in WORKSPACE else 0  # freed as the op returns
+        live_during[n] = step_bytes + scratch
+        if step_bytes + scratch > peak:
+            peak, peak_node = step_bytes + scratch, n
+            at_peak = {"workspace": scratch} if scratch else {}
             for key, producer in owner.items():
                 cat = _category(producer, gradients)
                 at_peak[cat] = at_peak.get(cat, 0) + size[key]

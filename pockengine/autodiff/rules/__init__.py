@@ -1,4 +1,4 @@
 """Importing this package fills the VJP registry, one module per op family."""
 
-from pockengine.autodiff.rules import (attention, custom_function, elementwise, linalg, norm,  # noqa: F401
-                                       reduce, shape)
+from pockengine.autodiff.rules import (attention, cross_entropy, custom_function, elementwise,  # noqa: F401
+                                       linalg, norm, reduce, shape)
