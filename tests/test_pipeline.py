@@ -95,7 +95,7 @@ def test_an_error_inside_a_pass_names_it_and_those_before_it(monkeypatch):
     monkeypatch.setattr(pipeline, "PASSES", _failing("recompute", KeyError("boom")))
     with pytest.raises(pe.CompilerError) as err:
         compiled(SPARSE)
-    before = "clones, fold, attention_masks, autodiff, attention, update, constants"
+    before = "clones, fold, attention_masks, cross_entropy, autodiff, attention, update, constants"
     assert f"pass 'recompute' (after {before}) failed: KeyError" in str(err.value)
     # errors that already tell the user what to do keep their type, with the pass as a note
     monkeypatch.setattr(pipeline, "PASSES", _failing("layout", pe.UserInputError("bad input")))
