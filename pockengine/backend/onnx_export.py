@@ -45,27 +45,20 @@ from pockengine.ir.graph import BATCH, BUFFER, CONST, PARAM, SCALAR, STATE, Grap
 from pockengine.ir.ops import draws_nothing, draws_random, is_mutating
 from pockengine.kernels.masks import APPLY_KEEP_, PACK_KEEP
 from pockengine.optim.update import GRADIENT_OUTPUT
+from pockengine.runtime import FROZEN_PREFIX, METADATA_KEY, init_path
 
 if TYPE_CHECKING:
     from pockengine.trainer import Trainer
 
 aten = torch.ops.aten
 FORMAT = 1  # version of the metadata layout the runner reads
-METADATA_KEY = "pockengine"
 NEW_PREFIX = "new:"  # output name of a carried input's value after the step
-FROZEN_PREFIX = "frozen:"  # in the init file: the full tensor of a partially trained parameter
 EXTERNAL_DATA_BYTES = 256 * 2 ** 20  # initializers above this go to a `.data` file beside the model
 OPSET = 18
 
 
 class OnnxExportError(PockEngineError):
     """The program has an op ONNX (or torch.onnx's translator) cannot express; the message names it and its module."""
-
-
-def init_path(model_path: str | os.PathLike) -> Path:
-    """Where the initial values of a model's carried inputs are written: `<model>.init.safetensors`."""
-    path = Path(model_path)
-    return path.with_name(path.stem + ".init.safetensors")
 
 
 def export(trainer: Trainer, graph: Graph, static: dict[Node, torch.Tensor], batch_index: dict[Node, int],
@@ -86,8 +79,10 @@ def export(trainer: Trainer, graph: Graph, static: dict[Node, torch.Tensor], bat
     except Exception as e:  # a bug of ours (the module is made of ops the program already ran), said as such
         raise OnnxExportError(f"torch.export could not trace the program for ONNX: {type(e).__name__}: {e}") from e
     try:
+        # optimize=False: onnxscript's optimizer (0.7.2) drops `x + c` for |c| <= 1e-8 as an addition of zero,
+        # AdamW's eps among them; onnxruntime optimizes the graph itself when it loads it.
         program = torch.onnx.export(exported, (), dynamo=True, input_names=input_names, output_names=output_names,
-                                    opset_version=OPSET, optimize=True, verbose=False)
+                                    opset_version=OPSET, optimize=False, verbose=False)
     except Exception as e:
         raise OnnxExportError(f"torch.onnx could not translate the program: {type(e).__name__}: {e}") from e
     weights = sum(t.numel() * t.element_size() for t in module.state_dict().values())
@@ -211,7 +206,8 @@ class _Builder:
             self.env[node] = copy
             self.init[input_name] = value
             if not self.gradients:
-                outputs[input_name] = lambda: copy
+                # a 0-d value (a step counter) is reshaped back: torchlib's copy of one into it comes out as [1]
+                outputs[input_name] = lambda: copy if value.dim() else self._call(aten.reshape.default, copy, [])
         return entry
 
     # -- ops ------------------------------------------------------------------------------------------------
@@ -226,11 +222,11 @@ class _Builder:
                 f"{where} draws random numbers; an exported step cannot reproduce the trainer's generator. Put "
                 "that module in eval mode or set its dropout to 0 before compiling, then export.")
         if target is PACK_KEEP:
-            return self._inline(pack_keep, *args, **kwargs)
+            return self._call(pack_keep, *args, **kwargs)
         if target is APPLY_KEEP_:
-            return self._call(aten.copy_.default, args[0], self._inline(apply_keep, *args, **kwargs))
+            return self._call(aten.copy_.default, args[0], self._call(apply_keep, *args, **kwargs))
         if (decomposition := _decomposition(target)) is not None:
-            return self._inline(decomposition, *args, **kwargs)
+            return self._call(decomposition, *args, **kwargs)
         if not _translatable(target):
             raise OnnxExportError(
                 f"{where}: ONNX cannot express it (torch.onnx's torchlib has no translation of {target} and no "
@@ -240,9 +236,6 @@ class _Builder:
         if runtime:
             return self._with_tensor_scalars(node, target, args, kwargs, runtime, where)
         return self._call(target, *args, **kwargs)
-
-    def _inline(self, fn: Any, *args: Any, **kwargs: Any) -> fx.Node:
-        return self._call(functools.partial(fn, **kwargs) if kwargs else fn, *args)
 
     def _with_tensor_scalars(self, node: Node, target: Any, args: tuple, kwargs: dict, runtime: set[Node],
                              where: str) -> fx.Node:
@@ -420,6 +413,18 @@ def _onnx_tables() -> tuple[Any, Any]:
 
     registry = _registration.ONNXRegistry.from_torchlib()
     return registry, _decomp.create_onnx_friendly_decomposition_table(set(registry.functions))
+
+
+def batch_arrays(batch: Any) -> dict[str, Any]:
+    """A batch as the numpy arrays an exported model takes, by input name (`pockengine.runtime.onnx` feeds); stack
+    several with numpy and `numpy.savez` them for `python -m pockengine.runtime.onnx train --data`."""
+    from torch.utils import _pytree as pytree  # noqa: PLC0415
+
+    from pockengine.capture import normalize_batch  # noqa: PLC0415
+
+    batch = normalize_batch(batch)
+    return {name: leaf.detach().cpu().numpy() for name, leaf in zip(batch_leaf_names(batch), pytree.tree_leaves(batch))
+            if isinstance(leaf, torch.Tensor)}
 
 
 def batch_leaf_names(batch: Any) -> list[str]:

@@ -31,7 +31,9 @@ class AdamW(Optimizer):
 
     def schedule(self, step: Any, lr: Any) -> dict[str, Any]:
         beta1, beta2 = self.betas
-        sqrt = torch.sqrt if isinstance(step, torch.Tensor) else math.sqrt
+        sqrt = math.sqrt
+        if isinstance(step, torch.Tensor):  # in an exported model: constants as exact as the step's float64
+            beta1, beta2, sqrt = step.new_tensor(beta1), step.new_tensor(beta2), torch.sqrt
         return {"decay": 1 - lr * self.weight_decay,
                 "neg_step_size": -lr / (1 - beta1 ** step),
                 "bias_correction2_sqrt": sqrt(1 - beta2 ** step)}
