@@ -31,8 +31,19 @@ STEPS = 10
 ROOT = Path(__file__).resolve().parents[1]
 
 
+NOISE = 1e-5  # a gradient below this fraction of the largest one is rounding noise on both sides (a bias followed
+# by a train-mode BatchNorm has an exactly zero gradient in exact arithmetic)
+
+
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+def _close_or_noise(a: np.ndarray, b: np.ndarray, scale: float) -> bool:
+    """Within TOL of `b`'s largest entry; or, where `b` is noise below NOISE * scale, `a` is as small."""
+    if np.abs(b).max() < NOISE * scale:
+        return np.abs(a).max() < NOISE * scale
+    return _rel(a, b) <= TOL
 
 
 def _batches(family: str, n: int) -> list:
@@ -55,19 +66,28 @@ def check_parity(model: torch.nn.Module, loss_fn, batches: list, optimizer, sche
     assert set(weights) >= set(reference.trained)
     for name, value in weights.items():
         assert _rel(value, state[name].numpy()) <= TOL, name
+    values = runtime.values()
     for name, state_tensors in reference.state.items():  # the optimizer state too
         for s, t in state_tensors.items():
-            assert _rel(runtime.values()[f"state:{name}.{s}"], t.numpy()) <= TOL, (name, s)
+            # relative to the largest entry of this kind of state in the model: a parameter whose gradient is
+            # rounding noise (cnn_train_bn's biases before BatchNorm) has a state of noise and weight decay
+            scale = max(u.abs().max().item() for st in reference.state.values() for k, u in st.items() if k == s)
+            assert np.abs(values[f"state:{name}.{s}"] - t.numpy()).max() <= TOL * scale, (name, s)
     return runtime
 
 
 OPTIMIZERS = {"sgd": pe.optim.SGD(lr=0.05, momentum=0.9, weight_decay=1e-3),
               "adamw": pe.optim.AdamW(lr=0.005, weight_decay=0.01)}
+# One case of each family in the fast tier (an export takes 5-30 s), the others slow. cnn_train_bn trains with SGD
+# only: its convolution biases feed train-mode BatchNorm, so their gradient is rounding noise, which AdamW scales up
+# to steps of the learning rate in whatever direction each backend's rounding gives.
+FAST = {("mlp", "partial", "adamw"), ("cnn_train_bn", "partial", "sgd"), ("cnn_frozen_bn", "bias_only", "adamw")}
+SMALL = [pytest.param(f, s, o, marks=() if (f, s, o) in FAST else pytest.mark.slow)
+         for f in ("mlp", "cnn_train_bn", "cnn_frozen_bn") for s in ("full", "bias_only", "partial")
+         for o in OPTIMIZERS if not (f == "cnn_train_bn" and o == "adamw")]
 
 
-@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-@pytest.mark.parametrize("scheme", ["full", "bias_only", "partial"])
-@pytest.mark.parametrize("family", ["mlp", "cnn_train_bn", "cnn_frozen_bn"])
+@pytest.mark.parametrize("family,scheme,optimizer", SMALL)
 def test_small_model_parity(family, scheme, optimizer, tmp_path):
     fam = FAMILIES[family]
     torch.manual_seed(0)
@@ -99,8 +119,9 @@ def test_gradient_program(tmp_path):
     expected = trainer.gradients(batch)
     assert abs(loss - trainer.loss(batch)) <= TOL * abs(loss)
     assert set(grads) == set(expected)
+    scale = max(g.abs().max().item() for g in expected.values())
     for name, g in expected.items():
-        assert _rel(grads[name], g.numpy()) <= TOL, name
+        assert _close_or_noise(grads[name], g.numpy(), scale), name
 
 
 def test_bit_masks_export_as_standard_ops(tmp_path):
@@ -134,11 +155,10 @@ def test_untranslatable_op_named(tmp_path):
         def forward(self, x):
             return torch.ops.pockengine_onnx_test.twice(x)
 
-    model = torch.nn.Sequential(torch.nn.Linear(4, 2), Twice())
+    model = torch.nn.Sequential(Twice(), torch.nn.Linear(4, 2))  # in the forward pass only: no VJP rule needed
     batch = ((torch.randn(3, 4),), torch.tensor([0, 1, 0]))
-    trainer = pe.compile(model, pe.losses.cross_entropy(), batch, scheme=pe.Scheme.from_dict(
-        {"rules": [{"modules": "0", "mode": "full"}]}))
-    with pytest.raises((OnnxExportError, pe.PockEngineError), match=r"twice.*module '1'"):
+    trainer = pe.compile(model, pe.losses.cross_entropy(), batch)
+    with pytest.raises(OnnxExportError, match=r"twice.*module '0'.*ONNX cannot express it"):
         trainer.export_onnx(tmp_path / "step.onnx")
 
 
@@ -162,7 +182,8 @@ def test_runner_trains_without_torch(tmp_path):
     model = fam.build()
     batches = _batches("cnn_train_bn", 4)
     scheme = _scheme("cnn_train_bn", "partial")
-    exported = pe.compile(copy.deepcopy(model), fam.loss, batches[0], pe.optim.AdamW(lr=0.005), scheme)
+    optimizer = pe.optim.SGD(lr=0.05, momentum=0.9)  # AdamW would scale the noise gradients of its biases
+    exported = pe.compile(copy.deepcopy(model), fam.loss, batches[0], copy.deepcopy(optimizer), scheme)
     path = exported.export_onnx(tmp_path / "step.onnx")
     arrays = [batch_arrays(b) for b in batches]
     np.savez(tmp_path / "data.npz", **{k: np.concatenate([a[k] for a in arrays]) for k in arrays[0]})
@@ -172,7 +193,7 @@ def test_runner_trains_without_torch(tmp_path):
 
     def run(*args: str) -> list[dict]:
         out = subprocess.run([sys.executable, "-m", "pockengine.runtime.onnx", "train", str(path), "--data",
-                              str(tmp_path / "data.npz"), "--lr", "0.005", *args], env=env, capture_output=True,
+                              str(tmp_path / "data.npz"), "--lr", "0.05", *args], env=env, capture_output=True,
                              text=True, timeout=120)
         assert out.returncode == 0, out.stderr[-3000:]
         return [json.loads(line) for line in out.stdout.splitlines()]
@@ -181,7 +202,7 @@ def test_runner_trains_without_torch(tmp_path):
     assert probe.returncode != 0 and "not installed on this device" in probe.stderr
     log = run("--steps", "6", "--weights-out", str(tmp_path / "weights.safetensors"))
     assert [r["step"] for r in log] == list(range(1, 7))
-    reference = pe.compile(copy.deepcopy(model), fam.loss, batches[0], pe.optim.AdamW(lr=0.005), scheme)
+    reference = pe.compile(copy.deepcopy(model), fam.loss, batches[0], copy.deepcopy(optimizer), scheme)
     losses = [reference.step(batches[i % 4]) for i in range(6)]
     assert np.allclose([r["loss"] for r in log], losses, rtol=TOL, atol=0)
     loaded = copy.deepcopy(model)

@@ -42,7 +42,7 @@ from torch import fx
 
 from pockengine.errors import PockEngineError
 from pockengine.ir.graph import BATCH, BUFFER, CONST, PARAM, SCALAR, STATE, Graph, Node
-from pockengine.ir.ops import draws_nothing, draws_random, is_mutating
+from pockengine.ir.ops import draws_nothing, draws_random, is_mutating, is_view
 from pockengine.kernels.masks import APPLY_KEEP_, PACK_KEEP
 from pockengine.optim.update import GRADIENT_OUTPUT
 from pockengine.runtime import FROZEN_PREFIX, METADATA_KEY, init_path
@@ -206,8 +206,7 @@ class _Builder:
             self.env[node] = copy
             self.init[input_name] = value
             if not self.gradients:
-                # a 0-d value (a step counter) is reshaped back: torchlib's copy of one into it comes out as [1]
-                outputs[input_name] = lambda: copy if value.dim() else self._call(aten.reshape.default, copy, [])
+                outputs[input_name] = lambda: copy
         return entry
 
     # -- ops ------------------------------------------------------------------------------------------------
@@ -285,7 +284,7 @@ def _written_inputs(node: Node) -> list[Node]:
         n = written.pop()
         if n.is_input:
             found.append(n)
-        elif n.target is not operator.getitem and n.args and isinstance(n.args[0], Node):
+        elif (is_view(n.target) or is_mutating(n.target)) and n.args and isinstance(n.args[0], Node):
             written.append(n.args[0])  # views and in-place ops alias their first argument
     return found
 

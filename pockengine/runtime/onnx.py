@@ -68,8 +68,8 @@ class OnnxTrainer:
         if missing:
             raise UserInputError(f"{checkpoint or init_path(model_path)} lacks {missing}: it belongs to another step")
         names = [c["input"] for c in self.carried]
-        self._current = {n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(values[n])) for n in names}
-        self._spare = {n: ort.OrtValue.ortvalue_from_shape_and_type(values[n].shape, values[n].dtype) for n in names}
+        self._current = {n: ort.OrtValue.ortvalue_from_numpy(np.require(values[n], requirements="C")) for n in names}
+        self._spare = {n: ort.OrtValue.ortvalue_from_numpy(np.empty_like(values[n])) for n in names}
         self.lr = (self.meta["optimizer"] or {}).get("lr")
 
     @property
@@ -164,7 +164,7 @@ def _atomic_save(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str,
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".saving", dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, temp, metadata=metadata)
+        save_file({k: np.require(v, requirements="C") for k, v in tensors.items()}, temp, metadata=metadata)
         with open(temp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(temp, path)
