@@ -275,7 +275,7 @@ def export_command(args: argparse.Namespace) -> int:
     from pockengine.backend.onnx_export import batch_arrays
     from pockengine.finetune import CHECKPOINT_DIR, prepare, resume_config
 
-    run_dir = Path(args.run)
+    run_dir = Path(args.folder)
     if not (run_dir / CHECKPOINT_DIR).exists():
         raise pe.UserInputError(f"{run_dir} has no {CHECKPOINT_DIR}/: export a run of `pockengine finetune` (its "
                                 "--out folder) once it has written a checkpoint")
@@ -300,7 +300,7 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
                        description="Write the compiled, pruned training step of a `pockengine finetune` run, at its "
                        "last checkpoint, as one ONNX model; `python -m pockengine.runtime.onnx train` trains with it "
                        "on onnxruntime alone (docs/deploy.md).")
-    e.add_argument("run", metavar="RUN", help="the run folder (`pockengine finetune --out`)")
+    e.add_argument("folder", metavar="RUN", help="the run folder (`pockengine finetune --out`)")
     e.add_argument("--format", choices=["onnx"], default="onnx")
     e.add_argument("--out", required=True, help="the .onnx file to write (its .init.safetensors goes beside it)")
     e.add_argument("--gradients", action="store_true", help="export the gradient program instead of the step")
