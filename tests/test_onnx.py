@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -260,6 +259,7 @@ def test_smollm2_sparse_parity(tmp_path):
                  tmp_path)
 
 
+@pytest.mark.slow  # a finetune run, two exports
 def test_export_a_finetune_run_and_train_it_on_onnxruntime(tmp_path, cnn_module):
     """`pockengine export RUN --format onnx` after `pockengine finetune`: the model's dropout is refused by name
     until --eval-mode; the step and the run's next batches train on onnxruntime."""

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import operator
 import os
@@ -78,6 +79,9 @@ def export(trainer: Trainer, graph: Graph, static: dict[Node, torch.Tensor], bat
         raise
     except Exception as e:  # a bug of ours (the module is made of ops the program already ran), said as such
         raise OnnxExportError(f"torch.export could not trace the program for ONNX: {type(e).__name__}: {e}") from e
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping torchvision::nms", four times
     try:
         # optimize=False: onnxscript's optimizer (0.7.2) drops `x + c` for |c| <= 1e-8 as an addition of zero,
         # AdamW's eps among them; onnxruntime optimizes the graph itself when it loads it.
@@ -85,6 +89,8 @@ def export(trainer: Trainer, graph: Graph, static: dict[Node, torch.Tensor], bat
                                     opset_version=OPSET, optimize=False, verbose=False)
     except Exception as e:
         raise OnnxExportError(f"torch.onnx could not translate the program: {type(e).__name__}: {e}") from e
+    finally:
+        registration.setLevel(level)
     weights = sum(t.numel() * t.element_size() for t in module.state_dict().values())
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -333,7 +339,7 @@ def convolution_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tens
         extra = [i - o for i, o in zip(x.shape[2:], out_size)]
         grad_input = aten.convolution.default(grad, weight, None, stride, padding, dilation, True, extra, groups)
     if output_mask[1]:
-        n, c, o = x.shape[0], x.shape[1], weight.shape[0]
+        n, o = x.shape[0], weight.shape[0]
         columns = aten.im2col.default(x, list(weight.shape[2:]), dilation, padding, stride)  # (n, c*kh*kw, L)
         columns = columns.reshape(n, groups, -1, columns.shape[-1])
         per_group = grad.reshape(n, groups, o // groups, -1)
