@@ -272,6 +272,50 @@ BENCH_MOVED = ("pockengine bench: the benchmark is not part of the installed pac
                "[options]` at its root (`python -m bench --help`; docs/benchmarks/README.md)")
 
 
+def export_command(args: argparse.Namespace) -> int:
+    """The compiled step of a `pockengine finetune` run (at its last checkpoint) as an ONNX model, with
+    `--batches K` of the run's next training batches beside it (`<out>.data.npz`) for the onnxruntime runner."""
+    import numpy as np
+
+    from pockengine.backend.onnx_export import batch_arrays
+    from pockengine.finetune import CHECKPOINT_DIR, prepare, resume_config
+
+    run_dir = Path(args.folder)
+    if not (run_dir / CHECKPOINT_DIR).exists():
+        raise pe.UserInputError(f"{run_dir} has no {CHECKPOINT_DIR}/: export a run of `pockengine finetune` (its "
+                                "--out folder) once it has written a checkpoint")
+    run = prepare(resume_config(run_dir, {}))
+    model, task = run.loaded.model, run.task
+    if args.eval_mode:
+        model.eval()  # dropout off: an exported step cannot draw the trainer's random numbers
+    trainer = pe.load(run_dir / CHECKPOINT_DIR, model, task.loss_fn, task.example_batch)
+    out = trainer.export_onnx(args.out, gradients=args.gradients)
+    print(f"wrote {out} and {out.with_name(out.stem + '.init.safetensors').name} (step {trainer.steps_done}, "
+          f"scheme {trainer.scheme.name})")
+    if args.batches:
+        arrays = [batch_arrays(run.batches.at(trainer.steps_done + i)) for i in range(args.batches)]
+        data = out.with_name(out.stem + ".data.npz")
+        np.savez(data, **{k: np.concatenate([a[k] for a in arrays]) for k in arrays[0]})
+        print(f"wrote {data}: {args.batches} batches of the run's training data")
+    return 0
+
+
+def _export_parser(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser("export", help="the compiled training step of a finetune run as an ONNX model (onnxruntime)",
+                       description="Write the compiled, pruned training step of a `pockengine finetune` run, at its "
+                       "last checkpoint, as one ONNX model; `python -m pockengine.runtime.onnx train` trains with it "
+                       "on onnxruntime alone (docs/deploy.md).")
+    e.add_argument("folder", metavar="RUN", help="the run folder (`pockengine finetune --out`)")
+    e.add_argument("--format", choices=["onnx"], default="onnx")
+    e.add_argument("--out", required=True, help="the .onnx file to write (its .init.safetensors goes beside it)")
+    e.add_argument("--gradients", action="store_true", help="export the gradient program instead of the step")
+    e.add_argument("--eval-mode", action="store_true",
+                   help="put the model in eval mode first (dropout off; needed where the model has dropout)")
+    e.add_argument("--batches", type=integer(0), default=0,
+                   help="also write this many of the run's next training batches to <out>.data.npz")
+    e.set_defaults(run=export_command)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pockengine", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -293,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--save", default="", help="write a checkpoint folder here at the end")
     t.set_defaults(run=train)
     _finetune_parser(sub)
+    _export_parser(sub)
     r = sub.add_parser("report", help="redraw fine-tuning runs' plots (loss, held-out metric), print their summaries, "
                        "and compare several side by side",
                        description="Redraw RUN/plots/loss.png and metric.png from RUN/metrics.jsonl, and print the "

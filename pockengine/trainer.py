@@ -13,6 +13,7 @@ import gc
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from collections.abc import Hashable
 from typing import Any, Callable
 
@@ -138,6 +139,22 @@ class Trainer:
             self._leaves(batch)  # a batch the trainer takes
             return self._build(normalize_batch(batch), not gradients, until=after).program
         return self._prepared(batch, not gradients)[0].program
+
+    def export_onnx(self, path: str | os.PathLike, batch: Any = None, *, gradients: bool = False,
+                    external_data: bool | None = None) -> Path:
+        """Write the compiled step for `batch`'s shape (default: the example batch's) as one ONNX model at `path`,
+        or with `gradients=True` the gradient program, and its initial values beside it (`<stem>.init.safetensors`);
+        pockengine.runtime.onnx trains with it on onnxruntime alone. See pockengine/backend/onnx_export.py."""
+        from pockengine.backend import onnx_export  # noqa: PLC0415  (imports torch.onnx and onnxscript)
+
+        batch = self._example if batch is None else batch
+        built, leaves = self._prepared(batch, not gradients)
+        positions = list(range(len(leaves)))
+        batch_index = {n: bind(positions, {}) for n, bind in zip(built.program.inputs, built.binders)
+                       if n.role == BATCH}
+        return onnx_export.export(self, built.program.graph, built.static, batch_index,
+                                  onnx_export.batch_leaf_names(normalize_batch(batch)), path, gradients=gradients,
+                                  external_data=external_data)
 
     def summary(self) -> str:
         """A table of every parameter: how it is trained, trained and total entries; then the backend of every

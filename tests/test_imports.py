@@ -150,7 +150,8 @@ def test_the_graph_sees_every_kind_of_import():
     """The reader itself: relative, function-level and `from package import submodule` imports are edges."""
     graph = import_graph()
     assert len(graph) > 30 and "pockengine.trainer" in graph and "pockengine" in graph
-    assert "pockengine.trainer" in graph["pockengine"]  # `from pockengine.trainer import ...` in __init__
+    assert "pockengine.errors" in graph["pockengine"]  # `from pockengine.errors import ...` in __init__ (the rest
+    # of its names are imported lazily, by name, on first use)
     # `import pockengine as pe`, and `from pockengine.data import ...` inside a function
     assert graph["pockengine.cli"] >= {"pockengine", "pockengine.data", "pockengine.models"}
     assert graph["pockengine.kernels.masks"] == {"pockengine.kernels.native"}  # its own package is no edge

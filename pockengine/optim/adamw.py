@@ -29,12 +29,14 @@ class AdamW(Optimizer):
         weight_decay = hyperparameter("AdamW", "weight_decay", weight_decay, 0.0)
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
 
-    def scalars(self, step: int, lr: float) -> dict[str, float]:
-        lr = learning_rate("AdamW", lr)
+    def schedule(self, step: Any, lr: Any) -> dict[str, Any]:
         beta1, beta2 = self.betas
+        sqrt = math.sqrt
+        if isinstance(step, torch.Tensor):  # in an exported model: constants as exact as the step's float64
+            beta1, beta2, sqrt = step.new_tensor(beta1), step.new_tensor(beta2), torch.sqrt
         return {"decay": 1 - lr * self.weight_decay,
                 "neg_step_size": -lr / (1 - beta1 ** step),
-                "bias_correction2_sqrt": math.sqrt(1 - beta2 ** step)}
+                "bias_correction2_sqrt": sqrt(1 - beta2 ** step)}
 
     def emit_update(self, emit: Emit, param: Node, grad: Node, state: dict[str, Node],
                     scalars: dict[str, Node]) -> Node:

@@ -27,9 +27,15 @@ class Optimizer(ABC):
     #: names of the run-time scalars `scalars()` returns
     scalar_names: tuple[str, ...] = ()
 
-    @abstractmethod
     def scalars(self, step: int, lr: float) -> dict[str, float]:
-        """Values of the run-time scalars for update number `step` (1-based) at learning rate `lr`."""
+        """Values of the run-time scalars for update number `step` (1-based) at learning rate `lr` (checked)."""
+        return self.schedule(step, learning_rate(type(self).__name__, lr))
+
+    @abstractmethod
+    def schedule(self, step: Any, lr: Any) -> dict[str, Any]:
+        """The run-time scalars as arithmetic on `step` and `lr`: on Python numbers for a step of the torch backend,
+        on 0-d tensors inside an exported ONNX step (pockengine.backend.onnx_export), which takes `lr` and `step`
+        as its inputs."""
 
     @abstractmethod
     def emit_update(self, emit: Emit, param: Node, grad: Node, state: dict[str, Node],

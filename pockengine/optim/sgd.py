@@ -27,8 +27,8 @@ class SGD(Optimizer):
         self.lr, self.momentum, self.nesterov, self.weight_decay = lr, momentum, nesterov, weight_decay
         self.state_names = ("momentum_buffer",) if momentum else ()
 
-    def scalars(self, step: int, lr: float) -> dict[str, float]:
-        return {"neg_lr": -learning_rate("SGD", lr)}
+    def schedule(self, step: Any, lr: Any) -> dict[str, Any]:
+        return {"neg_lr": -lr}
 
     def emit_update(self, emit: Emit, param: Node, grad: Node, state: dict[str, Node],
                     scalars: dict[str, Node]) -> Node:

@@ -1,0 +1,447 @@
+"""The compiled training step as one ONNX model, for devices that have only an inference runtime (onnxruntime).
+
+The program (`Trainer.program()`: forward, loss, backward and the optimizer's update, pruned by the scheme and
+optimized by the passes) becomes a torch.fx module that torch.onnx's exporter (torch.export, then onnxscript's
+torchlib) translates op by op:
+
+- inputs: the batch's tensors, `lr` (float64) and `step` (int64, the 1-based number of this update: AdamW's bias
+  corrections) where the optimizer has run-time scalars, then every tensor a step changes (the trained parameters,
+  only the trained channels of a partially trained one; the optimizer state; train-mode BatchNorm statistics);
+- outputs: `loss`, then the new value of each of those (named `new:` + the input's name);
+- frozen weights, buffers and constants are initializers (stored as external data above `EXTERNAL_DATA_BYTES`).
+
+The optimizer's scalars (`Optimizer.schedule`) are computed inside the model from `lr` and `step`, in float64 as the
+torch backend computes them in Python. A step's in-place updates run on copies of the inputs, which
+torch.export's functionalization turns into plain values: the model never writes its inputs (the runner binds the
+outputs to a second set of buffers instead, pockengine/runtime/onnx.py). pockengine's own ops (the bit masks of
+pockengine/kernels/masks.py) are written as ATen ops ONNX has (its fallback reinterprets bytes as int64 words, which
+ONNX cannot). A random op (dropout in train mode) is refused: ONNX Runtime's generator is not the trainer's.
+
+The gradient program exports too (`gradients=True`): inputs the batch and the trained parameters, outputs `loss` and
+`grad:<name>` per trained parameter at its full shape.
+
+Beside the model, `<model>.init.safetensors` holds the initial value of every carried input (named as the input),
+and, for a partially trained parameter, its full frozen tensor (`frozen:<name>`) from which the runner writes full
+weights back. The model's metadata (`pockengine`, JSON) says what each input is (see `describe`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import operator
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch._decomp
+from torch import fx
+
+from pockengine.errors import PockEngineError
+from pockengine.ir.graph import BATCH, BUFFER, CONST, PARAM, SCALAR, STATE, Graph, Node
+from pockengine.ir.ops import draws_nothing, draws_random, is_mutating, is_view
+from pockengine.kernels.masks import APPLY_KEEP_, PACK_KEEP
+from pockengine.optim.update import GRADIENT_OUTPUT
+from pockengine.runtime import FROZEN_PREFIX, METADATA_KEY, init_path
+
+if TYPE_CHECKING:
+    from pockengine.trainer import Trainer
+
+aten = torch.ops.aten
+FORMAT = 1  # version of the metadata layout the runner reads
+NEW_PREFIX = "new:"  # output name of a carried input's value after the step
+EXTERNAL_DATA_BYTES = 256 * 2 ** 20  # initializers above this go to a `.data` file beside the model
+OPSET = 18
+
+
+class OnnxExportError(PockEngineError):
+    """The program has an op ONNX (or torch.onnx's translator) cannot express; the message names it and its module."""
+
+
+def export(trainer: Trainer, graph: Graph, static: dict[Node, torch.Tensor], batch_index: dict[Node, int],
+           batch_names: list[str], path: str | os.PathLike, *, gradients: bool,
+           external_data: bool | None = None) -> Path:
+    """Write `graph` (the trainer's compiled step, or with `gradients` its gradient program) to the ONNX model
+    `path` and its initial values beside it; returns `path`. `static` binds the fixed inputs, `batch_index` each
+    batch input to its leaf (named `batch_names`)."""
+    import safetensors.torch  # noqa: PLC0415  (only an export needs them)
+    import onnx  # noqa: PLC0415
+
+    module, args, input_names, output_names, meta, init = _Builder(trainer, graph, static, batch_index, batch_names,
+                                                                  gradients).build()
+    try:
+        exported = torch.export.export(module, tuple(args), strict=False)
+    except PockEngineError:
+        raise
+    except Exception as e:  # a bug of ours (the module is made of ops the program already ran), said as such
+        raise OnnxExportError(f"torch.export could not trace the program for ONNX: {type(e).__name__}: {e}") from e
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping torchvision::nms", four times
+    try:
+        # optimize=False: onnxscript's optimizer (0.7.2) drops `x + c` for |c| <= 1e-8 as an addition of zero,
+        # AdamW's eps among them; onnxruntime optimizes the graph itself when it loads it.
+        program = torch.onnx.export(exported, (), dynamo=True, input_names=input_names, output_names=output_names,
+                                    opset_version=OPSET, optimize=False, verbose=False)
+    except Exception as e:
+        raise OnnxExportError(f"torch.onnx could not translate the program: {type(e).__name__}: {e}") from e
+    finally:
+        registration.setLevel(level)
+    weights = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(path, external_data=weights > EXTERNAL_DATA_BYTES if external_data is None else external_data)
+    model = onnx.load(path, load_external_data=False)
+    onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps(meta)})
+    onnx.save(model, path)
+    safetensors.torch.save_file({k: v.detach().contiguous().cpu() for k, v in init.items()}, init_path(path))
+    return path
+
+
+class _Builder:
+    """Builds the torch.fx module of one program (see the module's docstring for its inputs and outputs)."""
+
+    def __init__(self, trainer: Trainer, graph: Graph, static: dict[Node, torch.Tensor],
+                 batch_index: dict[Node, int], batch_names: list[str], gradients: bool):
+        self.trainer, self.graph, self.static, self.gradients = trainer, graph, static, gradients
+        self.batch_index, self.batch_names = batch_index, batch_names
+        self.fx = fx.Graph()
+        self.root = torch.nn.Module()
+        self.env: dict[Node, fx.Node] = {}
+        self.args: list[torch.Tensor] = []
+        self.input_names: list[str] = []
+        self.init: dict[str, torch.Tensor] = {}
+        names = {id(t): name for name, t in trainer.model.named_parameters()}
+        names.update({id(t): name for name, t in trainer.model.named_buffers()})
+        names.update({id(t): f"{p}.{s}" for p, state in trainer.state.items() for s, t in state.items()})
+        self.tensor_names = names
+
+    # -- inputs ---------------------------------------------------------------------------------------------
+    def _placeholder(self, name: str, example: torch.Tensor) -> fx.Node:
+        node = self.fx.placeholder(f"in{len(self.input_names)}")
+        node.meta["val"] = example
+        self.input_names.append(name)
+        self.args.append(example)
+        return node
+
+    def _attribute(self, name: str, value: torch.Tensor) -> fx.Node:
+        attr = f"w{len(self.root._buffers)}_{re.sub(r'[^0-9A-Za-z_]', '_', name)}"
+        self.root.register_buffer(attr, value.detach())
+        return self.fx.get_attr(attr)
+
+    def _call(self, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
+        return self.fx.call_function(target, args, kwargs)
+
+    def build(self) -> tuple[fx.GraphModule, list, list[str], list[str], dict, dict[str, torch.Tensor]]:
+        graph, trainer = self.graph, self.trainer
+        mutated = {n for node in graph.nodes if not node.is_input and is_mutating(node.target)
+                   for n in _written_inputs(node)}
+        for node in sorted(graph.inputs(BATCH), key=self.batch_index.__getitem__):
+            i = self.batch_index[node]
+            self.env[node] = self._placeholder(self.batch_names[i], self.static.get(node, _example(node)))
+        batch = [{"name": self.batch_names[self.batch_index[n]], "shape": list(n.meta.shape),
+                  "dtype": str(n.meta.dtype).removeprefix("torch.")} for n in graph.inputs(BATCH)]
+        scalars = graph.inputs(SCALAR)
+        if scalars:
+            lr = self._placeholder("lr", torch.tensor(trainer.optimizer.lr, dtype=torch.float64))
+            step = self._placeholder("step", torch.tensor(1, dtype=torch.int64))
+            names = [node.name for node in scalars]
+
+            def schedule(step: torch.Tensor, lr: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                values = trainer.optimizer.schedule(step.to(torch.float64), lr)
+                return tuple(values[name].to(torch.float32) for name in names)
+
+            values = self._call(schedule, step, lr)
+            for i, node in enumerate(scalars):
+                self.env[node] = self._call(operator.getitem, values, i)
+        carried, outputs = [], {}
+        trained = {name: sel for name, sel in trainer.trained.items()}
+        for node in graph.inputs():
+            if node.role in (BATCH, SCALAR):
+                continue
+            value = self.static[node] if node.role != CONST else graph.constants[node]
+            name = self.tensor_names.get(id(value))
+            if node.role == PARAM and name in trained or node.role == STATE or node in mutated:
+                if node.role == CONST or name is None:
+                    raise OnnxExportError(f"the program writes its constant input %{node.name}; pockengine "
+                                          "cannot export it (a bug: report it)")
+                carried.append(self._carried(node, name, value, trained.get(name) if node.role == PARAM else None,
+                                             outputs))
+            else:
+                self.env[node] = self._attribute(name or node.name, value)
+        for node in graph.nodes:
+            if not node.is_input:
+                self.env[node] = self._translate(node)
+        results = {"loss": self.env[graph.outputs["loss"]]}
+        if self.gradients:
+            results.update({k: self.env[v] for k, v in graph.outputs.items() if k.startswith(GRADIENT_OUTPUT)})
+        else:
+            results.update({NEW_PREFIX + k: v() for k, v in outputs.items()})
+        self.fx.output(tuple(results.values()))
+        module = fx.GraphModule(self.root, self.fx)
+        opt = None if self.gradients else trainer.optimizer.config()
+        meta = {"format": FORMAT, "kind": "gradients" if self.gradients else "step", "optimizer": opt,
+                "scalars": bool(scalars), "steps_done": trainer.steps_done, "batch": batch, "carried": carried,
+                "outputs": list(results)}
+        return module, self.args, self.input_names, list(results), meta, self.init
+
+    def _carried(self, node: Node, name: str, value: torch.Tensor, sel: Any, outputs: dict) -> dict:
+        """A tensor the step changes: an input whose (copied) value the program updates, and an output."""
+        role = {PARAM: "param", STATE: "state", BUFFER: "buffer"}[node.role]
+        input_name = f"{role}:{name}"
+        entry: dict[str, Any] = {"input": input_name, "output": NEW_PREFIX + input_name, "role": role,
+                                 "tensor": name}
+        if sel is not None and sel.kind == "partial":
+            channels = torch.tensor(sel.channels, dtype=torch.int64)
+            trained = value.index_select(sel.dim, channels)
+            entry["partial"] = {"dim": sel.dim, "channels": list(sel.channels)}
+            index = self._attribute(f"{name}.channels", channels)
+            whole = self._call(aten.index_copy.default, self._attribute(f"{name}.frozen", value), sel.dim, index,
+                               self._placeholder(input_name, trained))
+            self.init[FROZEN_PREFIX + name] = value
+            self.env[node] = whole
+            self.init[input_name] = trained
+            if not self.gradients:
+                outputs[input_name] = lambda: self._call(aten.index_select.default, whole, sel.dim, index)
+        else:
+            copy = self._call(aten.clone.default, self._placeholder(input_name, value.contiguous()))
+            self.env[node] = copy
+            self.init[input_name] = value
+            if not self.gradients:
+                outputs[input_name] = lambda: copy
+        return entry
+
+    # -- ops ------------------------------------------------------------------------------------------------
+    def _translate(self, node: Node) -> fx.Node:
+        where = f"%{node.name} = {node.op_name}(...) of module {node.module or '(top level)'!r}"
+        target = node.target
+        args, kwargs = _map(node.args, self.env), _map(node.kwargs, self.env)
+        if target is operator.getitem:
+            return self._call(operator.getitem, *args)
+        if draws_random(target) and not draws_nothing(target, node.args, node.kwargs):
+            raise OnnxExportError(
+                f"{where} draws random numbers; an exported step cannot reproduce the trainer's generator. Put "
+                "that module in eval mode or set its dropout to 0 before compiling, then export.")
+        if target is PACK_KEEP:
+            return self._call(pack_keep, *args, **kwargs)
+        if target is APPLY_KEEP_:
+            return self._call(aten.copy_.default, args[0], self._call(apply_keep, *args, **kwargs))
+        if (decomposition := _decomposition(target)) is not None:
+            return self._call(decomposition, *args, **kwargs)
+        if not _translatable(target):
+            raise OnnxExportError(
+                f"{where}: ONNX cannot express it (torch.onnx's torchlib has no translation of {target} and no "
+                "decomposition into ops that have one). Freeze the layers up to it (a scheme that does not "
+                "backpropagate through it, for a backward op), or give torch.onnx an onnxscript function for it.")
+        runtime = {n for n in node.inputs if n.role == SCALAR}
+        if runtime:
+            return self._with_tensor_scalars(node, target, args, kwargs, runtime, where)
+        return self._call(target, *args, **kwargs)
+
+    def _with_tensor_scalars(self, node: Node, target: Any, args: tuple, kwargs: dict, runtime: set[Node],
+                             where: str) -> fx.Node:
+        """A call with run-time scalars (0-d tensors here) where its schema wants a number: `alpha` and `value`
+        become multiplications, as ATen computes them (`self + alpha * other`, `self + value * t1 / t2`)."""
+        schema = target._schema
+        numbers = [a.name for a, v in zip(schema.arguments, node.args) if v in runtime
+                   and not isinstance(a.type, torch.TensorType)]
+        numbers += [k for k, v in node.kwargs.items() if v in runtime]
+        if not numbers:
+            return self._call(target, *args, **kwargs)
+        packet = schema.name.removeprefix("aten::")
+        in_place = packet.endswith("_")
+        base = packet.removesuffix("_")
+        kwargs = dict(kwargs)
+        if numbers == ["alpha"] and base in ("add", "sub") and len(args) == 2:
+            other = self._call(aten.mul.Tensor, kwargs.pop("alpha"), args[1])
+            return self._call(target, args[0], other, **kwargs)
+        if numbers == ["value"] and base in ("addcmul", "addcdiv") and len(args) == 3:
+            scaled = self._call(aten.mul.Tensor, kwargs.pop("value"), args[1])
+            term = self._call(aten.mul.Tensor if base == "addcmul" else aten.div.Tensor, scaled, args[2])
+            return self._call(aten.add_.Tensor if in_place else aten.add.Tensor, args[0], term)
+        raise OnnxExportError(f"{where} takes the run-time scalar(s) {numbers} as numbers; pockengine's ONNX "
+                              "export passes them as tensors only to add/sub's alpha and addcmul/addcdiv's value")
+
+
+def _example(node: Node) -> torch.Tensor:
+    return torch.zeros(node.meta.shape, dtype=node.meta.dtype)
+
+
+def _map(a: Any, env: dict[Node, fx.Node]) -> Any:
+    if isinstance(a, Node):
+        return env[a]
+    if isinstance(a, (list, tuple)):
+        return type(a)(_map(x, env) for x in a) if not hasattr(a, "_fields") else type(a)(*(_map(x, env) for x in a))
+    if isinstance(a, dict):
+        return {k: _map(v, env) for k, v in a.items()}
+    return a
+
+
+def _written_inputs(node: Node) -> list[Node]:
+    """The program inputs an in-place op writes, through the chain of views and in-place results it writes to."""
+    written = [a for a, arg in zip(node.args, node.target._schema.arguments)
+               if isinstance(a, Node) and arg.alias_info is not None and arg.alias_info.is_write]
+    found = []
+    while written:
+        n = written.pop()
+        if n.is_input:
+            found.append(n)
+        elif (is_view(n.target) or is_mutating(n.target)) and n.args and isinstance(n.args[0], Node):
+            written.append(n.args[0])  # views and in-place ops alias their first argument
+    return found
+
+
+# -- pockengine's bit-mask ops in ONNX's terms ------------------------------------------------------------------
+# pockengine/kernels/masks.py packs 8 elements per byte, bit k of byte i for element 8i + k of the tensor read in
+# `order`. The same, without reinterpreting bytes as words: a weighted sum of 8 booleans packs, a floor division
+# by 2^k and a remainder unpack.
+def pack_keep(x: torch.Tensor, lo: float, hi: float | None, order: list[int]) -> torch.Tensor:
+    flat = x.permute(order).reshape(-1)
+    keep = flat > lo
+    if hi is not None:
+        keep = keep & (flat < hi)
+    padded = torch.nn.functional.pad(keep.to(torch.int32), [0, -x.numel() % 8])
+    weights = torch.tensor([1 << k for k in range(8)], dtype=torch.int32)
+    return (padded.reshape(-1, 8) * weights).sum(-1).to(torch.uint8)
+
+
+def apply_keep(grad: torch.Tensor, bits: torch.Tensor, order: list[int]) -> torch.Tensor:
+    powers = torch.tensor([1 << k for k in range(8)], dtype=torch.int32)
+    keep = torch.remainder(torch.div(bits.to(torch.int32).unsqueeze(-1), powers, rounding_mode="floor"), 2)
+    in_order = grad.permute(order)
+    keep = keep.reshape(-1)[:grad.numel()].reshape(in_order.shape).to(torch.bool)
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return torch.where(keep, in_order, torch.zeros((), dtype=grad.dtype)).permute(inverse)
+
+
+# -- backward ops torchlib lacks, as ops it has ----------------------------------------------------------------
+def convolution_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias_sizes: Any,
+                         stride: list[int], padding: list[int], dilation: list[int], transposed: bool,
+                         output_padding: list[int], groups: int, output_mask: list[bool]) -> tuple:
+    """aten.convolution_backward of a 1-d or 2-d convolution: the input's gradient as the transposed convolution,
+    the weight's as the product of the gradient with the unfolded input (im2col), per group."""
+    if transposed or weight.dim() not in (3, 4):
+        raise OnnxExportError(f"convolution_backward of a {'transposed ' if transposed else ''}{weight.dim() - 2}-d "
+                              "convolution has no ONNX form in pockengine's export (1-d and 2-d convolutions have)")
+    if weight.dim() == 3:  # a 1-d convolution is a 2-d one of height 1
+        results = convolution_backward(grad.unsqueeze(2), x.unsqueeze(2), weight.unsqueeze(2), bias_sizes,
+                                       [1, *stride], [0, *padding], [1, *dilation], False, [0, 0], groups,
+                                       output_mask)
+        return tuple(r.squeeze(2) if r is not None and r.dim() == 4 else r for r in results)
+    grad_input = grad_weight = grad_bias = None
+    if output_mask[0]:
+        out_size = [(g - 1) * s - 2 * p + d * (k - 1) + 1
+                    for g, s, p, d, k in zip(grad.shape[2:], stride, padding, dilation, weight.shape[2:])]
+        extra = [i - o for i, o in zip(x.shape[2:], out_size)]
+        grad_input = aten.convolution.default(grad, weight, None, stride, padding, dilation, True, extra, groups)
+    if output_mask[1]:
+        n, o = x.shape[0], weight.shape[0]
+        columns = aten.im2col.default(x, list(weight.shape[2:]), dilation, padding, stride)  # (n, c*kh*kw, L)
+        columns = columns.reshape(n, groups, -1, columns.shape[-1])
+        per_group = grad.reshape(n, groups, o // groups, -1)
+        grad_weight = torch.einsum("ngol,ngkl->gok", per_group, columns).reshape(weight.shape)
+    if output_mask[2]:
+        grad_bias = grad.sum([0, *range(2, grad.dim())])
+    return grad_input, grad_weight, grad_bias
+
+
+def flash_attention_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             out: torch.Tensor, logsumexp: torch.Tensor, dropout_p: float, is_causal: bool, *,
+                             attn_mask: torch.Tensor | None = None, scale: float | None = None) -> tuple:
+    """The CPU flash attention's backward as the math form: the probabilities rebuilt from the saved log-sum-exp."""
+    if dropout_p:
+        raise OnnxExportError("flash attention with dropout draws random numbers; an exported step cannot reproduce "
+                              "the trainer's generator: set the attention dropout to 0 or the model to eval mode")
+    if key.shape[1] != query.shape[1]:
+        repeat = query.shape[1] // key.shape[1]
+        grads = flash_attention_backward(grad_out, query, key.repeat_interleave(repeat, 1),
+                                         value.repeat_interleave(repeat, 1), out, logsumexp, dropout_p, is_causal,
+                                         attn_mask=attn_mask, scale=scale)
+        shape = (key.shape[0], key.shape[1], repeat, *key.shape[2:])
+        return grads[0], grads[1].reshape(shape).sum(2), grads[2].reshape(shape).sum(2)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    scores = query @ key.transpose(-2, -1) * scale
+    if attn_mask is not None:
+        scores = scores + attn_mask if attn_mask.dtype != torch.bool else scores.masked_fill(~attn_mask, -math.inf)
+    if is_causal:
+        causal = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool).tril()
+        scores = scores.masked_fill(~causal, -math.inf)
+    probs = torch.exp(scores - logsumexp.unsqueeze(-1))
+    grad_value = probs.transpose(-2, -1) @ grad_out
+    grad_probs = grad_out @ value.transpose(-2, -1)
+    grad_scores = probs * (grad_probs - (grad_out * out).sum(-1, keepdim=True))
+    return grad_scores @ key * scale, grad_scores.transpose(-2, -1) @ query * scale, grad_value
+
+
+# Ops written as PyTorch's own decompositions (torch._decomp) instead of torchlib's translations, which onnxruntime
+# computes otherwise than ATen: train-mode batch norm becomes ONNX BatchNormalization(training_mode=1), which
+# onnxruntime (an inference runtime) runs with the running statistics; and torchlib's backward ops differ at the
+# edges ATen defines (hardtanh_backward lets the gradient through at the clamp bounds, where ATen's is 0;
+# native_batch_norm_backward reads the saved statistics in eval mode, where ATen passes empty ones). Every
+# backward op with a decomposition takes it: ATen's semantics, in ops whose ONNX forms are plain.
+_BATCH_NORM_FORWARD = (aten._native_batch_norm_legit_functional.default, aten._native_batch_norm_legit.default)
+
+
+def _decomposition(target: Any) -> Any:
+    """The function to trace in place of `target`, where the export does not leave it to torchlib."""
+    if target in DECOMPOSED:
+        return DECOMPOSED[target]
+    if isinstance(target, torch._ops.OpOverload) and (target in _BATCH_NORM_FORWARD or "backward" in target._opname):
+        return torch._decomp.decomposition_table.get(target)
+    return None
+
+
+DECOMPOSED = {aten.convolution_backward.default: convolution_backward,
+              aten._scaled_dot_product_flash_attention_for_cpu_backward.default: flash_attention_backward}
+
+
+@functools.cache
+def _translatable(target: Any) -> bool:
+    """Whether torch.onnx can translate the op: torchlib has a function for it, or a decomposition of it into ops
+    that have one (the table torch.onnx decomposes with before translating)."""
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    if is_mutating(target):  # torch.export makes it functional: the functional variant is translated
+        functional = getattr(getattr(aten, target._opname.rstrip("_"), None), target._overloadname, None)
+        return functional is None or _translatable(functional)
+    registry, decompositions = _onnx_tables()
+    return registry.is_registered(target) or target in decompositions
+
+
+@functools.cache
+def _onnx_tables() -> tuple[Any, Any]:
+    from torch.onnx._internal.exporter import _decomp, _registration  # noqa: PLC0415
+
+    registry = _registration.ONNXRegistry.from_torchlib()
+    return registry, _decomp.create_onnx_friendly_decomposition_table(set(registry.functions))
+
+
+def batch_arrays(batch: Any) -> dict[str, Any]:
+    """A batch as the numpy arrays an exported model takes, by input name (`pockengine.runtime.onnx` feeds); stack
+    several with numpy and `numpy.savez` them for `python -m pockengine.runtime.onnx train --data`."""
+    from torch.utils import _pytree as pytree  # noqa: PLC0415
+
+    from pockengine.capture import normalize_batch  # noqa: PLC0415
+
+    batch = normalize_batch(batch)
+    return {name: leaf.detach().cpu().numpy() for name, leaf in zip(batch_leaf_names(batch), pytree.tree_leaves(batch))
+            if isinstance(leaf, torch.Tensor)}
+
+
+def batch_leaf_names(batch: Any) -> list[str]:
+    """ONNX input names of a batch's leaves: a dict input's key, `input<i>` for positional inputs, `target`."""
+    from torch.utils import _pytree as pytree  # noqa: PLC0415
+
+    names = []
+    for path, _ in pytree.tree_flatten_with_path(batch)[0]:
+        if path[0].idx == 1:
+            names.append("target" + "".join(str(k) for k in path[1:]))
+        else:
+            rest = path[1:]
+            head = str(rest[0].key) if rest and hasattr(rest[0], "key") else f"input{rest[0].idx}" if rest else "input"
+            names.append(head + "".join(str(k) for k in rest[1:]))
+    return names

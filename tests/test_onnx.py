@@ -1,0 +1,282 @@
+"""The compiled step exported to ONNX and trained on onnxruntime alone (pockengine/backend/onnx_export.py,
+pockengine/runtime/onnx.py): 10 steps on onnxruntime against 10 steps of the torch backend from the same weights,
+loss and every trained tensor within 1e-5 (relative to the tensor's largest entry), for full, bias-only and
+partial-channel schemes, SGD with momentum and AdamW; the gradient program against `Trainer.gradients`; the runner in
+a process where torch cannot be imported; clear refusals."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from safetensors.numpy import load_file
+from test_finetune import cnn_module  # noqa: F401  (a fixture)
+from test_sparse_parity import FAMILIES, _scheme
+
+import pockengine as pe
+from pockengine.backend.onnx_export import OnnxExportError, batch_arrays
+from pockengine.runtime.onnx import OnnxTrainer
+
+TOL = 1e-5
+STEPS = 10
+ROOT = Path(__file__).resolve().parents[1]
+
+
+NOISE = 1e-5  # a gradient below this fraction of the largest one is rounding noise on both sides (a bias followed
+# by a train-mode BatchNorm has an exactly zero gradient in exact arithmetic)
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+def _close_or_noise(a: np.ndarray, b: np.ndarray, scale: float) -> bool:
+    """Within TOL of `b`'s largest entry; or, where `b` is noise below NOISE * scale, `a` is as small."""
+    if np.abs(b).max() < NOISE * scale:
+        return np.abs(a).max() < NOISE * scale
+    return _rel(a, b) <= TOL
+
+
+def _batches(family: str, n: int) -> list:
+    g = torch.Generator().manual_seed(0)
+    return [FAMILIES[family].batch(g) for _ in range(n)]
+
+
+def check_parity(model: torch.nn.Module, loss_fn, batches: list, optimizer, scheme: pe.Scheme, tmp_path: Path,
+                 steps: int = STEPS, **options) -> OnnxTrainer:
+    """`steps` steps on onnxruntime and on the torch backend from the same weights agree within TOL."""
+    reference = pe.compile(copy.deepcopy(model), loss_fn, batches[0], copy.deepcopy(optimizer), scheme, **options)
+    exported = pe.compile(copy.deepcopy(model), loss_fn, batches[0], copy.deepcopy(optimizer), scheme, **options)
+    runtime = OnnxTrainer(exported.export_onnx(tmp_path / "step.onnx"))
+    for i in range(steps):
+        batch = batches[i % len(batches)]
+        expected, got = reference.step(batch), runtime.step(batch_arrays(batch))
+        assert abs(got - expected) <= TOL * abs(expected), (i, got, expected)
+    state = reference.model.state_dict()
+    weights = runtime.weights()
+    assert set(weights) >= set(reference.trained)
+    for name, value in weights.items():
+        assert _rel(value, state[name].numpy()) <= TOL, name
+    values = runtime.values()
+    for name, state_tensors in reference.state.items():  # the optimizer state too
+        for s, t in state_tensors.items():
+            # relative to the largest entry of this kind of state in the model: a parameter whose gradient is
+            # rounding noise (cnn_train_bn's biases before BatchNorm) has a state of noise and weight decay
+            scale = max(u.abs().max().item() for st in reference.state.values() for k, u in st.items() if k == s)
+            assert np.abs(values[f"state:{name}.{s}"] - t.numpy()).max() <= TOL * scale, (name, s)
+    return runtime
+
+
+OPTIMIZERS = {"sgd": pe.optim.SGD(lr=0.05, momentum=0.9, weight_decay=1e-3),
+              "adamw": pe.optim.AdamW(lr=0.005, weight_decay=0.01)}
+# One case of each family in the fast tier (an export takes 5-30 s), the others slow. cnn_train_bn trains with SGD
+# only: its convolution biases feed train-mode BatchNorm, so their gradient is rounding noise, which AdamW scales up
+# to steps of the learning rate in whatever direction each backend's rounding gives.
+FAST = {("mlp", "partial", "adamw"), ("cnn_train_bn", "partial", "sgd"), ("cnn_frozen_bn", "bias_only", "adamw")}
+SMALL = [pytest.param(f, s, o, marks=() if (f, s, o) in FAST else pytest.mark.slow)
+         for f in ("mlp", "cnn_train_bn", "cnn_frozen_bn") for s in ("full", "bias_only", "partial")
+         for o in OPTIMIZERS if not (f == "cnn_train_bn" and o == "adamw")]
+
+
+@pytest.mark.parametrize("family,scheme,optimizer", SMALL)
+def test_small_model_parity(family, scheme, optimizer, tmp_path):
+    fam = FAMILIES[family]
+    torch.manual_seed(0)
+    sch = pe.Scheme.full() if scheme == "full" else _scheme(family, scheme)
+    runtime = check_parity(fam.build(), fam.loss, _batches(family, 3), OPTIMIZERS[optimizer], sch, tmp_path,
+                           freeze_batchnorm=fam.freeze_batchnorm)
+    partial = [c for c in runtime.carried if "partial" in c]
+    assert bool(partial) == (scheme == "partial")
+    for c in partial:  # only the trained channels are inputs
+        shape = runtime.session.get_inputs()[[i.name for i in runtime.session.get_inputs()].index(c["input"])].shape
+        assert shape[c["partial"]["dim"]] == len(c["partial"]["channels"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_transformer_parity(family, tmp_path):
+    fam = FAMILIES[family]
+    torch.manual_seed(0)
+    check_parity(fam.build(), fam.loss, _batches(family, 3), OPTIMIZERS["adamw"], _scheme(family, "partial"), tmp_path)
+
+
+def test_gradient_program(tmp_path):
+    fam = FAMILIES["cnn_train_bn"]
+    torch.manual_seed(0)
+    batch = _batches("cnn_train_bn", 1)[0]
+    trainer = pe.compile(fam.build(), fam.loss, batch, scheme=_scheme("cnn_train_bn", "partial"))
+    runtime = OnnxTrainer(trainer.export_onnx(tmp_path / "grad.onnx", gradients=True))
+    loss, grads = runtime.gradients(batch_arrays(batch))
+    expected = trainer.gradients(batch)
+    assert abs(loss - trainer.loss(batch)) <= TOL * abs(loss)
+    assert set(grads) == set(expected)
+    scale = max(g.abs().max().item() for g in expected.values())
+    for name, g in expected.items():
+        assert _close_or_noise(grads[name], g.numpy(), scale), name
+
+
+def test_bit_masks_export_as_standard_ops(tmp_path):
+    """MobileNet-like ReLU6 layers keep bit masks (pockengine::pack_keep/apply_keep_); the model has only ONNX's
+    standard domain."""
+    fam = FAMILIES["cnn_frozen_bn"]
+    batch = _batches("cnn_frozen_bn", 1)[0]
+    trainer = pe.compile(fam.build(), fam.loss, batch, freeze_batchnorm=True)
+    assert "pockengine.pack_keep" in str(trainer.program().graph)
+    path = trainer.export_onnx(tmp_path / "step.onnx")
+    domains = {n.domain for n in onnx.load(path).graph.node}
+    assert domains <= {"", "ai.onnx"}, domains
+
+
+def test_random_ops_refused(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 2))
+    batch = ((torch.randn(3, 4),), torch.tensor([0, 1, 0]))
+    trainer = pe.compile(model, pe.losses.cross_entropy(), batch)
+    with pytest.raises(OnnxExportError, match=r"native_dropout.*module '1'.*eval mode"):
+        trainer.export_onnx(tmp_path / "step.onnx")
+
+
+def test_untranslatable_op_named(tmp_path):
+    """An op torch.onnx cannot translate is refused naming it and its module (here a fake: a custom op)."""
+    lib = torch.library.Library("pockengine_onnx_test", "DEF")
+    lib.define("twice(Tensor x) -> Tensor")
+    lib.impl("twice", lambda x: x * 2, "CompositeExplicitAutograd")
+    torch.library.register_fake("pockengine_onnx_test::twice")(lambda x: torch.empty_like(x))
+
+    class Twice(torch.nn.Module):
+        def forward(self, x):
+            return torch.ops.pockengine_onnx_test.twice(x)
+
+    model = torch.nn.Sequential(Twice(), torch.nn.Linear(4, 2))  # in the forward pass only: no VJP rule needed
+    batch = ((torch.randn(3, 4),), torch.tensor([0, 1, 0]))
+    trainer = pe.compile(model, pe.losses.cross_entropy(), batch)
+    with pytest.raises(OnnxExportError, match=r"twice.*module '0'.*ONNX cannot express it"):
+        trainer.export_onnx(tmp_path / "step.onnx")
+
+
+NO_TORCH = """
+import builtins, sys
+_real = builtins.__import__
+def _import(name, *args, **kwargs):
+    if name == "torch" or name.startswith("torch."):
+        raise ImportError("torch is not installed on this device")
+    return _real(name, *args, **kwargs)
+builtins.__import__ = _import
+"""
+
+
+def test_runner_trains_without_torch(tmp_path):
+    """`python -m pockengine.runtime.onnx train` in a process where importing torch fails; its weights load into
+    the PyTorch model and equal the torch backend's after the same steps; a resumed run ends where a straight one
+    does."""
+    fam = FAMILIES["cnn_train_bn"]
+    torch.manual_seed(0)
+    model = fam.build()
+    batches = _batches("cnn_train_bn", 4)
+    scheme = _scheme("cnn_train_bn", "partial")
+    optimizer = pe.optim.SGD(lr=0.05, momentum=0.9)  # AdamW would scale the noise gradients of its biases
+    exported = pe.compile(copy.deepcopy(model), fam.loss, batches[0], copy.deepcopy(optimizer), scheme)
+    path = exported.export_onnx(tmp_path / "step.onnx")
+    arrays = [batch_arrays(b) for b in batches]
+    np.savez(tmp_path / "data.npz", **{k: np.concatenate([a[k] for a in arrays]) for k in arrays[0]})
+    (tmp_path / "shim").mkdir()
+    (tmp_path / "shim" / "sitecustomize.py").write_text(NO_TORCH)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "shim"), str(ROOT)])}
+
+    def run(*args: str) -> list[dict]:
+        out = subprocess.run([sys.executable, "-m", "pockengine.runtime.onnx", "train", str(path), "--data",
+                              str(tmp_path / "data.npz"), "--lr", "0.05", *args], env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return [json.loads(line) for line in out.stdout.splitlines()]
+
+    probe = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
+    assert probe.returncode != 0 and "not installed on this device" in probe.stderr
+    log = run("--steps", "6", "--weights-out", str(tmp_path / "weights.safetensors"))
+    assert [r["step"] for r in log] == list(range(1, 7))
+    reference = pe.compile(copy.deepcopy(model), fam.loss, batches[0], copy.deepcopy(optimizer), scheme)
+    losses = [reference.step(batches[i % 4]) for i in range(6)]
+    assert np.allclose([r["loss"] for r in log], losses, rtol=TOL, atol=0)
+    loaded = copy.deepcopy(model)
+    loaded.load_state_dict({k: torch.from_numpy(v) for k, v in load_file(tmp_path / "weights.safetensors").items()},
+                           strict=False)
+    for name, value in reference.model.state_dict().items():
+        assert _rel(loaded.state_dict()[name].numpy(), value.numpy()) <= TOL, name
+    # interrupted after 3 steps, then resumed from its checkpoint: the same 6 losses
+    ckpt = str(tmp_path / "ckpt.safetensors")
+    first = run("--steps", "3", "--checkpoint", ckpt)
+    second = run("--steps", "6", "--checkpoint", ckpt, "--resume")
+    assert [r["loss"] for r in first + second] == [r["loss"] for r in log]
+
+
+def test_nonfinite_loss_keeps_weights(tmp_path):
+    fam = FAMILIES["mlp"]
+    batch = _batches("mlp", 1)[0]
+    trainer = pe.compile(fam.build(), fam.loss, batch)
+    runtime = OnnxTrainer(trainer.export_onnx(tmp_path / "step.onnx"))
+    before = runtime.values()
+    bad = batch_arrays(batch)
+    bad["input0"] = np.full_like(bad["input0"], np.nan)
+    with pytest.raises(pe.NonFiniteLossError):
+        runtime.step(bad)
+    assert runtime.steps_done == 0
+    for k, v in runtime.values().items():
+        assert np.array_equal(v, before[k]), k
+
+
+def test_pockengine_imports_without_torch():
+    """`import pockengine.runtime.onnx` (and `import pockengine`) load no torch: the package imports lazily."""
+    code = "import sys, pockengine, pockengine.runtime.onnx; assert 'torch' not in sys.modules, 'torch imported'"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+# -- the real models (pockengine/models; installed offline) ----------------------------------------------------
+REAL = {"mobilenet_v2": ["full", "bias_only", "partial"], "minilm": ["full", "bias_only", "partial"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,scheme", [(f, s) for f, schemes in REAL.items() for s in schemes])
+def test_real_model_parity(family, scheme, tmp_path):
+    fam = FAMILIES[family]
+    sch = pe.Scheme.full() if scheme == "full" else _scheme(family, scheme)
+    check_parity(fam.build(), fam.loss, _batches(family, 2), pe.optim.SGD(lr=fam.lr, momentum=0.9), sch, tmp_path,
+                 freeze_batchnorm=fam.freeze_batchnorm)
+
+
+@pytest.mark.slow
+def test_smollm2_sparse_parity(tmp_path):
+    fam = FAMILIES["smollm2"]
+    check_parity(fam.build(), fam.loss, _batches("smollm2", 2), pe.optim.AdamW(lr=1e-3), _scheme("smollm2", "partial"),
+                 tmp_path)
+
+
+@pytest.mark.slow  # a finetune run, two exports
+def test_export_a_finetune_run_and_train_it_on_onnxruntime(tmp_path, cnn_module):
+    """`pockengine export RUN --format onnx` after `pockengine finetune`: the model's dropout is refused by name
+    until --eval-mode; the step and the run's next batches train on onnxruntime."""
+    from test_finetune import run_cnn
+
+    from pockengine.cli import main
+
+    out = tmp_path / "run"
+    assert run_cnn(tmp_path, out, cnn_module) == 0
+    step = tmp_path / "deploy" / "step.onnx"
+    assert main(["export", str(out), "--format", "onnx", "--out", str(step)]) == 2  # Dropout in train mode
+    assert main(["export", str(out), "--format", "onnx", "--out", str(step), "--eval-mode", "--batches", "3"]) == 0
+    runtime = OnnxTrainer(step)
+    assert runtime.steps_done == 6
+    from pockengine.runtime.onnx import read_batches
+
+    batches = read_batches(step.with_name("step.data.npz"), runtime.batch)
+    assert len(batches) == 3
+    losses = [runtime.step(b) for b in batches]
+    assert all(np.isfinite(losses)) and runtime.steps_done == 9
