@@ -122,6 +122,7 @@ class _Builder:
 
     # -- inputs ---------------------------------------------------------------------------------------------
     def _placeholder(self, name: str, example: torch.Tensor) -> fx.Node:
+        example = example.detach()  # the step never differentiates; a trained parameter requires grad
         node = self.fx.placeholder(f"in{len(self.input_names)}")
         node.meta["val"] = example
         self.input_names.append(name)
