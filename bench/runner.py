@@ -429,7 +429,9 @@ def run(workloads: list[str], *, quick: bool = False, schemes: list[str] | None 
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.exists() else {}
     results.setdefault("workloads", {})
     started = time.time()
-    results["machine"] = machine_info(device)
+    # kept from earlier runs: the version of a peer that measured rows of this file and is not installed now (a run of
+    # one workload without ONNX Runtime must not erase the version its other workloads' ORT rows came from)
+    results["machine"] = {**results.get("machine", {}), **machine_info(device)}
     results["device"] = device
     results.setdefault("command", {})
     out.mkdir(parents=True, exist_ok=True)
