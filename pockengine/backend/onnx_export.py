@@ -350,32 +350,61 @@ def convolution_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     return grad_input, grad_weight, grad_bias
 
 
-def flash_attention_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                             out: torch.Tensor, logsumexp: torch.Tensor, dropout_p: float, is_causal: bool, *,
-                             attn_mask: torch.Tensor | None = None, scale: float | None = None) -> tuple:
-    """The CPU flash attention's backward as the math form: the probabilities rebuilt from the saved log-sum-exp."""
+def _refuse_dropout(dropout_p: float) -> None:
     if dropout_p:
         raise OnnxExportError("flash attention with dropout draws random numbers; an exported step cannot reproduce "
                               "the trainer's generator: set the attention dropout to 0 or the model to eval mode")
-    if key.shape[1] != query.shape[1]:
-        repeat = query.shape[1] // key.shape[1]
-        grads = flash_attention_backward(grad_out, query, key.repeat_interleave(repeat, 1),
-                                         value.repeat_interleave(repeat, 1), out, logsumexp, dropout_p, is_causal,
-                                         attn_mask=attn_mask, scale=scale)
-        shape = (key.shape[0], key.shape[1], repeat, *key.shape[2:])
-        return grads[0], grads[1].reshape(shape).sum(2), grads[2].reshape(shape).sum(2)
-    scale = query.shape[-1] ** -0.5 if scale is None else scale
+
+
+def _attention_scores(query: torch.Tensor, key: torch.Tensor, is_causal: bool, attn_mask: torch.Tensor | None,
+                      scale: float) -> torch.Tensor:
     scores = query @ key.transpose(-2, -1) * scale
     if attn_mask is not None:
         scores = scores + attn_mask if attn_mask.dtype != torch.bool else scores.masked_fill(~attn_mask, -math.inf)
     if is_causal:
         causal = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool).tril()
         scores = scores.masked_fill(~causal, -math.inf)
-    probs = torch.exp(scores - logsumexp.unsqueeze(-1))
+    return scores
+
+
+def _query_heads(query: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    """`kv` (key or value) with its heads repeated to the query's: the flash kernels take grouped-query attention's
+    fewer key/value heads as they are."""
+    return kv.repeat_interleave(query.shape[1] // kv.shape[1], 1) if kv.shape[1] != query.shape[1] else kv
+
+
+def flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout_p: float = 0.0,
+                    is_causal: bool = False, *, attn_mask: torch.Tensor | None = None,
+                    scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU flash attention as the math form, with the log-sum-exp its backward reads. torchlib's translation
+    (onnxscript 0.7.2) gives a log-sum-exp of zeros shaped (batch, L, ceil(heads / 32) * 32), there only for
+    inference, and no grouped-query attention."""
+    _refuse_dropout(dropout_p)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    scores = _attention_scores(query, _query_heads(query, key), is_causal, attn_mask, scale)
+    logsumexp = torch.logsumexp(scores, -1, keepdim=True)
+    out = torch.exp(scores - logsumexp) @ _query_heads(query, value)
+    return out, logsumexp.squeeze(-1).to(torch.float32)
+
+
+def flash_attention_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             out: torch.Tensor, logsumexp: torch.Tensor, dropout_p: float, is_causal: bool, *,
+                             attn_mask: torch.Tensor | None = None, scale: float | None = None) -> tuple:
+    """The CPU flash attention's backward as the math form: the probabilities rebuilt from the saved log-sum-exp."""
+    _refuse_dropout(dropout_p)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    repeated_key, repeated_value = _query_heads(query, key), _query_heads(query, value)
+    scores = _attention_scores(query, repeated_key, is_causal, attn_mask, scale)
+    probs = torch.exp(scores - logsumexp.unsqueeze(-1).to(scores.dtype))
     grad_value = probs.transpose(-2, -1) @ grad_out
-    grad_probs = grad_out @ value.transpose(-2, -1)
+    grad_probs = grad_out @ repeated_value.transpose(-2, -1)
     grad_scores = probs * (grad_probs - (grad_out * out).sum(-1, keepdim=True))
-    return grad_scores @ key * scale, grad_scores.transpose(-2, -1) @ query * scale, grad_value
+    grad_query = grad_scores @ repeated_key * scale
+    grad_key = grad_scores.transpose(-2, -1) @ query * scale
+    if key.shape[1] != query.shape[1]:  # each key/value head's gradient sums over the query heads that share it
+        grouped = (key.shape[0], key.shape[1], query.shape[1] // key.shape[1], *key.shape[2:])
+        grad_key, grad_value = grad_key.reshape(grouped).sum(2), grad_value.reshape(grouped).sum(2)
+    return grad_query, grad_key, grad_value
 
 
 # Ops written as PyTorch's own decompositions (torch._decomp) instead of torchlib's translations, which onnxruntime
@@ -397,6 +426,7 @@ def _decomposition(target: Any) -> Any:
 
 
 DECOMPOSED = {aten.convolution_backward.default: convolution_backward,
+              aten._scaled_dot_product_flash_attention_for_cpu.default: flash_attention,
               aten._scaled_dot_product_flash_attention_for_cpu_backward.default: flash_attention_backward}
 
 
