@@ -4,16 +4,19 @@ The text models load with the library's default attention (scaled_dot_product_at
 MiniLM is also checked bias-only."""
 
 import copy
+import functools
 
 import pytest
 import torch
 
 import pockengine as pe
+from model_zoo.parity import float64_gradients
 from pockengine.models import minilm_classifier, mobilenet_v2, smollm2
 
 pytestmark = pytest.mark.slow  # real pretrained models, up to SmolLM2's 30 layers
 
-TOL = 1e-4  # relative (max abs error / max abs reference gradient), fp32
+TOL = 1e-4  # relative (max abs error / max abs reference gradient), fp32; a gradient further off passes only if
+# it is at least as close to float64 autograd's as fp32 autograd's is (the project's criterion, docs/coverage.md)
 NOISE = 1e-5  # gradients below this fraction of the largest entry are rounding noise on both sides (a bias
 # followed by a train-mode BatchNorm has an exactly zero gradient in exact arithmetic)
 
@@ -26,6 +29,8 @@ def no_dropout(model):
 
 
 def check_parity(model, loss_fn, batch, scheme=None):
+    exact = functools.cache(lambda: float64_gradients(original, loss_fn, batch))
+    original = copy.deepcopy(model)
     trainer = pe.compile(model, loss_fn, batch, scheme=scheme)
     grads = trainer.gradients(batch)
     # The reference runs in the layout the trainer chose (channels-last for convolutions): the same kernels, so
@@ -46,8 +51,9 @@ def check_parity(model, loss_fn, batch, scheme=None):
         largest, floor = expected.abs().max().item(), NOISE * scale
         if largest < floor:  # a zero gradient up to rounding: ours must be as small
             assert grads[name].abs().max().item() < floor, name
-        else:
-            assert (grads[name] - expected).abs().max().item() <= TOL * largest, name
+        elif (grads[name] - expected).abs().max().item() > TOL * largest:
+            g64 = exact()[name].float()
+            assert (grads[name] - g64).abs().max() <= (expected - g64).abs().max(), name
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
