@@ -275,3 +275,21 @@ def test_reentrant_checkpointing_trains_the_checkpointed_block_and_the_layers_be
     assert set(grads) == {n for n, _ in ref.named_parameters()}
     for name, p in ref.named_parameters():
         assert ((grads[name] - p.grad).abs().max() / p.grad.abs().max()).item() <= TOL, name
+
+
+def test_records_of_function_calls_do_not_accumulate_over_compiles():
+    """A process that compiles again and again (a search, a notebook) keeps only the records of live captures
+    (torch may keep its most recent exported program; no more)."""
+    import gc
+
+    from pockengine.capture import functions
+
+    def compile_and_step() -> int:
+        trainer = pe.compile(TwoCalls(), pe.losses.cross_entropy(), batch(), optimizer=pe.optim.SGD(lr=0.1))
+        trainer.step(batch())  # a step after the capture: the program needs no record
+        del trainer
+        gc.collect()
+        return len(functions._CALLS)
+
+    first = compile_and_step()
+    assert compile_and_step() == compile_and_step() == first <= 2 * 3  # TwoCalls records 3 calls per capture

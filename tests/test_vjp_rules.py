@@ -329,6 +329,15 @@ CASES = [
     fn(aten._linalg_slogdet.default, "logabsdet", lambda a: torch.linalg.slogdet(a + 4 * torch.eye(3))[1], (2, 3, 3)),
     fn(aten.cholesky.default, "upper", lambda a: torch.cholesky(a @ a.mT + torch.eye(4), upper=True), (4, 4)),
     fn(aten.linalg_cholesky_ex.default, "lower", lambda a: torch.linalg.cholesky(a @ a.mT + torch.eye(3)), (2, 3, 3)),
+    fn(aten._linalg_svd.default, "tall-all-factors", lambda a: torch.linalg.svd(a, full_matrices=False), (5, 3)),
+    fn(aten._linalg_svd.default, "wide-full-matrices",  # the rows of V^T past min(m, n) are arbitrary
+       lambda a: (lambda u, s, vh: (u, s, vh[..., :2, :]))(*torch.linalg.svd(a)), (2, 2, 4)),
+    fn(aten._linalg_svd.default, "values", lambda a: torch.linalg.svdvals(a), (4, 4)),
+    fn(aten.linalg_qr.default, "tall-reduced", lambda a: torch.linalg.qr(a), (2, 5, 3)),
+    fn(aten.linalg_qr.default, "wide", lambda a: torch.linalg.qr(a), (3, 5)),
+    fn(aten.linalg_qr.default, "square-complete-r", lambda a: torch.linalg.qr(a, mode="complete")[1], (4, 4)),
+    fn(aten.linalg_pinv.atol_rtol_tensor, "tall", lambda a: torch.linalg.pinv(a), (5, 3)),
+    fn(aten.linalg_pinv.atol_rtol_tensor, "wide", lambda a: torch.linalg.pinv(a), (2, 3, 5)),
     fn(aten.view_as_complex.default, "fft-of-pairs",
        lambda a: torch.view_as_real(torch.fft.fft(torch.view_as_complex(a), norm="forward")), (3, 4, 2)),
     fn(aten.mul.Tensor, "complex-rotation", lambda a, b: torch.view_as_real(

@@ -24,11 +24,12 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
-from pockengine.capture.functions import recording_autograd_functions
+from pockengine.capture.functions import FunctionCall, recording_autograd_functions
 from pockengine.capture.masked_rows import rewrite_masked_rows
 from pockengine.errors import CaptureError, UserInputError
 from pockengine.ir.graph import BATCH, BUFFER, PARAM, Graph, Node, TensorMeta, meta_of
 
+FUNCTION_CALLS = "pockengine_function_calls"  # key of the exported graph module's meta
 _MODEL = "model"  # attribute name of the user's model inside the capture wrapper
 
 
@@ -51,6 +52,7 @@ class Captured:
     batch: list[Node | None]  # flattened batch leaves, in pytree order; None for a leaf traced as a constant
     loss: Node
     buffer_updates: dict[str, Node] = field(default_factory=dict)  # buffer name -> its new value
+    function_calls: list[FunctionCall] = field(default_factory=list)  # the custom Functions' records the rules read
 
 
 def normalize_batch(batch: Any) -> tuple[Any, Any]:
@@ -187,11 +189,12 @@ def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
         # are recorded for that layout, which both of pockengine's attention kernels produce. Traced with the CPU's
         # flash kernel, which lays its output out as (batch, L, heads, E), a model's `transpose(1, 2).reshape(...)`
         # is recorded as a plain view that fails on any other layout (GPT-2: "Cannot view a tensor").
-        with (torch.no_grad(), sdpa_kernel(SDPBackend.MATH), recording_autograd_functions(),
+        with (torch.no_grad(), sdpa_kernel(SDPBackend.MATH), recording_autograd_functions() as function_calls,
               _quiet_export()):
             ep = torch.export.export(wrapper, (inputs, target))
             with _recurrent_dropout_kept():
                 ep = ep.run_decompositions(decompositions())
+        ep.graph_module.meta[FUNCTION_CALLS] = function_calls  # alive while the program refers to them
     except Exception as e:  # torch.export raises many types; one error that says what to do instead
         eager = _eager_error(model, loss_fn, inputs, target)
         if eager is not None:
@@ -418,7 +421,8 @@ def from_exported(model: nn.Module, ep: ExportedProgram) -> Captured:
             "reduce it, for example with .mean() or reduction='mean'")
     if not loss.meta.is_float:
         raise UserInputError(f"loss_fn must return a floating-point scalar, got {loss.meta.dtype}")
-    return Captured(graph, params, buffers, batch_nodes, loss, buffer_updates)
+    return Captured(graph, params, buffers, batch_nodes, loss, buffer_updates,
+                    ep.graph_module.meta.get(FUNCTION_CALLS, []))
 
 
 def _check_one_loss(outputs: list[Any]) -> None:

@@ -24,6 +24,7 @@ import inspect
 import itertools
 import threading
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -134,12 +135,18 @@ class _RecordingContext:
         return {k: v for k, v in vars(self).items() if k not in ("_recorded", "needs_input_grad")}
 
 
-_CALLS: dict[int, FunctionCall] = {}
+# The records live as long as the exported program that holds their markers (export() keeps them in its graph
+# module's meta, and the capture made from it keeps them too); the process does not accumulate them.
+_CALLS: weakref.WeakValueDictionary[int, FunctionCall] = weakref.WeakValueDictionary()
 _NEXT_CALL = itertools.count()
 
 
 def function_call(call: int) -> FunctionCall:
-    return _CALLS[call]
+    try:
+        return _CALLS[call]
+    except KeyError:
+        raise CaptureError(f"the record of custom autograd.Function call {call} is gone: the exported program it "
+                           "was captured in has been freed; capture the model again") from None
 
 
 def function_name(cls: type[Function]) -> str:
@@ -185,7 +192,7 @@ autograd_function.register_autograd(_marker_backward, setup_context=_marker_setu
 DIFFERENTIATED_AS_CAPTURED = (torch.utils.checkpoint.CheckpointFunction,)
 
 
-def _apply_recorded(cls: type[Function], args: tuple, kwargs: dict) -> Any:
+def _apply_recorded(cls: type[Function], args: tuple, kwargs: dict, records: list[FunctionCall]) -> Any:
     """Run `cls`'s forward as `Function.apply` would, and pass its tensors through the marker."""
     new_style = _is_setup_context_defined(cls.setup_context)
     if new_style:
@@ -208,7 +215,7 @@ def _apply_recorded(cls: type[Function], args: tuple, kwargs: dict) -> Any:
     tensor_leaves = tuple(i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor))
     saved = [leaves[i] for i in tensor_leaves]
     call = next(_NEXT_CALL)
-    _CALLS[call] = FunctionCall(
+    record = FunctionCall(
         cls=cls, name=function_name(cls), arity=len(args),
         input_positions=tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor)),
         outputs=tuple(_Shape.of(o) if isinstance(o, torch.Tensor) else None for o in outs),
@@ -217,32 +224,44 @@ def _apply_recorded(cls: type[Function], args: tuple, kwargs: dict) -> Any:
         materialize_grads=ctx._recorded["materialize"],
         ctx_leaves=tuple(None if i in tensor_leaves else leaf for i, leaf in enumerate(leaves)), ctx_spec=spec,
         tensor_leaves=tensor_leaves, saved=tuple(_Shape.of(t) for t in saved))
+    records.append(record)
+    _CALLS[call] = record
     marked = iter(autograd_function(tensors, [a for a in args if isinstance(a, torch.Tensor)], saved,
                                     function_name(cls), call))
     outs = tuple(next(marked) if isinstance(o, torch.Tensor) else o for o in outs)
     return outs if isinstance(out, tuple) else outs[0]
 
 
+_ORIGINAL_APPLY = Function.__dict__["apply"]
+# The records of the capture running in each thread. torch creates Function classes lazily (custom ops' autograd)
+# and may keep the `apply` it finds while a capture runs, so the patched apply holds no capture's state itself and
+# outside a capture behaves as the original.
+_RECORDING = threading.local()
+
+
+def _recording_apply(cls: type[Function], *args: Any, **kwargs: Any) -> Any:
+    records = getattr(_RECORDING, "records", None)
+    if records is None:  # no capture in this thread (another thread's eager autograd): untouched
+        return _ORIGINAL_APPLY.__func__(cls, *args, **kwargs)
+    if issubclass(cls, DIFFERENTIATED_AS_CAPTURED):
+        with warnings.catch_warnings():  # export traces without grad: "None of the inputs have requires_grad"
+            warnings.filterwarnings("ignore", message="None of the inputs have requires_grad", category=UserWarning)
+            return _ORIGINAL_APPLY.__func__(cls, *args, **kwargs)
+    return _apply_recorded(cls, args, kwargs, records)
+
+
 @contextmanager
-def recording_autograd_functions() -> Iterator[None]:
-    """While exporting (in this thread), `Function.apply` records each call and marks its outputs."""
-    original = Function.__dict__["apply"]
-    exporting = threading.get_ident()
-
-    def apply(cls: type[Function], *args: Any, **kwargs: Any) -> Any:
-        if threading.get_ident() != exporting:  # another thread's eager autograd: untouched
-            return original.__func__(cls, *args, **kwargs)
-        if issubclass(cls, DIFFERENTIATED_AS_CAPTURED):
-            with warnings.catch_warnings():  # export traces without grad: "None of the inputs have requires_grad"
-                warnings.filterwarnings("ignore", message="None of the inputs have requires_grad", category=UserWarning)
-                return original.__func__(cls, *args, **kwargs)
-        return _apply_recorded(cls, args, kwargs)
-
-    Function.apply = classmethod(apply)
+def recording_autograd_functions() -> Iterator[list[FunctionCall]]:
+    """While exporting (in this thread), `Function.apply` records each call and marks its outputs; yields the
+    records, which the caller keeps alive as long as the program that refers to them."""
+    records: list[FunctionCall] = []
+    _RECORDING.records = records
+    Function.apply = classmethod(_recording_apply)
     try:
-        yield
+        yield records
     finally:
-        Function.apply = original
+        _RECORDING.records = None
+        Function.apply = _ORIGINAL_APPLY
 
 
 def trace_backward(call: int, grads_present: Sequence[bool], needs: Sequence[bool], module: str,

@@ -6,6 +6,7 @@ partially trained weight (`ctx.slice_of(weight)`) gets its gradient from the sel
 are sliced off in the forward section so the backward keeps just that fraction of the activation.
 """
 
+import functools
 import operator
 
 import torch
@@ -244,13 +245,18 @@ def linalg_eigh(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return (ctx(aten.matmul.default, vectors, ctx(aten.matmul.default, inner, _mH(ctx, vectors))), None, None)
 
 
+def _real_only(ctx, a):
+    """Refuse a complex input: these rules are the real case of PyTorch's formulas."""
+    if a.meta.dtype.is_complex:
+        raise MissingVJPError(f"{ctx.node.target} of a complex matrix (node %{ctx.node.name}) has no VJP rule, only "
+                              "real ones have; freeze the parameters before it or register a rule")
+
+
 @register(aten._linalg_slogdet.default)
 def linalg_slogdet(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     """d log|det A| = tr(A^-1 dA): gA = g A^-H (real A: the sign is piecewise constant and takes no gradient)."""
     a = ctx.node.args[0]
-    if a.meta.dtype.is_complex:
-        raise MissingVJPError(f"_linalg_slogdet of a complex matrix (node %{ctx.node.name}) has no VJP rule, only "
-                              "real ones have; freeze the parameters before it or register a rule")
+    _real_only(ctx, a)
     inverse = ctx.graph.getitem(ctx(aten.linalg_inv_ex.default, a), 0)
     scale = ctx(aten.unsqueeze.default, ctx(aten.unsqueeze.default, g[1], -1), -1)
     return (ctx(aten.mul.Tensor, scale, _t(ctx, inverse)),)
@@ -278,3 +284,137 @@ def cholesky(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
 def linalg_cholesky_ex(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     """(L, info): only L carries a gradient."""
     return (_cholesky_grad(ctx, ctx.graph.getitem(ctx.node, 0), g[0], ctx.kwarg("upper")),)
+
+
+def _skew(ctx, x):
+    return ctx(aten.sub.Tensor, x, _t(ctx, x))
+
+
+def _last_dims(ctx, x, rows, columns):
+    """x[..., :rows, :columns]."""
+    if x.meta.shape[-2] != rows:
+        x = ctx(aten.slice.Tensor, x, -2, 0, rows)
+    if x.meta.shape[-1] != columns:
+        x = ctx(aten.slice.Tensor, x, -1, 0, columns)
+    return x
+
+
+@register(aten._linalg_svd.default)
+def linalg_svd(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """A = U diag(S) V^T, real A (PyTorch's svd_backward): with E_ij = S_j^2 - S_i^2,
+    gA = U [(skew(U^T gU) S + S skew(V^T gV)) / E + diag(gS)] V^T, plus the parts of gU (gV) outside the span of U
+    (V) when A is tall (wide). Full matrices: only their first min(m, n) columns take part, as in PyTorch. Without
+    U and V (svdvals) they are computed for the backward pass."""
+    a, full_matrices, compute_uv = ctx.args
+    _real_only(ctx, a)
+    m, n = a.meta.shape[-2:]
+    k = min(m, n)
+    g_u, g_s, g_vh = g
+    if compute_uv:
+        u, s, vh = (ctx.graph.getitem(ctx.node, i) for i in range(3))
+    else:
+        factors = ctx.saved(aten._linalg_svd.default, a, False, True)
+        u, s, vh = (ctx.graph.getitem(factors, i) for i in range(3))
+        g_u = g_vh = None
+    u, vh = _last_dims(ctx, u, m, k), _last_dims(ctx, vh, k, n)
+    g_u = None if g_u is None else _last_dims(ctx, g_u, m, k)
+    g_vh = None if g_vh is None else _last_dims(ctx, g_vh, k, n)
+    s_row, s_column = ctx(aten.unsqueeze.default, s, -2), ctx(aten.unsqueeze.default, s, -1)
+    if g_u is None and g_vh is None:
+        scaled = ctx(aten.mul.Tensor, ctx(aten.unsqueeze.default, g_s, -1), vh)
+        return ctx(aten.matmul.default, u, scaled), None, None
+    squares = ctx(aten.mul.Tensor, s, s)
+    gaps = ctx(aten.add.Tensor, ctx(aten.sub.Tensor, ctx(aten.unsqueeze.default, squares, -2),
+                                    ctx(aten.unsqueeze.default, squares, -1)),
+               ctx(aten.diag_embed.default, ctx(aten.ones_like.default, s)))
+    inner = None
+    if g_u is not None:
+        inner = ctx(aten.mul.Tensor, _skew(ctx, ctx(aten.matmul.default, _t(ctx, u), g_u)), s_row)
+    if g_vh is not None:
+        right = ctx(aten.mul.Tensor, s_column, _skew(ctx, ctx(aten.matmul.default, vh, _t(ctx, g_vh))))
+        inner = right if inner is None else ctx(aten.add.Tensor, inner, right)
+    inner = ctx(aten.div.Tensor, inner, gaps)
+    if g_s is not None:
+        inner = ctx(aten.add.Tensor, inner, ctx(aten.diag_embed.default, g_s))
+    if m > n and g_u is not None:
+        ga = ctx(aten.matmul.default, u, inner)
+        outside = ctx(aten.div.Tensor, g_u, s_row)
+        outside = ctx(aten.sub.Tensor, outside, ctx(aten.matmul.default, u, ctx(aten.matmul.default, _t(ctx, u),
+                                                                                   outside)))
+        ga = ctx(aten.matmul.default, ctx(aten.add.Tensor, ga, outside), vh)
+    elif m < n and g_vh is not None:
+        ga = ctx(aten.matmul.default, inner, vh)
+        outside = ctx(aten.div.Tensor, g_vh, s_column)
+        outside = ctx(aten.sub.Tensor, outside, ctx(aten.matmul.default, ctx(aten.matmul.default, outside, _t(ctx, vh)),
+                                                    vh))
+        ga = ctx(aten.matmul.default, u, ctx(aten.add.Tensor, ga, outside))
+    else:
+        ga = ctx(aten.matmul.default, u, ctx(aten.matmul.default, inner, vh))
+    return ga, None, None
+
+
+@register(aten.linalg_qr.default)
+def linalg_qr(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """A = QR, real A (PyTorch's linalg_qr_backward, arXiv 2009.10071 sections 4.3 and 4.5): with
+    M = gR R^T - Q^T gQ, a tall or square A gets gA = (gQ + Q copyltu(M)) R^-T; a wide one the same through the
+    first square block of R, plus Q gR."""
+    a, mode = ctx.args
+    _real_only(ctx, a)
+    m, n = a.meta.shape[-2:]
+    if mode == "r":
+        raise MissingVJPError(f"linalg_qr in mode 'r' (node %{ctx.node.name}) computes no Q, which its gradient "
+                              "needs; call torch.linalg.qr(A, mode='reduced')")
+    if mode == "complete" and m > n:
+        raise MissingVJPError(f"linalg_qr in mode 'complete' of a tall matrix (node %{ctx.node.name}) is not "
+                              "differentiable (the extra columns of Q are arbitrary); use mode='reduced'")
+    q, r = ctx.graph.getitem(ctx.node, 0), ctx.graph.getitem(ctx.node, 1)
+    g_q, g_r = g
+    terms = []
+    if g_r is not None:
+        terms.append(ctx(aten.matmul.default, g_r, _t(ctx, r)))
+    if g_q is not None:
+        terms.append(ctx(aten.neg.default, ctx(aten.matmul.default, _t(ctx, q), g_q)))
+    inner = terms[0] if len(terms) == 1 else ctx(aten.add.Tensor, *terms)
+    if m >= n:
+        upper = ctx(aten.triu.default, inner)
+        hermitian = ctx(aten.sub.Tensor, ctx(aten.add.Tensor, upper, _t(ctx, upper)),
+                        ctx(aten.diag_embed.default, ctx(aten.diagonal.default, upper, 0, -2, -1)))
+        rhs = ctx(aten.matmul.default, q, hermitian)
+        if g_q is not None:
+            rhs = ctx(aten.add.Tensor, rhs, g_q)
+        return (ctx(aten.linalg_solve_triangular.default, _t(ctx, r), rhs, upper=False, left=False),)
+    rhs = ctx(aten.matmul.default, q, ctx(aten.tril.default, ctx(aten.neg.default, _skew(ctx, inner))))
+    square = _last_dims(ctx, r, m, m)
+    ga = ctx(aten.constant_pad_nd.default, ctx(aten.linalg_solve_triangular.default, _t(ctx, square), rhs,
+                                                upper=False, left=False), [0, n - m])
+    if g_r is not None:
+        ga = ctx(aten.add.Tensor, ga, ctx(aten.matmul.default, q, g_r))
+    return (ga,)
+
+
+@register(aten.linalg_pinv.atol_rtol_tensor)
+def linalg_pinv(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """P = A^+, real A: the transpose of dP = -P dA P + P P^T dA^T (I - AP) + (I - PA) dA^T P^T P (Golub and
+    Pereyra), the products of the smaller side first (PyTorch's pinv_backward); the tolerances take no gradient."""
+    a = ctx.node.args[0]
+    _real_only(ctx, a)
+    m, n = a.meta.shape[-2:]
+    p = ctx.node
+    mm = functools.partial(ctx, aten.matmul.default)
+    p_t, g_t = _t(ctx, p), _t(ctx, g)
+    if m <= n:
+        k = mm(g_t, p)
+        k_pt = mm(k, p_t)
+        terms = [ctx(aten.neg.default, _t(ctx, mm(p, k))), k_pt,
+                 ctx(aten.neg.default, mm(mm(a, p), k_pt)),
+                 mm(mm(p_t, p), ctx(aten.sub.Tensor, g_t, mm(k, a)))]
+    else:
+        k = mm(p, g_t)
+        pt_k = mm(p_t, k)
+        terms = [ctx(aten.neg.default, _t(ctx, mm(k, p))),
+                 mm(mm(ctx(aten.sub.Tensor, g_t, mm(a, k)), p), p_t), pt_k,
+                 ctx(aten.neg.default, mm(mm(pt_k, p), a))]
+    ga = terms[0]
+    for term in terms[1:]:
+        ga = ctx(aten.add.Tensor, ga, term)
+    return (ga,)
