@@ -338,6 +338,17 @@ CASES = [
     fn(aten.linalg_qr.default, "square-complete-r", lambda a: torch.linalg.qr(a, mode="complete")[1], (4, 4)),
     fn(aten.linalg_pinv.atol_rtol_tensor, "tall", lambda a: torch.linalg.pinv(a), (5, 3)),
     fn(aten.linalg_pinv.atol_rtol_tensor, "wide", lambda a: torch.linalg.pinv(a), (2, 3, 5)),
+    fn(aten.linalg_inv_ex.default, "batched", lambda a: torch.linalg.inv(a + 3 * torch.eye(3)), (2, 3, 3)),
+    fn(aten._linalg_solve_ex.default, "matrix-broadcast", lambda a, b: torch.linalg.solve(a + 3 * torch.eye(3), b),
+       (3, 3), (2, 3, 4)),
+    fn(aten._linalg_solve_ex.default, "vector", lambda a, b: torch.linalg.solve(a + 3 * torch.eye(3), b),
+       (2, 3, 3), (2, 3)),
+    fn(aten._linalg_solve_ex.default, "right-broadcast", lambda a, b: torch.linalg.solve(a + 3 * torch.eye(3), b,
+                                                                                          left=False), (3, 3), (2, 4, 3)),
+    fn(aten.cholesky_solve.default, "lower", lambda a, b: torch.cholesky_solve(
+        b, torch.linalg.cholesky(a @ a.mT + torch.eye(3))), (3, 3), (3, 2)),
+    fn(aten.cholesky_inverse.default, "upper", lambda a: torch.cholesky_inverse(
+        torch.linalg.cholesky(a @ a.mT + torch.eye(3), upper=True), upper=True), (3, 3)),
     fn(aten.view_as_complex.default, "fft-of-pairs",
        lambda a: torch.view_as_real(torch.fft.fft(torch.view_as_complex(a), norm="forward")), (3, 4, 2)),
     fn(aten.mul.Tensor, "complex-rotation", lambda a, b: torch.view_as_real(

@@ -418,3 +418,64 @@ def linalg_pinv(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     for term in terms[1:]:
         ga = ctx(aten.add.Tensor, ga, term)
     return (ga,)
+
+
+@register(aten.linalg_inv_ex.default)
+def linalg_inv_ex(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """X = A^-1: gA = -X^T gX X^T (only the inverse carries a gradient, not the error code)."""
+    _real_only(ctx, ctx.node.args[0])
+    inverse_t = _t(ctx, ctx.graph.getitem(ctx.node, 0))
+    return (ctx(aten.neg.default, ctx(aten.matmul.default, inverse_t, ctx(aten.matmul.default, g[0], inverse_t))),)
+
+
+@register(aten._linalg_solve_ex.default)
+def linalg_solve_ex(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """X = A^-1 B (left) or B A^-1: gB solves the transposed system with the forward's LU factors, gA = -gB X^T
+    (left) or -X^T gB; a vector B (PyTorch's rule: B.ndim == 1, or A's shape without its last dimension) is a
+    one-column matrix. Broadcast batch dimensions are summed back."""
+    a, b = ctx.args
+    _real_only(ctx, a)
+    left = ctx.kwarg("left")
+    x, lu, pivots = (ctx.graph.getitem(ctx.node, i) for i in range(3))
+    vector = len(b.meta.shape) == 1 or b.meta.shape == a.meta.shape[:-1]
+    g_x = g[0]
+    if vector:  # only with left=True (torch refuses a vector B on the right)
+        g_x, x = ctx(aten.unsqueeze.default, g_x, -1), ctx(aten.unsqueeze.default, x, -1)
+    g_b = ctx(aten.linalg_lu_solve.default, lu, pivots, g_x, left=left, adjoint=True)
+    g_a = None
+    if ctx.needs(a):
+        product = ctx(aten.matmul.default, g_b, _t(ctx, x)) if left else ctx(aten.matmul.default, _t(ctx, x), g_b)
+        g_a = ctx.sum_to(ctx(aten.neg.default, product), a.meta.shape)
+    if vector:
+        g_b = ctx(aten.squeeze.dim, g_b, -1)
+    return g_a, ctx.sum_to(g_b, b.meta.shape) if ctx.needs(b) else None
+
+
+@register(aten.cholesky_solve.default)
+def cholesky_solve(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """X = (L L^T)^-1 B: gB = (L L^T)^-1 gX, gL = -(gB X^T + X gB^T) L (U (...) for an upper factor), as
+    PyTorch's cholesky_solve_backward."""
+    b, factor, upper = ctx.args
+    _real_only(ctx, factor)
+    g_b = ctx(aten.cholesky_solve.default, g, factor, upper)
+    g_factor = None
+    if ctx.needs(factor):
+        common = ctx(aten.matmul.default, g_b, _t(ctx, ctx.node))
+        common = ctx(aten.add.Tensor, common, _t(ctx, common))
+        g_factor = ctx(aten.neg.default, ctx(aten.matmul.default, factor, common) if upper
+                       else ctx(aten.matmul.default, common, factor))
+        g_factor = ctx.sum_to(g_factor, factor.meta.shape)
+    return (ctx.sum_to(g_b, b.meta.shape) if ctx.needs(b) else None), g_factor, None
+
+
+@register(aten.cholesky_inverse.default)
+def cholesky_inverse(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """X = (L L^T)^-1: gL = -X (g + g^T) X L (L X (...) for an upper factor), as PyTorch's
+    cholesky_inverse_backward."""
+    factor, upper = ctx.args
+    _real_only(ctx, factor)
+    x = ctx.node
+    common = ctx(aten.matmul.default, x, ctx(aten.matmul.default, ctx(aten.add.Tensor, g, _t(ctx, g)), x))
+    return ctx(aten.neg.default, ctx(aten.matmul.default, factor, common) if upper
+               else ctx(aten.matmul.default, common, factor)), None
+
