@@ -349,6 +349,14 @@ CASES = [
         b, torch.linalg.cholesky(a @ a.mT + torch.eye(3))), (3, 3), (3, 2)),
     fn(aten.cholesky_inverse.default, "upper", lambda a: torch.cholesky_inverse(
         torch.linalg.cholesky(a @ a.mT + torch.eye(3), upper=True), upper=True), (3, 3)),
+    fn(aten.linalg_lu_factor_ex.default, "square", lambda a: torch.linalg.lu_factor(a)[0], (2, 4, 4)),
+    fn(aten.linalg_lu_factor_ex.default, "wide", lambda a: torch.linalg.lu_factor_ex(a)[0], (3, 5)),
+    fn(aten.linalg_lu.default, "tall", lambda a: torch.linalg.lu(a)[1:], (5, 3)),
+    fn(aten.lu_unpack.default, "upper-only", lambda a: torch.lu_unpack(*torch.linalg.lu_factor(a))[2], (3, 3)),
+    fn(aten.linalg_lu_solve.default, "left", lambda a, b: torch.linalg.lu_solve(
+        *torch.linalg.lu_factor(a + 3 * torch.eye(3)), b), (3, 3), (2, 3, 2)),
+    fn(aten.linalg_lu_solve.default, "right-adjoint", lambda a, b: torch.linalg.lu_solve(
+        *torch.linalg.lu_factor(a + 3 * torch.eye(3)), b, left=False, adjoint=True), (3, 3), (2, 3)),
     fn(aten.view_as_complex.default, "fft-of-pairs",
        lambda a: torch.view_as_real(torch.fft.fft(torch.view_as_complex(a), norm="forward")), (3, 4, 2)),
     fn(aten.mul.Tensor, "complex-rotation", lambda a, b: torch.view_as_real(

@@ -479,3 +479,120 @@ def cholesky_inverse(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return ctx(aten.neg.default, ctx(aten.matmul.default, factor, common) if upper
                else ctx(aten.matmul.default, common, factor)), None
 
+
+
+def _lu_factors(ctx, lu, pivots, unpack_pivots=True):
+    factors = ctx(aten.lu_unpack.default, lu, pivots, True, unpack_pivots)
+    return tuple(ctx.graph.getitem(factors, i) for i in range(3))
+
+
+def _lu_packed_grad(ctx, g_l, g_u, m, n):
+    """The cotangent of the packed LU matrix from those of its unit-lower L (m x k) and upper U (k x n) parts."""
+    lower, upper = ctx(aten.tril.default, g_l, -1), ctx(aten.triu.default, g_u)
+    if m < n:
+        lower = ctx(aten.constant_pad_nd.default, lower, [0, n - m])
+    elif m > n:
+        upper = ctx(aten.constant_pad_nd.default, upper, [0, 0, 0, m - n])
+    return ctx(aten.add.Tensor, lower, upper)
+
+
+def _lu_backward(ctx, g_l, g_u, permutation, lower, upper, pivot, m, n):
+    """PA = LU (L m x k unit-lower, U k x n upper; PyTorch's linalg_lu_backward). Square A:
+    gA = P L^-T [tril(L^T gL, -1) + triu(gU U^T)] U^-T; a wide (tall) A solves with U's (L's) first square block and
+    passes the cotangent of the rest of U (L) through L^-T (U^-T)."""
+    mm = functools.partial(ctx, aten.matmul.default)
+    solve = functools.partial(ctx, aten.linalg_solve_triangular.default)
+    k = min(m, n)
+    if m == n:
+        inner = ctx(aten.add.Tensor, ctx(aten.tril.default, mm(_t(ctx, lower), g_l), -1),
+                    ctx(aten.triu.default, mm(g_u, _t(ctx, upper))))
+        inner = solve(_t(ctx, upper), inner, upper=False, left=False)
+        ga = solve(_t(ctx, lower), inner, upper=True, left=True, unitriangular=True)
+    elif m < n:
+        inner = ctx(aten.sub.Tensor, mm(_t(ctx, lower), g_l), mm(ctx(aten.triu.default, g_u), _t(ctx, upper)))
+        inner = solve(_t(ctx, _last_dims(ctx, upper, k, k)), ctx(aten.tril.default, inner, -1), upper=False,
+                      left=False)
+        inner = ctx(aten.cat.default, [ctx(aten.add.Tensor, inner, ctx(aten.triu.default, _last_dims(ctx, g_u, k, k))),
+                                       ctx(aten.slice.Tensor, g_u, -1, k, n)], -1)
+        ga = solve(_t(ctx, lower), inner, upper=True, left=True, unitriangular=True)
+    else:
+        inner = ctx(aten.sub.Tensor, mm(g_u, _t(ctx, upper)), mm(_t(ctx, lower), ctx(aten.tril.default, g_l, -1)))
+        inner = solve(_t(ctx, _last_dims(ctx, lower, k, k)), ctx(aten.triu.default, inner), upper=True, left=True,
+                      unitriangular=True)
+        inner = ctx(aten.cat.default, [ctx(aten.add.Tensor, inner, ctx(aten.tril.default, _last_dims(ctx, g_l, k, k),
+                                                                         -1)),
+                                       ctx(aten.slice.Tensor, g_l, -2, k, m)], -2)
+        ga = solve(_t(ctx, upper), inner, upper=False, left=False)
+    return mm(permutation, ga) if pivot else ga
+
+
+@register(aten.linalg_lu_factor_ex.default)
+def linalg_lu_factor_ex(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """The packed factor's cotangent: its strictly lower part is L's, its upper part U's."""
+    a = ctx.node.args[0]
+    _real_only(ctx, a)
+    m, n = a.meta.shape[-2:]
+    k = min(m, n)
+    pivot = ctx.kwarg("pivot")
+    factors = _lu_factors(ctx, ctx.graph.getitem(ctx.node, 0), ctx.graph.getitem(ctx.node, 1), pivot)
+    g_l = ctx(aten.tril.default, _last_dims(ctx, g[0], m, k), -1)
+    g_u = ctx(aten.triu.default, _last_dims(ctx, g[0], k, n))
+    return (_lu_backward(ctx, g_l, g_u, *factors, pivot, m, n),)
+
+
+@register(aten.linalg_lu.default)
+def linalg_lu(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    a = ctx.node.args[0]
+    _real_only(ctx, a)
+    m, n = a.meta.shape[-2:]
+    pivot = ctx.kwarg("pivot")
+    permutation, lower, upper = (ctx.graph.getitem(ctx.node, i) for i in range(3))
+    g_l = g[1] if g[1] is not None else ctx.zeros_like(lower)
+    g_u = g[2] if g[2] is not None else ctx.zeros_like(upper)
+    return (_lu_backward(ctx, g_l, g_u, permutation, lower, upper, pivot, m, n),)
+
+
+@register(aten.lu_unpack.default)
+def lu_unpack(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """(P, L, U) are copies of the packed factor's parts; the permutation takes no gradient."""
+    lu = ctx.node.args[0]
+    m, n = lu.meta.shape[-2:]
+    k = min(m, n)
+    g_l = g[1] if g[1] is not None else ctx(aten.zeros.default, [*lu.meta.shape[:-2], m, k], dtype=lu.meta.dtype)
+    g_u = g[2] if g[2] is not None else ctx(aten.zeros.default, [*lu.meta.shape[:-2], k, n], dtype=lu.meta.dtype)
+    return _lu_packed_grad(ctx, g_l, g_u, m, n), None
+
+
+@register(aten.linalg_lu_solve.default)
+def linalg_lu_solve(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """X solves op(A) X = B (or X op(A) = B) from A's packed LU factors (PyTorch's linalg_lu_solve_LU): gB solves the
+    adjoint system; the factor's cotangent goes through an auxiliary gR, upper part to U, strictly lower to L."""
+    lu, pivots, b = ctx.args
+    _real_only(ctx, lu)
+    left, adjoint = ctx.kwarg("left"), ctx.kwarg("adjoint")
+    x = ctx.node
+    g_lu = None
+    if ctx.needs(lu):
+        mm = functools.partial(ctx, aten.matmul.default)
+        permutation, lower, upper = _lu_factors(ctx, lu, pivots, left == adjoint)
+        if left != adjoint:
+            product = mm(g, _t(ctx, x)) if left else mm(_t(ctx, g), x)
+            g_r = ctx(aten.linalg_solve_triangular.default, _t(ctx, upper), ctx(aten.neg.default, product),
+                      upper=False)
+            g_l = ctx(aten.linalg_solve_triangular.default, _t(ctx, lower), mm(g_r, _t(ctx, upper)), upper=True,
+                      left=True, unitriangular=True)
+            g_lu = ctx(aten.add.Tensor, ctx(aten.tril.default, g_l, -1), ctx(aten.triu.default, g_r))
+        else:
+            product = mm(x, _t(ctx, g)) if left else mm(_t(ctx, x), g)
+            g_r = ctx(aten.neg.default, mm(mm(_t(ctx, permutation), product), permutation))
+            g_r = ctx(aten.linalg_solve_triangular.default, _t(ctx, lower), g_r, upper=True, left=False,
+                      unitriangular=True)
+            g_u = ctx(aten.linalg_solve_triangular.default, _t(ctx, upper), mm(_t(ctx, lower), g_r), upper=False,
+                      left=False)
+            g_lu = ctx(aten.add.Tensor, ctx(aten.tril.default, g_r, -1), ctx(aten.triu.default, g_u))
+        g_lu = ctx.sum_to(g_lu, lu.meta.shape)
+    g_b = None
+    if ctx.needs(b):
+        g_b = ctx.sum_to(ctx(aten.linalg_lu_solve.default, lu, pivots, g, left=left, adjoint=not adjoint),
+                         b.meta.shape)
+    return g_lu, None, g_b
