@@ -544,6 +544,8 @@ CASES = [
     direct(aten.atan.default, "plain", (P(0),), (3, 4)),
     direct(aten.atanh.default, "plain", (P(0),), lambda: torch.rand(3, 4) * 1.6 - 0.8),
     fn(aten.atan2.default, "broadcast", torch.atan2, (3, 4), (4,)),
+    fn(aten.hypot.default, "broadcast", torch.hypot, (3, 4), (4,)),
+    fn(aten.angle.default, "real", lambda a: torch.angle(a) * a, (3, 4)),
     direct(aten.erfc.default, "plain", (P(0),), (3, 4)),
     direct(aten.erfinv.default, "plain", (P(0),), lambda: torch.rand(3, 4) * 1.6 - 0.8),
     direct(aten.i0.default, "plain", (P(0),), (3, 4)),

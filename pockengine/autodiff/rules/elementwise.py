@@ -6,6 +6,7 @@ import torch
 
 from pockengine.autodiff.engine import VJPContext
 from pockengine.autodiff.registry import InputCotangents, OutputCotangent, register
+from pockengine.errors import MissingVJPError
 from pockengine.ir.graph import Node
 
 aten = torch.ops.aten
@@ -519,3 +520,23 @@ def log_ndtr(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     exponent = ctx(aten.neg.default, ctx(aten.add.Tensor, ctx.node, ctx(aten.mul.Tensor, ctx(aten.mul.Tensor, x, x),
                                                                          0.5)))
     return _times(ctx, g, ctx(aten.mul.Tensor, ctx(aten.exp.default, exponent), 1 / math.sqrt(2 * math.pi)))
+
+
+@register(aten.hypot.default)
+def hypot(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """sqrt(a^2 + b^2): ga = g a / out, gb = g b / out (as autograd, infinite where both are 0)."""
+    a, b = ctx.node.args
+    shared = ctx(aten.div.Tensor, g, ctx.node)
+    ga = ctx.sum_to(ctx(aten.mul.Tensor, shared, a), _shape(a)) if ctx.needs(a) else None
+    gb = ctx.sum_to(ctx(aten.mul.Tensor, shared, b), _shape(b)) if ctx.needs(b) else None
+    return ga, gb
+
+
+@register(aten.angle.default)
+def angle(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """The angle of a real number is 0 or pi: piecewise constant."""
+    x = ctx.node.args[0]
+    if x.meta.dtype.is_complex:
+        raise MissingVJPError(f"angle of a complex tensor (node %{ctx.node.name}) has no VJP rule, only real ones "
+                              "have; freeze the parameters before it or register a rule")
+    return (ctx.zeros_like(x),)
