@@ -267,7 +267,7 @@ def analyze(task: Task, cache_dir: str | Path, *, quick: bool = False, steps: in
     # candidates at that rate, every weight candidate over the grid; cached runs are skipped at once.
     from tqdm.auto import tqdm
 
-    total = len(grid) * (1 + len(weight_cands)) + len(bias_cands) - 1
+    total = len(grid) * (1 + len(weight_cands)) + len(bias_cands)  # the deepest again: a cache hit
     bar = tqdm(total=total, desc=f"analysis of {task.name}", unit="run", disable=not progress)
     trained = 0
 
