@@ -6,7 +6,8 @@
 # on the validation split; the analysis is cached, so only the first run pays for it), and fully; then both side by
 # side on the test split. Full fine-tuning plans 53.65 MB per step: 8 MB is 6.7x less (10.7 MB would be 5x).
 # With arguments, they go to the `pockengine` command instead: `bash scripts/run.sh finetune --help`.
-# POCKENGINE="python -m pockengine" (any command) skips the set-up of .venv and runs that instead.
+# POCKENGINE="python -m pockengine" (any command) skips the set-up of .venv and runs that instead; THREADS=N sets
+# torch threads (default 2; 1 on a machine whose cores other jobs share: two threads per job then wait on each other).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${POCKENGINE:-}" ]; then
@@ -19,7 +20,7 @@ if [ $# -gt 0 ]; then
 fi
 runs=${RUNS:-runs/main}
 common=(--model mobilenet_v2 --data mnist --steps 300 --batch-size 8 --image-size 64 --test-data mnist-test
-        --max-eval-examples 1000 --threads 2)
+        --max-eval-examples 1000 --threads "${THREADS:-2}")
 for scheme in auto full; do
     if [ -f "$runs/$scheme/summary.json" ]; then
         continue  # done before: delete the run folder to train again

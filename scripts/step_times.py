@@ -5,7 +5,9 @@ of a shared machine falls on each alike (runs measured one after the other see d
 
 Each run's scheme (`--scheme auto`: the one its search chose, RUN/search/scheme.yaml) is compiled on the first
 run's model and data at the run's learning rate; the first 3 steps of each are not timed. Prints the median step
-time of each, each divided by the first's, and the load average before and after.
+time of each, each divided by the first's, and the load average before and after; then each scheme's step memory:
+the compiler's planned peak and the peak measured by the live-storage tracker on one more step (tensors above the
+weights, the batch and the optimizer state), each plus the optimizer state, as the search counts a budget.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils import _pytree as pytree
 
 import pockengine as pe
+from pockengine.capture import normalize_batch
+from pockengine.memory.tracker import LiveStorageTracker
 from pockengine.finetune import RUN_FILE, SEARCH_DIR, SUMMARY_FILE, FinetuneConfig, parse_scheme, prepare
 
 WARMUP = 3
@@ -58,11 +63,24 @@ def main() -> None:
             if step >= WARMUP:
                 measured.append(time.perf_counter() - start)
     medians = [statistics.median(t) * 1e3 for t in times]
+    planned, tracked = [], []
+    batch = next(batches)
+    for trainer in trainers:
+        state = [t for s in trainer.state.values() for t in s.values()]
+        tracker = LiveStorageTracker()
+        tracker.ignore(*trainer.model.parameters(), *trainer.model.buffers(), *state,
+                       *(t for t in pytree.tree_leaves(normalize_batch(batch)) if isinstance(t, torch.Tensor)))
+        with tracker:
+            trainer.step(batch)
+        planned.append(trainer.memory_plan().peak_bytes + trainer.optimizer_state_bytes())
+        tracked.append(tracker.peak_bytes + trainer.optimizer_state_bytes())
     result = {"runs": [str(run) for run in args.runs], "median_step_ms": medians,
+              "step_memory_planned_bytes": planned, "step_memory_tracked_bytes": tracked,
               "ratio_to_first": [m / medians[0] for m in medians], "timed_steps": args.steps,
               "load_before": load_before, "load_after": os.getloadavg(), "threads": torch.get_num_threads()}
-    for run, m in zip(args.runs, medians):
-        print(f"{run}: {m:.1f} ms per step (median of {args.steps}), {m / medians[0]:.2f}x the first")
+    for run, m, plan, track in zip(args.runs, medians, planned, tracked):
+        print(f"{run}: {m:.1f} ms per step (median of {args.steps}), {m / medians[0]:.2f}x the first; step memory "
+              f"{plan / 2 ** 20:.2f} MB planned, {track / 2 ** 20:.2f} MB tracked")
     print(f"load average before {load_before[0]:.1f}, after {os.getloadavg()[0]:.1f}; {torch.get_num_threads()} threads")
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))

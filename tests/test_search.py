@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import itertools
+import math
 import random
 from fractions import Fraction
 
@@ -13,13 +15,14 @@ import yaml
 import pockengine as pe
 from pockengine.cli import main
 from pockengine.search import BudgetTooSmallError, SearchReport, analyze, choose_scheme, parse_memory, search
-from pockengine.search.analysis import measure
-from pockengine.search.search import MEMORY_GRID, mb, tune_lr
+from pockengine.search.analysis import Measurement, measure
+from pockengine.search.search import MEMORY_GRID, SearchResult, mb, tune_lr
 from pockengine.search.candidates import Candidate, Structure, block_of, candidates
 from pockengine.search.solver import Option, solve
 from search_tasks import CLASSES as CLASSES_OUT, tiny_task
 
 STEPS, GRID = 3, (1e-2,)
+MEASURED = Measurement(0.0, 1, 1, 0, 1.0, 1, 1, 0.0)
 # Under pytest-xdist one worker runs this file: its tests share the module's analysis and the pretrained weights of
 # search_tasks (computed once per process).
 pytestmark = pytest.mark.xdist_group("search")
@@ -228,12 +231,41 @@ def test_the_rate_of_the_chosen_scheme_is_tuned_on_its_own_runs(analysed):
     task, _, _, a, _ = analysed
     result = search(task, a, memory_budget="1GB")
     analysis_rate = result.lr
-    tuned = tune_lr(task, result, STEPS + 2, factors=(0.1, 1.0, 10.0))
+    tuned = tune_lr(task, result, STEPS + 2, factors=(0.1, 1.0, 10.0), extensions=0)
     assert tuned.lr_steps == STEPS + 2 and set(tuned.lr_trials) == {analysis_rate * f for f in (0.1, 1.0, 10.0)}
     # Each trial is the scheme trained alone at that rate; the best validation metric wins.
     for lr, metric in tuned.lr_trials.items():
         assert measure(task, result.scheme, [lr], STEPS + 2, 0)[0].metric == metric
     assert tuned.lr_trials[tuned.lr] == max(tuned.lr_trials.values())
+
+
+def test_the_rate_grid_extends_past_a_best_rate_at_its_edge(monkeypatch):
+    # A validation metric that peaks at 1/27: from 1/3, 1 and 3 the best is the lowest rate each time until 1/81
+    # scores worse than 1/27.
+    def fake_measure(task, scheme, lrs, steps, seed):
+        return [dataclasses.replace(MEASURED, metric=-abs(math.log(lr * 27))) for lr in lrs]
+
+    monkeypatch.setattr(importlib.import_module("pockengine.search.search"), "measure", fake_measure)
+    result = SearchResult(pe.Scheme.full(), 0, {}, 1.0, None, None, [], 0.0)
+    tuned = tune_lr(None, result, 10, factors=(1 / 3, 1.0, 3.0), extensions=3)
+    assert list(tuned.lr_trials) == pytest.approx([1 / 81, 1 / 27, 1 / 9, 1 / 3, 1.0, 3.0])
+    assert tuned.lr == pytest.approx(1 / 27)
+    result = SearchResult(pe.Scheme.full(), 0, {}, 1.0, None, None, [], 0.0)
+    assert tune_lr(None, result, 10, extensions=1).lr == pytest.approx(1 / 9)  # the search stops after one more
+
+
+def test_each_weight_candidate_is_measured_at_its_own_best_rate(tmp_path):
+    task = tiny_task()
+    grid = (1e-3, 1e-2)
+    a = analyze(task, tmp_path, quick=True, steps=STEPS, lr_grid=grid, progress=False)
+    assert set(a.bias_lr_trials) == set(grid) and a.bias_lr == max(grid, key=lambda r: a.bias_lr_trials[r])
+    assert a.weight_baseline == a.bias[len(a.structure.blocks)]  # the biases of every block, at the bias rate
+    for key, m in a.weights.items():
+        trials = a.weight_lr_trials[key]
+        assert set(trials) == set(grid) and m.metric == max(trials.values()) == trials[a.weight_lr[key]]
+        assert a.weight_gain(*key) == m.metric - a.bias_lr_trials[a.bias_lr]
+    ratios = {layer: ratio for layer, ratio in a.weights}  # one analysed ratio of each weight
+    assert a.scheme_lr(ratios) == min(a.weight_lr[key] for key in ratios.items()) and a.scheme_lr({}) == a.bias_lr
 
 
 # -- the command line ------------------------------------------------------------------------------------------

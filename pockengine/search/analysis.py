@@ -5,18 +5,20 @@ task's seeded training batches, then evaluated on the held-out split. Gains:
 
 - bias candidate k: metric(biases of the last k blocks + classifier) - metric(classifier alone, k = 0);
 - weight candidate (layer, ratio): metric(that weight + biases of every block + classifier) - metric(biases of every
-  block + classifier), both at the weight learning rate.
+  block + classifier, the weight baseline), each at its own best rate of the grid.
 
 Costs come from pockengine itself: `memory` is the compiler's planned step peak (`trainer.memory_plan()`) plus the
 optimizer state; `tracked_memory` the same with the step peak measured by the live-storage tracker; `flops` are
 counted by `torch.utils.flop_counter` on one real step of the compiled program; `step_ms` is the median of the
 timed steps. Step 1 counts FLOPs, step 2 is tracked, steps 3.. are timed, so `steps` is at least 3.
 
-Learning rate: AdamW needs a larger rate for a few biases than for whole weights, so one rate is not fair to all.
-The rate is chosen per candidate kind from `lr_grid` on one representative candidate (bias kind: the biases of
-every block; weight kind: the last analysed weight at its largest ratio), by its held-out metric; every candidate of
-that kind then uses it. One compiled program serves every rate of the grid (weights, optimizer state, step count and
-generator reset between rates), since the rate is a run-time input of the program.
+Learning rate: AdamW needs a larger rate for a few biases than for a whole weight, and a smaller one for a whole
+weight than for a quarter of it; one rate is not fair to all (a rate that suits the biases measures most whole
+weights as harmful). The bias candidates share the rate at which the biases of every block (the weight baseline)
+score best on the held-out split; each weight candidate is trained at every rate of `lr_grid` and keeps its best,
+so its gain is what it adds when both it and the baseline are trained at their own rates. One compiled program
+serves every rate of the grid (weights, optimizer state, step count and generator reset between rates), since the
+rate is a run-time input of the program: a rate costs steps and an evaluation, not a compilation.
 
 Results are cached on disk, one JSON file per (candidate, learning rate), written atomically: an interrupted
 analysis resumes where it stopped, and a second run trains nothing. The key covers the task's name, its data key
@@ -52,7 +54,7 @@ from pockengine.storage import atomic_path
 from pockengine.trainer import Trainer
 
 LR_GRID = (1e-4, 1e-3, 1e-2)
-QUICK_LR_GRID = (1e-3, 1e-2)
+QUICK_LR_GRID = (1e-4, 1e-3)
 STEPS, QUICK_STEPS = 100, 40
 CACHE_VERSION = 2  # bump when what a cached result means changes
 
@@ -167,14 +169,22 @@ class Analysis:
     seed: int
     quick: bool
     metric_before: float  # the pretrained model (new classifier untrained), for the report
-    lr: dict[str, float]  # per kind: "bias", "weight"
-    lr_trials: dict[str, dict[float, float]]  # per kind: rate -> metric of the representative candidate
-    bias: dict[int, Measurement]  # k -> at lr["bias"]
-    weight_baseline: Measurement  # biases of every block, at lr["weight"]
-    weights: dict[tuple[str, Fraction], Measurement] = field(default_factory=dict)  # at lr["weight"]
+    bias_lr: float  # the rate of every bias candidate: the best of the grid for the biases of every block
+    bias_lr_trials: dict[float, float]  # rate -> metric of the biases of every block (the weight baseline)
+    bias: dict[int, Measurement]  # k -> at bias_lr
+    weight_baseline: Measurement  # biases of every block, at bias_lr
+    weights: dict[tuple[str, Fraction], Measurement] = field(default_factory=dict)  # each at its best rate
+    weight_lr: dict[tuple[str, Fraction], float] = field(default_factory=dict)  # that rate
+    weight_lr_trials: dict[tuple[str, Fraction], dict[float, float]] = field(default_factory=dict)  # rate -> metric
     seconds: float = 0.0  # wall time of this call (cached results cost nothing)
     cpu_seconds: float = 0.0  # CPU time of this process in this call, all threads: less sensitive to other jobs
     trained: int = 0  # how many (candidate, rate) runs this call trained; the rest came from the cache
+
+    def scheme_lr(self, ratios: dict[str, Fraction]) -> float:
+        """The rate to train a combination with, from the analysis: the lowest best rate of its weights (a rate
+        too high for one trained tensor harms the whole model; `search.tune_lr` then tunes it on the combination
+        itself), the bias rate without weights."""
+        return min((self.weight_lr[layer, ratio] for layer, ratio in ratios.items()), default=self.bias_lr)
 
     def bias_gain(self, k: int) -> float:
         return self.bias[k].metric - self.bias[0].metric
@@ -186,13 +196,14 @@ class Analysis:
         """Every candidate with its gain and costs (weights: over the weight baseline), for reports."""
         out = []
         for k, m in self.bias.items():
-            out.append(dict(candidate=f"bias k={k}", kind="bias", k=k, layer=None, ratio=None, lr=self.lr["bias"],
+            out.append(dict(candidate=f"bias k={k}", kind="bias", k=k, layer=None, ratio=None, lr=self.bias_lr,
                             gain=self.bias_gain(k), metric=m.metric, **_costs(m)))
         base = _costs(self.weight_baseline)
         for (layer, ratio), m in self.weights.items():
             extra = {key: value - base[key] for key, value in _costs(m).items()}
             out.append(dict(candidate=f"{layer} @ {ratio}", kind="weight", k=None, layer=layer, ratio=ratio,
-                            lr=self.lr["weight"], gain=self.weight_gain(layer, ratio), metric=m.metric, **extra))
+                            lr=self.weight_lr[layer, ratio], gain=self.weight_gain(layer, ratio), metric=m.metric,
+                            **extra))
         return out
 
 
@@ -232,14 +243,14 @@ class _Cache:
 
 
 def analyze(task: Task, cache_dir: str | Path, *, quick: bool = False, steps: int | None = None, seed: int = 0,
-            lr_grid: tuple[float, ...] | None = None, quick_layers: int = 12, progress: bool = True,
+            lr_grid: tuple[float, ...] | None = None, quick_layers: int = 20, progress: bool = True,
             on_result: Callable[[Candidate, float, Measurement], None] | None = None) -> Analysis:
     """Run (or read from `cache_dir`) the contribution analysis of `task`. `quick`: fewer candidates (see
     `candidates.candidates`), `QUICK_STEPS` steps and a two-rate grid. `on_result` is called after each
-    candidate trained here (not those read from the cache)."""
+    (candidate, rate) trained here (not those read from the cache)."""
     start, cpu_start = time.perf_counter(), time.process_time()
     steps = steps or (QUICK_STEPS if quick else STEPS)
-    grid = tuple(lr_grid or (QUICK_LR_GRID if quick else LR_GRID))
+    grid = tuple(sorted(set(lr_grid or (QUICK_LR_GRID if quick else LR_GRID))))
     if not grid or any(not lr > 0 for lr in grid):
         raise UserInputError(f"the learning-rate grid needs rates > 0, got {grid}")
     structure = Structure.of(task)
@@ -250,14 +261,13 @@ def analyze(task: Task, cache_dir: str | Path, *, quick: bool = False, steps: in
     del model
     cache = _Cache(Path(cache_dir), task, structure, steps, seed, model_key)
     bias_cands, weight_cands = candidates(structure, quick, quick_layers)
-    deepest = bias_cands[-1]
-    probe = weight_cands[-1] if weight_cands else None
+    deepest = bias_cands[-1]  # the biases of every block: the weight baseline
 
-    # Everything to train, in order: the two probes over the grid, then every candidate at its kind's rate
-    # (known only once the probes ran, so the bar's total is the worst case; cached runs are skipped at once).
+    # Everything to train, in order: the weight baseline over the grid (it sets the bias rate), the other bias
+    # candidates at that rate, every weight candidate over the grid; cached runs are skipped at once.
     from tqdm.auto import tqdm
 
-    total = len(grid) * (1 + (probe is not None)) + len(bias_cands) + 1 + len(weight_cands)
+    total = len(grid) * (1 + len(weight_cands)) + len(bias_cands)  # the deepest again: a cache hit
     bar = tqdm(total=total, desc=f"analysis of {task.name}", unit="run", disable=not progress)
     trained = 0
 
@@ -277,19 +287,19 @@ def analyze(task: Task, cache_dir: str | Path, *, quick: bool = False, steps: in
                     on_result(candidate, lr, m)
         return found
 
+    def best(found: dict[float, Measurement]) -> float:
+        return max(found, key=lambda r: found[r].metric)  # the lowest rate of a tie (the grid is sorted)
+
     try:
-        trials = {"bias": run(deepest, list(grid))}
-        lr = {"bias": max(grid, key=lambda r: trials["bias"][r].metric)}
-        if probe is not None:
-            trials["weight"] = run(probe, list(grid))
-            lr["weight"] = max(grid, key=lambda r: trials["weight"][r].metric)
-        else:
-            lr["weight"] = lr["bias"]
-        bias = {c.k: run(c, [lr["bias"]])[lr["bias"]] for c in bias_cands}
-        baseline = run(deepest, [lr["weight"]])[lr["weight"]]
-        weights = {(c.layer, c.ratio): run(c, [lr["weight"]])[lr["weight"]] for c in weight_cands}
+        baseline_trials = run(deepest, list(grid))
+        bias_lr = best(baseline_trials)
+        bias = {c.k: run(c, [bias_lr])[bias_lr] for c in bias_cands}
+        weight_trials = {(c.layer, c.ratio): run(c, list(grid)) for c in weight_cands}
     finally:
         bar.close()
-    return Analysis(task.name, task.metric, structure, steps, seed, quick, metric_before, lr,
-                    {kind: {r: m.metric for r, m in t.items()} for kind, t in trials.items()}, bias, baseline,
-                    weights, time.perf_counter() - start, time.process_time() - cpu_start, trained)
+    weight_lr = {key: best(found) for key, found in weight_trials.items()}
+    return Analysis(task.name, task.metric, structure, steps, seed, quick, metric_before, bias_lr,
+                    {r: m.metric for r, m in baseline_trials.items()}, bias, bias[deepest.k],
+                    {key: found[weight_lr[key]] for key, found in weight_trials.items()}, weight_lr,
+                    {key: {r: m.metric for r, m in found.items()} for key, found in weight_trials.items()},
+                    time.perf_counter() - start, time.process_time() - cpu_start, trained)

@@ -117,7 +117,7 @@ def quick_ks(blocks: int) -> list[int]:
     return sorted(ks)
 
 
-def candidates(structure: Structure, quick: bool, quick_layers: int = 12) -> tuple[list[Candidate], list[Candidate]]:
+def candidates(structure: Structure, quick: bool, quick_layers: int = 20) -> tuple[list[Candidate], list[Candidate]]:
     """The bias candidates (k = 0 .. every block) and the weight candidates (each weight at each ratio, on top of
     the biases of every analysed block). `quick`: k at powers of two only, the last `quick_layers` weights only
     (nearest the classifier: cheapest to reach, largest gains in few steps), ratios 1/4 and 1."""

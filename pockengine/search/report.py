@@ -47,8 +47,9 @@ class SearchReport:
         lines = [f"# Scheme search: {a.task}", "",
                  f"Analysis: {len(a.bias)} bias candidates, {len(a.weights)} weight candidates, {a.steps} steps each "
                  f"(seed {a.seed}{', quick' if a.quick else ''}); {a.metric} of the pretrained model before training: "
-                 f"{a.metric_before:.4f}. Learning rates (AdamW, chosen per kind from the grid): bias "
-                 f"{a.lr['bias']:g} ({_trials(a, 'bias')}), weight {a.lr['weight']:g} ({_trials(a, 'weight')}). "
+                 f"{a.metric_before:.4f}. Learning rates (AdamW): every bias candidate at {a.bias_lr:g}, the best "
+                 f"for the biases of every block ({_trials(a.bias_lr_trials)}); each weight candidate at its own "
+                 f"best of the same grid (column lr). "
                  f"This run: {a.seconds:.0f} s analysis ({a.cpu_seconds:.0f} s CPU; {a.trained} runs trained, the "
                  f"rest cached), {r.seconds:.0f} s search ({r.cpu_seconds:.0f} s CPU)"
                  + (f" (incl. the rate of the chosen scheme, tuned over {r.lr_steps} steps on the validation split: "
@@ -88,8 +89,8 @@ class SearchReport:
         return self.files
 
 
-def _trials(a: Analysis, kind: str) -> str:
-    return ", ".join(f"{lr:g}: {metric:.3f}" for lr, metric in a.lr_trials.get(kind, {}).items()) or "no probe"
+def _trials(trials: dict[float, float]) -> str:
+    return ", ".join(f"{lr:g}: {metric:.3f}" for lr, metric in trials.items())
 
 
 def _plots(a: Analysis, r: SearchResult, files: dict[str, Path]) -> None:

@@ -77,7 +77,7 @@ class SearchResult:
     scheme: Scheme
     k: int  # biases of the last k blocks
     ratios: dict[str, Fraction]  # trained weights and their ratios
-    lr: float  # the rate the analysis found for this kind of scheme (the weight rate if any weight is trained)
+    lr: float  # the rate to train it with: the analysis's (`Analysis.scheme_lr`), then the tuned one (`tune_lr`)
     memory_budget: int | None
     time_budget_ms: float | None
     rounds: list[Round]  # the last is the chosen scheme
@@ -175,7 +175,7 @@ def search(task: Task, analysis: Analysis, *, memory_budget: int | str | None = 
         if pick is None or any((r.k, r.ratios) == (pick.k, pick.ratios) for r in rounds):
             break
         k, ratios = pick.k, pick.ratios
-        lr = analysis.lr["weight" if ratios else "bias"]
+        lr = analysis.scheme_lr(ratios)
         scheme = build_scheme(analysis.structure, k, ratios)
         m = measure(task, scheme, [lr], analysis.steps, analysis.seed)[0]
         memory_over = 0 if memory is None else max(m.memory, m.tracked_memory) - memory
@@ -200,22 +200,37 @@ def search(task: Task, analysis: Analysis, *, memory_budget: int | str | None = 
 
 
 LR_FACTORS = (1 / 3, 1.0, 3.0)
+LR_EXTENSIONS = 2
 
 
-def tune_lr(task: Task, result: SearchResult, steps: int, seed: int = 0,
-            factors: tuple[float, ...] = LR_FACTORS) -> SearchResult:
+def tune_lr(task: Task, result: SearchResult, steps: int, seed: int = 0, factors: tuple[float, ...] = LR_FACTORS,
+            extensions: int = LR_EXTENSIONS) -> SearchResult:
     """Train the chosen scheme for `steps` steps (the run's own length) at the analysis's rate times each of
-    `factors` (one compiled program, reset between rates) and keep the rate with the best validation metric.
+    `factors` (one compiled program, reset between rates) and keep the rate with the best validation metric. While
+    the best is the lowest or the highest rate tried, the grid is extended past it by its own spacing (the largest
+    factor over the smallest, per step between them), up to `extensions` more rates: the best is then between two
+    worse ones, or at the end of a longer search.
 
-    Why: the analysis picks a rate per candidate kind on one representative after its few steps; the chosen
-    combination trains more tensors together, for more steps, and may want another rate (on MobileNetV2 -> MNIST
-    the combination chosen under 4 MB lost points at the analysis's rate over 300 steps)."""
+    Why: the analysis measures each candidate alone, after its few steps; the chosen combination trains more tensors
+    together, for more steps, and may want another rate (on MobileNetV2 -> MNIST the combination chosen under 4 MB
+    lost points at the analysis's rate over 300 steps, and the best of three rates was the lowest)."""
     if steps < 3:
         raise UserInputError(f"steps={steps}: tuning the learning rate needs runs of at least 3 steps")
     start, cpu_start = time.perf_counter(), time.process_time()
     lrs = sorted({result.lr * f for f in factors})
     trials = {lr: m.metric for lr, m in zip(lrs, measure(task, result.scheme, lrs, steps, seed))}
-    result.lr = max(lrs, key=lambda lr: trials[lr])
+    spacing = (lrs[-1] / lrs[0]) ** (1 / (len(lrs) - 1)) if len(lrs) > 1 else 3.0
+    for _ in range(extensions):
+        best = max(sorted(trials), key=lambda lr: trials[lr])
+        if best == min(trials):
+            lr = best / spacing
+        elif best == max(trials):
+            lr = best * spacing
+        else:
+            break
+        trials[lr] = measure(task, result.scheme, [lr], steps, seed)[0].metric
+    trials = dict(sorted(trials.items()))
+    result.lr = max(trials, key=lambda lr: trials[lr])
     result.lr_trials, result.lr_steps = trials, steps
     result.seconds += time.perf_counter() - start
     result.cpu_seconds += time.process_time() - cpu_start
