@@ -17,6 +17,18 @@
 #include <string.h>
 
 #define MAX_PARTS 64
+#define FEW_ROWS 64 /* see pockengine_batch_norm_backward_f32 */
+
+/* The loops below in an AVX2 version too where the compiler and the C library can pick one at load time (GCC's
+ * target_clones, glibc's ifunc on x86-64): four doubles per instruction instead of SSE2's two. */
+#if defined(__x86_64__) && defined(__GLIBC__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define VECTORIZED __attribute__((target_clones("avx2", "default")))
+#endif
+#endif
+#ifndef VECTORIZED
+#define VECTORIZED
+#endif
 
 typedef void (*rows_fn)(void *args, int64_t begin, int64_t end, int part);
 
@@ -61,70 +73,64 @@ static void add_parts(const double *partial, int parts, int64_t width, double *t
 typedef struct {
     const float *x, *dy;
     int64_t C;
-    double *partial; /* parts x (1 or 2) x C */
-    const double *mean, *scale, *shift, *k, *grad_mean;
+    double *partial; /* parts x (2 or 4) x C */
+    const float *pivot; /* sum_moments' */
+    const double *mean, *scale, *k, *grad_mean; /* input_grads' */
+    const float *mean_f, *mean_lo, *scale_f, *shift_f, *k_f, *grad_mean_f; /* normalize's, input_grads_f32's */
     float *out;
 } bn_args;
 
-static void sum_x(void *v, int64_t begin, int64_t end, int part) {
+/* Per part, around a pivot p close to the mean (the first row, the saved mean), so that the squares do not cancel
+ * in double: sum(x - p) in [0, C), sum((x - p)^2) in [C, 2C). x - p is exact in float wherever x is within a
+ * factor 2 of p. */
+VECTORIZED static void sum_moments(void *v, int64_t begin, int64_t end, int part) {
     bn_args *a = (bn_args *)v;
     int64_t C = a->C;
-    double *acc = a->partial + part * C;
-    memset(acc, 0, (size_t)C * sizeof(double));
-    for (int64_t r = begin; r < end; r++) {
-        const float *x = a->x + r * C;
-        for (int64_t c = 0; c < C; c++) acc[c] += x[c];
-    }
-}
-
-static void sum_squares(void *v, int64_t begin, int64_t end, int part) {
-    bn_args *a = (bn_args *)v;
-    int64_t C = a->C;
-    double *acc = a->partial + part * C;
-    const double *mean = a->mean;
-    memset(acc, 0, (size_t)C * sizeof(double));
+    double *sum = a->partial + part * 2 * C, *squares = sum + C;
+    const float *pivot = a->pivot;
+    memset(sum, 0, (size_t)(2 * C) * sizeof(double));
     for (int64_t r = begin; r < end; r++) {
         const float *x = a->x + r * C;
         for (int64_t c = 0; c < C; c++) {
-            double d = x[c] - mean[c];
-            acc[c] += d * d;
+            float d = x[c] - pivot[c];
+            sum[c] += d;
+            squares[c] += (double)d * d;
         }
     }
 }
 
-static void normalize(void *v, int64_t begin, int64_t end, int part) {
+/* y = ((x - mean_hi) - mean_lo) scale + shift in float: mean_hi + mean_lo is the mean to twice float's precision,
+ * so x - mean comes out within a rounding of itself however close x is to the mean. */
+VECTORIZED static void normalize(void *v, int64_t begin, int64_t end, int part) {
     bn_args *a = (bn_args *)v;
     int64_t C = a->C;
-    const double *mean = a->mean, *scale = a->scale, *shift = a->shift;
+    const float *mean_hi = a->mean_f, *mean_lo = a->mean_lo, *scale = a->scale_f, *shift = a->shift_f;
     (void)part;
     for (int64_t r = begin; r < end; r++) {
         const float *x = a->x + r * C;
         float *y = a->out + r * C;
-        for (int64_t c = 0; c < C; c++) y[c] = (float)((x[c] - mean[c]) * scale[c] + shift[c]);
+        for (int64_t c = 0; c < C; c++) y[c] = ((x[c] - mean_hi[c]) - mean_lo[c]) * scale[c] + shift[c];
     }
 }
 
-/* Per part, with m the saved (float) mean: sum(dy), sum((x - m) dy), sum(x - m), sum((x - m)^2), C each. */
-static void sum_grads(void *v, int64_t begin, int64_t end, int part) {
+/* Per part, with m the saved (float) mean: sum(dy) in [0, C), sum((x - m) dy) in [C, 2C). */
+VECTORIZED static void sum_grads(void *v, int64_t begin, int64_t end, int part) {
     bn_args *a = (bn_args *)v;
     int64_t C = a->C;
-    double *sum = a->partial + part * 4 * C, *dot = sum + C, *shifted = dot + C, *squares = shifted + C;
-    const double *mean = a->mean;
-    memset(sum, 0, (size_t)(4 * C) * sizeof(double));
+    double *sum = a->partial + part * 2 * C, *dot = sum + C;
+    const float *mean = a->mean_f;
+    memset(sum, 0, (size_t)(2 * C) * sizeof(double));
     for (int64_t r = begin; r < end; r++) {
         const float *x = a->x + r * C, *dy = a->dy + r * C;
         for (int64_t c = 0; c < C; c++) {
-            double d = x[c] - mean[c];
             sum[c] += dy[c];
-            dot[c] += d * dy[c];
-            shifted[c] += d;
-            squares[c] += d * d;
+            dot[c] += (double)(x[c] - mean[c]) * dy[c];
         }
     }
 }
 
 /* dx = (dy - mean(dy) - (x - mean) k) scale, k = sum((x - mean) dy) invstd^2 / count, scale = invstd w. */
-static void input_grads(void *v, int64_t begin, int64_t end, int part) {
+VECTORIZED static void input_grads(void *v, int64_t begin, int64_t end, int part) {
     bn_args *a = (bn_args *)v;
     int64_t C = a->C;
     const double *mean = a->mean, *scale = a->scale, *k = a->k, *grad_mean = a->grad_mean;
@@ -134,6 +140,19 @@ static void input_grads(void *v, int64_t begin, int64_t end, int part) {
         float *dx = a->out + r * C;
         for (int64_t c = 0; c < C; c++)
             dx[c] = (float)((dy[c] - grad_mean[c] - (x[c] - mean[c]) * k[c]) * scale[c]);
+    }
+}
+
+/* input_grads in float, with the coefficients rounded to float (as ATen's contiguous kernel computes it). */
+VECTORIZED static void input_grads_f32(void *v, int64_t begin, int64_t end, int part) {
+    bn_args *a = (bn_args *)v;
+    int64_t C = a->C;
+    const float *mean = a->mean_f, *scale = a->scale_f, *k = a->k_f, *grad_mean = a->grad_mean_f;
+    (void)part;
+    for (int64_t r = begin; r < end; r++) {
+        const float *x = a->x + r * C, *dy = a->dy + r * C;
+        float *dx = a->out + r * C;
+        for (int64_t c = 0; c < C; c++) dx[c] = (dy[c] - grad_mean[c] - (x[c] - mean[c]) * k[c]) * scale[c];
     }
 }
 
@@ -150,23 +169,24 @@ int pockengine_batch_norm_f32(const float *x, int64_t rows, int64_t C, const flo
                               const float *rm, const float *rv, double momentum, double eps, int parts, float *y,
                               float *save_mean, float *save_invstd, float *rm_out, float *rv_out) {
     parts = clamp_parts(parts, rows);
-    double *buffer = malloc((size_t)(parts + 4) * (size_t)C * sizeof(double));
+    double *buffer = malloc((size_t)(2 * parts + 2) * (size_t)C * sizeof(double) + 4 * (size_t)C * sizeof(float));
     if (buffer == NULL) return -1;
-    double *mean = buffer + parts * C, *var_sum = mean + C, *scale = var_sum + C, *shift = scale + C;
-    bn_args a = {x, NULL, C, buffer, mean, scale, shift, NULL, NULL, y};
-    parallel_rows(sum_x, &a, rows, parts);
-    add_parts(buffer, parts, C, mean);
-    for (int64_t c = 0; c < C; c++) mean[c] /= (double)rows;
-    parallel_rows(sum_squares, &a, rows, parts);
-    add_parts(buffer, parts, C, var_sum);
+    double *sums = buffer + 2 * parts * C;
+    float *mean_lo = (float *)(sums + 2 * C), *scale = mean_lo + C, *shift = scale + C;
+    bn_args a = {.x = x, .C = C, .partial = buffer, .pivot = x, .mean_f = save_mean, .mean_lo = mean_lo,
+                 .scale_f = scale, .shift_f = shift, .out = y};
+    parallel_rows(sum_moments, &a, rows, parts);
+    add_parts(buffer, parts, 2 * C, sums);
     for (int64_t c = 0; c < C; c++) {
-        double invstd = 1.0 / sqrt(var_sum[c] / (double)rows + eps);
-        save_mean[c] = (float)mean[c];
+        double n = (double)rows, offset = sums[c] / n, var_sum = sums[C + c] - offset * sums[c];
+        double mean = x[c] + offset, invstd = 1.0 / sqrt(var_sum / n + eps);
+        save_mean[c] = (float)mean;
+        mean_lo[c] = (float)(mean - save_mean[c]);
         save_invstd[c] = (float)invstd;
-        scale[c] = w ? invstd * w[c] : invstd;
-        shift[c] = b ? b[c] : 0.0;
-        if (rm) rm_out[c] = (float)(momentum * mean[c] + (1.0 - momentum) * rm[c]);
-        if (rv) rv_out[c] = (float)(momentum * var_sum[c] / (double)(rows - 1) + (1.0 - momentum) * rv[c]);
+        scale[c] = (float)(w ? invstd * w[c] : invstd);
+        shift[c] = b ? b[c] : 0.0f;
+        if (rm) rm_out[c] = (float)(momentum * mean + (1.0 - momentum) * rm[c]);
+        if (rv) rv_out[c] = (float)(momentum * var_sum / (n - 1.0) + (1.0 - momentum) * rv[c]);
     }
     parallel_rows(normalize, &a, rows, parts);
     free(buffer);
@@ -174,33 +194,49 @@ int pockengine_batch_norm_f32(const float *x, int64_t rows, int64_t C, const flo
 }
 
 /* The gradients of pockengine_batch_norm_f32's output with respect to x (dx), w (dw) and b (db), each skipped where
- * NULL; w may be NULL (1). The batch's mean and invstd are computed again in double (from sums around the saved
- * float mean, so without cancellation): rounded to float, as saved, they would make dx mostly rounding error where
- * it cancels (a channel of few values). Returns 0, or -1 when out of memory. */
+ * NULL; w may be NULL (1). Per-channel sums in double; dx in float from the saved statistics (as ATen's contiguous
+ * kernel), except for channels of at most FEW_ROWS values: there dy - mean(dy) - (x - mean) k cancels almost
+ * entirely (exactly, but for eps, at 2 values), so dx is computed in double, from the batch's statistics computed
+ * again in double (rounded to float, as saved, they would leave mostly rounding error). Returns 0, or -1 when out
+ * of memory. */
 int pockengine_batch_norm_backward_f32(const float *dy, const float *x, int64_t rows, int64_t C, const float *w,
-                                       const float *save_mean, double eps, int parts, float *dx, float *dw,
-                                       float *db) {
+                                       const float *save_mean, const float *save_invstd, double eps, int parts,
+                                       float *dx, float *dw, float *db) {
     parts = clamp_parts(parts, rows);
-    double *buffer = malloc((size_t)(4 * parts + 8) * (size_t)C * sizeof(double));
+    double *buffer = malloc((size_t)(4 * parts + 10) * (size_t)C * sizeof(double) + 3 * (size_t)C * sizeof(float));
     if (buffer == NULL) return -1;
-    double *sums = buffer + 4 * parts * C, *mean = sums + 4 * C, *scale = mean + C, *k = scale + C,
-           *grad_mean = k + C;
-    for (int64_t c = 0; c < C; c++) mean[c] = save_mean[c];
-    bn_args a = {x, dy, C, buffer, mean, scale, NULL, k, grad_mean, dx};
+    double *grad_sums = buffer + 4 * parts * C, *moments = grad_sums + 2 * C, *mean = moments + 2 * C,
+           *scale = mean + C, *k = scale + C, *grad_mean = k + C;
+    float *scale_f = (float *)(grad_mean + C), *k_f = scale_f + C, *grad_mean_f = k_f + C;
+    int exact = rows <= FEW_ROWS;
+    bn_args a = {.x = x, .dy = dy, .C = C, .partial = buffer, .pivot = save_mean, .mean = mean, .scale = scale,
+                 .k = k, .grad_mean = grad_mean, .mean_f = save_mean, .scale_f = scale_f, .k_f = k_f,
+                 .grad_mean_f = grad_mean_f, .out = dx};
     parallel_rows(sum_grads, &a, rows, parts);
-    add_parts(buffer, parts, 4 * C, sums);
+    add_parts(buffer, parts, 2 * C, grad_sums);
+    if (exact) {
+        parallel_rows(sum_moments, &a, rows, parts);
+        add_parts(buffer, parts, 2 * C, moments);
+    }
     for (int64_t c = 0; c < C; c++) {
-        double n = (double)rows, sum = sums[c], offset = sums[2 * C + c] / n;
-        double invstd = 1.0 / sqrt(sums[3 * C + c] / n - offset * offset + eps);
-        double dot = sums[C + c] - offset * sum; /* sum((x - mean) dy) around the exact mean */
-        mean[c] += offset;
+        double n = (double)rows, sum = grad_sums[c], dot = grad_sums[C + c], invstd = save_invstd[c];
+        mean[c] = save_mean[c];
+        if (exact) {
+            double offset = moments[c] / n;
+            invstd = 1.0 / sqrt(moments[C + c] / n - offset * offset + eps);
+            dot -= offset * sum; /* sum((x - mean) dy) around the exact mean */
+            mean[c] += offset;
+        }
         if (dw) dw[c] = (float)(dot * invstd);
         if (db) db[c] = (float)sum;
         scale[c] = w ? invstd * w[c] : invstd;
         k[c] = dot * invstd * invstd / n;
         grad_mean[c] = sum / n;
+        scale_f[c] = (float)scale[c];
+        k_f[c] = (float)k[c];
+        grad_mean_f[c] = (float)grad_mean[c];
     }
-    if (dx) parallel_rows(input_grads, &a, rows, parts);
+    if (dx) parallel_rows(exact ? input_grads : input_grads_f32, &a, rows, parts);
     free(buffer);
     return 0;
 }

@@ -35,7 +35,7 @@ _LIBRARY.define("batch_norm_backward(Tensor grad_out, Tensor input, Tensor? weig
                 "Tensor? running_var, Tensor? save_mean, Tensor? save_invstd, bool train, float eps, "
                 "bool[3] output_mask) -> (Tensor, Tensor, Tensor)")
 
-MIN_ELEMENTS_PER_THREAD = 16384  # below this a thread costs more to start than it saves
+MIN_ELEMENTS_PER_THREAD = 131072  # below this a thread costs more to start than it saves
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -106,14 +106,14 @@ def batch_norm_backward(grad_out: torch.Tensor, input: torch.Tensor, weight: tor
     channels = input.shape[1]
     if not grad_out.movedim(1, -1).is_contiguous():  # laid out like the input, as ATen's kernel does
         grad_out = grad_out.movedim(1, -1).contiguous().movedim(-1, 1)
-    float_weight, mean = _float_params(weight, save_mean)
+    float_weight, mean, invstd = _float_params(weight, save_mean, save_invstd)
     grads = [torch.empty_like(input) if output_mask[0] else None,
              input.new_empty(channels) if output_mask[1] else None,
              input.new_empty(channels) if output_mask[2] else None]
     rows = _rows(input)
     status = native.library().pockengine_batch_norm_backward_f32(
         _rows(grad_out).data_ptr(), rows.data_ptr(), rows.shape[0], channels, _pointer(float_weight),
-        mean.data_ptr(), eps, _parts(input), *map(_pointer, grads))
+        mean.data_ptr(), invstd.data_ptr(), eps, _parts(input), *map(_pointer, grads))
     if status != 0:
         raise MemoryError(f"pockengine::batch_norm_backward: no memory for the per-thread sums of {channels} channels")
     if weight is not None and grads[1] is not None:

@@ -71,7 +71,7 @@ def library() -> ctypes.CDLL | None:
         fn.restype = None
     p, i64, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
     lib.pockengine_batch_norm_f32.argtypes = [p, i64, i64, p, p, p, p, f64, f64, ctypes.c_int, p, p, p, p, p]
-    lib.pockengine_batch_norm_backward_f32.argtypes = [p, p, i64, i64, p, p, f64, ctypes.c_int, p, p, p]
+    lib.pockengine_batch_norm_backward_f32.argtypes = [p, p, i64, i64, p, p, p, f64, ctypes.c_int, p, p, p]
     lib.pockengine_batch_norm_f32.restype = lib.pockengine_batch_norm_backward_f32.restype = ctypes.c_int
     lib.pockengine_init()
     return lib
