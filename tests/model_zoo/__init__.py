@@ -225,7 +225,7 @@ for name, config, model, sizes, size in [
     ("mobilenet-v2", "MobileNetV2Config", "MobileNetV2ForImageClassification", dict(image_size=32, num_labels=3), 32),
     ("levit", "LevitConfig", "LevitForImageClassification", dict(image_size=32, num_labels=3), 32),
     ("swiftformer", "SwiftFormerConfig", "SwiftFormerForImageClassification", dict(image_size=32, num_labels=3), 32),
-    ("mobilevitv2", "MobileViTV2Config", "MobileViTV2ForImageClassification", dict(image_size=32, num_labels=3), 32),
+    ("mobilevitv2", "MobileViTV2Config", "MobileViTV2ForImageClassification", dict(image_size=64, num_labels=3), 64),
 ]:
     _add("vision", name, _hf(config, model, **sizes), images(size), CE)
 
