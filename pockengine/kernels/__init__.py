@@ -1,7 +1,8 @@
 """pockengine's own ops, for what ATen does in many passes: registered as `torch.ops.pockengine.*`, with C kernels
 built at first use (native.py) and ATen compositions where those cannot run."""
 
-from pockengine.kernels import cross_entropy
+from pockengine.kernels import cross_entropy, masks
+from pockengine.kernels.batch_norm import ATEN_EQUIVALENTS, BATCH_NORM, BATCH_NORM_BACKWARD, BATCH_NORM_NO_STATS
 from pockengine.kernels.cross_entropy import LINEAR_CROSS_ENTROPY
 from pockengine.kernels.masks import APPLY_KEEP_, PACK_KEEP
 
@@ -9,4 +10,10 @@ from pockengine.kernels.masks import APPLY_KEEP_, PACK_KEEP
 # its bytes at most, from the op's arguments (meta tensors).
 WORKSPACE = {LINEAR_CROSS_ENTROPY: cross_entropy.workspace_bytes}
 
-__all__ = ["APPLY_KEEP_", "LINEAR_CROSS_ENTROPY", "PACK_KEEP", "WORKSPACE"]
+# pockengine's ops with C kernels as ATen compositions, for a compiler that traces them instead of calling the C kernels
+# (Inductor: it fuses them with their neighbours; functionalization also refuses a custom op returning an alias of
+# its input).
+ATEN_COMPOSITIONS = {**masks.ATEN_COMPOSITIONS, **ATEN_EQUIVALENTS}
+
+__all__ = ["APPLY_KEEP_", "ATEN_COMPOSITIONS", "BATCH_NORM", "BATCH_NORM_BACKWARD", "BATCH_NORM_NO_STATS",
+           "LINEAR_CROSS_ENTROPY", "PACK_KEEP", "WORKSPACE"]
