@@ -1,8 +1,8 @@
 """The public entry point: `compile` a model + loss + optimizer + scheme into a `Trainer` that runs compiled steps.
 
 Once per batch shape the trainer captures the model and loss (torch.export -> IR) and runs the compiler's pipeline on
-it (`pockengine.pipeline.PASSES`: autodiff, the update or gradient outputs, the graph passes), then generates the
-program's code (pockengine.backend). A batch of a new shape (the last, smaller batch; another sequence length)
+a copy of it (`pockengine.pipeline.PASSES`: autodiff, the update or gradient outputs, the graph passes), then
+generates the program's code (pockengine.backend). A batch of a new shape (the last, smaller batch; another sequence length)
 compiles a new program, cached by shape. Each shape has two programs: the step (updates the parameters, returns
 the loss) and the gradient program (returns the loss and the gradients, updates nothing).
 """
@@ -79,7 +79,8 @@ class Trainer:
         self._check_device(leaves)
         self._dtypes = [t.dtype if isinstance(t, torch.Tensor) else type(t) for t in leaves]
         self._programs: dict[tuple[bool, ShapeKey], _Built] = {}
-        cap = capture(model, loss_fn, example)
+        self._captures: dict[tuple[ShapeKey, tuple[bool, ...]], Captured] = {}
+        cap = self._capture(example)
         # "auto" is channels-last on CUDA too: cuDNN has NHWC kernels for every convolution (PyTorch sends
         # channels-last depthwise ones to cuDNN), and 1x1 convolutions then run as cuBLAS matrix multiplies.
         # Without the layout pass (disable={"layout"}) the program keeps the model's layout, as with "preserve".
@@ -95,7 +96,7 @@ class Trainer:
             raise UserInputError(f"scheme {self.scheme.name!r} trains no parameter of this model; see "
                                  "pockengine.scheme.summary(model, scheme.resolve(model))")
         self.state: dict[str, dict[str, torch.Tensor]] = zero_state(self.optimizer, model, self.trained)
-        self._programs[(True, self._shape_key(leaves))] = self._build(example, updates=True, cap=cap)
+        self._programs[(True, self._shape_key(leaves))] = self._build(example, updates=True)
 
     # -- public API -----------------------------------------------------------------------------------------
     def step(self, batch: Any, lr: float | None = None) -> float:
@@ -217,9 +218,17 @@ class Trainer:
         self._check_device(leaves)
         return leaves
 
-    def _build(self, batch: Any, updates: bool, cap: Captured | None = None, until: str | None = None) -> _Built:
+    def _capture(self, batch: Any) -> Captured:
+        """The capture of `batch`'s shape, exported once (it is most of a compile): the step and the gradient
+        program of a shape start from copies of it. Modules switched to another mode since are captured again."""
+        key = (self._shape_key(pytree.tree_flatten(batch)[0]), tuple(m.training for m in self.model.modules()))
+        if key not in self._captures:
+            self._captures[key] = capture(self.model, self.loss_fn, batch)
+        return self._captures[key]
+
+    def _build(self, batch: Any, updates: bool, until: str | None = None) -> _Built:
         start = time.perf_counter()
-        cap = cap or capture(self.model, self.loss_fn, batch)
+        cap = self._capture(batch).copy()  # the pipeline changes its graph in place
         ctx = pipeline.context(cap, self.trained, self.model, self.options, self.device, self.channels_last,
                                self.optimizer if updates else None, self.state)
         graph = pipeline.run(cap.graph, ctx, until)

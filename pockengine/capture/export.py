@@ -52,6 +52,15 @@ class Captured:
     loss: Node
     buffer_updates: dict[str, Node] = field(default_factory=dict)  # buffer name -> its new value
 
+    def copy(self) -> Captured:
+        """The same capture on a copy of its graph, for a pipeline to change in place (exporting again would cost
+        most of a compile)."""
+        graph, nodes = self.graph.copy()
+        return Captured(graph, {k: nodes[v] for k, v in self.params.items()},
+                        {k: nodes[v] for k, v in self.buffers.items()},
+                        [None if n is None else nodes[n] for n in self.batch], nodes[self.loss],
+                        {k: nodes[v] for k, v in self.buffer_updates.items()})
+
 
 def normalize_batch(batch: Any) -> tuple[Any, Any]:
     """(inputs, target) with inputs a tuple of positional arguments or a dict of keyword arguments."""

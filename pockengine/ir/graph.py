@@ -129,6 +129,18 @@ def _substitute(a: Any, old: Node, new: Node) -> Any:
     return a
 
 
+def _mapped(a: Any, nodes: dict[Node, Node]) -> Any:
+    """`a` with every node replaced by its image in `nodes` (containers rebuilt as their own types)."""
+    if isinstance(a, Node):
+        return nodes[a]
+    if isinstance(a, (tuple, list)):
+        items = [_mapped(x, nodes) for x in a]
+        return type(a)(*items) if hasattr(a, "_fields") else type(a)(items)
+    if isinstance(a, dict):
+        return type(a)({k: _mapped(v, nodes) for k, v in a.items()})
+    return a
+
+
 def op_name(target: Any) -> str:
     if target is None:
         return "input"
@@ -280,6 +292,22 @@ class Graph:
         for n in self.nodes:
             n.args, n.kwargs = _substitute(n.args, old, new), _substitute(n.kwargs, old, new)
         self.outputs = _substitute(self.outputs, old, new)
+
+    def copy(self) -> tuple[Graph, dict[Node, Node]]:
+        """A graph of new nodes that passes can change without touching this one (constants' tensors are shared:
+        no program writes into an input), and the map from this graph's nodes to the copy's."""
+        copy = Graph()
+        nodes: dict[Node, Node] = {}
+        for n in self.nodes:
+            args, kwargs = _mapped((n.args, n.kwargs), nodes)
+            nodes[n] = Node(n.name, n.target, args, kwargs, n.meta, n.module, n.section, n.role)
+        copy.nodes = list(nodes.values())
+        copy.outputs = {k: nodes[v] for k, v in self.outputs.items()}
+        copy.constants = {nodes[n]: t for n, t in self.constants.items()}
+        copy.notes = {nodes[n]: note for n, note in self.notes.items()}
+        copy.remarks = list(self.remarks)
+        copy._names = set(self._names)
+        return copy, nodes
 
     def lint(self) -> None:
         """Check the invariants every pass must keep; raise ValueError naming the first node that breaks one:
