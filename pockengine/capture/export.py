@@ -183,9 +183,11 @@ def decompositions() -> dict:
 def _quiet_export() -> Iterator[None]:
     # A shape error inside export is logged with its whole traceback before it is raised; we report it ourselves.
     # torch 2.13's export copies its own tree specs through an API it deprecates, warning once per compile.
+    # Nothing reads the Python stack trace torch.fx records on every node (a tenth of a capture): not recorded.
     log = logging.getLogger("torch._subclasses.fake_tensor")
-    level = log.level
+    level, stack_traces = log.level, torch.fx.config.do_not_emit_stack_traces
     log.setLevel(logging.CRITICAL)
+    torch.fx.config.do_not_emit_stack_traces = True
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
@@ -193,6 +195,7 @@ def _quiet_export() -> Iterator[None]:
             yield
     finally:
         log.setLevel(level)
+        torch.fx.config.do_not_emit_stack_traces = stack_traces
 
 
 def _eager_error(model: nn.Module, loss_fn: Callable, inputs: Any, target: Any) -> Exception | None:
