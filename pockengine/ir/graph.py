@@ -62,7 +62,7 @@ Meta = TensorMeta | tuple | None
 class Node:
     """One value of the program: an input, or the result of calling `target` on earlier nodes and constants."""
 
-    __slots__ = ("name", "target", "args", "kwargs", "meta", "module", "section", "role")
+    __slots__ = ("name", "target", "_args", "_kwargs", "meta", "module", "section", "role", "_inputs")
 
     def __init__(self, name: str, target: Any, args: tuple, kwargs: dict, meta: Meta, module: str,
                  section: str, role: str | None = None):
@@ -83,9 +83,29 @@ class Node:
     def op_name(self) -> str:
         return op_name(self.target)
 
+    # The arguments are replaced whole (`node.args = ...`), never changed in place, so the nodes they read are found
+    # once per assignment: passes, dead-code elimination and the lint ask for them millions of times per compile.
     @property
-    def inputs(self) -> list[Node]:
-        return Node.inputs_of(self.args, self.kwargs)
+    def args(self) -> tuple:
+        return self._args
+
+    @args.setter
+    def args(self, value: tuple) -> None:
+        self._args, self._inputs = value, None
+
+    @property
+    def kwargs(self) -> dict:
+        return self._kwargs
+
+    @kwargs.setter
+    def kwargs(self, value: dict) -> None:
+        self._kwargs, self._inputs = value, None
+
+    @property
+    def inputs(self) -> tuple[Node, ...]:
+        if self._inputs is None:
+            self._inputs = tuple(Node.inputs_of(self._args, self._kwargs))
+        return self._inputs
 
     @staticmethod
     def inputs_of(args: Any, kwargs: Any = None) -> list[Node]:
