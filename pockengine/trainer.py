@@ -1,9 +1,9 @@
 """The public entry point: `compile` a model + loss + optimizer + scheme into a `Trainer` that runs compiled steps.
 
 Once per batch shape the trainer captures the model and loss (torch.export -> IR) and runs the compiler's pipeline on
-it (`pockengine.pipeline.PASSES`: autodiff, the update or gradient outputs, the graph passes), then generates the
-program's code (pockengine.backend). A batch of a new shape (the last, smaller batch; another sequence length)
-compiles a new program, cached by shape. Each shape has two programs: the step (updates the parameters, returns
+a copy of it (`pockengine.pipeline.PASSES`: autodiff, the update or gradient outputs, the graph passes), then
+generates the program's code (pockengine.backend). A batch of a new shape (the last, smaller batch; another sequence
+length) compiles a new program, cached by shape. Each shape has two programs: the step (updates the parameters, returns
 the loss) and the gradient program (returns the loss and the gradients, updates nothing).
 """
 
@@ -12,6 +12,8 @@ from __future__ import annotations
 import gc
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Hashable
@@ -79,23 +81,25 @@ class Trainer:
         self._check_device(leaves)
         self._dtypes = [t.dtype if isinstance(t, torch.Tensor) else type(t) for t in leaves]
         self._programs: dict[tuple[bool, ShapeKey], _Built] = {}
-        cap = capture(model, loss_fn, example)
-        # "auto" is channels-last on CUDA too: cuDNN has NHWC kernels for every convolution (PyTorch sends
-        # channels-last depthwise ones to cuDNN), and 1x1 convolutions then run as cuBLAS matrix multiplies.
-        # Without the layout pass (disable={"layout"}) the program keeps the model's layout, as with "preserve".
-        layout = self.options.memory_format
-        self.channels_last = "layout" not in self.options.disable and (
-            layout == "channels_last" or layout == "auto" and uses_convolution(cap.graph))
-        if self.channels_last:
-            for p in model.parameters():
-                if p.dim() == 4:
-                    p.data = p.data.contiguous(memory_format=torch.channels_last)
-        self.trained: dict[str, Selection] = self.scheme.resolve(model, _layer_order(cap))
-        if not self.trained:
-            raise UserInputError(f"scheme {self.scheme.name!r} trains no parameter of this model; see "
-                                 "pockengine.scheme.summary(model, scheme.resolve(model))")
-        self.state: dict[str, dict[str, torch.Tensor]] = zero_state(self.optimizer, model, self.trained)
-        self._programs[(True, self._shape_key(leaves))] = self._build(example, updates=True, cap=cap)
+        self._captures: dict[tuple[ShapeKey, tuple[bool, ...]], Captured] = {}
+        with _garbage_collected():  # the compile's garbage, collected at its end
+            cap = self._capture(example)
+            # "auto" is channels-last on CUDA too: cuDNN has NHWC kernels for every convolution (PyTorch sends
+            # channels-last depthwise ones to cuDNN), and 1x1 convolutions then run as cuBLAS matrix multiplies.
+            # Without the layout pass (disable={"layout"}) the program keeps the model's layout, as with "preserve".
+            layout = self.options.memory_format
+            self.channels_last = "layout" not in self.options.disable and (
+                layout == "channels_last" or layout == "auto" and uses_convolution(cap.graph))
+            if self.channels_last:
+                for p in model.parameters():
+                    if p.dim() == 4:
+                        p.data = p.data.contiguous(memory_format=torch.channels_last)
+            self.trained: dict[str, Selection] = self.scheme.resolve(model, _layer_order(cap))
+            if not self.trained:
+                raise UserInputError(f"scheme {self.scheme.name!r} trains no parameter of this model; see "
+                                     "pockengine.scheme.summary(model, scheme.resolve(model))")
+            self.state: dict[str, dict[str, torch.Tensor]] = zero_state(self.optimizer, model, self.trained)
+            self._programs[(True, self._shape_key(leaves))] = self._build(example, updates=True)
 
     # -- public API -----------------------------------------------------------------------------------------
     def step(self, batch: Any, lr: float | None = None) -> float:
@@ -137,7 +141,8 @@ class Trainer:
         batch = self._example if batch is None else batch
         if after is not None:
             self._leaves(batch)  # a batch the trainer takes
-            return self._build(normalize_batch(batch), not gradients, until=after).program
+            with _garbage_collected():
+                return self._build(normalize_batch(batch), not gradients, until=after).program
         return self._prepared(batch, not gradients)[0].program
 
     def export_onnx(self, path: str | os.PathLike, batch: Any = None, *, gradients: bool = False,
@@ -198,7 +203,8 @@ class Trainer:
         leaves = self._leaves(batch)
         key = (updates, self._shape_key(leaves))
         if key not in self._programs:
-            self._programs[key] = self._build(normalize_batch(batch), updates)
+            with _garbage_collected():
+                self._programs[key] = self._build(normalize_batch(batch), updates)
         return self._programs[key], leaves
 
     def _leaves(self, batch: Any) -> list:
@@ -217,9 +223,17 @@ class Trainer:
         self._check_device(leaves)
         return leaves
 
-    def _build(self, batch: Any, updates: bool, cap: Captured | None = None, until: str | None = None) -> _Built:
+    def _capture(self, batch: Any) -> Captured:
+        """The capture of `batch`'s shape, exported once (it is most of a compile): the step and the gradient
+        program of a shape start from copies of it. Modules switched to another mode since are captured again."""
+        key = (self._shape_key(pytree.tree_flatten(batch)[0]), tuple(m.training for m in self.model.modules()))
+        if key not in self._captures:
+            self._captures[key] = capture(self.model, self.loss_fn, batch)
+        return self._captures[key]
+
+    def _build(self, batch: Any, updates: bool, until: str | None = None) -> _Built:
         start = time.perf_counter()
-        cap = cap or capture(self.model, self.loss_fn, batch)
+        cap = self._capture(batch).copy()  # the pipeline changes its graph in place
         ctx = pipeline.context(cap, self.trained, self.model, self.options, self.device, self.channels_last,
                                self.optimizer if updates else None, self.state)
         graph = pipeline.run(cap.graph, ctx, until)
@@ -231,13 +245,7 @@ class Trainer:
         program, choice = select(graph, inputs, graph.outputs["loss"] if updates else None, self.generator, examples,
                                  "aten" if until is not None else self.options.backend, self.device)
         graph.remarks.append(choice.reason)
-        built = _Built(program, choice, binders, static, time.perf_counter() - start)
-        # Capture and planning leave reference cycles holding many small C++ objects (fake and meta tensors). Freed
-        # by a later, arbitrary collection, they leave holes all over the heap that every step's small allocations
-        # then spread over (MobileNetV2 sparse: 5.6 MB of free holes, a step's resident peak 5.5-7.2 MB for 3.6 MB
-        # of tensors); freed now, before the first step allocates anything, they leave 1 MB and a 3.8 MB peak.
-        gc.collect()
-        return built
+        return _Built(program, choice, binders, static, time.perf_counter() - start)
 
     def _binder(self, node: Node, cap: Any, static: dict[Node, torch.Tensor]) -> Callable[[list, dict], Any]:
         """How to fetch the value of input `node` for a step, resolved once at compile time."""
@@ -249,6 +257,29 @@ class Trainer:
             return lambda leaves, scalars: scalars[name]
         value = static[node]
         return lambda leaves, scalars: value
+
+
+@contextmanager
+def _garbage_collected() -> Iterator[None]:
+    """Collect the garbage a compile leaves, at its end.
+
+    Capture and planning leave reference cycles holding many small C++ objects (fake and meta tensors). Freed by a
+    later, arbitrary collection, they leave holes all over the heap that every step's small allocations then spread
+    over (MobileNetV2 sparse: 5.6 MB of free holes, a step's resident peak 5.5-7.2 MB for 3.6 MB of tensors); freed
+    now, before the first step allocates anything, they leave 1 MB and a 3.8 MB peak. They are all younger than the
+    compile, so the objects older than it are frozen meanwhile (`gc.freeze`) and the collection walks only the
+    compile's: a full one walks the whole process (0.2-0.4 s with transformers imported, per compile). A program
+    that froze objects itself keeps its freeze, and gets a full collection."""
+    if gc.get_freeze_count():
+        yield
+        gc.collect()
+        return
+    gc.freeze()
+    try:
+        yield
+        gc.collect()
+    finally:
+        gc.unfreeze()
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch._decomp import decompositions as torch_decompositions
 from torch.export import ExportedProgram
+from torch.export import exported_program as torch_exported_program
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
@@ -53,6 +54,15 @@ class Captured:
     loss: Node
     buffer_updates: dict[str, Node] = field(default_factory=dict)  # buffer name -> its new value
     function_calls: list[FunctionCall] = field(default_factory=list)  # the custom Functions' records the rules read
+
+    def copy(self) -> Captured:
+        """The same capture on a copy of its graph, for a pipeline to change in place (exporting again would cost
+        most of a compile)."""
+        graph, nodes = self.graph.copy()
+        return Captured(graph, {k: nodes[v] for k, v in self.params.items()},
+                        {k: nodes[v] for k, v in self.buffers.items()},
+                        [None if n is None else nodes[n] for n in self.batch], nodes[self.loss],
+                        {k: nodes[v] for k, v in self.buffer_updates.items()})
 
 
 def normalize_batch(batch: Any) -> tuple[Any, Any]:
@@ -135,6 +145,33 @@ def _recurrent_dropout_kept() -> Iterator[None]:
         torch_decompositions._rnn_helper = original
 
 
+_SPLITS: dict[tuple, tuple[dict, dict]] = {}  # the split of decompositions(), by state of the operator registry
+
+
+@contextmanager
+def _decomposition_split_reused() -> Iterator[None]:
+    """run_decompositions splits its table into the CompositeImplicitAutograd ops to override and the decompositions
+    applied after autograd, walking every operator namespace anew on each call: a fifth of a small model's capture.
+    The table is always `decompositions()`, so the split is made once per state of what it depends on (the ops with
+    a CompositeImplicitAutograd kernel and the operator namespaces; torch itself reads the aten namespace once)."""
+    original = torch_exported_program._split_decomp_table_to_cia_and_python_decomp
+
+    def split(table: dict) -> tuple[dict, dict]:
+        key = (tuple(torch._C._dispatch_get_registrations_for_dispatch_key("CompositeImplicitAutograd")),
+               tuple((name, len(getattr(torch.ops, name)._dir)) for name in torch.ops._dir if name != "aten"))
+        if key not in _SPLITS:
+            _SPLITS.clear()
+            _SPLITS[key] = original(table)
+        cia, post_autograd = _SPLITS[key]
+        return dict(cia), dict(post_autograd)
+
+    torch_exported_program._split_decomp_table_to_cia_and_python_decomp = split
+    try:
+        yield
+    finally:
+        torch_exported_program._split_decomp_table_to_cia_and_python_decomp = original
+
+
 @functools.cache
 def decompositions() -> dict:
     """Built once: materializing the default table takes a quarter of a second (run_decompositions copies it)."""
@@ -148,9 +185,11 @@ def decompositions() -> dict:
 def _quiet_export() -> Iterator[None]:
     # A shape error inside export is logged with its whole traceback before it is raised; we report it ourselves.
     # torch 2.13's export copies its own tree specs through an API it deprecates, warning once per compile.
+    # Nothing reads the Python stack trace torch.fx records on every node (a tenth of a capture): not recorded.
     log = logging.getLogger("torch._subclasses.fake_tensor")
-    level = log.level
+    level, stack_traces = log.level, torch.fx.config.do_not_emit_stack_traces
     log.setLevel(logging.CRITICAL)
+    torch.fx.config.do_not_emit_stack_traces = True
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
@@ -158,6 +197,7 @@ def _quiet_export() -> Iterator[None]:
             yield
     finally:
         log.setLevel(level)
+        torch.fx.config.do_not_emit_stack_traces = stack_traces
 
 
 def _eager_error(model: nn.Module, loss_fn: Callable, inputs: Any, target: Any) -> Exception | None:
@@ -192,7 +232,7 @@ def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
         with (torch.no_grad(), sdpa_kernel(SDPBackend.MATH), recording_autograd_functions() as function_calls,
               _quiet_export()):
             ep = torch.export.export(wrapper, (inputs, target))
-            with _recurrent_dropout_kept():
+            with _recurrent_dropout_kept(), _decomposition_split_reused():
                 ep = ep.run_decompositions(decompositions())
         ep.graph_module.meta[FUNCTION_CALLS] = function_calls  # alive while the program refers to them
     except Exception as e:  # torch.export raises many types; one error that says what to do instead

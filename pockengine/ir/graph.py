@@ -62,7 +62,7 @@ Meta = TensorMeta | tuple | None
 class Node:
     """One value of the program: an input, or the result of calling `target` on earlier nodes and constants."""
 
-    __slots__ = ("name", "target", "args", "kwargs", "meta", "module", "section", "role")
+    __slots__ = ("name", "target", "_args", "_kwargs", "meta", "module", "section", "role", "_inputs")
 
     def __init__(self, name: str, target: Any, args: tuple, kwargs: dict, meta: Meta, module: str,
                  section: str, role: str | None = None):
@@ -83,9 +83,29 @@ class Node:
     def op_name(self) -> str:
         return op_name(self.target)
 
+    # The arguments are replaced whole (`node.args = ...`), never changed in place, so the nodes they read are found
+    # once per assignment: passes, dead-code elimination and the lint ask for them millions of times per compile.
     @property
-    def inputs(self) -> list[Node]:
-        return Node.inputs_of(self.args, self.kwargs)
+    def args(self) -> tuple:
+        return self._args
+
+    @args.setter
+    def args(self, value: tuple) -> None:
+        self._args, self._inputs = value, None
+
+    @property
+    def kwargs(self) -> dict:
+        return self._kwargs
+
+    @kwargs.setter
+    def kwargs(self, value: dict) -> None:
+        self._kwargs, self._inputs = value, None
+
+    @property
+    def inputs(self) -> tuple[Node, ...]:
+        if self._inputs is None:
+            self._inputs = tuple(Node.inputs_of(self._args, self._kwargs))
+        return self._inputs
 
     @staticmethod
     def inputs_of(args: Any, kwargs: Any = None) -> list[Node]:
@@ -126,6 +146,18 @@ def _substitute(a: Any, old: Node, new: Node) -> Any:
     if isinstance(a, dict):
         changed = {k: _substitute(v, old, new) for k, v in a.items()}
         return a if all(changed[k] is v for k, v in a.items()) else type(a)(changed)
+    return a
+
+
+def _mapped(a: Any, nodes: dict[Node, Node]) -> Any:
+    """`a` with every node replaced by its image in `nodes` (containers rebuilt as their own types)."""
+    if isinstance(a, Node):
+        return nodes[a]
+    if isinstance(a, (tuple, list)):
+        items = [_mapped(x, nodes) for x in a]
+        return type(a)(*items) if hasattr(a, "_fields") else type(a)(items)
+    if isinstance(a, dict):
+        return type(a)({k: _mapped(v, nodes) for k, v in a.items()})
     return a
 
 
@@ -280,6 +312,22 @@ class Graph:
         for n in self.nodes:
             n.args, n.kwargs = _substitute(n.args, old, new), _substitute(n.kwargs, old, new)
         self.outputs = _substitute(self.outputs, old, new)
+
+    def copy(self) -> tuple[Graph, dict[Node, Node]]:
+        """A graph of new nodes that passes can change without touching this one (constants' tensors are shared:
+        no program writes into an input), and the map from this graph's nodes to the copy's."""
+        copy = Graph()
+        nodes: dict[Node, Node] = {}
+        for n in self.nodes:
+            args, kwargs = _mapped((n.args, n.kwargs), nodes)
+            nodes[n] = Node(n.name, n.target, args, kwargs, n.meta, n.module, n.section, n.role)
+        copy.nodes = list(nodes.values())
+        copy.outputs = {k: nodes[v] for k, v in self.outputs.items()}
+        copy.constants = {nodes[n]: t for n, t in self.constants.items()}
+        copy.notes = {nodes[n]: note for n, note in self.notes.items()}
+        copy.remarks = list(self.remarks)
+        copy._names = set(self._names)
+        return copy, nodes
 
     def lint(self) -> None:
         """Check the invariants every pass must keep; raise ValueError naming the first node that breaks one:

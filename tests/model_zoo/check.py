@@ -1,8 +1,8 @@
 """Run one zoo entry in one mode under every scheme and say, per scheme, whether pockengine's gradients match.
 
 `check(name, mode)` builds the model, puts it in `mode` ("eval" or "train": dropout, drop-path and every other
-random op active), captures it once and compiles it under each scheme of SCHEMES from that one capture (a deep
-copy each time: capture is most of a compile), then compares `trainer.gradients(batch)` with torch.autograd's
+random op active), captures it once and compiles it under each scheme of SCHEMES from that one capture (capture is
+most of a compile), then compares `trainer.gradients(batch)` with torch.autograd's
 (`parity.gradient_errors`).
 
 The reference in eval mode is autograd over the eager model. In train mode the two sides must draw the same random
@@ -196,15 +196,16 @@ def _exported_reference(model: nn.Module, ep: torch.export.ExportedProgram, loss
 
 @contextlib.contextmanager
 def _gradient_programs(cap: pockengine.capture.Captured) -> Iterator[None]:
-    """Trainers built inside this context start from a deep copy of `cap` instead of capturing again, and compile
-    only the program `trainer.gradients` runs, not the training step (`compile` builds it first; its updates are
-    checked against torch.optim by tests/test_sparse_parity.py): the zoo's time goes to its gradients."""
+    """Trainers built inside this context start from `cap` instead of capturing again (a trainer compiles from
+    copies of its capture), and compile only the program `trainer.gradients` runs, not the training step
+    (`compile` builds it first; its updates are checked against torch.optim by tests/test_sparse_parity.py): the
+    zoo's time goes to its gradients."""
     build = pockengine.trainer.Trainer._build
 
     def gradients_only(self: pe.Trainer, batch: Any, updates: bool, *args: Any, **kwargs: Any) -> Any:
         return None if updates else build(self, batch, updates, *args, **kwargs)
 
-    with mock.patch.object(pockengine.trainer, "capture", lambda model, loss_fn, batch: copy.deepcopy(cap)), \
+    with mock.patch.object(pockengine.trainer, "capture", lambda model, loss_fn, batch: cap), \
             mock.patch.object(pockengine.trainer.Trainer, "_build", gradients_only):
         yield
 
