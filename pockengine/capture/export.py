@@ -62,7 +62,7 @@ class Captured:
         return Captured(graph, {k: nodes[v] for k, v in self.params.items()},
                         {k: nodes[v] for k, v in self.buffers.items()},
                         [None if n is None else nodes[n] for n in self.batch], nodes[self.loss],
-                        {k: nodes[v] for k, v in self.buffer_updates.items()})
+                        {k: nodes[v] for k, v in self.buffer_updates.items()}, self.function_calls)
 
 
 def normalize_batch(batch: Any) -> tuple[Any, Any]:
