@@ -1,7 +1,8 @@
 """pockengine's own ops, for what ATen does in many passes: registered as `torch.ops.pockengine.*`, with C kernels
 built at first use (native.py) and ATen compositions where those cannot run."""
 
-from pockengine.kernels import cross_entropy
+from pockengine.kernels import cross_entropy, masks
+from pockengine.kernels.attention import FLASH_UNMASKED_IF, FLASH_UNMASKED_IF_BACKWARD, MASKED_COMPOSITIONS
 from pockengine.kernels.cross_entropy import LINEAR_CROSS_ENTROPY
 from pockengine.kernels.masks import APPLY_KEEP_, PACK_KEEP
 
@@ -9,4 +10,9 @@ from pockengine.kernels.masks import APPLY_KEEP_, PACK_KEEP
 # its bytes at most, from the op's arguments (meta tensors).
 WORKSPACE = {LINEAR_CROSS_ENTROPY: cross_entropy.workspace_bytes}
 
-__all__ = ["APPLY_KEEP_", "LINEAR_CROSS_ENTROPY", "PACK_KEEP", "WORKSPACE"]
+# Ops a compiler traces as ATen ops instead of calling (Inductor): the bit masks' compositions (fused with their
+# neighbours), the run-time attention choice as its masked form (a traced graph cannot branch on a value).
+ATEN_COMPOSITIONS = {**masks.ATEN_COMPOSITIONS, **MASKED_COMPOSITIONS}
+
+__all__ = ["APPLY_KEEP_", "ATEN_COMPOSITIONS", "FLASH_UNMASKED_IF", "FLASH_UNMASKED_IF_BACKWARD", "LINEAR_CROSS_ENTROPY",
+           "PACK_KEEP", "WORKSPACE"]
