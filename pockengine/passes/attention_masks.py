@@ -1,4 +1,5 @@
-"""Attention masks known at compile time become `is_causal=True`, or go.
+"""Attention masks known at compile time become `is_causal=True`, or go; keys and values repeated per query head are
+read as they are.
 
 Hugging Face's decoders (Llama, SmolLM2, GPT-2, Mistral, Qwen2, Gemma) build their causal mask from the sequence
 length: torch.export records `arange`s, a comparison and an `expand` to (batch, 1, L, S), and every layer's
@@ -22,6 +23,13 @@ is the causal mask (or keeps every key) when that input is all ones, the pass re
 so does the flash kernel pair the `attention` stage chooses (pockengine/kernels/attention.py: one `all` over the
 (batch, sequence) padding mask per step, not over the 4-d mask). The value is computed with the input all ones,
 and the run-time test is exactly "all ones", so the choice is exact too.
+
+Hugging Face's grouped-query attention repeats each key and value head for the query heads that share it
+(`repeat_kv`: `unsqueeze`, `expand`, a contiguous copy, `view`) unless it can pass no mask; eager PyTorch without
+padding passes none and calls the kernel with `enable_gqa=True` on the unrepeated heads. The pass does the same
+wherever both are repeated that way: the attention reads the key and value heads with `enable_gqa=True` (query head
+h reads head h // repeats, which is what the repeat laid out), so the copies go and the backward pass gets the
+heads' gradients directly instead of summing them over the copies.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ def simplify_attention_masks(graph: Graph, known: dict[Node, torch.Tensor]) -> G
     """`known`: the program inputs whose values are fixed at compile time (frozen tensors, constants)."""
     values: dict[Node, tuple[torch.Tensor, Node | None] | None] = {}  # every layer reads one mask: evaluated once
     for node in [n for n in graph.nodes if n.target is SDPA]:
+        _read_heads_unrepeated(node)
         args = {a.name: a.default_value for a in _POSITIONAL}
         args.update(zip(args, node.args))
         args.update({name: v for name, v in node.kwargs.items() if name in args})
@@ -68,6 +77,43 @@ def simplify_attention_masks(graph: Graph, known: dict[Node, torch.Tensor]) -> G
                              "no mask read" if form == "causal" else
                              f"attn_mask %{mask.name} keeps every key, known at compile time: no mask read")
     return graph
+
+
+def _unrepeated(x: Node, heads: int) -> Node | None:
+    """The (batch, kv heads, S, E) tensor that `x` (batch, `heads`, S, E) repeats per head as `repeat_kv` does (each
+    head `heads / kv heads` times in a row), or None."""
+    if x.target not in (aten.view.default, aten.reshape.default, aten._unsafe_view.default) or len(x.meta.shape) != 4:
+        return None
+    copy = x.args[0]
+    if copy.target is aten.clone.default:
+        copy = copy.args[0]
+    if copy.target is not aten.expand.default or copy.args[0].target is not aten.unsqueeze.default:
+        return None
+    source, dim = copy.args[0].args
+    if not isinstance(source.meta, TensorMeta) or len(source.meta.shape) != 4:
+        return None
+    b, kv, s, e = source.meta.shape
+    repeats = heads // kv if kv else 0
+    if (dim != 2 or kv * repeats != heads or copy.meta.shape != (b, kv, repeats, s, e)
+            or x.meta.shape != (b, heads, s, e)):
+        return None
+    return source
+
+
+def _read_heads_unrepeated(node: Node) -> None:
+    """Give attention `node` its key and value heads unrepeated, with enable_gqa=True, where both are repeated per
+    query head (Hugging Face's repeat_kv)."""
+    names = [a.name for a in SDPA._schema.arguments]
+    args = dict(zip(names, node.args)) | node.kwargs
+    query, key, value = args["query"], args["key"], args["value"]
+    if len(query.meta.shape) != 4 or args.get("enable_gqa", False):
+        return
+    heads = query.meta.shape[1]
+    key_heads, value_heads = _unrepeated(key, heads), _unrepeated(value, heads)
+    if key_heads is None or value_heads is None or key_heads.meta.shape[1] != value_heads.meta.shape[1]:
+        return
+    node.args = (query, key_heads, value_heads, *node.args[3:])
+    node.kwargs = {**node.kwargs, "enable_gqa": True}
 
 
 def _value(graph: Graph, mask: Node, known: dict[Node, torch.Tensor]) -> tuple[torch.Tensor, Node | None] | None:
