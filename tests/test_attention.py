@@ -9,7 +9,10 @@ over the query heads, a custom scale, 3-d inputs, cross attention (L != S); at s
 Dropout is checked against autograd on the very mask the trainer's generator draws; GPT-2 with its default
 attention is captured and trained end to end. Masks known at compile time (pass `attention_masks`): causal ones
 become is_causal=True, ones that keep every key go, others and padding masks stay, with autograd's gradients, on
-masks built in forward and on Hugging Face's Llama, GPT-2, Mistral (sliding window), Qwen2, Gemma and BERT.
+masks built in forward and on Hugging Face's Llama, GPT-2, Mistral (sliding window), Qwen2, Gemma and BERT. A mask
+built from the batch's padding mask is dropped at run time when that is all ones (Llama: is_causal=True; BERT: no
+mask) and read otherwise, in one program, with autograd's gradients on both batches and the memory plan above what
+either allocates; Llama's repeated key and value heads are read unrepeated (enable_gqa=True).
 """
 
 from __future__ import annotations
