@@ -9,7 +9,10 @@ over the query heads, a custom scale, 3-d inputs, cross attention (L != S); at s
 Dropout is checked against autograd on the very mask the trainer's generator draws; GPT-2 with its default
 attention is captured and trained end to end. Masks known at compile time (pass `attention_masks`): causal ones
 become is_causal=True, ones that keep every key go, others and padding masks stay, with autograd's gradients, on
-masks built in forward and on Hugging Face's Llama, GPT-2, Mistral (sliding window), Qwen2, Gemma and BERT.
+masks built in forward and on Hugging Face's Llama, GPT-2, Mistral (sliding window), Qwen2, Gemma and BERT. A mask
+built from the batch's padding mask is dropped at run time when that is all ones (Llama: is_causal=True; BERT: no
+mask) and read otherwise, in one program, with autograd's gradients on both batches and the memory plan above what
+either allocates; Llama's repeated key and value heads are read unrepeated (enable_gqa=True).
 """
 
 from __future__ import annotations
@@ -431,3 +434,93 @@ def test_other_families_masks(kind, rewrite):
     graph = trainer.program(gradients=True, after="attention_masks").graph
     attentions = [n for n in graph.nodes if n.target is aten.scaled_dot_product_attention.default]
     assert len(attentions) == 2 and all(rewrite in graph.notes.get(n, "") for n in attentions)
+
+
+# ------------------------------------------------------------------------------------------------ padding at run time
+def _spy_on_flash(monkeypatch) -> list[tuple[bool, bool]]:
+    """(is_causal, reads a mask) of every flash kernel call made by pockengine's pair that drops the mask at run
+    time (pockengine/kernels/attention.py), forward and backward."""
+    from pockengine.kernels import attention as kernels
+
+    calls: list[tuple[bool, bool]] = []
+    for name, causal_at in (("FLASH", 4), ("FLASH_BACKWARD", 7)):
+        def spy(*args, _kernel=getattr(kernels, name), _at=causal_at, **kwargs):
+            calls.append((args[_at], kwargs.get("attn_mask") is not None))
+            return _kernel(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, name, spy)
+    return calls
+
+
+def _padded_batch(padded: bool) -> tuple[dict, torch.Tensor]:
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    inputs, labels = {"input_ids": ids, "attention_mask": torch.ones(2, 12, dtype=torch.long)}, ids.clone()
+    if padded:  # left padding; the loss ignores what the padded positions predict
+        inputs["attention_mask"][0, :3] = 0
+        labels[0, :4] = -100
+    return inputs, labels
+
+
+@pytest.mark.parametrize("kind, causal", [("llama", True), ("bert", False)])
+def test_padding_mask_of_all_ones_runs_flash_without_the_mask(kind, causal, monkeypatch):
+    """A mask built from the batch's `attention_mask` is the causal one (Llama) or keeps every key (BERT) when that
+    is all ones: flash then runs without it (is_causal=True for Llama), forward and backward, as eager PyTorch does
+    on seeing no padding; with padding it reads the mask. The test runs each step; one program serves both batches,
+    and its gradients equal autograd's at 1e-4 on each."""
+    model = _decoder(kind).train(kind == "llama")  # BERT in eval mode: its attention has dropout
+    loss_fn = pe.losses.causal_lm()
+    trainer = pe.compile(copy.deepcopy(model), loss_fn, _padded_batch(False), attention="flash")
+    listing = str(trainer.program(gradients=True).graph)
+    form = "is the causal mask" if causal else "keeps every key"
+    assert listing.count(f"{form} when %batch1 is all ones (no padding)") == 2
+    assert listing.count(f"flash, {'is_causal=True and ' if causal else ''}no mask when %batch1 is all ones") == 2
+    assert listing.count("= pockengine.flash_attention_unmasked_if_backward.default(") == 2
+    assert listing.count("= all.default(") == 1  # one test for every layer
+    calls = _spy_on_flash(monkeypatch)
+    for padded in (False, True):
+        batch = _padded_batch(padded)
+        ref = copy.deepcopy(model)
+        names, params = zip(*ref.named_parameters())
+        expected = torch.autograd.grad(loss_fn(ref(**batch[0]), batch[1]), params)
+        calls.clear()
+        grads = trainer.gradients(batch)
+        floor = 1e-6 * max(r.abs().max().item() for r in expected)  # BERT's key bias: 0 up to rounding
+        for n, r in zip(names, expected):
+            if r.abs().max() <= floor:
+                assert grads[n].abs().max() <= floor, (padded, n)
+            else:
+                assert rel_err(grads[n], r) <= TOL, (padded, n)
+        assert calls == [(not padded and causal, padded)] * 4, padded  # two layers, forward and backward
+
+
+def test_memory_plan_holds_with_and_without_padding():
+    """Both forms of the run-time choice allocate what the plan predicts, at most."""
+    from pockengine.memory.tracker import LiveStorageTracker
+
+    model = _decoder("llama").train()
+    trainer = pe.compile(model, pe.losses.causal_lm(), _padded_batch(False), optimizer=pe.optim.SGD(lr=0.01),
+                         attention="flash")
+    plan = trainer.memory_plan()
+    for padded in (False, True):
+        batch = _padded_batch(padded)
+        trainer.step(batch)
+        tracker = LiveStorageTracker()
+        tracker.ignore(*model.parameters(), *model.buffers(), *batch[0].values(), batch[1])
+        with tracker:
+            trainer.step(batch)
+        assert 0 < tracker.peak_bytes <= plan.peak_bytes, (padded, tracker.peak_bytes, plan.table())
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_repeated_key_value_heads_are_read_unrepeated(padded):
+    """Hugging Face's grouped-query attention copies each key and value head for its query heads when it passes a
+    mask (repeat_kv); the attention reads the heads themselves with enable_gqa=True, as eager PyTorch does without a
+    mask: no copies, and the gradients equal autograd's at 1e-4 (checked above on the same model)."""
+    model = _decoder("llama").train()
+    trainer = pe.compile(model, pe.losses.causal_lm(), _padded_batch(padded))
+    graph = trainer.program(gradients=True, after="attention_masks").graph
+    attentions = [n for n in graph.nodes if n.target is aten.scaled_dot_product_attention.default]
+    assert len(attentions) == 2
+    for n in attentions:
+        assert n.kwargs.get("enable_gqa") is True and n.args[1].meta.shape[1] == n.args[2].meta.shape[1] == 2
+    assert not any(n.target is aten.expand.default and len(n.meta.shape) == 5 for n in graph.nodes)

@@ -167,3 +167,30 @@ def test_the_default_backend_comes_from_the_environment(monkeypatch):
         pe.Options()
     monkeypatch.delenv("POCKENGINE_BACKEND")
     assert pe.Options().backend == "aten"
+
+
+@pytest.mark.slow
+def test_inductor_traces_the_run_time_padding_test_as_the_masked_form():
+    """A padding mask of all ones drops the attention's mask at run time on the ATen backend
+    (pockengine/kernels/attention.py); Inductor's traced graph cannot branch on a value and runs the masked form:
+    the same gradients as autograd's (1e-4) with padding and without."""
+    model = _llama().train()
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(1))
+
+    def batch(padded: bool) -> tuple:
+        mask = torch.ones(2, 8, dtype=torch.long)
+        labels = ids.clone()
+        if padded:  # left padding; the loss ignores what the padded positions predict
+            mask[0, :2] = 0
+            labels[0, :3] = -100
+        return {"input_ids": ids, "attention_mask": mask}, labels
+
+    trainer = pe.compile(copy.deepcopy(model), pe.losses.causal_lm(), batch(False), attention="flash",
+                         backend="inductor")
+    assert "pockengine.flash_attention_unmasked_if_backward" in str(trainer.program(gradients=True).graph)
+    assert type(trainer.program(gradients=True)).__name__ == "InductorProgram"
+    for padded in (False, True):
+        _, expected = autograd_gradients(copy.deepcopy(model), pe.losses.causal_lm(), batch(padded))
+        grads = trainer.gradients(batch(padded))
+        errors = {n: rel_err(grads[n], r) for n, r in expected.items()}
+        assert max(errors.values()) <= 1e-4, (padded, errors)

@@ -268,20 +268,30 @@ class GroupedQueryAttention(torch.nn.Module):
         return self.out(y.transpose(1, 2).reshape(b, n, self.heads * e)).mean(1)
 
 
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "padding_mask"])
-def test_flash_attention_with_grouped_query_heads(causal, tmp_path):
+# The unpadded case trains with SGD: there the torch backend runs flash without the mask and the export the masked math
+# form, whose rounding differs at 1e-7 (both gradients are within 3e-7 of float64 autograd's), and AdamW's per-entry
+# normalisation makes that 7e-5 in q.weight after 4 steps (see ADAMW_NOISE).
+@pytest.mark.parametrize("causal, padded, optimizer", [(True, True, "adamw"), (False, True, "adamw"),
+                                                       (False, False, "sgd")],
+                         ids=["causal", "padding_mask", "padding_mask_all_ones"])
+def test_flash_attention_with_grouped_query_heads(causal, padded, optimizer, tmp_path):
     """The CPU flash kernels run on in the export as the math form: torchlib's translation of the forward gives a
-    log-sum-exp of zeros in another shape (onnxruntime refused the model) and no grouped-query attention."""
+    log-sum-exp of zeros in another shape (onnxruntime refused the model) and no grouped-query attention. A padding
+    mask runs pockengine's flash pair that drops it when it is all ones (the torch backend then reads no mask); the
+    export runs the masked form, the same result."""
     g = torch.Generator().manual_seed(0)
     keep = torch.ones(2, 6, dtype=torch.bool)
-    keep[1, 4:] = False  # the second sequence is padded
+    if padded:
+        keep[1, 4:] = False  # the second sequence is padded
     batches = [((torch.randn(2, 6, 8, generator=g), keep), torch.randint(0, 3, (2,), generator=g)) for _ in range(2)]
     torch.manual_seed(0)
     model = GroupedQueryAttention(causal)
     listing = str(pe.compile(copy.deepcopy(model), pe.losses.cross_entropy(), batches[0],
                              attention="flash").program().graph)
-    assert "_scaled_dot_product_flash_attention_for_cpu_backward" in listing  # flash ran, not math
-    check_parity(model, pe.losses.cross_entropy(), batches, OPTIMIZERS["adamw"], pe.Scheme.full(), tmp_path,
+    # flash ran, not math; with the padding mask, pockengine's pair that tests it at run time
+    assert ("_scaled_dot_product_flash_attention_for_cpu_backward" if causal else
+            "pockengine.flash_attention_unmasked_if_backward") in listing
+    check_parity(model, pe.losses.cross_entropy(), batches, OPTIMIZERS[optimizer], pe.Scheme.full(), tmp_path,
                  steps=4, attention="flash")
 
 

@@ -14,8 +14,10 @@ What changes on the way:
   product instead (`add_(p, mul(g, neg_lr))`); any other such use keeps the program on the ATen backend.
 - The step program is two regions: up to the loss, then the rest; the loss is checked for NaN/inf between them,
   so a non-finite loss still stops the step before any update.
-- pockengine's own ops (the activation bit masks, `pockengine/kernels/`) are traced as their ATen compositions,
-  which Inductor fuses with the ops around them, instead of calling the C kernels.
+- pockengine's own ops (`pockengine/kernels/`) are traced as their ATen compositions: the activation bit masks,
+  which Inductor fuses with the ops around them, instead of calling the C kernels; the flash attention that drops
+  its mask at run time when the batch has no padding, as its masked form (the same result: a traced graph cannot
+  branch on a value).
 - Programs that draw random numbers stay on the ATen backend (`inductor_refusal`): Inductor's random ops draw from
   its own seeds, not from the trainer's generator, so the seed and the checkpoints could not reproduce the draws.
 """

@@ -15,7 +15,9 @@ torch backend computes them in Python. A step's in-place updates run on copies o
 torch.export's functionalization turns into plain values: the model never writes its inputs (the runner binds the
 outputs to a second set of buffers instead, pockengine/runtime/onnx.py). pockengine's own ops (the bit masks of
 pockengine/kernels/masks.py) are written as ATen ops ONNX has (its fallback reinterprets bytes as int64 words, which
-ONNX cannot). A random op (dropout in train mode) is refused: ONNX Runtime's generator is not the trainer's.
+ONNX cannot); the flash attention that drops its mask when the batch has no padding (pockengine/kernels/attention.py)
+is exported in its masked form, which gives the same result without a run-time branch. A random op (dropout in train
+mode) is refused: ONNX Runtime's generator is not the trainer's.
 
 The gradient program exports too (`gradients=True`): inputs the batch and the trained parameters, outputs `loss` and
 `grad:<name>` per trained parameter at its full shape.
@@ -44,7 +46,8 @@ from torch import fx
 from pockengine.errors import PockEngineError
 from pockengine.ir.graph import BATCH, BUFFER, CONST, PARAM, SCALAR, STATE, Graph, Node
 from pockengine.ir.ops import draws_nothing, draws_random, is_mutating, is_view
-from pockengine.kernels import APPLY_KEEP_, ATEN_EQUIVALENTS, PACK_KEEP
+from pockengine.kernels import (APPLY_KEEP_, ATEN_EQUIVALENTS, FLASH_UNMASKED_IF, FLASH_UNMASKED_IF_BACKWARD,
+                                PACK_KEEP)
 from pockengine.optim.update import GRADIENT_OUTPUT
 from pockengine.runtime import FROZEN_PREFIX, METADATA_KEY, init_path
 
@@ -407,6 +410,22 @@ def flash_attention_backward(grad_out: torch.Tensor, query: torch.Tensor, key: t
     return grad_query, grad_key, grad_value
 
 
+def flash_attention_masked(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor,
+                           unmasked: torch.Tensor, is_causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """pockengine's flash attention that drops its mask when the batch has no padding
+    (pockengine/kernels/attention.py), as its masked form: the same result either way, and no run-time branch."""
+    return flash_attention(query, key, value, attn_mask=attn_mask, scale=scale)
+
+
+def flash_attention_masked_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                                    value: torch.Tensor, out: torch.Tensor, logsumexp: torch.Tensor,
+                                    attn_mask: torch.Tensor, unmasked: torch.Tensor, is_causal: bool,
+                                    scale: float) -> tuple:
+    """Its backward, as the masked form's."""
+    return flash_attention_backward(grad_out, query, key, value, out, logsumexp, 0.0, False, attn_mask=attn_mask,
+                                    scale=scale)
+
+
 # Ops written as PyTorch's own decompositions (torch._decomp) instead of torchlib's translations, which onnxruntime
 # computes otherwise than ATen: train-mode batch norm becomes ONNX BatchNormalization(training_mode=1), which
 # onnxruntime (an inference runtime) runs with the running statistics; and torchlib's backward ops differ at the
@@ -428,7 +447,8 @@ def _decomposition(target: Any) -> Any:
 
 DECOMPOSED = {aten.convolution_backward.default: convolution_backward,
               aten._scaled_dot_product_flash_attention_for_cpu.default: flash_attention,
-              aten._scaled_dot_product_flash_attention_for_cpu_backward.default: flash_attention_backward}
+              aten._scaled_dot_product_flash_attention_for_cpu_backward.default: flash_attention_backward,
+              FLASH_UNMASKED_IF: flash_attention_masked, FLASH_UNMASKED_IF_BACKWARD: flash_attention_masked_backward}
 
 
 @functools.cache

@@ -223,6 +223,9 @@ class Graph:
         self.outputs: dict[str, Node] = {}
         self.constants: dict[Node, torch.Tensor] = {}  # values of the CONST inputs
         self.notes: dict[Node, str] = {}  # why a node is there, printed in the listing (the attention kernel chosen)
+        # attention node -> (batch input, is_causal): its mask is the causal one (is_causal) or keeps every key
+        # whenever that input (a padding mask) is all ones at run time (pass attention_masks; the attention reads it)
+        self.unpadded_masks: dict[Node, tuple[Node, bool]] = {}
         self.remarks: list[str] = []  # choices about the whole program, printed under its first line (the backend)
         self._names: set[str] = set()
 

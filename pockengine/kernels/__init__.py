@@ -2,6 +2,7 @@
 built at first use (native.py) and ATen compositions where those cannot run."""
 
 from pockengine.kernels import cross_entropy, masks
+from pockengine.kernels.attention import FLASH_UNMASKED_IF, FLASH_UNMASKED_IF_BACKWARD, MASKED_COMPOSITIONS
 from pockengine.kernels.batch_norm import ATEN_EQUIVALENTS, BATCH_NORM, BATCH_NORM_BACKWARD, BATCH_NORM_NO_STATS
 from pockengine.kernels.cross_entropy import LINEAR_CROSS_ENTROPY
 from pockengine.kernels.masks import APPLY_KEEP_, PACK_KEEP
@@ -10,10 +11,10 @@ from pockengine.kernels.masks import APPLY_KEEP_, PACK_KEEP
 # its bytes at most, from the op's arguments (meta tensors).
 WORKSPACE = {LINEAR_CROSS_ENTROPY: cross_entropy.workspace_bytes}
 
-# pockengine's ops with C kernels as ATen compositions, for a compiler that traces them instead of calling the C kernels
-# (Inductor: it fuses them with their neighbours; functionalization also refuses a custom op returning an alias of
-# its input).
-ATEN_COMPOSITIONS = {**masks.ATEN_COMPOSITIONS, **ATEN_EQUIVALENTS}
+# Ops a compiler traces as ATen ops instead of calling (Inductor): the C kernels' compositions (fused with their
+# neighbours; functionalization also refuses a custom op returning an alias of its input), the run-time attention
+# choice as its masked form (a traced graph cannot branch on a value).
+ATEN_COMPOSITIONS = {**masks.ATEN_COMPOSITIONS, **ATEN_EQUIVALENTS, **MASKED_COMPOSITIONS}
 
 __all__ = ["APPLY_KEEP_", "ATEN_COMPOSITIONS", "BATCH_NORM", "BATCH_NORM_BACKWARD", "BATCH_NORM_NO_STATS",
-           "LINEAR_CROSS_ENTROPY", "PACK_KEEP", "WORKSPACE"]
+           "FLASH_UNMASKED_IF", "FLASH_UNMASKED_IF_BACKWARD", "LINEAR_CROSS_ENTROPY", "PACK_KEEP", "WORKSPACE"]

@@ -76,8 +76,15 @@ _LIBRARY.impl("linear_cross_entropy", linear_cross_entropy, "CompositeImplicitAu
 def workspace_bytes(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
                     ignore_index: int, mean: bool, chunk: int, *flags: bool) -> int:
     """What the op allocates besides its outputs, at most: one chunk of float32 logits (and the chunk in the
-    weight's dtype beside it, where that is not float32)."""
-    rows = min(chunk, hidden.shape[0]) * weight.shape[0]
-    return rows * 4 + (0 if weight.dtype == torch.float32 else rows * weight.element_size())
+    weight's dtype beside it, where that is not float32); the per-row vectors that live through the loop (`kept`,
+    `safe_target`, `scale` and its quotient); per chunk, at most eight float32 columns at once (the target's
+    logit, the maximum, the sums, their logarithm and the terms of the loss and of the gradient) and the bias's
+    chunk gradient; and a few 0-d values."""
+    rows, chunk = hidden.shape[0], min(chunk, hidden.shape[0])
+    logits = chunk * weight.shape[0]
+    per_row = rows * (1 + target.element_size() + 4 + 4)
+    columns = 8 * chunk * 4 + (0 if bias is None else bias.numel() * bias.element_size())
+    return (logits * 4 + (0 if weight.dtype == torch.float32 else logits * weight.element_size()) + per_row + columns
+            + 64)
 
 LINEAR_CROSS_ENTROPY = torch.ops.pockengine.linear_cross_entropy.default

@@ -20,6 +20,12 @@ position bias), off the CPU, or for shapes its kernel refuses; math runs there. 
 (`print(trainer.program().graph)`) shows the choice and why on the attention's main op, after the note of the
 `attention_masks` pass (pockengine/passes/attention_masks.py) where it turned a causal mask into `is_causal=True`.
 
+Where the mask reads the batch's padding mask and is the causal one (or keeps every key) whenever that is all ones
+(`graph.unpadded_masks`, from the `attention_masks` pass), flash runs as pockengine's pair that tests it at run time
+(pockengine/kernels/attention.py): all ones (no padding), the kernels run as eager PyTorch runs them then, with
+`is_causal=True` and no mask (the blocks above the diagonal skipped); otherwise with the mask. Math reads the mask
+either way (its cost is the same). The test is one `all` over the (batch, sequence) padding mask per step.
+
 A boolean mask becomes an additive one holding the dtype's lowest value, not -inf, for both kernels: a query whose
 keys are all masked (left padding) then attends to them uniformly, as in Hugging Face's eager attention, instead of
 making NaN; a loss that ignores padded positions does not depend on it.
@@ -32,7 +38,7 @@ import operator
 import time
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 import torch
@@ -41,6 +47,7 @@ from pockengine.autodiff.engine import VJPContext
 from pockengine.autodiff.registry import register
 from pockengine.errors import MissingVJPError, UserInputError
 from pockengine.ir.graph import BATCH, Graph, Node, TensorMeta, eliminate_dead_code
+from pockengine.kernels.attention import FLASH_UNMASKED_IF, FLASH_UNMASKED_IF_BACKWARD
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -90,9 +97,11 @@ class _Call:
     dropout_p: float
     causal: bool
     scale: float
+    # (padding mask input, is_causal): the mask is the causal one (is_causal) or keeps every key when it is all ones
+    unpadded: tuple[Node, bool] | None = None
 
     @staticmethod
-    def of(node: Node) -> _Call:
+    def of(node: Node, graph: Graph | None = None) -> _Call:
         arguments = node.target._schema.arguments
         values = {a.name: a.default_value for a in arguments}
         values.update({a.name: x for a, x in zip(arguments, node.args)})
@@ -110,8 +119,9 @@ class _Call:
                 "(and its heads, one head, or a divisor of them with enable_gqa=True); expand them to that shape in "
                 "the model")
         scale = values["scale"] if values["scale"] is not None else 1.0 / math.sqrt(qs[-1])
+        unpadded = None if graph is None else graph.unpadded_masks.get(node)
         return _Call(q, k, v, values["attn_mask"], float(values["dropout_p"]), bool(values["is_causal"]),
-                     float(scale))
+                     float(scale), unpadded if values["attn_mask"] is not None else None)
 
     @property
     def L(self) -> int:
@@ -171,6 +181,7 @@ class _Flash:
     out: Node
     lse: Node
     mask: Node | None
+    unmasked: Node | None  # the run-time test that drops the mask (pockengine's kernel pair), or None (ATen's)
 
 
 def _additive_mask(graph: Graph, c: _Call) -> Node | None:
@@ -188,6 +199,17 @@ def _additive_mask(graph: Graph, c: _Call) -> Node | None:
     emit = graph.emitter(anchor, anchor.module, anchor.section)
     zeros = emit(aten.new_zeros.default, mask, list(mask.meta.shape), dtype=dtype)
     return emit(aten.masked_fill.Scalar, zeros, emit(aten.logical_not.default, mask), torch.finfo(dtype).min)
+
+
+def _unpadded_test(graph: Graph, padding: Node) -> Node:
+    """A 0-d bool node, true when the batch input `padding` is all ones; one for all the attentions reading it."""
+    for n in graph.nodes:
+        if (n.target is aten.all.default and n.args[0].target is aten.eq.Scalar and n.args[0].args[0] is padding
+                and n.args[0].args[1] == 1):
+            return n
+    anchor = graph.inputs()[-1]
+    emit = graph.emitter(anchor, anchor.module, anchor.section)
+    return emit(aten.all.default, emit(aten.eq.Scalar, padding, 1))
 
 
 def _math_forward(emit: Emit, c: _Call, mask: Node | None) -> _Math:
@@ -240,16 +262,23 @@ def _math_backward(ctx: VJPContext, c: _Call, m: _Math, g: Node) -> tuple[Node |
     return gq, gk, gv, gmask
 
 
-def _flash_forward(emit: Emit, c: _Call, mask: Node | None) -> _Flash:
-    main = emit(FLASH, c.q, c.k, c.v, 0.0, c.causal, attn_mask=mask, scale=c.scale)
+def _flash_forward(emit: Emit, c: _Call, mask: Node | None, unmasked: Node | None) -> _Flash:
+    if unmasked is not None:
+        main = emit(FLASH_UNMASKED_IF, c.q, c.k, c.v, mask, unmasked, c.unpadded[1], c.scale)
+    else:
+        main = emit(FLASH, c.q, c.k, c.v, 0.0, c.causal, attn_mask=mask, scale=c.scale)
     out = emit(operator.getitem, main, 0)
     # The kernel lays its output out as (batch, L, heads, E); the graph after it was traced on a dense one.
     dense = emit(aten.clone.default, out, memory_format=torch.contiguous_format)
-    return _Flash(main, dense, emit(operator.getitem, main, 1), mask)
+    return _Flash(main, dense, emit(operator.getitem, main, 1), mask, unmasked)
 
 
 def _flash_backward(ctx: VJPContext, c: _Call, f: _Flash, g: Node) -> tuple[Node | None, ...]:
-    grads = ctx(FLASH_BACKWARD, g, c.q, c.k, c.v, f.out, f.lse, 0.0, c.causal, attn_mask=f.mask, scale=c.scale)
+    if f.unmasked is not None:
+        grads = ctx(FLASH_UNMASKED_IF_BACKWARD, g, c.q, c.k, c.v, f.out, f.lse, f.mask, f.unmasked, c.unpadded[1],
+                    c.scale)
+    else:
+        grads = ctx(FLASH_BACKWARD, g, c.q, c.k, c.v, f.out, f.lse, 0.0, c.causal, attn_mask=f.mask, scale=c.scale)
     return tuple(ctx(operator.getitem, grads, i) if ctx.needs(x) else None
                  for i, x in enumerate((c.q, c.k, c.v))) + (None,)
 
@@ -257,8 +286,9 @@ def _flash_backward(ctx: VJPContext, c: _Call, f: _Flash, g: Node) -> tuple[Node
 def _forward(graph: Graph, node: Node, c: _Call, kernel: str, note: str | None) -> _Math | _Flash:
     """Emit `kernel`'s forward right after the attention `node` and make its users read it instead."""
     mask = _additive_mask(graph, c)
+    unmasked = _unpadded_test(graph, c.unpadded[0]) if c.unpadded is not None and kernel == "flash" else None
     emit = graph.emitter(node, node.module, node.section)
-    fwd = _math_forward(emit, c, mask) if kernel == "math" else _flash_forward(emit, c, mask)
+    fwd = _math_forward(emit, c, mask) if kernel == "math" else _flash_forward(emit, c, mask, unmasked)
     graph.replace_all_uses(node, fwd.out)
     notes = [n for n in (graph.notes.get(node), note) if n is not None]  # the attention's own (its mask's) first
     if notes:
@@ -267,7 +297,7 @@ def _forward(graph: Graph, node: Node, c: _Call, kernel: str, note: str | None) 
 
 
 def _differentiate(ctx: VJPContext, g: Node, kernel: str, note: str | None = None) -> tuple[Node | None, ...]:
-    c = _Call.of(ctx.node)
+    c = _Call.of(ctx.node, ctx.graph)
     fwd = _forward(ctx.graph, ctx.node, c, kernel, note)
     return _math_backward(ctx, c, fwd, g) if kernel == "math" else _flash_backward(ctx, c, fwd, g)
 
@@ -310,19 +340,31 @@ def choose(c: _Call, backward: bool, mask_needs_grad: bool = False) -> Choice:
     if unsupported is not None:
         return Choice("math", f"{what}: math (flash cannot run: {unsupported})")
     if setting.kernel == "flash":
-        return Choice("flash", f"{what}: flash (attention='flash')")
+        return Choice("flash", f"{what}: flash{_unmasking(c)} (attention='flash')")
     # What each keeps for the backward pass beyond the inputs: math the probabilities, flash the output and a
     # log-sum-exp per query.
     keeps = {"math": c.probs_bytes(),
              "flash": TensorMeta(tuple(c.out_shape), c.q.meta.dtype).nbytes + c.probs_bytes() // c.S}
     if keeps["math"] > MATH_MAX_BYTES:
         return Choice("flash", f"{what}: flash (math would hold {_size(keeps['math'])} of probabilities)")
-    seconds = {kernel: _seconds(c, kernel, backward, setting.device) for kernel in ("math", "flash")}
+    # Flash is timed as it runs without padding: with no mask where the run-time test drops it.
+    unmasked = c if c.unpadded is None else replace(c, mask=None, causal=c.unpadded[1], unpadded=None)
+    seconds = {"math": _seconds(c, "math", backward, setting.device),
+               "flash": _seconds(unmasked, "flash", backward, setting.device)}
     kernel = "math" if seconds["math"] < (1 - MARGIN) * seconds["flash"] else "flash"
     other = "flash" if kernel == "math" else "math"
     costs = [f"{k} {seconds[k] * 1e3:.2f} ms" + (f", keeps {_size(keeps[k])}" if backward else "")
              for k in (kernel, other)]
-    return Choice(kernel, f"{what}: {kernel} ({'; '.join(costs)})")
+    return Choice(kernel, f"{what}: {kernel}{_unmasking(c) if kernel == 'flash' else ''} ({'; '.join(costs)})")
+
+
+def _unmasking(c: _Call) -> str:
+    """What flash does with a mask the batch's padding decides, for the listing."""
+    if c.unpadded is None:
+        return ""
+    padding, causal = c.unpadded
+    return (f", {'is_causal=True and ' if causal else ''}no mask when %{padding.name} is all ones (tested each "
+            "step), the mask otherwise")
 
 
 _timings: dict[tuple, float] = {}
@@ -371,7 +413,7 @@ def _random(meta: TensorMeta, device: torch.device) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ the rule
 @register(SDPA)
 def sdpa(ctx: VJPContext, g: Node) -> tuple[Node | None, ...]:
-    c = _Call.of(ctx.node)
+    c = _Call.of(ctx.node, ctx.graph)
     choice = choose(c, backward=True, mask_needs_grad=ctx.needs(c.mask))
     return _differentiate(ctx, g, choice.kernel, choice.note)
 
@@ -380,7 +422,7 @@ def lower_attention(graph: Graph) -> Graph:
     """Replace each attention left after differentiation (none of its inputs needs a gradient) by the faster
     forward pass, or by math where it has dropout (drawn from the trainer's generator)."""
     for node in [n for n in graph.nodes if n.target is SDPA]:
-        c = _Call.of(node)
+        c = _Call.of(node, graph)
         choice = choose(c, backward=False)
         _forward(graph, node, c, choice.kernel, choice.note)
     return graph
