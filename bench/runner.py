@@ -31,12 +31,12 @@ from typing import Any
 import torch
 
 from bench import gpu, memory
-from bench.variants import base_system
-from bench.workloads import CONFIG_DIR, workload_config
+from bench.variants import SYSTEMS, base_system
+from bench.workloads import workload_config
 
 REPO = Path(__file__).resolve().parents[1]
-SYSTEM_ORDER = ["pockengine", "eager", "torch.compile", "ort"]
 LORA = "peft-lora"
+SYSTEM_ORDER = [s for s in SYSTEMS if s != LORA]
 MATMUL_N = {"cpu": 2048, "cuda": 8192}  # a product that keeps the device busy long enough to time it
 SETUP_TIMEOUT = 1800.0
 STEP_TIMEOUT = 600.0
@@ -204,6 +204,19 @@ def excluded(cfg: dict[str, Any], systems: list[str], device: str) -> dict[str, 
     return out
 
 
+def not_runnable(jobs: list[tuple[str, str]], schemes: dict[str, Any]) -> dict[str, str]:
+    """`system|scheme` -> why, for the jobs whose system cannot train the scheme: a system that trains whole tensors
+    only, on a scheme that trains part of a tensor's channels (`partial`, found by the prepare process)."""
+    from bench.systems import SYSTEMS as CLASSES
+
+    out = {}
+    for system, scheme in jobs:
+        why = getattr(CLASSES.get(base_system(system)), "partial_channels", None)
+        if why and schemes.get(scheme, {}).get("partial"):
+            out[f"{system}|{scheme}"] = f"the scheme trains part of some tensors' channels: {why}"
+    return out
+
+
 def _jobs(cfg: dict[str, Any], schemes: list[str], systems: list[str]) -> list[tuple[str, str]]:
     """(system, scheme) in run order: per scheme, each system of SYSTEM_ORDER asked for, then its variants (the
     workload's `variants` and those asked for by name, `eager[attn=eager]`)."""
@@ -263,7 +276,7 @@ def _await_ready(w: Worker, key: str, runs: dict[str, Any], live: dict[str, Work
         runs[key].update(setup_s=ready["setup_s"], setup_parts=ready["setup_parts"],
                          first_step_s=ready["first_step_s"], losses=[ready["loss"]],
                          trained_entries=ready["trained_entries"], notes=ready["notes"],
-                         baseline_rss_kb=ready["baseline_rss_kb"])
+                         baseline_rss_kb=ready["baseline_rss_kb"], model_bytes=ready.get("model_bytes"))
         w.ask(cmd="trim")
         live[key] = w
     except WorkerError as e:
@@ -292,7 +305,7 @@ def run_workload(name: str, *, quick: bool, schemes: list[str] | None, systems: 
     work = work / name
     base = {"workload": name, "quick": quick, "threads": threads, "work_dir": str(work), "device": device}
     left_out = excluded(cfg, list(dict.fromkeys(base_system(s) for s in systems)), device)
-    jobs = _jobs(cfg, schemes, [s for s in systems if base_system(s) not in left_out])
+    all_jobs = _jobs(cfg, schemes, [s for s in systems if base_system(s) not in left_out])
     # The timing processes measure memory themselves under --quick (a smoke test) and on a GPU (its allocator
     # counts per process); on the CPU a separate memory pass does, one process at a time.
     memory_in_timing = quick or device != "cpu"
@@ -300,7 +313,6 @@ def run_workload(name: str, *, quick: bool, schemes: list[str] | None, systems: 
                               "warmup": cfg["warmup"], "memory_steps": cfg["memory_steps"],
                               "memory_warmup": cfg["memory_warmup"], "schemes": {}, "runs": {},
                               "loadavg_start": os.getloadavg(), "device": device, "excluded": left_out}
-    runs: dict[str, dict[str, Any]] = {f"{s}|{sc}": {"system": s, "scheme": sc} for s, sc in jobs}
 
     _log(f"{name}: resolving schemes {schemes} and counting eager FLOPs")
     prep = Worker({**base, "kind": "prepare", "schemes": schemes,
@@ -311,6 +323,9 @@ def run_workload(name: str, *, quick: bool, schemes: list[str] | None, systems: 
         prep.quit()
     result["schemes"] = msg["result"]
     result["unit"], result["items_per_step"] = msg["unit"], msg["items_per_step"]
+    result["not_runnable"] = not_runnable(all_jobs, result["schemes"])
+    jobs = [job for job in all_jobs if "|".join(job) not in result["not_runnable"]]
+    runs: dict[str, dict[str, Any]] = {f"{s}|{sc}": {"system": s, "scheme": sc} for s, sc in jobs}
 
     # -- timing pass ---------------------------------------------------------------------------------------
     gate = result["quiet_gate"] = {"waited_s": 0.0, "busy_steps": 0}
@@ -421,9 +436,14 @@ def run(workloads: list[str], *, quick: bool = False, schemes: list[str] | None 
     systems = systems or SYSTEM_ORDER + [LORA]
     if device == "cuda":
         gpu.strict_fp32()  # the floor's matrix-multiply rate, as the systems run
-    # ONNX Runtime's environment, where a workload runs it (its device and workload do not leave it out)
-    if "ort" in systems and any(not excluded(workload_config(name, quick), ["ort"], device) for name in workloads):
-        subprocess.run(["bash", str(CONFIG_DIR / "setup_ort.sh")], check=True)
+    # The virtual environments of the systems that have their own (ONNX Runtime's, ExecuTorch's), where a workload
+    # runs them (their device and workload do not leave them out)
+    from bench.systems import SYSTEMS as CLASSES
+
+    for system in dict.fromkeys(base_system(s) for s in systems):
+        environment = getattr(CLASSES.get(system), "environment", None)
+        if environment and any(not excluded(workload_config(name, quick), [system], device) for name in workloads):
+            subprocess.run(["bash", str(REPO / environment[1])], check=True)
     threads = workload_config(workloads[0], quick)["threads"]
     results_path = out / "results.json"
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.exists() else {}

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.variants import base_system
-
-SYSTEMS = ["pockengine", "eager", "torch.compile", "ort", "peft-lora"]
+from bench.variants import SYSTEMS, base_system
 MB = 1024  # KiB per MiB
 
 
