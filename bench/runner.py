@@ -172,7 +172,7 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
     flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
     mem = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
     versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("transformers", "peft", "onnx", "numpy"):
+    for mod in ("transformers", "peft", "onnx", "onnxruntime", "numpy"):
         try:
             versions[mod] = __import__(mod).__version__
         except ImportError:
@@ -182,6 +182,11 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
         out = subprocess.run([str(ort_py), "-c", "import onnxruntime; print(onnxruntime.__version__)"],
                              capture_output=True, text=True)
         versions["onnxruntime-training"] = out.stdout.strip() or out.stderr.strip()[-200:]
+    et_py = REPO / ".venv-executorch" / "bin" / "python"
+    if et_py.exists():
+        out = subprocess.run([str(et_py), "-c", "from importlib.metadata import version; print(version('executorch'))"],
+                             capture_output=True, text=True)
+        versions["executorch"] = out.stdout.strip() or out.stderr.strip()[-200:]
     info = {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem / 2 ** 20, 1), "platform": platform.platform(),
             "simd": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags], **versions}
     return {**info, **gpu.device_info()} if device == "cuda" else info
