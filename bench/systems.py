@@ -482,8 +482,9 @@ class ExecuTorchTraining(ChildProcess):
                      "input_names": list(w.input_names), "n_batches": len(w.batches)})
 
     def notes(self) -> list[str]:
-        return ["portable kernels, one thread (ExecuTorch's training runs on its portable CPU kernels, which are "
-                "single-threaded; the others use 2 threads)"]
+        return ["one thread: ExecuTorch's CPU kernels (its pip build's portable and optimized kernels; training "
+                "delegates nothing to XNNPACK) ran on the calling thread, its other threads idle (the others use 2 "
+                "threads)"]
 
 
 class _CrossEntropyOfLogits(nn.Module):
