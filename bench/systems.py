@@ -58,6 +58,13 @@ def _call(model: nn.Module, inputs: Any) -> Any:
     return model(**inputs) if isinstance(inputs, dict) else model(*inputs)
 
 
+def _entries(model: nn.Module, selections: dict[str, Selection]) -> int:
+    """Trained entries of `selections`: whole tensors, and the trained channels of partially trained ones."""
+    params = dict(model.named_parameters())
+    return sum(params[n].numel() if s.kind == "full" else params[n].numel() // params[n].shape[s.dim] * len(s.channels)
+               for n, s in selections.items())
+
+
 class System:
     """Base class: `setup` prepares a training step for the trainable set, `step` runs one and returns the loss."""
 
@@ -138,8 +145,7 @@ class _TorchLoop(System):
                        for n, m in gradient_masks(model, selections).items() if m is not None]
         self.trained = [params[n] for n in selections]
         self.opt = torch.optim.SGD(self.trained, lr=lr, momentum=MOMENTUM)
-        self._entries = sum(p.numel() if s.kind == "full" else p.numel() // p.shape[s.dim] * len(s.channels)
-                            for p, s in zip(self.trained, selections.values()))
+        self._entries = _entries(model, selections)
 
     def trained_entries(self) -> int:
         return self._entries
@@ -209,10 +215,7 @@ class PockEngine(System):
                                   scheme=Scheme.from_resolved(selections, scheme_name),
                                   freeze_batchnorm=freeze_batchnorm, attention=self.chosen.get("attention", "auto"),
                                   backend=self.chosen.get("backend", "aten"))
-        params = dict(model.named_parameters())
-        self._entries = sum(params[n].numel() if s.kind == "full"
-                            else params[n].numel() // params[n].shape[s.dim] * len(s.channels)
-                            for n, s in self.trainer.trained.items())
+        self._entries = _entries(model, self.trainer.trained)
 
     def trained_entries(self) -> int:
         return self._entries
@@ -262,13 +265,6 @@ class PeftLoRA(_TorchLoop):
     def step(self, batch):
         inputs, target = batch
         return self._finish(self.loss_fn(_call(self.model, inputs), target))
-
-
-def _entries(model: nn.Module, selections: dict[str, Selection]) -> int:
-    """Trained entries of `selections`: whole tensors, and the trained channels of partially trained ones."""
-    params = dict(model.named_parameters())
-    return sum(params[n].numel() if s.kind == "full" else params[n].numel() // params[n].shape[s.dim] * len(s.channels)
-               for n, s in selections.items())
 
 
 class ChildProcess(System):
