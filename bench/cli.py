@@ -1,5 +1,5 @@
-"""`python -m bench`: the benchmark suite (pockengine vs PyTorch eager, torch.compile, ONNX Runtime training and
-PEFT LoRA) on the real workloads of bench/workloads.yaml with the schemes of bench/schemes.yaml, on the CPU or, with
+"""`python -m bench`: the benchmark suite (pockengine and its ONNX runner vs PyTorch eager, torch.compile, ONNX
+Runtime training, ExecuTorch training and PEFT LoRA) on the real workloads of bench/workloads.yaml with the schemes of bench/schemes.yaml, on the CPU or, with
 `--device cuda`, on a GPU (results in docs/benchmarks/cuda). Run it from the repository root."""
 
 from __future__ import annotations
@@ -9,10 +9,11 @@ import re
 import sys
 from pathlib import Path
 
+from bench.variants import SYSTEMS
+
 PROG = "python -m bench"
 WORKLOADS = ["mobilenetv2", "minilm", "smollm2", "smollm2_long"]
 DEVICES = ["cpu", "cuda"]
-SYSTEMS = ["pockengine", "eager", "torch.compile", "ort", "peft-lora"]
 
 
 def _list(value: str) -> list[str]:

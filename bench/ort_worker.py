@@ -2,28 +2,17 @@
 
 Reads a spec written by bench.systems.OrtTraining (the exported ONNX model, trained and frozen parameter
 names, batches, channel masks), builds the training artifacts, then answers JSON lines on stdin:
-{"cmd": "step", "batch": i} -> {"loss": ...}; {"cmd": "quit"}. Replies are stdout lines starting with "@@".
-This file imports neither torch nor pockengine itself.
+{"cmd": "step", "batch": i} -> {"loss": ...}; {"cmd": "quit"} (bench/child.py's protocol). This file imports
+neither torch nor pockengine itself.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import sys
 import time
-import traceback
 from pathlib import Path
 
-_spec = importlib.util.spec_from_file_location("bench_memory", Path(__file__).with_name("memory.py"))
-memory = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(memory)
-
-
-def reply(**msg) -> None:
-    sys.stdout.write("@@" + json.dumps(msg) + "\n")
-    sys.stdout.flush()
+from bench import child, memory  # import-free modules: the repository is on this interpreter's PYTHONPATH
 
 
 def generate(spec: dict, out: Path, notes: list[str]) -> None:
@@ -84,28 +73,23 @@ def main(spec_path: str) -> None:
                for i in range(spec["n_batches"])]
     masks = dict(np.load(Path(spec_path).with_name("masks.npz")))
     keep = {n: (~m, state.parameters[n].data.copy()) for n, m in masks.items()}  # untrained entries, as loaded
-    reply(ready=True, baseline_rss_kb=baseline, artifacts_s=artifacts_s, session_s=session_s, notes=notes)
-    for line in sys.stdin:
-        msg = json.loads(line)
-        if msg["cmd"] == "quit":
-            reply(bye=True)
-            return
-        if msg["cmd"] == "step":
-            loss = module(*batches[msg["batch"]])
-            optimizer.step()
-            module.lazy_reset_grad()
-            for name, (frozen_entries, original) in keep.items():
-                param = state.parameters[name]
-                value = param.data
-                np.copyto(value, original, where=frozen_entries)
-                param.data = value
-            reply(loss=float(loss))
+    model_bytes = sum((out / f).stat().st_size for f in ("training_model.onnx", "optimizer_model.onnx", "checkpoint"))
+
+    def step(i: int) -> float:
+        loss = module(*batches[i])
+        optimizer.step()
+        module.lazy_reset_grad()
+        for name, (frozen_entries, original) in keep.items():
+            param = state.parameters[name]
+            value = param.data
+            np.copyto(value, original, where=frozen_entries)
+            param.data = value
+        return loss
+
+    child.reply(ready=True, baseline_rss_kb=baseline, artifacts_s=artifacts_s, session_s=session_s, notes=notes,
+                model_bytes=model_bytes)
+    child.serve(step)
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1])
-    except Exception as e:  # reported to the benchmark, which records the system as failed with this error
-        traceback.print_exc()
-        reply(error=f"{type(e).__name__}: {e}")
-        os._exit(1)
+    child.run(main)

@@ -31,12 +31,12 @@ from typing import Any
 import torch
 
 from bench import gpu, memory
-from bench.variants import base_system
-from bench.workloads import CONFIG_DIR, workload_config
+from bench.variants import SYSTEMS, base_system
+from bench.workloads import workload_config
 
 REPO = Path(__file__).resolve().parents[1]
-SYSTEM_ORDER = ["pockengine", "eager", "torch.compile", "ort"]
 LORA = "peft-lora"
+SYSTEM_ORDER = [s for s in SYSTEMS if s != LORA]
 MATMUL_N = {"cpu": 2048, "cuda": 8192}  # a product that keeps the device busy long enough to time it
 SETUP_TIMEOUT = 1800.0
 STEP_TIMEOUT = 600.0
@@ -172,7 +172,7 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
     flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
     mem = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
     versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("transformers", "peft", "onnx", "numpy"):
+    for mod in ("transformers", "peft", "onnx", "onnxruntime", "numpy"):
         try:
             versions[mod] = __import__(mod).__version__
         except ImportError:
@@ -182,6 +182,11 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
         out = subprocess.run([str(ort_py), "-c", "import onnxruntime; print(onnxruntime.__version__)"],
                              capture_output=True, text=True)
         versions["onnxruntime-training"] = out.stdout.strip() or out.stderr.strip()[-200:]
+    et_py = REPO / ".venv-executorch" / "bin" / "python"
+    if et_py.exists():
+        out = subprocess.run([str(et_py), "-c", "from importlib.metadata import version; print(version('executorch'))"],
+                             capture_output=True, text=True)
+        versions["executorch"] = out.stdout.strip() or out.stderr.strip()[-200:]
     info = {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem / 2 ** 20, 1), "platform": platform.platform(),
             "simd": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags], **versions}
     return {**info, **gpu.device_info()} if device == "cuda" else info
@@ -201,6 +206,19 @@ def excluded(cfg: dict[str, Any], systems: list[str], device: str) -> dict[str, 
     if LORA in systems and not cfg.get("lora"):
         out[LORA] = "this workload has no LoRA configuration in bench/workloads.yaml"
     out.update({s: why for s, why in (cfg.get("leave_out") or {}).items() if s in systems and s not in out})
+    return out
+
+
+def not_runnable(jobs: list[tuple[str, str]], schemes: dict[str, Any]) -> dict[str, str]:
+    """`system|scheme` -> why, for the jobs whose system cannot train the scheme: a system that trains whole tensors
+    only, on a scheme that trains part of a tensor's channels (`partial`, found by the prepare process)."""
+    from bench.systems import SYSTEMS as CLASSES
+
+    out = {}
+    for system, scheme in jobs:
+        why = getattr(CLASSES.get(base_system(system)), "partial_channels", None)
+        if why and schemes.get(scheme, {}).get("partial"):
+            out[f"{system}|{scheme}"] = f"the scheme trains part of some tensors' channels: {why}"
     return out
 
 
@@ -263,7 +281,7 @@ def _await_ready(w: Worker, key: str, runs: dict[str, Any], live: dict[str, Work
         runs[key].update(setup_s=ready["setup_s"], setup_parts=ready["setup_parts"],
                          first_step_s=ready["first_step_s"], losses=[ready["loss"]],
                          trained_entries=ready["trained_entries"], notes=ready["notes"],
-                         baseline_rss_kb=ready["baseline_rss_kb"])
+                         baseline_rss_kb=ready["baseline_rss_kb"], model_bytes=ready.get("model_bytes"))
         w.ask(cmd="trim")
         live[key] = w
     except WorkerError as e:
@@ -292,7 +310,7 @@ def run_workload(name: str, *, quick: bool, schemes: list[str] | None, systems: 
     work = work / name
     base = {"workload": name, "quick": quick, "threads": threads, "work_dir": str(work), "device": device}
     left_out = excluded(cfg, list(dict.fromkeys(base_system(s) for s in systems)), device)
-    jobs = _jobs(cfg, schemes, [s for s in systems if base_system(s) not in left_out])
+    all_jobs = _jobs(cfg, schemes, [s for s in systems if base_system(s) not in left_out])
     # The timing processes measure memory themselves under --quick (a smoke test) and on a GPU (its allocator
     # counts per process); on the CPU a separate memory pass does, one process at a time.
     memory_in_timing = quick or device != "cpu"
@@ -300,7 +318,6 @@ def run_workload(name: str, *, quick: bool, schemes: list[str] | None, systems: 
                               "warmup": cfg["warmup"], "memory_steps": cfg["memory_steps"],
                               "memory_warmup": cfg["memory_warmup"], "schemes": {}, "runs": {},
                               "loadavg_start": os.getloadavg(), "device": device, "excluded": left_out}
-    runs: dict[str, dict[str, Any]] = {f"{s}|{sc}": {"system": s, "scheme": sc} for s, sc in jobs}
 
     _log(f"{name}: resolving schemes {schemes} and counting eager FLOPs")
     prep = Worker({**base, "kind": "prepare", "schemes": schemes,
@@ -311,6 +328,9 @@ def run_workload(name: str, *, quick: bool, schemes: list[str] | None, systems: 
         prep.quit()
     result["schemes"] = msg["result"]
     result["unit"], result["items_per_step"] = msg["unit"], msg["items_per_step"]
+    result["not_runnable"] = not_runnable(all_jobs, result["schemes"])
+    jobs = [job for job in all_jobs if "|".join(job) not in result["not_runnable"]]
+    runs: dict[str, dict[str, Any]] = {f"{s}|{sc}": {"system": s, "scheme": sc} for s, sc in jobs}
 
     # -- timing pass ---------------------------------------------------------------------------------------
     gate = result["quiet_gate"] = {"waited_s": 0.0, "busy_steps": 0}
@@ -421,9 +441,14 @@ def run(workloads: list[str], *, quick: bool = False, schemes: list[str] | None 
     systems = systems or SYSTEM_ORDER + [LORA]
     if device == "cuda":
         gpu.strict_fp32()  # the floor's matrix-multiply rate, as the systems run
-    # ONNX Runtime's environment, where a workload runs it (its device and workload do not leave it out)
-    if "ort" in systems and any(not excluded(workload_config(name, quick), ["ort"], device) for name in workloads):
-        subprocess.run(["bash", str(CONFIG_DIR / "setup_ort.sh")], check=True)
+    # The virtual environments of the systems that have their own (ONNX Runtime's, ExecuTorch's), where a workload
+    # runs them (their device and workload do not leave them out)
+    from bench.systems import SYSTEMS as CLASSES
+
+    for system in dict.fromkeys(base_system(s) for s in systems):
+        environment = getattr(CLASSES.get(system), "environment", None)
+        if environment and any(not excluded(workload_config(name, quick), [system], device) for name in workloads):
+            subprocess.run(["bash", str(REPO / environment[1])], check=True)
     threads = workload_config(workloads[0], quick)["threads"]
     results_path = out / "results.json"
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.exists() else {}

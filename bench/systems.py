@@ -8,11 +8,14 @@ for all), the same optimizer (SGD, momentum 0.9, same lr; ONNX Runtime has no mo
 number of threads (set by the worker process before anything is built).
 
 - PockEngine:   pe.compile(model, loss_fn, batch, optimizer=pe.optim.SGD(lr, momentum=0.9), scheme=...)
+- PockEngineOnnx: the same compiled step exported to ONNX (trainer.export_onnx), trained by pockengine.runtime.onnx
+                on onnxruntime in a child process without torch
 - Eager:        requires_grad on the trained parameters only, loss.backward(), partial channels by masking the
                 gradient (pockengine.scheme.gradient_masks), torch.optim.SGD
 - TorchCompile: the same with the forward + loss compiled by torch.compile (AOTAutograd compiles the backward);
                 masking and the optimizer step run eagerly, as in the usual torch.compile training loop
 - OrtTraining:  ONNX Runtime on-device training (onnxruntime-training-cpu in .venv-ort), driven in a child process
+- ExecuTorchTraining: ExecuTorch 1.5.1 training (.venv-executorch), driven in a child process; whole tensors only
 - PeftLoRA:     Hugging Face PEFT LoRA adapters (its own trainable set: the "lora" scheme), eager PyTorch
 
 A system may run as a variant with options, named `system[option=value,...]` (`make_system`): `eager[attn=eager]`
@@ -28,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -44,12 +48,21 @@ from pockengine.scheme import Scheme, Selection, gradient_masks
 
 REPO = Path(__file__).resolve().parents[1]
 ORT_PYTHON = Path(os.environ.get("POCKENGINE_ORT_PYTHON") or REPO / ".venv-ort" / "bin" / "python")
+EXECUTORCH_PYTHON = Path(os.environ.get("POCKENGINE_EXECUTORCH_PYTHON")
+                         or REPO / ".venv-executorch" / "bin" / "python")
 MOMENTUM = 0.9
 ONNX_PREFIX = "inner.model."  # parameter names in the exported graph: _EvalWrapper.inner -> LogitsForLoss.model
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:
     return model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+
+
+def _entries(model: nn.Module, selections: dict[str, Selection]) -> int:
+    """Trained entries of `selections`: whole tensors, and the trained channels of partially trained ones."""
+    params = dict(model.named_parameters())
+    return sum(params[n].numel() if s.kind == "full" else params[n].numel() // params[n].shape[s.dim] * len(s.channels)
+               for n, s in selections.items())
 
 
 class System:
@@ -60,6 +73,8 @@ class System:
     counts_flops = True  # FlopCounterMode can watch its step (ATen ops run in this process)
     unsupported_devices: dict[str, str] = {}  # device -> why the system cannot train there
     options: dict[str, tuple[str, ...]] = {}  # option -> its values, for variants `name[option=value]`
+    environment: tuple[Path, str] | None = None  # (its Python, the script that makes that virtual environment)
+    partial_channels: str | None = None  # why the system cannot train part of a tensor's channels (None: it can)
 
     def __init__(self, **options: str) -> None:
         self.chosen = options  # checked by make_system
@@ -94,6 +109,10 @@ class System:
         """The system's own prediction of its step's peak memory, if it makes one."""
         return None
 
+    def model_bytes(self) -> int | None:
+        """Size of the files the system trains from (the exported model), where it trains from files."""
+        return None
+
     def notes(self) -> list[str]:
         return []
 
@@ -126,8 +145,7 @@ class _TorchLoop(System):
                        for n, m in gradient_masks(model, selections).items() if m is not None]
         self.trained = [params[n] for n in selections]
         self.opt = torch.optim.SGD(self.trained, lr=lr, momentum=MOMENTUM)
-        self._entries = sum(p.numel() if s.kind == "full" else p.numel() // p.shape[s.dim] * len(s.channels)
-                            for p, s in zip(self.trained, selections.values()))
+        self._entries = _entries(model, selections)
 
     def trained_entries(self) -> int:
         return self._entries
@@ -197,10 +215,7 @@ class PockEngine(System):
                                   scheme=Scheme.from_resolved(selections, scheme_name),
                                   freeze_batchnorm=freeze_batchnorm, attention=self.chosen.get("attention", "auto"),
                                   backend=self.chosen.get("backend", "aten"))
-        params = dict(model.named_parameters())
-        self._entries = sum(params[n].numel() if s.kind == "full"
-                            else params[n].numel() // params[n].shape[s.dim] * len(s.channels)
-                            for n, s in self.trainer.trained.items())
+        self._entries = _entries(model, self.trainer.trained)
 
     def trained_entries(self) -> int:
         return self._entries
@@ -252,18 +267,127 @@ class PeftLoRA(_TorchLoop):
         return self._finish(self.loss_fn(_call(self.model, inputs), target))
 
 
-class OrtTraining(System):
+class ChildProcess(System):
+    """A system whose steps run in a child process (another virtual environment, or a process without torch),
+    speaking bench/child.py's protocol: its memory is that process's, from the RSS it had with its runtime loaded.
+    The worker process prepares the files the child reads (model, batches) in `work_dir` and starts it."""
+
+    counts_flops = False  # the child's kernels are out of this process's sight
+
+    def _start(self, python: Path, script: str, work: Path, spec: dict[str, Any]) -> None:
+        if not python.exists():
+            raise RuntimeError(f"{python} is missing: run {self.environment[1]}")
+        (work / "spec.json").write_text(json.dumps(spec))
+        self._log = work / "child_stderr.log"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        self.child = subprocess.Popen([str(python), str(Path(__file__).with_name(script)), str(work / "spec.json")],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(self._log, "w"),
+                                      text=True, env=env)
+        self.info = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        while True:
+            line = self.child.stdout.readline()
+            if not line:
+                raise RuntimeError(f"{self.name} child process exited: {self._log.read_text()[-3000:]}")
+            if line.startswith("@@"):
+                msg = json.loads(line[2:])
+                if "error" in msg:
+                    raise RuntimeError(msg["error"])
+                return msg
+
+    def _ask(self, **msg: Any) -> dict[str, Any]:
+        self.child.stdin.write(json.dumps(msg) + "\n")
+        self.child.stdin.flush()
+        return self._read()
+
+    def _save_batches(self, work: Path, batches: list, arrays: Callable[[Any], dict[str, Any]]) -> None:
+        """The workload's batches as work/batches.npz, `<i>/<name>` for the arrays `arrays(batch)` gives."""
+        import numpy as np
+
+        self.batches = batches
+        np.savez(work / "batches.npz", **{f"{i}/{name}": a for i, b in enumerate(batches)
+                                          for name, a in arrays(b).items()})
+
+    def step(self, batch):
+        index = next(i for i, b in enumerate(self.batches) if b is batch)
+        return self._ask(cmd="step", batch=index)["loss"]
+
+    def pid(self) -> int:
+        return self.child.pid
+
+    def baseline_rss_kb(self) -> int | None:
+        return self.info["baseline_rss_kb"]
+
+    def trained_entries(self) -> int:
+        return self._entries
+
+    def setup_parts(self) -> dict[str, float]:
+        return {"export_s": self.export_s, **{k: v for k, v in self.info.items() if k.endswith("_s")}}
+
+    def model_bytes(self) -> int | None:
+        return self.info.get("model_bytes")
+
+    def close(self) -> None:
+        if getattr(self, "child", None) and self.child.poll() is None:
+            try:
+                self._ask(cmd="quit")
+            except Exception:
+                pass
+            self.child.wait(timeout=30)
+
+
+class PockEngineOnnx(ChildProcess):
+    """pockengine's compiled step exported as one ONNX model (`trainer.export_onnx`: the same scheme and optimizer as
+    the `pockengine` system, partial channels as trained slices) and trained by pockengine.runtime.onnx on
+    onnxruntime in a child process that imports no torch (bench/onnx_worker.py), with its I/O binding. Set-up time
+    is compile + export + onnxruntime's session; the model file is the .onnx (with external data, if any) and its
+    .init.safetensors."""
+
+    name = "pockengine-onnx"
+    unsupported_devices = {"cuda": "the ONNX runner is measured on onnxruntime's CPU execution provider"}
+
+    def import_runtime(self) -> None:
+        PockEngine().import_runtime()
+        import onnxscript  # noqa: F401
+        import torch.onnx._internal.exporter._core  # noqa: F401  (the exporter, imported lazily by torch.onnx)
+
+    def setup(self, model, loss_fn, batch, selections, *, lr, workload, work_dir, threads, reuse=False, **kw):
+        from pockengine.backend.onnx_export import batch_arrays
+        from pockengine.runtime import init_path
+
+        work = Path(work_dir)
+        work.mkdir(parents=True, exist_ok=True)
+        path = work / "step.onnx"
+        self._entries = _entries(model, selections)
+        start = time.perf_counter()
+        # The memory pass reuses the timing pass's export (set-up time is taken in the timing pass).
+        if not (reuse and path.exists()):
+            compiled = PockEngine()
+            compiled.setup(model, loss_fn, batch, selections, lr=lr, **kw)
+            compiled.trainer.export_onnx(path)
+            del compiled
+        self.export_s = time.perf_counter() - start
+        self._save_batches(work, workload.batches, batch_arrays)
+        self._start(Path(sys.executable), "onnx_worker.py", work,
+                    {"model": str(path), "lr": lr, "threads": threads, "n_batches": len(workload.batches)})
+        self.info["model_bytes"] = sum(f.stat().st_size for f in (path, init_path(path), Path(f"{path}.data"))
+                                       if f.exists())
+
+
+class OrtTraining(ChildProcess):
     """ONNX Runtime on-device training. This process exports the model to ONNX (TorchScript exporter, training
     mode, no constant folding) with the frozen parameters listed; a child process in .venv-ort builds the training
     artifacts (gradient graph, CrossEntropyLoss, SGD) and runs the steps (bench/ort_worker.py).
 
     ONNX Runtime trains whole tensors only; partially trained parameters are emulated by writing the untrained
     entries back after every optimizer step (same result, the copy counts in ORT's step time). Its SGD optimizer
-    has no momentum (the other systems use 0.9), so its update does slightly less work.
+    has no momentum (the other systems use 0.9), so its update does slightly less work. The model file is what
+    training needs: the training and optimizer models and the checkpoint.
     """
 
     name = "ort"
-    counts_flops = False
+    environment = (ORT_PYTHON, "bench/setup_ort.sh")
     unsupported_devices = {"cuda": "ONNX Runtime training is installed as its CPU build (onnxruntime-training-cpu, "
                                    "bench/setup_ort.sh)"}
 
@@ -288,30 +412,17 @@ class OrtTraining(System):
                               training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False,
                               dynamo=False, opset_version=17)
         self.export_s = time.perf_counter() - start
-        batches = {}
-        for i, (inputs, target) in enumerate(w.batches):
-            for name, t in zip(w.input_names, w.flat_inputs(inputs)):
-                batches[f"{i}/{name}"] = t.numpy()
-            batches[f"{i}/labels"] = w.label_fn(target).numpy()
-        np.savez(work / "batches.npz", **batches)
+        self._save_batches(work, w.batches, lambda b: {**dict(zip(w.input_names, (t.numpy() for t in
+                                                                                  w.flat_inputs(b[0])))),
+                                                       "labels": w.label_fn(b[1]).numpy()})
         masks = {f"{ONNX_PREFIX}{n}": m.numpy() for n, m in gradient_masks(model, selections).items() if m is not None}
         np.savez(work / "masks.npz", **masks)
-        spec = {"onnx": str(onnx_path), "artifacts": str(work / "artifacts"), "lr": lr, "threads": threads,
-                "reuse_artifacts": reuse,
-                "requires_grad": [f"{ONNX_PREFIX}{n}" for n in selections],
-                "frozen": [f"{ONNX_PREFIX}{n}" for n in params if n not in selections],
-                "input_names": list(w.input_names), "n_batches": len(w.batches)}
-        (work / "spec.json").write_text(json.dumps(spec))
-        self._entries = sum(params[n].numel() if s.kind == "full"
-                            else params[n].numel() // params[n].shape[s.dim] * len(s.channels)
-                            for n, s in selections.items())
-        self.batches = w.batches
-        if not ORT_PYTHON.exists():
-            raise RuntimeError(f"{ORT_PYTHON} is missing: run bench/setup_ort.sh")
-        self.child = subprocess.Popen([str(ORT_PYTHON), str(Path(__file__).with_name("ort_worker.py")),
-                                       str(work / "spec.json")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=open(work / "ort_stderr.log", "w"), text=True, env=os.environ.copy())
-        self.info = self._read()
+        self._entries = _entries(model, selections)
+        self._start(ORT_PYTHON, "ort_worker.py", work,
+                    {"onnx": str(onnx_path), "artifacts": str(work / "artifacts"), "lr": lr, "threads": threads,
+                     "reuse_artifacts": reuse, "requires_grad": [f"{ONNX_PREFIX}{n}" for n in selections],
+                     "frozen": [f"{ONNX_PREFIX}{n}" for n in params if n not in selections],
+                     "input_names": list(w.input_names), "n_batches": len(w.batches)})
         self._notes = list(self.info.get("notes", []))
         if masks:
             self._notes.append("partial channels emulated: untrained entries written back after each step")
@@ -319,49 +430,70 @@ class OrtTraining(System):
             self._notes.append(f"{frozen_bn} BatchNorm layers exported in their frozen affine form (ORT training "
                                "runs every BatchNormalization on batch statistics)")
 
-    def _read(self) -> dict[str, Any]:
-        while True:
-            line = self.child.stdout.readline()
-            if not line:
-                err = Path(self.child.args[-1]).with_name("ort_stderr.log").read_text()[-3000:]
-                raise RuntimeError(f"ONNX Runtime worker exited: {err}")
-            if line.startswith("@@"):
-                msg = json.loads(line[2:])
-                if "error" in msg:
-                    raise RuntimeError(msg["error"])
-                return msg
-
-    def _ask(self, **msg: Any) -> dict[str, Any]:
-        self.child.stdin.write(json.dumps(msg) + "\n")
-        self.child.stdin.flush()
-        return self._read()
-
-    def step(self, batch):
-        index = next(i for i, b in enumerate(self.batches) if b is batch)
-        return self._ask(cmd="step", batch=index)["loss"]
-
-    def pid(self) -> int:
-        return self.child.pid
-
-    def baseline_rss_kb(self) -> int | None:
-        return self.info["baseline_rss_kb"]
-
-    def trained_entries(self) -> int:
-        return self._entries
-
-    def setup_parts(self) -> dict[str, float]:
-        return {"export_s": self.export_s, **{k: v for k, v in self.info.items() if k.endswith("_s")}}
-
     def notes(self) -> list[str]:
         return self._notes + ["SGD without momentum (ONNX Runtime training offers SGD and AdamW only)"]
 
-    def close(self) -> None:
-        if getattr(self, "child", None) and self.child.poll() is None:
-            try:
-                self._ask(cmd="quit")
-            except Exception:
-                pass
-            self.child.wait(timeout=30)
+
+class ExecuTorchTraining(ChildProcess):
+    """ExecuTorch 1.5.1 on-device training (its training extension, `executorch.extension.training`), in
+    .venv-executorch (bench/setup_executorch.sh). This process exports the model with its cross-entropy loss by
+    torch.export, with `requires_grad` on the trained parameters only (how ExecuTorch chooses what it trains); a
+    child process lowers it (bench/executorch_worker.py: `_export_forward_backward`, `to_edge(...).to_executorch()`)
+    and trains on ExecuTorch's portable CPU kernels with its SGD optimizer (momentum 0.9, as the others). The model
+    file is the .pte program (weights inside). Set-up time is export + lowering + loading."""
+
+    name = "executorch"
+    environment = (EXECUTORCH_PYTHON, "bench/setup_executorch.sh")
+    unsupported_devices = {"cuda": "ExecuTorch's training runs on its portable CPU kernels"}
+    partial_channels = ("ExecuTorch trains whole tensors, chosen by `requires_grad`; it cannot train a fraction of a "
+                        "tensor's channels (masking the gradient would need the optimizer's update, which it keeps "
+                        "inside its own SGD)")
+
+    def import_runtime(self) -> None:
+        import torch.export  # noqa: F401
+
+    def setup(self, model, loss_fn, batch, selections, *, lr, workload, work_dir, threads, reuse=False, **kw):
+        from bench.workloads import LogitsForLoss, causal
+
+        w = workload
+        work = Path(work_dir)
+        work.mkdir(parents=True, exist_ok=True)
+        program = work / "model.pt2"
+        self._entries = _entries(model, selections)
+        start = time.perf_counter()
+        # The memory pass reuses the timing pass's program (set-up time is taken in the timing pass).
+        reuse = reuse and (work / "model.pte").exists()
+        if not reuse:
+            for name, p in model.named_parameters():
+                p.requires_grad_(name in selections)
+            loss = _CrossEntropyOfLogits(LogitsForLoss(model, w.input_names, causal(w)))
+            args = (*w.flat_inputs(batch[0]), w.label_fn(batch[1]))
+            torch.export.save(torch.export.export(loss, args, strict=False), str(program))
+        self.export_s = time.perf_counter() - start
+        self._save_batches(work, w.batches, lambda b: {**dict(zip(w.input_names, (t.numpy() for t in
+                                                                                  w.flat_inputs(b[0])))),
+                                                       "labels": w.label_fn(b[1]).numpy()})
+        self._start(EXECUTORCH_PYTHON, "executorch_worker.py", work,
+                    {"program": str(program), "lr": lr, "momentum": MOMENTUM, "reuse": reuse,
+                     "input_names": list(w.input_names), "n_batches": len(w.batches)})
+
+    def notes(self) -> list[str]:
+        return ["one thread: ExecuTorch's CPU kernels (its pip build's portable and optimized kernels; training "
+                "delegates nothing to XNNPACK) ran on the calling thread, its other threads idle (the others use 2 "
+                "threads)"]
+
+
+class _CrossEntropyOfLogits(nn.Module):
+    """The mean cross-entropy of a LogitsForLoss model: the loss as the exported program's only output, which
+    ExecuTorch's joint forward-backward program differentiates."""
+
+    def __init__(self, logits: nn.Module):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        *inputs, labels = args
+        return nn.functional.cross_entropy(self.logits(*inputs), labels)
 
 
 class _FrozenBatchNorm(nn.Module):
@@ -405,7 +537,8 @@ class _EvalWrapper(nn.Module):
         return self.inner(*args)
 
 
-SYSTEMS: dict[str, type[System]] = {cls.name: cls for cls in (PockEngine, Eager, TorchCompile, OrtTraining, PeftLoRA)}
+SYSTEMS: dict[str, type[System]] = {cls.name: cls for cls in (PockEngine, PockEngineOnnx, Eager, TorchCompile,
+                                                                OrtTraining, ExecuTorchTraining, PeftLoRA)}
 def make_system(spec: str) -> System:
     """The system `spec` names (`parse_system`), its options checked against what the system offers."""
     base, chosen = parse_system(spec)

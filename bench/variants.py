@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import re
 
+# Every system of the benchmark (bench/systems.py), in the order the runner runs and the report lists them; the
+# default of `--systems`.
+SYSTEMS = ["pockengine", "pockengine-onnx", "eager", "torch.compile", "ort", "executorch", "peft-lora"]
 _VARIANT = re.compile(r"(?P<base>[\w.-]+)(?:\[(?P<options>[^\]]*)\])?")
 
 

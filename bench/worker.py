@@ -102,6 +102,7 @@ def prepare(job: dict[str, Any], conn: Connection) -> None:
         total = sum(p.numel() for p in model.parameters())
         out[name] = {"rules": scheme.to_dict(), "trained_tensors": len(sel), "trained_entries": eager.trained_entries(),
                      "total_entries": total, "eager_flops": flops,
+                     "partial": any(s.kind == "partial" for s in sel.values()),
                      "summary_total": summary(model, sel).splitlines()[-1].split()[1:]}
         del model, eager
     if job.get("lora"):
@@ -130,7 +131,7 @@ def run_system(job: dict[str, Any], conn: Connection) -> None:
     start = time.perf_counter()
     system.setup(w.model, w.loss_fn, w.batch(0), selections, lr=w.lr, workload=w,
                  freeze_batchnorm=w.freeze_batchnorm, scheme_name=job["scheme"], lora=w.cfg.get("lora"),
-                 work_dir=str(Path(job["work_dir"]) / "ort" / job["scheme"]), threads=job["threads"],
+                 work_dir=str(Path(job["work_dir"]) / job["system"] / job["scheme"]), threads=job["threads"],
                  reuse=job["pass"] == "mem", compile_threads=1 if job["quick"] else None)
     setup_only = time.perf_counter() - start
     n = 0
@@ -143,6 +144,7 @@ def run_system(job: dict[str, Any], conn: Connection) -> None:
     conn.send({"ready": True, "setup_s": setup_only + first_time, "setup_only_s": setup_only,
                "first_step_s": first_time, "setup_parts": parts, "loss": first,
                "trained_entries": system.trained_entries(), "notes": system.notes(),
+               "model_bytes": system.model_bytes(),
                "baseline_rss_kb": system.baseline_rss_kb() or baseline, "pid": system.pid()})
     try:
         while (cmd := _receive(conn)) != "quit":

@@ -20,8 +20,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     # every system run of the report (the legend), variants (hatched, in their system's colour) after their system
     systems = sorted({r["system"] for w in ws for r in rows(w)}, key=system_rank)
     fig, axes = plt.subplots(len(ws), 2, figsize=(14, 3.6 * len(ws)), squeeze=False)
-    colors = {"pockengine": "#d62728", "eager": "#1f77b4", "torch.compile": "#2ca02c", "ort": "#9467bd",
-              "peft-lora": "#ff7f0e"}
+    colors = {"pockengine": "#d62728", "pockengine-onnx": "#e377c2", "eager": "#1f77b4", "torch.compile": "#2ca02c",
+              "ort": "#9467bd", "executorch": "#8c564b", "peft-lora": "#ff7f0e"}
     for i, w in enumerate(ws):
         rs = rows(w)
         schemes = list(dict.fromkeys(r["scheme"] for r in rs))

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.variants import base_system
-
-SYSTEMS = ["pockengine", "eager", "torch.compile", "ort", "peft-lora"]
+from bench.variants import SYSTEMS, base_system
 MB = 1024  # KiB per MiB
 
 
@@ -30,9 +28,13 @@ def training_mb(run: dict[str, Any]) -> float | None:
     return (run["peak_rss_kb"] - run["baseline_rss_kb"]) / MB
 
 
-# ONNX Runtime keeps what a step frees in its arena for the next step: the step's memory is already resident before
-# the measured steps, so only its train mem compares.
-ARENA_SYSTEMS = {"ort"}
+# Systems whose step memory is resident before the measured steps, so that only their train mem compares: ONNX
+# Runtime (training, and the inference runtime under pockengine's ONNX runner) keeps what a step frees in its arena
+# for the next step; ExecuTorch allocates its memory plan's buffers when it loads the program. The label the memory
+# table shows instead of their step mem.
+RESIDENT_STEP = {"ort": "arena", "pockengine-onnx": "arena", "executorch": "planned"}
+# The systems the peer table divides by every other system: pockengine's torch backend and its ONNX runner.
+OURS = ("pockengine", "pockengine-onnx")
 
 
 def step_mb(run: dict[str, Any]) -> float | None:
@@ -41,7 +43,7 @@ def step_mb(run: dict[str, Any]) -> float | None:
     the caching allocator's counts of allocated bytes."""
     if "cuda_peak_bytes" in run:
         return (run["cuda_peak_bytes"] - run["cuda_before_bytes"]) / 2 ** 20
-    if "peak_rss_kb" not in run or "mem_before_kb" not in run or base_system(run["system"]) in ARENA_SYSTEMS:
+    if "peak_rss_kb" not in run or "mem_before_kb" not in run or base_system(run["system"]) in RESIDENT_STEP:
         return None
     return (run["peak_rss_kb"] - run["mem_before_kb"]) / MB
 
@@ -84,6 +86,7 @@ def rows(w: dict[str, Any]) -> list[dict[str, Any]]:
                                       if run.get("tracked_step_bytes") and eager_same.get("tracked_step_bytes")
                                       else None),
             "peak_rss_mb": run["peak_rss_kb"] / MB if "peak_rss_kb" in run else None,
+            "model_mb": _mib(run.get("model_bytes")),
             "flops": run.get("flops") or scheme.get("eager_flops"), "floor_flops": floor_flops,
             "floor_s": floor_flops / rate if floor_flops else None,
             "time_vs_eager_full": run["median_s"] / ref_time if ref_time and "median_s" in run else None,
@@ -119,13 +122,17 @@ def _table(head: list[str], lines: list[list[str]]) -> str:
 
 
 def table(w: dict[str, Any]) -> str:
-    """Two tables: time, then memory."""
+    """Two tables: time, then memory; where a system trains from an exported model file, the memory table adds the
+    whole process's peak (VmHWM, runtime libraries included) and the size of that file."""
     unit = "samples/s" if w["unit"] == "samples" else "tokens/s"
     time_head = ["scheme", "system", "trained", "step ms median (min–max)", unit, "set-up s", "GFLOP/step",
                  "floor ms", "floor/time", "time ÷ eager full", "time ÷ eager same scheme", "time ÷ best other",
                  "1st loss"]
     mem_head = ["scheme", "system", "train mem MB", "step mem MB", "step tracked MB", "step predicted MB",
                 "train mem ÷ eager full", "train mem ÷ best other", "step mem ÷ eager same scheme"]
+    files = any(r.get("model_bytes") for r in w["runs"].values())
+    if files:
+        mem_head += ["process peak MB", "model file MB"]
     time_lines, mem_lines = [], []
     for r in rows(w):
         trained = (f"{r['trained'] / r['total'] * 100:.2f}%" if r["trained"] is not None and r["total"] else "–")
@@ -145,22 +152,32 @@ def table(w: dict[str, Any]) -> str:
         mem_lines.append([
             r["scheme"], r["system"],
             _cell(r["mem_mb"], ".0f") if r["mem_mb"] is not None or not r["memory_error"] else "failed",
-            "arena" if base_system(r["system"]) in ARENA_SYSTEMS else _cell(r["step_mb"], ".1f"),
+            RESIDENT_STEP.get(base_system(r["system"])) or _cell(r["step_mb"], ".1f"),
             _cell(r["tracked_mb"], ".1f"), _cell(r["predicted_mb"], ".1f"),
             _ratio(r["mem_vs_eager_full"], 1), _ratio(r["mem_vs_best_other"], 1),
-            _ratio(r["step_mem_vs_eager_same"], 1)])
+            _ratio(r["step_mem_vs_eager_same"], 1)]
+            + ([_cell(r["peak_rss_mb"], ".0f"), _cell(r["model_mb"], ".1f")] if files else []))
     return _table(time_head, time_lines) + "\n\n" + _table(mem_head, mem_lines)
 
 
+def _peers(ours: str, peer: str) -> bool:
+    """Whether the peer table divides `ours` by `peer`: every other system, and pockengine's ONNX runner by
+    everything but the torch backend (which is divided by the runner already)."""
+    a, b = base_system(ours), base_system(peer)
+    return a in OURS and a != b and not (a == "pockengine-onnx" and b == "pockengine")
+
+
 def peer_table(w: dict[str, Any]) -> str | None:
-    """pockengine (and its variants) ÷ every other system on the same scheme: step time, step memory (resident and
-    tracked); None when no scheme has both."""
-    head = ["scheme", "pockengine", "peer", "step time ÷ peer", "step mem ÷ peer", "step tracked ÷ peer"]
+    """pockengine and its ONNX runner (and their variants) ÷ every other system on the same scheme: step time, step
+    memory (resident and tracked), and train mem where the ONNX runner is in it; None when no scheme has both."""
     ok = [r for r in rows(w) if not r["error"]]
+    train = any(base_system(r["system"]) == "pockengine-onnx" for r in ok)
+    head = ["scheme", "pockengine", "peer", "step time ÷ peer", "step mem ÷ peer", "step tracked ÷ peer"]
+    head += ["train mem ÷ peer"] if train else []
     lines = [[ours["scheme"], ours["system"], peer["system"], _ratio(ours["median_s"], peer["median_s"]),
               _ratio(ours["step_mb"], peer["step_mb"]), _ratio(ours["tracked_mb"], peer["tracked_mb"])]
-             for ours in ok if base_system(ours["system"]) == "pockengine"
-             for peer in ok if peer["scheme"] == ours["scheme"] and base_system(peer["system"]) != "pockengine"]
+             + ([_ratio(ours["mem_mb"], peer["mem_mb"])] if train else [])
+             for ours in ok for peer in ok if peer["scheme"] == ours["scheme"] and _peers(ours["system"], peer["system"])]
     return _table(head, lines) if lines else None
 
 

@@ -36,6 +36,7 @@ def variant_notes(w: dict[str, Any]) -> list[str]:
 
 def notes(w: dict[str, Any]) -> list[str]:
     out = variant_notes(w) + [f"- {system}: not run: {why}" for system, why in w.get("excluded", {}).items()]
+    out += [f"- {key.replace('|', ' on ')}: not run: {why}" for key, why in w.get("not_runnable", {}).items()]
     seen = set()
     for r in rows(w):
         for n in r["notes"]:
@@ -92,10 +93,23 @@ METHOD = """\
   (which skips the work of untrained channels). *floor* = the smaller count ÷ this machine's best measured fp32
   matrix-multiply rate ({rate:.0f} GFLOP/s, {rate_how}): the time the step would take if
   all its arithmetic ran at matrix-multiply speed. *floor/time* reads each time as a fraction of that limit.
-- **Ratios** divide a system's figure by PyTorch eager full fine-tuning's (same workload), and by the best *other*
+{ondevice}- **Ratios** divide a system's figure by PyTorch eager full fine-tuning's (same workload), and by the best *other*
   system on the same scheme; below 1 is better. PEFT LoRA (r=8 on the attention query/value projections; MiniLM's
   new classifier head trained too, as PEFT's sequence-classification task does) has its own trainable set: it is
   compared to eager full fine-tuning only.
+"""
+
+ONDEVICE = """\
+- **On-device runtimes.** `pockengine-onnx` is pockengine's compiled step (same scheme and optimizer as
+  `pockengine`) exported as one ONNX model (`trainer.export_onnx`) and trained by `pockengine.runtime.onnx` on the
+  `onnxruntime` package, in a child process that imports no torch: its train mem is that process's VmHWM − its RSS
+  with numpy, onnxruntime and the runner loaded, and *process peak* the whole VmHWM, libraries included (the
+  others' processes hold torch). `executorch` is ExecuTorch's training (`_export_forward_backward`,
+  `to_edge(...).to_executorch()`, `_load_for_executorch_for_training_from_buffer`, `get_sgd_optimizer` with
+  momentum 0.9) in its own environment; its CPU kernels run on one thread (the calling one: in the runs here its
+  other threads stayed idle, per /proc/PID/task). It trains whole tensors chosen by
+  `requires_grad`, so schemes with partial channels are listed as not run. *model file* is what each trains from:
+  the .onnx and its .init.safetensors, ORT's training and optimizer models and checkpoint, the .pte program.
 """
 
 MEMORY_CPU = """\
@@ -129,6 +143,8 @@ def method(results: dict[str, Any]) -> str:
     figures = dict(pause=cfg["pause_s"], warmup=any_w["warmup"], steps=any_w["steps"], batches=cfg["batches"],
                    threads=cfg["threads"], mwarm=any_w["memory_warmup"], msteps=any_w["memory_steps"],
                    rate=any_w["matmul_flops_per_s"] / 1e9)
+    systems = {base_system(r["system"]) for w in results["workloads"].values() for r in w["runs"].values()}
+    figures["ondevice"] = ONDEVICE if systems & {"pockengine-onnx", "executorch"} else ""
     if results.get("device", "cpu") == "cpu":
         return METHOD.format(**figures, sync="", memory=MEMORY_CPU.format(**figures),
                              processes="in the timing pass forked from a server that has imported the libraries once",
@@ -167,7 +183,9 @@ def introduction(results: dict[str, Any]) -> list[str]:
                 "",
                 f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; torch {m['torch']}, transformers "
                 f"{m.get('transformers', '?')}, peft {m.get('peft', '?')}, onnxruntime-training "
-                f"{m.get('onnxruntime-training', '?')}; Python {m['python']}.", "",
+                f"{m.get('onnxruntime-training', '?')}"
+                + "".join(f", {k} {m[k]}" for k in ("onnxruntime", "executorch") if k in m)
+                + f"; Python {m['python']}.", "",
                 "## Summary", "",
                 _summary_text("above the weights and optimizer state (peak RSS during the steps minus RSS before "
                               "them", "allocator arenas and oneDNN's reordered weight copies are outside it, and so "
@@ -205,7 +223,11 @@ def workload_section(name: str, w: dict[str, Any], command: str) -> list[str]:
              "on a busy machine after all). "
              f"Command: `{command}`", "", table(w), ""]
     peers = peer_table(w)
-    if peers:
+    if peers and any(r["system"] == "pockengine-onnx" for r in w["runs"].values()):
+        parts += ["pockengine and its ONNX runner ÷ each other system on the same scheme (below 1: faster, smaller; "
+                  "*step mem* from the resident set, *step tracked* from the dispatcher, *train mem* as in the tables "
+                  "above; `pockengine` ÷ `pockengine-onnx` is the torch backend ÷ the ONNX runner):", "", peers, ""]
+    elif peers:
         parts += ["pockengine ÷ each other system on the same scheme (below 1: pockengine faster, smaller; *step mem* "
                   "from the resident set, *step tracked* from the dispatcher, as in the tables above):", "", peers, ""]
     ns = notes(w)

@@ -2,8 +2,8 @@
 losses equal PyTorch eager's. Nothing about speed is asserted. Slow (2-3 minutes on 2 cores): `-m "not slow"` leaves
 it out.
 
-Skips nothing silently: ONNX Runtime's environment (.venv-ort) is built by bench/setup_ort.sh when missing
-(idempotent), and the models and data come from the packages that scripts/setup.sh installs.
+Skips nothing silently: ONNX Runtime's and ExecuTorch's environments (.venv-ort, .venv-executorch) are built by
+bench/setup_ort.sh and bench/setup_executorch.sh when missing (idempotent), and the models and data come from the packages that scripts/setup.sh installs.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 WORKLOADS = ["mobilenetv2", "minilm", "smollm2", "smollm2_long"]
-SYSTEMS = {"pockengine", "eager", "torch.compile", "ort"}
+SYSTEMS = {"pockengine", "pockengine-onnx", "eager", "torch.compile", "ort"}
+# ExecuTorch trains whole tensors only: the quick sparse scheme (partial channels) is listed as not runnable for it
 LORA_WORKLOADS = {"minilm", "smollm2"}
 # the long-sequence workload runs system variants and leaves out the systems the others cover (bench/workloads.yaml)
 QUICK_SYSTEMS = {"smollm2_long": {"pockengine", "pockengine[attention=flash]", "eager", "eager[attn=eager]"}}
@@ -27,13 +28,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("bench_quick")]
 
 
 @pytest.fixture(scope="module")
-def ort_env():
-    subprocess.run(["bash", str(REPO / "bench" / "setup_ort.sh")], check=True, cwd=REPO)
-    assert (REPO / ".venv-ort" / "bin" / "python").exists()
+def environments():
+    for script, venv in (("setup_ort.sh", ".venv-ort"), ("setup_executorch.sh", ".venv-executorch")):
+        subprocess.run(["bash", str(REPO / "bench" / script)], check=True, cwd=REPO)
+        assert (REPO / venv / "bin" / "python").exists()
 
 
 @pytest.fixture(scope="module")
-def quick_results(ort_env, tmp_path_factory):
+def quick_results(environments, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=900)
@@ -49,6 +51,8 @@ def test_quick_bench_runs_every_system(quick_results):
         systems = {r["system"] for r in w["runs"].values()}
         expected = QUICK_SYSTEMS.get(name) or SYSTEMS | ({"peft-lora"} if name in LORA_WORKLOADS else set())
         assert systems == expected, (name, systems)
+        if name not in QUICK_SYSTEMS and "executorch" not in w["excluded"]:
+            assert "part of some tensors' channels" in w["not_runnable"]["executorch|sparse"], name
         for key, run in w["runs"].items():
             if run.get("error"):
                 problems.append(f"{name} {key}: {run['error'][:500]}")

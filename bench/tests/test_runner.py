@@ -89,10 +89,12 @@ def test_systems_that_cannot_run_are_listed_with_why():
     from bench.runner import excluded
 
     cuda = excluded(workload_config("mobilenetv2"), ALL, "cuda")
-    assert set(cuda) == {"ort", "peft-lora"}
+    assert set(cuda) == {"pockengine-onnx", "ort", "executorch", "peft-lora"}
     assert "CPU build" in cuda["ort"] and "no LoRA configuration" in cuda["peft-lora"]
+    assert "portable CPU kernels" in cuda["executorch"] and "CPU execution provider" in cuda["pockengine-onnx"]
     assert set(excluded(workload_config("mobilenetv2"), ALL, "cpu")) == {"peft-lora"}
     assert excluded(workload_config("minilm"), ALL, "cpu") == {}
+    assert set(excluded(workload_config("smollm2"), ALL, "cpu")) == {"executorch"}
     assert excluded(workload_config("minilm"), ["eager"], "cuda") == {}
 
 
@@ -148,7 +150,8 @@ def test_a_workloads_variants_run_after_their_system_and_left_out_systems_are_li
     assert _jobs(cfg, ["last4"], ["pockengine[attention=math]", "eager"]) == [
         ("pockengine[attention=math]", "last4"), ("eager", "last4"), ("eager[attn=eager]", "last4")]
     left_out = excluded(cfg, ALL, "cpu")
-    assert set(left_out) == {"ort", "peft-lora"} and "long-sequence workload" in left_out["ort"]
+    assert set(left_out) == {"ort", "pockengine-onnx", "executorch", "peft-lora"}
+    assert all("long-sequence workload" in left_out[s] for s in ("ort", "pockengine-onnx", "executorch"))
 
 
 def test_bad_system_variant_on_the_command_line_exits_2_naming_the_options(capsys):
