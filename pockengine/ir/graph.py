@@ -328,6 +328,7 @@ class Graph:
         copy.outputs = {k: nodes[v] for k, v in self.outputs.items()}
         copy.constants = {nodes[n]: t for n, t in self.constants.items()}
         copy.notes = {nodes[n]: note for n, note in self.notes.items()}
+        copy.unpadded_masks = {nodes[n]: (nodes[mask], causal) for n, (mask, causal) in self.unpadded_masks.items()}
         copy.remarks = list(self.remarks)
         copy._names = set(self._names)
         return copy, nodes
