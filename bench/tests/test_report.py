@@ -74,7 +74,7 @@ def test_cuda_report_names_the_gpu_lists_excluded_systems_and_says_how_memory_wa
     assert (tmp_path / "bench.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("folder", ["docs/benchmarks", "docs/benchmarks/cuda"])
+@pytest.mark.parametrize("folder", ["docs/benchmarks", "docs/benchmarks/cuda", "docs/benchmarks/ondevice"])
 def test_committed_reports_are_what_the_generator_writes_from_their_results(folder, tmp_path):
     """docs/benchmarks/**/README.md regenerate byte for byte from their results.json (`python -m bench.report
     FOLDER`): a change to the generator's text comes with the regenerated reports."""
