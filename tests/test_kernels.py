@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pockengine.kernels import APPLY_KEEP_, PACK_KEEP, native
+from pockengine.kernels import APPLY_KEEP_, PACK_KEEP, batch_norm, native
 
 aten = torch.ops.aten
 NHWC = [0, 2, 3, 1]
@@ -91,3 +91,94 @@ def test_without_a_compiler_the_masks_still_work_with_a_warning(monkeypatch, tmp
                            aten.threshold_backward(g, x, 0.0))
     finally:
         native.library.cache_clear()
+
+
+# ------------------------------------------------------------------------------------------------ batch norm
+BN_CASES = [  # (N, C, H, W): odd channel counts and sizes; 2x1x1 values per channel (the backward cancels almost
+    # entirely: ATen's kernels, contiguous ones too, leave 4e-4 of error there); more than FEW_ROWS rows (batch_norm.c)
+    (2, 220, 1, 1), (3, 7, 5, 3), (2, 1, 4, 5), (5, 33, 3, 1), (16, 8, 32, 32), (4, 300, 8, 8)]
+
+
+def _batch_norm_case(shape, affine: bool, stats: bool):
+    g = torch.Generator().manual_seed(0)
+    c = shape[1]
+    x = (torch.randn(shape, generator=g) * 3 + 4).contiguous(memory_format=torch.channels_last)
+    w, b = (torch.randn(c, generator=g), torch.randn(c, generator=g)) if affine else (None, None)
+    running = (torch.randn(c, generator=g), torch.rand(c, generator=g) + 0.5) if stats else ()
+    grad = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last)
+    return x, w, b, running, grad
+
+
+def _batch_norm(fwd, bwd, x, w, b, running, grad):
+    """Forward and backward with the batch's statistics: (out, new running statistics, dx, dw, db)."""
+    out = fwd(x, w, b, *running, True, 0.1, 1e-5)
+    mask = [True, w is not None, b is not None]
+    grads = bwd(grad, x, w, *(running or (None, None)), out[1], out[2], True, 1e-5, mask)
+    return [out[0], *(out[3:5] if running else (None, None)), *grads]
+
+
+def _aten_batch_norm(stats: bool):
+    return aten._native_batch_norm_legit_functional if stats else aten._native_batch_norm_legit.no_stats
+
+
+@pytest.mark.parametrize("shape", BN_CASES)
+@pytest.mark.parametrize("affine,stats", [(True, True), (False, False), (True, False)])
+def test_batch_norm_kernels_round_float64_results(shape, affine, stats, monkeypatch):
+    """Output and gradients within a few roundings of float64 arithmetic on the same float32 inputs (ATen's
+    channels-last kernels, summing in float, are up to 1e-5 off at these sizes and 4e-4 at 2 values per channel);
+    the running statistics as ATen updates them. Three threads where there are enough rows."""
+    from pockengine.kernels import BATCH_NORM, BATCH_NORM_BACKWARD, BATCH_NORM_NO_STATS
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    monkeypatch.setattr(batch_norm, "MIN_ELEMENTS_PER_THREAD", 64)
+    x, w, b, running, grad = _batch_norm_case(shape, affine, stats)
+    ours = _batch_norm(BATCH_NORM if stats else BATCH_NORM_NO_STATS, BATCH_NORM_BACKWARD, x, w, b, running, grad)
+    as64 = [None if t is None else t.double() for t in (x, w, b, *running, grad)]
+    exact = _batch_norm(_aten_batch_norm(stats), aten.native_batch_norm_backward, as64[0], *as64[1:3],
+                        tuple(as64[3:-1]), as64[-1])
+    assert ours[0].is_contiguous(memory_format=torch.channels_last) and ours[3].stride() == ours[0].stride()
+    for name, o, e in zip(["out", "running_mean", "running_var", "dx", "dw", "db"], ours, exact):
+        if e is None:
+            assert o is None, name
+            continue
+        assert o.dtype == torch.float32 and o.shape == e.shape, name
+        tolerance = 1e-6 if name.startswith("running") else 2e-7  # running: ATen's own float arithmetic
+        assert ((o.double() - e).abs().max() / e.abs().max()).item() <= tolerance, name
+
+
+def test_batch_norm_backward_with_a_contiguous_gradient():
+    from pockengine.kernels import BATCH_NORM, BATCH_NORM_BACKWARD
+
+    x, w, b, running, grad = _batch_norm_case((4, 6, 3, 5), True, True)
+    dense = _batch_norm(BATCH_NORM, BATCH_NORM_BACKWARD, x, w, b, running, grad)
+    mixed = _batch_norm(BATCH_NORM, BATCH_NORM_BACKWARD, x, w, b, running, grad.contiguous())
+    for a, e in zip(dense, mixed):
+        assert torch.equal(a, e)
+
+
+@pytest.mark.parametrize("layout", ["fallback", "contiguous"])
+def test_batch_norm_elsewhere_is_atens_op(layout, request):
+    """Without the kernels (POCKENGINE_NATIVE=0), and for a contiguous (NCHW) input, whose ATen kernels sum in
+    double already, the ops are ATen's, bit for bit."""
+    from pockengine.kernels import BATCH_NORM, BATCH_NORM_BACKWARD, BATCH_NORM_NO_STATS
+
+    if layout == "fallback":
+        request.getfixturevalue("aten_fallback")
+    for stats in (True, False):
+        x, w, b, running, grad = _batch_norm_case((3, 5, 4, 4), True, stats)
+        if layout == "contiguous":
+            x, grad = x.contiguous(), grad.contiguous()
+        ours = _batch_norm(BATCH_NORM if stats else BATCH_NORM_NO_STATS, BATCH_NORM_BACKWARD, x, w, b, running, grad)
+        theirs = _batch_norm(_aten_batch_norm(stats), aten.native_batch_norm_backward, x, w, b, running, grad)
+        for a, e in zip(ours, theirs):
+            assert (a is None and e is None) or torch.equal(a, e)
+
+
+def test_batch_norm_meta_shapes():
+    from pockengine.kernels import BATCH_NORM, BATCH_NORM_BACKWARD
+
+    x, w = torch.empty(2, 3, 4, 4, device="meta"), torch.empty(3, device="meta")
+    out = BATCH_NORM(x, w, w, w, w, True, 0.1, 1e-5)
+    assert [t.shape for t in out] == [(2, 3, 4, 4)] + [(3,)] * 4
+    dx, dw, db = BATCH_NORM_BACKWARD(x, x, w, w, w, out[1], out[2], True, 1e-5, [True, False, True])
+    assert dx.shape == x.shape and dw is None and db.shape == (3,)

@@ -37,7 +37,7 @@ import torch.fx as fx
 from pockengine.backend.torch_codegen import _check_finite, seeded_target
 from pockengine.ir.graph import SCALAR, Graph, Node
 from pockengine.ir.ops import draws_random, is_mutating
-from pockengine.kernels.masks import ATEN_COMPOSITIONS
+from pockengine.kernels import ATEN_COMPOSITIONS
 from pockengine.storage import cache_dir, cached_file
 
 aten = torch.ops.aten

@@ -46,7 +46,8 @@ from torch import fx
 from pockengine.errors import PockEngineError
 from pockengine.ir.graph import BATCH, BUFFER, CONST, PARAM, SCALAR, STATE, Graph, Node
 from pockengine.ir.ops import draws_nothing, draws_random, is_mutating, is_view
-from pockengine.kernels import APPLY_KEEP_, FLASH_UNMASKED_IF, FLASH_UNMASKED_IF_BACKWARD, PACK_KEEP
+from pockengine.kernels import (APPLY_KEEP_, ATEN_EQUIVALENTS, FLASH_UNMASKED_IF, FLASH_UNMASKED_IF_BACKWARD,
+                                PACK_KEEP)
 from pockengine.optim.update import GRADIENT_OUTPUT
 from pockengine.runtime import FROZEN_PREFIX, METADATA_KEY, init_path
 
@@ -436,6 +437,7 @@ _BATCH_NORM_FORWARD = (aten._native_batch_norm_legit_functional.default, aten._n
 
 def _decomposition(target: Any) -> Any:
     """The function to trace in place of `target`, where the export does not leave it to torchlib."""
+    target = ATEN_EQUIVALENTS.get(target, target)  # pockengine's precise batch norms: their ATen ops' arithmetic
     if target in DECOMPOSED:
         return DECOMPOSED[target]
     if isinstance(target, torch._ops.OpOverload) and (target in _BATCH_NORM_FORWARD or "backward" in target._opname):

@@ -93,6 +93,5 @@ def _apply_keep_shape(grad: torch.Tensor, bits: torch.Tensor, order: list[int]) 
 PACK_KEEP = torch.ops.pockengine.pack_keep.default
 APPLY_KEEP_ = torch.ops.pockengine.apply_keep_.default
 
-# The ops as ATen compositions, for a compiler that traces them instead of calling the C kernels (Inductor: it fuses
-# them with their neighbours; functionalization also refuses a custom op returning an alias of its input).
+# The ops as ATen compositions (pockengine.kernels.ATEN_COMPOSITIONS).
 ATEN_COMPOSITIONS = {PACK_KEEP: pack_keep_aten, APPLY_KEEP_: apply_keep_aten_}

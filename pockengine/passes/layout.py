@@ -8,14 +8,20 @@ the convolution weights) and to give the backward pass channels-last gradients w
 image shape (the backward of a global pooling). Views of activations may not be expressible on the new strides,
 so this pass turns `view` into `reshape`, which is the same view when one exists and a copy when not. It runs on
 the whole training program, after differentiation.
+
+Train-mode batch norm is the one op whose numerics the layout changes: ATen's channels-last CPU kernels sum its
+statistics and its backward's per-channel sums in float, the contiguous kernels eager autograd runs in double. Its
+forward and backward become pockengine's own (pockengine/kernels/batch_norm.py: the same arguments and results,
+C kernels summing in double on the CPU, the ATen op elsewhere).
 """
 
 from __future__ import annotations
 
 import torch
 
-from pockengine.ir.graph import BATCH, Graph
+from pockengine.ir.graph import BATCH, Graph, Node
 from pockengine.ir.ops import STRICT_VIEWS
+from pockengine.kernels.batch_norm import PRECISE
 
 aten = torch.ops.aten
 
@@ -32,7 +38,9 @@ def to_channels_last(graph: Graph) -> Graph:
             graph.replace_all_uses(x, converted)
             converted.args = (x,)
     for n in list(graph.nodes):
-        if n.target in STRICT_VIEWS:
+        if n.target in PRECISE and _batch_statistics(n) and len(n.args[0].meta.shape) == 4:
+            n.target = PRECISE[n.target]
+        elif n.target in STRICT_VIEWS:
             n.target = aten.reshape.default
         elif n.target is aten.expand.default and n.section == "backward" and len(n.meta.shape) == 4:
             dense = graph.call(aten.clone.default, (n,), {"memory_format": torch.channels_last}, after=n,
@@ -40,3 +48,10 @@ def to_channels_last(graph: Graph) -> Graph:
             graph.replace_all_uses(n, dense)
             dense.args = (n,)
     return graph
+
+
+def _batch_statistics(n: Node) -> bool:
+    """Whether batch norm node `n` (forward or backward) normalizes with the batch's statistics: its `training` or
+    `train` argument."""
+    names = [a.name for a in n.target._schema.arguments]
+    return bool(n.args[names.index("training" if "training" in names else "train")])

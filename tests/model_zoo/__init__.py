@@ -221,6 +221,11 @@ for name, config, model, sizes, size in [
     ("hiera", "HieraConfig", "HieraForImageClassification",
      dict(embed_dim=8, image_size=[32, 32], depths=[1, 1], num_heads=[1, 2], masked_unit_size=[4, 4],
           num_query_pool=1, num_labels=3), 32),
+    # default configs (only the image and the classes shrunk): train-mode batch norm over channels-last activations
+    ("mobilenet-v2", "MobileNetV2Config", "MobileNetV2ForImageClassification", dict(image_size=32, num_labels=3), 32),
+    ("levit", "LevitConfig", "LevitForImageClassification", dict(image_size=32, num_labels=3), 32),
+    ("swiftformer", "SwiftFormerConfig", "SwiftFormerForImageClassification", dict(image_size=32, num_labels=3), 32),
+    ("mobilevitv2", "MobileViTV2Config", "MobileViTV2ForImageClassification", dict(image_size=64, num_labels=3), 64),
 ]:
     _add("vision", name, _hf(config, model, **sizes), images(size), CE)
 

@@ -5,10 +5,17 @@ A gradient passes when
     rel_err = max|g - g_ref| / max(max|g_ref|, TINY) <= TOL = 1e-4 (fp32),
 
 or, where the fp32 reference itself is further than that from the float64 gradient (a gradient summed with heavy
-cancellation, such as a BatchNorm scale's), when pockengine's is at least as close to the float64 one as the fp32
-reference is. A gradient that is 0 in exact arithmetic (the attention key bias: softmax ignores a shift shared by
+cancellation, such as a BatchNorm scale's), when pockengine's distance from the float64 one is at most ROUNDING = 2
+times the fp32 reference's: the reference is one sample of float32 rounding, and a program that sums in another
+order (channels-last kernels, a matmul instead of a convolution) is as likely to land 1.2x further as 1.2x closer;
+a wrong formula lands orders of magnitude further. A gradient that is 0 in exact arithmetic (the attention key bias: softmax ignores a shift shared by
 all keys) comes out as rounding noise on both sides: below NOISE times the model's largest gradient entry it counts
 as 0, and pockengine's must then be as small.
+
+Where the fp32 reference is more than ILL_CONDITIONED = 10% from float64 on some parameter, fp32 arithmetic keeps
+no significant digit of that gradient (LeViT in train mode at batch 2: batch norm over 2 rows amplifies rounding
+until the gradients reach 1e23), so no fp32 program can be checked against it: `ill_conditioned` says so, and the
+model zoo reports such a cell as its own status instead of pass or fail.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from torch.utils._pytree import tree_map
 TOL = 1e-4
 TINY = 1e-12
 NOISE = 1e-6
+ROUNDING = 2
+ILL_CONDITIONED = 0.1
 
 Gradients = dict[str, torch.Tensor]
 
@@ -54,10 +63,13 @@ def float64_gradients(model: nn.Module, loss_fn: Callable, batch: tuple) -> Grad
 
 
 def gradient_errors(grads: Gradients, ref: Gradients, exact: Callable[[], Gradients],
-                    masks: dict[str, torch.Tensor | None] | None = None) -> list[str]:
+                    masks: dict[str, torch.Tensor | None] | None = None,
+                    other_refs: tuple[Gradients, ...] = ()) -> list[str]:
     """What is wrong with `grads` (pockengine's, for the parameters it names) against the fp32 autograd `ref` of
     every parameter; `exact()` gives the float64 gradients, asked for only when needed. A parameter trained on some
-    channels only has a boolean mask in `masks`: its gradient must be the reference's there and exactly 0 elsewhere."""
+    channels only has a boolean mask in `masks`: its gradient must be the reference's there and exactly 0 elsewhere.
+    `other_refs`: fp32 autograd of the same model run another way PyTorch supports (channels-last layout): the
+    distance from float64 allowed is twice the furthest reference's, fp32 autograd's own rounding being the bar."""
     masks = masks or {}
     noise = NOISE * max(r.abs().max().item() for r in ref.values())
     float64: Gradients | None = None
@@ -77,8 +89,22 @@ def gradient_errors(grads: Gradients, ref: Gradients, exact: Callable[[], Gradie
         elif (err := rel_err(g, r)) > TOL:
             float64 = float64 or exact()
             e = float64[n] if mask is None else float64[n] * mask
-            ours, reference = rel_err(g.double(), e), rel_err(r.double(), e)
-            if ours > max(TOL, reference):
+            ours = rel_err(g.double(), e)
+            reference = max(rel_err((o[n] if mask is None else o[n] * mask).double(), e) for o in (ref, *other_refs))
+            if not ours <= max(TOL, ROUNDING * reference):  # a NaN fails too
                 bad.append(f"{n}: relative error {err:.2e} (from float64: ours {ours:.2e}, fp32 autograd's "
                            f"{reference:.2e})")
     return bad
+
+
+def ill_conditioned(ref: Gradients, exact: Callable[[], Gradients]) -> str | None:
+    """Why fp32 gradients of this model cannot be checked (see the module docstring), or None when they can."""
+    float64 = exact()
+    scale = max(g.abs().max().item() for g in float64.values())
+    # a gradient that is 0 in exact arithmetic is all rounding in fp32, which says nothing of the others
+    worst = max((rel_err(ref[n].double(), g) for n, g in float64.items() if g.abs().max() > NOISE * scale),
+                default=0.0)
+    if not worst > ILL_CONDITIONED:
+        return None
+    return (f"fp32 autograd is up to {worst:.2e} from float64 (relative; the largest float64 gradient entry is "
+            f"{scale:.1e}), so fp32 keeps no significant digit of some gradients")
