@@ -297,6 +297,11 @@ CASES = [
     fn(aten.hardsigmoid.default, "plain", F.hardsigmoid, wide(3, 4)),
     fn(aten.leaky_relu.default, "slope", lambda a: F.leaky_relu(a, 0.2), (3, 4)),
     fn(aten.leaky_relu.default, "default-slope", F.leaky_relu, (3, 4)),
+    fn(aten.dist.default, "p2-broadcast", lambda a, b: torch.dist(a, b), (3, 4), (4,)),
+    fn(aten.dist.default, "p1", lambda a, b: torch.dist(a, b, p=1), (3, 4), (3, 4)),
+    fn(aten.dist.default, "inf", lambda a, b: torch.dist(a, b, p=float("inf")), (3, 4), (3, 4)),
+    fn(aten.logcumsumexp.default, "dim1", lambda a: torch.logcumsumexp(a, 1), (3, 5)),
+    fn(aten.logcumsumexp.default, "large-values", lambda a: torch.logcumsumexp(a * 100, 0), (6, 2)),
     # ---------------------------------------------------------------- selection, casts
     fn(aten.where.self, "broadcast", lambda a, b, c: torch.where(c, a, b), (3, 4), (4,), inputs=(mask(3, 1),)),
     fn(aten.where.self, "scalar-other", lambda a, c: torch.where(c, a, 0.0), (3, 4), inputs=(mask(3, 4),)),
@@ -357,6 +362,13 @@ CASES = [
         *torch.linalg.lu_factor(a + 3 * torch.eye(3)), b), (3, 3), (2, 3, 2)),
     fn(aten.linalg_lu_solve.default, "right-adjoint", lambda a, b: torch.linalg.lu_solve(
         *torch.linalg.lu_factor(a + 3 * torch.eye(3)), b, left=False, adjoint=True), (3, 3), (2, 3)),
+    fn(aten._linalg_det.default, "batched", lambda a: torch.linalg.det(a + 2 * torch.eye(3)), (2, 3, 3)),
+    fn(aten._linalg_det.default, "1x1", lambda a: torch.linalg.det(a), (4, 1, 1)),
+    fn(aten.linalg_matrix_exp.default, "batched", lambda a: torch.linalg.matrix_exp(a), (2, 3, 3)),
+    fn(aten.triangular_solve.default, "upper", lambda a, b: torch.triangular_solve(
+        b, a.triu() + 3 * torch.eye(3))[0], (3, 3), (3, 2)),
+    fn(aten.triangular_solve.default, "lower-transpose-unit-broadcast", lambda a, b: torch.triangular_solve(
+        b, a, upper=False, transpose=True, unitriangular=True)[0], (3, 3), (2, 3, 4)),
     fn(aten.view_as_complex.default, "fft-of-pairs",
        lambda a: torch.view_as_real(torch.fft.fft(torch.view_as_complex(a), norm="forward")), (3, 4, 2)),
     fn(aten.mul.Tensor, "complex-rotation", lambda a, b: torch.view_as_real(
@@ -1044,3 +1056,17 @@ def test_recurrent_layers_through_the_trainer(layer):
     ref = autograd_gradients(copy.deepcopy(model), (x,), weights)
     trainer = pe.compile(model, weighted_sum, ((x,), weights), scheme=pe.Scheme.full())
     _check(trainer.gradients(((x,), weights)), ref)
+
+
+def test_det_gradient_at_a_singular_matrix_is_the_cofactor_matrix():
+    """At a rank n-1 matrix the gradient of det is the (nonzero) cofactor matrix, which det A A^-T cannot give.
+    fp32 autograd returns zeros there (its singular branch), so the reference is float64 autograd."""
+    a = torch.randn(3, 3, generator=torch.Generator().manual_seed(0))
+    a[1] = 2 * a[0]  # rank 2, and a determinant exactly 0 in float
+    model = OpModule([a], fn=torch.linalg.det)
+    grads, ops = engine_gradients(model, (), (torch.ones(()),))
+    assert aten._linalg_det.default in ops
+    exact = a.double().requires_grad_()
+    torch.linalg.det(exact).backward()
+    assert exact.grad.abs().max() > 1  # the cofactors of the two independent rows
+    assert rel_err(grads["x0"].double(), exact.grad) <= TOL
