@@ -221,3 +221,23 @@ def test_a_bad_yaml_config_is_named(tmp_path, capsys):
     assert "--learning-rate" in capsys.readouterr().err
     config.write_text("- just a list\n")
     assert "a run file is a YAML mapping" in refused(["finetune", "--config", str(config)], capsys)
+
+
+def test_a_spreadsheet_csv_with_semicolons_and_capitalised_columns_is_read(tmp_path):
+    """Excel in locales whose decimal separator is a comma saves ';' between fields, and often with a BOM and
+    column names such as "Text": read as the user means it, the separator said once."""
+    path = tmp_path / "reviews.csv"
+    path.write_text("\ufeffText;Label\n" + "".join(f"{w} film, really;{'pos' if i % 2 else 'neg'}\n"
+                                                 for i, w in enumerate(WORDS[:6])), encoding="utf-8")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = load_data(str(path), None)
+    assert [str(w.message) for w in caught if "separated by ';'" in str(w.message)] != []
+    assert data.texts[0] == f"{WORDS[0]} film, really" and len(data.texts) == 6
+
+
+def test_an_ambiguous_column_name_is_not_guessed(tmp_path, capsys, hf_folders):
+    path = tmp_path / "reviews.csv"
+    path.write_text("Text,TEXT,label\na,b,pos\nc,d,neg\n")
+    err = refused(finetune_argv(str(hf_folders / "bert"), path, tmp_path / "run"), capsys)
+    assert ":1: missing column(s) ['text']" in err and "'Text', 'TEXT'" in err, err

@@ -314,13 +314,23 @@ def _read_text_file(path: Path) -> str:
 
 def _text_table(path: Path, names: tuple[str, str]) -> TextData:
     lines = _read_text_file(path).splitlines(keepends=True)
-    reader = csv.DictReader(lines, delimiter=_TABLE_DELIMITERS[path.suffix.lower()])
+    delimiter = _TABLE_DELIMITERS[path.suffix.lower()]
+    header = next(csv.reader(lines[:1], delimiter=delimiter), [])
+    if not _find_columns(header, names):
+        # a spreadsheet saved where the decimal separator is a comma writes ';' between fields
+        for other in ";\t|,":
+            if other != delimiter and _find_columns(next(csv.reader(lines[:1], delimiter=other), []), names):
+                note(f"{path}: fields are separated by {other!r}, not {delimiter!r}; reading it so")
+                delimiter = other
+                break
+    reader = csv.DictReader(lines, delimiter=delimiter)
     columns = reader.fieldnames or []
-    text_column, label_column = names
-    missing = [c for c in names if c not in columns]
-    if missing:
+    found = _find_columns(columns, names)
+    if not found:
+        missing = [c for c in names if c not in columns]
         raise UserInputError(f"{path}:1: missing column(s) {missing}; the header is {columns}. A text data set needs "
                              f"a text and a label column: name yours with --text-column and --label-column")
+    text_column, label_column = found
     texts, labels, where = [], [], []
     for row in reader:
         at = f"{path}:{reader.line_num}"
@@ -335,6 +345,21 @@ def _text_table(path: Path, names: tuple[str, str]) -> TextData:
     data = TextData(texts, labels, where)
     assign_labels(data)
     return data
+
+
+def _find_columns(header: list[str], names: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The header's column for each of `names`: the same name, or else the one column that differs from it only in
+    case and surrounding spaces ("Text" for text); None if one is missing or ambiguous."""
+    found = []
+    for name in names:
+        if name in header:
+            found.append(name)
+            continue
+        alike = [c for c in header if c.strip().lower() == name.strip().lower()]
+        if len(alike) != 1:
+            return None
+        found.append(alike[0])
+    return tuple(found)
 
 
 def _jsonl_records(path: Path):
