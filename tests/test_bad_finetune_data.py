@@ -241,3 +241,28 @@ def test_an_ambiguous_column_name_is_not_guessed(tmp_path, capsys, hf_folders):
     path.write_text("Text,TEXT,label\na,b,pos\nc,d,neg\n")
     err = refused(finetune_argv(str(hf_folders / "bert"), path, tmp_path / "run"), capsys)
     assert ":1: missing column(s) ['text']" in err and "'Text', 'TEXT'" in err, err
+
+
+def test_files_that_are_not_images_by_name_are_skipped_and_said_once(tmp_path):
+    """What a photo folder holds besides photos (Windows' Thumbs.db, notes) is skipped, said once; images in other
+    modes (grayscale, RGBA, CMYK, palette) and with upper-case extensions are read."""
+    images = write_image_folder(tmp_path / "images", size=12, per_class=2)
+    (images / "cats" / "Thumbs.db").write_bytes(b"\0\0not an image")
+    (images / "dogs" / "notes.txt").write_text("taken in May")
+    (images / "README.md").write_text("my photos")
+    for mode, name in [("L", "gray.png"), ("RGBA", "alpha.PNG"), ("CMYK", "print.JPG"), ("P", "palette.gif")]:
+        Image.new(mode, (12, 12)).save(images / "dogs" / name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = load_data(str(images), (12, 12))
+    notes = [str(w.message) for w in caught if "not images by their name" in str(w.message)]
+    assert len(notes) == 1 and "3 file(s)" in notes[0] and "Thumbs.db" in notes[0], notes
+    assert data.images.shape == (8, 3, 12, 12)
+
+
+def test_a_class_folder_of_non_images_says_what_it_holds(tmp_path, capsys):
+    images = write_image_folder(tmp_path / "images", per_class=3)
+    (images / "birds").mkdir()
+    (images / "birds" / "list.txt").write_text("robin")
+    err = refused(finetune_argv("mobilenet_v2", images, tmp_path / "run"), capsys)
+    assert "holds no images (only ['list.txt'])" in err, err
