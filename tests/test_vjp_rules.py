@@ -302,6 +302,17 @@ CASES = [
     fn(aten.dist.default, "inf", lambda a, b: torch.dist(a, b, p=float("inf")), (3, 4), (3, 4)),
     fn(aten.logcumsumexp.default, "dim1", lambda a: torch.logcumsumexp(a, 1), (3, 5)),
     fn(aten.logcumsumexp.default, "large-values", lambda a: torch.logcumsumexp(a * 100, 0), (6, 2)),
+    fn(aten.special_i0e.default, "both-signs", torch.special.i0e, wide(3, 4)),
+    fn(aten.frexp.Tensor, "mantissa", lambda a: torch.frexp(a * 10).mantissa, (3, 4)),
+    fn(aten._pdist_forward.default, "p2", lambda a: torch.pdist(a), (5, 3)),
+    fn(aten._pdist_forward.default, "p1", lambda a: torch.pdist(a, p=1), (4, 3)),
+    fn(aten.unbind_copy.int, "dim1", lambda a: torch.unbind_copy(a, 1)[0] * torch.unbind_copy(a, 1)[2], (3, 4)),
+    fn(aten.fractional_max_pool2d.default, "2x2", lambda a, samples: torch.nn.functional.fractional_max_pool2d(
+        a, 2, output_size=3, _random_samples=samples), (2, 3, 7, 7), inputs=(lambda: torch.rand(2, 3, 2),)),
+    fn(aten._upsample_bilinear2d_aa.default, "antialias-down", lambda a: torch.nn.functional.interpolate(
+        a, size=(3, 4), mode="bilinear", antialias=True), (2, 3, 7, 9)),
+    fn(aten._upsample_bicubic2d_aa.default, "antialias-down", lambda a: torch.nn.functional.interpolate(
+        a, scale_factor=0.5, mode="bicubic", antialias=True), (1, 2, 8, 8)),
     # ---------------------------------------------------------------- selection, casts
     fn(aten.where.self, "broadcast", lambda a, b, c: torch.where(c, a, b), (3, 4), (4,), inputs=(mask(3, 1),)),
     fn(aten.where.self, "scalar-other", lambda a, c: torch.where(c, a, 0.0), (3, 4), inputs=(mask(3, 4),)),
@@ -369,6 +380,10 @@ CASES = [
         b, a.triu() + 3 * torch.eye(3))[0], (3, 3), (3, 2)),
     fn(aten.triangular_solve.default, "lower-transpose-unit-broadcast", lambda a, b: torch.triangular_solve(
         b, a, upper=False, transpose=True, unitriangular=True)[0], (3, 3), (2, 3, 4)),
+    fn(aten.linalg_solve_triangular.default, "upper-left-broadcast", lambda a, b: torch.linalg.solve_triangular(
+        a.triu() + 3 * torch.eye(3), b, upper=True), (3, 3), (2, 3, 2)),
+    fn(aten.linalg_solve_triangular.default, "lower-right-unit", lambda a, b: torch.linalg.solve_triangular(
+        a, b, upper=False, left=False, unitriangular=True), (3, 3), (4, 3)),
     fn(aten.view_as_complex.default, "fft-of-pairs",
        lambda a: torch.view_as_real(torch.fft.fft(torch.view_as_complex(a), norm="forward")), (3, 4, 2)),
     fn(aten.mul.Tensor, "complex-rotation", lambda a, b: torch.view_as_real(

@@ -452,6 +452,23 @@ def i0(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return _times(ctx, g, ctx(aten.special_i1.default, ctx.node.args[0]))
 
 
+@register(aten.special_i0e.default)
+def i0e(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """i0e(x) = exp(-|x|) i0(x): its derivative is i1e(x) - sign(x) i0e(x)."""
+    x = ctx.node.args[0]
+    return _times(ctx, g, ctx(aten.sub.Tensor, ctx(aten.special_i1e.default, x),
+                              ctx(aten.mul.Tensor, ctx(aten.sign.default, x), ctx.node)))
+
+
+@register(aten.frexp.Tensor)
+def frexp(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """x = mantissa 2^exponent with the exponent piecewise constant: the mantissa's cotangent over 2^exponent."""
+    if g[0] is None:
+        return (None,)
+    exponent = ctx(aten._to_copy.default, ctx.graph.getitem(ctx.node, 1), dtype=g[0].meta.dtype)
+    return (ctx(aten.div.Tensor, g[0], ctx(aten.exp2.default, exponent)),)
+
+
 @register(aten.copy.default)
 def copy_(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     """self is overwritten by src (broadcast to self's shape, cast to its dtype)."""

@@ -460,12 +460,18 @@ def linalg_matrix_exp(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return (ctx(aten.slice.Tensor, ctx(aten.slice.Tensor, block, -2, 0, n), -1, n, 2 * n),)
 
 
+def _triangular_part(ctx, product, upper, unitriangular):
+    """The part of `product` that a triangular A's gradient keeps: its triangle, off the diagonal if unitriangular
+    (those entries are not read)."""
+    offset = (1 if upper else -1) if unitriangular else 0
+    return ctx(aten.triu.default if upper else aten.tril.default, product, offset)
+
+
 @register(aten.triangular_solve.default)
 def triangular_solve(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     """X = op(A)^-1 B, op(A) = A or A^T, A triangular (`upper`), its diagonal taken as ones if `unitriangular`:
-    gB = op(A)^-T gX; gA = -gB X^T (or -X gB^T for op(A) = A^T) restricted to A's triangle (off its diagonal when
-    unitriangular), as PyTorch's triangular_solve_backward. The copy of A returned beside X takes no gradient here
-    (it is A itself: its cotangent is added as is)."""
+    gB = op(A)^-T gX; gA = -gB X^T (or -X gB^T for op(A) = A^T) restricted to A's triangle, as PyTorch's
+    triangular_solve_backward. The copy of A returned beside X is A itself: its cotangent is added as is."""
     b, a, upper, transpose, unitriangular = ctx.args
     _real_only(ctx, a)
     x = ctx.graph.getitem(ctx.node, 0)
@@ -476,14 +482,28 @@ def triangular_solve(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
         if ctx.needs(a):
             product = ctx(aten.matmul.default, x, _t(ctx, g_b)) if transpose else \
                 ctx(aten.matmul.default, g_b, _t(ctx, x))
-            product = ctx(aten.neg.default, product)
-            diagonal_offset = (1 if upper else -1) if unitriangular else 0
-            triangle = ctx(aten.triu.default if upper else aten.tril.default, product, diagonal_offset)
-            g_a = ctx.sum_to(triangle, a.meta.shape)
+            g_a = ctx.sum_to(_triangular_part(ctx, ctx(aten.neg.default, product), upper, unitriangular), a.meta.shape)
         g_b = ctx.sum_to(g_b, b.meta.shape) if ctx.needs(b) else None
     if g_copy is not None and ctx.needs(a):
         g_a = g_copy if g_a is None else ctx(aten.add.Tensor, g_a, g_copy)
     return g_b, g_a
+
+
+@register(aten.linalg_solve_triangular.default)
+def linalg_solve_triangular(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """X = A^-1 B (left) or B A^-1, A triangular: gB solves with A^T (the other triangle); gA = -gB X^T (left) or
+    -X^T gB, restricted to A's triangle (PyTorch's linalg_solve_triangular_backward)."""
+    a, b = ctx.args
+    upper, left, unitriangular = (ctx.kwarg(k) for k in ("upper", "left", "unitriangular"))
+    _real_only(ctx, a)
+    g_b = ctx(aten.linalg_solve_triangular.default, _t(ctx, a), g, upper=not upper, left=left,
+              unitriangular=unitriangular)
+    g_a = None
+    if ctx.needs(a):
+        x = ctx.node
+        product = ctx(aten.matmul.default, g_b, _t(ctx, x)) if left else ctx(aten.matmul.default, _t(ctx, x), g_b)
+        g_a = ctx.sum_to(_triangular_part(ctx, ctx(aten.neg.default, product), upper, unitriangular), a.meta.shape)
+    return g_a, ctx.sum_to(g_b, b.meta.shape) if ctx.needs(b) else None
 
 
 @register(aten.linalg_inv_ex.default)

@@ -112,6 +112,21 @@ def max_pool2d(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
                 ceil_mode, indices),)
 
 
+@register(aten.fractional_max_pool2d.default, aten.fractional_max_pool3d.default)
+def fractional_max_pool(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """The maxima's places are the forward's indices, as in max pooling (the random samples take no gradient)."""
+    x, kernel, output_size, _samples = ctx.args
+    backward = (aten.fractional_max_pool2d_backward.default if ctx.node.target is aten.fractional_max_pool2d.default
+                else aten.fractional_max_pool3d_backward.default)
+    return ctx(backward, g[0], x, kernel, output_size, ctx.graph.getitem(ctx.node, 1)), None
+
+
+@register(aten._pdist_forward.default)
+def pdist(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    x, p = ctx.args
+    return (ctx(aten._pdist_backward.default, g, x, p, ctx.node),)
+
+
 @register(aten.avg_pool2d.default)
 def avg_pool2d(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, kernel, stride, padding, ceil_mode, count_include_pad, divisor = ctx.args

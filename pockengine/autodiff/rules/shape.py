@@ -117,7 +117,7 @@ def split(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return _join_split(ctx, g, ctx.args[2])
 
 
-@register(aten.unbind.int)
+@register(aten.unbind.int, aten.unbind_copy.int)
 def unbind(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, dim = ctx.args
     parts = [gi if gi is not None else ctx(aten.new_zeros.default, x, list(m.shape))
@@ -314,7 +314,7 @@ def unfold(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
 
 
 _UPSAMPLE = ("nearest1d", "nearest2d", "nearest3d", "_nearest_exact1d", "_nearest_exact2d", "_nearest_exact3d",
-             "linear1d", "bilinear2d", "bicubic2d", "trilinear3d")
+             "linear1d", "bilinear2d", "bicubic2d", "trilinear3d", "_bilinear2d_aa", "_bicubic2d_aa")
 
 
 def _upsample_op(mode: str):
