@@ -313,6 +313,13 @@ CASES = [
         a, size=(3, 4), mode="bilinear", antialias=True), (2, 3, 7, 9)),
     fn(aten._upsample_bicubic2d_aa.default, "antialias-down", lambda a: torch.nn.functional.interpolate(
         a, scale_factor=0.5, mode="bicubic", antialias=True), (1, 2, 8, 8)),
+    fn(aten.put.default, "overwrite", lambda a, b: a.put(torch.tensor([0, 5, 7]), b), (3, 4), (3,)),
+    fn(aten.put.default, "accumulate-repeats", lambda a, b: a.put(torch.tensor([[1, 1], [4, 0]]), b, accumulate=True),
+       (3, 4), (2, 2)),
+    mod(aten._trilinear.default, "bilinear-layer", lambda: nn.Bilinear(3, 4, 5), (6, 3), inputs=((6, 4),)),
+    fn(aten._trilinear.default, "bilinear-all-operands", lambda x, y, w: torch.nn.functional.bilinear(x, y, w),
+       (2, 7, 3), (2, 7, 4), (5, 3, 4)),
+    fn(aten._conj.default, "hfft", lambda a: torch.fft.hfft(a, n=6), (3, 4)),
     # ---------------------------------------------------------------- selection, casts
     fn(aten.where.self, "broadcast", lambda a, b, c: torch.where(c, a, b), (3, 4), (4,), inputs=(mask(3, 1),)),
     fn(aten.where.self, "scalar-other", lambda a, c: torch.where(c, a, 0.0), (3, 4), inputs=(mask(3, 4),)),

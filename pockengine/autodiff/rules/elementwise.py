@@ -58,6 +58,12 @@ def _conj(ctx, x):
     return ctx(aten.conj_physical.default, x) if _is_complex(x) else x
 
 
+@register(aten._conj.default, aten.conj_physical.default)
+def conj(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """Conjugation is its own adjoint (real-linear): the cotangent conjugated (unchanged for a real tensor)."""
+    return (_conj(ctx, g),)
+
+
 def _complex_to(ctx, g, x):
     """The cotangent of a real `x` from a complex product with it: the real part."""
     return ctx(aten.real.default, g) if _is_complex(g) and not _is_complex(x) else g

@@ -194,6 +194,29 @@ def repeat(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return (ctx(aten.reshape.default, summed, shape),)
 
 
+@register(aten.put.default)
+def put(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """self with source written (or added) at flat indices: self keeps the cotangent except where overwritten; the
+    source gets the cotangent read at its indices."""
+    x, index, source, accumulate = ctx.args
+    gx = None
+    if ctx.needs(x):
+        gx = g if accumulate else ctx(aten.put.default, g, index, ctx.zeros_like(source), False)
+    return gx, None, ctx(aten.reshape.default, ctx(aten.take.default, g, index), list(source.meta.shape)) \
+        if ctx.needs(source) else None, None
+
+
+@register(aten._trilinear.default)
+def trilinear(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """out = sum over `sumdim` of i1 i2 i3 (each unsqueezed at its `expand` dimensions): each input's gradient is
+    the same product with the cotangent in its place, summed over what that input was expanded along (PyTorch's
+    _trilinear_backward)."""
+    i1, i2, i3, expand1, expand2, expand3, sumdim, _unroll = ctx.args
+    return (ctx(aten._trilinear.default, g, i2, i3, sumdim, expand2, expand3, expand1) if ctx.needs(i1) else None,
+            ctx(aten._trilinear.default, i1, g, i3, expand1, sumdim, expand3, expand2) if ctx.needs(i2) else None,
+            ctx(aten._trilinear.default, i1, i2, g, expand1, expand2, sumdim, expand3) if ctx.needs(i3) else None)
+
+
 @register(aten.index_put.default)
 def index_put(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, indices, values, accumulate = ctx.args
