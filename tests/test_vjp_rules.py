@@ -320,6 +320,14 @@ CASES = [
     fn(aten._trilinear.default, "bilinear-all-operands", lambda x, y, w: torch.nn.functional.bilinear(x, y, w),
        (2, 7, 3), (2, 7, 4), (5, 3, 4)),
     fn(aten._conj.default, "hfft", lambda a: torch.fft.hfft(a, n=6), (3, 4)),
+    fn(aten.index_reduce.default, "prod-with-zeros", lambda a, b: a.index_reduce(
+        0, torch.tensor([0, 2, 0]), b * (b > -0.5), "prod"), (3, 4), (3, 4)),
+    fn(aten.index_reduce.default, "mean-exclude-self", lambda a, b: a.index_reduce(
+        1, torch.tensor([1, 1]), b, "mean", include_self=False), (3, 4), (3, 2)),
+    fn(aten.index_reduce.default, "amax-ties", lambda a, b: a.index_reduce(
+        0, torch.tensor([0, 1, 0]), b, "amax"), ties(3, 4), ties(3, 4)),
+    fn(aten.index_reduce.default, "amin", lambda a, b: a.index_reduce(0, torch.tensor([2, 2]), b, "amin"),
+       (3, 4), (2, 4)),
     # ---------------------------------------------------------------- selection, casts
     fn(aten.where.self, "broadcast", lambda a, b, c: torch.where(c, a, b), (3, 4), (4,), inputs=(mask(3, 1),)),
     fn(aten.where.self, "scalar-other", lambda a, c: torch.where(c, a, 0.0), (3, 4), inputs=(mask(3, 4),)),
