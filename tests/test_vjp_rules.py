@@ -328,6 +328,12 @@ CASES = [
         0, torch.tensor([0, 1, 0]), b, "amax"), ties(3, 4), ties(3, 4)),
     fn(aten.index_reduce.default, "amin", lambda a, b: a.index_reduce(0, torch.tensor([2, 2]), b, "amin"),
        (3, 4), (2, 4)),
+    fn(aten.segment_reduce.default, "sum-lengths", lambda a: torch.segment_reduce(
+        a, "sum", lengths=torch.tensor([2, 0, 3])), (5, 3)),
+    fn(aten.segment_reduce.default, "max-offsets-axis1", lambda a: torch.segment_reduce(
+        a, "max", offsets=torch.tensor([[0, 1, 4], [0, 3, 4]]), axis=1, initial=-10.0), (2, 4)),
+    fn(aten.segment_reduce.default, "mean", lambda a: torch.segment_reduce(
+        a, "mean", lengths=torch.tensor([1, 3])), (4,)),
     # ---------------------------------------------------------------- selection, casts
     fn(aten.where.self, "broadcast", lambda a, b, c: torch.where(c, a, b), (3, 4), (4,), inputs=(mask(3, 1),)),
     fn(aten.where.self, "scalar-other", lambda a, c: torch.where(c, a, 0.0), (3, 4), inputs=(mask(3, 4),)),

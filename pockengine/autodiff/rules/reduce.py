@@ -121,6 +121,14 @@ def fractional_max_pool(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return ctx(backward, g[0], x, kernel, output_size, ctx.graph.getitem(ctx.node, 1)), None
 
 
+@register(aten.segment_reduce.default)
+def segment_reduce(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """ATen's backward kernel, given the segments as lengths or offsets (`indices` is not implemented by ATen)."""
+    data, reduce = ctx.args
+    return (ctx(aten._segment_reduce_backward.default, g, ctx.node, data, reduce, lengths=ctx.kwarg("lengths"),
+                offsets=ctx.kwarg("offsets"), axis=ctx.kwarg("axis"), initial=ctx.kwarg("initial")), None)
+
+
 @register(aten._pdist_forward.default)
 def pdist(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, p = ctx.args
