@@ -334,6 +334,9 @@ CASES = [
         a, "max", offsets=torch.tensor([[0, 1, 4], [0, 3, 4]]), axis=1, initial=-10.0), (2, 4)),
     fn(aten.segment_reduce.default, "mean", lambda a: torch.segment_reduce(
         a, "mean", lengths=torch.tensor([1, 3])), (4,)),
+    fn(aten.special_i1.default, "at-zero", torch.special.i1, ties(4, 5)),  # small integers: zeros among them
+    fn(aten.special_i1e.default, "at-zero", torch.special.i1e, ties(4, 5)),
+    fn(aten.special_ndtri.default, "probabilities", lambda a: torch.special.ndtri(torch.sigmoid(a)), (3, 4)),
     # ---------------------------------------------------------------- selection, casts
     fn(aten.where.self, "broadcast", lambda a, b, c: torch.where(c, a, b), (3, 4), (4,), inputs=(mask(3, 1),)),
     fn(aten.where.self, "scalar-other", lambda a, c: torch.where(c, a, 0.0), (3, 4), inputs=(mask(3, 4),)),

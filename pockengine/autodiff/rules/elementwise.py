@@ -466,6 +466,38 @@ def i0e(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
                               ctx(aten.mul.Tensor, ctx(aten.sign.default, x), ctx.node)))
 
 
+def _bessel_i1_derivative(ctx, x, i0_like, i1_like):
+    """i0_like(x) - i1_like(x) / x, and 1/2 at x = 0 (the limit; the quotient would be NaN there), as autograd's
+    i1_backward and i1e_backward."""
+    eps = torch.finfo(x.meta.dtype).eps
+    not_tiny = ctx(aten.gt.Scalar, ctx(aten.abs.default, x), eps)
+    safe = ctx(aten.where.ScalarOther, not_tiny, x, eps)
+    derivative = ctx(aten.sub.Tensor, i0_like(safe), ctx(aten.div.Tensor, i1_like(safe), safe))
+    return ctx(aten.where.ScalarOther, not_tiny, derivative, 0.5)
+
+
+@register(aten.special_i1.default)
+def i1(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    return _times(ctx, g, _bessel_i1_derivative(ctx, ctx.node.args[0], lambda t: ctx(aten.i0.default, t),
+                                                lambda t: ctx(aten.special_i1.default, t)))
+
+
+@register(aten.special_i1e.default)
+def i1e(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """i1e(x) = exp(-|x|) i1(x): i0e(x) - i1e(x) (sign(x) + 1/x)."""
+    x = ctx.node.args[0]
+    i1e_ = lambda t: ctx(aten.special_i1e.default, t)  # noqa: E731
+    with_sign = _bessel_i1_derivative(ctx, x, lambda t: ctx(aten.special_i0e.default, t), i1e_)
+    return _times(ctx, g, ctx(aten.sub.Tensor, with_sign, ctx(aten.mul.Tensor, ctx(aten.sign.default, x), ctx.node)))
+
+
+@register(aten.special_ndtri.default)
+def ndtri(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """The inverse of the normal CDF: sqrt(2 pi) exp(ndtri(p)^2 / 2)."""
+    half_square = ctx(aten.mul.Tensor, ctx(aten.mul.Tensor, ctx.node, ctx.node), 0.5)
+    return _times(ctx, g, ctx(aten.mul.Tensor, ctx(aten.exp.default, half_square), math.sqrt(2 * math.pi)))
+
+
 @register(aten.frexp.Tensor)
 def frexp(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     """x = mantissa 2^exponent with the exponent piecewise constant: the mantissa's cotangent over 2^exponent."""
