@@ -22,7 +22,9 @@ A system may run as a variant with options, named `system[option=value,...]` (`m
 and `torch.compile[attn=eager]` run the Hugging Face model with `attn_implementation="eager"` (attention as matmuls
 and softmax) instead of its default `sdpa`; `pockengine[attention=math]` / `[attention=flash]` force pockengine's
 attention kernels (`pe.compile(attention=...)`; its default "auto" chooses per shape); `pockengine[backend=inductor]`
-(or `[backend=auto]`) runs pockengine's finished program compiled by Inductor (`pe.compile(backend=...)`). A workload
+(or `[backend=auto]`) runs pockengine's finished program compiled by Inductor (`pe.compile(backend=...)`);
+`pockengine[upto=PASS]` runs the optional passes of pockengine's pipeline up to PASS in pipeline order and switches
+off those after it (`upto=none`: none of them), the rows of the ablation (docs/benchmarks/ablation.md). A workload
 lists the variants it runs beside the plain systems (`variants` in bench/workloads.yaml).
 """
 
@@ -44,6 +46,7 @@ import pockengine as pe
 from bench.variants import parse_system
 from pockengine.autodiff.rules.attention import KERNELS as ATTENTION_KERNELS
 from pockengine.backend import BACKENDS
+from pockengine.pipeline import optional_pass_names
 from pockengine.scheme import Scheme, Selection, gradient_masks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,7 +205,7 @@ class TorchCompile(_TorchLoop):
 
 class PockEngine(System):
     name = "pockengine"
-    options = {"attention": ATTENTION_KERNELS, "backend": BACKENDS}
+    options = {"attention": ATTENTION_KERNELS, "backend": BACKENDS, "upto": ("none", *optional_pass_names())}
 
     def import_runtime(self) -> None:
         import torch.export  # noqa: F401  (the capture machinery: torch._dynamo)
@@ -214,8 +217,16 @@ class PockEngine(System):
         self.trainer = pe.compile(model, loss_fn, batch, optimizer=pe.optim.SGD(lr=lr, momentum=MOMENTUM),
                                   scheme=Scheme.from_resolved(selections, scheme_name),
                                   freeze_batchnorm=freeze_batchnorm, attention=self.chosen.get("attention", "auto"),
-                                  backend=self.chosen.get("backend", "aten"))
+                                  backend=self.chosen.get("backend", "aten"), disable=self._disabled_passes())
         self._entries = _entries(model, self.trainer.trained)
+
+    def _disabled_passes(self) -> set[str]:
+        """The optional passes after `upto` in pipeline order (all with `upto=none`; none without the option)."""
+        names = optional_pass_names()
+        upto = self.chosen.get("upto")
+        if upto is None:
+            return set()
+        return set(names) if upto == "none" else set(names[names.index(upto) + 1:])
 
     def trained_entries(self) -> int:
         return self._entries

@@ -24,11 +24,14 @@ from safetensors.torch import save_file
 
 from pockengine.errors import CacheError
 
-__all__ = ["cache_dir", "atomic_path", "atomic_dir", "save_safetensors", "file_digest", "fsync_dir", "cached_file",
-           "write_manifest", "manifest_problems", "MANIFEST"]
+__all__ = ["cache_dir", "atomic_path", "atomic_dir", "save_safetensors", "file_digest",
+           "fsync_dir", "flush_folder", "cached_file", "write_manifest", "manifest_problems", "MANIFEST"]
 
 MANIFEST = "pockengine-manifest.json"
 _SIDECAR = ".sha256"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+USUAL_FILE_MODE = 0o666 & ~_UMASK  # what open() would give: safetensors' writer gives 0600, mkstemp too
 
 
 def cache_dir() -> Path:
@@ -97,6 +100,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_file(tmp)
+        os.chmod(tmp, USUAL_FILE_MODE)
         os.replace(tmp, final)
         fsync_dir(final.parent)
     finally:
@@ -151,11 +155,20 @@ def cached_file(path: str | os.PathLike[str], build: Callable[[Path], None], wha
     return final
 
 
-def write_manifest(folder: Path) -> None:
-    """Record the SHA-256 and size of every file under `folder` in its manifest (written last, flushed)."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+def flush_folder(folder: Path) -> list[Path]:
+    """Flush every file under `folder` (written by us, before it is renamed into place) and its entries to disk,
+    each file readable as the user's other files are; returns the files."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
     for p in files:
         _fsync_file(p)
+        os.chmod(p, USUAL_FILE_MODE)
+    fsync_dir(folder)
+    return files
+
+
+def write_manifest(folder: Path) -> None:
+    """Record the SHA-256 and size of every file under `folder` in its manifest (written last, flushed)."""
+    files = [p for p in flush_folder(folder) if p.name != MANIFEST]
     entries = {p.relative_to(folder).as_posix(): {"sha256": file_digest(p), "size": p.stat().st_size} for p in files}
     manifest = folder / MANIFEST
     manifest.write_text(json.dumps({"files": entries, "sha256": _entries_digest(entries)}, indent=1))

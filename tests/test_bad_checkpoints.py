@@ -290,3 +290,17 @@ def test_an_error_seen_in_another_file_still_names_the_damaged_one(ckpt):
     meta.write_text(meta.read_text().replace('"3.bias"', '"3.bi s"'))
     with pytest.raises(pe.CheckpointError, match=r"no optimizer state .* for 3.bi s.*trainer.json does not match its"):
         pe.read_checkpoint(ckpt)
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """safetensors' writer and mkstemp create files only their owner can read; what pockengine writes for the user
+    (checkpoints, single weight files) is readable as the user's other files are (umask)."""
+    import stat
+
+    from pockengine.storage import USUAL_FILE_MODE, save_safetensors
+
+    save_safetensors({"w": torch.zeros(2)}, tmp_path / "weights.safetensors")
+    trainer().save(tmp_path / "checkpoint")
+    files = [tmp_path / "weights.safetensors", *(tmp_path / "checkpoint").iterdir()]
+    assert len(files) > 4
+    assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {USUAL_FILE_MODE}

@@ -221,3 +221,48 @@ def test_a_bad_yaml_config_is_named(tmp_path, capsys):
     assert "--learning-rate" in capsys.readouterr().err
     config.write_text("- just a list\n")
     assert "a run file is a YAML mapping" in refused(["finetune", "--config", str(config)], capsys)
+
+
+def test_a_spreadsheet_csv_with_semicolons_and_capitalised_columns_is_read(tmp_path):
+    """Excel in locales whose decimal separator is a comma saves ';' between fields, and often with a BOM and
+    column names such as "Text": read as the user means it, the separator said once."""
+    path = tmp_path / "reviews.csv"
+    path.write_text("\ufeffText;Label\n" + "".join(f"{w} film, really;{'pos' if i % 2 else 'neg'}\n"
+                                                 for i, w in enumerate(WORDS[:6])), encoding="utf-8")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = load_data(str(path), None)
+    assert [str(w.message) for w in caught if "separated by ';'" in str(w.message)] != []
+    assert data.texts[0] == f"{WORDS[0]} film, really" and len(data.texts) == 6
+
+
+def test_an_ambiguous_column_name_is_not_guessed(tmp_path, capsys, hf_folders):
+    path = tmp_path / "reviews.csv"
+    path.write_text("Text,TEXT,label\na,b,pos\nc,d,neg\n")
+    err = refused(finetune_argv(str(hf_folders / "bert"), path, tmp_path / "run"), capsys)
+    assert ":1: missing column(s) ['text']" in err and "'Text', 'TEXT'" in err, err
+
+
+def test_files_that_are_not_images_by_name_are_skipped_and_said_once(tmp_path):
+    """What a photo folder holds besides photos (Windows' Thumbs.db, notes) is skipped, said once; images in other
+    modes (grayscale, RGBA, CMYK, palette) and with upper-case extensions are read."""
+    images = write_image_folder(tmp_path / "images", size=12, per_class=2)
+    (images / "cats" / "Thumbs.db").write_bytes(b"\0\0not an image")
+    (images / "dogs" / "notes.txt").write_text("taken in May")
+    (images / "README.md").write_text("my photos")
+    for mode, name in [("L", "gray.png"), ("RGBA", "alpha.PNG"), ("CMYK", "print.JPG"), ("P", "palette.gif")]:
+        Image.new(mode, (12, 12)).save(images / "dogs" / name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = load_data(str(images), (12, 12))
+    notes = [str(w.message) for w in caught if "not images by their name" in str(w.message)]
+    assert len(notes) == 1 and "3 file(s)" in notes[0] and "Thumbs.db" in notes[0], notes
+    assert data.images.shape == (8, 3, 12, 12)
+
+
+def test_a_class_folder_of_non_images_says_what_it_holds(tmp_path, capsys):
+    images = write_image_folder(tmp_path / "images", per_class=3)
+    (images / "birds").mkdir()
+    (images / "birds" / "list.txt").write_text("robin")
+    err = refused(finetune_argv("mobilenet_v2", images, tmp_path / "run"), capsys)
+    assert "holds no images (only ['list.txt'])" in err, err

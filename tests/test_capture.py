@@ -204,3 +204,17 @@ def test_stacked_recurrent_layers_keep_their_dropout_in_training_mode(layer):
     model.eval()
     assert not [n for n in pe.compile(model, pe.losses.cross_entropy(), RECURRENT_BATCH).program().graph.nodes
                 if n.target is torch.ops.aten.native_dropout.default]
+
+
+def test_a_generator_made_in_forward_is_refused_by_name():
+    class DrawsItsOwn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x):
+            generator = torch.Generator().manual_seed(0)
+            return self.linear(x) * torch.rand(4, generator=generator)
+
+    with pytest.raises(CaptureError, match="not a tensor.*torch.Generator made in forward"):
+        pe.compile(DrawsItsOwn(), nn.functional.mse_loss, ((torch.randn(2, 4),), torch.randn(2, 4)))

@@ -139,6 +139,19 @@ def test_system_variants_are_named_with_options_that_the_system_offers():
         make_system("eager[attn]")
 
 
+def test_the_ablation_variants_switch_off_the_passes_after_theirs():
+    from bench.systems import make_system
+    from pockengine.pipeline import optional_pass_names
+
+    names = optional_pass_names()
+    assert make_system("pockengine")._disabled_passes() == set()
+    assert make_system("pockengine[upto=none]")._disabled_passes() == set(names)
+    assert make_system(f"pockengine[upto={names[-1]}]")._disabled_passes() == set()
+    assert make_system("pockengine[upto=layout]")._disabled_passes() == set(names[names.index("layout") + 1:])
+    with pytest.raises(ValueError, match="pockengine has no option upto=fusion"):
+        make_system("pockengine[upto=fusion]")
+
+
 def test_a_workloads_variants_run_after_their_system_and_left_out_systems_are_listed():
     from bench.cli import SYSTEMS as ALL
     from bench.runner import _jobs, excluded

@@ -385,6 +385,10 @@ def from_exported(model: nn.Module, ep: ExportedProgram) -> Captured:
                 env[fx_node] = val
                 batch_nodes.append(None)
                 continue
+            if not isinstance(val, torch.Tensor):
+                raise CaptureError(f"the captured program takes {fx_node.name}, a {type(val).__name__} (not a tensor, "
+                                   f"input kind {spec.kind.name}): an object the model builds or keeps, such as a "
+                                   "torch.Generator made in forward(); pass random values in as tensors instead")
             meta = TensorMeta(tuple(int(s) for s in val.shape), val.dtype)
             if spec.kind == InputKind.PARAMETER:
                 name = canonical[id(model.get_parameter(_strip_model_prefix(spec.target)))]

@@ -208,25 +208,42 @@ def _text(value: Any, where: str, column: str) -> str:
 
 
 # -- images ---------------------------------------------------------------------------------------------------
+def _is_image_name(path: Path) -> bool:
+    from PIL import Image
+
+    Image.init()  # registers every format's extensions
+    return path.suffix.lower() in Image.registered_extensions()
+
+
 def _image_files(folder: Path) -> tuple[list[str], list[list[Path]]]:
+    """The class names (sub-folders) and each one's image files. Files without an image format's extension (a
+    README, Windows' Thumbs.db, notes) are skipped, said once; a file named as an image must be one."""
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    loose = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    visible = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    loose = [p.name for p in visible if _is_image_name(p)]
+    skipped = [p for p in visible if not _is_image_name(p)]
     if not classes:
         raise UserInputError(f"{folder}: an image data set is a folder with one sub-folder per class (cats/, dogs/), "
                              f"each holding that class's images; this one has no sub-folder"
-                             + (f" (files: {loose[:5]})" if loose else ""))
+                             + (f" (files: {[p.name for p in visible][:5]})" if visible else ""))
     if loose:
         raise UserInputError(f"{folder}: {loose[:5]} lie outside the class sub-folders; put each image in the "
                              "sub-folder of its class")
     files = []
     for name in classes:
         found = sorted(p for p in (folder / name).rglob("*") if p.is_file() and not p.name.startswith("."))
-        if not found:
-            raise UserInputError(f"{folder / name}: the class folder {name!r} holds no images; add some or remove "
-                                 "the folder")
-        files.append(found)
+        images = [p for p in found if _is_image_name(p)]
+        skipped += [p for p in found if not _is_image_name(p)]
+        if not images:
+            raise UserInputError(f"{folder / name}: the class folder {name!r} holds no images"
+                                 + (f" (only {[p.name for p in found][:5]})" if found else "")
+                                 + "; add some or remove the folder")
+        files.append(images)
     if len(classes) < 2:
         raise UserInputError(f"{folder}: only one class folder ({classes[0]}); a classifier needs at least two")
+    if skipped:
+        shown = ", ".join(str(p.relative_to(folder)) for p in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+        note(f"{folder}: {len(skipped)} file(s) that are not images by their name were skipped ({shown})")
     return classes, files
 
 
@@ -314,13 +331,23 @@ def _read_text_file(path: Path) -> str:
 
 def _text_table(path: Path, names: tuple[str, str]) -> TextData:
     lines = _read_text_file(path).splitlines(keepends=True)
-    reader = csv.DictReader(lines, delimiter=_TABLE_DELIMITERS[path.suffix.lower()])
+    delimiter = _TABLE_DELIMITERS[path.suffix.lower()]
+    header = next(csv.reader(lines[:1], delimiter=delimiter), [])
+    if not _find_columns(header, names):
+        # a spreadsheet saved where the decimal separator is a comma writes ';' between fields
+        for other in ";\t|,":
+            if other != delimiter and _find_columns(next(csv.reader(lines[:1], delimiter=other), []), names):
+                note(f"{path}: fields are separated by {other!r}, not {delimiter!r}; reading it so")
+                delimiter = other
+                break
+    reader = csv.DictReader(lines, delimiter=delimiter)
     columns = reader.fieldnames or []
-    text_column, label_column = names
-    missing = [c for c in names if c not in columns]
-    if missing:
+    found = _find_columns(columns, names)
+    if not found:
+        missing = [c for c in names if c not in columns]
         raise UserInputError(f"{path}:1: missing column(s) {missing}; the header is {columns}. A text data set needs "
                              f"a text and a label column: name yours with --text-column and --label-column")
+    text_column, label_column = found
     texts, labels, where = [], [], []
     for row in reader:
         at = f"{path}:{reader.line_num}"
@@ -335,6 +362,21 @@ def _text_table(path: Path, names: tuple[str, str]) -> TextData:
     data = TextData(texts, labels, where)
     assign_labels(data)
     return data
+
+
+def _find_columns(header: list[str], names: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The header's column for each of `names`: the same name, or else the one column that differs from it only in
+    case and surrounding spaces ("Text" for text); None if one is missing or ambiguous."""
+    found = []
+    for name in names:
+        if name in header:
+            found.append(name)
+            continue
+        alike = [c for c in header if c.strip().lower() == name.strip().lower()]
+        if len(alike) != 1:
+            return None
+        found.append(alike[0])
+    return tuple(found)
 
 
 def _jsonl_records(path: Path):

@@ -25,7 +25,7 @@ from torch import nn
 from pockengine.data.sources import CHAT, IMAGE, TEXT
 from pockengine.errors import UserInputError
 from pockengine.models.mobilenet_v2 import IMAGENET_MEAN, IMAGENET_STD
-from pockengine.storage import fsync_dir, save_safetensors, temp_name
+from pockengine.storage import flush_folder, fsync_dir, save_safetensors, temp_name
 
 __all__ = ["BUILTIN_MODELS", "ModelSource", "LoadedModel", "model_source", "load_model", "save_model"]
 
@@ -230,7 +230,7 @@ def save_model(loaded: LoadedModel, folder: Path, classes: list[str] | None,
                 (tmp / CLASSES_FILE).write_text(json.dumps(classes, indent=1))
         if preprocessing is not None and loaded.processor is None:
             (tmp / PREPROCESSING_FILE).write_text(json.dumps(preprocessing, indent=1))
-        fsync_dir(tmp)
+        flush_folder(tmp)  # the library's writers do not flush: a crash after the rename must not leave empty files
         previous = temp_name(folder, ".previous") if folder.exists() else None
         if previous is not None:
             os.rename(folder, previous)

@@ -157,6 +157,11 @@ class OnnxTrainer:
         _atomic_save(self.weights(), Path(path), {"steps_done": str(self.steps_done)})
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_USUAL_FILE_MODE = 0o666 & ~_UMASK  # mkstemp's file is 0600; the weights are the user's file like any other
+
+
 def _atomic_save(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str]) -> None:
     """Write under a temporary name in the same folder, flush it to disk, rename it into place, sync the folder: a
     reader sees the old file or the new one, never part of one."""
@@ -167,6 +172,7 @@ def _atomic_save(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str,
         save_file({k: np.require(v, requirements="C") for k, v in tensors.items()}, temp, metadata=metadata)
         with open(temp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(temp, _USUAL_FILE_MODE)
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)

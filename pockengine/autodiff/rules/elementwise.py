@@ -58,6 +58,12 @@ def _conj(ctx, x):
     return ctx(aten.conj_physical.default, x) if _is_complex(x) else x
 
 
+@register(aten._conj.default, aten.conj_physical.default)
+def conj(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """Conjugation is its own adjoint (real-linear): the cotangent conjugated (unchanged for a real tensor)."""
+    return (_conj(ctx, g),)
+
+
 def _complex_to(ctx, g, x):
     """The cotangent of a real `x` from a complex product with it: the real part."""
     return ctx(aten.real.default, g) if _is_complex(g) and not _is_complex(x) else g
@@ -450,6 +456,55 @@ def fmax_fmin(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
 @register(aten.i0.default)
 def i0(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return _times(ctx, g, ctx(aten.special_i1.default, ctx.node.args[0]))
+
+
+@register(aten.special_i0e.default)
+def i0e(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """i0e(x) = exp(-|x|) i0(x): its derivative is i1e(x) - sign(x) i0e(x)."""
+    x = ctx.node.args[0]
+    return _times(ctx, g, ctx(aten.sub.Tensor, ctx(aten.special_i1e.default, x),
+                              ctx(aten.mul.Tensor, ctx(aten.sign.default, x), ctx.node)))
+
+
+def _bessel_i1_derivative(ctx, x, i0_like, i1_like):
+    """i0_like(x) - i1_like(x) / x, and 1/2 at x = 0 (the limit; the quotient would be NaN there), as autograd's
+    i1_backward and i1e_backward."""
+    eps = torch.finfo(x.meta.dtype).eps
+    not_tiny = ctx(aten.gt.Scalar, ctx(aten.abs.default, x), eps)
+    safe = ctx(aten.where.ScalarOther, not_tiny, x, eps)
+    derivative = ctx(aten.sub.Tensor, i0_like(safe), ctx(aten.div.Tensor, i1_like(safe), safe))
+    return ctx(aten.where.ScalarOther, not_tiny, derivative, 0.5)
+
+
+@register(aten.special_i1.default)
+def i1(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    return _times(ctx, g, _bessel_i1_derivative(ctx, ctx.node.args[0], lambda t: ctx(aten.i0.default, t),
+                                                lambda t: ctx(aten.special_i1.default, t)))
+
+
+@register(aten.special_i1e.default)
+def i1e(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """i1e(x) = exp(-|x|) i1(x): i0e(x) - i1e(x) (sign(x) + 1/x)."""
+    x = ctx.node.args[0]
+    i1e_ = lambda t: ctx(aten.special_i1e.default, t)  # noqa: E731
+    with_sign = _bessel_i1_derivative(ctx, x, lambda t: ctx(aten.special_i0e.default, t), i1e_)
+    return _times(ctx, g, ctx(aten.sub.Tensor, with_sign, ctx(aten.mul.Tensor, ctx(aten.sign.default, x), ctx.node)))
+
+
+@register(aten.special_ndtri.default)
+def ndtri(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """The inverse of the normal CDF: sqrt(2 pi) exp(ndtri(p)^2 / 2)."""
+    half_square = ctx(aten.mul.Tensor, ctx(aten.mul.Tensor, ctx.node, ctx.node), 0.5)
+    return _times(ctx, g, ctx(aten.mul.Tensor, ctx(aten.exp.default, half_square), math.sqrt(2 * math.pi)))
+
+
+@register(aten.frexp.Tensor)
+def frexp(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """x = mantissa 2^exponent with the exponent piecewise constant: the mantissa's cotangent over 2^exponent."""
+    if g[0] is None:
+        return (None,)
+    exponent = ctx(aten._to_copy.default, ctx.graph.getitem(ctx.node, 1), dtype=g[0].meta.dtype)
+    return (ctx(aten.div.Tensor, g[0], ctx(aten.exp2.default, exponent)),)
 
 
 @register(aten.copy.default)

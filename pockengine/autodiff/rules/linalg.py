@@ -420,6 +420,92 @@ def linalg_pinv(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return (ga,)
 
 
+@register(aten._linalg_det.default)
+def linalg_det(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """gA = g cof(A), the cofactor matrix, through an SVD A = U S V^T so that it holds at singular matrices too
+    (where det A A^-T does not exist): cof(A) = det(U) det(V^T) U diag(c) V^T with c_i the product of the singular
+    values other than s_i (prefix and suffix products, no division). Only the determinant takes a gradient, not the
+    LU factors returned beside it."""
+    a = ctx.node.args[0]
+    _real_only(ctx, a)
+    u, s, vh = (ctx.graph.getitem(ctx(aten._linalg_svd.default, a, full_matrices=False), i) for i in range(3))
+    n = a.meta.shape[-1]
+    ones = ctx(aten.ones_like.default, ctx(aten.slice.Tensor, s, -1, 0, 1))
+
+    def exclusive_products(values):  # prod(values[..., :i]) at i
+        return ctx(aten.cat.default, [ones, ctx(aten.slice.Tensor, ctx(aten.cumprod.default, values, -1), -1, 0,
+                                                                 n - 1)], -1)
+
+    before = exclusive_products(s)
+    after = ctx(aten.flip.default, exclusive_products(ctx(aten.flip.default, s, [-1])), [-1])
+    others = ctx(aten.mul.Tensor, before, after)
+    orientation = ctx(aten.mul.Tensor, ctx(aten.sign.default, ctx.graph.getitem(ctx(aten._linalg_det.default, u), 0)),
+                      ctx(aten.sign.default, ctx.graph.getitem(ctx(aten._linalg_det.default, vh), 0)))
+    cofactor = ctx(aten.matmul.default, ctx(aten.mul.Tensor, u, ctx(aten.unsqueeze.default, others, -2)), vh)
+    scale = ctx(aten.mul.Tensor, g[0], orientation)
+    return (ctx(aten.mul.Tensor, cofactor, ctx(aten.unsqueeze.default, ctx(aten.unsqueeze.default, scale, -1), -1)),)
+
+
+@register(aten.linalg_matrix_exp.default)
+def linalg_matrix_exp(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """gA is the upper right block of exp([[A^T, gX], [0, A^T]]) (the Fréchet derivative of exp at A^T applied to
+    gX, as PyTorch's linalg_matrix_exp_differential)."""
+    a = ctx.node.args[0]
+    _real_only(ctx, a)
+    a_t = _t(ctx, a)
+    n = a.meta.shape[-1]
+    top = ctx(aten.cat.default, [a_t, g], -1)
+    bottom = ctx(aten.cat.default, [ctx(aten.zeros_like.default, a_t), a_t], -1)
+    block = ctx(aten.linalg_matrix_exp.default, ctx(aten.cat.default, [top, bottom], -2))
+    return (ctx(aten.slice.Tensor, ctx(aten.slice.Tensor, block, -2, 0, n), -1, n, 2 * n),)
+
+
+def _triangular_part(ctx, product, upper, unitriangular):
+    """The part of `product` that a triangular A's gradient keeps: its triangle, off the diagonal if unitriangular
+    (those entries are not read)."""
+    offset = (1 if upper else -1) if unitriangular else 0
+    return ctx(aten.triu.default if upper else aten.tril.default, product, offset)
+
+
+@register(aten.triangular_solve.default)
+def triangular_solve(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """X = op(A)^-1 B, op(A) = A or A^T, A triangular (`upper`), its diagonal taken as ones if `unitriangular`:
+    gB = op(A)^-T gX; gA = -gB X^T (or -X gB^T for op(A) = A^T) restricted to A's triangle, as PyTorch's
+    triangular_solve_backward. The copy of A returned beside X is A itself: its cotangent is added as is."""
+    b, a, upper, transpose, unitriangular = ctx.args
+    _real_only(ctx, a)
+    x = ctx.graph.getitem(ctx.node, 0)
+    g_x, g_copy = g[0], g[1]
+    g_b = g_a = None
+    if g_x is not None:
+        g_b = ctx.graph.getitem(ctx(aten.triangular_solve.default, g_x, a, upper, not transpose, unitriangular), 0)
+        if ctx.needs(a):
+            product = ctx(aten.matmul.default, x, _t(ctx, g_b)) if transpose else \
+                ctx(aten.matmul.default, g_b, _t(ctx, x))
+            g_a = ctx.sum_to(_triangular_part(ctx, ctx(aten.neg.default, product), upper, unitriangular), a.meta.shape)
+        g_b = ctx.sum_to(g_b, b.meta.shape) if ctx.needs(b) else None
+    if g_copy is not None and ctx.needs(a):
+        g_a = g_copy if g_a is None else ctx(aten.add.Tensor, g_a, g_copy)
+    return g_b, g_a
+
+
+@register(aten.linalg_solve_triangular.default)
+def linalg_solve_triangular(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """X = A^-1 B (left) or B A^-1, A triangular: gB solves with A^T (the other triangle); gA = -gB X^T (left) or
+    -X^T gB, restricted to A's triangle (PyTorch's linalg_solve_triangular_backward)."""
+    a, b = ctx.args
+    upper, left, unitriangular = (ctx.kwarg(k) for k in ("upper", "left", "unitriangular"))
+    _real_only(ctx, a)
+    g_b = ctx(aten.linalg_solve_triangular.default, _t(ctx, a), g, upper=not upper, left=left,
+              unitriangular=unitriangular)
+    g_a = None
+    if ctx.needs(a):
+        x = ctx.node
+        product = ctx(aten.matmul.default, g_b, _t(ctx, x)) if left else ctx(aten.matmul.default, _t(ctx, x), g_b)
+        g_a = ctx.sum_to(_triangular_part(ctx, ctx(aten.neg.default, product), upper, unitriangular), a.meta.shape)
+    return g_a, ctx.sum_to(g_b, b.meta.shape) if ctx.needs(b) else None
+
+
 @register(aten.linalg_inv_ex.default)
 def linalg_inv_ex(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     """X = A^-1: gA = -X^T gX X^T (only the inverse carries a gradient, not the error code)."""

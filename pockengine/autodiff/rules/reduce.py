@@ -112,6 +112,29 @@ def max_pool2d(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
                 ceil_mode, indices),)
 
 
+@register(aten.fractional_max_pool2d.default, aten.fractional_max_pool3d.default)
+def fractional_max_pool(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """The maxima's places are the forward's indices, as in max pooling (the random samples take no gradient)."""
+    x, kernel, output_size, _samples = ctx.args
+    backward = (aten.fractional_max_pool2d_backward.default if ctx.node.target is aten.fractional_max_pool2d.default
+                else aten.fractional_max_pool3d_backward.default)
+    return ctx(backward, g[0], x, kernel, output_size, ctx.graph.getitem(ctx.node, 1)), None
+
+
+@register(aten.segment_reduce.default)
+def segment_reduce(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """ATen's backward kernel, given the segments as lengths or offsets (`indices` is not implemented by ATen)."""
+    data, reduce = ctx.args
+    return (ctx(aten._segment_reduce_backward.default, g, ctx.node, data, reduce, lengths=ctx.kwarg("lengths"),
+                offsets=ctx.kwarg("offsets"), axis=ctx.kwarg("axis"), initial=ctx.kwarg("initial")), None)
+
+
+@register(aten._pdist_forward.default)
+def pdist(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    x, p = ctx.args
+    return (ctx(aten._pdist_backward.default, g, x, p, ctx.node),)
+
+
 @register(aten.avg_pool2d.default)
 def avg_pool2d(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, kernel, stride, padding, ceil_mode, count_include_pad, divisor = ctx.args
@@ -245,17 +268,21 @@ def prod_all(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
 
 @register(aten.linalg_vector_norm.default)
 def vector_norm(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
-    """As autograd's linalg_vector_norm_backward: sign(x) |x|^(p-1) / norm^(p-1), 0 where the norm is 0; the
-    max/min norms share the gradient among the entries that reach them."""
     x, p, dims, keepdim = ctx.args[:4]
-    dims = _dims(dims, len(x.meta.shape))
+    return (_norm_grad(ctx, g, x, ctx.node, p, _dims(dims, len(x.meta.shape)), keepdim),)
+
+
+def _norm_grad(ctx, g, x, norm, p, dims, keepdim):
+    """The gradient of the p-norm `norm` of x over `dims`, as autograd's linalg_vector_norm_backward: sign(x)
+    |x|^(p-1) / norm^(p-1), 0 where the norm is 0; the max/min norms share the gradient among the entries that
+    reach them. None for p = 0 (piecewise constant)."""
     g = _like(ctx, g, x)
-    norm = _like(ctx, ctx.node, x)
+    norm = _like(ctx, norm, x)
     if p == 0:
-        return (None,)
+        return None
     if math.isinf(p):
         ax = ctx(aten.abs.default, x)
-        return (ctx(aten.mul.Tensor, ctx(aten.sign.default, x), _ties_share(ctx, g, ax, norm, dims, keepdim)),)
+        return ctx(aten.mul.Tensor, ctx(aten.sign.default, x), _ties_share(ctx, g, ax, norm, dims, keepdim))
     g = _broadcast_back(ctx, g, x, dims, keepdim)
     norm = _broadcast_back(ctx, norm, x, dims, keepdim)
     if p == 2:
@@ -266,11 +293,49 @@ def vector_norm(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     if p < 1:  # |x|^(p-1) is infinite at 0, where autograd puts 0
         zero = ctx(aten.scalar_tensor.default, 0.0, dtype=x.meta.dtype)
         scaled = ctx(aten.where.self, ctx(aten.eq.Scalar, x, 0), zero, scaled)
-        return (ctx(aten.mul.Tensor, ctx(aten.mul.Tensor, scaled, g), ctx(aten.pow.Tensor_Scalar, norm, 1 - p)),)
+        return ctx(aten.mul.Tensor, ctx(aten.mul.Tensor, scaled, g), ctx(aten.pow.Tensor_Scalar, norm, 1 - p))
     scale = ctx(aten.div.Tensor, g, norm if p == 2 else ctx(aten.pow.Tensor_Scalar, norm, p - 1))
     zero = ctx(aten.scalar_tensor.default, 0.0, dtype=x.meta.dtype)
     scale = ctx(aten.where.self, ctx(aten.eq.Scalar, norm, 0), zero, scale)
-    return (ctx(aten.mul.Tensor, scaled, scale),)
+    return ctx(aten.mul.Tensor, scaled, scale)
+
+
+@register(aten.dist.default)
+def dist(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """dist(a, b, p) = the p-norm of a - b (broadcast) over all of it: the norm's gradient, summed back to a and
+    to b with its sign."""
+    a, b, p = ctx.args
+    difference = ctx(aten.sub.Tensor, a, b)
+    grad = _norm_grad(ctx, g, difference, ctx.node, float(p), list(range(len(difference.meta.shape))), False)
+    if grad is None:
+        return None, None
+    return (ctx.sum_to(grad, a.meta.shape) if ctx.needs(a) else None,
+            ctx.sum_to(ctx(aten.neg.default, grad), b.meta.shape) if ctx.needs(b) else None)
+
+
+def _reverse_logcumsumexp(ctx, t, dim):
+    return ctx(aten.flip.default, ctx(aten.logcumsumexp.default, ctx(aten.flip.default, t, [dim]), dim), [dim])
+
+
+@register(aten.logcumsumexp.default)
+def logcumsumexp(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """y_j = log sum_{i<=j} exp(x_i): gx_i = sum_{j>=i} g_j exp(x_i - y_j), summed in log space with the positive
+    and the negative part of g apart so that nothing overflows (PyTorch's logcumsumexp_backward)."""
+    x, dim = ctx.node.args[0], ctx.args[1]
+    dim = dim + len(x.meta.shape) if dim < 0 else dim
+    if len(x.meta.shape) == 0:
+        return (g,)
+    out = ctx.node
+    minus_inf = ctx(aten.scalar_tensor.default, -math.inf, dtype=x.meta.dtype)
+
+    def part(sign_test, magnitude):
+        log_g = ctx(aten.where.self, sign_test, ctx(aten.log.default, magnitude), minus_inf)
+        return ctx(aten.exp.default, ctx(aten.add.Tensor, _reverse_logcumsumexp(
+            ctx, ctx(aten.sub.Tensor, log_g, out), dim), x))
+
+    positive = part(ctx(aten.gt.Scalar, g, 0), g)
+    negative = part(ctx(aten.lt.Scalar, g, 0), ctx(aten.neg.default, g))
+    return (ctx(aten.sub.Tensor, positive, negative),)
 
 
 def _pool_backward(backward, *extra_outputs: int):

@@ -2,6 +2,8 @@
 
 import operator
 import sys
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -117,7 +119,7 @@ def split(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return _join_split(ctx, g, ctx.args[2])
 
 
-@register(aten.unbind.int)
+@register(aten.unbind.int, aten.unbind_copy.int)
 def unbind(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, dim = ctx.args
     parts = [gi if gi is not None else ctx(aten.new_zeros.default, x, list(m.shape))
@@ -194,6 +196,29 @@ def repeat(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return (ctx(aten.reshape.default, summed, shape),)
 
 
+@register(aten.put.default)
+def put(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """self with source written (or added) at flat indices: self keeps the cotangent except where overwritten; the
+    source gets the cotangent read at its indices."""
+    x, index, source, accumulate = ctx.args
+    gx = None
+    if ctx.needs(x):
+        gx = g if accumulate else ctx(aten.put.default, g, index, ctx.zeros_like(source), False)
+    return gx, None, ctx(aten.reshape.default, ctx(aten.take.default, g, index), list(source.meta.shape)) \
+        if ctx.needs(source) else None, None
+
+
+@register(aten._trilinear.default)
+def trilinear(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """out = sum over `sumdim` of i1 i2 i3 (each unsqueezed at its `expand` dimensions): each input's gradient is
+    the same product with the cotangent in its place, summed over what that input was expanded along (PyTorch's
+    _trilinear_backward)."""
+    i1, i2, i3, expand1, expand2, expand3, sumdim, _unroll = ctx.args
+    return (ctx(aten._trilinear.default, g, i2, i3, sumdim, expand2, expand3, expand1) if ctx.needs(i1) else None,
+            ctx(aten._trilinear.default, i1, g, i3, expand1, sumdim, expand3, expand2) if ctx.needs(i2) else None,
+            ctx(aten._trilinear.default, i1, i2, g, expand1, expand2, sumdim, expand3) if ctx.needs(i3) else None)
+
+
 @register(aten.index_put.default)
 def index_put(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     x, indices, values, accumulate = ctx.args
@@ -234,58 +259,75 @@ def scatter_add(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return g, None, None, ctx(aten.gather.default, g, dim, idx) if ctx.needs(src) else None
 
 
-@register(aten.scatter_reduce.two)
-def scatter_reduce(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
-    """PyTorch's formulas (scatter_reduce_backward): `sum` as scatter_add; `prod` as the product of the others,
-    recomputed with zeros masked so that a single zero still gets its gradient; `mean` divided by the count of
-    values reduced into each entry; `amax`/`amin` shared evenly among the entries equal to the result. With
-    include_self=False the scattered-to entries of x take no gradient."""
+@dataclass(frozen=True)
+class _Placement:
+    """How a reduce-into op places values: per element along `dim` (scatter_reduce: an index per source entry) or
+    per slice (index_reduce: an index per source slice). Each op takes (self, dim, index, ...) in that order."""
+    reduce_into: Any  # (x, dim, idx, src, reduce, include_self=)
+    read: Any  # the values at the places: gather / index_select
+    add_into: Any  # scatter_add / index_add
+    clear: Any  # 0 at the places: scatter.value / index_fill
+
+
+_PLACEMENTS = {aten.scatter_reduce.two: _Placement(aten.scatter_reduce.two, aten.gather.default,
+                                                   aten.scatter_add.default, aten.scatter.value),
+               aten.index_reduce.default: _Placement(aten.index_reduce.default, aten.index_select.default,
+                                                     aten.index_add.default, aten.index_fill.int_Scalar)}
+
+
+@register(*_PLACEMENTS)
+def reduce_into(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """scatter_reduce and index_reduce, PyTorch's formulas (scatter_reduce_backward, index_reduce_backward): `sum`
+    as scatter_add; `prod` as the product of the others, recomputed with zeros masked so that a single zero still
+    gets its gradient; `mean` divided by the count of values reduced into each entry; `amax`/`amin` shared evenly
+    among the entries equal to the result. With include_self=False the reduced-into entries of x take no gradient."""
     x, dim, idx, src, reduce = ctx.args
     include_self = ctx.kwarg("include_self")
     out = ctx.node
+    op = _PLACEMENTS[ctx.node.target]
     gx = gsrc = None
     if reduce == "sum":
         gx = g if ctx.needs(x) else None
-        gsrc = ctx(aten.gather.default, g, dim, idx) if ctx.needs(src) else None
+        gsrc = ctx(op.read, g, dim, idx) if ctx.needs(src) else None
     elif reduce == "prod":
         if ctx.needs(x):
             masked_x = ctx(aten.where.ScalarSelf, ctx(aten.eq.Scalar, x, 0), 1.0, x)
-            others = ctx(aten.scatter_reduce.two, masked_x, dim, idx, src, "prod", include_self=include_self)
+            others = ctx(op.reduce_into, masked_x, dim, idx, src, "prod", include_self=include_self)
             gx = ctx(aten.div.Tensor, ctx(aten.mul.Tensor, g, others), masked_x)
         if ctx.needs(src):
             src_zero = ctx(aten.eq.Scalar, src, 0)
-            zeros_per_entry = ctx(aten.gather.default, ctx(aten.scatter_add.default, ctx.zeros_like(x), dim, idx, ctx(
+            zeros_per_entry = ctx(op.read, ctx(op.add_into, ctx.zeros_like(x), dim, idx, ctx(
                 aten._to_copy.default, src_zero, dtype=x.meta.dtype)), dim, idx)
             single_zero = ctx(aten.logical_and.default, src_zero, ctx(aten.eq.Scalar, zeros_per_entry, 1))
-            without_zero = ctx(aten.scatter_reduce.two, x, dim, idx,
+            without_zero = ctx(op.reduce_into, x, dim, idx,
                                ctx(aten.where.ScalarSelf, single_zero, 1.0, src), "prod", include_self=include_self)
-            through_zero = ctx(aten.gather.default, ctx(aten.mul.Tensor, g, without_zero), dim, idx)
-            through_result = ctx(aten.div.Tensor, ctx(aten.gather.default, ctx(aten.mul.Tensor, g, out), dim, idx),
+            through_zero = ctx(op.read, ctx(aten.mul.Tensor, g, without_zero), dim, idx)
+            through_result = ctx(aten.div.Tensor, ctx(op.read, ctx(aten.mul.Tensor, g, out), dim, idx),
                                  ctx(aten.where.ScalarSelf, src_zero, 1.0, src))
             gsrc = ctx(aten.where.self, single_zero, through_zero, through_result)
     elif reduce == "mean":
-        count = ctx(aten.scatter_add.default, ctx(aten.ones_like.default, g) if include_self else ctx.zeros_like(g),
+        count = ctx(op.add_into, ctx(aten.ones_like.default, g) if include_self else ctx.zeros_like(g),
                     dim, idx, ctx(aten.ones_like.default, src))
         count = ctx(aten.where.ScalarSelf, ctx(aten.eq.Scalar, count, 0), 1.0, count)
         gx = ctx(aten.div.Tensor, g, count) if ctx.needs(x) else None
-        gsrc = ctx(aten.div.Tensor, ctx(aten.gather.default, g, dim, idx), ctx(aten.gather.default, count, dim, idx)) \
+        gsrc = ctx(aten.div.Tensor, ctx(op.read, g, dim, idx), ctx(op.read, count, dim, idx)) \
             if ctx.needs(src) else None
     elif reduce in ("amax", "amin"):
-        value = ctx(aten.gather.default, out, dim, idx)
+        value = ctx(op.read, out, dim, idx)
         x_is_result = ctx(aten.eq.Tensor, x, out)
         src_is_result = ctx(aten.eq.Tensor, src, value)
-        ties = ctx(aten.scatter_add.default, ctx(aten._to_copy.default, x_is_result, dtype=g.meta.dtype), dim, idx,
+        ties = ctx(op.add_into, ctx(aten._to_copy.default, x_is_result, dtype=g.meta.dtype), dim, idx,
                    ctx(aten._to_copy.default, src_is_result, dtype=g.meta.dtype))
         shared = ctx(aten.div.Tensor, g, ties)
         gx = ctx(aten.mul.Tensor, shared, x_is_result) if ctx.needs(x) else None
-        gsrc = ctx(aten.mul.Tensor, ctx(aten.gather.default, shared, dim, idx), src_is_result) \
+        gsrc = ctx(aten.mul.Tensor, ctx(op.read, shared, dim, idx), src_is_result) \
             if ctx.needs(src) else None
     else:
-        raise MissingVJPError(f"scatter_reduce with reduce='{reduce}' (node %{ctx.node.name}, module "
+        raise MissingVJPError(f"{ctx.node.target} with reduce='{reduce}' (node %{ctx.node.name}, module "
                               f"'{ctx.node.module or '<top level>'}') has no VJP rule; freeze the parameters "
                               "before it or register a rule")
     if gx is not None and not include_self:
-        gx = ctx(aten.scatter.value, gx, dim, idx, 0)
+        gx = ctx(op.clear, gx, dim, idx, 0)
     return gx, None, None, gsrc, None
 
 
@@ -314,7 +356,7 @@ def unfold(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
 
 
 _UPSAMPLE = ("nearest1d", "nearest2d", "nearest3d", "_nearest_exact1d", "_nearest_exact2d", "_nearest_exact3d",
-             "linear1d", "bilinear2d", "bicubic2d", "trilinear3d")
+             "linear1d", "bilinear2d", "bicubic2d", "trilinear3d", "_bilinear2d_aa", "_bicubic2d_aa")
 
 
 def _upsample_op(mode: str):
