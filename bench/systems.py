@@ -206,6 +206,7 @@ class PockEngine(System):
 
     def import_runtime(self) -> None:
         import torch.export  # noqa: F401  (the capture machinery: torch._dynamo)
+        import torch.export._trace  # noqa: F401  (its tracer, ~700 modules the first capture imports)
         torch.export.default_decompositions()
         if self.chosen.get("backend", "aten") != "aten":
             import torch._inductor.compile_fx  # noqa: F401

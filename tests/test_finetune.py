@@ -117,6 +117,9 @@ def test_finetune_a_bert_folder_on_a_csv(tmp_path, hf_folders):
     summary = json.loads((out / "summary.json").read_text())
     assert run.task.evaluate(saved) == pytest.approx(summary["after"])
     assert summary["planned_step_peak_bytes"] > 0 and summary["peak_rss_bytes"] > 0
+    memory = summary["memory_report"]  # trainer.memory_report() at the end of the run, line by line
+    assert memory["trained weights"] > 0 and memory["planned step buffers (peak)"] > 0
+    assert memory["predicted training memory above the runtime libraries"] >= memory["trained weights"]
 
 
 def test_a_tsv_with_its_own_column_names(tmp_path, hf_folders, capsys):

@@ -155,8 +155,13 @@ class MemoryReport:
 
     def __str__(self) -> str:
         width = max(len(name) for name, _ in self.lines())
-        return "\n".join(f"{name:<{width}} " + ("not measured" if value is None else f"{value / MB:9.2f} MB")
-                         for name, value in self.lines())
+        return "\n".join(f"{name:<{width}} {_size(value)}" for name, value in self.lines())
+
+
+def _size(value: int | None) -> str:
+    if value is None:
+        return "not measured"
+    return f"{value / MB:9.2f} MB" if abs(value) >= MB // 10 else f"{value / 1024:9.1f} KB"
 
 
 def _batch_shapes(key: tuple) -> str:
