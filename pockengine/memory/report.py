@@ -191,15 +191,16 @@ def memory_report(trainer: Trainer, baseline_rss: int | None) -> MemoryReport:
         code += size + counter.claim(tensors)
 
     residue: list[tuple[str, int]] = []
-    for (shapes, modes), cap in trainer._captures.items():
+    for (shapes, _modes), cap in trainer._captures.items():
         size, tensors = python_bytes([cap], seen)
         residue.append((f"capture, batch {_batch_shapes(shapes)}: {len(cap.graph.nodes)} nodes (kept to compile "
                         "the other program of its shape)", size + counter.claim(tensors)))
     for (updates, shapes), built in trainer._programs.items():
         size, tensors = python_bytes([built.program.graph], seen)
+        readers = ("listing, memory plan, ONNX export" if isinstance(built.program, CompiledProgram) else
+                   "the Inductor runner reads its outputs")
         residue.append((f"{'step' if updates else 'gradient'} program's graph, batch {_batch_shapes(shapes)}: "
-                        f"{len(built.program.graph.nodes)} nodes (listing, memory plan, ONNX export)",
-                        size + counter.claim(tensors)))
+                        f"{len(built.program.graph.nodes)} nodes ({readers})", size + counter.claim(tensors)))
     residue.append(("example batch (the default of program() and memory_plan())",
                     counter.claim(t for t in pytree.tree_leaves(trainer._example) if isinstance(t, torch.Tensor))))
 
