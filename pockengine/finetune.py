@@ -638,7 +638,6 @@ def finetune(config: FinetuneConfig, resume: bool = False, log: Callable[[str], 
     _write_json(out / SUMMARY_FILE, summary)
     draw_plots(out)
     log(format_summary(summary))
-    log(f"the process's memory (trainer.memory_report()):\n{memory}")
     if config.time_budget is not None and median_ms is not None and median_ms > config.time_budget:
         log(f"note: the median step took {median_ms:.1f} ms, over --time-budget {config.time_budget:g} ms")
     return summary
@@ -660,6 +659,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{mb(summary['peak_rss_bytes'])}",
         f"saved: {summary['saved_model']} (load it with {summary['library']})",
     ]
+    if summary.get("memory_report"):  # runs before memory_report existed have none
+        report = summary["memory_report"]
+        width = max(map(len, report))
+        lines.append("the process's memory at the end (trainer.memory_report()):")
+        lines += [f"  {name:<{width}} " + ("not measured" if value is None else mb(value))
+                  for name, value in report.items()]
     return "\n".join(lines)
 
 
