@@ -1,7 +1,7 @@
 """The whole process's training memory of pockengine on one benchmark workload, split as `Trainer.memory_report`
 splits it.
 
-    python -m bench.process_memory [--workload mobilenetv2] [--scheme sparse] [--steps 5]
+    python -m bench.process_memory [--workload mobilenetv2] [--scheme sparse] [--steps 5] [--capture-process fork]
 
 A fresh child process (with the benchmark's memory setting, MALLOC_MMAP_THRESHOLD_=65536, so freed large blocks
 leave the resident set) imports the runtime libraries (torch, torch.export with its tracer, pockengine, the
@@ -66,7 +66,7 @@ def _batch_bytes(batches: list, trainer: object) -> int:
     return sum(n for ptr, n in storages.items() if ptr not in example)
 
 
-def child(workload: str, scheme: str, steps: int) -> dict:
+def child(workload: str, scheme: str, steps: int, capture_process: str) -> dict:
     import torch
 
     torch.set_num_threads(2)
@@ -90,8 +90,10 @@ def child(workload: str, scheme: str, steps: int) -> dict:
     w = W.build(workload)
     selections = W.resolve(w, W.scheme_for(workload, scheme, False))
     stage("model and batches built")
+    options = {"capture_process": capture_process} if capture_process != "same" else {}  # an older pockengine
     trainer = pe.compile(w.model, w.loss_fn, w.batch(0), optimizer=pe.optim.SGD(lr=w.lr, momentum=0.9),
-                         scheme=Scheme.from_resolved(selections, scheme), freeze_batchnorm=w.freeze_batchnorm)
+                         scheme=Scheme.from_resolved(selections, scheme), freeze_batchnorm=w.freeze_batchnorm,
+                         **options)
     stage("compiled")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # the resident high-water mark restarts here: the peak of the steps
@@ -135,19 +137,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workload", default="mobilenetv2")
     parser.add_argument("--scheme", default="sparse")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--capture-process", default="same", choices=("same", "fork"),
+                        help="compile's capture_process: torch.export in this process or in a forked child")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.workload, args.scheme, args.steps)))
+        print(json.dumps(child(args.workload, args.scheme, args.steps, args.capture_process)))
         return
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
     proc = subprocess.run([sys.executable, "-m", "bench.process_memory", "--child", "--workload", args.workload,
-                           "--scheme", args.scheme, "--steps", str(args.steps)], env={**os.environ, **MALLOC_ENV},
+                           "--scheme", args.scheme, "--steps", str(args.steps), "--capture-process",
+                           args.capture_process], env={**os.environ, **MALLOC_ENV},
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         sys.exit(f"the measuring process failed:\n{proc.stderr[-4000:]}")
-    print(f"{args.workload}, scheme {args.scheme} (load average {' '.join(load)} at the start)")
+    print(f"{args.workload}, scheme {args.scheme}, capture_process={args.capture_process!r} (load average "
+          f"{' '.join(load)} at the start)")
     print(show(json.loads(proc.stdout.strip().splitlines()[-1]), args.steps))
 
 

@@ -26,6 +26,7 @@ from torch.utils import _pytree as pytree
 from pockengine import pipeline
 from pockengine.backend import Choice, CompiledProgram, InductorProgram, select
 from pockengine.capture import Captured, capture, normalize_batch
+from pockengine.capture.child import capture_in_child
 from pockengine.checkpoint import recorded_setup, restore_state, save_trainer
 from pockengine.errors import BatchMismatchError, NonFiniteLossError, UserInputError
 from pockengine.ir.graph import BATCH, SCALAR, Node
@@ -241,7 +242,9 @@ class Trainer:
         program of a shape start from copies of it. Modules switched to another mode since are captured again."""
         key = (self._shape_key(pytree.tree_flatten(batch)[0]), tuple(m.training for m in self.model.modules()))
         if key not in self._captures:
-            self._captures[key] = capture(self.model, self.loss_fn, batch)
+            in_child = capture_in_child(self.model, self.loss_fn, batch) if (
+                self.options.capture_process == "fork") else None
+            self._captures[key] = in_child or capture(self.model, self.loss_fn, batch)
         return self._captures[key]
 
     def _build(self, batch: Any, updates: bool, until: str | None = None) -> _Built:

@@ -9,6 +9,7 @@ torch.export's fake tensors surviving the capture.
 
 import gc
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -118,3 +119,24 @@ def test_compiler_residue_stays_small_and_holds_no_fake_tensor():
     assert not proxy_tensor._FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT
     assert not [o for o in gc.get_objects() if isinstance(o, torch._subclasses.FakeTensor)
                 and o.shape == (4, 16, 8, 8)]  # an activation of this model, as export's fake tensors had it
+
+
+def test_capture_in_a_forked_child_gives_the_same_program():
+    """capture_process="fork": torch.export runs in a child that sends back the IR; the program, the steps and the
+    errors are those of a capture in this process."""
+    same = pe.compile(small_cnn(), pe.losses.cross_entropy(), batch(), optimizer=pe.optim.SGD(lr=0.1),
+                      scheme=pe.Scheme.last(2), freeze_batchnorm=True)
+    forked = pe.compile(small_cnn(), pe.losses.cross_entropy(), batch(), optimizer=pe.optim.SGD(lr=0.1),
+                        scheme=pe.Scheme.last(2), freeze_batchnorm=True, capture_process="fork")
+    assert str(forked.program().graph) == str(same.program().graph)
+    assert [forked.step(batch()) for _ in range(2)] == [same.step(batch()) for _ in range(2)]
+    assert forked.options.to_dict()["capture_process"] == "fork"
+    from pockengine.capture.child import capture_in_child
+    captured = capture_in_child(small_cnn().eval(), pe.losses.cross_entropy(), batch())  # None: "in here"
+    assert captured is not None and len(captured.graph.nodes) == len(same._captures[next(iter(same._captures))]
+                                                                      .graph.nodes)
+    with pytest.raises(pe.UserInputError, match="fail on this batch in plain PyTorch"):  # the child failed: in here
+        pe.compile(small_cnn(), pe.losses.cross_entropy(), ((torch.randn(4, 5, 8, 8),), batch()[1]),
+                   capture_process="fork")
+    with pytest.raises(pe.UserInputError, match="capture_process must be one of"):
+        pe.compile(small_cnn(), pe.losses.cross_entropy(), batch(), capture_process="spawn")
