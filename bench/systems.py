@@ -44,6 +44,7 @@ import pockengine as pe
 from bench.variants import parse_system
 from pockengine.autodiff.rules.attention import KERNELS as ATTENTION_KERNELS
 from pockengine.backend import BACKENDS
+from pockengine.options import CAPTURE_PROCESSES
 from pockengine.scheme import Scheme, Selection, gradient_masks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,7 +203,7 @@ class TorchCompile(_TorchLoop):
 
 class PockEngine(System):
     name = "pockengine"
-    options = {"attention": ATTENTION_KERNELS, "backend": BACKENDS}
+    options = {"attention": ATTENTION_KERNELS, "backend": BACKENDS, "capture": CAPTURE_PROCESSES}
 
     def import_runtime(self) -> None:
         import torch.export  # noqa: F401  (the capture machinery: torch._dynamo)
@@ -215,7 +216,8 @@ class PockEngine(System):
         self.trainer = pe.compile(model, loss_fn, batch, optimizer=pe.optim.SGD(lr=lr, momentum=MOMENTUM),
                                   scheme=Scheme.from_resolved(selections, scheme_name),
                                   freeze_batchnorm=freeze_batchnorm, attention=self.chosen.get("attention", "auto"),
-                                  backend=self.chosen.get("backend", "aten"))
+                                  backend=self.chosen.get("backend", "aten"),
+                                  capture_process=self.chosen.get("capture", "same"))
         self._entries = _entries(model, self.trainer.trained)
 
     def trained_entries(self) -> int:
