@@ -46,6 +46,7 @@ import pockengine as pe
 from bench.variants import parse_system
 from pockengine.autodiff.rules.attention import KERNELS as ATTENTION_KERNELS
 from pockengine.backend import BACKENDS
+from pockengine.options import CAPTURE_PROCESSES
 from pockengine.pipeline import optional_pass_names
 from pockengine.scheme import Scheme, Selection, gradient_masks
 
@@ -205,10 +206,12 @@ class TorchCompile(_TorchLoop):
 
 class PockEngine(System):
     name = "pockengine"
-    options = {"attention": ATTENTION_KERNELS, "backend": BACKENDS, "upto": ("none", *optional_pass_names())}
+    options = {"attention": ATTENTION_KERNELS, "backend": BACKENDS, "capture": CAPTURE_PROCESSES,
+               "upto": ("none", *optional_pass_names())}
 
     def import_runtime(self) -> None:
         import torch.export  # noqa: F401  (the capture machinery: torch._dynamo)
+        import torch.export._trace  # noqa: F401  (its tracer, ~700 modules the first capture imports)
         torch.export.default_decompositions()
         if self.chosen.get("backend", "aten") != "aten":
             import torch._inductor.compile_fx  # noqa: F401
@@ -217,7 +220,8 @@ class PockEngine(System):
         self.trainer = pe.compile(model, loss_fn, batch, optimizer=pe.optim.SGD(lr=lr, momentum=MOMENTUM),
                                   scheme=Scheme.from_resolved(selections, scheme_name),
                                   freeze_batchnorm=freeze_batchnorm, attention=self.chosen.get("attention", "auto"),
-                                  backend=self.chosen.get("backend", "aten"), disable=self._disabled_passes())
+                                  backend=self.chosen.get("backend", "aten"), disable=self._disabled_passes(),
+                                  capture_process=self.chosen.get("capture", "same"))
         self._entries = _entries(model, self.trainer.trained)
 
     def _disabled_passes(self) -> set[str]:

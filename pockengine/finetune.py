@@ -620,6 +620,7 @@ def finetune(config: FinetuneConfig, resume: bool = False, log: Callable[[str], 
         metrics.write(json.dumps({"step": trainer.steps_done, "eval": after}) + "\n")
     save_model(run.loaded, out / MODEL_DIR, run.classes, run.preprocessing)
 
+    memory = trainer.memory_report()
     timed = step_times[1:] or step_times  # the first step pays for first-touch allocations
     median_ms = statistics.median(timed) * 1000 if timed else None
     summary = {
@@ -632,6 +633,7 @@ def finetune(config: FinetuneConfig, resume: bool = False, log: Callable[[str], 
         "trained_tensors": len(trainer.trained), "step_ms_median": median_ms, "planned_step_peak_bytes": planned,
         "optimizer_state_bytes": state, "peak_rss_bytes": peak_rss_bytes(), "memory_budget_bytes": config.memory_budget,
         "time_budget_ms": config.time_budget, "saved_model": str(out / MODEL_DIR), "library": run.loaded.library,
+        "memory_report": {name.strip(): value for name, value in memory.lines()},
     }
     _write_json(out / SUMMARY_FILE, summary)
     draw_plots(out)
@@ -657,6 +659,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{mb(summary['peak_rss_bytes'])}",
         f"saved: {summary['saved_model']} (load it with {summary['library']})",
     ]
+    if summary.get("memory_report"):  # runs before memory_report existed have none
+        report = summary["memory_report"]
+        width = max(map(len, report))
+        lines.append("the process's memory at the end (trainer.memory_report()):")
+        lines += [f"  {name:<{width}} " + ("not measured" if value is None else mb(value))
+                  for name, value in report.items()]
     return "\n".join(lines)
 
 

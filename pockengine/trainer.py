@@ -26,10 +26,12 @@ from torch.utils import _pytree as pytree
 from pockengine import pipeline
 from pockengine.backend import Choice, CompiledProgram, InductorProgram, select
 from pockengine.capture import Captured, capture, normalize_batch
+from pockengine.capture.child import capture_in_child
 from pockengine.checkpoint import recorded_setup, restore_state, save_trainer
 from pockengine.errors import BatchMismatchError, NonFiniteLossError, UserInputError
 from pockengine.ir.graph import BATCH, SCALAR, Node
 from pockengine.memory.plan import MemoryPlan, plan_memory
+from pockengine.memory.report import MemoryReport, memory_report, rss_bytes
 from pockengine.optim import SGD, Optimizer
 from pockengine.optim.update import GRADIENT_OUTPUT, zero_state
 from pockengine.options import Options
@@ -65,6 +67,10 @@ class Trainer:
             raise UserInputError(f"scheme must be a pockengine.Scheme, got {type(scheme).__name__}")
         self.model = model
         self.loss_fn = loss_fn
+        # The runtime libraries' resident set, for memory_report: the process now, less the model's own tensors,
+        # with torch.export's tracer loaded (torch._dynamo and ~700 modules that the first capture would import).
+        import torch.export._trace  # noqa: F401, PLC0415
+        self._baseline_rss = _resident_without(model)
         self.optimizer = optimizer or SGD(lr=0.01)
         self.scheme = scheme or Scheme.full()
         self.options = options or Options()
@@ -178,6 +184,14 @@ class Trainer:
         built = self._prepared(self._example if batch is None else batch, not gradients)[0]
         return plan_memory(built.program.graph, {n: t.stride() for n, t in built.static.items()})
 
+    def memory_report(self, baseline_rss: int | None = None) -> MemoryReport:
+        """What training holds in this process, by kind: trained and frozen weights, optimizer state, program
+        constants, generated code, the planned step buffers, the compiler residue (the kept captures and graphs,
+        one line each) and the runtime overhead (the measured resident set minus all of those); `print` it.
+        `baseline_rss`: the resident set of the runtime libraries, in bytes (default: the process's when the trainer
+        was created, less the model's tensors). See pockengine.memory.report."""
+        return memory_report(self, self._baseline_rss if baseline_rss is None else baseline_rss)
+
     def save(self, path: str | os.PathLike) -> None:
         """Write a checkpoint folder at `path` (crash-safe; see pockengine.checkpoint); `pockengine.load` resumes."""
         save_trainer(self, path)
@@ -228,7 +242,9 @@ class Trainer:
         program of a shape start from copies of it. Modules switched to another mode since are captured again."""
         key = (self._shape_key(pytree.tree_flatten(batch)[0]), tuple(m.training for m in self.model.modules()))
         if key not in self._captures:
-            self._captures[key] = capture(self.model, self.loss_fn, batch)
+            in_child = capture_in_child(self.model, self.loss_fn, batch) if (
+                self.options.capture_process == "fork") else None
+            self._captures[key] = in_child or capture(self.model, self.loss_fn, batch)
         return self._captures[key]
 
     def _build(self, batch: Any, updates: bool, until: str | None = None) -> _Built:
@@ -280,6 +296,16 @@ def _garbage_collected() -> Iterator[None]:
         gc.collect()
     finally:
         gc.unfreeze()
+
+
+def _resident_without(model: nn.Module) -> int | None:
+    """The resident set of the process less the storage of the model's parameters and buffers."""
+    rss = rss_bytes()
+    if rss is None:
+        return None
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in (*model.parameters(), *model.buffers()) if t.device.type == "cpu"}
+    return rss - sum(storages.values())
 
 
 def _model_device(model: nn.Module) -> torch.device:

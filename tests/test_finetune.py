@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import pockengine as pe
 import pockengine.finetune as finetune_module
 from pockengine.cli import main
-from pockengine.finetune import FinetuneConfig, prepare
+from pockengine.finetune import FinetuneConfig, format_summary, prepare
 
 transformers = pytest.importorskip("transformers")
 
@@ -117,6 +117,10 @@ def test_finetune_a_bert_folder_on_a_csv(tmp_path, hf_folders):
     summary = json.loads((out / "summary.json").read_text())
     assert run.task.evaluate(saved) == pytest.approx(summary["after"])
     assert summary["planned_step_peak_bytes"] > 0 and summary["peak_rss_bytes"] > 0
+    memory = summary["memory_report"]  # trainer.memory_report() at the end of the run, line by line
+    assert memory["trained weights"] > 0 and memory["planned step buffers (peak)"] > 0
+    assert memory["predicted training memory above the runtime libraries"] >= memory["trained weights"]
+    assert "planned step buffers (peak)" in format_summary(summary)  # printed at the end and by `pockengine report`
 
 
 def test_a_tsv_with_its_own_column_names(tmp_path, hf_folders, capsys):

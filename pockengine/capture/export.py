@@ -355,7 +355,34 @@ def _input_mutation_error(model: nn.Module, ep: ExportedProgram, name: str, new_
 
 
 def capture(model: nn.Module, loss_fn: Callable, batch: Any) -> Captured:
-    return from_exported(model, export(model, loss_fn, batch))
+    """Our IR of `model` with `loss_fn` on batches like `batch`. Nothing of the export outlives it: the exported
+    program is dropped once read, and so is what torch.export leaves in its globals (`_export_leftovers_dropped`)."""
+    with _export_leftovers_dropped():
+        return from_exported(model, export(model, loss_fn, batch))
+
+
+@contextmanager
+def _export_leftovers_dropped() -> Iterator[None]:
+    """torch.export keeps, after it returns, a global map from its last trace's fake tensors to their FX nodes
+    (the whole pre-decomposition graph, with a fake tensor per value), the source of every GraphModule it
+    generated (torch.fx's eval cache), and, in Python's linecache, the lines of every source file it read to record
+    where ops come from (a megabyte for MobileNetV2). None of it is read again: the GraphModules are gone once the
+    capture is read, and linecache reads a file again when asked. What the capture added is dropped; entries that
+    were there before are not touched."""
+    import linecache
+
+    from torch.fx.experimental import proxy_tensor
+    from torch.fx.graph_module import _loader
+
+    sources, lines = set(_loader.eval_cache), set(linecache.cache)
+    try:
+        yield
+    finally:
+        proxy_tensor._FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT.clear()
+        for key in set(_loader.eval_cache) - sources:
+            del _loader.eval_cache[key]
+        for key in set(linecache.cache) - lines:
+            linecache.cache.pop(key, None)
 
 
 def from_exported(model: nn.Module, ep: ExportedProgram) -> Captured:
