@@ -1,4 +1,5 @@
-"""Memory: the static plan predicts what the live-storage tracker measures; the passes that save memory are exact."""
+"""Memory: the static plan predicts what the live-storage tracker measures; the passes that save memory are exact
+(the recompute pass on a tiny Llama too)."""
 
 import copy
 import operator
@@ -9,9 +10,11 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import pockengine as pe
+from model_zoo.parity import autograd_gradients, float64_gradients, gradient_errors
 from pockengine.capture import capture
 from pockengine.memory.tracker import LiveStorageTracker
 from pockengine.passes import fold_frozen_batchnorm, run_in_place
+from pockengine.scheme import gradient_masks
 
 aten = torch.ops.aten
 
@@ -149,9 +152,6 @@ def test_recompute_lowers_the_planned_peak_of_a_llama_step_and_keeps_its_gradien
     the planned peak (the program's high-water mark, after the forward pass) is lower, still at least what the tracker
     measures, and the gradients are autograd's."""
     transformers = pytest.importorskip("transformers")
-    from model_zoo.parity import autograd_gradients, float64_gradients, gradient_errors
-    from pockengine.scheme import gradient_masks
-
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -190,8 +190,8 @@ def test_recompute_lowers_the_planned_peak_of_a_llama_step_and_keeps_its_gradien
     assert any("post_attention_layernorm" in line for line in notes), "\n".join(notes)
     assert "recomputed: %" not in str(trainers[frozenset({"recompute"})].program().graph)
 
-    ref_model = copy.deepcopy(model)
-    _, ref = autograd_gradients(ref_model, pe.losses.causal_lm(), data)
-    bad = gradient_errors(trainer.gradients(data), ref, lambda: float64_gradients(ref_model, pe.losses.causal_lm(), data),
+    ref_model, loss_fn = copy.deepcopy(model), pe.losses.causal_lm()
+    _, ref = autograd_gradients(ref_model, loss_fn, data)
+    bad = gradient_errors(trainer.gradients(data), ref, lambda: float64_gradients(ref_model, loss_fn, data),
                           gradient_masks(model, trainer.trained))
     assert not bad, "\n".join(bad)

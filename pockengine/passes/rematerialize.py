@@ -149,7 +149,7 @@ def rematerialize(graph: Graph, masks: frozenset = frozenset()) -> Graph:
     graph.nodes = [m for n in graph.nodes for m in [*placed.get(n, []), n]]
     for v, again in copies.items():
         if not is_view(v.target):
-            graph.notes[again] = (f"recomputed: %{v.name} ({v.meta.nbytes / MB:.2f} MB) is not kept from the forward "
-                                  f"pass; {v.meta.numel / 1e6:.3g} M elements to compute again")
+            graph.notes[again] = (f"recomputed: %{v.name} ({v.meta.nbytes / MB:.2f} MB) is computed again here "
+                                  f"instead of kept from the forward pass ({v.meta.numel / 1e6:.3g} M elements)")
     return graph
 
