@@ -31,6 +31,7 @@ from pockengine.optim.update import BUFFER_OUTPUT, GRADIENT_OUTPUT, emit_gradien
 from pockengine.passes import (chunk_for_memory, compact_activation_masks, drop_redundant_clones, fold_constants,
                                fold_frozen_batchnorm, fuse_linear_cross_entropy, pointwise_convolutions_as_matmul,
                                rematerialize, run_in_place, simplify_attention_masks, to_channels_last, update_early)
+from pockengine.passes.activation_masks import MASK_ACTIVATION_OPS
 from pockengine.scheme import Selection
 
 if TYPE_CHECKING:
@@ -85,6 +86,13 @@ def _attention(graph: Graph, ctx: Context) -> None:
         lower_attention(graph)
 
 
+def _bit_masked_reads(ctx: Context) -> frozenset:
+    """The backward ops whose read of an activation the `masks` pass (later) turns into a read of bits: for the
+    `recompute` pass's costs."""
+    masks_run = ctx.options.activation_masks != "off" and "masks" not in ctx.options.disable
+    return frozenset(MASK_ACTIVATION_OPS) if masks_run else frozenset()
+
+
 PASSES: tuple[Pass, ...] = (  # what each does: docs/architecture.md, "The pipeline"
     Pass("clones", lambda g, ctx: drop_redundant_clones(g)),
     Pass("fold", lambda g, ctx: fold_frozen_batchnorm(g, ctx.trained_nodes, set(ctx.slices))),
@@ -96,7 +104,7 @@ PASSES: tuple[Pass, ...] = (  # what each does: docs/architecture.md, "The pipel
     Pass("gradients", emit_gradient_outputs, enabled=lambda ctx: ctx.optimizer is None, optional=False),
     Pass("update", emit_updates, enabled=lambda ctx: ctx.optimizer is not None, optional=False),
     Pass("constants", lambda g, ctx: fold_constants(g, {**ctx.frozen, **g.constants})),
-    Pass("recompute", lambda g, ctx: rematerialize(g)),
+    Pass("recompute", lambda g, ctx: rematerialize(g, _bit_masked_reads(ctx))),
     Pass("layout", lambda g, ctx: to_channels_last(g), enabled=lambda ctx: ctx.channels_last),
     Pass("masks", lambda g, ctx: compact_activation_masks(g, ctx.options.activation_masks, ctx.channels_last),
          enabled=lambda ctx: ctx.options.activation_masks != "off"),

@@ -1,4 +1,5 @@
-"""Memory: the static plan predicts what the live-storage tracker measures; the passes that save memory are exact."""
+"""Memory: the static plan predicts what the live-storage tracker measures; the passes that save memory are exact
+(the recompute pass on a tiny Llama too)."""
 
 import copy
 import operator
@@ -9,9 +10,11 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import pockengine as pe
+from model_zoo.parity import autograd_gradients, float64_gradients, gradient_errors
 from pockengine.capture import capture
 from pockengine.memory.tracker import LiveStorageTracker
 from pockengine.passes import fold_frozen_batchnorm, run_in_place
+from pockengine.scheme import gradient_masks
 
 aten = torch.ops.aten
 
@@ -140,3 +143,55 @@ def test_in_place_only_where_the_input_dies():
     relus = [n for n in cap.graph.nodes if n.op_name.startswith("relu")]
     assert [n.op_name for n in relus] == ["relu_.default", "relu.default"]
     assert all(n.target is not operator.getitem for n in relus)
+
+
+def test_recompute_lowers_the_planned_peak_of_a_llama_step_and_keeps_its_gradients():
+    """A tiny Llama as Hugging Face builds it (sdpa attention), trained as the SmolLM2 benchmark's sparse scheme
+    trains its last blocks (norm scales, a quarter of the input channels of q/k/v, gate and up): with the `recompute`
+    pass the backward pass rebuilds the normalized activations and SwiGLU's `silu(gate)` instead of keeping them, so
+    the planned peak (the program's high-water mark, after the forward pass) is lower, still at least what the tracker
+    measures, and the gradients are autograd's."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      use_cache=False)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    ids = torch.randint(0, 64, (4, 48), generator=torch.Generator().manual_seed(0))
+    data = ({"input_ids": ids}, ids.clone())
+    partial = {"mode": "partial", "ratio": "1/4"}
+    scheme = pe.Scheme.from_dict({"rules": [
+        {"modules": "model.layers.1.*_layernorm", "mode": "full"},
+        {"modules": "model.layers.1.self_attn.[qkv]_proj", **partial},
+        {"modules": "model.layers.1.mlp.gate_proj", **partial}, {"modules": "model.layers.1.mlp.up_proj", **partial},
+        {"modules": "model.norm", "mode": "full"}]})
+    plans, trainers = {}, {}
+    for disable in (frozenset(), frozenset({"recompute"})):
+        trainer = pe.compile(copy.deepcopy(model), pe.losses.causal_lm(), data, optimizer=pe.optim.SGD(lr=0.0),
+                             scheme=scheme, disable=disable)
+        plans[disable], trainers[disable] = trainer.memory_plan(), trainer
+        trainer.step(data)
+        tracker = LiveStorageTracker()
+        tracker.ignore(*trainer.model.parameters(), ids, data[1],
+                       *(t for s in trainer.state.values() for t in s.values()))
+        with tracker:
+            trainer.step(data)
+        assert 0 < tracker.peak_bytes <= plans[disable].peak_bytes, plans[disable].table()
+    on, off = plans[frozenset()], plans[frozenset({"recompute"})]
+    hidden = ids.numel() * config.hidden_size * 4
+    # at least the two normalized activations of the trained block and the final norm's are no longer kept
+    assert on.saved_bytes <= off.saved_bytes - 3 * hidden, (on.table(), off.table())
+    assert on.peak_bytes < off.peak_bytes, (on.table(), off.table())
+
+    trainer = trainers[frozenset()]
+    listing = str(trainer.program().graph)
+    notes = [line for line in listing.splitlines() if "recomputed: %" in line]
+    assert any("silu.default(" in line and "mlp.act_fn" in line for line in notes), "\n".join(notes)
+    assert any("post_attention_layernorm" in line for line in notes), "\n".join(notes)
+    assert "recomputed: %" not in str(trainers[frozenset({"recompute"})].program().graph)
+
+    ref_model, loss_fn = copy.deepcopy(model), pe.losses.causal_lm()
+    _, ref = autograd_gradients(ref_model, loss_fn, data)
+    bad = gradient_errors(trainer.gradients(data), ref, lambda: float64_gradients(ref_model, loss_fn, data),
+                          gradient_masks(model, trainer.trained))
+    assert not bad, "\n".join(bad)
