@@ -201,7 +201,7 @@ def _concatenated_groups(split: torch.fx.Node, symbols: list) -> tuple[list, tor
 
 def _rewrite_split(graph: torch.fx.Graph, split: torch.fx.Node, counts: list, chunks: list, cat: torch.fx.Node
                    ) -> None:
-    x = split.args[0]
+    x, sizes_read = split.args[0], list(split.args[1])
     rows = _val(x).shape[0]
     with graph.inserting_before(split):
         sizes = graph.call_function(aten.stack.default, (counts,))
@@ -227,22 +227,25 @@ def _rewrite_split(graph: torch.fx.Graph, split: torch.fx.Node, counts: list, ch
             kept = graph.call_function(aten.where.self, (keep, results[i], kept))
     cat.replace_all_uses_with(kept)
     graph.erase_node(cat)
+    _drop_sum_check(graph, sizes_read)
 
 
-def _drop_symbolic_checks(graph: torch.fx.Graph) -> None:
-    """The group sizes' sum checked as Python numbers (now checked on the counts tensor by `_rewrite_split`): the
-    arithmetic over numbers read out of tensors, the comparisons of it and their asserts go."""
+def _drop_sum_check(graph: torch.fx.Graph, sizes: list) -> None:
+    """torch.export's check that the group sizes (numbers read out of tensors) add up to the rows, which
+    `_rewrite_split` checks on the counts tensor instead: the arithmetic over `sizes`, its comparison and assert go."""
     arithmetic = {operator.add, operator.sub, operator.mul}
-    def over_sizes(n: torch.fx.Node) -> bool:
-        return n.op == "call_function" and (n.target in arithmetic or n.target in _COMPARISONS) and all(
-            not isinstance(a, torch.fx.Node) or a.target is aten._local_scalar_dense.default or over_sizes(a)
-            for a in n.args)
+
+    def over_sizes(n: Any) -> bool:
+        return not isinstance(n, torch.fx.Node) or n in sizes or (
+            n.op == "call_function" and n.target in arithmetic | set(_COMPARISONS) and all(map(over_sizes, n.args)))
 
     for n in reversed(list(graph.nodes)):
-        if n.target is aten._assert_scalar.default and n.args[0].target is operator.eq and over_sizes(n.args[0]) \
-                and any(a.target in arithmetic for a in n.args[0].args if isinstance(a, torch.fx.Node)):
+        condition = n.args[0] if n.target is aten._assert_scalar.default else None
+        if getattr(condition, "target", None) is operator.eq and over_sizes(condition) and any(
+                getattr(a, "target", None) in arithmetic for a in condition.args):
             graph.erase_node(n)
-        elif over_sizes(n) and not n.users:
+        elif n not in sizes and n.op == "call_function" and n.target in arithmetic | set(_COMPARISONS) \
+                and over_sizes(n) and not n.users:
             graph.erase_node(n)
 
 
@@ -290,7 +293,6 @@ def _rewrite_once(gm: torch.fx.GraphModule) -> bool:
         return False
     placeholders = [p.meta["val"] for p in gm.graph.nodes if p.op == "placeholder"]
     fake_mode = torch._guards.detect_fake_mode(placeholders)
-    _drop_symbolic_checks(gm.graph)
     gm.recompile()
     FakeTensorProp(gm, mode=fake_mode).propagate_dont_convert_inputs(*placeholders)
     _fold_sizes(gm.graph)
