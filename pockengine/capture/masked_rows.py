@@ -100,7 +100,7 @@ def _region(pick: torch.fx.Node, symbol: sympy.Symbol, is_sink: Callable[[torch.
                 continue
             if user.op != "call_function":
                 return None  # the picked rows leave the program
-            if user.args and user.args[0] not in region and is_sink(user, source):
+            if is_sink(user, source) and not (isinstance(user.args[0], torch.fx.Node) and user.args[0] in region):
                 sinks.append(user)
             elif not isinstance(_val(user), (torch.Tensor, tuple)):
                 if source not in sizes and user.target is not aten.sym_size.int:
