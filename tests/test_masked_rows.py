@@ -70,3 +70,65 @@ def test_rows_picked_by_a_mask_and_changed_row_by_row_train_as_in_eager(groups):
 def test_a_selection_whose_row_count_matters_is_refused(tail):
     with pytest.raises(pe.CaptureError, match="shape depends on the values of its inputs|reads a tensor's value"):
         pe.compile(PerGroupAdapters(tail), pe.losses.cross_entropy(), batch())
+
+
+class SortedExperts(nn.Module):
+    """JetMoE's experts: rows sorted by expert, split at the experts' row counts read out of a tensor (`.tolist()`),
+    each group through its expert's weights, concatenated back in order; two expert layers, the second splitting the
+    first one's concatenation. `tail` is what happens to each group's rows before the concatenation."""
+
+    def __init__(self, tail=lambda y: y):
+        super().__init__()
+        torch.manual_seed(0)
+        self.router = nn.Linear(4, 3)
+        self.up = nn.Parameter(torch.randn(3, 6, 4))
+        self.down = nn.Parameter(torch.randn(3, 4, 6))
+        self.head = nn.Linear(4, 3)
+        self.tail = tail
+
+    def forward(self, x):
+        logits = self.router(x)
+        gate, expert = logits.softmax(-1).max(-1)
+        order = expert.argsort()
+        counts = F.one_hot(expert, 3).sum(0).tolist()
+        rows = x[order]
+        h = torch.cat([self.tail(F.linear(g, w)) for g, w in zip(rows.split(counts), self.up)]).relu()
+        y = torch.cat([F.linear(g, w) for g, w in zip(h.split(counts), self.down)])
+        out = torch.zeros_like(x).index_add(0, order, y)
+        return self.head(out * gate[:, None])
+
+
+def expert_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(6, 4, generator=g),), torch.randint(0, 3, (6,), generator=g)
+
+
+def test_rows_split_at_counts_read_out_of_a_tensor_train_as_in_eager():
+    model = SortedExperts()
+    ref = copy.deepcopy(model)
+    trainer = pe.compile(model, pe.losses.cross_entropy(), expert_batch())
+    grads = trainer.gradients(expert_batch())
+    (x,), y = expert_batch()
+    names, params = zip(*ref.named_parameters())
+    expected = dict(zip(names, torch.autograd.grad(F.cross_entropy(ref(x), y), params)))
+    assert set(grads) == set(names)
+    for name, g in grads.items():
+        r = expected[name]
+        assert ((g - r).abs().max() / r.abs().max()).item() <= TOL, name
+    # other batches of the same shape route other rows to each expert (the last one all rows to one expert): the
+    # program groups the rows at run time
+    routed = set()
+    for seed in range(1, 5):
+        (x,), y = expert_batch(seed)
+        if seed == 4:
+            x = x[:1].expand(6, 4).clone()
+        routed.add(tuple(F.one_hot(ref.router(x).argmax(-1), 3).sum(0).tolist()))
+        loss = trainer.step(((x,), y))
+        assert abs(loss - F.cross_entropy(ref(x), y).item()) <= 1e-5
+        ref.load_state_dict(model.state_dict())
+    assert len(routed) > 1 and any(0 in counts for counts in routed)
+
+
+def test_a_split_whose_group_is_reduced_is_refused():
+    with pytest.raises(pe.CaptureError, match="shape depends on the values of its inputs|reads a tensor's value"):
+        pe.compile(SortedExperts(lambda y: y - y.mean(dim=0)), pe.losses.cross_entropy(), expert_batch())

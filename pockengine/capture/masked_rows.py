@@ -9,13 +9,19 @@ vary along the rows, layer norms and softmaxes over the trailing dimensions -- c
 the picked ones with `where(mask, f(x), z)` gives the same values and the same gradients (rows not picked get a
 zero cotangent). `rewrite_masked_rows` rewrites the exported graph so and re-propagates its shapes, which are then
 static. Anything else keeps its data-dependent size, and capture refuses it by name as before.
+
+The same holds for rows grouped by counts read out of a tensor and concatenated back in order:
+`cat([f_i(chunk_i) for chunk_i in x.split(counts.tolist())])` (JetMoE's experts: tokens sorted by expert, each
+expert's rows through its own weights). Row r belongs to group i where the running sum of the counts passes r; with
+each `f_i` row by row, `f_i` is computed on every row and each row keeps its group's result. The counts must add up
+to the rows, as `split` checks: the program asserts it as it runs.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from typing import Any
+from typing import Any, Callable
 
 import sympy
 import torch
@@ -82,10 +88,10 @@ def _rowwise_user(user: torch.fx.Node, source: torch.fx.Node, region: set, symbo
     return False
 
 
-def _region(pick: torch.fx.Node, symbol: sympy.Symbol) -> list | None:
-    """The write-backs that end the nodes computed row by row from the picked rows; None if the rows reach anything
-    else (a reduction over them, an output, a write-back under another mask)."""
-    mask = pick.args[1][0]
+def _region(pick: torch.fx.Node, symbol: sympy.Symbol, is_sink: Callable[[torch.fx.Node, torch.fx.Node], bool]
+            ) -> list | None:
+    """The sinks (`is_sink(user, source)`: the write-backs) that end the nodes computed row by row from the picked
+    rows; None if the rows reach anything else (a reduction over them, an output, another write-back)."""
     region, sinks, sizes, todo = {pick}, [], set(), [pick]
     while todo:
         source = todo.pop()
@@ -94,9 +100,7 @@ def _region(pick: torch.fx.Node, symbol: sympy.Symbol) -> list | None:
                 continue
             if user.op != "call_function":
                 return None  # the picked rows leave the program
-            if (user.target is aten.index_put.default and user.args[2] is source and user.args[0] not in region
-                    and len(user.args[1]) == 1 and user.args[1][0] is mask
-                    and not (len(user.args) > 3 and user.args[3]) and _val(source).shape[0].node.expr == symbol):
+            if is_sink(user, source) and not (isinstance(user.args[0], torch.fx.Node) and user.args[0] in region):
                 sinks.append(user)
             elif not isinstance(_val(user), (torch.Tensor, tuple)):
                 if source not in sizes and user.target is not aten.sym_size.int:
@@ -114,6 +118,15 @@ def _region(pick: torch.fx.Node, symbol: sympy.Symbol) -> list | None:
     if any(user not in sizes and not (user in region and user.target in _VIEWS) for n in sizes for user in n.users):
         return None
     return sinks or None
+
+
+def _mask_write_back(pick: torch.fx.Node, symbol: sympy.Symbol) -> Callable[[torch.fx.Node, torch.fx.Node], bool]:
+    """`z[mask] = rows`: an index_put of the picked rows under the pick's mask."""
+    mask = pick.args[1][0]
+    return lambda user, source: (
+        user.target is aten.index_put.default and user.args[2] is source and len(user.args[1]) == 1
+        and user.args[1][0] is mask and not (len(user.args) > 3 and user.args[3])
+        and _val(source).shape[0].node.expr == symbol)
 
 
 def _mask_pick(n: torch.fx.Node) -> sympy.Symbol | None:
@@ -149,6 +162,96 @@ def _rewrite(graph: torch.fx.Graph, pick: torch.fx.Node, sinks: list) -> None:
         graph.erase_node(sink)
 
 
+def _split_groups(n: torch.fx.Node) -> tuple[list, list] | None:
+    """For `x.split(counts.tolist())` along the rows: the 0-d count tensors and the unbacked symbols of the group
+    sizes read out of them."""
+    if n.op != "call_function" or n.target is not aten.split_with_sizes.default or (n.args[2:] or [0])[0] != 0:
+        return None
+    if not isinstance(_val(n.args[0]).shape[0], int):
+        return None
+    counts, symbols = [], []
+    for size in n.args[1]:
+        if not (isinstance(size, torch.fx.Node) and size.target is aten._local_scalar_dense.default
+                and isinstance(_val(size), torch.SymInt) and isinstance(_val(size).node.expr, sympy.Symbol)):
+            return None
+        counts.append(size.args[0])
+        symbols.append(_val(size).node.expr)
+    return counts, symbols
+
+
+def _concatenated_groups(split: torch.fx.Node, symbols: list) -> tuple[list, torch.fx.Node] | None:
+    """The group chunks of `split` and the `cat` along the rows that ends every chunk's row-by-row region, taking
+    group i's result at place i; None where the groups go anywhere else."""
+    chunks = sorted((u for u in split.users), key=lambda u: u.args[1] if u.target is operator.getitem else -1)
+    if [u.args[1] if u.target is operator.getitem else None for u in chunks] != list(range(len(symbols))):
+        return None
+    cats = set()
+    for i, (chunk, symbol) in enumerate(zip(chunks, symbols)):
+        def is_sink(user: torch.fx.Node, source: torch.fx.Node, i: int = i) -> bool:
+            return (user.target is aten.cat.default and (user.args[1:] or [0])[0] == 0
+                    and len(user.args[0]) == len(symbols) and user.args[0][i] is source
+                    and user.args[0].count(source) == 1)
+
+        sinks = _region(chunk, symbol, is_sink)
+        if sinks is None or len(sinks) != 1:
+            return None
+        cats.add(sinks[0])
+    return (chunks, cats.pop()) if len(cats) == 1 else None
+
+
+def _rewrite_split(graph: torch.fx.Graph, split: torch.fx.Node, counts: list, chunks: list, cat: torch.fx.Node
+                   ) -> None:
+    x, sizes_read = split.args[0], list(split.args[1])
+    rows = _val(x).shape[0]
+    with graph.inserting_before(split):
+        sizes = graph.call_function(aten.stack.default, (counts,))
+        graph.call_function(aten._assert_async.msg, (
+            graph.call_function(aten.eq.Scalar, (graph.call_function(aten.sum.default, (sizes,)), rows)),
+            f"the group sizes of a split of {rows} rows do not add up to {rows}"))
+        ends = graph.call_function(aten.view.default, (graph.call_function(aten.cumsum.default, (sizes, 0)),
+                                                       [1, len(counts)]))
+        row = graph.call_function(aten.view.default, (
+            graph.call_function(aten.arange.default, (rows,), {"dtype": torch.int64}), [rows, 1]))
+        group = graph.call_function(aten.sum.dim_IntList, (graph.call_function(aten.le.Tensor, (ends, row)), [1]))
+    for chunk in chunks:
+        chunk.replace_all_uses_with(x)
+        graph.erase_node(chunk)
+    graph.erase_node(split)
+    results = cat.args[0]
+    out_dims = len(_val(cat).shape)
+    with graph.inserting_before(cat):
+        kept = results[-1]
+        for i in reversed(range(len(results) - 1)):
+            keep = graph.call_function(aten.view.default, (graph.call_function(aten.eq.Scalar, (group, i)),
+                                                           [rows] + [1] * (out_dims - 1)))
+            kept = graph.call_function(aten.where.self, (keep, results[i], kept))
+    cat.replace_all_uses_with(kept)
+    graph.erase_node(cat)
+    _drop_sum_check(graph, sizes_read)
+
+
+def _drop_sum_check(graph: torch.fx.Graph, sizes: list) -> None:
+    """torch.export's check that the group sizes (numbers read out of tensors) add up to the rows, which
+    `_rewrite_split` checks on the counts tensor instead: the arithmetic over `sizes`, its comparison and assert go."""
+    arithmetic = {operator.add, operator.sub, operator.mul}
+
+    def over_sizes(n: Any) -> bool:
+        return not isinstance(n, torch.fx.Node) or n in sizes or (
+            n.op == "call_function" and n.target in arithmetic | set(_COMPARISONS) and all(map(over_sizes, n.args)))
+
+    for n in reversed(list(graph.nodes)):
+        condition = n.args[0] if n.target is aten._assert_scalar.default else None
+        if getattr(condition, "target", None) is operator.eq and over_sizes(condition) and any(
+                getattr(a, "target", None) in arithmetic for a in condition.args):
+            graph.erase_node(n)
+        elif n not in sizes and n.op == "call_function" and n.target in arithmetic | set(_COMPARISONS) \
+                and over_sizes(n) and not n.users:
+            graph.erase_node(n)
+
+
+_COMPARISONS = (operator.eq, operator.ne, operator.le, operator.lt, operator.ge, operator.gt)
+
+
 def _fold_sizes(graph: torch.fx.Graph) -> None:
     """Sizes are static again: each node computing a Python number becomes that number, and each range assert on
     them (now a constant True) goes."""
@@ -165,14 +268,26 @@ def _fold_sizes(graph: torch.fx.Graph) -> None:
 
 
 def rewrite_masked_rows(gm: torch.fx.GraphModule) -> bool:
-    """Rewrite every `out[mask] = f(x[mask])` of `gm` whose `f` is row by row (see the module docstring); whether
-    anything changed."""
+    """Rewrite every `out[mask] = f(x[mask])` and every `cat([f_i(g) for g in x.split(counts.tolist())])` of `gm`
+    whose `f` is row by row (see the module docstring); whether anything changed. A split of rows that an earlier
+    rewrite made static (JetMoE's second expert layer splits the first one's concatenation) is found once the
+    shapes are propagated again, so the passes repeat until one finds nothing."""
+    changed = False
+    while _rewrite_once(gm):
+        changed = True
+    return changed
+
+
+def _rewrite_once(gm: torch.fx.GraphModule) -> bool:
     changed = False
     for n in list(gm.graph.nodes):
         symbol = _mask_pick(n)
-        sinks = _region(n, symbol) if symbol is not None else None
+        sinks = _region(n, symbol, _mask_write_back(n, symbol)) if symbol is not None else None
         if sinks is not None:
             _rewrite(gm.graph, n, sinks)
+            changed = True
+        elif (groups := _split_groups(n)) and (found := _concatenated_groups(n, groups[1])):
+            _rewrite_split(gm.graph, n, groups[0], *found)
             changed = True
     if not changed:
         return False

@@ -128,6 +128,10 @@ for name, config, model, extra in [
     # checks its lengths with `assert lengths.max().item() <= slen`
     ("xlm", "XLMConfig", "XLMForSequenceClassification", dict(emb_dim=16, n_layers=2, n_heads=2)),
     ("fnet", "FNetConfig", "FNetForSequenceClassification", {}),  # mixes tokens with complex Fourier transforms
+    ("deberta", "DebertaConfig", "DebertaForSequenceClassification", {}),  # v1: relative attention, its own layer norm
+    # attention and feed-forward as grouped 1x1 convolutions over (batch, channels, sequence)
+    ("squeezebert", "SqueezeBertConfig", "SqueezeBertForSequenceClassification", {"embedding_size": 16}),
+    ("roformer", "RoFormerConfig", "RoFormerForSequenceClassification", {}),  # rotary positions in an encoder
 ]:
     _add("encoder", name, _hf(config, model, **{**ENCODER, **extra}), text_classification(), CE)
 
@@ -173,9 +177,49 @@ for name, config, model, sizes in [
     ("rwkv", "RwkvConfig", "RwkvForCausalLM",
      dict(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, attention_hidden_size=16, intermediate_size=32,
           context_length=32, bos_token_id=1, eos_token_id=2)),
+    ("mamba", "MambaConfig", "MambaForCausalLM",  # the selective scan, step by step
+     dict(vocab_size=VOCAB, hidden_size=16, state_size=4, num_hidden_layers=2, expand=2, time_step_rank=4,
+          pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # Mamba and attention layers interleaved, mixture-of-experts feed-forwards every other layer
+    ("jamba", "JambaConfig", "JambaForCausalLM",
+     dict(DECODER, num_key_value_heads=1, num_experts=4, num_experts_per_tok=2, attn_layer_period=2,
+          attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, mamba_d_state=4, mamba_dt_rank=4)),
+    # the RG-LRU recurrence and a temporal convolution, with local attention in every third block
+    ("recurrent-gemma", "RecurrentGemmaConfig", "RecurrentGemmaForCausalLM",
+     dict(vocab_size=VOCAB, hidden_size=16, lru_width=16, num_hidden_layers=3, num_attention_heads=2,
+          num_key_value_heads=1, head_dim=8, intermediate_size=32, attention_window_size=4, pad_token_id=0,
+          bos_token_id=1, eos_token_id=2)),
+    ("gptj", "GPTJConfig", "GPTJForCausalLM",  # interleaved rotary on part of each head, attention and MLP in parallel
+     dict(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=32, rotary_dim=4, bos_token_id=1,
+          eos_token_id=2)),
+    ("cohere", "CohereConfig", "CohereForCausalLM", dict(DECODER, num_key_value_heads=1)),  # bias-free layer norm
+    # squared ReLU, layer norm with weight + 1, rotary on half of each head
+    ("nemotron", "NemotronConfig", "NemotronForCausalLM", dict(DECODER, num_key_value_heads=1, head_dim=8)),
+    ("olmoe", "OlmoeConfig", "OlmoeForCausalLM", dict(DECODER, num_experts=4, num_experts_per_tok=2)),
+    # attention and feed-forward experts over rows sorted by expert and split at counts read out with `.tolist()`
+    # (pockengine/capture/masked_rows.py)
+    ("jetmoe", "JetMoeConfig", "JetMoeForCausalLM",
+     dict(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_key_value_heads=2, kv_channels=8,
+          intermediate_size=32, max_position_embeddings=32, num_local_experts=4, num_experts_per_tok=2,
+          bos_token_id=1, eos_token_id=2)),
+    ("mpt", "MptConfig", "MptForCausalLM",  # ALiBi position biases
+     dict(vocab_size=VOCAB, d_model=16, n_heads=2, n_layers=2, expansion_ratio=2, max_seq_len=32, pad_token_id=0,
+          bos_token_id=1, eos_token_id=2)),
+    ("gpt-bigcode", "GPTBigCodeConfig", "GPTBigCodeForCausalLM",  # multi-query attention from one fused projection
+     dict(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=32, bos_token_id=1, eos_token_id=2)),
+    # multi-head latent attention (low-rank query and key-value projections), group-limited top-k expert routing
+    ("deepseek-v3", "DeepseekV3Config", "DeepseekV3ForCausalLM",
+     dict(DECODER, num_key_value_heads=2, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+          n_group=2, topk_group=1, first_k_dense_replace=1, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4,
+          v_head_dim=8, qk_nope_head_dim=4)),
 ]:
     _add("decoder", name, _hf(config, model, **sizes), tokens, LM)
 
+# pools the sequence between blocks (mean pooling of queries), relative positional attention; sized by its blocks
+_add("encoder", "funnel",
+     _hf("FunnelConfig", "FunnelForSequenceClassification", vocab_size=VOCAB, block_sizes=[1, 1], d_model=16, n_head=2,
+         d_head=8, d_inner=32, max_position_embeddings=32, num_labels=3, pad_token_id=0),
+     text_classification(), CE)
 _add("encoder part", "t5-encoder",
      _hf("T5Config", "T5EncoderModel", vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
          relative_attention_num_buckets=8, relative_attention_max_distance=16, pad_token_id=0, eos_token_id=1),
@@ -226,6 +270,23 @@ for name, config, model, sizes, size in [
     ("levit", "LevitConfig", "LevitForImageClassification", dict(image_size=32, num_labels=3), 32),
     ("swiftformer", "SwiftFormerConfig", "SwiftFormerForImageClassification", dict(image_size=32, num_labels=3), 32),
     ("mobilevitv2", "MobileViTV2Config", "MobileViTV2ForImageClassification", dict(image_size=64, num_labels=3), 64),
+    ("convnextv2", "ConvNextV2Config", "ConvNextV2ForImageClassification",  # global response normalization
+     dict(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3), 32),
+    ("swinv2", "Swinv2Config", "Swinv2ForImageClassification",  # cosine attention, continuous position bias (an MLP)
+     dict(image_size=16, patch_size=2, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=4, num_labels=3), 16),
+    # weight-standardized convolutions and group norm (32 groups: the smallest widths are 32); pre-activation blocks
+    ("bit", "BitConfig", "BitForImageClassification",
+     dict(embedding_size=32, hidden_sizes=[128, 256], depths=[1, 1], num_labels=3), 32),
+    # attention whose queries, keys and values are depthwise convolutions with batch norm; a class token in stage 2
+    # (two blocks there: transformers indexes the stage's drop-path rates by the stage number)
+    ("cvt", "CvtConfig", "CvtForImageClassification",
+     dict(embed_dim=[8, 16], num_heads=[1, 2], depth=[1, 2], patch_sizes=[7, 3], patch_stride=[4, 2],
+          patch_padding=[2, 1], mlp_ratio=[2.0, 2.0], attention_drop_rate=[0.0, 0.0], drop_rate=[0.0, 0.0],
+          drop_path_rate=[0.0, 0.1], qkv_bias=[True, True], cls_token=[False, True],
+          qkv_projection_method=["dw_bn", "dw_bn"], padding_q=[1, 1], padding_kv=[1, 1], kernel_qkv=[3, 3],
+          stride_kv=[2, 2], stride_q=[1, 1], num_labels=3), 32),
+    ("focalnet", "FocalNetConfig", "FocalNetForImageClassification",  # focal modulation instead of attention
+     dict(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_labels=3), 32),
 ]:
     _add("vision", name, _hf(config, model, **sizes), images(size), CE)
 
@@ -241,6 +302,9 @@ _add("audio", "whisper-encoder",
 _add("audio", "wav2vec2", _hf("Wav2Vec2Config", "Wav2Vec2ForSequenceClassification", **SPEECH),
      features("input_values", (400,)), CE)
 _add("audio", "hubert", _hf("HubertConfig", "HubertForSequenceClassification", **SPEECH),
+     features("input_values", (400,)), CE)
+# gated relative position bias
+_add("audio", "wavlm", _hf("WavLMConfig", "WavLMForSequenceClassification", **SPEECH),
      features("input_values", (400,)), CE)
 _add("audio", "ast",
      _hf("ASTConfig", "ASTForAudioClassification", hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
