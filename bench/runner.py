@@ -442,13 +442,16 @@ def run(workloads: list[str], *, quick: bool = False, schemes: list[str] | None 
     if device == "cuda":
         gpu.strict_fp32()  # the floor's matrix-multiply rate, as the systems run
     # The virtual environments of the systems that have their own (ONNX Runtime's, ExecuTorch's), where a workload
-    # runs them (their device and workload do not leave them out)
+    # runs them (their device and workload do not leave them out); one given by its variable
+    # (POCKENGINE_ORT_PYTHON, POCKENGINE_EXECUTORCH_PYTHON: another checkout's) is used as it is.
     from bench.systems import SYSTEMS as CLASSES
 
     for system in dict.fromkeys(base_system(s) for s in systems):
         environment = getattr(CLASSES.get(system), "environment", None)
         if environment and any(not excluded(workload_config(name, quick), [system], device) for name in workloads):
-            subprocess.run(["bash", str(REPO / environment[1])], check=True)
+            python, setup = environment
+            if not (python.exists() and REPO not in python.parents):
+                subprocess.run(["bash", str(REPO / setup)], check=True)
     threads = workload_config(workloads[0], quick)["threads"]
     results_path = out / "results.json"
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.exists() else {}

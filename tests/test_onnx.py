@@ -1,17 +1,20 @@
 """The compiled step exported to ONNX and trained on onnxruntime alone (pockengine/backend/onnx_export.py,
 pockengine/runtime/onnx.py): 10 steps on onnxruntime against 10 steps of the torch backend from the same weights,
-loss and every trained tensor within 1e-5 (relative to the tensor's largest entry), for full, bias-only and
-partial-channel schemes, SGD with momentum and AdamW; the gradient program against `Trainer.gradients`; the runner in
-a process where torch cannot be imported; clear refusals."""
+both measured against the same training in float64 (check_parity: within 1e-5 of each other where float32 can
+be, and no farther from float64 than a small factor of float32 eager PyTorch's own distance; docs/deploy.md,
+Parity), for full, bias-only and partial-channel schemes, SGD with momentum and AdamW; the gradient program
+against `Trainer.gradients`; the runner in a process where torch cannot be imported; clear refusals."""
 
 from __future__ import annotations
 
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -19,13 +22,16 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 from test_finetune import cnn_module  # noqa: F401  (a fixture)
-from test_sparse_parity import FAMILIES, _scheme
+from test_sparse_parity import FAMILIES, _eager, _scheme
 
 import pockengine as pe
 from pockengine.backend.onnx_export import OnnxExportError, batch_arrays
 from pockengine.runtime.onnx import OnnxTrainer
+from pockengine.scheme import gradient_masks
 
-TOL = 1e-5
+TOL = 1e-5  # onnxruntime against the torch backend: loss, and each tensor relative to its largest entry
+FACTOR = 4  # both against float64: at most FACTOR x float32 eager PyTorch's own distance (or TOL, if larger)
+NEAR_ZERO = 1e-8  # an exact gradient entry below this fraction of the model's largest is float32 rounding noise
 STEPS = 10
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,8 +40,10 @@ NOISE = 1e-5  # a gradient below this fraction of the largest one is rounding no
 # by a train-mode BatchNorm has an exactly zero gradient in exact arithmetic)
 
 
-def _rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+def _rel(a: np.ndarray, b: np.ndarray, where: np.ndarray | None = None) -> float:
+    """max |a - b| (over the entries `where` says, default all) relative to b's largest entry."""
+    diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    return float((diff if where is None else diff[where]).max() / max(np.abs(b).max(), 1e-30))
 
 
 def _close_or_noise(a: np.ndarray, b: np.ndarray, scale: float) -> bool:
@@ -50,40 +58,141 @@ def _batches(family: str, n: int) -> list:
     return [FAMILIES[family].batch(g) for _ in range(n)]
 
 
+def _torch_optimizer(optimizer: pe.optim.Optimizer) -> Callable:
+    """torch.optim's counterpart of a pockengine optimizer, for the eager references."""
+    if isinstance(optimizer, pe.optim.SGD):
+        return lambda ps: torch.optim.SGD(ps, lr=optimizer.lr, momentum=optimizer.momentum,
+                                          nesterov=optimizer.nesterov, weight_decay=optimizer.weight_decay)
+    return lambda ps: torch.optim.AdamW(ps, lr=optimizer.lr, betas=optimizer.betas, eps=optimizer.eps,
+                                        weight_decay=optimizer.weight_decay, foreach=False)
+
+
 def check_parity(model: torch.nn.Module, loss_fn, batches: list, optimizer, scheme: pe.Scheme, tmp_path: Path,
-                 steps: int = STEPS, **options) -> OnnxTrainer:
-    """`steps` steps on onnxruntime and on the torch backend from the same weights agree within TOL."""
+                 steps: int = STEPS, noise: str | None = None, float32_limited: str | None = None,
+                 **options) -> OnnxTrainer:
+    """`steps` steps on onnxruntime and on the torch backend from the same weights, each measured against the same
+    training in float64 (eager PyTorch, torch.optim):
+
+    1. on every tensor (trained parameters, train-mode statistics) and every step's loss, both float32 runs are
+       within max(TOL, FACTOR x the distance of float32 eager PyTorch from float64) of float64;
+    2. onnxruntime and the torch backend agree within TOL, except where float32 cannot: entries whose exact
+       gradient is rounding noise at every step (a bias whose shift train-mode BatchNorm or softmax removes;
+       AdamW turns noise into steps of the learning rate in the direction of each runtime's rounding), tensors
+       on which float32 eager itself is farther than TOL from float64 (a ReLU6 clamp whose side float32 rounding
+       decides; long sums with cancellation), and the losses of steps where float32 eager is. The optimizer state
+       is compared too (relative to the largest state entry of its kind), except on float32-limited tensors.
+
+    What step 2 leaves out must be what the test's diagnosis says: the trained parameters with noise entries are
+    exactly those `noise` (a regular expression) matches, and every float32-limited tensor matches
+    `float32_limited` (float32 may do better elsewhere, never worse). Returns the runtime."""
     reference = pe.compile(copy.deepcopy(model), loss_fn, batches[0], copy.deepcopy(optimizer), scheme, **options)
+    init = copy.deepcopy(reference.model)  # as compiled: BatchNorm in the trainer's mode, weights in its layout
     exported = pe.compile(copy.deepcopy(model), loss_fn, batches[0], copy.deepcopy(optimizer), scheme, **options)
     runtime = OnnxTrainer(exported.export_onnx(tmp_path / "step.onnx"))
-    for i in range(steps):
-        batch = batches[i % len(batches)]
-        expected, got = reference.step(batch), runtime.step(batch_arrays(batch))
-        assert abs(got - expected) <= TOL * abs(expected), (i, got, expected)
-    state = reference.model.state_dict()
+    sequence = [batches[i % len(batches)] for i in range(steps)]
+    losses = [(reference.step(batch), runtime.step(batch_arrays(batch))) for batch in sequence]
+    peaks: dict[str, torch.Tensor] = {}
+    exact_opt: dict[str, dict[str, torch.Tensor]] = {}
+    eager_opt: dict[str, dict[str, torch.Tensor]] = {}
+    make_opt = _torch_optimizer(optimizer)
+    exact, exact_losses = _eager(init, loss_fn, reference.trained, sequence, make_opt, torch.float64, peaks, exact_opt)
+    eager, eager_losses = _eager(init, loss_fn, reference.trained, sequence, make_opt, optimizer_state=eager_opt)
+
+    for i, ((ref, got), truth, f32) in enumerate(zip(losses, exact_losses, eager_losses)):
+        bound = max(TOL, FACTOR * abs(f32 - truth) / abs(truth))
+        assert abs(got - truth) <= bound * abs(truth) and abs(ref - truth) <= bound * abs(truth), (i, got, ref, truth)
+        if abs(f32 - truth) <= TOL * abs(truth):
+            assert abs(got - ref) <= TOL * abs(ref), (i, got, ref)
+
+    # AdamW only: SGD moves an entry by lr x its gradient, noise by noise
+    noisy = isinstance(optimizer, pe.optim.AdamW)
+    largest = max(p.max().item() for p in peaks.values())
+    selected = gradient_masks(init, reference.trained)  # None: the whole tensor
+    state, exact_state, eager_state = (m.state_dict() for m in (reference.model, exact, eager))
     weights = runtime.weights()
     assert set(weights) >= set(reference.trained)
-    for name, value in weights.items():
-        assert _rel(value, state[name].numpy()) <= TOL, name
+    noise_found, limited = set(), set()
+    for name, got in weights.items():
+        ref, truth, f32 = (s[name].detach().numpy() for s in (state, exact_state, eager_state))
+        bound = max(TOL, FACTOR * _rel(f32, truth))
+        assert _rel(got, truth) <= bound and _rel(ref, truth) <= bound, (name, _rel(got, truth), _rel(ref, truth),
+                                                                         _rel(f32, truth))
+        signal = np.ones(got.shape, dtype=bool)
+        if noisy and name in peaks:  # leave out the trained entries whose exact gradient is noise at every step
+            # (an exact 0 is no noise: float32 computes it exactly too, as for a ReLU's dead input)
+            quiet = (peaks[name] > 0) & (peaks[name] <= NEAR_ZERO * largest)
+            if selected[name] is not None:
+                quiet &= selected[name]
+            signal = (~quiet).numpy()
+            if not signal.all():
+                noise_found.add(name)
+        if not signal.any():
+            continue
+        if _rel(f32, truth, signal) > TOL:
+            limited.add(name)
+        else:
+            assert _rel(got, ref, signal) <= TOL, (name, _rel(got, ref, signal))
+
+    # the optimizer state, each kind relative to its largest entry in the model (float64's)
     values = runtime.values()
-    for name, state_tensors in reference.state.items():  # the optimizer state too
-        for s, t in state_tensors.items():
-            # relative to the largest entry of this kind of state in the model: a parameter whose gradient is
-            # rounding noise (cnn_train_bn's biases before BatchNorm) has a state of noise and weight decay
-            scale = max(u.abs().max().item() for st in reference.state.values() for k, u in st.items() if k == s)
-            assert np.abs(values[f"state:{name}.{s}"] - t.numpy()).max() <= TOL * scale, (name, s)
+    channels = {n: sel for n, sel in reference.trained.items() if selected[n] is not None}
+    for kind in optimizer.state_names:
+        def exact_of(name: str, run: dict = exact_opt) -> np.ndarray:  # as the step carries it: trained channels
+            t = run[name][kind]
+            if name in channels:
+                t = t.index_select(channels[name].dim, torch.tensor(channels[name].channels))
+            return t.detach().numpy()
+
+        scale = max(np.abs(exact_of(n)).max() for n in reference.state)
+        for name, tensors in reference.state.items():
+            ref, got = tensors[kind].numpy(), values[f"state:{name}.{kind}"]
+            truth, f32 = exact_of(name), exact_of(name, eager_opt)
+            assert ref.shape == truth.shape, (name, kind, ref.shape, truth.shape)
+            dist = {k: np.abs(v.astype(np.float64) - truth).max() / scale for k, v in
+                    (("onnxruntime", got), ("torch backend", ref), ("eager", f32))}
+            bound = max(TOL, FACTOR * dist["eager"])
+            assert dist["onnxruntime"] <= bound and dist["torch backend"] <= bound, (name, kind, dist)
+            if dist["eager"] > TOL:
+                limited.add(name)
+            elif name not in limited and name not in noise_found:
+                assert np.abs(got - ref).max() <= TOL * scale, (name, kind, np.abs(got - ref).max() / scale)
+    assert noise_found == {n for n in reference.trained if noisy and noise and re.search(noise, n)}, noise_found
+    assert all(float32_limited and re.search(float32_limited, n) for n in limited), limited
     return runtime
 
 
 OPTIMIZERS = {"sgd": pe.optim.SGD(lr=0.05, momentum=0.9, weight_decay=1e-3),
               "adamw": pe.optim.AdamW(lr=0.005, weight_decay=0.01)}
-# One case of each family in the fast tier (an export takes 5-30 s), the others slow. cnn_train_bn trains with SGD
-# only: its convolution biases feed train-mode BatchNorm, so their gradient is rounding noise, which AdamW scales up
-# to steps of the learning rate in whatever direction each backend's rounding gives.
+
+# What check_parity's float32 comparison leaves out, per family, with the reasons (measured; the float64 criterion
+# still holds on all of it).
+# Parameters whose gradient is 0 in exact arithmetic, a shift the next op removes: train-mode BatchNorm subtracts
+# each channel's batch mean (cnn_train_bn's convolution biases), softmax over the keys ignores a key bias (it adds
+# q.b to every score of a row). AdamW turns their float32 noise into steps of the learning rate.
+KEY_BIAS = r"attention\.self\.key\.bias$"
+ZERO_GRADIENT = {"cnn_train_bn": r"^(0|4|7)\.bias$", "bert": KEY_BIAS, "minilm": KEY_BIAS}
+# Tensors (weights or optimizer state) float32 eager PyTorch cannot bring within TOL of float64; the torch backend
+# runs its kernels and lands as close, onnxruntime as close or closer (MobileNetV2: within 2e-6 everywhere):
+FLOAT32_LIMITED = {
+    # the running means take in the convolution biases before them, whose AdamW steps are noise (above)
+    ("cnn_train_bn", "adamw"): r"\.running_mean$",
+    # float32's gradients of MobileNetV2 (oneDNN's convolutions, 17 blocks of backward) are more than 1e-5 of the
+    # largest momentum off float64's on most tensors
+    ("mobilenet_v2", "full"): r".",
+    # the earliest biases: gradients summed over the most positions (32x32) at the end of the longest backward;
+    # features.1.conv.2.bias also starts at ~0, so its scale is its 10 updates (2.6e-3), 8e-5 of which float32 misses
+    ("mobilenet_v2", "bias_only"): r"^features\.(0\.1|1\.conv\.0\.1|1\.conv\.2|2\.conv\.0\.1)\.bias$",
+    # float32 eager and the torch backend leave the float64 trajectory at step 4 (a ReLU6 pre-activation on the
+    # other side of its clamp) and are 1e-2 from it after 10 steps, on every trained tensor
+    ("mobilenet_v2", "partial"): r".",
+    # float32 eager is 4.3e-5 from float64 on it (AdamW: gradient entries near eps, 1e-8), onnxruntime 1.4e-5
+    ("smollm2", "partial"): r"^model\.layers\.1\.mlp\.down_proj\.weight$",
+}
+# One case of each family in the fast tier (an export takes 5-30 s), the others slow.
 FAST = {("mlp", "partial", "adamw"), ("cnn_train_bn", "partial", "sgd"), ("cnn_frozen_bn", "bias_only", "adamw")}
 SMALL = [pytest.param(f, s, o, marks=() if (f, s, o) in FAST else pytest.mark.slow)
          for f in ("mlp", "cnn_train_bn", "cnn_frozen_bn") for s in ("full", "bias_only", "partial")
-         for o in OPTIMIZERS if not (f == "cnn_train_bn" and o == "adamw")]
+         for o in OPTIMIZERS]
 
 
 @pytest.mark.parametrize("family,scheme,optimizer", SMALL)
@@ -92,6 +201,7 @@ def test_small_model_parity(family, scheme, optimizer, tmp_path):
     torch.manual_seed(0)
     sch = pe.Scheme.full() if scheme == "full" else _scheme(family, scheme)
     runtime = check_parity(fam.build(), fam.loss, _batches(family, 3), OPTIMIZERS[optimizer], sch, tmp_path,
+                           noise=ZERO_GRADIENT.get(family), float32_limited=FLOAT32_LIMITED.get((family, optimizer)),
                            freeze_batchnorm=fam.freeze_batchnorm)
     partial = [c for c in runtime.carried if "partial" in c]
     assert bool(partial) == (scheme == "partial")
@@ -100,21 +210,13 @@ def test_small_model_parity(family, scheme, optimizer, tmp_path):
         assert shape[c["partial"]["dim"]] == len(c["partial"]["channels"])
 
 
-# Known failures, kept visible (strict: a fix makes them fail until the mark goes). Not export errors as far as
-# diagnosed: AdamW divides rounding noise by |g| + eps, so a gradient that is zero in exact arithmetic (BERT's key
-# bias, a bias before train-mode BatchNorm, SmolLM2 entries below eps) moves by the learning rate in a direction
-# set by each runtime's rounding; MobileNetV2 partial agrees for 3 steps, then one ReLU6 clamp flips and the two
-# trajectories part. The criterion for such gradients (noise-aware, or SGD) is still to be decided (issue #15).
-ADAMW_NOISE = pytest.mark.xfail(strict=True, reason="AdamW amplifies rounding noise of a zero gradient (see above)")
-CLAMP_FLIP = pytest.mark.xfail(strict=True, reason="a ReLU6 clamp flips at step 4; trajectories part (see above)")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("family", [pytest.param("bert", marks=ADAMW_NOISE), "llama"])
+@pytest.mark.parametrize("family", ["bert", "llama"])
 def test_transformer_parity(family, tmp_path):
     fam = FAMILIES[family]
     torch.manual_seed(0)
-    check_parity(fam.build(), fam.loss, _batches(family, 3), OPTIMIZERS["adamw"], _scheme(family, "partial"), tmp_path)
+    check_parity(fam.build(), fam.loss, _batches(family, 3), OPTIMIZERS["adamw"], _scheme(family, "partial"), tmp_path,
+                 noise=ZERO_GRADIENT.get(family))
 
 
 def test_gradient_program(tmp_path):
@@ -270,7 +372,7 @@ class GroupedQueryAttention(torch.nn.Module):
 
 # The unpadded case trains with SGD: there the torch backend runs flash without the mask and the export the masked math
 # form, whose rounding differs at 1e-7 (both gradients are within 3e-7 of float64 autograd's), and AdamW's per-entry
-# normalisation makes that 7e-5 in q.weight after 4 steps (see ADAMW_NOISE).
+# normalisation makes that 7e-5 in q.weight after 4 steps.
 @pytest.mark.parametrize("causal, padded, optimizer", [(True, True, "adamw"), (False, True, "adamw"),
                                                        (False, False, "sgd")],
                          ids=["causal", "padding_mask", "padding_mask_all_ones"])
@@ -300,22 +402,20 @@ REAL = {"mobilenet_v2": ["full", "bias_only", "partial"], "minilm": ["full", "bi
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,scheme", [
-    pytest.param(f, s, marks={("mobilenet_v2", "bias_only"): [ADAMW_NOISE], ("mobilenet_v2", "partial"): [CLAMP_FLIP]}
-                 .get((f, s), [])) for f, schemes in REAL.items() for s in schemes])
+@pytest.mark.parametrize("family,scheme", [(f, s) for f, schemes in REAL.items() for s in schemes])
 def test_real_model_parity(family, scheme, tmp_path):
     fam = FAMILIES[family]
     sch = pe.Scheme.full() if scheme == "full" else _scheme(family, scheme)
     check_parity(fam.build(), fam.loss, _batches(family, 2), pe.optim.SGD(lr=fam.lr, momentum=0.9), sch, tmp_path,
+                 noise=ZERO_GRADIENT.get(family), float32_limited=FLOAT32_LIMITED.get((family, scheme)),
                  freeze_batchnorm=fam.freeze_batchnorm)
 
 
 @pytest.mark.slow
-@ADAMW_NOISE
 def test_smollm2_sparse_parity(tmp_path):
     fam = FAMILIES["smollm2"]
     check_parity(fam.build(), fam.loss, _batches("smollm2", 2), pe.optim.AdamW(lr=1e-3), _scheme("smollm2", "partial"),
-                 tmp_path)
+                 tmp_path, float32_limited=FLOAT32_LIMITED[("smollm2", "partial")])
 
 
 @pytest.mark.slow  # a finetune run, two exports

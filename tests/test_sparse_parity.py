@@ -358,12 +358,16 @@ def _gradient_errors(trainer: pe.Trainer, init: nn.Module, fam: Family, batch: t
     return bad
 
 
-def _eager(init: nn.Module, fam: Family, trained: dict[str, Selection], batches: list, make_opt: Callable,
-           ) -> tuple[nn.Module, list[float]]:
+def _eager(init: nn.Module, loss_fn: Callable, trained: dict[str, Selection], batches: list, make_opt: Callable,
+           dtype: torch.dtype | None = None, gradient_peaks: dict[str, torch.Tensor] | None = None,
+           optimizer_state: dict[str, dict[str, torch.Tensor]] | None = None) -> tuple[nn.Module, list[float]]:
     """The same training in PyTorch eager: the trained parameters (only) require grad and are the optimizer's
     parameters; a partially trained one has its gradient masked before the step and its other channels put back
-    after it (decoupled weight decay would shrink them: torch knows no channel selection)."""
-    model = copy.deepcopy(init)
+    after it (decoupled weight decay would shrink them: torch knows no channel selection). `dtype`: the model and
+    the batches' floating tensors cast to it first (float64: the reference the ONNX parity measures float32
+    against). `gradient_peaks`, if given, gets each trained parameter's largest |gradient| per entry over the
+    steps, `optimizer_state` torch.optim's state of each at the end (`{name: {"momentum_buffer": ...}}`)."""
+    model = copy.deepcopy(init) if dtype is None else copy.deepcopy(init).to(dtype)
     params = dict(model.named_parameters())
     for n, p in params.items():
         p.requires_grad_(n in trained)
@@ -371,18 +375,26 @@ def _eager(init: nn.Module, fam: Family, trained: dict[str, Selection], batches:
     opt = make_opt([params[n] for n in trained])
     losses = []
     for inputs, target in batches:
+        if dtype is not None:
+            inputs, target = tree_map(lambda t: t.to(dtype) if t.is_floating_point() else t, (inputs, target))
         opt.zero_grad(set_to_none=True)
-        loss = fam.loss(_call(model, inputs), target)
+        loss = loss_fn(_call(model, inputs), target)
         loss.backward()
         losses.append(loss.item())
         for n, m in masks.items():
             if params[n].grad is not None:
                 params[n].grad.mul_(m)
+        if gradient_peaks is not None:
+            for n in trained:
+                g = torch.zeros_like(params[n]) if params[n].grad is None else params[n].grad.abs()
+                gradient_peaks[n] = torch.maximum(gradient_peaks[n], g) if n in gradient_peaks else g
         kept = {n: params[n].detach().clone() for n in masks}
         opt.step()
         with torch.no_grad():
             for n, m in masks.items():
                 params[n].copy_(torch.where(m, params[n], kept[n]))
+    if optimizer_state is not None:
+        optimizer_state.update({n: dict(opt.state[params[n]]) for n in trained})
     return model, losses
 
 
@@ -422,7 +434,7 @@ def _run(family: str, scheme: str, opt: str = "sgd", device: str = "cpu", disabl
         if i == 0:
             f.touched += _untouched(model, before, masks, fam.frozen_buffers, "after step 1")
     f.touched += _untouched(model, before, masks, fam.frozen_buffers, f"after step {STEPS}")
-    ref_model, ref_losses = _eager(init, fam, trainer.trained, batches, make_ref_opt)
+    ref_model, ref_losses = _eager(init, fam.loss, trainer.trained, batches, make_ref_opt)
     if any(abs(a - b) > TOL * abs(b) for a, b in zip(losses, ref_losses)):
         f.trajectory_errors.append(f"losses {losses} != eager {ref_losses}")
     ref_state = dict([*ref_model.named_parameters(), *ref_model.named_buffers()])

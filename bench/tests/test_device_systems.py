@@ -71,6 +71,32 @@ def test_executorch_system_trains_the_requires_grad_subset_like_eager_sgd_with_m
     assert et.model_bytes() > 0 and et.trained_entries() == 8 + 3
 
 
+@pytest.mark.slow  # as above
+@pytest.mark.xdist_group("bench_quick")
+def test_executorch_system_trains_a_hugging_face_model_with_sdpa_attention(tmp_path):
+    """A BERT with transformers' default sdpa attention (MiniLM's workload): ExecuTorch has no kernel for the
+    backward of the CPU flash attention that sdpa's joint program calls, so the system lowers the model with its
+    eager attention; eager PyTorch's losses (sdpa) over 3 steps, and the system says so."""
+    transformers = pytest.importorskip("transformers")
+    subprocess.run(["bash", str(Path(__file__).resolve().parents[1] / "setup_executorch.sh")], check=True)
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=16, num_labels=2)
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    assert model.config._attn_implementation == "sdpa"
+    mask = torch.ones(2, 8, dtype=torch.long)
+    batches = [({"input_ids": torch.randint(3, 30, (2, 8)), "attention_mask": mask}, torch.tensor([0, 1]))
+               for _ in range(2)]
+    w = Workload("tiny_bert", {"model": "tiny_bert"}, model, pe.losses.cross_entropy(), batches, "samples", 2, LR,
+                 False, ["input_ids", "attention_mask"])
+    selections = pe.Scheme.bias_only().resolve(w.model)
+    reference = _train(systems.Eager(), w, selections, tmp_path)
+    et = systems.ExecuTorchTraining()
+    losses = _train(et, w, selections, tmp_path)
+    assert losses == pytest.approx(reference, rel=1e-5)
+    assert any("eager attention" in n for n in et.notes())
+
+
 def test_a_whole_tensor_system_does_not_run_a_scheme_with_partial_channels_and_says_why():
     from bench.runner import not_runnable
 
