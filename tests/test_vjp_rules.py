@@ -313,6 +313,8 @@ CASES = [
         a, size=(3, 4), mode="bilinear", antialias=True), (2, 3, 7, 9)),
     fn(aten._upsample_bicubic2d_aa.default, "antialias-down", lambda a: torch.nn.functional.interpolate(
         a, scale_factor=0.5, mode="bicubic", antialias=True), (1, 2, 8, 8)),
+    direct(aten._upsample_bilinear2d_aa.vec, "scale-factors", (P(0), None, False, [0.5, 0.75]), (2, 3, 8, 8)),
+    direct(aten._upsample_bicubic2d_aa.vec, "output-size", (P(0), [3, 5], True, None), (1, 2, 7, 9)),
     fn(aten.put.default, "overwrite", lambda a, b: a.put(torch.tensor([0, 5, 7]), b), (3, 4), (3,)),
     fn(aten.put.default, "accumulate-repeats", lambda a, b: a.put(torch.tensor([[1, 1], [4, 0]]), b, accumulate=True),
        (3, 4), (2, 2)),
@@ -320,6 +322,7 @@ CASES = [
     fn(aten._trilinear.default, "bilinear-all-operands", lambda x, y, w: torch.nn.functional.bilinear(x, y, w),
        (2, 7, 3), (2, 7, 4), (5, 3, 4)),
     fn(aten._conj.default, "hfft", lambda a: torch.fft.hfft(a, n=6), (3, 4)),
+    direct(aten.conj_physical.default, "real", (P(0),), (3, 4)),
     fn(aten.index_reduce.default, "prod-with-zeros", lambda a, b: a.index_reduce(
         0, torch.tensor([0, 2, 0]), b * (b > -0.5), "prod"), (3, 4), (3, 4)),
     fn(aten.index_reduce.default, "mean-exclude-self", lambda a, b: a.index_reduce(

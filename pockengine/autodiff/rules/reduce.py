@@ -112,13 +112,13 @@ def max_pool2d(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
                 ceil_mode, indices),)
 
 
-@register(aten.fractional_max_pool2d.default, aten.fractional_max_pool3d.default)
-def fractional_max_pool(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
-    """The maxima's places are the forward's indices, as in max pooling (the random samples take no gradient)."""
+@register(aten.fractional_max_pool2d.default)
+def fractional_max_pool2d(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """The maxima's places are the forward's indices, as in max pooling (the random samples take no gradient). The
+    3-d op has no rule: its backward has no meta kernel, so no program can be built around it."""
     x, kernel, output_size, _samples = ctx.args
-    backward = (aten.fractional_max_pool2d_backward.default if ctx.node.target is aten.fractional_max_pool2d.default
-                else aten.fractional_max_pool3d_backward.default)
-    return ctx(backward, g[0], x, kernel, output_size, ctx.graph.getitem(ctx.node, 1)), None
+    return ctx(aten.fractional_max_pool2d_backward.default, g[0], x, kernel, output_size,
+               ctx.graph.getitem(ctx.node, 1)), None
 
 
 @register(aten.segment_reduce.default)
