@@ -208,11 +208,14 @@ def _text(value: Any, where: str, column: str) -> str:
 
 
 # -- images ---------------------------------------------------------------------------------------------------
-def _is_image_name(path: Path) -> bool:
+def _split_by_name(paths: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(the paths named as images, the others), in order: by extension, among every format PIL reads."""
     from PIL import Image
 
     Image.init()  # registers every format's extensions
-    return path.suffix.lower() in Image.registered_extensions()
+    extensions = Image.registered_extensions()
+    images = [p for p in paths if p.suffix.lower() in extensions]
+    return images, [p for p in paths if p.suffix.lower() not in extensions]
 
 
 def _image_files(folder: Path) -> tuple[list[str], list[list[Path]]]:
@@ -220,20 +223,19 @@ def _image_files(folder: Path) -> tuple[list[str], list[list[Path]]]:
     README, Windows' Thumbs.db, notes) are skipped, said once; a file named as an image must be one."""
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     visible = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
-    loose = [p.name for p in visible if _is_image_name(p)]
-    skipped = [p for p in visible if not _is_image_name(p)]
+    loose, skipped = _split_by_name(visible)
     if not classes:
         raise UserInputError(f"{folder}: an image data set is a folder with one sub-folder per class (cats/, dogs/), "
                              f"each holding that class's images; this one has no sub-folder"
                              + (f" (files: {[p.name for p in visible][:5]})" if visible else ""))
     if loose:
-        raise UserInputError(f"{folder}: {loose[:5]} lie outside the class sub-folders; put each image in the "
-                             "sub-folder of its class")
+        raise UserInputError(f"{folder}: {[p.name for p in loose][:5]} lie outside the class sub-folders; put each "
+                             "image in the sub-folder of its class")
     files = []
     for name in classes:
         found = sorted(p for p in (folder / name).rglob("*") if p.is_file() and not p.name.startswith("."))
-        images = [p for p in found if _is_image_name(p)]
-        skipped += [p for p in found if not _is_image_name(p)]
+        images, others = _split_by_name(found)
+        skipped += others
         if not images:
             raise UserInputError(f"{folder / name}: the class folder {name!r} holds no images"
                                  + (f" (only {[p.name for p in found][:5]})" if found else "")
