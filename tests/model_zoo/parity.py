@@ -8,9 +8,9 @@ or, where the fp32 reference itself is further than that from the float64 gradie
 cancellation, such as a BatchNorm scale's), when pockengine's distance from the float64 one is at most ROUNDING = 2
 times the fp32 reference's: the reference is one sample of float32 rounding, and a program that sums in another
 order (channels-last kernels, a matmul instead of a convolution) is as likely to land 1.2x further as 1.2x closer;
-a wrong formula lands orders of magnitude further. A gradient that is 0 in exact arithmetic (the attention key bias: softmax ignores a shift shared by
-all keys) comes out as rounding noise on both sides: below NOISE times the model's largest gradient entry it counts
-as 0, and pockengine's must then be as small.
+a wrong formula lands orders of magnitude further. A gradient that is 0 in exact arithmetic (the attention key
+bias: softmax ignores a shift shared by all keys) comes out as rounding noise on both sides: below NOISE times the
+model's largest gradient entry it counts as 0, and pockengine's must then be as small.
 
 Where the fp32 reference is more than ILL_CONDITIONED = 10% from float64 on some parameter, fp32 arithmetic keeps
 no significant digit of that gradient (LeViT in train mode at batch 2: batch norm over 2 rows amplifies rounding
