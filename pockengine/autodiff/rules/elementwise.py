@@ -486,9 +486,10 @@ def i1(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
 def i1e(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     """i1e(x) = exp(-|x|) i1(x): i0e(x) - i1e(x) (sign(x) + 1/x)."""
     x = ctx.node.args[0]
-    i1e_ = lambda t: ctx(aten.special_i1e.default, t)  # noqa: E731
-    with_sign = _bessel_i1_derivative(ctx, x, lambda t: ctx(aten.special_i0e.default, t), i1e_)
-    return _times(ctx, g, ctx(aten.sub.Tensor, with_sign, ctx(aten.mul.Tensor, ctx(aten.sign.default, x), ctx.node)))
+    without_sign = _bessel_i1_derivative(ctx, x, lambda t: ctx(aten.special_i0e.default, t),
+                                         lambda t: ctx(aten.special_i1e.default, t))
+    return _times(ctx, g, ctx(aten.sub.Tensor, without_sign, ctx(aten.mul.Tensor, ctx(aten.sign.default, x),
+                                                                 ctx.node)))
 
 
 @register(aten.special_ndtri.default)
