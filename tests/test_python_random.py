@@ -126,14 +126,22 @@ def _audio() -> tuple:
     return {"input_values": torch.randn(2, 400, generator=g)}, torch.tensor([0, 2])  # 39 frames
 
 
-def test_spec_augment_that_masks_every_frame_matches_eager_pytorch():
-    """A span as long as the sequence (39 frames) with one span at least: every frame is masked, in eager
-    PyTorch and in the program alike, so the gradients (those of the mask's learned vector included) must agree."""
-    model = _wav2vec2(mask_time_prob=0.05, mask_time_length=39, mask_time_min_masks=1, layerdrop=0.0)
+@pytest.mark.parametrize("axis", ["time", "features"])
+def test_spec_augment_that_masks_everything_matches_eager_pytorch(axis):
+    """A span as long as the axis (39 frames, 16 features) with one span at least: every frame is the learned
+    vector, or every feature 0, in eager PyTorch and in the program alike, so the gradients must agree."""
+    if axis == "time":
+        spans = dict(mask_time_prob=0.05, mask_time_length=39, mask_time_min_masks=1)
+    else:
+        spans = dict(mask_time_prob=0.0, mask_feature_prob=0.05, mask_feature_length=16, mask_feature_min_masks=1)
+    model = _wav2vec2(**spans, layerdrop=0.0)
     batch, loss = _audio(), pe.losses.cross_entropy()
     ref = autograd_gradients(model, loss, batch)[1]
     grads = pe.compile(model, loss, batch).gradients(batch)
-    assert ref["wav2vec2.masked_spec_embed"].abs().max() > 0
+    masked_out = "wav2vec2.feature_projection.projection.weight"  # what the masked values were computed from
+    assert ref[masked_out].abs().max() == 0 and grads[masked_out].abs().max() == 0
+    if axis == "time":
+        assert ref["wav2vec2.masked_spec_embed"].abs().max() > 0
     assert not gradient_errors(grads, ref, exact=lambda: pytest.fail("fp32 autograd is not the reference here"))
 
 
