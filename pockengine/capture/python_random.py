@@ -53,8 +53,8 @@ def no_python_random(model: nn.Module, run_eagerly: Callable[[], Any]) -> Iterat
     where = _drawing_module(model, run_eagerly)
     _restore(before)
     raise CaptureError(
-        f"{where} draws random numbers with numpy or Python's `random` in its forward pass (numpy.random's or "
-        "random's global state changed while torch.export traced it). torch.export records such a number as a "
+        f"{where} draws random numbers with numpy or Python's `random` (numpy.random's or random's global state "
+        "changed while torch.export traced the model and loss). torch.export records such a number as a "
         "constant, so every compiled step would reuse the one drawn while tracing, where eager PyTorch draws a new "
         "one per step. Draw them with torch (torch.rand, torch.randint, torch.randperm: the compiled program draws "
         "those anew each step from the trainer's generator), do the random part outside the model when the batch "

@@ -6,18 +6,16 @@ its module's `_compute_mask_indices`, which draws the spans with numpy, and writ
 rows, `hidden_states[mask] = masked_spec_embed`. Traced as it is, numpy's mask is a constant of the program: every
 step would reuse the one mask drawn while tracing, where eager PyTorch draws a new one per step.
 
-While capturing, a module's `_compute_mask_indices` is `compute_mask_indices` below: the same distribution drawn
-with torch's random ops at fixed shapes, so the compiled program draws a new mask each step from the trainer's
-generator, as its dropout does. Inside the model's methods that call it, `torch.tensor(mask)` takes the mask as it
-is, and the assignment under a boolean mask becomes `x.copy_(where(mask, value, x))`, which has a fixed shape
-(the mask is no longer a constant, and how many rows it picks depends on its values).
+While capturing, the `_compute_mask_indices` such a method calls (found in its globals) is `compute_mask_indices`
+below: the same distribution drawn with torch's random ops at fixed shapes, so the compiled program draws a new
+mask each step from the trainer's generator, as its dropout does. Inside those methods `torch.tensor(mask)` takes
+the mask as it is, and the assignment under a boolean mask becomes `x.copy_(where(mask, value, x))`, which has a
+fixed shape (the mask is no longer a constant, and how many rows it picks depends on its values).
 """
 
 from __future__ import annotations
 
 import functools
-import sys
-import types
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any, Callable
@@ -96,31 +94,31 @@ def _row_mask_assignment(x: Any, index: Any, value: Any) -> bool:
     return value.dim() <= len(rows) and all(v in (1, r) for v, r in zip(reversed(value.shape), reversed(rows)))
 
 
-def _calls_mask_function(function: Any) -> bool:
-    code = getattr(function, "__code__", None)
-    return code is not None and MASK_FUNCTION in code.co_names
-
-
-def _masking_methods(cls: type) -> list[str]:
-    """The methods of `cls` that call their module's `_compute_mask_indices` (`_mask_hidden_states`)."""
-    return [name for klass in cls.__mro__ for name, f in vars(klass).items() if _calls_mask_function(f)]
+@functools.cache
+def _masking_methods(cls: type) -> tuple[tuple[str, dict], ...]:
+    """(name, globals) of each method of `cls` that calls `_compute_mask_indices` (`_mask_hidden_states`), with
+    the namespace its call looks the function up in."""
+    methods = {}
+    for klass in reversed(cls.__mro__):  # the most derived definition wins
+        for name, f in vars(klass).items():
+            code, namespace = getattr(f, "__code__", None), getattr(f, "__globals__", {})
+            methods.pop(name, None)
+            if code is not None and MASK_FUNCTION in code.co_names and callable(namespace.get(MASK_FUNCTION)):
+                methods[name] = namespace
+    return tuple(methods.items())
 
 
 @contextmanager
 def traceable_spec_augment(model: nn.Module) -> Iterator[None]:
-    """While it is active, every module of `model` in train mode whose class has methods calling its Python
-    module's `_compute_mask_indices` draws the mask with `compute_mask_indices` and assigns it with `where` (see
-    the module docstring); the model is as it was afterwards."""
+    """While it is active, every module of `model` in train mode whose class has methods calling
+    `_compute_mask_indices` draws the mask with `compute_mask_indices` and assigns it with `where` (see the module
+    docstring); the model and the namespaces are as they were afterwards."""
     with ExitStack() as stack:
-        namespaces: dict[str, types.ModuleType] = {}
+        namespaces: dict[int, dict] = {}
         for module in model.modules():
-            namespace = sys.modules.get(type(module).__module__)
-            methods = _masking_methods(type(module))
-            if not module.training or not methods or not callable(getattr(namespace, MASK_FUNCTION, None)):
-                continue
-            namespaces[namespace.__name__] = namespace
-            for name in dict.fromkeys(methods):
+            for name, namespace in _masking_methods(type(module)) if module.training else ():
                 stack.enter_context(_method_with_tensor_masks(module, name))
+                namespaces[id(namespace)] = namespace
         # Hugging Face's function takes no device: the mask is drawn where the model lives (the trainer's generator)
         device = next((t.device for t in [*model.parameters(), *model.buffers()]), None)
         for namespace in namespaces.values():
@@ -130,13 +128,13 @@ def traceable_spec_augment(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def _replaced(owner: Any, name: str, value: Any) -> Iterator[None]:
-    original = getattr(owner, name)
-    setattr(owner, name, value)
+def _replaced(namespace: dict, name: str, value: Any) -> Iterator[None]:
+    original = namespace[name]
+    namespace[name] = value
     try:
         yield
     finally:
-        setattr(owner, name, original)
+        namespace[name] = original
 
 
 @contextmanager
