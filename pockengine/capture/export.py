@@ -26,7 +26,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
 from pockengine.capture.functions import FunctionCall, recording_autograd_functions
+from pockengine.capture.layer_drop import traceable_layer_drop
 from pockengine.capture.masked_rows import rewrite_masked_rows
+from pockengine.capture.python_random import no_python_random
+from pockengine.capture.spec_augment import traceable_spec_augment
 from pockengine.errors import CaptureError, UserInputError
 from pockengine.ir.graph import BATCH, BUFFER, PARAM, Graph, Node, TensorMeta, meta_of
 
@@ -201,7 +204,7 @@ def _quiet_export() -> Iterator[None]:
 
 
 def _eager_error(model: nn.Module, loss_fn: Callable, inputs: Any, target: Any) -> Exception | None:
-    """The error the model and loss raise on this batch in plain PyTorch, if any (the model's buffers and the
+    """The error the model and loss raise on this batch in plain PyTorch, if any (the model's buffers and torch's
     random generators are restored afterwards)."""
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     devices = sorted({b.device.index or 0 for b in [*buffers.values(), *model.parameters()] if b.device.type == "cuda"})
@@ -229,12 +232,17 @@ def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
         # are recorded for that layout, which both of pockengine's attention kernels produce. Traced with the CPU's
         # flash kernel, which lays its output out as (batch, L, heads, E), a model's `transpose(1, 2).reshape(...)`
         # is recorded as a plain view that fails on any other layout (GPT-2: "Cannot view a tensor").
+        # Hugging Face's random draws in Python (layer drop's branch, SpecAugment's numpy mask) are traced as
+        # random ops of the program; any other draw from Python's or numpy's generator is refused.
         with (torch.no_grad(), sdpa_kernel(SDPBackend.MATH), recording_autograd_functions() as function_calls,
-              _quiet_export()):
+              _quiet_export(), no_python_random(model, lambda: _eager_error(model, loss_fn, inputs, target)),
+              traceable_spec_augment(model), traceable_layer_drop(model)):
             ep = torch.export.export(wrapper, (inputs, target))
             with _recurrent_dropout_kept(), _decomposition_split_reused():
                 ep = ep.run_decompositions(decompositions())
         ep.graph_module.meta[FUNCTION_CALLS] = function_calls  # alive while the program refers to them
+    except CaptureError:
+        raise  # ours, raised while tracing: it says what to do already
     except Exception as e:  # torch.export raises many types; one error that says what to do instead
         eager = _eager_error(model, loss_fn, inputs, target)
         if eager is not None:
