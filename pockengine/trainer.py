@@ -159,7 +159,11 @@ class Trainer:
         from pockengine.backend import onnx_export  # noqa: PLC0415  (imports torch.onnx and onnxscript)
 
         batch = self._example if batch is None else batch
-        built, leaves = self._prepared(batch, not gradients)
+        leaves = self._leaves(batch)
+        # onnxruntime's kernels take row-major (NCHW) tensors: a channels-last program would export a transpose at
+        # every change of layout, so the export compiles the row-major program.
+        with _garbage_collected():
+            built = self._build(normalize_batch(batch), not gradients, channels_last=False)
         positions = list(range(len(leaves)))
         batch_index = {n: bind(positions, {}) for n, bind in zip(built.program.inputs, built.binders)
                        if n.role == BATCH}
@@ -247,10 +251,13 @@ class Trainer:
             self._captures[key] = in_child or capture(self.model, self.loss_fn, batch)
         return self._captures[key]
 
-    def _build(self, batch: Any, updates: bool, until: str | None = None) -> _Built:
+    def _build(self, batch: Any, updates: bool, until: str | None = None, channels_last: bool | None = None) -> _Built:
+        """The program for `batch`'s shape, after the pass `until` (default: all), in channels-last layout if
+        `channels_last` (default: the trainer's layout). One built for a listing or another layout runs on "aten"."""
         start = time.perf_counter()
         cap = self._capture(batch).copy()  # the pipeline changes its graph in place
-        ctx = pipeline.context(cap, self.trained, self.model, self.options, self.device, self.channels_last,
+        layout = self.channels_last if channels_last is None else channels_last
+        ctx = pipeline.context(cap, self.trained, self.model, self.options, self.device, layout,
                                self.optimizer if updates else None, self.state)
         graph = pipeline.run(cap.graph, ctx, until)
         static = {**ctx.static, **graph.constants}
@@ -259,7 +266,8 @@ class Trainer:
         scalars = self.optimizer.scalars(self.steps_done + 1, self.optimizer.lr) if updates else {}
         examples = [bind(pytree.tree_flatten(batch)[0], scalars) for bind in binders]
         program, choice = select(graph, inputs, graph.outputs["loss"] if updates else None, self.generator, examples,
-                                 "aten" if until is not None else self.options.backend, self.device)
+                                 self.options.backend if until is None and layout == self.channels_last else "aten",
+                                 self.device)
         graph.remarks.append(choice.reason)
         return _Built(program, choice, binders, static, time.perf_counter() - start)
 

@@ -125,7 +125,9 @@ class _Builder:
 
     # -- inputs ---------------------------------------------------------------------------------------------
     def _placeholder(self, name: str, example: torch.Tensor) -> fx.Node:
-        example = example.detach()  # the step never differentiates; a trained parameter requires grad
+        # detached: the step never differentiates (a trained parameter requires grad); row-major, as every ONNX
+        # tensor is (the trainer may keep convolution weights channels-last, and views traced on those fail)
+        example = example.detach().contiguous()
         node = self.fx.placeholder(f"in{len(self.input_names)}")
         node.meta["val"] = example
         self.input_names.append(name)
@@ -134,7 +136,7 @@ class _Builder:
 
     def _attribute(self, name: str, value: torch.Tensor) -> fx.Node:
         attr = f"w{len(self.root._buffers)}_{re.sub(r'[^0-9A-Za-z_]', '_', name)}"
-        self.root.register_buffer(attr, value.detach())
+        self.root.register_buffer(attr, value.detach().contiguous())
         return self.fx.get_attr(attr)
 
     def _call(self, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
@@ -301,25 +303,28 @@ def _written_inputs(node: Node) -> list[Node]:
 
 # -- pockengine's bit-mask ops in ONNX's terms ------------------------------------------------------------------
 # pockengine/kernels/masks.py packs 8 elements per byte, bit k of byte i for element 8i + k of the tensor read in
-# `order`. The same, without reinterpreting bytes as words: a weighted sum of 8 booleans packs, a floor division
-# by 2^k and a remainder unpack.
+# `order` (the order the tensor lies in memory). In the exported model both ends of a mask are inside the step and
+# every tensor is row-major, so the bits follow the row-major order (reading in `order` would add a transpose at
+# each end). Packing is a weighted sum of 8 booleans; unpacking looks each byte up in a table of its 8 bits (one
+# Gather: integer division and remainder over every element cost onnxruntime more than the step's convolutions).
 def pack_keep(x: torch.Tensor, lo: float, hi: float | None, order: list[int]) -> torch.Tensor:
-    flat = x.permute(order).reshape(-1)
+    flat = x.reshape(-1)
     keep = flat > lo
     if hi is not None:
         keep = keep & (flat < hi)
-    padded = torch.nn.functional.pad(keep.to(torch.int32), [0, -x.numel() % 8])
+    padded = keep.to(torch.int32)
+    if x.numel() % 8:
+        padded = torch.nn.functional.pad(padded, [0, -x.numel() % 8])
     weights = torch.tensor([1 << k for k in range(8)], dtype=torch.int32)
     return (padded.reshape(-1, 8) * weights).sum(-1).to(torch.uint8)
 
 
 def apply_keep(grad: torch.Tensor, bits: torch.Tensor, order: list[int]) -> torch.Tensor:
-    powers = torch.tensor([1 << k for k in range(8)], dtype=torch.int32)
-    keep = torch.remainder(torch.div(bits.to(torch.int32).unsqueeze(-1), powers, rounding_mode="floor"), 2)
-    in_order = grad.permute(order)
-    keep = keep.reshape(-1)[:grad.numel()].reshape(in_order.shape).to(torch.bool)
-    inverse = sorted(range(len(order)), key=order.__getitem__)
-    return torch.where(keep, in_order, torch.zeros((), dtype=grad.dtype)).permute(inverse)
+    keep = _BYTE_BITS[bits.to(torch.int64)].reshape(-1)[:grad.numel()].reshape(grad.shape)
+    return torch.where(keep, grad, torch.zeros((), dtype=grad.dtype))
+
+
+_BYTE_BITS = (torch.arange(256).unsqueeze(-1) >> torch.arange(8)) % 2 == 1  # row b: the 8 bits of byte b
 
 
 # -- backward ops torchlib lacks, as ops it has ----------------------------------------------------------------
