@@ -92,11 +92,12 @@ def _options(seed: int) -> Options:
 
 def measure(task: Task, scheme: Scheme, lrs: list[float], steps: int, seed: int,
             start: dict[str, torch.Tensor] | None = None,
-            after: Callable[[float, torch.nn.Module], None] | None = None) -> list[Measurement]:
+            after: Callable[[float, torch.nn.Module], None] | None = None,
+            evaluate: Callable[[torch.nn.Module], float] | None = None) -> list[Measurement]:
     """Train `scheme` from the pretrained weights (with the parameters of `start` in place of theirs: the analysis's
     warmed-up classifier) for `steps` steps at each rate of `lrs` (one compiled program, reset between rates) and
     measure each run. `after(lr, model)` is called once each rate's run is evaluated, before the next rate resets
-    the model."""
+    the model. `evaluate`: the metric of each run (default `task.evaluate`; the analysis's is `task.analysed`)."""
     if steps < 3:
         raise UserInputError(f"steps={steps}: the analysis needs at least 3 steps (one counts FLOPs, one is tracked, "
                              "the rest are timed)")
@@ -140,7 +141,7 @@ def measure(task: Task, scheme: Scheme, lrs: list[float], steps: int, seed: int,
                 trainer.step(batch, lr=lr)
                 times.append(time.perf_counter() - t)
         eval_start = time.perf_counter()
-        metric = float(task.evaluate(model))
+        metric = float((evaluate or task.evaluate)(model))
         results.append(Measurement(metric, plan.peak_bytes, tracked, trainer.optimizer_state_bytes(),
                                    statistics.median(times) * 1e3, int(flops), trained_entries, compile_s,
                                    eval_start - train_start, time.perf_counter() - eval_start))
@@ -247,8 +248,9 @@ class _Cache:
     def __init__(self, folder: Path, task: Task, steps: int, seed: int, model_key: str,
                  warmup: dict[str, Any] | None = None):
         self.folder = Path(folder) / "".join(c if c.isalnum() or c in "-_" else "_" for c in task.name)[:60]
-        self.base = dict(version=CACHE_VERSION, task=task.name, data=task.data_key, model=model_key,
-                         batch=batch_signature(task.example_batch), steps=steps, seed=seed, warmup=warmup)
+        self.base = dict(version=CACHE_VERSION, task=task.name, metric=task.analysed[1], data=task.data_key,
+                         model=model_key, batch=batch_signature(task.example_batch), steps=steps, seed=seed,
+                         warmup=warmup)
 
     def _file(self, key: dict[str, Any], prefix: str = "", suffix: str = ".json") -> Path:
         digest = hashlib.sha256(json.dumps(dict(self.base, **key), sort_keys=True).encode()).hexdigest()[:32]
@@ -319,7 +321,8 @@ def warm_up(task: Task, structure: Structure, grid: tuple[float, ...], steps: in
     def keep(lr: float, model: torch.nn.Module) -> None:
         states[lr] = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith(prefix)}
 
-    found = measure(task, Candidate(0).scheme(structure), list(grid), steps, seed, after=keep)
+    found = measure(task, Candidate(0).scheme(structure), list(grid), steps, seed, after=keep,
+                    evaluate=task.analysed[0])
     trials = {lr: m.metric for lr, m in zip(grid, found)}
     lr = max(trials, key=lambda r: trials[r])  # the lowest rate of a tie (the grid is sorted)
     return Warmup(steps, lr, trials, states[lr])
@@ -346,7 +349,8 @@ def analyze(task: Task, cache_dir: str | Path, *, quick: bool = False, steps: in
     model = task.build_model()
     pretrained_key = model_fingerprint(model)
     model.eval()
-    metric_before = float(task.evaluate(model))
+    evaluate, metric_name = task.analysed
+    metric_before = float(evaluate(model))
     del model
     bias_cands, weight_cands = candidates(structure, quick, quick_layers)
     deepest = bias_cands[-1]  # the biases of every block: the weight baseline
@@ -381,7 +385,8 @@ def analyze(task: Task, cache_dir: str | Path, *, quick: bool = False, steps: in
             bar.update(len(lrs) - len(missing))
             if missing:
                 bar.set_postfix_str(candidate.label)
-                measured = measure(task, candidate.scheme(structure), missing, steps, seed, start=start_state)
+                measured = measure(task, candidate.scheme(structure), missing, steps, seed, start=start_state,
+                                   evaluate=evaluate)
                 for lr, m in zip(missing, measured):
                     cache.put(candidate, structure, lr, m)
                     found[lr] = m
@@ -401,7 +406,7 @@ def analyze(task: Task, cache_dir: str | Path, *, quick: bool = False, steps: in
     finally:
         bar.close()
     weight_lr = {key: best(found) for key, found in weight_trials.items()}
-    return Analysis(task.name, task.metric, structure, steps, seed, quick, metric_before, bias_lr,
+    return Analysis(task.name, metric_name, structure, steps, seed, quick, metric_before, bias_lr,
                     {r: m.metric for r, m in baseline_trials.items()}, bias, bias[deepest.k],
                     {key: found[weight_lr[key]] for key, found in weight_trials.items()}, weight_lr,
                     {key: {r: m.metric for r, m in found.items()} for key, found in weight_trials.items()},
