@@ -1,7 +1,10 @@
 """Contribution analysis: fine-tune each candidate alone from the pretrained weights and measure its gain and cost.
 
 Each candidate (see `candidates.py`) is compiled once by pockengine and trained for `steps` steps of AdamW on the
-task's seeded training batches, then evaluated on the held-out split. Gains:
+task's seeded training batches, then evaluated on the held-out split (by the task's `analysis_evaluate` where it
+has one: a finer measure than an accuracy, such as the negated loss). Every candidate starts from the pretrained
+weights with a warmed-up classifier: the classifier alone trained first for `warmup_steps` (`warm_up`), so that a
+candidate's few steps measure what its tensors add rather than how fast a new classifier learns. Gains:
 
 - bias candidate k: metric(biases of the last k blocks + classifier) - metric(classifier alone, k = 0);
 - weight candidate (layer, ratio): metric(that weight + biases of every block + classifier) - metric(biases of every
@@ -20,10 +23,11 @@ so its gain is what it adds when both it and the baseline are trained at their o
 serves every rate of the grid (weights, optimizer state, step count and generator reset between rates), since the
 rate is a run-time input of the program: a rate costs steps and an evaluation, not a compilation.
 
-Results are cached on disk, one JSON file per (candidate, learning rate), written atomically: an interrupted
-analysis resumes where it stopped, and a second run trains nothing. The key covers the task's name, its data key
-(which training and validation examples), the model's weights, the example batch's shapes, the candidate's scheme,
-the steps, the seed and the rate.
+Results are cached on disk, one JSON file per (candidate, learning rate) and the warm-up's classifier in a .pt
+file, written atomically: an interrupted analysis resumes where it stopped, and a second run trains nothing. The key
+covers the task's name, the metric's name, its data key (which training and validation examples), the weights the
+runs start from (the warmed-up model's for a candidate: another warm-up is another analysis), the example batch's
+shapes, the candidate's scheme, the steps, the seed and the rate.
 """
 
 from __future__ import annotations
