@@ -209,11 +209,9 @@ def _logits(output: Any) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output
 
 
-def _evaluation(make: Callable[[torch.Tensor], Batch], held_out: torch.Tensor, kind: str,
-                loss: bool = False) -> Callable[[Any], float]:
+def _evaluation(make: Callable[[torch.Tensor], Batch], held_out: torch.Tensor, kind: str) -> Callable[[Any], float]:
     """The held-out metric: accuracy for classification, minus the mean loss per reply token for a language model
-    (higher is better either way); `loss`: minus the mean loss per example for classification too (the scheme
-    search's finer measure of its short runs)."""
+    (higher is better either way)."""
 
     def evaluate(model: torch.nn.Module) -> float:
         if len(held_out) == 0:
@@ -232,11 +230,10 @@ def _evaluation(make: Callable[[torch.Tensor], Batch], held_out: torch.Tensor, k
                     total += int((target[:, 1:] != -100).sum())
                 else:
                     right += int((logits.argmax(-1) == target).sum())
-                    loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
                     total += len(target)
         for m, training in modes.items():
             m.train(training)
-        return -loss_sum / max(total, 1) if kind == CHAT or loss else right / total
+        return -loss_sum / max(total, 1) if kind == CHAT else right / total
 
     return evaluate
 
@@ -387,8 +384,6 @@ def prepare(config: FinetuneConfig) -> FinetuneRun:
         train_batches=batches.endless,
         evaluate=_evaluation(make, held_out, kind),
         metric="-loss" if kind == CHAT else "accuracy",
-        analysis_evaluate=None if kind == CHAT else _evaluation(make, held_out, kind, loss=True),
-        analysis_metric="" if kind == CHAT else "-loss",
         data_key=hashlib.sha256(json.dumps([train.tolist(), held_out.tolist()]).encode()).hexdigest()[:32],
     )
     return FinetuneRun(task, loaded, source, batches, kind, classes, len(train), len(held_out), shape,

@@ -215,46 +215,6 @@ def test_another_warm_up_is_another_analysis(tmp_path):
         analyze(task, tmp_path, warmup_steps=2, **kwargs)
 
 
-def test_the_analysis_measures_with_the_tasks_finer_metric(tmp_path):
-    task = tiny_task()
-
-    def scaled(model):  # a stand-in for a finer measure (the negated loss): values the accuracy never takes
-        return 10 * task.evaluate(model) - 3
-
-    finer = dataclasses.replace(task, analysis_evaluate=scaled, analysis_metric="scaled")
-    kwargs = dict(quick=True, steps=STEPS, lr_grid=GRID, warmup_steps=0, progress=False)
-    a = analyze(finer, tmp_path, **kwargs)
-    plain = analyze(task, tmp_path, **kwargs)
-    assert plain.trained == a.trained > 0  # another metric is another analysis, not read from the cache
-    assert a.metric == "scaled" and plain.metric == "accuracy"
-    assert a.metric_before == pytest.approx(10 * plain.metric_before - 3)
-    for key, m in (*a.bias.items(), *a.weights.items()):
-        other = plain.bias[key] if isinstance(key, int) else plain.weights[key]
-        assert m.metric == pytest.approx(10 * other.metric - 3)
-    # The search's verification round measures with it too; the chosen scheme's rate is tuned on the task's own
-    # metric (the one the run reports).
-    result = search(finer, a, memory_budget="1GB")
-    accuracy = measure(task, result.scheme, [result.lr], STEPS, 0)[0].metric
-    assert result.chosen.measured.metric == pytest.approx(10 * accuracy - 3)
-    tuned = tune_lr(finer, result, STEPS, factors=(1.0,), extensions=0)
-    assert tuned.lr_trials == {result.lr: accuracy}
-
-
-def test_finetune_evaluation_loss_is_the_negated_mean_cross_entropy():
-    from pockengine.data.sources import IMAGE
-    from pockengine.finetune import _evaluation
-
-    x, y = torch.randn(37, 5, generator=torch.Generator().manual_seed(0)), torch.arange(37) % 3
-    model = torch.nn.Linear(5, 3)
-    make = lambda idx: ((x[idx],), y[idx])  # noqa: E731 -- the batch maker _evaluation takes
-    held_out = torch.arange(37)
-    with torch.no_grad():
-        logits = model(x)
-    assert _evaluation(make, held_out, IMAGE, loss=True)(model) == pytest.approx(
-        -torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-6)
-    assert _evaluation(make, held_out, IMAGE)(model) == pytest.approx((logits.argmax(-1) == y).float().mean().item())
-
-
 # -- the search ------------------------------------------------------------------------------------------------
 def test_the_chosen_scheme_fits_the_memory_budget(analysed, tmp_path):
     task, cache, _, a, _ = analysed

@@ -1,8 +1,7 @@
 """Contribution analysis: fine-tune each candidate alone from the pretrained weights and measure its gain and cost.
 
 Each candidate (see `candidates.py`) is compiled once by pockengine and trained for `steps` steps of AdamW on the
-task's seeded training batches, then evaluated on the held-out split (by the task's `analysis_evaluate` where it
-has one: a finer measure than an accuracy, such as the negated loss). Every candidate starts from the pretrained
+task's seeded training batches, then evaluated on the held-out split. Every candidate starts from the pretrained
 weights with a warmed-up classifier: the classifier alone trained first for `warmup_steps` (`warm_up`), so that a
 candidate's few steps measure what its tensors add rather than how fast a new classifier learns. Gains:
 
@@ -25,9 +24,9 @@ rate is a run-time input of the program: a rate costs steps and an evaluation, n
 
 Results are cached on disk, one JSON file per (candidate, learning rate) and the warm-up's classifier in a .pt
 file, written atomically: an interrupted analysis resumes where it stopped, and a second run trains nothing. The key
-covers the task's name, the metric's name, its data key (which training and validation examples), the weights the
-runs start from (the warmed-up model's for a candidate: another warm-up is another analysis), the example batch's
-shapes, the candidate's scheme, the steps, the seed and the rate.
+covers the task's name, its data key (which training and validation examples), the weights the runs start from (the
+warmed-up model's for a candidate: another warm-up is another analysis), the example batch's shapes, the candidate's
+scheme, the steps, the seed and the rate.
 """
 
 from __future__ import annotations
@@ -96,12 +95,11 @@ def _options(seed: int) -> Options:
 
 def measure(task: Task, scheme: Scheme, lrs: list[float], steps: int, seed: int,
             start: dict[str, torch.Tensor] | None = None,
-            after: Callable[[float, torch.nn.Module], None] | None = None,
-            evaluate: Callable[[torch.nn.Module], float] | None = None) -> list[Measurement]:
+            after: Callable[[float, torch.nn.Module], None] | None = None) -> list[Measurement]:
     """Train `scheme` from the pretrained weights (with the parameters of `start` in place of theirs: the analysis's
     warmed-up classifier) for `steps` steps at each rate of `lrs` (one compiled program, reset between rates) and
     measure each run. `after(lr, model)` is called once each rate's run is evaluated, before the next rate resets
-    the model. `evaluate`: the metric of each run (default `task.evaluate`; the analysis's is `task.analysed`)."""
+    the model."""
     if steps < 3:
         raise UserInputError(f"steps={steps}: the analysis needs at least 3 steps (one counts FLOPs, one is tracked, "
                              "the rest are timed)")
@@ -145,7 +143,7 @@ def measure(task: Task, scheme: Scheme, lrs: list[float], steps: int, seed: int,
                 trainer.step(batch, lr=lr)
                 times.append(time.perf_counter() - t)
         eval_start = time.perf_counter()
-        metric = float((evaluate or task.evaluate)(model))
+        metric = float(task.evaluate(model))
         results.append(Measurement(metric, plan.peak_bytes, tracked, trainer.optimizer_state_bytes(),
                                    statistics.median(times) * 1e3, int(flops), trained_entries, compile_s,
                                    eval_start - train_start, time.perf_counter() - eval_start))
@@ -252,9 +250,8 @@ class _Cache:
     def __init__(self, folder: Path, task: Task, steps: int, seed: int, model_key: str,
                  warmup: dict[str, Any] | None = None):
         self.folder = Path(folder) / "".join(c if c.isalnum() or c in "-_" else "_" for c in task.name)[:60]
-        self.base = dict(version=CACHE_VERSION, task=task.name, metric=task.analysed[1], data=task.data_key,
-                         model=model_key, batch=batch_signature(task.example_batch), steps=steps, seed=seed,
-                         warmup=warmup)
+        self.base = dict(version=CACHE_VERSION, task=task.name, data=task.data_key, model=model_key,
+                         batch=batch_signature(task.example_batch), steps=steps, seed=seed, warmup=warmup)
 
     def _file(self, key: dict[str, Any], prefix: str = "", suffix: str = ".json") -> Path:
         digest = hashlib.sha256(json.dumps(dict(self.base, **key), sort_keys=True).encode()).hexdigest()[:32]
@@ -325,8 +322,7 @@ def warm_up(task: Task, structure: Structure, grid: tuple[float, ...], steps: in
     def keep(lr: float, model: torch.nn.Module) -> None:
         states[lr] = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith(prefix)}
 
-    found = measure(task, Candidate(0).scheme(structure), list(grid), steps, seed, after=keep,
-                    evaluate=task.analysed[0])
+    found = measure(task, Candidate(0).scheme(structure), list(grid), steps, seed, after=keep)
     trials = {lr: m.metric for lr, m in zip(grid, found)}
     lr = max(trials, key=lambda r: trials[r])  # the lowest rate of a tie (the grid is sorted)
     return Warmup(steps, lr, trials, states[lr])
@@ -353,8 +349,7 @@ def analyze(task: Task, cache_dir: str | Path, *, quick: bool = False, steps: in
     model = task.build_model()
     pretrained_key = model_fingerprint(model)
     model.eval()
-    evaluate, metric_name = task.analysed
-    metric_before = float(evaluate(model))
+    metric_before = float(task.evaluate(model))
     del model
     bias_cands, weight_cands = candidates(structure, quick, quick_layers)
     deepest = bias_cands[-1]  # the biases of every block: the weight baseline
@@ -389,8 +384,7 @@ def analyze(task: Task, cache_dir: str | Path, *, quick: bool = False, steps: in
             bar.update(len(lrs) - len(missing))
             if missing:
                 bar.set_postfix_str(candidate.label)
-                measured = measure(task, candidate.scheme(structure), missing, steps, seed, start=start_state,
-                                   evaluate=evaluate)
+                measured = measure(task, candidate.scheme(structure), missing, steps, seed, start=start_state)
                 for lr, m in zip(missing, measured):
                     cache.put(candidate, structure, lr, m)
                     found[lr] = m
@@ -410,7 +404,7 @@ def analyze(task: Task, cache_dir: str | Path, *, quick: bool = False, steps: in
     finally:
         bar.close()
     weight_lr = {key: best(found) for key, found in weight_trials.items()}
-    return Analysis(task.name, metric_name, structure, steps, seed, quick, metric_before, bias_lr,
+    return Analysis(task.name, task.metric, structure, steps, seed, quick, metric_before, bias_lr,
                     {r: m.metric for r, m in baseline_trials.items()}, bias, bias[deepest.k],
                     {key: found[weight_lr[key]] for key, found in weight_trials.items()}, weight_lr,
                     {key: {r: m.metric for r, m in found.items()} for key, found in weight_trials.items()},

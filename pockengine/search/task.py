@@ -23,18 +23,6 @@ class Task:
     train_batches: Callable[[int], Iterator[Batch]]  # seed -> an endless iterator of shuffled training batches
     evaluate: Callable[[torch.nn.Module], float]  # the metric on the held-out split; higher is better
     metric: str  # what `evaluate` returns, for reports: "accuracy", or "-loss" (negated held-out loss)
-    # The analysis's measure of a candidate after its few steps, on the same held-out split (higher is better) and
-    # its name: a continuous one (the negated loss) tells small gains apart where an accuracy moves by whole
-    # examples. None: `evaluate` and `metric`. The rate of the chosen scheme is still tuned on `evaluate`.
-    analysis_evaluate: Callable[[torch.nn.Module], float] | None = None
-    analysis_metric: str = ""
     # Which training and validation examples these are (e.g. a digest of their indices): the analysis reuses a
     # cached result only for the same ones, so another split (a test split taken out) is analysed again.
     data_key: str = ""
-
-    @property
-    def analysed(self) -> tuple[Callable[[torch.nn.Module], float], str]:
-        """The analysis's measure and its name."""
-        if self.analysis_evaluate is None:
-            return self.evaluate, self.metric
-        return self.analysis_evaluate, self.analysis_metric or "analysis metric"
