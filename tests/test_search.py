@@ -10,6 +10,7 @@ import random
 from fractions import Fraction
 
 import pytest
+import torch
 import yaml
 
 import pockengine as pe
@@ -19,6 +20,7 @@ from pockengine.search.analysis import Measurement, measure
 from pockengine.search.search import MEMORY_GRID, SearchResult, mb, tune_lr
 from pockengine.search.candidates import Candidate, Structure, block_of, candidates
 from pockengine.search.solver import Option, solve
+from pockengine.trainer import Trainer
 from search_tasks import CLASSES as CLASSES_OUT, tiny_task
 
 STEPS, GRID = 3, (1e-2,)
@@ -156,6 +158,61 @@ def test_one_compiled_program_serves_every_rate_like_a_fresh_one():
     fresh = measure(task, scheme, [1e-2], STEPS, 0)
     assert shared[1].metric == fresh[0].metric
     assert shared[1].planned_peak == fresh[0].planned_peak and shared[1].flops == fresh[0].flops
+
+
+def test_every_candidate_starts_from_the_warmed_up_classifier(tmp_path, monkeypatch):
+    task = tiny_task()
+    started = []  # (scheme name, the classifier's weight when each program is compiled)
+
+    class Recording(Trainer):
+        def __init__(self, model, *args, **kwargs):
+            started.append((args[3].name, model[5].weight.detach().clone()))
+            super().__init__(model, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.import_module("pockengine.search.analysis"), "Trainer", Recording)
+    grid = (1e-3, 1e-2)
+    a = analyze(task, tmp_path, quick=True, steps=STEPS, lr_grid=grid, warmup_steps=6, progress=False)
+    w = a.warmup
+    assert w.steps == 6 and set(w.trials) == set(grid) and w.metric == max(w.trials.values())
+    assert set(w.state) == {"5.weight", "5.bias"}  # the classifier's parameters only
+    pretrained = task.build_model()[5].weight
+    (warm_name, warm_start), *candidate_starts = started
+    # The warm-up is the classifier alone trained at its best rate: the same run again gives the same metric.
+    assert measure(task, Candidate(0).scheme(a.structure), [w.lr], 6, 0)[0].metric == w.metric
+    assert warm_name == "bias k=0" and torch.equal(warm_start, pretrained)  # the warm-up starts from the new head
+    assert not torch.equal(w.state["5.weight"], pretrained)
+    bias, weights = candidates(a.structure, quick=True)
+    assert {name for name, _ in candidate_starts} == {c.label for c in (*bias, *weights)}
+    assert all(torch.equal(weight, w.state["5.weight"]) for _, weight in candidate_starts)
+    # The search's verification round starts there too.
+    started.clear()
+    search(task, a, memory_budget="1GB")
+    assert len(started) == 1 and torch.equal(started[0][1], w.state["5.weight"])
+
+
+def test_another_warm_up_is_another_analysis(tmp_path):
+    task = tiny_task()
+    kwargs = dict(quick=True, steps=STEPS, lr_grid=GRID, progress=False)
+    first = analyze(task, tmp_path, warmup_steps=5, **kwargs)
+    runs = len(first.bias) + len(first.weights)
+    assert first.trained == runs + 1  # the warm-up (one rate) and every candidate
+    assert analyze(task, tmp_path, warmup_steps=5, **kwargs).trained == 0  # the warm-up is cached too
+    assert len(list(tmp_path.rglob("warmup-*.pt"))) == 1
+    # Another warm-up length starts every candidate from other weights: everything is trained again, and so it is
+    # without a warm-up.
+    assert analyze(task, tmp_path, warmup_steps=7, **kwargs).trained == runs + 1
+    unwarmed = analyze(task, tmp_path, warmup_steps=0, **kwargs)
+    assert unwarmed.warmup is None and unwarmed.start is None and unwarmed.trained == runs
+    # A damaged warm-up file is trained again, with a warning, and gives the same classifier.
+    path, = (p for p in tmp_path.rglob("warmup-*.pt") if p.stat().st_mtime == min(
+        q.stat().st_mtime for q in tmp_path.rglob("warmup-*.pt")))
+    path.write_bytes(b"not a checkpoint")
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        again = analyze(task, tmp_path, warmup_steps=5, **kwargs)
+    assert again.trained == 1 and again.rows() == first.rows()
+    assert all(torch.equal(again.start[n], first.start[n]) for n in first.start)
+    with pytest.raises(pe.UserInputError, match="at least 3 steps"):
+        analyze(task, tmp_path, warmup_steps=2, **kwargs)
 
 
 # -- the search ------------------------------------------------------------------------------------------------

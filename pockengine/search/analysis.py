@@ -1,7 +1,9 @@
 """Contribution analysis: fine-tune each candidate alone from the pretrained weights and measure its gain and cost.
 
 Each candidate (see `candidates.py`) is compiled once by pockengine and trained for `steps` steps of AdamW on the
-task's seeded training batches, then evaluated on the held-out split. Gains:
+task's seeded training batches, then evaluated on the held-out split. Every candidate starts from the pretrained
+weights with a warmed-up classifier: the classifier alone trained first for `warmup_steps` (`warm_up`), so that a
+candidate's few steps measure what its tensors add rather than how fast a new classifier learns. Gains:
 
 - bias candidate k: metric(biases of the last k blocks + classifier) - metric(classifier alone, k = 0);
 - weight candidate (layer, ratio): metric(that weight + biases of every block + classifier) - metric(biases of every
@@ -20,10 +22,11 @@ so its gain is what it adds when both it and the baseline are trained at their o
 serves every rate of the grid (weights, optimizer state, step count and generator reset between rates), since the
 rate is a run-time input of the program: a rate costs steps and an evaluation, not a compilation.
 
-Results are cached on disk, one JSON file per (candidate, learning rate), written atomically: an interrupted
-analysis resumes where it stopped, and a second run trains nothing. The key covers the task's name, its data key
-(which training and validation examples), the model's weights, the example batch's shapes, the candidate's scheme,
-the steps, the seed and the rate.
+Results are cached on disk, one JSON file per (candidate, learning rate) and the warm-up's classifier in a .pt
+file, written atomically: an interrupted analysis resumes where it stopped, and a second run trains nothing. The key
+covers the task's name, its data key (which training and validation examples), the weights the runs start from (the
+warmed-up model's for a candidate: another warm-up is another analysis), the example batch's shapes, the candidate's
+scheme, the steps, the seed and the rate.
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ from pockengine.trainer import Trainer
 LR_GRID = (1e-4, 1e-3, 1e-2)
 QUICK_LR_GRID = (1e-4, 1e-3)
 STEPS, QUICK_STEPS = 100, 40
-CACHE_VERSION = 2  # bump when what a cached result means changes
+WARMUP_STEPS, QUICK_WARMUP_STEPS = 200, 100
+CACHE_VERSION = 3  # bump when what a cached result means changes
 
 
 @dataclass(frozen=True)
@@ -89,18 +93,24 @@ def _options(seed: int) -> Options:
     return Options(freeze_batchnorm=True, seed=seed)
 
 
-def measure(task: Task, scheme: Scheme, lrs: list[float], steps: int, seed: int) -> list[Measurement]:
-    """Train `scheme` from the pretrained weights for `steps` steps at each rate of `lrs` (one compiled program,
-    reset between rates) and measure each run."""
+def measure(task: Task, scheme: Scheme, lrs: list[float], steps: int, seed: int,
+            start: dict[str, torch.Tensor] | None = None,
+            after: Callable[[float, torch.nn.Module], None] | None = None) -> list[Measurement]:
+    """Train `scheme` from the pretrained weights (with the parameters of `start` in place of theirs: the analysis's
+    warmed-up classifier) for `steps` steps at each rate of `lrs` (one compiled program, reset between rates) and
+    measure each run. `after(lr, model)` is called once each rate's run is evaluated, before the next rate resets
+    the model."""
     if steps < 3:
         raise UserInputError(f"steps={steps}: the analysis needs at least 3 steps (one counts FLOPs, one is tracked, "
                              "the rest are timed)")
     from torch.utils.flop_counter import FlopCounterMode
 
     model = task.build_model()
-    start = time.perf_counter()
+    if start:
+        load_parameters(model, start)
+    compile_start = time.perf_counter()
     trainer = Trainer(model, task.loss_fn, task.example_batch, AdamW(lr=lrs[0]), scheme, _options(seed))
-    compile_s = time.perf_counter() - start
+    compile_s = time.perf_counter() - compile_start
     plan = trainer.memory_plan()
     state = [t for s in trainer.state.values() for t in s.values()]
     pristine = {n: t.detach().clone() for n, t in (*model.named_parameters(), *model.named_buffers())
@@ -137,7 +147,21 @@ def measure(task: Task, scheme: Scheme, lrs: list[float], steps: int, seed: int)
         results.append(Measurement(metric, plan.peak_bytes, tracked, trainer.optimizer_state_bytes(),
                                    statistics.median(times) * 1e3, int(flops), trained_entries, compile_s,
                                    eval_start - train_start, time.perf_counter() - eval_start))
+        if after is not None:
+            after(lr, model)
     return results
+
+
+def load_parameters(model: torch.nn.Module, values: dict[str, torch.Tensor]) -> None:
+    """Copy `values` into the model's parameters of those names (in place: a compiled program stays bound)."""
+    params = dict(model.named_parameters())
+    unknown = sorted(set(values) - set(params))
+    if unknown:
+        raise UserInputError(f"the model has no parameters named {unknown[:3]}: the warm-up state is not this "
+                             "model's; delete the analysis cache's warmup-*.pt files to warm up again")
+    with torch.no_grad():
+        for name, value in values.items():
+            params[name].copy_(value)
 
 
 def _reset(trainer: Trainer, pristine: dict[str, torch.Tensor], state: list[torch.Tensor], seed: int) -> None:
@@ -179,6 +203,12 @@ class Analysis:
     seconds: float = 0.0  # wall time of this call (cached results cost nothing)
     cpu_seconds: float = 0.0  # CPU time of this process in this call, all threads: less sensitive to other jobs
     trained: int = 0  # how many (candidate, rate) runs this call trained; the rest came from the cache
+    warmup: Warmup | None = None  # the classifier trained alone first; every candidate starts from it
+
+    @property
+    def start(self) -> dict[str, torch.Tensor] | None:
+        """The parameters every candidate starts from in place of the pretrained model's (`measure`'s `start`)."""
+        return None if self.warmup is None else self.warmup.state
 
     def scheme_lr(self, ratios: dict[str, Fraction]) -> float:
         """The rate to train a combination with, from the analysis: the lowest best rate of its weights (a rate
@@ -213,84 +243,160 @@ def _costs(m: Measurement) -> dict[str, float]:
 
 
 class _Cache:
-    def __init__(self, folder: Path, task: Task, structure: Structure, steps: int, seed: int, model_key: str):
-        self.folder = Path(folder)
+    """One JSON file per (candidate, rate), and the warm-up's classifier in a .pt file, each written atomically.
+    `model_key` is the fingerprint of the weights the candidates start from: with a warm-up, the warmed-up model's
+    (so another warm-up is another analysis), and `warmup` its settings, kept in the key to be read."""
+
+    def __init__(self, folder: Path, task: Task, steps: int, seed: int, model_key: str,
+                 warmup: dict[str, Any] | None = None):
+        self.folder = Path(folder) / "".join(c if c.isalnum() or c in "-_" else "_" for c in task.name)[:60]
         self.base = dict(version=CACHE_VERSION, task=task.name, data=task.data_key, model=model_key,
-                         batch=batch_signature(task.example_batch), steps=steps, seed=seed)
-        self.structure = structure
+                         batch=batch_signature(task.example_batch), steps=steps, seed=seed, warmup=warmup)
 
-    def path(self, candidate: Candidate, lr: float) -> Path:
-        key = dict(self.base, scheme=candidate.scheme(self.structure).to_dict(), lr=lr)
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in self.base["task"])[:60]
-        return self.folder / safe / f"{digest}.json"
+    def _file(self, key: dict[str, Any], prefix: str = "", suffix: str = ".json") -> Path:
+        digest = hashlib.sha256(json.dumps(dict(self.base, **key), sort_keys=True).encode()).hexdigest()[:32]
+        return self.folder / f"{prefix}{digest}{suffix}"
 
-    def get(self, candidate: Candidate, lr: float) -> Measurement | None:
-        path = self.path(candidate, lr)
+    def path(self, candidate: Candidate, structure: Structure, lr: float) -> Path:
+        return self._file(dict(scheme=candidate.scheme(structure).to_dict(), lr=lr))
+
+    def get(self, candidate: Candidate, structure: Structure, lr: float) -> Measurement | None:
+        path = self.path(candidate, structure, lr)
         try:
             return Measurement(**json.loads(path.read_text())["measurement"])
         except FileNotFoundError:
             return None
         except (OSError, ValueError, TypeError, KeyError) as e:
-            warnings.warn(f"pockengine: the cached analysis result {path} is unreadable ({type(e).__name__}: {e}); "
-                          "training that candidate again", RuntimeWarning, stacklevel=2)
+            _unreadable(path, e)
             return None
 
-    def put(self, candidate: Candidate, lr: float, m: Measurement) -> None:
+    def put(self, candidate: Candidate, structure: Structure, lr: float, m: Measurement) -> None:
         record = dict(self.base, candidate=candidate.label, lr=lr, measurement=asdict(m))
-        with atomic_path(self.path(candidate, lr)) as tmp:
+        with atomic_path(self.path(candidate, structure, lr)) as tmp:
             tmp.write_text(json.dumps(record, indent=1))
+
+    def warmup_path(self, grid: tuple[float, ...]) -> Path:
+        return self._file(dict(warmup_grid=list(grid)), prefix="warmup-", suffix=".pt")
+
+    def get_warmup(self, grid: tuple[float, ...]) -> Warmup | None:
+        path = self.warmup_path(grid)
+        try:
+            record = torch.load(path, weights_only=True)
+            return Warmup(record["steps"], record["lr"], dict(record["trials"]), dict(record["state"]))
+        except FileNotFoundError:
+            return None
+        except Exception as e:  # a truncated or foreign file: torch.load raises many kinds
+            _unreadable(path, e)
+            return None
+
+    def put_warmup(self, grid: tuple[float, ...], warmup: Warmup) -> None:
+        with atomic_path(self.warmup_path(grid)) as tmp:
+            torch.save(asdict(warmup), tmp)
+
+
+def _unreadable(path: Path, e: Exception) -> None:
+    warnings.warn(f"pockengine: the cached analysis result {path} is unreadable ({type(e).__name__}: {e}); "
+                  "training it again", RuntimeWarning, stacklevel=3)
+
+
+@dataclass
+class Warmup:
+    """The new classifier trained alone before the candidates: every candidate starts from `state`."""
+
+    steps: int
+    lr: float  # the best rate of the grid for the classifier alone
+    trials: dict[float, float]  # rate -> held-out metric after the warm-up at that rate
+    state: dict[str, torch.Tensor]  # the classifier's parameters after the warm-up at `lr`
+
+    @property
+    def metric(self) -> float:
+        return self.trials[self.lr]
+
+
+def warm_up(task: Task, structure: Structure, grid: tuple[float, ...], steps: int, seed: int) -> Warmup:
+    """Train the classifier alone (the scheme of bias k = 0) from the pretrained weights for `steps` steps at each
+    rate of `grid` and keep the classifier of the best."""
+    prefix = structure.classifier + "."
+    states: dict[float, dict[str, torch.Tensor]] = {}
+
+    def keep(lr: float, model: torch.nn.Module) -> None:
+        states[lr] = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith(prefix)}
+
+    found = measure(task, Candidate(0).scheme(structure), list(grid), steps, seed, after=keep)
+    trials = {lr: m.metric for lr, m in zip(grid, found)}
+    lr = max(trials, key=lambda r: trials[r])  # the lowest rate of a tie (the grid is sorted)
+    return Warmup(steps, lr, trials, states[lr])
 
 
 def analyze(task: Task, cache_dir: str | Path, *, quick: bool = False, steps: int | None = None, seed: int = 0,
-            lr_grid: tuple[float, ...] | None = None, quick_layers: int = 20, progress: bool = True,
+            lr_grid: tuple[float, ...] | None = None, quick_layers: int = 20, warmup_steps: int | None = None,
+            progress: bool = True,
             on_result: Callable[[Candidate, float, Measurement], None] | None = None) -> Analysis:
     """Run (or read from `cache_dir`) the contribution analysis of `task`. `quick`: fewer candidates (see
-    `candidates.candidates`), `QUICK_STEPS` steps and a two-rate grid. `on_result` is called after each
-    (candidate, rate) trained here (not those read from the cache)."""
+    `candidates.candidates`), `QUICK_STEPS` steps and a two-rate grid. `warmup_steps`: the classifier is first
+    trained alone for this many steps (default `WARMUP_STEPS`, quick `QUICK_WARMUP_STEPS`; 0: no warm-up) and every
+    candidate starts from it. `on_result` is called after each (candidate, rate) trained here (not those read from
+    the cache)."""
     start, cpu_start = time.perf_counter(), time.process_time()
     steps = steps or (QUICK_STEPS if quick else STEPS)
+    warmup_steps = (QUICK_WARMUP_STEPS if quick else WARMUP_STEPS) if warmup_steps is None else warmup_steps
+    if warmup_steps and warmup_steps < 3:
+        raise UserInputError(f"warmup_steps={warmup_steps}: a warm-up is a run of at least 3 steps (0: none)")
     grid = tuple(sorted(set(lr_grid or (QUICK_LR_GRID if quick else LR_GRID))))
     if not grid or any(not lr > 0 for lr in grid):
         raise UserInputError(f"the learning-rate grid needs rates > 0, got {grid}")
     structure = Structure.of(task)
     model = task.build_model()
-    model_key = model_fingerprint(model)
+    pretrained_key = model_fingerprint(model)
     model.eval()
     metric_before = float(task.evaluate(model))
     del model
-    cache = _Cache(Path(cache_dir), task, structure, steps, seed, model_key)
     bias_cands, weight_cands = candidates(structure, quick, quick_layers)
     deepest = bias_cands[-1]  # the biases of every block: the weight baseline
 
-    # Everything to train, in order: the weight baseline over the grid (it sets the bias rate), the other bias
-    # candidates at that rate, every weight candidate over the grid; cached runs are skipped at once.
+    # Everything to train, in order: the warm-up over the grid, the weight baseline over the grid (it sets the bias
+    # rate), the other bias candidates at that rate, every weight candidate over the grid; cached runs are skipped.
     from tqdm.auto import tqdm
 
-    total = len(grid) * (1 + len(weight_cands)) + len(bias_cands)  # the deepest again: a cache hit
+    total = len(grid) * (1 + len(weight_cands) + (warmup_steps > 0)) + len(bias_cands)  # the deepest again: cached
     bar = tqdm(total=total, desc=f"analysis of {task.name}", unit="run", disable=not progress)
     trained = 0
-
-    def run(candidate: Candidate, lrs: list[float]) -> dict[float, Measurement]:
-        nonlocal trained
-        found = {lr: cache.get(candidate, lr) for lr in lrs}
-        missing = [lr for lr, m in found.items() if m is None]
-        bar.update(len(lrs) - len(missing))
-        if missing:
-            bar.set_postfix_str(candidate.label)
-            for lr, m in zip(missing, measure(task, candidate.scheme(structure), missing, steps, seed)):
-                cache.put(candidate, lr, m)
-                found[lr] = m
-                trained += 1
-                bar.update(1)
-                if on_result is not None:
-                    on_result(candidate, lr, m)
-        return found
-
-    def best(found: dict[float, Measurement]) -> float:
-        return max(found, key=lambda r: found[r].metric)  # the lowest rate of a tie (the grid is sorted)
-
+    warmup = None
     try:
+        if warmup_steps:
+            warmup_cache = _Cache(Path(cache_dir), task, warmup_steps, seed, pretrained_key)
+            warmup = warmup_cache.get_warmup(grid)
+            if warmup is None:
+                bar.set_postfix_str("warm-up: the classifier alone")
+                warmup = warm_up(task, structure, grid, warmup_steps, seed)
+                warmup_cache.put_warmup(grid, warmup)
+                trained += len(grid)
+            bar.update(len(grid))
+        model_key = pretrained_key if warmup is None else model_fingerprint(_started(task, warmup))
+        cache = _Cache(Path(cache_dir), task, steps, seed, model_key,
+                       None if warmup is None else dict(steps=warmup.steps, lr=warmup.lr))
+        start_state = None if warmup is None else warmup.state
+
+        def run(candidate: Candidate, lrs: list[float]) -> dict[float, Measurement]:
+            nonlocal trained
+            found = {lr: cache.get(candidate, structure, lr) for lr in lrs}
+            missing = [lr for lr, m in found.items() if m is None]
+            bar.update(len(lrs) - len(missing))
+            if missing:
+                bar.set_postfix_str(candidate.label)
+                measured = measure(task, candidate.scheme(structure), missing, steps, seed, start=start_state)
+                for lr, m in zip(missing, measured):
+                    cache.put(candidate, structure, lr, m)
+                    found[lr] = m
+                    trained += 1
+                    bar.update(1)
+                    if on_result is not None:
+                        on_result(candidate, lr, m)
+            return found
+
+        def best(found: dict[float, Measurement]) -> float:
+            return max(found, key=lambda r: found[r].metric)  # the lowest rate of a tie (the grid is sorted)
+
         baseline_trials = run(deepest, list(grid))
         bias_lr = best(baseline_trials)
         bias = {c.k: run(c, [bias_lr])[bias_lr] for c in bias_cands}
@@ -302,4 +408,10 @@ def analyze(task: Task, cache_dir: str | Path, *, quick: bool = False, steps: in
                     {r: m.metric for r, m in baseline_trials.items()}, bias, bias[deepest.k],
                     {key: found[weight_lr[key]] for key, found in weight_trials.items()}, weight_lr,
                     {key: {r: m.metric for r, m in found.items()} for key, found in weight_trials.items()},
-                    time.perf_counter() - start, time.process_time() - cpu_start, trained)
+                    time.perf_counter() - start, time.process_time() - cpu_start, trained, warmup)
+
+
+def _started(task: Task, warmup: Warmup) -> torch.nn.Module:
+    model = task.build_model()
+    load_parameters(model, warmup.state)
+    return model

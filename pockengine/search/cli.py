@@ -56,6 +56,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="fewer candidates (k at powers of two, the last 20 weights, ratios 1/4 and 1), fewer steps "
                         "(40) and two learning rates: minutes instead of an hour on MobileNetV2, noisier gains")
     p.add_argument("--steps", type=integer(1), default=None, help="steps per candidate (default 100, quick 40)")
+    p.add_argument("--warmup-steps", type=integer(0), default=None,
+                   help="steps of the classifier alone before the candidates, which start from it (default 200, "
+                        "quick 100; 0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr-grid", type=_rates, default=None,
                    help="learning rates tried for the biases of every block and for each weight candidate, "
@@ -73,7 +76,7 @@ def _setup(args: argparse.Namespace) -> tuple[Task, Path]:
 def run_analyze(args: argparse.Namespace) -> int:
     task, cache = _setup(args)
     a = analyze(task, cache, quick=args.quick, steps=args.steps, seed=args.seed, lr_grid=args.lr_grid,
-                progress=not args.no_progress)
+                warmup_steps=args.warmup_steps, progress=not args.no_progress)
     print(f"{'candidate':40s} {'lr':>7s} {a.metric:>9s} {'gain':>8s} {'memory':>10s} {'ms/step':>8s} {'MFLOP':>8s}")
     for row in a.rows():
         print(f"{row['candidate']:40s} {row['lr']:7.0e} {row['metric']:9.4f} {row['gain']:+8.4f} "
@@ -90,7 +93,7 @@ def run_search(args: argparse.Namespace) -> int:
     task, cache = _setup(args)
     start = time.perf_counter()
     a = analyze(task, cache, quick=args.quick, steps=args.steps, seed=args.seed, lr_grid=args.lr_grid,
-                progress=not args.no_progress)
+                warmup_steps=args.warmup_steps, progress=not args.no_progress)
     result = search(task, a, memory_budget=args.memory_budget, time_budget_ms=args.time_budget)
     report = SearchReport(a, result)
     files = report.write(args.out)

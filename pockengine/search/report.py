@@ -47,7 +47,11 @@ class SearchReport:
         lines = [f"# Scheme search: {a.task}", "",
                  f"Analysis: {len(a.bias)} bias candidates, {len(a.weights)} weight candidates, {a.steps} steps each "
                  f"(seed {a.seed}{', quick' if a.quick else ''}); {a.metric} of the pretrained model before training: "
-                 f"{a.metric_before:.4f}. Learning rates (AdamW): every bias candidate at {a.bias_lr:g}, the best "
+                 f"{a.metric_before:.4f}. "
+                 + (f"Warm-up: the classifier alone, {a.warmup.steps} steps at {a.warmup.lr:g}, the best of "
+                    f"{_trials(a.warmup.trials)}; every candidate starts from it. " if a.warmup else
+                    "No warm-up: every candidate starts from the pretrained model. ")
+                 + f"Learning rates (AdamW): every bias candidate at {a.bias_lr:g}, the best "
                  f"for the biases of every block ({_trials(a.bias_lr_trials)}); each weight candidate at its own "
                  f"best of the same grid (column lr). "
                  f"This run: {a.seconds:.0f} s analysis ({a.cpu_seconds:.0f} s CPU; {a.trained} runs trained, the "

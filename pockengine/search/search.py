@@ -177,7 +177,7 @@ def search(task: Task, analysis: Analysis, *, memory_budget: int | str | None = 
         k, ratios = pick.k, pick.ratios
         lr = analysis.scheme_lr(ratios)
         scheme = build_scheme(analysis.structure, k, ratios)
-        m = measure(task, scheme, [lr], analysis.steps, analysis.seed)[0]
+        m = measure(task, scheme, [lr], analysis.steps, analysis.seed, start=analysis.start)[0]
         memory_over = 0 if memory is None else max(m.memory, m.tracked_memory) - memory
         time_over = 0.0 if time_budget_ms is None else m.step_ms - time_budget_ms
         rounds.append(Round(k, ratios, pick.gain, pick.memory, pick.ms, m, memory_over <= 0 and time_over <= 0))
