@@ -87,8 +87,8 @@ def check_parity(model: torch.nn.Module, loss_fn, batches: list, optimizer, sche
     `float32_limited` (float32 may do better elsewhere, never worse). Returns the runtime."""
     reference = pe.compile(copy.deepcopy(model), loss_fn, batches[0], copy.deepcopy(optimizer), scheme, **options)
     init = copy.deepcopy(reference.model)  # as compiled: BatchNorm in the trainer's mode, weights in its layout
-    exported = pe.compile(copy.deepcopy(model), loss_fn, batches[0], copy.deepcopy(optimizer), scheme, **options)
-    runtime = OnnxTrainer(exported.export_onnx(tmp_path / "step.onnx"))
+    # exported before the torch backend's first step, so both start from these weights (one compile serves both)
+    runtime = OnnxTrainer(reference.export_onnx(tmp_path / "step.onnx"))
     sequence = [batches[i % len(batches)] for i in range(steps)]
     losses = [(reference.step(batch), runtime.step(batch_arrays(batch))) for batch in sequence]
     peaks: dict[str, torch.Tensor] = {}

@@ -312,8 +312,12 @@ class Graph:
         return [n for n in self.nodes if not n.is_input and n.section == name]
 
     def replace_all_uses(self, old: Node, new: Node) -> None:
+        # Only the readers of `old` get new arguments: rebuilding every node's would make each call walk every
+        # argument of the program and forget every node's inputs (found again on the next ask), and passes that
+        # replace one value per fold (BatchNorm folding, constant folding) call this hundreds of times per compile.
         for n in self.nodes:
-            n.args, n.kwargs = _substitute(n.args, old, new), _substitute(n.kwargs, old, new)
+            if old in n.inputs:
+                n.args, n.kwargs = _substitute(n.args, old, new), _substitute(n.kwargs, old, new)
         self.outputs = _substitute(self.outputs, old, new)
 
     def copy(self) -> tuple[Graph, dict[Node, Node]]:
