@@ -253,7 +253,8 @@ class Trainer:
 
     def _build(self, batch: Any, updates: bool, until: str | None = None, channels_last: bool | None = None) -> _Built:
         """The program for `batch`'s shape, after the pass `until` (default: all), in channels-last layout if
-        `channels_last` (default: the trainer's layout). One built for a listing or another layout runs on "aten"."""
+        `channels_last` (default: the trainer's layout). One built for a listing or an export (either argument
+        given) runs on "aten": nothing times or compiles another backend for a program that is only read."""
         start = time.perf_counter()
         cap = self._capture(batch).copy()  # the pipeline changes its graph in place
         layout = self.channels_last if channels_last is None else channels_last
@@ -266,7 +267,7 @@ class Trainer:
         scalars = self.optimizer.scalars(self.steps_done + 1, self.optimizer.lr) if updates else {}
         examples = [bind(pytree.tree_flatten(batch)[0], scalars) for bind in binders]
         program, choice = select(graph, inputs, graph.outputs["loss"] if updates else None, self.generator, examples,
-                                 self.options.backend if until is None and layout == self.channels_last else "aten",
+                                 self.options.backend if until is None and channels_last is None else "aten",
                                  self.device)
         graph.remarks.append(choice.reason)
         return _Built(program, choice, binders, static, time.perf_counter() - start)

@@ -224,3 +224,60 @@ def test_a_random_branch_that_is_not_layer_drop_is_refused_naming_the_module():
     with pytest.raises(CaptureError, match=r"branches in Python on a random number .* 'norm', is not a layer of a "
                                            r"ModuleList"):
         pe.compile(_RandomBranchToNorm().train(), _sum, ((torch.randn(2, 4),), None))
+
+
+class _SkipsMoreThanTheLayer(nn.Module):
+    """`continue` skips the layer and the code after it (Mask2Former's decoder: a norm and a prediction per
+    layer), which `where(drop, x, layer(x))` alone would still run on a dropped layer's input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(4, 4) for _ in range(2)])
+        self.post = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        aux = x.new_zeros(())
+        for layer in self.layers:
+            if torch.rand([]) < 0.5:
+                continue
+            x = layer(x)
+            aux = aux + self.post(x).sum()
+        return x.sum() + aux
+
+
+def test_a_skipped_branch_of_more_than_the_layer_call_is_refused():
+    with pytest.raises(CaptureError, match=r"the output of layer 'layers.0' is computed on before the next layer's "
+                                           r"draw"):
+        pe.compile(_SkipsMoreThanTheLayer().train(), _sum, ((torch.randn(2, 4),), None))
+
+
+class _DrawsOnlyForTraining(nn.Module):
+    """transformers' Wav2Vec2Adapter: a numpy draw in every forward, used only in train mode."""
+
+    def __init__(self, uses_draw_in_eval: bool) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+        self.uses_draw_in_eval = uses_draw_in_eval
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        drop = np.random.random()
+        if self.training or self.uses_draw_in_eval:
+            return self.layer(x) * drop
+        return self.layer(x)
+
+
+def test_an_unused_draw_of_a_module_in_eval_mode_is_allowed():
+    model = _Outer(float).eval()
+    model.noisy = _DrawsOnlyForTraining(uses_draw_in_eval=False).eval()
+    batch = ((torch.randn(2, 4),), None)
+    ref = autograd_gradients(model, _sum, batch)[1]
+    grads = pe.compile(model, _sum, batch).gradients(batch)
+    assert not gradient_errors(grads, ref, exact=lambda: pytest.fail("fp32 autograd is not the reference here"))
+
+
+def test_a_used_draw_of_a_module_in_eval_mode_is_refused_saying_so():
+    model = _Outer(float).eval()
+    model.noisy = _DrawsOnlyForTraining(uses_draw_in_eval=True).eval()
+    with pytest.raises(CaptureError, match=r"module 'noisy' \(_DrawsOnlyForTraining\) draws random numbers .* "
+                                           r"eval mode \(it is: its loss depends on the draw all the same\)"):
+        pe.compile(model, _sum, ((torch.randn(2, 4),), None))

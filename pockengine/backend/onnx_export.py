@@ -308,6 +308,7 @@ def _written_inputs(node: Node) -> list[Node]:
 # each end). Packing is a weighted sum of 8 booleans; unpacking looks each byte up in a table of its 8 bits (one
 # Gather: integer division and remainder over every element cost onnxruntime more than the step's convolutions).
 def pack_keep(x: torch.Tensor, lo: float, hi: float | None, order: list[int]) -> torch.Tensor:
+    del order  # row-major here (see above); the argument is the op's
     flat = x.reshape(-1)
     keep = flat > lo
     if hi is not None:
@@ -320,6 +321,7 @@ def pack_keep(x: torch.Tensor, lo: float, hi: float | None, order: list[int]) ->
 
 
 def apply_keep(grad: torch.Tensor, bits: torch.Tensor, order: list[int]) -> torch.Tensor:
+    del order  # row-major here (see above); the argument is the op's
     keep = _BYTE_BITS[bits.to(torch.int64)].reshape(-1)[:grad.numel()].reshape(grad.shape)
     return torch.where(keep, grad, torch.zeros((), dtype=grad.dtype))
 

@@ -203,20 +203,26 @@ def _quiet_export() -> Iterator[None]:
         torch.fx.config.do_not_emit_stack_traces = stack_traces
 
 
-def _eager_error(model: nn.Module, loss_fn: Callable, inputs: Any, target: Any) -> Exception | None:
-    """The error the model and loss raise on this batch in plain PyTorch, if any (the model's buffers and torch's
-    random generators are restored afterwards)."""
+def _eager_loss(model: nn.Module, loss_fn: Callable, inputs: Any, target: Any) -> torch.Tensor:
+    """The loss of the model on this batch in plain PyTorch (the model's buffers and torch's random generators are
+    restored afterwards)."""
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     devices = sorted({b.device.index or 0 for b in [*buffers.values(), *model.parameters()] if b.device.type == "cuda"})
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            _ModelWithLoss(model, loss_fn)(inputs, target)
-    except Exception as e:  # noqa: BLE001  (whatever the model raises is what the user must see)
-        return e
+            return _ModelWithLoss(model, loss_fn)(inputs, target)
     finally:
         with torch.no_grad():
             for name, b in model.named_buffers():
                 b.copy_(buffers[name])
+
+
+def _eager_error(model: nn.Module, loss_fn: Callable, inputs: Any, target: Any) -> Exception | None:
+    """The error the model and loss raise on this batch in plain PyTorch, if any."""
+    try:
+        _eager_loss(model, loss_fn, inputs, target)
+    except Exception as e:  # noqa: BLE001  (whatever the model raises is what the user must see)
+        return e
     return None
 
 
@@ -235,7 +241,7 @@ def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
         # Hugging Face's random draws in Python (layer drop's branch, SpecAugment's numpy mask) are traced as
         # random ops of the program; any other draw from Python's or numpy's generator is refused.
         with (torch.no_grad(), sdpa_kernel(SDPBackend.MATH), recording_autograd_functions() as function_calls,
-              _quiet_export(), no_python_random(model, lambda: _eager_error(model, loss_fn, inputs, target)),
+              _quiet_export(), no_python_random(model, lambda: _eager_loss(model, loss_fn, inputs, target)),
               traceable_spec_augment(model), traceable_layer_drop(model)):
             ep = torch.export.export(wrapper, (inputs, target))
             with _recurrent_dropout_kept(), _decomposition_split_reused():

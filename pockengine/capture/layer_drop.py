@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as nn_module
 from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
 from torch.utils.weak import WeakIdKeyDictionary
 
 from pockengine.errors import CaptureError
@@ -41,9 +42,10 @@ class _LayerDrop(TorchFunctionMode):
     """Tracks the uniform scalars drawn (`torch.rand([])`) and their comparisons with numbers; the truth value of
     such a comparison is False and makes it the pending drop condition of the next layer called."""
 
-    def __init__(self, names: dict[nn.Module, str], stacked: set[int]):
+    def __init__(self, names: dict[nn.Module, str], stacked: dict[int, bool]):
         super().__init__()
-        self.names, self.stacked = names, stacked
+        self.names, self.stacked = names, stacked  # id(layer) -> whether another layer follows it in its list
+        self.watched: tuple[torch.Tensor, str] | None = None  # a droppable layer's output, until the next draw
         self.draws: WeakIdKeyDictionary = WeakIdKeyDictionary()  # the uniform scalars drawn
         self.conditions: WeakIdKeyDictionary = WeakIdKeyDictionary()  # comparisons of them with numbers
         self.pending: torch.Tensor | None = None
@@ -56,9 +58,13 @@ class _LayerDrop(TorchFunctionMode):
                 raise _not_layer_drop("a second branch on a random number came before any layer was called")
             self.pending = args[0]
             return False
+        if self.watched is not None and any(a is self.watched[0] for a in pytree.tree_leaves((args, kwargs))):
+            raise _not_layer_drop(f"the output of layer '{self.watched[1]}' is computed on before the next layer's "
+                                  "draw, which a skipped branch of more than the layer call would also skip")
         out = func(*args, **kwargs)
         if func is torch.rand and _is_scalar_uniform(args, kwargs):
             self.draws[out] = True
+            self.watched = None
         elif func in _COMPARISONS and len(args) == 2 and isinstance(args[1], (int, float)) and \
                 isinstance(args[0], torch.Tensor) and args[0] in self.draws:
             self.conditions[out] = True
@@ -89,6 +95,12 @@ class _LayerDrop(TorchFunctionMode):
                 raise _not_layer_drop(f"layer '{name}' returns more than its hidden state (values it does not pass "
                                       "through from its inputs), which a dropped layer would not have computed")
         kept = torch.where(drop, x, hidden)
+        if self.stacked[id(module)]:
+            # Where the skipped branch holds more than the layer call (`if drop: continue` before
+            # `x = layer(x); aux += head(x)`), the code after the layer would run on a dropped layer's input in the
+            # program and not at all in eager PyTorch. Between the layer and the next layer's draw nothing may
+            # compute on its output. (After the last layer of a list, that is the code after the loop.)
+            self.watched = (kept, name)
         return (kept, *output[1:]) if isinstance(output, tuple) else kept
 
     def finish(self) -> None:
@@ -117,7 +129,8 @@ def traceable_layer_drop(model: nn.Module) -> Iterator[None]:
         yield
         return
     names = {m: n for n, m in model.named_modules()}
-    stacked = {id(layer) for m in model.modules() if isinstance(m, nn.ModuleList) for layer in m}
+    stacked = {id(layer): i + 1 < len(m) for m in model.modules() if isinstance(m, nn.ModuleList)
+               for i, layer in enumerate(m)}
     mode = _LayerDrop(names, stacked)
     before = nn_module.register_module_forward_pre_hook(mode.before_call)
     after = nn_module.register_module_forward_hook(mode.after_call, with_kwargs=True)
