@@ -202,7 +202,7 @@ def _rewrite_sample_pick(graph: torch.fx.Graph, pick: torch.fx.Node, view: torch
         divides = call(aten.eq.Scalar, (call(aten.remainder.Scalar, (total, groups)), 0))
         deep = call(aten.ge.Scalar, (per_group, j + 1 if j >= 0 else -j))
         call(aten._assert_async.msg, (call(aten.logical_and.default, (divides, deep)),
-                                      f"the {list(_val(pick).shape)[0]} rows picked by a mask do not divide into "
+                                      "the rows picked by a mask do not divide into "
                                       f"{groups} groups with a row {j} each (.view({groups}, -1, ...)[:, {j}])"))
         within = j if j >= 0 else call(aten.add.Scalar, (per_group, j))
         first = call(aten.mul.Tensor, (call(aten.arange.default, (groups,), {
