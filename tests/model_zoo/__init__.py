@@ -439,3 +439,14 @@ for name, config, model, sizes in [
     ("canine", "CanineConfig", "CanineForSequenceClassification", dict(ENCODER, num_hash_buckets=64, local_transformer_stride=4)),
 ]:
     _add("encoder", name, _hf(config, model, **sizes), text_classification(), CE)
+for name, config, model, sizes in [
+    # a gated short convolution (depthwise, causal) in the blocks that have no attention
+    ("lfm2", "Lfm2Config", "Lfm2ForCausalLM", dict(DECODER, num_key_value_heads=1, layer_types=["conv", "full_attention"])),
+    # attention within chunks of 4 tokens with rotary positions and L2-normalized queries and keys, then a layer
+    # with neither (NoPE) over the whole sequence; routed experts with a shared one, the router's sigmoid on the inputs
+    ("llama4-text", "Llama4TextConfig", "Llama4ForCausalLM",
+     dict(DECODER, num_key_value_heads=1, head_dim=8, intermediate_size_mlp=32, num_local_experts=4,
+          num_experts_per_tok=2, attention_chunk_size=4, no_rope_layers=[1, 0],
+          layer_types=["chunked_attention", "full_attention"])),
+]:
+    _add("decoder", name, _hf(config, model, **sizes), tokens, LM)
