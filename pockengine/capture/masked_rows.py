@@ -238,7 +238,8 @@ def _rewrite_unique_runs(graph: torch.fx.Graph, unique: torch.fx.Node, length: t
     n = _val(v).shape[0]
     call = graph.call_function
     with graph.inserting_before(length):
-        changes = call(aten.ne.Tensor, (call(aten.slice.Tensor, (v, 0, 1, n)), call(aten.slice.Tensor, (v, 0, 0, n - 1))))
+        changes = call(aten.ne.Tensor, (call(aten.slice.Tensor, (v, 0, 1, n)),
+                                         call(aten.slice.Tensor, (v, 0, 0, n - 1))))
         runs = call(aten.add.Scalar, (call(aten.sum.default, (changes,), {"dtype": torch.int64}), 1))
         read = call(aten._local_scalar_dense.default, (runs,))
     length.replace_all_uses_with(read)

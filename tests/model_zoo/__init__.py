@@ -436,12 +436,14 @@ for name, config, model, sizes in [
     ("mobilebert", "MobileBertConfig", "MobileBertForSequenceClassification",
      dict(ENCODER, embedding_size=16, intra_bottleneck_size=16, true_hidden_size=16)),
     # characters hashed into buckets, downsampled by a strided convolution, upsampled back by repetition
-    ("canine", "CanineConfig", "CanineForSequenceClassification", dict(ENCODER, num_hash_buckets=64, local_transformer_stride=4)),
+    ("canine", "CanineConfig", "CanineForSequenceClassification",
+     dict(ENCODER, num_hash_buckets=64, local_transformer_stride=4)),
 ]:
     _add("encoder", name, _hf(config, model, **sizes), text_classification(), CE)
 for name, config, model, sizes in [
     # a gated short convolution (depthwise, causal) in the blocks that have no attention
-    ("lfm2", "Lfm2Config", "Lfm2ForCausalLM", dict(DECODER, num_key_value_heads=1, layer_types=["conv", "full_attention"])),
+    ("lfm2", "Lfm2Config", "Lfm2ForCausalLM",
+     dict(DECODER, num_key_value_heads=1, layer_types=["conv", "full_attention"])),
     # attention within chunks of 4 tokens with rotary positions and L2-normalized queries and keys, then a layer
     # with neither (NoPE) over the whole sequence; routed experts with a shared one, the router's sigmoid on the inputs
     ("llama4-text", "Llama4TextConfig", "Llama4ForCausalLM",
