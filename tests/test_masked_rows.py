@@ -132,3 +132,59 @@ def test_rows_split_at_counts_read_out_of_a_tensor_train_as_in_eager():
 def test_a_split_whose_group_is_reduced_is_refused():
     with pytest.raises(pe.CaptureError, match="shape depends on the values of its inputs|reads a tensor's value"):
         pe.compile(SortedExperts(lambda y: y - y.mean(dim=0)), pe.losses.cross_entropy(), expert_batch())
+
+
+class EosClassifier(nn.Module):
+    """BART's and T5's sequence classification heads: every sample must have as many <eos> tokens
+    (`len(unique_consecutive(counts)) == 1`), and each is classified by its `position`-th one
+    (`h[eos].view(B, -1, H)[:, position]`)."""
+
+    def __init__(self, position=-1):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(10, 8)
+        self.mix = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+        self.position = position
+
+    def forward(self, ids):
+        h = torch.tanh(self.mix(self.embed(ids)))
+        eos = ids.eq(2)
+        torch._check(torch.unique_consecutive(eos.sum(1)).numel() == 1, lambda: "unequal <eos> counts")
+        return self.head(h[eos, :].view(h.shape[0], -1, h.shape[-1])[:, self.position, :])
+
+
+def eos_batch(eos_at):
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8], [9, 8, 7, 6, 5, 4], [5, 5, 5, 5, 5, 5]])
+    for row, cols in enumerate(eos_at):
+        ids[row, list(cols)] = 2
+    return (ids,), torch.tensor([0, 2, 1])
+
+
+@pytest.mark.parametrize("position", [-1, 0, 1])
+def test_one_row_per_sample_picked_by_a_mask_trains_as_in_eager(position):
+    model = EosClassifier(position)
+    ref = copy.deepcopy(model)
+    example = eos_batch([(1, 5), (0, 2), (3, 4)])
+    trainer = pe.compile(model, pe.losses.cross_entropy(), example)
+    assert "index_select" in str(trainer.program().graph)
+    grads = trainer.gradients(example)
+    (ids,), y = example
+    names, params = zip(*ref.named_parameters())
+    expected = dict(zip(names, torch.autograd.grad(F.cross_entropy(ref(ids), y), params)))
+    assert set(grads) == set(names)
+    for name, g in grads.items():
+        r = expected[name]
+        assert ((g - r).abs().max() / r.abs().max()).item() <= TOL, name
+    # other <eos> positions in a batch of the same shape: the program finds them at run time
+    (ids,), y = other = eos_batch([(0, 4), (2, 3), (1, 5)])
+    assert abs(trainer.step(other) - F.cross_entropy(ref(ids), y).item()) <= 1e-5
+
+
+@pytest.mark.parametrize("eos_at", [[(1, 5), (0,), (3, 4)], [(), (), ()]], ids=["unequal-counts", "none"])
+def test_a_batch_eager_refuses_for_its_eos_counts_is_refused_as_the_program_runs(eos_at):
+    trainer = pe.compile(EosClassifier(), pe.losses.cross_entropy(), eos_batch([(1, 5), (0, 2), (3, 4)]))
+    with pytest.raises((RuntimeError, IndexError)):
+        EosClassifier()(eos_batch(eos_at)[0][0])
+    with pytest.raises(RuntimeError, match="Runtime assertion failed|do not divide into"):
+        trainer.gradients(eos_batch(eos_at))

@@ -15,6 +15,15 @@ The same holds for rows grouped by counts read out of a tensor and concatenated 
 expert's rows through its own weights). Row r belongs to group i where the running sum of the counts passes r; with
 each `f_i` row by row, `f_i` is computed on every row and each row keeps its group's result. The counts must add up
 to the rows, as `split` checks: the program asserts it as it runs.
+
+And for one row per sample picked among the masked ones: `x[mask].view(B, -1, *rest)[:, j]` (BART's and T5's
+sequence classification heads take each sample's last <eos> token so). With k = (picked rows) / B, group g of the
+view holds the picked rows g*k ... g*k + k - 1 in order, so its j-th row is the (g*k + j mod k)-th picked row: its
+position is how many positions precede it in the running count of the mask, and one `index_select` of those B rows
+replaces the pick. The view's and the select's conditions (the rows divide into B groups of more than j, or at least
+-j, rows) are asserted as the program runs, in place of torch.export's asserts on the row count. Such heads check
+that every sample has as many <eos> tokens with `len(torch.unique_consecutive(counts))`: the number of runs of a
+1-d tensor, one plus how many neighbours differ, a 0-d tensor read out only to be checked (capture/export.py).
 """
 
 from __future__ import annotations
@@ -140,6 +149,103 @@ def _mask_pick(n: torch.fx.Node) -> sympy.Symbol | None:
         return None
     symbol = out.shape[0].node.expr
     return symbol if isinstance(symbol, sympy.Symbol) else None
+
+
+def _size_users(nodes: list) -> list | None:
+    """Every node computed from the sizes of `nodes` (sym_size reads, their arithmetic, comparisons and asserts), in
+    graph order; None if a tensor or anything but a number depends on them."""
+    found, todo = {}, [u for n in nodes for u in n.users if u.target in (aten.sym_size.int, aten.sym_numel.default)]
+    while todo:
+        n = todo.pop()
+        if n in found:
+            continue
+        if n.op != "call_function" or isinstance(_val(n), torch.Tensor) or (
+                n.target is not aten._assert_scalar.default and not isinstance(
+                    _val(n), (int, bool, torch.SymInt, torch.SymBool))):
+            return None
+        found[n] = None
+        todo.extend(n.users)
+    return sorted(found, key=lambda n: list(n.graph.nodes).index(n))
+
+
+def _sample_pick(pick: torch.fx.Node, symbol: sympy.Symbol) -> tuple | None:
+    """For `x[mask].view(B, -1, *rest)[:, j]`: (the view, the select, B, j, the nodes that compute only with the
+    row count); None for any other use of the picked rows."""
+    tensor_users = [u for u in pick.users if u.target not in (aten.sym_size.int, aten.sym_numel.default)]
+    if len(tensor_users) != 1 or tensor_users[0].target not in _VIEWS:
+        return None
+    view = tensor_users[0]
+    shape, rows = _val(view).shape, _val(pick).shape
+    if view.args[0] is not pick or len(shape) != len(rows) + 1 or not isinstance(shape[0], int) \
+            or not isinstance(shape[1], torch.SymInt) \
+            or tuple(shape[2:]) != tuple(rows[1:]) or shape[1].node.expr.free_symbols != {symbol}:
+        # the same elements as the rows (a view): its size is then the rows over B
+        return None
+    selects = [u for u in view.users if u.target not in (aten.sym_size.int, aten.sym_numel.default)]
+    if len(selects) != 1 or selects[0].target is not aten.select.int or selects[0].args[1] != 1:
+        return None
+    sizes = _size_users([pick, view])
+    return None if sizes is None else (view, selects[0], shape[0], selects[0].args[2], sizes)
+
+
+def _rewrite_sample_pick(graph: torch.fx.Graph, pick: torch.fx.Node, view: torch.fx.Node, select: torch.fx.Node,
+                         groups: int, j: int, sizes: list) -> None:
+    x, mask = pick.args[0], pick.args[1][0]
+    mask_shape = list(_val(mask).shape)
+    positions = math.prod(mask_shape)
+    call = graph.call_function
+    with graph.inserting_before(select):
+        rows = call(aten.view.default, (x, [positions, *_val(x).shape[len(mask_shape):]]))
+        counts = call(aten.cumsum.default, (call(aten.view.default, (mask, [positions])), 0))  # int64
+        total = call(aten.select.int, (counts, 0, -1))
+        per_group = call(aten.div.Scalar_mode, (total, groups), {"rounding_mode": "floor"})
+        divides = call(aten.eq.Scalar, (call(aten.remainder.Scalar, (total, groups)), 0))
+        deep = call(aten.ge.Scalar, (per_group, j + 1 if j >= 0 else -j))
+        call(aten._assert_async.msg, (call(aten.logical_and.default, (divides, deep)),
+                                      "the rows picked by a mask do not divide into "
+                                      f"{groups} groups with a row {j} each (.view({groups}, -1, ...)[:, {j}])"))
+        within = j if j >= 0 else call(aten.add.Scalar, (per_group, j))
+        first = call(aten.mul.Tensor, (call(aten.arange.default, (groups,), {
+            "dtype": torch.int64, "device": _val(mask).device}), per_group))
+        rank = call(aten.add.Tensor, (first, within))  # 0-based among the picked rows
+        before = call(aten.lt.Tensor, (call(aten.view.default, (counts, [1, positions])),
+                                       call(aten.view.default, (call(aten.add.Scalar, (rank, 1)), [groups, 1]))))
+        index = call(aten.sum.dim_IntList, (before, [1]), {"dtype": torch.int64})
+        picked = call(aten.index_select.default, (rows, 0, index))
+    select.replace_all_uses_with(picked)
+    for n in [*reversed(sizes), select, view, pick]:
+        graph.erase_node(n)
+
+
+def _unique_runs(n: torch.fx.Node) -> torch.fx.Node | None:
+    """For `len(torch.unique_consecutive(v))` (v 1-d, nothing else of the op used): the node reading the length."""
+    if n.op != "call_function" or n.target is not aten.unique_consecutive.default or len(n.args) != 1 or n.kwargs:
+        return None
+    if _val(n.args[0]).dim() != 1 or _val(n.args[0]).shape[0] == 0:
+        return None
+    values = [u for u in n.users if u.target is operator.getitem and u.args[1] == 0]
+    if len(values) != len(n.users) or len(values) != 1:
+        return None
+    lengths = list(values[0].users)
+    if len(lengths) != 1 or not (lengths[0].target is aten.sym_numel.default or (
+            lengths[0].target is aten.sym_size.int and lengths[0].args[1] == 0)):
+        return None
+    return lengths[0]
+
+
+def _rewrite_unique_runs(graph: torch.fx.Graph, unique: torch.fx.Node, length: torch.fx.Node) -> None:
+    v = unique.args[0]
+    n = _val(v).shape[0]
+    call = graph.call_function
+    with graph.inserting_before(length):
+        changes = call(aten.ne.Tensor, (call(aten.slice.Tensor, (v, 0, 1, n)),
+                                         call(aten.slice.Tensor, (v, 0, 0, n - 1))))
+        runs = call(aten.add.Scalar, (call(aten.sum.default, (changes,), {"dtype": torch.int64}), 1))
+        read = call(aten._local_scalar_dense.default, (runs,))
+    length.replace_all_uses_with(read)
+    values = next(iter(unique.users))
+    for node in (length, values, unique):
+        graph.erase_node(node)
 
 
 def _rewrite(graph: torch.fx.Graph, pick: torch.fx.Node, sinks: list) -> None:
@@ -269,7 +375,8 @@ def _fold_sizes(graph: torch.fx.Graph) -> None:
 
 def rewrite_masked_rows(gm: torch.fx.GraphModule) -> bool:
     """Rewrite every `out[mask] = f(x[mask])` and every `cat([f_i(g) for g in x.split(counts.tolist())])` of `gm`
-    whose `f` is row by row (see the module docstring); whether anything changed. A split of rows that an earlier
+    whose `f` is row by row, every `x[mask].view(B, -1, ...)[:, j]` and every `len(unique_consecutive(v))` (see the
+    module docstring); whether anything changed. A split of rows that an earlier
     rewrite made static (JetMoE's second expert layer splits the first one's concatenation) is found once the
     shapes are propagated again, so the passes repeat until one finds nothing."""
     changed = False
@@ -285,6 +392,12 @@ def _rewrite_once(gm: torch.fx.GraphModule) -> bool:
         sinks = _region(n, symbol, _mask_write_back(n, symbol)) if symbol is not None else None
         if sinks is not None:
             _rewrite(gm.graph, n, sinks)
+            changed = True
+        elif symbol is not None and (sample := _sample_pick(n, symbol)):
+            _rewrite_sample_pick(gm.graph, n, *sample)
+            changed = True
+        elif length := _unique_runs(n):
+            _rewrite_unique_runs(gm.graph, n, length)
             changed = True
         elif (groups := _split_groups(n)) and (found := _concatenated_groups(n, groups[1])):
             _rewrite_split(gm.graph, n, groups[0], *found)

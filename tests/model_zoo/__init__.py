@@ -413,3 +413,42 @@ def _languages(g: torch.Generator) -> tuple:
 # languages (the default has one), so that each mask picks some rows only
 _add("encoder", "xmod", _hf("XmodConfig", "XmodForSequenceClassification", **ENCODER, languages=("en_XX", "de_DE")),
      _languages, CE)
+
+
+# ------------------------------------------------------------------------------------------------ third screening
+def _eos_text_classification(g: torch.Generator) -> tuple:
+    """Text classification with each sequence ending in <eos> (id 2) before its padding: encoder-decoder models
+    classify a sequence by its last <eos> token."""
+    inputs, target = text_classification()(g)
+    inputs["input_ids"][torch.arange(BATCH), inputs["attention_mask"].sum(1) - 1] = 2
+    return inputs, target
+
+
+# BART's head takes each sample's last <eos> token, `h[eos].view(B, -1, H)[:, -1]`, after checking every sample has
+# as many with `unique_consecutive` (pockengine/capture/masked_rows.py); its defaults: pad 1, bos 0, eos 2
+_add("encoder-decoder", "bart",
+     _hf("BartConfig", "BartForSequenceClassification", vocab_size=VOCAB, d_model=16, encoder_layers=2,
+         decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+         max_position_embeddings=32, num_labels=3),
+     _eos_text_classification, CE)
+for name, config, model, sizes in [
+    # bottlenecked blocks with stacked feed-forwards and NoNorm (an element-wise affine in place of layer norm)
+    ("mobilebert", "MobileBertConfig", "MobileBertForSequenceClassification",
+     dict(ENCODER, embedding_size=16, intra_bottleneck_size=16, true_hidden_size=16)),
+    # characters hashed into buckets, downsampled by a strided convolution, upsampled back by repetition
+    ("canine", "CanineConfig", "CanineForSequenceClassification",
+     dict(ENCODER, num_hash_buckets=64, local_transformer_stride=4)),
+]:
+    _add("encoder", name, _hf(config, model, **sizes), text_classification(), CE)
+for name, config, model, sizes in [
+    # a gated short convolution (depthwise, causal) in the blocks that have no attention
+    ("lfm2", "Lfm2Config", "Lfm2ForCausalLM",
+     dict(DECODER, num_key_value_heads=1, layer_types=["conv", "full_attention"])),
+    # attention within chunks of 4 tokens with rotary positions and L2-normalized queries and keys, then a layer
+    # with neither (NoPE) over the whole sequence; routed experts with a shared one, the router's sigmoid on the inputs
+    ("llama4-text", "Llama4TextConfig", "Llama4ForCausalLM",
+     dict(DECODER, num_key_value_heads=1, head_dim=8, intermediate_size_mlp=32, num_local_experts=4,
+          num_experts_per_tok=2, attention_chunk_size=4, no_rope_layers=[1, 0],
+          layer_types=["chunked_attention", "full_attention"])),
+]:
+    _add("decoder", name, _hf(config, model, **sizes), tokens, LM)
