@@ -348,12 +348,28 @@ def convolution_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tens
         out_size = [(g - 1) * s - 2 * p + d * (k - 1) + 1
                     for g, s, p, d, k in zip(grad.shape[2:], stride, padding, dilation, weight.shape[2:])]
         extra = [i - o for i, o in zip(x.shape[2:], out_size)]
-        grad_input = aten.convolution.default(grad, weight, None, stride, padding, dilation, True, extra, groups)
+        grad_input = convolution(grad, weight, None, stride, padding, dilation, True, extra, groups)
     if output_mask[1]:
         grad_weight = _convolution_weight_grad(grad, x, weight.shape, stride, padding, dilation, groups)
     if output_mask[2]:
         grad_bias = grad.sum([0, *range(2, grad.dim())])
     return grad_input, grad_weight, grad_bias
+
+
+def convolution(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int],
+                padding: list[int], dilation: list[int], transposed: bool, output_padding: list[int],
+                groups: int) -> torch.Tensor:
+    """aten.convolution; a depthwise transposed convolution at stride 1 (a depthwise layer's input gradient) as a
+    depthwise convolution by the flipped kernel, which onnxruntime runs with its depthwise kernels where its
+    transposed convolution multiplies each channel on its own."""
+    kernel = list(weight.shape[2:])
+    ones = [1] * len(kernel)
+    if (transposed and groups == x.shape[1] == weight.shape[0] and weight.shape[1] == 1 and list(stride) == ones
+            and list(dilation) == ones and not any(output_padding) and all(p < k for p, k in zip(padding, kernel))):
+        return aten.convolution.default(x, weight.flip(list(range(2, weight.dim()))), bias, ones,
+                                        [k - 1 - p for p, k in zip(padding, kernel)], ones, False,
+                                        [0] * len(kernel), groups)
+    return aten.convolution.default(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
 
 
 def _convolution_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight_shape: torch.Size, stride: list[int],
@@ -469,7 +485,7 @@ def _decomposition(target: Any) -> Any:
     return None
 
 
-DECOMPOSED = {aten.convolution_backward.default: convolution_backward,
+DECOMPOSED = {aten.convolution_backward.default: convolution_backward, aten.convolution.default: convolution,
               aten._scaled_dot_product_flash_attention_for_cpu.default: flash_attention,
               aten._scaled_dot_product_flash_attention_for_cpu_backward.default: flash_attention_backward,
               FLASH_UNMASKED_IF: flash_attention_masked, FLASH_UNMASKED_IF_BACKWARD: flash_attention_masked_backward}
