@@ -197,15 +197,15 @@ def test_another_warm_up_is_another_analysis(tmp_path):
     runs = len(first.bias) + len(first.weights)
     assert first.trained == runs + 1  # the warm-up (one rate) and every candidate
     assert analyze(task, tmp_path, warmup_steps=5, **kwargs).trained == 0  # the warm-up is cached too
-    assert len(list(tmp_path.rglob("warmup-*.pt"))) == 1
+    assert len(list(tmp_path.rglob("warmup-*.safetensors"))) == 1
     # Another warm-up length starts every candidate from other weights: everything is trained again, and so it is
     # without a warm-up.
     assert analyze(task, tmp_path, warmup_steps=7, **kwargs).trained == runs + 1
     unwarmed = analyze(task, tmp_path, warmup_steps=0, **kwargs)
     assert unwarmed.warmup is None and unwarmed.start is None and unwarmed.trained == runs
     # A damaged warm-up file is trained again, with a warning, and gives the same classifier.
-    path, = (p for p in tmp_path.rglob("warmup-*.pt") if p.stat().st_mtime == min(
-        q.stat().st_mtime for q in tmp_path.rglob("warmup-*.pt")))
+    path, = (p for p in tmp_path.rglob("warmup-*.safetensors") if p.stat().st_mtime == min(
+        q.stat().st_mtime for q in tmp_path.rglob("warmup-*.safetensors")))
     path.write_bytes(b"not a checkpoint")
     with pytest.warns(RuntimeWarning, match="unreadable"):
         again = analyze(task, tmp_path, warmup_steps=5, **kwargs)

@@ -22,12 +22,11 @@ so its gain is what it adds when both it and the baseline are trained at their o
 serves every rate of the grid (weights, optimizer state, step count and generator reset between rates), since the
 rate is a run-time input of the program: a rate costs steps and an evaluation, not a compilation.
 
-Results are cached on disk, one JSON file per (candidate, learning rate) and the warm-up's classifier in a .pt
-file, written atomically: an interrupted analysis resumes where it stopped, and a second run trains nothing. The key
-covers the task's name, its data key (which training and validation examples), the weights the runs start from (the
-warmed-up model's for a candidate: another warm-up is another analysis), the example batch's shapes, the candidate's
-scheme, the steps, the seed and the rate.
-"""
+Results are cached on disk, one JSON file per (candidate, learning rate) and the warm-up's classifier in a
+safetensors file, written atomically: an interrupted analysis resumes where it stopped, and a second run trains
+nothing. The key covers the task's name, its data key (which training and validation examples), the weights the runs
+start from (the warmed-up model's for a candidate: another warm-up is another analysis), the example batch's shapes,
+the candidate's scheme, the steps, the seed and the rate. """
 
 from __future__ import annotations
 
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch.utils import _pytree as pytree
 
 from pockengine.capture import normalize_batch
@@ -53,7 +53,7 @@ from pockengine.options import Options
 from pockengine.scheme import Scheme, gradient_masks
 from pockengine.search.candidates import (Candidate, Structure, batch_signature, candidates, model_fingerprint)
 from pockengine.search.task import Task
-from pockengine.storage import atomic_path
+from pockengine.storage import atomic_path, save_safetensors
 from pockengine.trainer import Trainer
 
 LR_GRID = (1e-4, 1e-3, 1e-2)
@@ -158,7 +158,7 @@ def load_parameters(model: torch.nn.Module, values: dict[str, torch.Tensor]) -> 
     unknown = sorted(set(values) - set(params))
     if unknown:
         raise UserInputError(f"the model has no parameters named {unknown[:3]}: the warm-up state is not this "
-                             "model's; delete the analysis cache's warmup-*.pt files to warm up again")
+                             "model's; delete the analysis cache's warmup-*.safetensors files to warm up again")
     with torch.no_grad():
         for name, value in values.items():
             params[name].copy_(value)
@@ -243,7 +243,7 @@ def _costs(m: Measurement) -> dict[str, float]:
 
 
 class _Cache:
-    """One JSON file per (candidate, rate), and the warm-up's classifier in a .pt file, each written atomically.
+    """One JSON file per (candidate, rate), and the warm-up's classifier in a safetensors file, each written atomically.
     `model_key` is the fingerprint of the weights the candidates start from: with a warm-up, the warmed-up model's
     (so another warm-up is another analysis), and `warmup` its settings, kept in the key to be read."""
 
@@ -276,22 +276,26 @@ class _Cache:
             tmp.write_text(json.dumps(record, indent=1))
 
     def warmup_path(self, grid: tuple[float, ...]) -> Path:
-        return self._file(dict(warmup_grid=list(grid)), prefix="warmup-", suffix=".pt")
+        return self._file(dict(warmup_grid=list(grid)), prefix="warmup-", suffix=".safetensors")
 
     def get_warmup(self, grid: tuple[float, ...]) -> Warmup | None:
         path = self.warmup_path(grid)
         try:
-            record = torch.load(path, weights_only=True)
-            return Warmup(record["steps"], record["lr"], dict(record["trials"]), dict(record["state"]))
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata()
+                state = {name: f.get_tensor(name) for name in f.keys()}
+            trials = {float(lr): metric for lr, metric in json.loads(meta["trials"]).items()}
+            return Warmup(int(meta["steps"]), float(meta["lr"]), trials, state)
         except FileNotFoundError:
             return None
-        except Exception as e:  # a truncated or foreign file: torch.load raises many kinds
+        except Exception as e:  # a truncated or foreign file: safetensors and json raise several kinds
             _unreadable(path, e)
             return None
 
     def put_warmup(self, grid: tuple[float, ...], warmup: Warmup) -> None:
-        with atomic_path(self.warmup_path(grid)) as tmp:
-            torch.save(asdict(warmup), tmp)
+        save_safetensors(warmup.state, self.warmup_path(grid),
+                         {"steps": str(warmup.steps), "lr": repr(warmup.lr),
+                          "trials": json.dumps({repr(lr): m for lr, m in warmup.trials.items()})})
 
 
 def _unreadable(path: Path, e: Exception) -> None:
