@@ -165,7 +165,8 @@ def _size_users(nodes: list) -> list | None:
             return None
         found[n] = None
         todo.extend(n.users)
-    return sorted(found, key=lambda n: list(n.graph.nodes).index(n))
+    order = {n: i for i, n in enumerate(nodes[0].graph.nodes)}
+    return sorted(found, key=order.__getitem__)
 
 
 def _sample_pick(pick: torch.fx.Node, symbol: sympy.Symbol) -> tuple | None:
