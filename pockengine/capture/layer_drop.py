@@ -13,7 +13,8 @@ uniform draw (`torch.rand([])` against a number) is False -- the branch that kee
 called, which must be a layer of a `ModuleList` (the stack the draw decides over), has its output replaced by
 `where(drop, its input, its output)`: the program draws as eager PyTorch does, from the trainer's generator, and
 a dropped layer passes its input on, with no gradient to its weights. Anything else branching on such a draw
-(no layer called next, a layer that does not return a tensor of its input's shape) is a `CaptureError` naming it.
+(no layer called next, a layer that does not return a tensor of its input's shape, code computing on a layer's
+output before the next layer's draw, which a skipped branch would also skip) is a `CaptureError` naming it.
 """
 
 from __future__ import annotations
