@@ -24,6 +24,7 @@ import torch
 from pockengine.autodiff import ChannelSlice, differentiate
 from pockengine.autodiff.rules.attention import attention_setting, lower_attention
 from pockengine.capture import Captured
+from pockengine.capture.stop_gradient import drop_stop_gradients
 from pockengine.errors import CompilerError, PockEngineError, UserInputError
 from pockengine.ir.graph import Graph, Node, eliminate_dead_code
 from pockengine.optim.base import Optimizer
@@ -75,6 +76,7 @@ def _autodiff(graph: Graph, ctx: Context) -> None:
     (for the output stage; a parameter the loss does not depend on gets none)."""
     with attention_setting(ctx.options.attention, ctx.device):
         gradients = differentiate(graph, graph.outputs["loss"], list(ctx.trained.values()), ctx.slices)
+    drop_stop_gradients(graph)
     graph.outputs.update({f"{GRADIENT_OUTPUT}{name}": gradients[p] for name, p in ctx.trained.items()
                           if gradients[p] is not None})
 

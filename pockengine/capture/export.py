@@ -30,6 +30,7 @@ from pockengine.capture.layer_drop import traceable_layer_drop
 from pockengine.capture.masked_rows import rewrite_masked_rows
 from pockengine.capture.python_random import no_python_random
 from pockengine.capture.spec_augment import traceable_spec_augment
+from pockengine.capture.stop_gradient import data_read_as_detach, mark_stop_gradients
 from pockengine.errors import CaptureError, UserInputError
 from pockengine.ir.graph import BATCH, BUFFER, PARAM, Graph, Node, TensorMeta, meta_of
 
@@ -240,10 +241,13 @@ def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
         # is recorded as a plain view that fails on any other layout (GPT-2: "Cannot view a tensor").
         # Hugging Face's random draws in Python (layer drop's branch, SpecAugment's numpy mask) are traced as
         # random ops of the program; any other draw from Python's or numpy's generator is refused.
-        with (torch.no_grad(), sdpa_kernel(SDPBackend.MATH), recording_autograd_functions() as function_calls,
+        # Exported with gradients enabled, so that the model's own `no_grad` blocks leave regions in the graph
+        # (capture/stop_gradient.py).
+        with (torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), recording_autograd_functions() as function_calls,
               _quiet_export(), no_python_random(model, lambda: _eager_loss(model, loss_fn, inputs, target)),
-              traceable_spec_augment(model), traceable_layer_drop(model)):
+              traceable_spec_augment(model), traceable_layer_drop(model), data_read_as_detach()):
             ep = torch.export.export(wrapper, (inputs, target))
+            mark_stop_gradients(ep.graph_module)
             with _recurrent_dropout_kept(), _decomposition_split_reused():
                 ep = ep.run_decompositions(decompositions())
         ep.graph_module.meta[FUNCTION_CALLS] = function_calls  # alive while the program refers to them

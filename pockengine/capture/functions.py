@@ -23,7 +23,6 @@ from __future__ import annotations
 import inspect
 import itertools
 import threading
-import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -187,9 +186,10 @@ autograd_function.register_autograd(_marker_backward, setup_context=_marker_setu
 
 # Reentrant activation checkpointing (`checkpoint(..., use_reentrant=True)`) is a Function whose backward reruns the
 # forward under autograd: its gradient is the forward's derivative by construction, and it reaches the parameters
-# of the checkpointed block through `.grad`, not through its inputs. Its forward is captured as plain ops and
-# differentiated (pockengine plans what the backward keeps itself).
-DIFFERENTIATED_AS_CAPTURED = (torch.utils.checkpoint.CheckpointFunction,)
+# of the checkpointed block through `.grad`, not through its inputs. The checkpointed function is captured as plain
+# ops and differentiated (pockengine plans what the backward keeps itself): called directly, since the Function's
+# forward runs it under `no_grad`, which the capture would read as a cut gradient (capture/stop_gradient.py).
+CHECKPOINT = torch.utils.checkpoint.CheckpointFunction
 
 
 def _apply_recorded(cls: type[Function], args: tuple, kwargs: dict, records: list[FunctionCall]) -> Any:
@@ -243,10 +243,9 @@ def _recording_apply(cls: type[Function], *args: Any, **kwargs: Any) -> Any:
     records = getattr(_RECORDING, "records", None)
     if records is None:  # no capture in this thread (another thread's eager autograd): untouched
         return _ORIGINAL_APPLY.__func__(cls, *args, **kwargs)
-    if issubclass(cls, DIFFERENTIATED_AS_CAPTURED):
-        with warnings.catch_warnings():  # export traces without grad: "None of the inputs have requires_grad"
-            warnings.filterwarnings("ignore", message="None of the inputs have requires_grad", category=UserWarning)
-            return _ORIGINAL_APPLY.__func__(cls, *args, **kwargs)
+    if issubclass(cls, CHECKPOINT):
+        run_function, _preserve_rng_state, *function_args = args
+        return run_function(*function_args)
     return _apply_recorded(cls, args, kwargs, records)
 
 

@@ -1,0 +1,106 @@
+"""Where a model cuts the gradient, the captured program says so: `pockengine::stop_gradient`.
+
+A model cuts the gradient with `x.detach()` (or `x.data`) or by computing a value under `torch.no_grad()` (a `with` block or a
+decorated method: Hugging Face's rotary embeddings, normalizations that scale by a detached statistic). The core
+ATen decompositions lose both: `detach` becomes `alias`, differentiated as the identity, and a program exported
+under `no_grad` carries no trace of a `no_grad` block inside it. Differentiated as captured, such a model would get
+gradients autograd never computes, silently. So the model is exported with gradients enabled (its own `no_grad`
+blocks become `wrap_with_set_grad_enabled(False, ...)` regions of the pre-decomposition graph) and, before the
+decompositions, every `detach` and every float output of such a region goes through `stop_gradient`: an op that
+copies its input and that autograd's own registration gives no derivative (`mark_non_differentiable`), so the
+autodiff, which asks that registration (`autodiff.engine._detached_by_autograd`), sends nothing back through it.
+Once the backward pass exists the op has done its job: `drop_stop_gradients` makes its readers read its input.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from pockengine.ir.graph import Graph
+
+
+@torch.library.custom_op("pockengine::stop_gradient", mutates_args=())
+def stop_gradient(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()  # a custom op may not return its input; the copy never runs (dropped after autodiff)
+
+
+@stop_gradient.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _no_derivative(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    ctx.mark_non_differentiable(output)
+
+
+stop_gradient.register_autograd(lambda ctx, grad: None, setup_context=_no_derivative)
+
+STOP_GRADIENT = torch.ops.pockengine.stop_gradient.default
+_SET_GRAD_ENABLED = torch.ops.higher_order.wrap_with_set_grad_enabled
+
+
+_TENSOR_DATA = torch._C.TensorBase.data
+
+
+@contextmanager
+def data_read_as_detach() -> Iterator[None]:
+    """While tracing, reading `x.data` is `x.detach()`, which is what it means for the values (the same storage,
+    no gradient) and which torch.export can trace: it cannot trace the tensor `.data` makes, which reaches the
+    program as an untraced constant ("a fake tensor in the exported program constant's list"). Assigning to
+    `.data` is left as it is."""
+    torch.Tensor.data = property(lambda self: self.detach(), _TENSOR_DATA.__set__)
+    try:
+        yield
+    finally:
+        del torch.Tensor.data
+
+
+def _stopped(graph: torch.fx.Graph, value: torch.fx.Node) -> torch.fx.Node:
+    """`stop_gradient(value)` inserted right after `value`, every other reader of `value` reading it instead."""
+    readers = list(value.users)
+    with graph.inserting_after(value):
+        stopped = graph.call_function(STOP_GRADIENT, (value,))
+    stopped.meta = {**value.meta}
+    for reader in readers:
+        reader.replace_input_with(value, stopped)
+    return stopped
+
+
+def _is_float_tensor(node: torch.fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and (val.is_floating_point() or val.is_complex())
+
+
+def mark_stop_gradients(gm: torch.fx.GraphModule) -> None:
+    """Rewrite the exported (not yet decomposed) program in place: `detach` -> `stop_gradient`, and each float
+    value leaving a `no_grad` region through `stop_gradient`. A region inside a `no_grad` region is the outer
+    region's business: its outputs are stopped where the outer region's are."""
+    for module in gm.modules():
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        changed = False
+        for node in list(module.graph.nodes):
+            if node.op != "call_function":
+                continue
+            if node.target is torch.ops.aten.detach.default:
+                node.target = STOP_GRADIENT
+                changed = True
+            elif node.target is _SET_GRAD_ENABLED and node.args[0] is False:
+                for item in list(node.users):
+                    if item.target is operator.getitem and _is_float_tensor(item):
+                        _stopped(module.graph, item)
+                        changed = True
+        if changed:
+            module.recompile()
+
+
+def drop_stop_gradients(graph: Graph) -> None:
+    """After differentiation nothing reads the cut any more: each `stop_gradient`'s readers read its input."""
+    for node in [n for n in graph.nodes if n.target is STOP_GRADIENT]:
+        graph.replace_all_uses(node, node.args[0])
+        graph.nodes.remove(node)
