@@ -12,7 +12,7 @@ logits are at hand, and the backward pass only scales them (no logits again): `d
 hidden state) when `grad_hidden`, `d_weight` ([V, D], accumulated over the chunks) and `d_bias` when
 `grad_weight`; an output not asked for is an empty tensor. The derivative of the loss with respect to a row's
 logits is c * (softmax - onehot(target)), c = 1/(rows not ignored) for the mean, 1 for the sum, 0 for an ignored
-row. A chunk's logits, their exponentials and that derivative take turns in one (chunk x V) float32 buffer, which
+row. A chunk's logits, their exponentials and that derivative take turns in one (chunk x V) float32 buffer (float64 for a float64 model), which
 is all the op allocates besides its outputs (`workspace_bytes`, for the memory plan).
 
 The op is a composition of ATen ops (CompositeImplicitAutograd): it runs on any device and dtype, and the
@@ -32,14 +32,16 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
                          target: torch.Tensor, ignore_index: int, mean: bool, chunk: int, grad_hidden: bool,
                          grad_weight: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     rows = hidden.shape[0]
+    # Half-precision logits are summed in float32, as F.cross_entropy's CPU kernels do; float64 stays float64.
+    compute = _compute_dtype(hidden.dtype)
     kept = target != ignore_index
     safe_target = torch.where(kept, target, 0)
     # Each row's weight in the loss: 1/(rows kept) for the mean (0/0 = NaN when every row is ignored, as
     # PyTorch's mean over no rows), 1 for the sum; 0 for an ignored row.
-    scale = kept.to(torch.float32)
+    scale = kept.to(compute)
     if mean:
         scale = scale / kept.sum()
-    total = hidden.new_zeros((), dtype=torch.float32)
+    total = hidden.new_zeros((), dtype=compute)
     empty = hidden.new_empty(0)
     d_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if grad_hidden else empty
     d_weight = torch.zeros_like(weight, memory_format=torch.contiguous_format) if grad_weight else empty
@@ -48,8 +50,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
         end = min(start + chunk, rows)
         h, t, row_scale = hidden[start:end], safe_target[start:end], scale[start:end].unsqueeze(1)
         logits = torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
-        # One (chunk x V) buffer, in float32, updated in place: logits, then exp(logits - max), then the gradient.
-        logits = logits.to(torch.float32)
+        # One (chunk x V) buffer, in `compute`, updated in place: logits, then exp(logits - max), then the gradient.
+        logits = logits.to(compute)
         picked = logits.gather(1, t.unsqueeze(1))
         top = logits.detach().amax(1, keepdim=True)  # cancels out of the log-sum-exp: autograd needs no path
         # (out of place where torch.autograd differentiates the op itself: never in a program, which runs without)
@@ -73,18 +75,25 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
 _LIBRARY.impl("linear_cross_entropy", linear_cross_entropy, "CompositeImplicitAutograd")
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
 def workspace_bytes(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
                     ignore_index: int, mean: bool, chunk: int, *flags: bool) -> int:
-    """What the op allocates besides its outputs, at most: one chunk of float32 logits (and the chunk in the
-    weight's dtype beside it, where that is not float32); the per-row vectors that live through the loop (`kept`,
-    `safe_target`, `scale` and its quotient); per chunk, at most eight float32 columns at once (the target's
+    """What the op allocates besides its outputs, at most: one chunk of logits in the compute dtype (float32, or
+    float64 for a float64 model; and the chunk in the weight's dtype beside it, where that differs); the per-row
+    vectors that live through the loop (`kept`, `safe_target`, `scale` and its quotient); per chunk, at most eight
+    columns in the compute dtype at once (the target's
     logit, the maximum, the sums, their logarithm and the terms of the loss and of the gradient) and the bias's
     chunk gradient; and a few 0-d values."""
     rows, chunk = hidden.shape[0], min(chunk, hidden.shape[0])
+    compute = _compute_dtype(hidden.dtype)
+    size = compute.itemsize
     logits = chunk * weight.shape[0]
-    per_row = rows * (1 + target.element_size() + 4 + 4)
-    columns = 8 * chunk * 4 + (0 if bias is None else bias.numel() * bias.element_size())
-    return (logits * 4 + (0 if weight.dtype == torch.float32 else logits * weight.element_size()) + per_row + columns
+    per_row = rows * (1 + target.element_size() + 2 * size)
+    columns = 8 * chunk * size + (0 if bias is None else bias.numel() * bias.element_size())
+    return (logits * size + (0 if weight.dtype == compute else logits * weight.element_size()) + per_row + columns
             + 64)
 
 LINEAR_CROSS_ENTROPY = torch.ops.pockengine.linear_cross_entropy.default
