@@ -26,6 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
 from pockengine.capture.functions import FunctionCall, recording_autograd_functions
+from pockengine.capture.gradient_hooks import refuse_gradient_hooks, tensor_hooks_refused
 from pockengine.capture.layer_drop import traceable_layer_drop
 from pockengine.capture.masked_rows import rewrite_masked_rows
 from pockengine.capture.python_random import no_python_random
@@ -233,6 +234,7 @@ def _shapes(tree: Any) -> str:
 
 def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
     inputs, target = normalize_batch(batch)
+    refuse_gradient_hooks(model)
     wrapper = _ModelWithLoss(model, loss_fn)
     try:
         # Traced with the math backend, attention returns a dense (..., heads, L, E) tensor, and the views after it
@@ -245,7 +247,8 @@ def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
         # (capture/stop_gradient.py).
         with (torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), recording_autograd_functions() as function_calls,
               _quiet_export(), no_python_random(model, lambda: _eager_loss(model, loss_fn, inputs, target)),
-              traceable_spec_augment(model), traceable_layer_drop(model), data_read_as_detach()):
+              traceable_spec_augment(model), traceable_layer_drop(model), data_read_as_detach(),
+              tensor_hooks_refused()):
             ep = torch.export.export(wrapper, (inputs, target))
             mark_stop_gradients(ep.graph_module)
             with _recurrent_dropout_kept(), _decomposition_split_reused():
