@@ -31,7 +31,7 @@ from pockengine.capture.layer_drop import traceable_layer_drop
 from pockengine.capture.masked_rows import rewrite_masked_rows
 from pockengine.capture.python_random import no_python_random
 from pockengine.capture.spec_augment import traceable_spec_augment
-from pockengine.capture.stop_gradient import data_read_as_detach, mark_stop_gradients
+from pockengine.capture.stop_gradient import mark_stop_gradients, traceable_gradient_cuts
 from pockengine.errors import CaptureError, UserInputError
 from pockengine.ir.graph import BATCH, BUFFER, PARAM, Graph, Node, TensorMeta, meta_of
 
@@ -247,7 +247,7 @@ def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
         # (capture/stop_gradient.py).
         with (torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), recording_autograd_functions() as function_calls,
               _quiet_export(), no_python_random(model, lambda: _eager_loss(model, loss_fn, inputs, target)),
-              traceable_spec_augment(model), traceable_layer_drop(model), data_read_as_detach(),
+              traceable_spec_augment(model), traceable_layer_drop(model), traceable_gradient_cuts(),
               tensor_hooks_refused()):
             ep = torch.export.export(wrapper, (inputs, target))
             mark_stop_gradients(ep.graph_module)

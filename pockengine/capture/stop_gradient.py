@@ -1,8 +1,8 @@
 """Where a model cuts the gradient, the captured program says so: `pockengine::stop_gradient`.
 
-A model cuts the gradient with `x.detach()` (or `x.data`) or by computing a value under `torch.no_grad()` (a `with` block or a
-decorated method: Hugging Face's rotary embeddings, normalizations that scale by a detached statistic). The core
-ATen decompositions lose both: `detach` becomes `alias`, differentiated as the identity, and a program exported
+A model cuts the gradient with `x.detach()` (or `x.data`) or by computing a value under `torch.no_grad()` or
+`torch.inference_mode()` (a `with` block or a decorated method: Hugging Face's rotary embeddings, spectral norm's
+power iteration, normalizations that scale by a detached statistic). The core ATen decompositions lose both: `detach` becomes `alias`, differentiated as the identity, and a program exported
 under `no_grad` carries no trace of a `no_grad` block inside it. Differentiated as captured, such a model would get
 gradients autograd never computes, silently. So the model is exported with gradients enabled (its own `no_grad`
 blocks become `wrap_with_set_grad_enabled(False, ...)` regions of the pre-decomposition graph) and, before the
@@ -48,16 +48,30 @@ _TENSOR_DATA = torch._C.TensorBase.data
 
 
 @contextmanager
-def data_read_as_detach() -> Iterator[None]:
-    """While tracing, reading `x.data` is `x.detach()`, which is what it means for the values (the same storage,
-    no gradient) and which torch.export can trace: it cannot trace the tensor `.data` makes, which reaches the
-    program as an untraced constant ("a fake tensor in the exported program constant's list"). Assigning to
-    `.data` is left as it is."""
+def traceable_gradient_cuts() -> Iterator[None]:
+    """While tracing, the cuts torch.export cannot see are spelled as ones it can:
+    - reading `x.data` is `x.detach()`, which is what it means for the values (the same storage, no gradient);
+      torch.export cannot trace the tensor `.data` makes, which reaches the program as an untraced constant ("a fake
+      tensor in the exported program constant's list"). Assigning to `.data` is left as it is.
+    - `torch.inference_mode()` (a block or a decorator) is `torch.no_grad()`: torch.export drops inference mode
+      without a trace, so the values computed under it would be differentiated; for gradients the two are the
+      same (eager PyTorch refuses to save an inference tensor for the backward pass, so a model that trains only
+      reads them in ways that need no gradient)."""
+    enter, exit_ = torch.inference_mode.__enter__, torch.inference_mode.__exit__
+
+    def enter_no_grad(self: torch.inference_mode) -> None:
+        self._pockengine_no_grad = torch.set_grad_enabled(not self.mode and torch.is_grad_enabled())
+
+    def exit_no_grad(self: torch.inference_mode, *exc: Any) -> None:
+        self._pockengine_no_grad.__exit__(*exc)
+
     torch.Tensor.data = property(lambda self: self.detach(), _TENSOR_DATA.__set__)
+    torch.inference_mode.__enter__, torch.inference_mode.__exit__ = enter_no_grad, exit_no_grad
     try:
         yield
     finally:
         del torch.Tensor.data
+        torch.inference_mode.__enter__, torch.inference_mode.__exit__ = enter, exit_
 
 
 def _stopped(graph: torch.fx.Graph, value: torch.fx.Node) -> torch.fx.Node:
