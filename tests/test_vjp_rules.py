@@ -297,6 +297,12 @@ CASES = [
     fn(aten.hardsigmoid.default, "plain", F.hardsigmoid, wide(3, 4)),
     fn(aten.leaky_relu.default, "slope", lambda a: F.leaky_relu(a, 0.2), (3, 4)),
     fn(aten.leaky_relu.default, "default-slope", F.leaky_relu, (3, 4)),
+    # the mean slope; train mode's drawn slopes: test_rrelu_gradient_is_the_drawn_slope
+    fn(aten.rrelu_with_noise_functional.default, "eval", lambda a: F.rrelu(a, training=False), wide(3, 4)),
+    # a draw: autograd gives mean and std zero gradients (the values differ, the gradients do not)
+    fn(aten.normal.Tensor_Tensor, "tensors", torch.normal, (3, 4), pos(3, 4)),
+    fn(aten.normal.Tensor_float, "tensor-mean", lambda m: torch.normal(m, 2.0), (3, 4)),
+    fn(aten.normal.float_Tensor, "tensor-std", lambda s: torch.normal(0.5, s), pos(3, 4)),
     fn(aten.dist.default, "p2-broadcast", lambda a, b: torch.dist(a, b), (3, 4), (4,)),
     fn(aten.dist.default, "p1", lambda a, b: torch.dist(a, b, p=1), (3, 4), (3, 4)),
     fn(aten.dist.default, "inf", lambda a, b: torch.dist(a, b, p=float("inf")), (3, 4), (3, 4)),
@@ -938,6 +944,30 @@ def test_dropout_not_training_is_identity():
 def test_dropout_p_one_drops_everything():
     x, w, y, grad = _dropout_program(1.0, True)
     assert not y.any() and not grad.any()
+
+
+class _RReLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.x = nn.Parameter(torch.randn(64, 32))
+
+    def forward(self):
+        return F.rrelu(self.x, 0.1, 0.3, training=True)
+
+
+def test_rrelu_gradient_is_the_drawn_slope():
+    """Train mode draws a slope per negative entry: its gradient is w there (w where the entry is positive), the
+    slope read off the output, each within [lower, upper]."""
+    torch.manual_seed(0)
+    model = _RReLU()
+    weights = random_weights(model.x)
+    grads, ops = engine_gradients(model, (), weights)
+    assert aten.rrelu_with_noise_functional.default in ops
+    x = model.x.detach()
+    slope = grads["x"] / weights[0]
+    assert torch.allclose(slope[x > 0], torch.ones(()))
+    negative = slope[x < 0]
+    assert 0.1 - 1e-6 <= negative.min() and negative.max() <= 0.3 + 1e-6 and negative.std() > 0.03
 
 
 class _Dropout(nn.Module):

@@ -213,6 +213,22 @@ def leaky_relu(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     return (ctx(aten.leaky_relu_backward.default, g, x, slope, False),)
 
 
+@register(aten.rrelu_with_noise_functional.default)
+def rrelu_with_noise(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """Randomized leaky ReLU: the slopes drawn in the forward pass (its second output; `noise`'s old values are
+    only overwritten) scale the negative part, as eval mode's mean slope does (ATen's backward covers both)."""
+    x, _noise, lower, upper, training = ctx.args[:5]
+    return ctx(aten.rrelu_with_noise_backward.default, g[0], x, ctx.graph.getitem(ctx.node, 1), lower, upper,
+               training, False), None
+
+
+@register(aten.normal.Tensor_Tensor, aten.normal.Tensor_float, aten.normal.float_Tensor)
+def normal(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
+    """torch.normal(mean, std) is a draw: autograd gives its mean and std a zero gradient (not the
+    reparameterization mean + std * eps, which a model writes out when it wants that gradient)."""
+    return None, None
+
+
 def _masked(ctx, g, keep: Node):
     """g where `keep` holds, 0 elsewhere (a select, so that inf/nan in the dropped part never leak)."""
     zero = ctx(aten.scalar_tensor.default, 0.0, dtype=g.meta.dtype)
