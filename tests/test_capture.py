@@ -218,3 +218,25 @@ def test_a_generator_made_in_forward_is_refused_by_name():
 
     with pytest.raises(CaptureError, match="not a tensor.*torch.Generator made in forward"):
         pe.compile(DrawsItsOwn(), nn.functional.mse_loss, ((torch.randn(2, 4),), torch.randn(2, 4)))
+
+
+class _Seq2Seq(nn.Module):
+    """nn.Transformer as its documentation uses it: a causal target mask, no `tgt_is_causal` hint."""
+
+    def __init__(self, dropout: float) -> None:
+        super().__init__()
+        self.transformer = nn.Transformer(8, 2, 1, 1, 16, dropout=dropout, batch_first=True)
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(tgt.shape[1])
+        return self.transformer(src, tgt, tgt_mask=mask)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_torch_transformer_with_a_causal_mask_and_no_hint(mode: str):
+    """torch.nn's transformers read the causality hint off the mask's values (`bool((mask == causal).all())`),
+    which torch.export cannot trace; the hint only picks a kernel, so the capture applies the mask as given."""
+    torch.manual_seed(0)
+    model = getattr(_Seq2Seq(dropout=0.0), mode)()
+    batch = ((torch.randn(2, 4, 8), torch.randn(2, 5, 8)), torch.randn(2, 5, 8))
+    _check_gradients(model, nn.functional.mse_loss, batch)

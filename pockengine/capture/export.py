@@ -25,6 +25,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
+from pockengine.capture.causal_mask_hint import causal_mask_hint_unread
 from pockengine.capture.functions import FunctionCall, recording_autograd_functions
 from pockengine.capture.gradient_hooks import refuse_gradient_hooks, tensor_hooks_refused
 from pockengine.capture.layer_drop import traceable_layer_drop
@@ -248,7 +249,7 @@ def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
         with (torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), recording_autograd_functions() as function_calls,
               _quiet_export(), no_python_random(model, lambda: _eager_loss(model, loss_fn, inputs, target)),
               traceable_spec_augment(model), traceable_layer_drop(model), traceable_gradient_cuts(),
-              tensor_hooks_refused()):
+              tensor_hooks_refused(), causal_mask_hint_unread()):
             ep = torch.export.export(wrapper, (inputs, target))
             mark_stop_gradients(ep.graph_module)
             with _recurrent_dropout_kept(), _decomposition_split_reused():
