@@ -131,6 +131,36 @@ def test_a_forward_writing_into_a_parameter_is_a_capture_error():
         pe.compile(_RescalesItself(), _square_mean, ((torch.randn(2, 4),), None))
 
 
+class _BoundedEmbedding(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Sequential(nn.Embedding(10, 4, max_norm=1.0))
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.layer(self.embed(ids))
+
+
+def test_an_embedding_with_max_norm_is_refused_naming_the_renorm_and_the_way_out():
+    ids = torch.randint(0, 10, (2, 3))
+    with pytest.raises(CaptureError) as e:
+        pe.compile(_BoundedEmbedding(), _square_mean, ((ids,), None))
+    message = str(e.value)
+    assert "nn.Embedding(max_norm=...)" in message and "'embed.0.weight'" in message
+    assert "in module 'embed.0'" in message and "model.get_submodule('embed.0').max_norm = None" in message
+    assert "RWKV" not in message
+    # the way out it names works: without max_norm the same model compiles with autograd's gradients
+    model = _BoundedEmbedding()
+    model.embed[0].max_norm = None
+    _check_gradients(model, _square_mean, ((ids,), None))
+
+
+def test_other_writes_into_a_parameter_keep_the_general_advice():
+    with pytest.raises(CaptureError) as e:
+        pe.compile(_RescalesItself(), _square_mean, ((torch.randn(2, 4),), None))
+    assert "RWKV" in str(e.value) and "max_norm" not in str(e.value)
+
+
 class _Combinations(nn.Module):
     def __init__(self) -> None:
         super().__init__()

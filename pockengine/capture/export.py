@@ -25,6 +25,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
+from pockengine.capture.export_errors import parameter_mutation_error
 from pockengine.capture.functions import FunctionCall, recording_autograd_functions
 from pockengine.capture.layer_drop import traceable_layer_drop
 from pockengine.capture.masked_rows import rewrite_masked_rows
@@ -486,13 +487,7 @@ def from_exported(model: nn.Module, ep: ExportedProgram) -> Captured:
                 elif spec.kind == OutputKind.USER_INPUT_MUTATION:
                     raise _input_mutation_error(model, ep, spec.target, out)
                 elif spec.kind == OutputKind.PARAMETER_MUTATION:
-                    module, inside = _module_path(out)
-                    raise CaptureError(
-                        f"the model writes into its parameter '{_strip_model_prefix(spec.target)}' "
-                        f"{f'in module {module!r}' if module else 'in its forward'}; pockengine changes parameters "
-                        "only in the optimizer step, so a program repeating the write at every step would differ "
-                        "from eager PyTorch. Make the change outside the forward pass (RWKV rescales its weights "
-                        "on the first forward pass of each mode: run the model once in that mode before compiling).")
+                    raise parameter_mutation_error(_strip_model_prefix(spec.target), _module_path(out)[0], out)
                 elif spec.kind != OutputKind.TOKEN:
                     raise CaptureError(f"unsupported graph output kind {spec.kind}")
         else:
