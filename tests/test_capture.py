@@ -113,6 +113,49 @@ def test_a_checked_item_runs_as_a_tensor_assertion():
         trainer.gradients(((x, torch.tensor([3, 0])), None))
 
 
+class _CheckedTensor(nn.Module):
+    """A check of the batch with `torch._check_tensor_all`, as transformers' `torch_compilable_check` makes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        torch._check_tensor_all(lengths > 0, lambda: "lengths must be positive")
+        return self.layer(x) * lengths.unsqueeze(-1)
+
+
+def test_check_tensor_all_runs_in_the_program_with_autograds_gradients():
+    model, x = _CheckedTensor(), torch.randn(2, 4)
+    trainer = _check_gradients(model, _square_mean, ((x, torch.tensor([4, 2])), None))
+    listing = str(trainer.program().graph)
+    assert "_assert_async.msg" in listing and "_local_scalar_dense" not in listing
+    trainer = pe.compile(model, _square_mean, ((x, torch.tensor([4, 2])), None), optimizer=pe.optim.SGD(lr=0.1))
+    before = model.layer.weight.detach().clone()
+    with pytest.raises(RuntimeError, match=r"torch._check_tensor_all failed in the model's forward \(_CheckedTensor\)"
+                                           r": an element of the checked condition is False"):
+        trainer.step(((x, torch.tensor([3, 0])), None))
+    assert torch.equal(model.layer.weight, before) and trainer.steps_done == 0  # checked before any update
+    assert trainer.step(((x, torch.tensor([3, 1])), None)) > 0
+
+
+def test_siglip2s_grid_check_fails_at_run_time_naming_its_module():
+    pytest.importorskip("transformers")
+    from model_zoo import ZOO
+
+    entry = ZOO["siglip2-vision"]
+    model, batch = entry.build(), entry.batch()
+    trainer = pe.compile(model, entry.loss, batch)
+    ref = autograd_gradients(model, entry.loss, batch)[1]
+    assert not gradient_errors(trainer.gradients(batch), ref,
+                               exact=lambda: pytest.fail("fp32 autograd is not the reference here"))
+    inputs, target = batch
+    empty_grid = {**inputs, "spatial_shapes": torch.tensor([[4, 4], [0, 4]])}
+    with pytest.raises(RuntimeError, match=r"torch._check_tensor_all failed in module 'embeddings' "
+                                           r"\(Siglip2VisionEmbeddings\)"):
+        trainer.gradients((empty_grid, target))
+
+
 class _RescalesItself(nn.Module):
     """RWKV in eval mode: its first forward pass rescales its weights in place."""
 

@@ -31,6 +31,7 @@ from pockengine.capture.layer_drop import traceable_layer_drop
 from pockengine.capture.masked_rows import rewrite_masked_rows
 from pockengine.capture.python_random import no_python_random
 from pockengine.capture.spec_augment import traceable_spec_augment
+from pockengine.capture.tensor_checks import rewrite_tensor_checks
 from pockengine.errors import CaptureError, UserInputError
 from pockengine.ir.graph import BATCH, BUFFER, PARAM, Graph, Node, TensorMeta, meta_of
 
@@ -263,6 +264,7 @@ def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
             "pockengine needs a model whose forward (and loss_fn) torch.export can trace: no data-dependent "
             "Python control flow on tensor values and no calls that leave PyTorch (.item(), numpy)."
         ) from e
+    rewrite_tensor_checks(ep.graph_module)
     rewrite_masked_rows(ep.graph_module)
     return ep
 
