@@ -204,6 +204,55 @@ def test_other_writes_into_a_parameter_keep_the_general_advice():
     assert "RWKV" in str(e.value) and "max_norm" not in str(e.value)
 
 
+def _line_of(function, text: str) -> str:
+    """'file:line' of the line of `function`'s source containing `text`."""
+    import inspect
+
+    lines, first = inspect.getsourcelines(function)
+    return f"{inspect.getsourcefile(function)}:{first + next(i for i, line in enumerate(lines) if text in line)}"
+
+
+class _BranchesOnValues(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # Python control flow on a tensor's value: torch.export cannot trace it
+            return self.layer(x)
+        return x
+
+
+class _WritesThroughData(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.layer.weight.data.clamp_(-0.1, 0.1)  # bypasses tracing (Gemma3n's AltUp in train mode)
+        return self.layer(x)
+
+
+def test_an_export_failure_names_the_models_class_and_line():
+    model = nn.Sequential(nn.Linear(4, 4), _BranchesOnValues())
+    with pytest.raises(CaptureError) as e:
+        pe.compile(model, _square_mean, ((torch.randn(2, 4),), None))
+    message = str(e.value)
+    assert message.startswith("torch.export could not capture the model with its loss in module '1' "
+                              "(_BranchesOnValues.forward), at ")
+    assert f"{_line_of(_BranchesOnValues.forward, 'if x.sum() > 0')} (in forward): `if x.sum() > 0:" in message
+    assert "GuardOnDataDependentSymNode" in message and "pockengine/capture" not in message
+
+
+def test_an_untraceable_write_through_data_names_the_module_and_line():
+    model = nn.Sequential(nn.Sequential(_WritesThroughData()))
+    with pytest.raises(CaptureError) as e:
+        pe.compile(model, _square_mean, ((torch.randn(2, 4),), None))
+    message = str(e.value)
+    assert "in module '0.0' (_WritesThroughData): its forward makes a tensor torch.export cannot trace" in message
+    assert f"{_line_of(_WritesThroughData.forward, '.data.clamp_')} (`self.layer.weight.data.clamp_(" in message
+
+
 class _Combinations(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -25,7 +25,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
-from pockengine.capture.export_errors import parameter_mutation_error
+from pockengine.capture.export_errors import export_failure, parameter_mutation_error
 from pockengine.capture.functions import FunctionCall, recording_autograd_functions
 from pockengine.capture.layer_drop import traceable_layer_drop
 from pockengine.capture.masked_rows import rewrite_masked_rows
@@ -259,11 +259,7 @@ def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
                 f"{type(eager).__name__}: {str(eager)[:1000]}\nBatch shapes: inputs {_shapes(inputs)}, target "
                 f"{_shapes(target)}. A batch may differ from the example batch only where the model allows it (the "
                 "batch size, a sequence length); its feature sizes must be the example's.") from e
-        raise CaptureError(
-            f"torch.export could not capture the model with its loss: {type(e).__name__}: {str(e)[:2000]}\n"
-            "pockengine needs a model whose forward (and loss_fn) torch.export can trace: no data-dependent "
-            "Python control flow on tensor values and no calls that leave PyTorch (.item(), numpy)."
-        ) from e
+        raise export_failure(e, model) from e
     rewrite_tensor_checks(ep.graph_module)
     rewrite_masked_rows(ep.graph_module)
     return ep

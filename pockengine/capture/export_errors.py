@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
+import linecache
+import os
+import re
+import sysconfig
+import traceback
+import types
+from pathlib import Path
+
 import torch
+from torch import nn
 
 from pockengine.errors import CaptureError
 
@@ -27,3 +37,111 @@ def parameter_mutation_error(parameter: str, module: str, write: torch.fx.Node) 
         f"the model writes into its parameter {parameter!r} {where}; {why}. Make the change outside the forward "
         "pass (RWKV rescales its weights on the first forward pass of each mode: run the model once in that mode "
         "before compiling).")
+
+
+_OURS = (Path(torch.__file__).resolve().parent, Path(__file__).resolve().parents[1])  # torch's and pockengine's frames
+_STDLIB = Path(sysconfig.get_paths()["stdlib"]).resolve()
+_HINT = ("pockengine needs a model whose forward (and loss_fn) torch.export can trace: no data-dependent Python "
+         "control flow on tensor values and no calls that leave PyTorch (.item(), numpy).")
+
+
+def export_failure(error: BaseException, model: nn.Module) -> CaptureError:
+    """torch.export failed on `model` with its loss (and eager PyTorch did not): the error naming the model's own
+    line that failed, its module and class, where the traceback shows them (torch's own message names the innermost
+    frame outside torch, which while capturing may be one of pockengine's tracing hooks)."""
+    message = "\n".join(line for line in str(error).splitlines() if not _names_our_file(line))[:2000]
+    call = _failing_call(error, model) or _untraceable_constant(str(error), model)
+    return CaptureError(f"torch.export could not capture the model with its loss{call}:\n{type(error).__name__}: "
+                        f"{message}\n{_HINT}")
+
+
+def _names_our_file(line: str) -> bool:
+    return "Caused by:" in line and f"{_OURS[1].name}{os.sep}" in line
+
+
+def _frames(error: BaseException) -> list[types.FrameType]:
+    """The frames of `error`'s traceback, outermost first; of the exception it was raised from or during when its
+    own traceback stays in torch (torch re-raises what it caught)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        frames = [frame for frame, _ in traceback.walk_tb(error.__traceback__)]
+        if any(_is_model_code(f) for f in frames):
+            return frames
+        error = error.__cause__ or error.__context__
+    return []
+
+
+def _is_model_code(frame: types.FrameType) -> bool:
+    """A frame of the model's code or its library's (transformers'), not of torch, pockengine or Python's own."""
+    name = frame.f_code.co_filename
+    if name.startswith("<"):
+        return False  # generated code (torch.fx's), a frozen module
+    path = Path(name).resolve()
+    if any(path.is_relative_to(p) for p in _OURS):
+        return False
+    return not path.is_relative_to(_STDLIB) or bool({"site-packages", "dist-packages"} & set(path.parts))
+
+
+def _failing_call(error: BaseException, model: nn.Module) -> str:
+    """' in module 'path' (Class.method), at file:line: `source`' for the innermost frame of model code in the
+    traceback and the innermost module of `model` at or above it; '' when the traceback has no model code (torch
+    failed after tracing, or in its own checks)."""
+    frames = _frames(error)
+    calls = [i for i, f in enumerate(frames) if _is_model_code(f)]
+    if not calls:
+        return ""
+    frame = frames[calls[-1]]
+    code = frame.f_code
+    source = linecache.getline(code.co_filename, frame.f_lineno).strip()
+    at = f"at {_short(code.co_filename)}:{frame.f_lineno} (in {code.co_name})" + (f": `{source}`" if source else "")
+    names = {id(m): name for name, m in model.named_modules()}
+    for f in reversed(frames[:calls[-1] + 1]):
+        owner = f.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            where = f"module '{names[id(owner)]}'" if names[id(owner)] else "the model's forward"
+            return f" in {where} ({type(owner).__qualname__}.{f.f_code.co_name}), {at}"
+    return f" {at}"
+
+
+# torch.export's error for a tensor it could not trace, which it kept as a constant of the module that made it
+_LIFTED = re.compile(r"model attribute: (\S+)\.lifted_tensor_\d+")
+# A write through `.data` (`weight.data.clamp_(...)`: Gemma3n's AltUp clips its coefficients so in train mode)
+# bypasses tracing and is what leaves such a constant; the lines that do it in the module's code are named.
+_DATA_WRITE = re.compile(r"\.data\.\w+_\(")
+
+
+def _untraceable_constant(message: str, model: nn.Module) -> str:
+    """' in module 'path' (Class): ...' naming the module whose forward made a tensor torch.export could not trace,
+    and the lines of its classes' code that write through `.data`; '' when the message names no such tensor."""
+    found = _LIFTED.search(message)
+    path = found[1].removeprefix("model").removeprefix(".") if found else None  # the capture wrapper's `model`
+    try:
+        module = model.get_submodule(path) if path is not None else None
+    except AttributeError:
+        module = None
+    if module is None:
+        return ""
+    where = f"module '{path}'" if path else "the model's forward"
+    lines = []
+    for cls in dict.fromkeys(type(m) for m in module.modules()):
+        try:
+            source, first = inspect.getsourcelines(cls)
+            filename = inspect.getsourcefile(cls)
+        except (OSError, TypeError):
+            continue  # a class without source (built in, or defined in a string)
+        lines += [f"{_short(filename)}:{first + i} (`{line.strip()}`)" for i, line in enumerate(source)
+                  if _DATA_WRITE.search(line)]
+    return (f" in {where} ({type(module).__qualname__}): its forward makes a tensor torch.export cannot trace, "
+            "such as an in-place write through `.data`" + (f": {'; '.join(lines[:3])}" if lines else "") +
+            ". Make such writes outside the forward pass (between steps), or in a mode the model is not compiled "
+            "in")
+
+
+def _short(filename: str) -> str:
+    """A library's file from its package folder (transformers/models/...), any other as it is."""
+    parts = Path(filename).parts
+    for folder in ("site-packages", "dist-packages"):
+        if folder in parts:
+            return str(Path(*parts[len(parts) - parts[::-1].index(folder):]))
+    return filename
