@@ -40,7 +40,7 @@ def _check_cluster(read: torch.fx.Node) -> list[torch.fx.Node] | None:
         elif n.target is torch.sym_ite:
             if n.args[0] is not read or any(isinstance(a, torch.fx.Node) for a in n.args[1:]):
                 return None
-        elif n.target in _COMPARISONS or n.target in (operator.not_, torch.sym_not):
+        elif n.target in _COMPARISONS:
             if any(isinstance(a, torch.fx.Node) and a is not read and a not in found and not (
                     a.target is torch.sym_ite and a.args[0] is read) for a in n.args):
                 return None
