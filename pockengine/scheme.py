@@ -269,11 +269,18 @@ class Scheme:
             return {n: self.resolved[n] for n in params if n in self.resolved}
         modules = [name for name, _ in model.named_modules()]
         chosen: dict[str, Selection | None] = {}
+        # What the rules would select were nothing frozen: an empty result is then told apart from one the
+        # user's requires_grad=False emptied.
+        selects_frozen: dict[str, bool] = {}
         if self.last_k is not None:
             trainable = parametrised_layers(model)
             layers = [layer for layer in layer_order if layer in trainable] if layer_order else trainable
             if self.last_k > len(layers):
-                raise UserInputError(f"last({self.last_k}) asks for more layers than the model's {len(layers)}")
+                frozen_layers = len({n.rpartition(".")[0] for n in every} - set(trainable))
+                raise UserInputError(
+                    f"last({self.last_k}) asks for more layers than the model's {len(layers)} with a parameter that "
+                    "requires grad" + (f" ({frozen_layers} more have only requires_grad=False parameters: the user "
+                                       "froze them, and pockengine never trains those)" if frozen_layers else ""))
             for layer in layers[-self.last_k:]:
                 for pname in params:
                     if pname.rpartition(".")[0] == layer:
@@ -292,12 +299,17 @@ class Scheme:
             for pname in reached:
                 if pname in params:
                     chosen[pname] = _select(rule, pname, params[pname])
+                else:
+                    selects_frozen[pname] = rule.mode in ("full", "partial") or (
+                        rule.mode == "bias" and pname.rpartition(".")[2] == "bias")
         selected = {n: s for n, s in ((n, chosen.get(n)) for n in params) if s is not None}
-        if not selected and len(params) < len(every):
-            raise UserInputError(f"scheme {self.name!r} trains nothing: the parameters it reaches all have "
-                                 f"requires_grad=False ({len(every) - len(params)} of the model's {len(every)} do); "
-                                 "pockengine never trains a parameter the user froze")
-        return selected
+        frozen = [n for n, selects in selects_frozen.items() if selects]
+        if not selected and frozen:
+            raise UserInputError(
+                f"scheme {self.name!r} trains nothing: every parameter it selects has requires_grad=False "
+                f"({len(frozen)}: {frozen[:5]}{' ...' if len(frozen) > 5 else ''}); pockengine never trains a "
+                "parameter the user froze. Call requires_grad_(True) on those to train them, or select others")
+        return selected  # empty when the rules select no parameter at all: the caller names that case
 
 
 def _select(rule: Rule, name: str, p: torch.Tensor) -> Selection | None:

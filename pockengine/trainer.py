@@ -102,8 +102,10 @@ class Trainer:
                         p.data = p.data.contiguous(memory_format=torch.channels_last)
             self.trained: dict[str, Selection] = self.scheme.resolve(model, _layer_order(cap))
             if not self.trained:
-                raise UserInputError(f"scheme {self.scheme.name!r} trains no parameter of this model; see "
-                                     "pockengine.scheme.summary(model, scheme.resolve(model))")
+                raise UserInputError(f"scheme {self.scheme.name!r} trains no parameter of this model: its rules "
+                                     "select none (a bias-only scheme on a model without biases, rules reaching "
+                                     "only frozen-mode modules); see pockengine.scheme.summary(model, "
+                                     "scheme.resolve(model))")
             self.state: dict[str, dict[str, torch.Tensor]] = zero_state(self.optimizer, model, self.trained)
             self._programs[(True, self._shape_key(leaves))] = self._build(example, updates=True)
 

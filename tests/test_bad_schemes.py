@@ -130,6 +130,52 @@ def test_a_rule_reaching_only_frozen_parameters_warns_and_an_empty_result_is_an_
         Scheme.from_resolved({"0.weight": Selection("full")}).resolve(model)
 
 
+def no_bias_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8, bias=False), nn.ReLU(), nn.Linear(8, 3, bias=False))
+
+
+@pytest.mark.parametrize("freeze", [False, True], ids=["nothing-frozen", "first-layer-frozen"])
+def test_a_scheme_selecting_nothing_says_so_whether_or_not_parameters_are_frozen(freeze):
+    # bias-only selects nothing in a model without biases; the user's frozen first layer is not the cause, and the
+    # error must not blame it
+    model = no_bias_net()
+    if freeze:
+        model[0].weight.requires_grad_(False)
+    assert Scheme.bias_only().resolve(model) == {}
+    with pytest.raises(pe.UserInputError, match="trains no parameter of this model: its rules select none") as e:
+        pe.compile(model, pe.losses.cross_entropy(), batch(), scheme=Scheme.bias_only())
+    assert "requires_grad" not in str(e.value)
+
+
+def test_a_scheme_whose_selection_is_all_frozen_names_the_frozen_parameters():
+    model = net()
+    for p in model[4].parameters():
+        p.requires_grad_(False)
+    head = Scheme.from_dict({"name": "head", "rules": [{"modules": "4", "mode": "full"}]})
+    with pytest.raises(pe.UserInputError, match=r"scheme 'head' trains nothing: every parameter it selects has "
+                                                r"requires_grad=False \(2: \['4.weight', '4.bias'\]\)"), \
+            pytest.warns(UserWarning, match="rule '4' .*reaches only parameters with requires_grad=False"):
+        head.resolve(model)
+    # a frozen-mode rule after it deselects them: then the scheme selects nothing, and no frozen parameter is named
+    unselected = Scheme.from_dict({"rules": [{"modules": "4", "mode": "full"}, {"modules": "*", "mode": "frozen"}]})
+    with pytest.warns(UserWarning, match="rule '4'"):
+        assert unselected.resolve(model) == {}
+    # bias mode selects only the bias among the frozen ones
+    with pytest.raises(pe.UserInputError, match=r"requires_grad=False \(1: \['4.bias'\]\)"), \
+            pytest.warns(UserWarning, match="rule '4'"):
+        Scheme.from_dict({"rules": [{"modules": "4", "mode": "bias"}]}).resolve(model)
+
+
+def test_last_k_beyond_the_trainable_layers_counts_the_frozen_ones():
+    model = net()
+    for p in [*model[2].parameters(), *model[4].parameters()]:
+        p.requires_grad_(False)
+    with pytest.raises(pe.UserInputError, match=r"last\(2\) asks for more layers than the model's 1 with a parameter "
+                                                r"that requires grad \(2 more have only requires_grad=False"):
+        Scheme.last(2).resolve(model)
+
+
 @pytest.mark.parametrize("make,match", [
     (lambda: Scheme("mine", [], last_k=0), "integer k >= 1"),
     (lambda: Scheme("mine", [{"modules": "*", "mode": "full"}]), "list of pockengine.scheme.Rule"),

@@ -113,6 +113,49 @@ def test_a_checked_item_runs_as_a_tensor_assertion():
         trainer.gradients(((x, torch.tensor([3, 0])), None))
 
 
+class _CheckedTensor(nn.Module):
+    """A check of the batch with `torch._check_tensor_all`, as transformers' `torch_compilable_check` makes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        torch._check_tensor_all(lengths > 0, lambda: "lengths must be positive")
+        return self.layer(x) * lengths.unsqueeze(-1)
+
+
+def test_check_tensor_all_runs_in_the_program_with_autograds_gradients():
+    model, x = _CheckedTensor(), torch.randn(2, 4)
+    trainer = _check_gradients(model, _square_mean, ((x, torch.tensor([4, 2])), None))
+    listing = str(trainer.program().graph)
+    assert "_assert_async.msg" in listing and "_local_scalar_dense" not in listing
+    trainer = pe.compile(model, _square_mean, ((x, torch.tensor([4, 2])), None), optimizer=pe.optim.SGD(lr=0.1))
+    before = model.layer.weight.detach().clone()
+    with pytest.raises(RuntimeError, match=r"torch._check_tensor_all failed in the model's forward \(_CheckedTensor\)"
+                                           r": an element of the checked condition is False"):
+        trainer.step(((x, torch.tensor([3, 0])), None))
+    assert torch.equal(model.layer.weight, before) and trainer.steps_done == 0  # checked before any update
+    assert trainer.step(((x, torch.tensor([3, 1])), None)) > 0
+
+
+def test_siglip2s_grid_check_fails_at_run_time_naming_its_module():
+    pytest.importorskip("transformers")
+    from model_zoo import ZOO
+
+    entry = ZOO["siglip2-vision"]
+    model, batch = entry.build(), entry.batch()
+    trainer = pe.compile(model, entry.loss, batch)
+    ref = autograd_gradients(model, entry.loss, batch)[1]
+    assert not gradient_errors(trainer.gradients(batch), ref,
+                               exact=lambda: pytest.fail("fp32 autograd is not the reference here"))
+    inputs, target = batch
+    empty_grid = {**inputs, "spatial_shapes": torch.tensor([[4, 4], [0, 4]])}
+    with pytest.raises(RuntimeError, match=r"torch._check_tensor_all failed in module 'embeddings' "
+                                           r"\(Siglip2VisionEmbeddings\)"):
+        trainer.gradients((empty_grid, target))
+
+
 class _RescalesItself(nn.Module):
     """RWKV in eval mode: its first forward pass rescales its weights in place."""
 
@@ -129,6 +172,84 @@ class _RescalesItself(nn.Module):
 def test_a_forward_writing_into_a_parameter_is_a_capture_error():
     with pytest.raises(CaptureError, match=r"writes into its parameter 'layer.weight'.*outside the forward pass"):
         pe.compile(_RescalesItself(), _square_mean, ((torch.randn(2, 4),), None))
+
+
+class _BoundedEmbedding(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Sequential(nn.Embedding(10, 4, max_norm=1.0))
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.layer(self.embed(ids))
+
+
+def test_an_embedding_with_max_norm_is_refused_naming_the_renorm_and_the_way_out():
+    ids = torch.randint(0, 10, (2, 3))
+    with pytest.raises(CaptureError) as e:
+        pe.compile(_BoundedEmbedding(), _square_mean, ((ids,), None))
+    message = str(e.value)
+    assert "nn.Embedding(max_norm=...)" in message and "'embed.0.weight'" in message
+    assert "in module 'embed.0'" in message and "model.get_submodule('embed.0').max_norm = None" in message
+    assert "RWKV" not in message
+    # the way out it names works: without max_norm the same model compiles with autograd's gradients
+    model = _BoundedEmbedding()
+    model.embed[0].max_norm = None
+    _check_gradients(model, _square_mean, ((ids,), None))
+
+
+def test_other_writes_into_a_parameter_keep_the_general_advice():
+    with pytest.raises(CaptureError) as e:
+        pe.compile(_RescalesItself(), _square_mean, ((torch.randn(2, 4),), None))
+    assert "RWKV" in str(e.value) and "max_norm" not in str(e.value)
+
+
+def _line_of(function, text: str) -> str:
+    """'file:line' of the line of `function`'s source containing `text`."""
+    import inspect
+
+    lines, first = inspect.getsourcelines(function)
+    return f"{inspect.getsourcefile(function)}:{first + next(i for i, line in enumerate(lines) if text in line)}"
+
+
+class _BranchesOnValues(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # Python control flow on a tensor's value: torch.export cannot trace it
+            return self.layer(x)
+        return x
+
+
+class _WritesThroughData(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.layer.weight.data.clamp_(-0.1, 0.1)
+        return self.layer(x)
+
+
+def test_an_export_failure_names_the_models_class_and_line():
+    model = nn.Sequential(nn.Linear(4, 4), _BranchesOnValues())
+    with pytest.raises(CaptureError) as e:
+        pe.compile(model, _square_mean, ((torch.randn(2, 4),), None))
+    message = str(e.value)
+    assert message.startswith("torch.export could not capture the model with its loss in module '1' "
+                              "(_BranchesOnValues.forward), at ")
+    assert f"{_line_of(_BranchesOnValues.forward, 'if x.sum() > 0')} (in forward): `if x.sum() > 0:" in message
+    assert "GuardOnDataDependentSymNode" in message and "pockengine/capture" not in message
+
+
+def test_a_write_through_data_is_refused_as_a_write_into_the_parameter():
+    """`.data` is traced as `detach()` (capture/stop_gradient.py), so the write it hides is seen: a write into the
+    parameter, refused by name (Gemma3n's AltUp in train mode, which clips its coefficients so, now captures)."""
+    model = nn.Sequential(nn.Sequential(_WritesThroughData()))
+    with pytest.raises(CaptureError, match=r"writes into its parameter '0\.0\.layer\.weight' in module '0\.0'"):
+        pe.compile(model, _square_mean, ((torch.randn(2, 4),), None))
 
 
 class _Combinations(nn.Module):

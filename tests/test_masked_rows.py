@@ -188,3 +188,86 @@ def test_a_batch_eager_refuses_for_its_eos_counts_is_refused_as_the_program_runs
         EosClassifier()(eos_batch(eos_at)[0][0])
     with pytest.raises(RuntimeError, match="Runtime assertion failed|do not divide into"):
         trainer.gradients(eos_batch(eos_at))
+
+
+# ------------------------------------------------------------------------------------------------ writes under a mask
+class MaskedWrite(nn.Module):
+    """A layer's output written under a boolean mask, then a loss-shaping head: `write(h, mask, v)` is the write, `v`
+    a trained vector (SpecAugment's learned embedding), so the gradients of both sides of the write are checked."""
+
+    def __init__(self, write):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.Linear(4, 4)
+        self.v = nn.Parameter(torch.randn(4))
+        self.head = nn.Linear(4, 3)
+        self.write = write
+
+    def forward(self, x, mask):
+        h = self.layer(x)
+        h = self.write(h, mask, self.v)
+        return self.head(h.tanh()).flatten(0, -2)
+
+
+def _scalar(h, m, v):
+    h[m] = 0.5
+    return h
+
+
+def _vector(h, m, v):
+    h[m] = v
+    return h
+
+
+def _vector_with_a_row_dim(h, m, v):
+    h[m] = v.unsqueeze(0)  # (1, C): one row, broadcast over all picked ones
+    return h
+
+
+def _accumulate(h, m, v):
+    return h.index_put((m,), v * 2, accumulate=True)
+
+
+def _masked_fill_like(h, m, v):
+    return h.index_put_((m,), torch.tensor(-1.0))
+
+
+def _inverted_mask(h, m, v):
+    h[~m] = v.sum()  # a 0-d tensor computed from v
+    return h
+
+
+def _later_dims(h, m, v):
+    h[:, m[0]] = v  # the mask over dim 1 of (B, T, C): its first row's positions
+    return h
+
+
+# (write, mask over the leading dims of h: (rows,) of (rows, C) or (B, T) of (B, T, C))
+WRITES = [(_scalar, 1), (_vector, 1), (_vector, 2), (_vector_with_a_row_dim, 2), (_accumulate, 2),
+          (_masked_fill_like, 2), (_inverted_mask, 2), (_later_dims, 2)]
+
+
+def _write_batch(mask_dims: int, mask: torch.Tensor) -> tuple:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(*mask.shape, 4, generator=g) if mask_dims == 2 else torch.randn(mask.numel(), 4, generator=g)
+    return (x, mask if mask_dims == 2 else mask.flatten()), torch.randint(0, 3, (mask.numel(),), generator=g)
+
+
+@pytest.mark.parametrize("write,mask_dims", WRITES, ids=[f"{w.__name__[1:]}-{d}d" for w, d in WRITES])
+def test_a_value_written_under_a_mask_is_a_where_with_autograds_gradients(write, mask_dims):
+    from model_zoo.parity import autograd_gradients, gradient_errors
+
+    model, loss = MaskedWrite(write), pe.losses.cross_entropy()
+    masks = [torch.tensor([[True, False, True], [False, False, True]]), torch.ones(2, 3, dtype=torch.bool),
+             torch.zeros(2, 3, dtype=torch.bool)]
+    trainer = pe.compile(model, loss, _write_batch(mask_dims, masks[0]))
+    ops = {str(n.target) for n in trainer.program().graph.nodes}
+    assert "aten.where.self" in ops and not {"aten.index_put.default", "aten.nonzero.default"} & ops, sorted(ops)
+    v_reached = False
+    for mask in masks:  # the mask is read as the program runs: other counts of picked rows, none, all
+        batch = _write_batch(mask_dims, mask)
+        ref = autograd_gradients(model, loss, batch)[1]
+        v_reached |= bool(ref["v"].abs().max() > 0)
+        assert not gradient_errors(trainer.gradients(batch), ref,  # relative error <= 1e-4
+                                   exact=lambda: pytest.fail("fp32 autograd is not the reference here"))
+    assert v_reached == (write not in (_scalar, _masked_fill_like))  # v's side of the write is checked too

@@ -13,6 +13,7 @@ from torch import nn
 
 import pockengine as pe
 from pockengine.capture.stop_gradient import STOP_GRADIENT
+from pockengine.errors import CaptureError
 
 from model_zoo.parity import autograd_gradients, gradient_errors
 
@@ -106,3 +107,20 @@ def test_a_scheme_training_only_parameters_behind_the_cut_gets_no_gradient():
     before = model.first.weight.detach().clone()
     trainer.step(batch)
     assert torch.equal(model.first.weight, before)
+
+
+class _WritesIntoDetached(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.layer(x)
+        h.detach().clamp_(max=0.5)  # changes h too, behind autograd's back
+        return h
+
+
+def test_a_write_into_a_detached_activation_is_refused():
+    """A copy in the detach's place would take the write away from the tensor it aliases: refused by name."""
+    with pytest.raises(CaptureError, match=r"writes in place into a detached value.*x\.detach\(\)\.clone\(\)"):
+        pe.compile(_WritesIntoDetached(), _loss, ((torch.randn(5, 4),), torch.randint(0, 3, (5,))))

@@ -678,9 +678,6 @@ CASES = [
        inputs=(lambda: torch.tensor([0, 2]),)),
     fn(aten.index_put.default, "accumulate-broadcast", lambda a, v, i: a.index_put((i,), v, accumulate=True), (4, 3),
        (3,), inputs=(lambda: torch.tensor([1, 1, 3]),)),
-    # SEW-D's SpecAugment `h[mask] = embed`: one value broadcast over the rows a boolean mask selects
-    fn(aten.index_put.default, "bool-mask-broadcast", lambda a, v, m: a.index_put((m,), v), (2, 3, 4), (4,),
-       inputs=(lambda: torch.tensor([[True, False, True], [False, False, True]]),)),
     fn(aten.scatter.src, "dim0", lambda a, s, i: a.scatter(0, i, s), (3, 4), (2, 4),
        inputs=(lambda: torch.tensor([[0, 1, 2, 0], [2, 2, 1, 1]]),)),
     fn(aten.scatter.value, "dim1", lambda a, i: a.scatter(1, i, 2.0), (3, 4), inputs=(ints(4, 3, 2),)),

@@ -26,6 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
 from pockengine.capture.causal_mask_hint import causal_mask_hint_unread
+from pockengine.capture.export_errors import export_failure, parameter_mutation_error
 from pockengine.capture.functions import FunctionCall, recording_autograd_functions
 from pockengine.capture.gradient_hooks import refuse_gradient_hooks, tensor_hooks_refused
 from pockengine.capture.layer_drop import traceable_layer_drop
@@ -33,6 +34,7 @@ from pockengine.capture.masked_rows import rewrite_masked_rows
 from pockengine.capture.python_random import no_python_random
 from pockengine.capture.spec_augment import traceable_spec_augment
 from pockengine.capture.stop_gradient import mark_stop_gradients, traceable_gradient_cuts
+from pockengine.capture.tensor_checks import rewrite_tensor_checks
 from pockengine.errors import CaptureError, UserInputError
 from pockengine.ir.graph import BATCH, BUFFER, PARAM, Graph, Node, TensorMeta, meta_of
 
@@ -265,11 +267,8 @@ def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
                 f"{type(eager).__name__}: {str(eager)[:1000]}\nBatch shapes: inputs {_shapes(inputs)}, target "
                 f"{_shapes(target)}. A batch may differ from the example batch only where the model allows it (the "
                 "batch size, a sequence length); its feature sizes must be the example's.") from e
-        raise CaptureError(
-            f"torch.export could not capture the model with its loss: {type(e).__name__}: {str(e)[:2000]}\n"
-            "pockengine needs a model whose forward (and loss_fn) torch.export can trace: no data-dependent "
-            "Python control flow on tensor values and no calls that leave PyTorch (.item(), numpy)."
-        ) from e
+        raise export_failure(e, model) from e
+    rewrite_tensor_checks(ep.graph_module)
     rewrite_masked_rows(ep.graph_module)
     return ep
 
@@ -494,13 +493,7 @@ def from_exported(model: nn.Module, ep: ExportedProgram) -> Captured:
                 elif spec.kind == OutputKind.USER_INPUT_MUTATION:
                     raise _input_mutation_error(model, ep, spec.target, out)
                 elif spec.kind == OutputKind.PARAMETER_MUTATION:
-                    module, inside = _module_path(out)
-                    raise CaptureError(
-                        f"the model writes into its parameter '{_strip_model_prefix(spec.target)}' "
-                        f"{f'in module {module!r}' if module else 'in its forward'}; pockengine changes parameters "
-                        "only in the optimizer step, so a program repeating the write at every step would differ "
-                        "from eager PyTorch. Make the change outside the forward pass (RWKV rescales its weights "
-                        "on the first forward pass of each mode: run the model once in that mode before compiling).")
+                    raise parameter_mutation_error(_strip_model_prefix(spec.target), _module_path(out)[0], out)
                 elif spec.kind != OutputKind.TOKEN:
                     raise CaptureError(f"unsupported graph output kind {spec.kind}")
         else:

@@ -10,6 +10,13 @@ the picked ones with `where(mask, f(x), z)` gives the same values and the same g
 zero cotangent). `rewrite_masked_rows` rewrites the exported graph so and re-propagates its shapes, which are then
 static. Anything else keeps its data-dependent size, and capture refuses it by name as before.
 
+A value written under a mask, `x[mask] = v` (`index_put(x, [mask], v)`, also with `accumulate`, and with the mask
+over later dims: `x[:, mask] = v`), with a `v` of fixed shape that broadcasts over the picked rows (a number, a
+learned vector: SpecAugment's `hidden_states[mask] = masked_spec_embed`), is `where(mask, v, x)` (`x + v` where it
+accumulates): the same values and gradients, no count of the picked rows at all, so nothing in the program depends
+on it (an `index_put` under a boolean mask finds its rows with `nonzero`, which waits for the device on a GPU, and
+its gradient for `v` sums a data-dependent selection).
+
 The same holds for rows grouped by counts read out of a tensor and concatenated back in order:
 `cat([f_i(chunk_i) for chunk_i in x.split(counts.tolist())])` (JetMoE's experts: tokens sorted by expert, each
 expert's rows through its own weights). Row r belongs to group i where the running sum of the counts passes r; with
@@ -374,13 +381,75 @@ def _fold_sizes(graph: torch.fx.Graph) -> None:
             graph.erase_node(n)
 
 
+def _broadcast_write(n: torch.fx.Node) -> tuple[torch.fx.Node, int, list | None] | None:
+    """For `index_put(x, [None] * p + [mask], v, accumulate)` with one boolean mask over dims p... of x and a `v`
+    of fixed shape that broadcasts over the rows the mask picks: (the mask, p, the shape `v` takes to broadcast
+    against x in place of the rows, or None where it does as it is); None for any other node."""
+    if n.op != "call_function" or n.target is not aten.index_put.default:
+        return None
+    x, indices, v = n.args[:3]
+    masks = [i for i in indices if i is not None]
+    if len(masks) != 1 or not isinstance(masks[0], torch.fx.Node):
+        return None
+    mask, p = masks[0], next(i for i, index in enumerate(indices) if index is not None)
+    xv, mv, vv = _val(x), _val(mask), _val(v)
+    if not (isinstance(mv, torch.Tensor) and mv.dtype == torch.bool and isinstance(vv, torch.Tensor)
+            and vv.dtype == xv.dtype):
+        return None
+    if any(not isinstance(d, int) for d in (*xv.shape, *vv.shape)) or tuple(xv.shape[p:p + mv.dim()]) != tuple(
+            mv.shape):
+        return None  # one value per picked row (their count is data-dependent): `_rewrite` writes those back
+    rest = len(xv.shape) - p - mv.dim()
+    shape = None
+    if vv.dim() > rest:  # v spans the picked rows' dimension: one value for all of them, or it is not this write
+        d = vv.dim() - rest - 1
+        if d > p or vv.shape[d] != 1:
+            return None
+        shape = [*vv.shape[:d], *[1] * mv.dim(), *vv.shape[d + 1:]]
+    try:
+        if tuple(torch.broadcast_shapes(tuple(shape or vv.shape), tuple(xv.shape))) != tuple(xv.shape):
+            return None
+    except RuntimeError:
+        return None
+    return mask, p, shape
+
+
+def _rewrite_broadcast_write(graph: torch.fx.Graph, n: torch.fx.Node, mask: torch.fx.Node, p: int,
+                             shape: list | None) -> None:
+    x, _, v = n.args[:3]
+    accumulate = n.args[3] if len(n.args) > 3 else n.kwargs.get("accumulate", False)
+    rest = _val(x).dim() - p - _val(mask).dim()
+    fake_mode = torch._guards.detect_fake_mode([_val(x)])
+
+    def call(target: Any, *args: Any) -> torch.fx.Node:
+        node = graph.call_function(target, args)
+        with fake_mode:
+            node.meta["val"] = target(*torch.fx.node.map_arg(args, _val))
+        node.meta.update((k, n.meta[k]) for k in ("nn_module_stack", "stack_trace") if k in n.meta)
+        return node
+
+    with graph.inserting_before(n):
+        keep = call(aten.view.default, mask, [*[1] * p, *_val(mask).shape, *[1] * rest])
+        value = v if shape is None else call(aten.view.default, v, shape)
+        written = call(aten.where.self, keep, call(aten.add.Tensor, x, value) if accumulate else value, x)
+    n.replace_all_uses_with(written)
+    graph.erase_node(n)
+
+
 def rewrite_masked_rows(gm: torch.fx.GraphModule) -> bool:
-    """Rewrite every `out[mask] = f(x[mask])` and every `cat([f_i(g) for g in x.split(counts.tolist())])` of `gm`
-    whose `f` is row by row, every `x[mask].view(B, -1, ...)[:, j]` and every `len(unique_consecutive(v))` (see the
-    module docstring); whether anything changed. A split of rows that an earlier
-    rewrite made static (JetMoE's second expert layer splits the first one's concatenation) is found once the
-    shapes are propagated again, so the passes repeat until one finds nothing."""
+    """Rewrite every `x[mask] = v` with a `v` that broadcasts over the picked rows, every `out[mask] = f(x[mask])`
+    and every `cat([f_i(g) for g in x.split(counts.tolist())])` of `gm` whose `f` is row by row, every
+    `x[mask].view(B, -1, ...)[:, j]` and every `len(unique_consecutive(v))` (see the module docstring); whether
+    anything changed. A split of rows that an earlier rewrite made static (JetMoE's second expert layer splits the
+    first one's concatenation) is found once the shapes are propagated again, so the passes repeat until one finds
+    nothing."""
     changed = False
+    for n in list(gm.graph.nodes):
+        if (write := _broadcast_write(n)) is not None:
+            _rewrite_broadcast_write(gm.graph, n, *write)
+            changed = True
+    if changed:
+        gm.recompile()
     while _rewrite_once(gm):
         changed = True
     return changed

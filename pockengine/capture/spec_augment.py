@@ -9,8 +9,9 @@ step would reuse the one mask drawn while tracing, where eager PyTorch draws a n
 While capturing, the `_compute_mask_indices` such a method calls (found in its globals) is `compute_mask_indices`
 below: the same distribution drawn with torch's random ops at fixed shapes, so the compiled program draws a new
 mask each step from the trainer's generator, as its dropout does. Inside those methods `torch.tensor(mask)` takes
-the mask as it is, and the assignment under a boolean mask becomes `x.copy_(where(mask, value, x))`, which has a
-fixed shape (the mask is no longer a constant, and how many rows it picks depends on its values).
+the mask as it is. The assignment under the mask, `x[mask] = value`, is captured as `where(mask, value, x)` like
+any such write (capture/masked_rows.py): how many rows the mask picks depends on its values, and nothing in the
+program depends on that count.
 """
 
 from __future__ import annotations
@@ -69,29 +70,13 @@ def compute_mask_indices(shape: tuple[int, int], mask_prob: float, mask_length: 
 
 class _TensorMasks(TorchFunctionMode):
     """Inside a method that called `compute_mask_indices`: `torch.tensor(mask, ...)` converts the mask tensor
-    without copying it out of the program, and `x[mask] = value` for a boolean mask over x's leading dimensions
-    and a value that broadcasts over the rows it picks is `x.copy_(where(mask, value, x))`."""
+    without copying it out of the program."""
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if func is torch.tensor and args and isinstance(args[0], torch.Tensor):
             return args[0].to(device=kwargs.get("device"), dtype=kwargs.get("dtype"))
-        if func is torch.Tensor.__setitem__ and _row_mask_assignment(*args):
-            x, mask, value = args
-            keep = mask.view(*mask.shape, *[1] * (x.dim() - mask.dim()))
-            return x.copy_(torch.where(keep, torch.as_tensor(value, dtype=x.dtype, device=x.device), x))
         return func(*args, **kwargs)
-
-
-def _row_mask_assignment(x: Any, index: Any, value: Any) -> bool:
-    if not (isinstance(x, torch.Tensor) and isinstance(index, torch.Tensor) and index.dtype == torch.bool):
-        return False
-    if tuple(x.shape[:index.dim()]) != tuple(index.shape):
-        return False
-    rows = x.shape[index.dim():]
-    if not isinstance(value, torch.Tensor):
-        return isinstance(value, (int, float, bool))
-    return value.dim() <= len(rows) and all(v in (1, r) for v, r in zip(reversed(value.shape), reversed(rows)))
 
 
 @functools.cache

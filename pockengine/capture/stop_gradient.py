@@ -21,7 +21,9 @@ from typing import Any
 
 import torch
 
+from pockengine.errors import CaptureError
 from pockengine.ir.graph import Graph
+from pockengine.ir.ops import is_mutating, is_view
 
 
 @torch.library.custom_op("pockengine::stop_gradient", mutates_args=())
@@ -90,6 +92,36 @@ def _is_float_tensor(node: torch.fx.Node) -> bool:
     return isinstance(val, torch.Tensor) and (val.is_floating_point() or val.is_complex())
 
 
+def _written_through(node: torch.fx.Node) -> bool:
+    """Whether an op writes into `node` or into a view of it (`weight.detach()` renormalized in place by
+    `nn.Embedding(max_norm=...)`): a copy in its place would take the write away from the tensor it aliases."""
+    for user in node.users:
+        schema = getattr(user.target, "_schema", None)
+        if schema is not None and is_mutating(user.target) and any(
+                argument.alias_info is not None and argument.alias_info.is_write and value is node
+                for argument, value in zip(schema.arguments, user.args)):
+            return True
+        if is_view(user.target) and _written_through(user):
+            return True
+    return False
+
+
+def _refuse_write_into_activation(node: torch.fx.Node) -> None:
+    source = node.args[0]
+    if isinstance(source, torch.fx.Node) and source.op == "placeholder":
+        return
+    raise CaptureError(
+        f"the model writes in place into a detached value ({node.name} = x.detach(), then an in-place op on it"
+        f"{_where(node)}); the write changes x too, which the gradient cannot follow. Write into a copy instead: "
+        "x.detach().clone().")
+
+
+def _where(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    path = list(stack.values())[-1][0].partition(".")[2] if stack else ""  # paths start at capture's wrapper
+    return f" in module '{path}'" if path else ""
+
+
 def mark_stop_gradients(gm: torch.fx.GraphModule) -> None:
     """Rewrite the exported (not yet decomposed) program in place: `detach` -> `stop_gradient`, and each float
     value leaving a `no_grad` region through `stop_gradient`. A region inside a `no_grad` region is the outer
@@ -102,6 +134,9 @@ def mark_stop_gradients(gm: torch.fx.GraphModule) -> None:
             if node.op != "call_function":
                 continue
             if node.target is torch.ops.aten.detach.default:
+                if _written_through(node):
+                    _refuse_write_into_activation(node)
+                    continue  # a parameter's or buffer's alias, written: the capture reports the write
                 node.target = STOP_GRADIENT
                 changed = True
             elif node.target is _SET_GRAD_ENABLED and node.args[0] is False:

@@ -452,3 +452,22 @@ for name, config, model, sizes in [
           layer_types=["chunked_attention", "full_attention"])),
 ]:
     _add("decoder", name, _hf(config, model, **sizes), tokens, LM)
+
+
+# ------------------------------------------------------------------------------------------------ checks in the program
+def _patches(g: torch.Generator) -> tuple:
+    """Siglip2's patchified images of their own sizes: a 4x4 grid and a 2x4 one padded to the same 16 patches (2x2
+    pixels, 3 channels), the mask marking the padding, and a regression target on the mean hidden state."""
+    pixels = torch.randn(BATCH, 16, 12, generator=g)
+    mask = torch.ones(BATCH, 16, dtype=torch.long)
+    mask[1, 8:] = 0
+    inputs = {"pixel_values": pixels, "pixel_attention_mask": mask, "spatial_shapes": torch.tensor([[4, 4], [2, 4]])}
+    return inputs, torch.randn(BATCH, 16, generator=g)
+
+
+# its position embeddings resized to each image's grid after `torch._check_tensor_all` of the grid sizes, a check
+# that runs with the program (pockengine/capture/tensor_checks.py); 16 position embeddings (a 4x4 grid)
+_add("vision", "siglip2-vision",
+     _hf("Siglip2VisionConfig", "Siglip2VisionModel", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+         num_attention_heads=2, num_patches=16, patch_size=2),
+     _patches, last_hidden_state_mse)

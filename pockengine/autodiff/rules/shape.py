@@ -226,23 +226,9 @@ def index_put(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
     if ctx.needs(x):  # overwritten entries take nothing back from the output
         gx = g if accumulate else ctx(aten.index_put.default, g, indices, ctx.zeros_like(values), False)
     if ctx.needs(values):
-        gv = ctx.sum_to(_masked_rows(ctx, g, indices, values) or ctx(aten.index.Tensor, g, indices), values.meta.shape)
+        # (a boolean mask with one value for all the rows it picks is captured as `where`, capture/masked_rows.py)
+        gv = ctx.sum_to(ctx(aten.index.Tensor, g, indices), values.meta.shape)
     return gx, None, gv, None
-
-
-def _masked_rows(ctx: VJPContext, g: Node, indices: list, values: Node) -> Node | None:
-    """For `x[mask] = v` with one boolean mask over x's leading dims and a `v` broadcast over the selected rows
-    (SEW-D's `hidden_states[mask_time_indices] = masked_spec_embed`): the selected rows of `g`, summed, as a fixed
-    shape (`g[mask]` has as many rows as the mask has True entries, known only at run time). None otherwise."""
-    if len(indices) != 1 or not isinstance(mask := indices[0], Node) or mask.meta.dtype != torch.bool:
-        return None
-    rows, row = mask.meta.shape, g.meta.shape[len(mask.meta.shape):]
-    count_dim = len(values.meta.shape) - len(row) - 1  # of v broadcast to (selected rows, *row)
-    if count_dim >= 0 and values.meta.shape[count_dim] != 1:
-        return None  # one value per selected row: how many there are is data-dependent
-    keep = ctx(aten.view.default, mask, list(rows) + [1] * len(row))
-    kept = ctx(aten.where.self, keep, g, ctx(aten.scalar_tensor.default, 0, dtype=g.meta.dtype))
-    return ctx(aten.sum.dim_IntList, kept, list(range(len(rows))))
 
 
 @register(aten.scatter.src, aten.scatter.value)
