@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import functools
 import inspect
+import io
 import logging
 import operator
+import sys
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -191,21 +193,34 @@ def decompositions() -> dict:
 
 @contextmanager
 def _quiet_export() -> Iterator[None]:
-    # A shape error inside export is logged with its whole traceback before it is raised; we report it ourselves.
+    # A shape error inside export is logged with its whole traceback before it is raised, a data-dependent one with
+    # a warning that it found no user code, and torch.export prints the graph it had traced so far to stderr before
+    # it re-raises: we report the error ourselves (export_errors.py names the model's line). What else the export
+    # writes to stderr (warnings) is written out as it was.
     # torch 2.13's export copies its own tree specs through an API it deprecates, warning once per compile.
     # Nothing reads the Python stack trace torch.fx records on every node (a tenth of a capture): not recorded.
-    log = logging.getLogger("torch._subclasses.fake_tensor")
-    level, stack_traces = log.level, torch.fx.config.do_not_emit_stack_traces
-    log.setLevel(logging.CRITICAL)
+    logs = [logging.getLogger(name) for name in ("torch._subclasses.fake_tensor",
+                                                  "torch.fx.experimental.symbolic_shapes")]
+    levels, stack_traces = [log.level for log in logs], torch.fx.config.do_not_emit_stack_traces
+    for log in logs:
+        log.setLevel(logging.CRITICAL)
     torch.fx.config.do_not_emit_stack_traces = True
+    stderr = io.StringIO()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), redirect_stderr(stderr):
             warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                                     category=FutureWarning)
             yield
+    except BaseException as e:
+        partial_graph = getattr(e, "partial_fx_graph", None)
+        if partial_graph is not None:
+            stderr = io.StringIO(stderr.getvalue().replace(f"{partial_graph}\n", ""))
+        raise
     finally:
-        log.setLevel(level)
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
         torch.fx.config.do_not_emit_stack_traces = stack_traces
+        sys.stderr.write(stderr.getvalue())
 
 
 def _eager_loss(model: nn.Module, loss_fn: Callable, inputs: Any, target: Any) -> torch.Tensor:
