@@ -361,3 +361,12 @@ def test_torch_transformer_with_a_causal_mask_and_no_hint(mode: str):
     model = getattr(_Seq2Seq(dropout=0.0), mode)()
     batch = ((torch.randn(2, 4, 8), torch.randn(2, 5, 8)), torch.randn(2, 5, 8))
     _check_gradients(model, nn.functional.mse_loss, batch)
+
+
+def test_a_failed_capture_prints_nothing_of_torchs_own(capfd):
+    """torch.export prints the graph it had traced to stderr before it re-raises, and warns that it found no user
+    code: the CaptureError says what failed and where, so none of that reaches the user's terminal."""
+    with pytest.raises(CaptureError):
+        pe.compile(nn.Sequential(nn.Linear(4, 4), _BranchesOnValues()), _square_mean, ((torch.randn(2, 4),), None))
+    err = capfd.readouterr().err
+    assert "def forward(" not in err and "Unable to find user code" not in err
