@@ -266,3 +266,38 @@ def test_a_class_folder_of_non_images_says_what_it_holds(tmp_path, capsys):
     (images / "birds" / "list.txt").write_text("robin")
     err = refused(finetune_argv("mobilenet_v2", images, tmp_path / "run"), capsys)
     assert "holds no images (only ['list.txt'])" in err, err
+
+
+@pytest.mark.parametrize("name, text", [
+    ("separators.csv", 'text,label\n"good\u2028film",pos\nbad\x85film,neg\nfine\u2029film,pos\n'),
+    ("separators.jsonl", '{"text": "good\u2028film", "label": "pos"}\n{"text": "bad\x85film", "label": "neg"}\n'
+                         '{"text": "fine\u2029film", "label": "pos"}\n'),
+])
+def test_texts_holding_unicode_line_separators_stay_one_example(tmp_path, name, text):
+    """U+2028, U+2029 and U+0085 are valid inside a CSV field or a JSON string (json.dumps(ensure_ascii=False)
+    writes them raw); only a line feed or carriage return ends a record."""
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    data = load_data(str(path))
+    assert data.texts == ["good\u2028film", "bad\x85film", "fine\u2029film"]
+    first = 2 if name.endswith(".csv") else 1  # after the CSV's header
+    assert data.where == [f"{path}:{line}" for line in range(first, first + 3)]
+
+
+def test_a_record_spanning_lines_is_named_by_its_first_line(tmp_path, capsys, hf_folders):
+    path = tmp_path / "reviews.csv"
+    path.write_text('text,label\r\n"good\r\nfilm",pos\r\n\r\n"bad\nfilm\nreally",\r\n', encoding="utf-8")
+    err = refused(finetune_argv(str(hf_folders / "bert"), path, tmp_path / "run"), capsys)
+    assert f"{path}:5: the label is empty" in err, err
+
+
+def test_a_utf16_spreadsheet_export_is_read_and_latin1_named_by_line(tmp_path, capsys, hf_folders):
+    """A spreadsheet's "Unicode text" export is UTF-16 with a byte-order mark, tab-separated: read. A Windows
+    code-page file is refused naming the line and column of the first byte that is not UTF-8, and how to convert."""
+    path = tmp_path / "reviews.tsv"
+    path.write_bytes("text\tlabel\ncafé film\tpos\nbad film\tneg\n".encode("utf-16"))
+    assert load_data(str(path)).texts == ["café film", "bad film"]
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("text,label\ngood,pos\nun café,neg\n".encode("cp1252"))
+    err = refused(finetune_argv(str(hf_folders / "bert"), latin, tmp_path / "run"), capsys)
+    assert f"{latin}:3: not UTF-8 text (byte 0xe9 at column 7" in err and "save the file as UTF-8" in err, err

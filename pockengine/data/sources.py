@@ -13,11 +13,14 @@ size the model takes and kept as uint8; texts stay strings until the model's tok
 
 from __future__ import annotations
 
+import codecs
 import csv
 import importlib.util
+import io
 import json
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -322,42 +325,64 @@ def _mnist(size: tuple[int, int] | None, channels: int, split: str) -> ImageData
 
 # -- text -----------------------------------------------------------------------------------------------------
 def _read_text_file(path: Path) -> str:
+    raw = path.read_bytes()
+    # A spreadsheet's "Unicode text" export is UTF-16 with its byte-order mark: unambiguous, so read as such.
+    encoding = "utf-16" if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig"
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = raw.decode(encoding)
     except UnicodeDecodeError as e:
-        raise UserInputError(f"{path}: not UTF-8 text ({e}); save it as UTF-8") from e
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - raw.rfind(b"\n", 0, e.start)
+        raise UserInputError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at column {column}, "
+                             f"{e.reason}); save the file as UTF-8 (a spreadsheet's \"CSV UTF-8\", or "
+                             f"`iconv -f cp1252 -t utf-8`)") from e
     if not text.strip():
         raise UserInputError(f"{path} is empty: it holds no example")
     return text
 
 
+def _csv_rows(text: str, delimiter: str) -> Iterator[tuple[int, list[str]]]:
+    """(the line a record starts on, its fields) for each record of a CSV text, blank lines skipped. Records end
+    at line feeds and carriage returns only: a text may hold other line separators (U+2028, U+0085) that
+    str.splitlines would cut it at; a quoted field may span lines."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    start = 1
+    for row in reader:
+        if row:
+            yield start, row
+        start = reader.line_num + 1
+
+
 def _text_table(path: Path, names: tuple[str, str]) -> TextData:
-    lines = _read_text_file(path).splitlines(keepends=True)
+    text = _read_text_file(path)
     delimiter = _TABLE_DELIMITERS[path.suffix.lower()]
-    header = next(csv.reader(lines[:1], delimiter=delimiter), [])
-    if not _find_columns(header, names):
+
+    def header(delimiter: str) -> list[str]:
+        return next(_csv_rows(text, delimiter), (1, []))[1]
+
+    if not _find_columns(header(delimiter), names):
         # a spreadsheet saved where the decimal separator is a comma writes ';' between fields
         for other in ";\t|,":
-            if other != delimiter and _find_columns(next(csv.reader(lines[:1], delimiter=other), []), names):
+            if other != delimiter and _find_columns(header(other), names):
                 note(f"{path}: fields are separated by {other!r}, not {delimiter!r}; reading it so")
                 delimiter = other
                 break
-    reader = csv.DictReader(lines, delimiter=delimiter)
-    columns = reader.fieldnames or []
+    rows = _csv_rows(text, delimiter)
+    columns = next(rows, (1, []))[1]
     found = _find_columns(columns, names)
     if not found:
         missing = [c for c in names if c not in columns]
         raise UserInputError(f"{path}:1: missing column(s) {missing}; the header is {columns}. A text data set needs "
                              f"a text and a label column: name yours with --text-column and --label-column")
-    text_column, label_column = found
+    text_at, label_at = (columns.index(name) for name in found)
     texts, labels, where = [], [], []
-    for row in reader:
-        at = f"{path}:{reader.line_num}"
-        if None in row or any(value is None for value in row.values()):
-            raise UserInputError(f"{at}: the row has another number of fields than the header ({len(columns)}: "
-                                 f"{columns}); quote texts that hold commas")
-        texts.append(_text(row[text_column], at, text_column))
-        labels.append(_label(row[label_column], at))
+    for line, row in rows:
+        at = f"{path}:{line}"
+        if len(row) != len(columns):
+            raise UserInputError(f"{at}: the row has another number of fields ({len(row)}) than the header "
+                                 f"({len(columns)}: {columns}); quote texts that hold commas")
+        texts.append(_text(row[text_at], at, found[0]))
+        labels.append(_label(row[label_at], at))
         where.append(at)
     if not texts:
         raise UserInputError(f"{path} has a header but no example rows")
@@ -394,7 +419,8 @@ def _jsonl_records(path: Path):
                 raise UserInputError(f"{path}: item {i} is not an object with named fields")
             yield f"{path} item {i}", item
         return
-    for number, line in enumerate(text.splitlines(), 1):
+    # Lines end at \n (\r\n too) only: JSON strings may hold U+2028 or U+0085 raw, where str.splitlines cuts.
+    for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
