@@ -291,6 +291,19 @@ def test_a_record_spanning_lines_is_named_by_its_first_line(tmp_path, capsys, hf
     assert f"{path}:5: the label is empty" in err, err
 
 
+def test_labels_as_pandas_writes_them_and_json_booleans(tmp_path):
+    """pandas writes an integer column with a missing value as floats ("1.0"): those are the integer labels; JSON
+    true/false are the classes "false" and "true"."""
+    floats = tmp_path / "floats.csv"
+    floats.write_text("text,label\ngood,1.0\nbad,0.0\nfine,2\n")
+    data = load_data(str(floats))
+    assert data.classes == ["0", "1", "2"] and data.labels.tolist() == [1, 0, 2]
+    booleans = tmp_path / "spam.jsonl"
+    booleans.write_text('{"text": "win money", "label": true}\n{"text": "lunch?", "label": false}\n')
+    data = load_data(str(booleans))
+    assert data.classes == ["false", "true"] and data.labels.tolist() == [1, 0]
+
+
 def test_a_utf16_spreadsheet_export_is_read_and_latin1_named_by_line(tmp_path, capsys, hf_folders):
     """A spreadsheet's "Unicode text" export is UTF-16 with a byte-order mark, tab-separated: read. A Windows
     code-page file is refused naming the line and column of the first byte that is not UTF-8, and how to convert."""

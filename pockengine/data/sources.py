@@ -18,6 +18,7 @@ import csv
 import importlib.util
 import io
 import json
+import re
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -189,8 +190,11 @@ def assign_labels(data: ImageData | TextData, known: list[str] | None = None, nu
 
 
 def _label(value: Any, where: str) -> Any:
-    """A label as written: an integer index (also "3" in a CSV) or a class name."""
-    if isinstance(value, bool) or value is None or (isinstance(value, str) and not value.strip()):
+    """A label as written: an integer index (also "3" in a CSV, and "3.0", as pandas writes an integer column that
+    has a missing value), a class name, or a JSON true/false (the class names "false" and "true")."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None or (isinstance(value, str) and not value.strip()):
         raise UserInputError(f"{where}: the label is empty; write a class name or an integer class index")
     if isinstance(value, float):
         if not value.is_integer():
@@ -201,7 +205,7 @@ def _label(value: Any, where: str) -> Any:
     if not isinstance(value, str):
         raise UserInputError(f"{where}: label {value!r} is neither a class name nor an integer class index")
     text = value.strip()
-    return int(text) if text.lstrip("-").isdigit() else text
+    return int(float(text)) if re.fullmatch(r"-?[0-9]+(\.0*)?", text) else text
 
 
 def _text(value: Any, where: str, column: str) -> str:
