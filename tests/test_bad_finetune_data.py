@@ -314,3 +314,22 @@ def test_a_utf16_spreadsheet_export_is_read_and_latin1_named_by_line(tmp_path, c
     latin.write_bytes("text,label\ngood,pos\nun café,neg\n".encode("cp1252"))
     err = refused(finetune_argv(str(hf_folders / "bert"), latin, tmp_path / "run"), capsys)
     assert f"{latin}:3: not UTF-8 text (byte 0xe9 at column 7" in err and "save the file as UTF-8" in err, err
+
+
+def test_what_macos_and_jupyter_keep_beside_photos_is_not_data(tmp_path, capsys):
+    """A folder unzipped from a macOS archive has __MACOSX/ (its ._ files mirroring every class folder); Jupyter
+    leaves .ipynb_checkpoints/ copies of images inside a class folder: neither is a class nor an example. A link to
+    nothing, named as an image, is refused by name rather than silently left out."""
+    images = write_image_folder(tmp_path / "images", size=12, per_class=2)
+    (images / "__MACOSX" / "cats").mkdir(parents=True)
+    (images / "__MACOSX" / "cats" / "._0.png").write_bytes(b"\0\5\26\7AppleDouble")
+    (images / "cats" / ".ipynb_checkpoints").mkdir()
+    (images / "cats" / "0.png").rename(images / "cats" / ".ipynb_checkpoints" / "0.png")
+    (images / "dogs" / "._1.png").write_bytes(b"\0\5\26\7AppleDouble")
+    data = load_data(str(images), (12, 12))
+    assert data.classes == ["cats", "dogs"]
+    assert sorted(data.where) == [str(images / "cats" / "1.png"), str(images / "dogs" / "0.png"),
+                                  str(images / "dogs" / "1.png")]
+    (images / "dogs" / "gone.jpg").symlink_to(tmp_path / "moved-away.jpg")
+    err = refused(finetune_argv("mobilenet_v2", images, tmp_path / "run"), capsys)
+    assert f"{images / 'dogs' / 'gone.jpg'}: a broken link (to {tmp_path / 'moved-away.jpg'})" in err, err

@@ -225,11 +225,18 @@ def _split_by_name(paths: list[Path]) -> tuple[list[Path], list[Path]]:
     return images, [p for p in paths if p.suffix.lower() not in extensions]
 
 
+def _hidden(path: Path, root: Path) -> bool:
+    """Whether `path` is what a system or tool keeps beside the data: dot-files and dot-folders (.DS_Store, macOS'
+    ._photo.jpg, .ipynb_checkpoints/) or what macOS puts in a zip archive (__MACOSX/)."""
+    return any(part.startswith(".") or part == "__MACOSX" for part in path.relative_to(root).parts)
+
+
 def _image_files(folder: Path) -> tuple[list[str], list[list[Path]]]:
     """The class names (sub-folders) and each one's image files. Files without an image format's extension (a
-    README, Windows' Thumbs.db, notes) are skipped, said once; a file named as an image must be one."""
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    visible = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    README, Windows' Thumbs.db, notes) are skipped, said once; a file named as an image must be one (a link to
+    nothing is refused by name, not skipped)."""
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not _hidden(p, folder))
+    visible = [p for p in sorted(folder.iterdir()) if p.is_file() and not _hidden(p, folder)]
     loose, skipped = _split_by_name(visible)
     if not classes:
         raise UserInputError(f"{folder}: an image data set is a folder with one sub-folder per class (cats/, dogs/), "
@@ -240,7 +247,8 @@ def _image_files(folder: Path) -> tuple[list[str], list[list[Path]]]:
                              "image in the sub-folder of its class")
     files = []
     for name in classes:
-        found = sorted(p for p in (folder / name).rglob("*") if p.is_file() and not p.name.startswith("."))
+        found = sorted(p for p in (folder / name).rglob("*")
+                       if (p.is_file() or p.is_symlink() and not p.is_dir()) and not _hidden(p, folder / name))
         images, others = _split_by_name(found)
         skipped += others
         if not images:
@@ -259,6 +267,8 @@ def _image_files(folder: Path) -> tuple[list[str], list[list[Path]]]:
 def _open_image(path: Path) -> Any:
     from PIL import Image, UnidentifiedImageError
 
+    if not path.exists():
+        raise UserInputError(f"{path}: a broken link (to {path.readlink()}); remove it or point it at an image")
     try:
         image = Image.open(path)
         image.load()  # decodes now: a truncated file fails here, naming itself, not in the middle of training
