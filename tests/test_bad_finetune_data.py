@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -333,3 +334,44 @@ def test_what_macos_and_jupyter_keep_beside_photos_is_not_data(tmp_path, capsys)
     (images / "dogs" / "gone.jpg").symlink_to(tmp_path / "moved-away.jpg")
     err = refused(finetune_argv("mobilenet_v2", images, tmp_path / "run"), capsys)
     assert f"{images / 'dogs' / 'gone.jpg'}: a broken link (to {tmp_path / 'moved-away.jpg'})" in err, err
+
+
+def test_images_are_read_as_a_viewer_shows_them(tmp_path):
+    """A phone photo stored sideways with an EXIF orientation is read upright; a 16-bit greyscale PNG is scaled to
+    8 bits, not clipped to white; a palette or transparent image is turned into RGB before it is resized, so it
+    becomes the same pixels as the RGB image it shows (resizing RGBA premultiplies the alpha: a transparent
+    pixel turned black)."""
+    images = tmp_path / "images"
+    (images / "photos").mkdir(parents=True)
+    (images / "scans").mkdir()
+    stored = np.zeros((4, 8, 3), np.uint8)  # 4 high, 8 wide: red on the left, blue on the right
+    stored[:, :4, 0] = stored[:, 4:, 2] = 255
+    sideways = Image.fromarray(stored)
+    exif = sideways.getexif()
+    exif[0x0112] = 6  # shown turned a quarter clockwise: 8 high, 4 wide, red on top
+    sideways.save(images / "photos" / "phone.png", exif=exif.tobytes())
+    grey16 = np.zeros((8, 4), np.uint16)
+    grey16[4:] = 65535
+    Image.fromarray(grey16).save(images / "scans" / "16bit.png")
+    assert Image.open(images / "scans" / "16bit.png").mode == "I;16"
+    data = load_data(str(images), None)
+    assert data.size == (8, 4)  # the upright size is the most common one
+    phone, scan = (data.images[data.where.index(str(images / folder / name))]
+                   for folder, name in [("photos", "phone.png"), ("scans", "16bit.png")])
+    assert phone[:, :4].float().mean((1, 2)).tolist() == [255, 0, 0] and phone[2, 4:].min() == 255
+    assert scan[:, :4].max() == 0 and scan[:, 4:].min() == 255
+    transparent = np.zeros((8, 8, 4), np.uint8)
+    transparent[..., 0] = 255  # red, fully transparent
+    Image.fromarray(transparent, "RGBA").save(images / "scans" / "clear.png")
+    Image.fromarray(transparent[..., :3]).convert("P").save(images / "scans" / "palette.png")
+    data = load_data(str(images), (4, 4))
+    for name in ("clear.png", "palette.png"):
+        pixels = data.images[data.where.index(str(images / "scans" / name))]
+        assert pixels.float().mean((1, 2)).tolist() == [255, 0, 0], name
+
+
+def test_an_image_too_large_to_decode_safely_is_named(tmp_path, capsys, monkeypatch):
+    images = write_image_folder(tmp_path / "images", size=12, per_class=2)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40)  # 12x12 is over twice the limit: Pillow refuses it
+    err = refused(finetune_argv("mobilenet_v2", images, tmp_path / "run"), capsys)
+    assert str(images / "cats" / "0.png") in err and "decompression bomb" in err and "Shrink the image" in err, err

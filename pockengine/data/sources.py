@@ -264,22 +264,38 @@ def _image_files(folder: Path) -> tuple[list[str], list[list[Path]]]:
     return classes, files
 
 
-def _open_image(path: Path) -> Any:
-    from PIL import Image, UnidentifiedImageError
+def _open_image(path: Path, mode: str) -> Any:
+    """The image in `path` decoded now (a truncated file fails here, naming itself, not in the middle of training),
+    upright (its EXIF orientation applied, as a photo viewer shows it) and in `mode` ("RGB" or "L")."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not path.exists():
         raise UserInputError(f"{path}: a broken link (to {path.readlink()}); remove it or point it at an image")
     try:
-        image = Image.open(path)
-        image.load()  # decodes now: a truncated file fails here, naming itself, not in the middle of training
-        return image
+        with Image.open(path) as file:
+            file.load()
+            image = ImageOps.exif_transpose(file)
+            if image.mode == "I" or image.mode.startswith("I;16"):
+                # 16-bit greyscale (scans, microscopy, depth): convert() would clip every value above 255 to white
+                pixels = np.asarray(image, dtype=np.float64) / 257
+                image = Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), "L")
+            return image.convert(mode)
+    except Image.DecompressionBombError as e:
+        raise UserInputError(f"{path}: {e} Shrink the image (it is resized to the model's size anyway), e.g. with "
+                             "`convert in.jpg -resize 4096x4096 out.jpg`") from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise UserInputError(f"{path}: unreadable image ({type(e).__name__}: {e}); remove the file or replace it "
                              "with a valid image") from e
 
 
+def _upright_size(image: Any) -> tuple[int, int]:
+    """(height, width) as the image is shown: an EXIF orientation of 5 to 8 turns it a quarter."""
+    turned = image.getexif().get(0x0112) in (5, 6, 7, 8)
+    return (image.width, image.height) if turned else (image.height, image.width)
+
+
 def image_sizes(spec: str) -> Counter[tuple[int, int]]:
-    """How many images of the folder `spec` have each (height, width), from the files' headers."""
+    """How many images of the folder `spec` have each upright (height, width), from the files' headers."""
     from PIL import Image
 
     if spec in ("mnist", "mnist-test"):
@@ -289,7 +305,7 @@ def image_sizes(spec: str) -> Counter[tuple[int, int]]:
         for path in files:
             try:
                 with Image.open(path) as image:
-                    sizes[(image.height, image.width)] += 1
+                    sizes[_upright_size(image)] += 1
             except Exception:  # reported by name when the image is decoded
                 continue
     return sizes
@@ -305,11 +321,13 @@ def _image_folder(folder: Path, size: tuple[int, int] | None, channels: int) -> 
     first_of_size: dict[tuple[int, int], Path] = {}
     for name, paths in zip(classes, files):
         for path in paths:
-            with _open_image(path) as image:
-                first_of_size.setdefault((image.height, image.width), path)
-                if (image.height, image.width) != target:
-                    image = image.resize((target[1], target[0]), Image.BILINEAR)
-                pixels = np.asarray(image.convert(mode), dtype=np.uint8)
+            # converted before it is resized: a palette, 16-bit or transparent image is interpolated in RGB as an
+            # image of that size already in RGB is
+            image = _open_image(path, mode)
+            first_of_size.setdefault((image.height, image.width), path)
+            if (image.height, image.width) != target:
+                image = image.resize((target[1], target[0]), Image.BILINEAR)
+            pixels = np.asarray(image, dtype=np.uint8)
             arrays.append(pixels.reshape(target[0], target[1], channels))
             names.append(name)
             where.append(str(path))
