@@ -343,8 +343,9 @@ def prepare(config: FinetuneConfig) -> FinetuneRun:
         if data_kind(config.test_data) != kind:
             raise UserInputError(f"--test-data {config.test_data} holds {data_kind(config.test_data)} examples, "
                                  f"--data {config.data} {kind} ones; give a test set of the same kind")
-        extra = (load_data(config.test_data, image_size, channels) if kind == IMAGE
-                 else load_data(config.test_data, columns=(config.text_column, config.label_column)))
+        # resized to the training images' size: a module:function model takes the size its data came in
+        extra = (load_data(config.test_data, data.size, channels, test=True) if kind == IMAGE
+                 else load_data(config.test_data, columns=(config.text_column, config.label_column), test=True))
         n_test_data = len(extra.where)
         data = append_data(data, extra, f"--test-data {config.test_data}")
     classes = None

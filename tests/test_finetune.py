@@ -415,3 +415,22 @@ def test_finetune_the_builtin_minilm_on_rotten_tomatoes(tmp_path):
     assert saved.config.id2label == {0: "negative", 1: "positive"}
     tokenizer = transformers.AutoTokenizer.from_pretrained(out / "model")
     assert saved(**tokenizer(["a gripping, beautiful film"], return_tensors="pt")).logits.shape == (1, 2)
+
+
+def test_a_test_set_of_one_class_and_other_image_sizes(tmp_path, cnn_module, capsys):
+    """A test set may hold one class only (it is scored against the training data's classes), and its images are
+    resized to the training images' size, the size a module:function model took; a label the training data lacks
+    is named by the test file's line."""
+    write_image_folder(tmp_path / "images", size=12)
+    write_image_folder(tmp_path / "test", size=20, per_class=3, classes=("dogs",))
+    run = prepare(FinetuneConfig(model=f"{cnn_module}:small_cnn", data=str(tmp_path / "images"),
+                                 test_data=str(tmp_path / "test"), out=str(tmp_path / "x")))
+    assert run.n_test == 3 and run.shape == {"image_height": 12, "image_width": 12}
+    assert run.evaluate_test(run.loaded.model) in (0.0, 1 / 3, 2 / 3, 1.0)
+    reviews = write_reviews_csv(tmp_path / "reviews.csv")
+    unseen = tmp_path / "unseen.csv"
+    unseen.write_text("text,label\ngood movie,pos\nthe plot,meh\n")
+    assert main(["finetune", "--model", "minilm", "--data", str(reviews), "--test-data", str(unseen),
+                 "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"{unseen}:3: unknown label 'meh', none of the training data's classes ['neg', 'pos']" in err, err

@@ -101,9 +101,10 @@ def data_kind(spec: str) -> str:
 
 
 def load_data(spec: str, image_size: tuple[int, int] | None = None, channels: int = 3,
-              columns: tuple[str, str] = ("text", "label")) -> Data:
+              columns: tuple[str, str] = ("text", "label"), test: bool = False) -> Data:
     """Read `--data spec`; images are resized to `image_size` (None: their most common size); a text data set's
-    `columns` are the names of its (text, label) columns or fields."""
+    `columns` are the names of its (text, label) columns or fields. A `test` set (--test-data) may hold a single
+    class; its labels are not assigned: `append_data` reads them as the training data's classes."""
     if spec in ("mnist", "mnist-test"):
         return _mnist(image_size, channels, "test" if spec == "mnist-test" else "train")
     if spec == "rotten_tomatoes":
@@ -117,11 +118,15 @@ def load_data(spec: str, image_size: tuple[int, int] | None = None, channels: in
         return _chatterbot()
     kind = data_kind(spec)
     path = Path(spec)
-    if kind == IMAGE:
-        return _image_folder(path, image_size, channels)
     if kind == CHAT:
         return _chat_jsonl(path)
-    return _text_table(path, columns) if path.suffix.lower() in _TABLE_DELIMITERS else _text_jsonl(path, columns)
+    if kind == IMAGE:
+        data: ImageData | TextData = _image_folder(path, image_size, channels, 1 if test else 2)
+    else:
+        data = _text_table(path, columns) if path.suffix.lower() in _TABLE_DELIMITERS else _text_jsonl(path, columns)
+    if not test:
+        assign_labels(data)
+    return data
 
 
 def append_data(data: Data, extra: Data, name: str) -> Data:
@@ -141,6 +146,11 @@ def append_data(data: Data, extra: Data, name: str) -> Data:
                                  f"{tuple(data.images.shape[1:])}; give --image-size so both are resized alike")
         merged = ImageData(torch.cat([data.images, extra.images]), data.raw_labels + extra.raw_labels,
                            data.where + extra.where, data.size)
+    for label, at in zip(extra.raw_labels, extra.where):
+        if isinstance(label, str) and label not in data.classes:
+            raise UserInputError(f"{at}: unknown label {label!r}, none of the training data's classes "
+                                 f"{data.classes[:20]}; the model learns only those: give {name.split()[0]} "
+                                 "examples of them")
     assign_labels(merged, data.classes)
     return merged
 
@@ -231,7 +241,7 @@ def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") or part == "__MACOSX" for part in path.relative_to(root).parts)
 
 
-def _image_files(folder: Path) -> tuple[list[str], list[list[Path]]]:
+def _image_files(folder: Path, min_classes: int = 2) -> tuple[list[str], list[list[Path]]]:
     """The class names (sub-folders) and each one's image files. Files without an image format's extension (a
     README, Windows' Thumbs.db, notes) are skipped, said once; a file named as an image must be one (a link to
     nothing is refused by name, not skipped)."""
@@ -256,7 +266,7 @@ def _image_files(folder: Path) -> tuple[list[str], list[list[Path]]]:
                                  + (f" (only {[p.name for p in found][:5]})" if found else "")
                                  + "; add some or remove the folder")
         files.append(images)
-    if len(classes) < 2:
+    if len(classes) < min_classes:
         raise UserInputError(f"{folder}: only one class folder ({classes[0]}); a classifier needs at least two")
     if skipped:
         shown = ", ".join(str(p.relative_to(folder)) for p in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
@@ -296,13 +306,17 @@ def _upright_size(image: Any) -> tuple[int, int]:
 
 def image_sizes(spec: str) -> Counter[tuple[int, int]]:
     """How many images of the folder `spec` have each upright (height, width), from the files' headers."""
-    from PIL import Image
-
     if spec in ("mnist", "mnist-test"):
         return Counter({(28, 28): 1})
+    return _sizes(_image_files(Path(spec), min_classes=1)[1])
+
+
+def _sizes(files: list[list[Path]]) -> Counter[tuple[int, int]]:
+    from PIL import Image
+
     sizes: Counter[tuple[int, int]] = Counter()
-    for files in _image_files(Path(spec))[1]:
-        for path in files:
+    for paths in files:
+        for path in paths:
             try:
                 with Image.open(path) as image:
                     sizes[_upright_size(image)] += 1
@@ -311,11 +325,11 @@ def image_sizes(spec: str) -> Counter[tuple[int, int]]:
     return sizes
 
 
-def _image_folder(folder: Path, size: tuple[int, int] | None, channels: int) -> ImageData:
+def _image_folder(folder: Path, size: tuple[int, int] | None, channels: int, min_classes: int) -> ImageData:
     from PIL import Image
 
-    classes, files = _image_files(folder)
-    target = size or image_sizes(str(folder)).most_common(1)[0][0]
+    classes, files = _image_files(folder, min_classes)
+    target = size or _sizes(files).most_common(1)[0][0]
     mode = "RGB" if channels == 3 else "L"
     arrays, names, where = [], [], []
     first_of_size: dict[tuple[int, int], Path] = {}
@@ -337,9 +351,7 @@ def _image_folder(folder: Path, size: tuple[int, int] | None, channels: int) -> 
         note(f"{folder}: the images have {len(first_of_size)} different sizes ({examples}{more}); each is resized "
               f"to {target[1]}x{target[0]} (width x height)")
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    data = ImageData(images, names, where, size=target)
-    assign_labels(data)
-    return data
+    return ImageData(images, names, where, size=target)
 
 
 def _mnist(size: tuple[int, int] | None, channels: int, split: str) -> ImageData:
@@ -418,9 +430,7 @@ def _text_table(path: Path, names: tuple[str, str]) -> TextData:
         where.append(at)
     if not texts:
         raise UserInputError(f"{path} has a header but no example rows")
-    data = TextData(texts, labels, where)
-    assign_labels(data)
-    return data
+    return TextData(texts, labels, where)
 
 
 def _find_columns(header: list[str], names: tuple[str, ...]) -> tuple[str, ...] | None:
@@ -477,9 +487,7 @@ def _text_jsonl(path: Path, names: tuple[str, str]) -> TextData:
         texts.append(_text(record[text_field], at, text_field))
         labels.append(_label(record[label_field], at))
         where.append(at)
-    data = TextData(texts, labels, where)
-    assign_labels(data)
-    return data
+    return TextData(texts, labels, where)
 
 
 def _chat_jsonl(path: Path) -> ChatData:
