@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 import pockengine as pe
 import pockengine.finetune as finetune_module
 from pockengine.cli import main
+from pockengine.data.sources import load_data
 from pockengine.finetune import FinetuneConfig, format_summary, prepare
 
 transformers = pytest.importorskip("transformers")
@@ -434,3 +435,59 @@ def test_a_test_set_of_one_class_and_other_image_sizes(tmp_path, cnn_module, cap
                  "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert f"{unseen}:3: unknown label 'meh', none of the training data's classes ['neg', 'pos']" in err, err
+
+
+ODD_MODELS = '''
+import torch
+from torch import nn
+
+
+def grey_mlp():  # an MNIST-style network: one channel, a fixed size
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12 * 12, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+class Named(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return {"logits": self.fc(self.conv(x).mean((2, 3)))}
+
+
+def named():
+    torch.manual_seed(0)
+    return Named()
+
+
+def pair():
+    return nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten(1), nn.Unflatten(1, (2, -1)))
+'''
+
+
+def test_module_function_models_taking_grey_images_or_returning_a_dict(tmp_path, monkeypatch, capsys):
+    """A one-channel network gets grey images (Pillow's luma of the RGB pixels); a forward returning
+    {"logits": ...} trains; a model that fails on both an RGB and a grey image, or returns no (batch, classes)
+    logits, is refused saying what it got."""
+    (tmp_path / "oddmodels.py").write_text(ODD_MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    images = write_image_folder(tmp_path / "images", size=12)
+    run = prepare(FinetuneConfig(model="oddmodels:grey_mlp", data=str(images), out=str(tmp_path / "x")))
+    assert run.preprocessing["channels"] == 1 and len(run.preprocessing["mean"]) == 1
+    assert run.task.example_batch[0][0].shape == (8, 1, 12, 12)
+    data = load_data(str(images))
+    greys = finetune_module._grey(data).images
+    for path, grey in zip(data.where, greys):
+        assert torch.equal(grey[0], torch.tensor(np.array(Image.open(path).convert("L")))), path
+    out = tmp_path / "named"
+    assert main(["finetune", "--model", "oddmodels:named", "--data", str(images), "--steps", "2", "--batch-size",
+                 "4", "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+    assert main(["finetune", "--model", "oddmodels:grey_mlp", "--data", str(images), "--image-size", "16",
+                 "--out", str(tmp_path / "sized")]) == 2
+    err = capsys.readouterr().err
+    assert "fails on one image of the data, given as RGB and as grey ((1, 3, 16, 16): RuntimeError" in err, err
+    assert "give --image-size" in err
+    assert main(["finetune", "--model", "oddmodels:pair", "--data", str(images), "--out", str(tmp_path / "p")]) == 2
+    assert "returns (1, 2, 100) for a batch of one image" in capsys.readouterr().err
