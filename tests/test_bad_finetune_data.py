@@ -3,7 +3,10 @@ note said once, where the data is usable: mixed image sizes, texts too long)."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -375,3 +378,19 @@ def test_an_image_too_large_to_decode_safely_is_named(tmp_path, capsys, monkeypa
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40)  # 12x12 is over twice the limit: Pillow refuses it
     err = refused(finetune_argv("mobilenet_v2", images, tmp_path / "run"), capsys)
     assert str(images / "cats" / "0.png") in err and "decompression bomb" in err and "Shrink the image" in err, err
+
+
+def test_a_built_in_text_model_says_only_what_pockengine_says(tmp_path):
+    """transformers' load report (the new head's weights listed as MISSING) and its tokenizer's "indexing errors"
+    warning for a text longer than the model's positions are not shown: pockengine's own note says the text is
+    truncated. (A process of its own: transformers' log handler holds the stderr of the process that imported it.)"""
+    path = write_reviews_csv(tmp_path / "reviews.csv")
+    path.write_text(path.read_text() + f"{'the plot ' * 400},pos\n")
+    script = ("from pockengine.finetune import FinetuneConfig, prepare; "
+              f"prepare(FinetuneConfig(model='minilm', data={str(path)!r}, out='unused', batch_size=4))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr
+    assert "MISSING" not in done.stderr and "indexing errors" not in done.stderr, done.stderr
+    assert "Loading weights" not in done.stderr, done.stderr
+    assert "are truncated to 128" in done.stderr

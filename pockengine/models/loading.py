@@ -98,6 +98,7 @@ def _transformers() -> Any:
     except ImportError as e:
         raise UserInputError("Hugging Face models need transformers: pip install transformers") from e
     transformers.logging.set_verbosity_error()  # "newly initialized head" is what fine-tuning asks for
+    transformers.logging.disable_progress_bar()  # bars for loading and writing a few files, beside the run's own
     return transformers
 
 
@@ -165,6 +166,8 @@ def _load(source: ModelSource, kind: str, classes: list[str] | None) -> LoadedMo
         from pockengine.models.mobilenet_v2 import mobilenet_v2
 
         return LoadedModel(mobilenet_v2(pretrained=True, num_classes=len(classes)), "torch", keyword_inputs=False)
+    if source.spec in ("minilm", "smollm2"):
+        _transformers()  # quiet as for a folder: its load report calls the head fine-tuning adds "MISSING"
     if source.spec == "minilm":
         from pockengine.models.text import minilm_classifier
 
