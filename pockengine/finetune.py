@@ -370,7 +370,11 @@ def prepare(config: FinetuneConfig) -> FinetuneRun:
     if kind == IMAGE:
         size, mean, std, channels = source.image_settings()
         image_size = (config.image_size,) * 2 if config.image_size else size
-        data: Data = load_data(config.data, image_size, channels)
+        resize = None if config.image_size else source.image_resizer()
+        if config.image_size and source.image_resizer() is not None:
+            note(f"--image-size {config.image_size}: the images are resized to it, not by the image processor of "
+                 f"{config.model}, which is saved beside the model unchanged: set its size before using it")
+        data: Data = load_data(config.data, image_size, channels, resize=resize)
     else:
         data = load_data(config.data, columns=(config.text_column, config.label_column))
     n_test_data = 0
@@ -379,7 +383,7 @@ def prepare(config: FinetuneConfig) -> FinetuneRun:
             raise UserInputError(f"--test-data {config.test_data} holds {data_kind(config.test_data)} examples, "
                                  f"--data {config.data} {kind} ones; give a test set of the same kind")
         # resized to the training images' size: a module:function model takes the size its data came in
-        extra = (load_data(config.test_data, data.size, channels, test=True) if kind == IMAGE
+        extra = (load_data(config.test_data, data.size, channels, test=True, resize=resize) if kind == IMAGE
                  else load_data(config.test_data, columns=(config.text_column, config.label_column), test=True))
         n_test_data = len(extra.where)
         data = append_data(data, extra, f"--test-data {config.test_data}")

@@ -491,3 +491,28 @@ def test_module_function_models_taking_grey_images_or_returning_a_dict(tmp_path,
     assert "give --image-size" in err
     assert main(["finetune", "--model", "oddmodels:pair", "--data", str(images), "--out", str(tmp_path / "p")]) == 2
     assert "returns (1, 2, 100) for a batch of one image" in capsys.readouterr().err
+
+
+def test_a_folder_with_an_image_processor_is_trained_on_what_the_processor_makes(tmp_path):
+    """The image processor saved beside the model is what gives it images later: its resample filter (bicubic),
+    shortest-edge resize and centre crop make the training inputs too, not a bilinear squash to the config's size."""
+    torch.manual_seed(0)
+    folder = tmp_path / "convnext"
+    transformers.ConvNextModel(transformers.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2,
+                                                           image_size=224)).save_pretrained(folder)
+    transformers.ConvNextImageProcessor(size={"shortest_edge": 24}, crop_pct=0.75).save_pretrained(folder)
+    processor = transformers.AutoImageProcessor.from_pretrained(folder)
+    rng = np.random.default_rng(0)
+    shown = {}
+    for name, (height, width) in {"cats": (30, 50), "dogs": (60, 20)}.items():
+        (tmp_path / "images" / name).mkdir(parents=True)
+        shown[name] = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        for i in range(6):
+            shown[name].save(tmp_path / "images" / name / f"{i}.png")
+    run = prepare(FinetuneConfig(model=str(folder), data=str(tmp_path / "images"), out=str(tmp_path / "x"),
+                                 batch_size=4))
+    (inputs, labels) = run.task.example_batch
+    assert run.shape == {"image_height": 24, "image_width": 24}
+    for x, label in zip(inputs["pixel_values"], labels):
+        expected = processor(shown[run.classes[label]], return_tensors="pt")["pixel_values"][0]
+        assert torch.allclose(x, expected, atol=1e-5)

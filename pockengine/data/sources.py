@@ -21,7 +21,7 @@ import json
 import re
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,10 +101,12 @@ def data_kind(spec: str) -> str:
 
 
 def load_data(spec: str, image_size: tuple[int, int] | None = None, channels: int = 3,
-              columns: tuple[str, str] = ("text", "label"), test: bool = False) -> Data:
-    """Read `--data spec`; images are resized to `image_size` (None: their most common size); a text data set's
-    `columns` are the names of its (text, label) columns or fields. A `test` set (--test-data) may hold a single
-    class; its labels are not assigned: `append_data` reads them as the training data's classes."""
+              columns: tuple[str, str] = ("text", "label"), test: bool = False,
+              resize: Callable[[Any], np.ndarray] | None = None) -> Data:
+    """Read `--data spec`; images are resized to `image_size` (None: their most common size), or by `resize` (an
+    image processor's resizing: an RGB PIL image to (height, width, 3) uint8 pixels); a text data set's `columns`
+    are the names of its (text, label) columns or fields. A `test` set (--test-data) may hold a single class; its
+    labels are not assigned: `append_data` reads them as the training data's classes."""
     if spec in ("mnist", "mnist-test"):
         return _mnist(image_size, channels, "test" if spec == "mnist-test" else "train")
     if spec == "rotten_tomatoes":
@@ -121,7 +123,7 @@ def load_data(spec: str, image_size: tuple[int, int] | None = None, channels: in
     if kind == CHAT:
         return _chat_jsonl(path)
     if kind == IMAGE:
-        data: ImageData | TextData = _image_folder(path, image_size, channels, 1 if test else 2)
+        data: ImageData | TextData = _image_folder(path, image_size, channels, 1 if test else 2, resize)
     else:
         data = _text_table(path, columns) if path.suffix.lower() in _TABLE_DELIMITERS else _text_jsonl(path, columns)
     if not test:
@@ -325,10 +327,13 @@ def _sizes(files: list[list[Path]]) -> Counter[tuple[int, int]]:
     return sizes
 
 
-def _image_folder(folder: Path, size: tuple[int, int] | None, channels: int, min_classes: int) -> ImageData:
+def _image_folder(folder: Path, size: tuple[int, int] | None, channels: int, min_classes: int,
+                  resize: Callable[[Any], np.ndarray] | None = None) -> ImageData:
     from PIL import Image
 
     classes, files = _image_files(folder, min_classes)
+    if resize is not None:  # what the processor makes, the size the model is given later, wins over its config's
+        size = tuple(resize(_open_image(files[0][0], "RGB")).shape[:2])
     target = size or _sizes(files).most_common(1)[0][0]
     mode = "RGB" if channels == 3 else "L"
     arrays, names, where = [], [], []
@@ -339,7 +344,11 @@ def _image_folder(folder: Path, size: tuple[int, int] | None, channels: int, min
             # image of that size already in RGB is
             image = _open_image(path, mode)
             first_of_size.setdefault((image.height, image.width), path)
-            if (image.height, image.width) != target:
+            if resize is not None:
+                image = resize(image)
+                if image.shape[:2] != target:  # a processor that keeps the aspect ratio: its output made square
+                    image = Image.fromarray(image).resize((target[1], target[0]), Image.BILINEAR)
+            elif (image.height, image.width) != target:
                 image = image.resize((target[1], target[0]), Image.BILINEAR)
             pixels = np.asarray(image, dtype=np.uint8)
             arrays.append(pixels.reshape(target[0], target[1], channels))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -80,6 +81,20 @@ class ModelSource:
         if len(mean) != channels:
             mean, std = (mean[0],) * channels, (std[0],) * channels
         return size, tuple(mean), tuple(std), channels
+
+    def image_resizer(self) -> Callable[[Any], np.ndarray] | None:
+        """A Hugging Face folder's image processor's own resizing and cropping (its resample filter, shortest-edge
+        size, centre crop), as a function of an RGB PIL image to (height, width, 3) uint8 pixels: the images are
+        trained on as the processor saved beside the model will give them to it later. None without one."""
+        processor = _image_processor(self.spec) if self.kind == "huggingface" else None
+        if processor is None or int(getattr(self.config, "num_channels", 3)) != 3:
+            return None
+
+        def resize(image: Any) -> np.ndarray:
+            pixels = processor(image, do_rescale=False, do_normalize=False, return_tensors="np")["pixel_values"][0]
+            return np.asarray(pixels).round().clip(0, 255).astype(np.uint8).transpose(1, 2, 0)
+
+        return resize
 
 
 @dataclass
