@@ -394,3 +394,12 @@ def test_a_built_in_text_model_says_only_what_pockengine_says(tmp_path):
     assert "MISSING" not in done.stderr and "indexing errors" not in done.stderr, done.stderr
     assert "Loading weights" not in done.stderr, done.stderr
     assert "are truncated to 128" in done.stderr
+
+
+def test_a_phone_photo_pillow_cannot_read_is_refused_with_the_fix(tmp_path, capsys):
+    """An iPhone's .HEIC photos are images the user means to train on: refused naming the plugin (or, where
+    pillow-heif is installed, decoded by it: this fake one is then unreadable), not skipped as "not images"."""
+    images = write_image_folder(tmp_path / "images", per_class=3)
+    (images / "cats" / "IMG_0001.HEIC").write_bytes(b"\0\0\0\x18ftypheic")
+    err = refused(finetune_argv("mobilenet_v2", images, tmp_path / "run"), capsys)
+    assert "IMG_0001.HEIC" in err and ("pip install pillow-heif" in err or "unreadable image" in err), err

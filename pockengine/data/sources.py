@@ -227,13 +227,32 @@ def _text(value: Any, where: str, column: str) -> str:
 
 
 # -- images ---------------------------------------------------------------------------------------------------
+# Photos Pillow reads only through a plugin (a phone's HEIC, JPEG XL) or not at all (camera raw, vector images):
+# files named so are images the user means to train on, refused with the fix rather than skipped as not images.
+_HEIF = ("pillow_heif", "pip install pillow-heif")
+_PHOTO_PLUGINS = {".heic": _HEIF, ".heif": _HEIF, ".jxl": ("pillow_jxl", "pip install pillow-jxl-plugin")}
+_UNREADABLE_PHOTOS = (".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2", ".svg")
+
+
 def _split_by_name(paths: list[Path]) -> tuple[list[Path], list[Path]]:
-    """(the paths named as images, the others), in order: by extension, among every format PIL reads."""
+    """(the paths named as images, the others), in order: by extension, among every format PIL reads (with the
+    HEIC and JPEG XL plugins where they are installed)."""
     from PIL import Image
 
     Image.init()  # registers every format's extensions
+    for module, _ in set(_PHOTO_PLUGINS.values()):
+        if importlib.util.find_spec(module) is not None:
+            plugin = importlib.import_module(module)  # pillow_jxl registers itself when imported
+            if hasattr(plugin, "register_heif_opener"):
+                plugin.register_heif_opener()
     extensions = Image.registered_extensions()
     images = [p for p in paths if p.suffix.lower() in extensions]
+    for path in paths:
+        suffix = path.suffix.lower()
+        if suffix not in extensions and (suffix in _PHOTO_PLUGINS or suffix in _UNREADABLE_PHOTOS):
+            fix = (f"{_PHOTO_PLUGINS[suffix][1]} (pockengine uses it when installed), or convert the photos to JPEG"
+                   if suffix in _PHOTO_PLUGINS else "convert the images to JPEG or PNG")
+            raise UserInputError(f"{path}: Pillow cannot read {suffix} images here; {fix}")
     return images, [p for p in paths if p.suffix.lower() not in extensions]
 
 
