@@ -403,3 +403,15 @@ def test_a_phone_photo_pillow_cannot_read_is_refused_with_the_fix(tmp_path, caps
     (images / "cats" / "IMG_0001.HEIC").write_bytes(b"\0\0\0\x18ftypheic")
     err = refused(finetune_argv("mobilenet_v2", images, tmp_path / "run"), capsys)
     assert "IMG_0001.HEIC" in err and ("pip install pillow-heif" in err or "unreadable image" in err), err
+
+
+def test_excels_separator_line_is_read(tmp_path):
+    """Excel writes "sep=;" as a CSV's first line to say which separator follows: read so, lines still counted
+    from the file's first."""
+    path = tmp_path / "reviews.csv"
+    path.write_bytes("\ufeffsep=;\r\nText;Label\r\ngood, really;pos\r\nbad;\r\n".encode())
+    with pytest.raises(ValueError, match=re.escape(f"{path}:4: the label is empty")):
+        load_data(str(path))
+    path.write_bytes("sep=;\nText;Label\ngood, really;pos\nbad;neg\n".encode())
+    data = load_data(str(path))
+    assert data.texts == ["good, really", "bad"] and data.where == [f"{path}:3", f"{path}:4"]

@@ -413,39 +413,43 @@ def _read_text_file(path: Path) -> str:
     return text
 
 
-def _csv_rows(text: str, delimiter: str) -> Iterator[tuple[int, list[str]]]:
-    """(the line a record starts on, its fields) for each record of a CSV text, blank lines skipped. Records end
-    at line feeds and carriage returns only: a text may hold other line separators (U+2028, U+0085) that
-    str.splitlines would cut it at; a quoted field may span lines."""
+def _csv_rows(text: str, delimiter: str, first_line: int = 1) -> Iterator[tuple[int, list[str]]]:
+    """(the line a record starts on, its fields) for each record of a CSV text that starts on `first_line`, blank
+    lines skipped. Records end at line feeds and carriage returns only: a text may hold other line separators
+    (U+2028, U+0085) that str.splitlines would cut it at; a quoted field may span lines."""
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    start = 1
+    start = first_line
     for row in reader:
         if row:
             yield start, row
-        start = reader.line_num + 1
+        start = first_line + reader.line_num
 
 
 def _text_table(path: Path, names: tuple[str, str]) -> TextData:
     text = _read_text_file(path)
     delimiter = _TABLE_DELIMITERS[path.suffix.lower()]
+    first_line = 1
+    hint = re.match(r'"?sep=(.)"?(\r\n|\r|\n)', text)
+    if hint:  # Excel's first line naming the separator, "sep=;", before the header
+        delimiter, text, first_line = hint.group(1), text[hint.end():], 2
 
     def header(delimiter: str) -> list[str]:
-        return next(_csv_rows(text, delimiter), (1, []))[1]
+        return next(_csv_rows(text, delimiter, first_line), (1, []))[1]
 
-    if not _find_columns(header(delimiter), names):
+    if not hint and not _find_columns(header(delimiter), names):
         # a spreadsheet saved where the decimal separator is a comma writes ';' between fields
         for other in ";\t|,":
             if other != delimiter and _find_columns(header(other), names):
                 note(f"{path}: fields are separated by {other!r}, not {delimiter!r}; reading it so")
                 delimiter = other
                 break
-    rows = _csv_rows(text, delimiter)
+    rows = _csv_rows(text, delimiter, first_line)
     columns = next(rows, (1, []))[1]
     found = _find_columns(columns, names)
     if not found:
         missing = [c for c in names if c not in columns]
-        raise UserInputError(f"{path}:1: missing column(s) {missing}; the header is {columns}. A text data set needs "
-                             f"a text and a label column: name yours with --text-column and --label-column")
+        raise UserInputError(f"{path}:{first_line}: missing column(s) {missing}; the header is {columns}. A text data "
+                             "set needs a text and a label column: name yours with --text-column and --label-column")
     text_at, label_at = (columns.index(name) for name in found)
     texts, labels, where = [], [], []
     for line, row in rows:
