@@ -516,3 +516,16 @@ def test_a_folder_with_an_image_processor_is_trained_on_what_the_processor_makes
     for x, label in zip(inputs["pixel_values"], labels):
         expected = processor(shown[run.classes[label]], return_tensors="pt")["pixel_values"][0]
         assert torch.allclose(x, expected, atol=1e-5)
+
+
+def test_the_readmes_way_to_load_a_saved_torch_model():
+    """`import pockengine` then `pockengine.models.mobilenet_v2(...)`, as the README loads a run's model.safetensors:
+    the submodules import on first use like pockengine.losses (a process of its own: here they are imported)."""
+    import subprocess
+    import sys
+
+    script = ("import pockengine; pockengine.models.mobilenet_v2(pretrained=False, num_classes=2); "
+              "assert callable(pockengine.data.load_mnist)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr
