@@ -415,3 +415,21 @@ def test_excels_separator_line_is_read(tmp_path):
     path.write_bytes("sep=;\nText;Label\ngood, really;pos\nbad;neg\n".encode())
     data = load_data(str(path))
     assert data.texts == ["good, really", "bad"] and data.where == [f"{path}:3", f"{path}:4"]
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("gaps.csv", "text,label\ngood,pos\nbad,\nfine,pos\n,neg\nmeh,\n" + "ok,pos\n" * 12 + "x,\n",
+     ":3: the label is empty; write a class name or an integer class index; and 3 more example(s) have problems, "
+     "at line(s) 5, 6, 19"),
+    ("gaps.jsonl", '{"text": "good", "label": "pos"}\n{"text": "bad"}\n{"text": 3, "label": "neg"}\n',
+     ":2: missing field(s) ['label']"),
+])
+def test_every_bad_row_of_a_file_is_listed_in_one_error(tmp_path, capsys, hf_folders, name, text, message):
+    """A spreadsheet with gaps is mended in one pass: the first bad row said in full, the lines of the others
+    listed, not one run per line."""
+    path = tmp_path / name
+    path.write_text(text)
+    err = refused(finetune_argv(str(hf_folders / "bert"), path, tmp_path / "run"), capsys)
+    assert f"{path}{message}" in err, err
+    if name.endswith(".jsonl"):
+        assert "and 1 more example(s) have problems, at line(s) 3" in err, err

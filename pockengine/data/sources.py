@@ -452,17 +452,37 @@ def _text_table(path: Path, names: tuple[str, str]) -> TextData:
                              "set needs a text and a label column: name yours with --text-column and --label-column")
     text_at, label_at = (columns.index(name) for name in found)
     texts, labels, where = [], [], []
+    problems: list[tuple[str, UserInputError]] = []
     for line, row in rows:
         at = f"{path}:{line}"
-        if len(row) != len(columns):
-            raise UserInputError(f"{at}: the row has another number of fields ({len(row)}) than the header "
-                                 f"({len(columns)}: {columns}); quote texts that hold commas")
-        texts.append(_text(row[text_at], at, found[0]))
-        labels.append(_label(row[label_at], at))
+        try:
+            if len(row) != len(columns):
+                raise UserInputError(f"{at}: the row has another number of fields ({len(row)}) than the header "
+                                     f"({len(columns)}: {columns}); quote texts that hold commas")
+            text, label = _text(row[text_at], at, found[0]), _label(row[label_at], at)
+        except UserInputError as e:
+            problems.append((at, e))
+            continue
+        texts.append(text)
+        labels.append(label)
         where.append(at)
+    _refuse_problems(path, problems)
     if not texts:
         raise UserInputError(f"{path} has a header but no example rows")
     return TextData(texts, labels, where)
+
+
+def _refuse_problems(path: Path, problems: list[tuple[str, UserInputError]]) -> None:
+    """One error for every bad example of a file: the first said in full, the others' lines listed, so that a
+    file with many gaps is mended in one pass, not one run per line."""
+    if not problems:
+        return
+    first = problems[0][1]
+    if len(problems) == 1:
+        raise first
+    places = [at.removeprefix(f"{path}:") for at, _ in problems[1:]]
+    shown = ", ".join(places[:10]) + (", ..." if len(places) > 10 else "")
+    raise UserInputError(f"{first}; and {len(places)} more example(s) have problems, at line(s) {shown}") from first
 
 
 def _find_columns(header: list[str], names: tuple[str, ...]) -> tuple[str, ...] | None:
@@ -510,15 +530,22 @@ def _jsonl_records(path: Path):
 def _text_jsonl(path: Path, names: tuple[str, str]) -> TextData:
     texts, labels, where = [], [], []
     text_field, label_field = names
+    problems: list[tuple[str, UserInputError]] = []
     for at, record in _jsonl_records(path):
-        missing = [key for key in names if key not in record]
-        if missing:
-            raise UserInputError(f"{at}: missing field(s) {missing} (found {sorted(record)}); each line of a text "
-                                 "data set needs a text and a label field: name yours with --text-column and "
-                                 "--label-column")
-        texts.append(_text(record[text_field], at, text_field))
-        labels.append(_label(record[label_field], at))
+        try:
+            missing = [key for key in names if key not in record]
+            if missing:
+                raise UserInputError(f"{at}: missing field(s) {missing} (found {sorted(record)}); each line of a "
+                                     "text data set needs a text and a label field: name yours with --text-column "
+                                     "and --label-column")
+            text, label = _text(record[text_field], at, text_field), _label(record[label_field], at)
+        except UserInputError as e:
+            problems.append((at, e))
+            continue
+        texts.append(text)
+        labels.append(label)
         where.append(at)
+    _refuse_problems(path, problems)
     return TextData(texts, labels, where)
 
 
