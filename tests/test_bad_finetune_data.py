@@ -433,3 +433,12 @@ def test_every_bad_row_of_a_file_is_listed_in_one_error(tmp_path, capsys, hf_fol
     assert f"{path}{message}" in err, err
     if name.endswith(".jsonl"):
         assert "and 1 more example(s) have problems, at line(s) 3" in err, err
+
+
+def test_every_unreadable_image_is_listed_in_one_error(tmp_path, capsys):
+    images = write_image_folder(tmp_path / "images", per_class=3)
+    for name in ("cats/0.png", "cats/2.png", "dogs/1.png"):
+        (images / name).write_bytes((images / name).read_bytes()[:40])
+    err = refused(finetune_argv("mobilenet_v2", images, tmp_path / "run"), capsys)
+    assert f"{images / 'cats' / '0.png'}: unreadable image" in err, err
+    assert "and 2 more example(s) have problems, at file(s) cats/2.png, dogs/1.png" in err, err

@@ -357,11 +357,16 @@ def _image_folder(folder: Path, size: tuple[int, int] | None, channels: int, min
     mode = "RGB" if channels == 3 else "L"
     arrays, names, where = [], [], []
     first_of_size: dict[tuple[int, int], Path] = {}
+    unreadable: list[tuple[str, UserInputError]] = []
     for name, paths in zip(classes, files):
         for path in paths:
             # converted before it is resized: a palette, 16-bit or transparent image is interpolated in RGB as an
             # image of that size already in RGB is
-            image = _open_image(path, mode)
+            try:
+                image = _open_image(path, mode)
+            except UserInputError as e:
+                unreadable.append((str(path), e))
+                continue
             first_of_size.setdefault((image.height, image.width), path)
             if resize is not None:
                 image = resize(image)
@@ -373,6 +378,7 @@ def _image_folder(folder: Path, size: tuple[int, int] | None, channels: int, min
             arrays.append(pixels.reshape(target[0], target[1], channels))
             names.append(name)
             where.append(str(path))
+    _refuse_problems(folder, unreadable, "file(s)")
     if len(first_of_size) > 1:
         examples = ", ".join(f"{p.name} {w}x{h}" for (h, w), p in list(first_of_size.items())[:3])
         more = ", ..." if len(first_of_size) > 3 else ""
@@ -472,17 +478,18 @@ def _text_table(path: Path, names: tuple[str, str]) -> TextData:
     return TextData(texts, labels, where)
 
 
-def _refuse_problems(path: Path, problems: list[tuple[str, UserInputError]]) -> None:
-    """One error for every bad example of a file: the first said in full, the others' lines listed, so that a
-    file with many gaps is mended in one pass, not one run per line."""
+def _refuse_problems(path: Path, problems: list[tuple[str, UserInputError]], places_are: str = "line(s)") -> None:
+    """One error for every bad example of a file or folder: the first said in full, the others' lines (files)
+    listed, so that data with many gaps is mended in one pass, not one run per line."""
     if not problems:
         return
     first = problems[0][1]
     if len(problems) == 1:
         raise first
-    places = [at.removeprefix(f"{path}:") for at, _ in problems[1:]]
+    places = [at.removeprefix(f"{path}:").removeprefix(f"{path}/") for at, _ in problems[1:]]
     shown = ", ".join(places[:10]) + (", ..." if len(places) > 10 else "")
-    raise UserInputError(f"{first}; and {len(places)} more example(s) have problems, at line(s) {shown}") from first
+    raise UserInputError(f"{first}; and {len(places)} more example(s) have problems, at {places_are} {shown}") \
+        from first
 
 
 def _find_columns(header: list[str], names: tuple[str, ...]) -> tuple[str, ...] | None:
