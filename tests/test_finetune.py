@@ -529,3 +529,14 @@ def test_the_readmes_way_to_load_a_saved_torch_model():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert done.returncode == 0, done.stderr
+
+
+def test_a_yaml_config_may_name_paths_from_the_home_folder(tmp_path, cnn_module, monkeypatch):
+    """`data: ~/photos` in a run file means what it means on a command line, where the shell expands it."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_image_folder(tmp_path / "photos", size=12)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {cnn_module}:small_cnn\ndata: ~/photos\nsteps: 1\nbatch_size: 4\nout: ~/run\n")
+    assert main(["finetune", "--config", str(config)]) == 0
+    recorded = json.loads((tmp_path / "run" / "run.json").read_text())["config"]
+    assert recorded["data"] == str(tmp_path / "photos")
