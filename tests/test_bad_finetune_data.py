@@ -442,3 +442,10 @@ def test_every_unreadable_image_is_listed_in_one_error(tmp_path, capsys):
     err = refused(finetune_argv("mobilenet_v2", images, tmp_path / "run"), capsys)
     assert f"{images / 'cats' / '0.png'}: unreadable image" in err, err
     assert "and 2 more example(s) have problems, at file(s) cats/2.png, dogs/1.png" in err, err
+
+
+def test_a_spreadsheet_file_is_refused_saying_how_to_save_it(tmp_path, capsys):
+    path = tmp_path / "reviews.xlsx"
+    path.write_bytes(b"PK\x03\x04")
+    err = refused(finetune_argv("minilm", path, tmp_path / "run"), capsys)
+    assert "a data file is a .csv, .tsv or .jsonl" in err and 'save the spreadsheet as CSV ("CSV UTF-8")' in err, err

@@ -88,9 +88,10 @@ def data_kind(spec: str) -> str:
         raise UserInputError(f"--data {spec}: no such file or folder, and not a built-in data set "
                              f"({', '.join(BUILTIN_DATA)})")
     if path.suffix.lower() not in _TEXT_SUFFIXES:
+        spreadsheet = path.suffix.lower() in (".xlsx", ".xls", ".xlsm", ".ods", ".numbers")
         raise UserInputError(f"--data {spec}: a data file is a .csv, .tsv or .jsonl (text and label, prompt and "
                              "response, or chat messages); an image data set is a folder with one sub-folder per "
-                             "class")
+                             "class" + ("; save the spreadsheet as CSV (\"CSV UTF-8\")" if spreadsheet else ""))
     if path.suffix.lower() in _TABLE_DELIMITERS:
         return TEXT
     first = next(_jsonl_records(path), None)
