@@ -449,3 +449,16 @@ def test_a_spreadsheet_file_is_refused_saying_how_to_save_it(tmp_path, capsys):
     path.write_bytes(b"PK\x03\x04")
     err = refused(finetune_argv("minilm", path, tmp_path / "run"), capsys)
     assert "a data file is a .csv, .tsv or .jsonl" in err and 'save the spreadsheet as CSV ("CSV UTF-8")' in err, err
+
+
+def test_a_class_name_written_decomposed_is_the_same_class(tmp_path, capsys):
+    """macOS names a folder "café" decomposed (e and a combining accent); a test set or CSV made elsewhere writes
+    it composed: one class, not an unknown label."""
+    decomposed, composed = "cafe\u0301", "caf\u00e9"
+    images = write_image_folder(tmp_path / "images", size=12, per_class=4, classes=(decomposed, "tea"))
+    test = write_image_folder(tmp_path / "test", size=12, per_class=2, classes=(composed, "tea"))
+    data = load_data(str(images), (12, 12))
+    assert data.classes == [composed, "tea"]
+    run = prepare(FinetuneConfig(model="mobilenet_v2", data=str(images), test_data=str(test), out=str(tmp_path / "x"),
+                                 batch_size=2, image_size=12))
+    assert run.classes == [composed, "tea"] and run.n_test == 4

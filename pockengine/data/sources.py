@@ -19,6 +19,7 @@ import importlib.util
 import io
 import json
 import re
+import unicodedata
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -179,13 +180,13 @@ def assign_labels(data: ImageData | TextData, known: list[str] | None = None, nu
         if num_outputs is not None and len(classes) > num_outputs:
             raise UserInputError(f"{where[0].rsplit(':', 1)[0]}: the data has {len(classes)} classes {classes[:10]}, "
                                  f"but the model has {num_outputs} outputs; give a model with a head for every class")
-        index = {name: i for i, name in enumerate(classes)}
+        index = {_nfc(name): i for i, name in enumerate(classes)}
         for i, label in enumerate(raw):
-            if label not in index:
+            if _nfc(label) not in index:
                 raise UserInputError(f"{where[i]}: unknown label {label!r}; the model's classes are "
                                      f"{classes[:20]}: use one of them, or fine-tune a model without a fixed "
                                      "label set")
-        data.labels = torch.tensor([index[label] for label in raw], dtype=torch.int64)
+        data.labels = torch.tensor([index[_nfc(label)] for label in raw], dtype=torch.int64)
     else:
         limit = len(known) if known is not None else num_outputs
         for i, label in enumerate(raw):
@@ -218,7 +219,13 @@ def _label(value: Any, where: str) -> Any:
     if not isinstance(value, str):
         raise UserInputError(f"{where}: label {value!r} is neither a class name nor an integer class index")
     text = value.strip()
-    return int(float(text)) if re.fullmatch(r"-?[0-9]+(\.0*)?", text) else text
+    return int(float(text)) if re.fullmatch(r"-?[0-9]+(\.0*)?", text) else _nfc(text)
+
+
+def _nfc(name: str) -> str:
+    """A class name in Unicode's composed form: macOS names folders decomposed ("e" and a combining accent), a
+    CSV typed elsewhere has "é" as one character; both are the same class."""
+    return unicodedata.normalize("NFC", name)
 
 
 def _text(value: Any, where: str, column: str) -> str:
@@ -377,7 +384,7 @@ def _image_folder(folder: Path, size: tuple[int, int] | None, channels: int, min
                 image = image.resize((target[1], target[0]), Image.BILINEAR)
             pixels = np.asarray(image, dtype=np.uint8)
             arrays.append(pixels.reshape(target[0], target[1], channels))
-            names.append(name)
+            names.append(_nfc(name))
             where.append(str(path))
     _refuse_problems(folder, unreadable, "file(s)")
     if len(first_of_size) > 1:
