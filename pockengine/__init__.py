@@ -16,19 +16,20 @@ from pockengine.errors import (BatchMismatchError, CacheError, CaptureError, Che
                                MissingVJPError, NonFiniteLossError, PockEngineError, UserInputError)
 
 if TYPE_CHECKING:
-    from pockengine import losses, optim
+    from pockengine import data, losses, models, optim
     from pockengine.checkpoint import Checkpoint, read_checkpoint
     from pockengine.options import Options
     from pockengine.scheme import Scheme
     from pockengine.trainer import Trainer, compile, load
 
-_LAZY = {"losses": "pockengine.losses", "optim": "pockengine.optim", "Checkpoint": "pockengine.checkpoint",
-         "read_checkpoint": "pockengine.checkpoint", "Options": "pockengine.options", "Scheme": "pockengine.scheme",
-         "Trainer": "pockengine.trainer", "compile": "pockengine.trainer", "load": "pockengine.trainer"}
+_LAZY = {"losses": "pockengine.losses", "optim": "pockengine.optim", "models": "pockengine.models",
+         "data": "pockengine.data", "Checkpoint": "pockengine.checkpoint", "read_checkpoint": "pockengine.checkpoint",
+         "Options": "pockengine.options", "Scheme": "pockengine.scheme", "Trainer": "pockengine.trainer",
+         "compile": "pockengine.trainer", "load": "pockengine.trainer"}
 
 __all__ = ["BatchMismatchError", "CacheError", "CaptureError", "Checkpoint", "CheckpointError", "CompilerError",
            "MissingVJPError", "NonFiniteLossError", "Options", "PockEngineError", "Scheme", "Trainer", "UserInputError",
-           "compile", "load", "losses", "optim", "read_checkpoint"]
+           "compile", "data", "load", "losses", "models", "optim", "read_checkpoint"]
 
 
 def __getattr__(name: str) -> Any:

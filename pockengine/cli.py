@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 import warnings
@@ -262,6 +263,8 @@ def _with_yaml_config(argv: list[str]) -> list[str]:
             raise pe.UserInputError(f"--config {path}: {key!r} cannot be set in a run file")
         if value is True:
             flags.append(flag)
+        elif isinstance(value, str) and value.startswith("~"):  # a shell expands ~/photos on the command line
+            flags += [flag, os.path.expanduser(value)]
         elif value is not None and value is not False:
             flags += [flag, str(value)]
     return [argv[0], *flags, *argv[1:]]

@@ -205,8 +205,7 @@ def _forward(model: torch.nn.Module, inputs: Any) -> Any:
     return model(**inputs) if isinstance(inputs, dict) else model(*inputs)
 
 
-def _logits(output: Any) -> torch.Tensor:
-    return output.logits if hasattr(output, "logits") else output
+_logits = pe.losses.logits
 
 
 def _evaluation(make: Callable[[torch.Tensor], Batch], held_out: torch.Tensor, kind: str) -> Callable[[Any], float]:
@@ -251,6 +250,42 @@ def _image_batches(data: ImageData, loaded: LoadedModel, mean: tuple, std: tuple
         return ({"pixel_values": x} if loaded.keyword_inputs else (x,)), labels[idx]
 
     return make
+
+
+def _grey(data: ImageData) -> ImageData:
+    """`data` as one-channel images: Pillow's convert("L") of the RGB pixels (ITU-R 601-2 luma, the same integer
+    rounding), so a grey image read as RGB comes back unchanged."""
+    r, g, b = data.images.to(torch.int64).unbind(1)
+    grey = ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).to(torch.uint8).unsqueeze(1)
+    return dataclasses.replace(data, images=grey)
+
+
+def _probe_function_model(loaded: LoadedModel, data: ImageData, mean: tuple, std: tuple,
+                          spec: str) -> tuple[int, ImageData, tuple, tuple]:
+    """(the number of outputs, the data, mean, std) a `module:function` model takes: RGB images, or grey ones where
+    it takes one channel only (an MNIST-style network), found by running one image through it each way."""
+    model = loaded.model
+    model.eval()
+    failures = []
+    try:
+        for candidate, m, s in ((data, mean, std), (_grey(data), mean[:1], std[:1])):
+            inputs = _image_batches(candidate, loaded, m, s)(torch.arange(1))[0]
+            try:
+                with torch.no_grad():
+                    output = _logits(_forward(model, inputs))
+            except Exception as e:  # the user's model refusing this input: the other one may suit it
+                failures.append(f"{tuple(inputs[0].shape)}: {type(e).__name__}: {e}")
+                continue
+            if not isinstance(output, torch.Tensor) or output.dim() != 2:
+                what = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+                raise UserInputError(f"--model {spec} returns {what} for a batch of one image; a classifier returns "
+                                     "its logits, a (batch, classes) tensor (or a dict or object with 'logits')")
+            return output.shape[-1], candidate, m, s
+    finally:
+        model.train()
+    raise UserInputError(f"--model {spec} fails on one image of the data, given as RGB and as grey ("
+                         + "; ".join(failures) + "); a module:function model takes (batch, 3 or 1, height, width) "
+                         "images: if it needs a size, give --image-size")
 
 
 def _token_limit(loaded: LoadedModel, config: FinetuneConfig, longest: int) -> int:
@@ -335,7 +370,11 @@ def prepare(config: FinetuneConfig) -> FinetuneRun:
     if kind == IMAGE:
         size, mean, std, channels = source.image_settings()
         image_size = (config.image_size,) * 2 if config.image_size else size
-        data: Data = load_data(config.data, image_size, channels)
+        resize = None if config.image_size else source.image_resizer()
+        if config.image_size and source.image_resizer() is not None:
+            note(f"--image-size {config.image_size}: the images are resized to it, not by the image processor of "
+                 f"{config.model}, which is saved beside the model unchanged: set its size before using it")
+        data: Data = load_data(config.data, image_size, channels, resize=resize)
     else:
         data = load_data(config.data, columns=(config.text_column, config.label_column))
     n_test_data = 0
@@ -343,8 +382,9 @@ def prepare(config: FinetuneConfig) -> FinetuneRun:
         if data_kind(config.test_data) != kind:
             raise UserInputError(f"--test-data {config.test_data} holds {data_kind(config.test_data)} examples, "
                                  f"--data {config.data} {kind} ones; give a test set of the same kind")
-        extra = (load_data(config.test_data, image_size, channels) if kind == IMAGE
-                 else load_data(config.test_data, columns=(config.text_column, config.label_column)))
+        # resized to the training images' size: a module:function model takes the size its data came in
+        extra = (load_data(config.test_data, data.size, channels, test=True, resize=resize) if kind == IMAGE
+                 else load_data(config.test_data, columns=(config.text_column, config.label_column), test=True))
         n_test_data = len(extra.where)
         data = append_data(data, extra, f"--test-data {config.test_data}")
     classes = None
@@ -356,18 +396,16 @@ def prepare(config: FinetuneConfig) -> FinetuneRun:
     loaded = load_model(source, kind, classes, config.seed)
     shape: dict[str, int] = {}
     if kind == IMAGE:
+        if source.kind == "function":  # the head's size, and whether it takes grey images, show in an output only
+            outputs, data, mean, std = _probe_function_model(loaded, data, mean, std, config.model)
+            channels = len(mean)
+            assign_labels(data, None, outputs)
+            classes = data.classes
         make = _image_batches(data, loaded, mean, std)
         shape["image_height"], shape["image_width"] = data.size
         preprocessing = {"size": list(data.size), "channels": channels, "mean": list(mean), "std": list(std),
                          "how": "RGB (or grey for 1 channel) pixels resized bilinearly to size (height, width), "
                                 "divided by 255, then (x - mean) / std per channel; layout (N, C, H, W)"}
-        if source.kind == "function":  # the head's size is known only from an output
-            loaded.model.eval()
-            with torch.no_grad():
-                outputs = _logits(_forward(loaded.model, make(torch.arange(1))[0])).shape[-1]
-            loaded.model.train()
-            assign_labels(data, None, outputs)
-            classes = data.classes
     elif kind == CHAT:
         make = _chat_batches(data, loaded, config, shape)
     else:

@@ -1,6 +1,6 @@
 """Ready-made losses with the `loss_fn(model_output, target)` signature; any traceable function works too.
 
-Model outputs may be a tensor or a Hugging Face output object with `.logits`.
+Model outputs may be a tensor, a Hugging Face output object with `.logits`, or a dict holding "logits".
 """
 
 from __future__ import annotations
@@ -11,16 +11,20 @@ import torch
 import torch.nn.functional as F
 
 
-def _logits(output: Any) -> torch.Tensor:
-    return output.logits if hasattr(output, "logits") else output
+def logits(output: Any) -> torch.Tensor:
+    """A classifier's logits from what its forward returns: a tensor, an object with `.logits` (Hugging Face's
+    outputs) or a dict holding "logits" (a module written to look like one)."""
+    if hasattr(output, "logits"):
+        return output.logits
+    return output["logits"] if isinstance(output, dict) and "logits" in output else output
 
 
 def cross_entropy(ignore_index: int = -100, label_smoothing: float = 0.0) -> Callable:
     """Classification loss over the last dimension of the logits; targets equal to ignore_index are skipped."""
 
     def loss(output: Any, target: torch.Tensor) -> torch.Tensor:
-        logits = _logits(output)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+        scores = logits(output)
+        return F.cross_entropy(scores.reshape(-1, scores.shape[-1]), target.reshape(-1),
                                ignore_index=ignore_index, label_smoothing=label_smoothing)
 
     return loss
@@ -28,7 +32,7 @@ def cross_entropy(ignore_index: int = -100, label_smoothing: float = 0.0) -> Cal
 
 def mse() -> Callable:
     def loss(output: Any, target: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(_logits(output), target)
+        return F.mse_loss(logits(output), target)
 
     return loss
 
@@ -37,8 +41,8 @@ def causal_lm(ignore_index: int = -100) -> Callable:
     """Next-token loss: the logits at position t predict token t+1 of `target` (usually the input ids)."""
 
     def loss(output: Any, target: torch.Tensor) -> torch.Tensor:
-        logits = _logits(output)[:, :-1]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target[:, 1:].reshape(-1),
+        scores = logits(output)[:, :-1]
+        return F.cross_entropy(scores.reshape(-1, scores.shape[-1]), target[:, 1:].reshape(-1),
                                ignore_index=ignore_index)
 
     return loss

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 import pockengine as pe
 import pockengine.finetune as finetune_module
 from pockengine.cli import main
+from pockengine.data.sources import load_data
 from pockengine.finetune import FinetuneConfig, format_summary, prepare
 
 transformers = pytest.importorskip("transformers")
@@ -415,3 +416,127 @@ def test_finetune_the_builtin_minilm_on_rotten_tomatoes(tmp_path):
     assert saved.config.id2label == {0: "negative", 1: "positive"}
     tokenizer = transformers.AutoTokenizer.from_pretrained(out / "model")
     assert saved(**tokenizer(["a gripping, beautiful film"], return_tensors="pt")).logits.shape == (1, 2)
+
+
+def test_a_test_set_of_one_class_and_other_image_sizes(tmp_path, cnn_module, capsys):
+    """A test set may hold one class only (it is scored against the training data's classes), and its images are
+    resized to the training images' size, the size a module:function model took; a label the training data lacks
+    is named by the test file's line."""
+    write_image_folder(tmp_path / "images", size=12)
+    write_image_folder(tmp_path / "test", size=20, per_class=3, classes=("dogs",))
+    run = prepare(FinetuneConfig(model=f"{cnn_module}:small_cnn", data=str(tmp_path / "images"),
+                                 test_data=str(tmp_path / "test"), out=str(tmp_path / "x")))
+    assert run.n_test == 3 and run.shape == {"image_height": 12, "image_width": 12}
+    assert run.evaluate_test(run.loaded.model) in (0.0, 1 / 3, 2 / 3, 1.0)
+    reviews = write_reviews_csv(tmp_path / "reviews.csv")
+    unseen = tmp_path / "unseen.csv"
+    unseen.write_text("text,label\ngood movie,pos\nthe plot,meh\n")
+    assert main(["finetune", "--model", "minilm", "--data", str(reviews), "--test-data", str(unseen),
+                 "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"{unseen}:3: unknown label 'meh', none of the training data's classes ['neg', 'pos']" in err, err
+
+
+ODD_MODELS = '''
+import torch
+from torch import nn
+
+
+def grey_mlp():  # an MNIST-style network: one channel, a fixed size
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12 * 12, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+class Named(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return {"logits": self.fc(self.conv(x).mean((2, 3)))}
+
+
+def named():
+    torch.manual_seed(0)
+    return Named()
+
+
+def pair():
+    return nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten(1), nn.Unflatten(1, (2, -1)))
+'''
+
+
+def test_module_function_models_taking_grey_images_or_returning_a_dict(tmp_path, monkeypatch, capsys):
+    """A one-channel network gets grey images (Pillow's luma of the RGB pixels); a forward returning
+    {"logits": ...} trains; a model that fails on both an RGB and a grey image, or returns no (batch, classes)
+    logits, is refused saying what it got."""
+    (tmp_path / "oddmodels.py").write_text(ODD_MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    images = write_image_folder(tmp_path / "images", size=12)
+    run = prepare(FinetuneConfig(model="oddmodels:grey_mlp", data=str(images), out=str(tmp_path / "x")))
+    assert run.preprocessing["channels"] == 1 and len(run.preprocessing["mean"]) == 1
+    assert run.task.example_batch[0][0].shape == (8, 1, 12, 12)
+    data = load_data(str(images))
+    greys = finetune_module._grey(data).images
+    for path, grey in zip(data.where, greys):
+        assert torch.equal(grey[0], torch.tensor(np.array(Image.open(path).convert("L")))), path
+    out = tmp_path / "named"
+    assert main(["finetune", "--model", "oddmodels:named", "--data", str(images), "--steps", "2", "--batch-size",
+                 "4", "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+    assert main(["finetune", "--model", "oddmodels:grey_mlp", "--data", str(images), "--image-size", "16",
+                 "--out", str(tmp_path / "sized")]) == 2
+    err = capsys.readouterr().err
+    assert "fails on one image of the data, given as RGB and as grey ((1, 3, 16, 16): RuntimeError" in err, err
+    assert "give --image-size" in err
+    assert main(["finetune", "--model", "oddmodels:pair", "--data", str(images), "--out", str(tmp_path / "p")]) == 2
+    assert "returns (1, 2, 100) for a batch of one image" in capsys.readouterr().err
+
+
+def test_a_folder_with_an_image_processor_is_trained_on_what_the_processor_makes(tmp_path):
+    """The image processor saved beside the model is what gives it images later: its resample filter (bicubic),
+    shortest-edge resize and centre crop make the training inputs too, not a bilinear squash to the config's size."""
+    torch.manual_seed(0)
+    folder = tmp_path / "convnext"
+    transformers.ConvNextModel(transformers.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2,
+                                                           image_size=224)).save_pretrained(folder)
+    transformers.ConvNextImageProcessor(size={"shortest_edge": 24}, crop_pct=0.75).save_pretrained(folder)
+    processor = transformers.AutoImageProcessor.from_pretrained(folder)
+    rng = np.random.default_rng(0)
+    shown = {}
+    for name, (height, width) in {"cats": (30, 50), "dogs": (60, 20)}.items():
+        (tmp_path / "images" / name).mkdir(parents=True)
+        shown[name] = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        for i in range(6):
+            shown[name].save(tmp_path / "images" / name / f"{i}.png")
+    run = prepare(FinetuneConfig(model=str(folder), data=str(tmp_path / "images"), out=str(tmp_path / "x"),
+                                 batch_size=4))
+    (inputs, labels) = run.task.example_batch
+    assert run.shape == {"image_height": 24, "image_width": 24}
+    for x, label in zip(inputs["pixel_values"], labels):
+        expected = processor(shown[run.classes[label]], return_tensors="pt")["pixel_values"][0]
+        assert torch.allclose(x, expected, atol=1e-5)
+
+
+def test_the_readmes_way_to_load_a_saved_torch_model():
+    """`import pockengine` then `pockengine.models.mobilenet_v2(...)`, as the README loads a run's model.safetensors:
+    the submodules import on first use like pockengine.losses (a process of its own: here they are imported)."""
+    import subprocess
+    import sys
+
+    script = ("import pockengine; pockengine.models.mobilenet_v2(pretrained=False, num_classes=2); "
+              "assert callable(pockengine.data.load_mnist)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_yaml_config_may_name_paths_from_the_home_folder(tmp_path, cnn_module, monkeypatch):
+    """`data: ~/photos` in a run file means what it means on a command line, where the shell expands it."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_image_folder(tmp_path / "photos", size=12)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {cnn_module}:small_cnn\ndata: ~/photos\nsteps: 1\nbatch_size: 4\nout: ~/run\n")
+    assert main(["finetune", "--config", str(config)]) == 0
+    recorded = json.loads((tmp_path / "run" / "run.json").read_text())["config"]
+    assert recorded["data"] == str(tmp_path / "photos")

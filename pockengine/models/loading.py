@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -81,6 +82,20 @@ class ModelSource:
             mean, std = (mean[0],) * channels, (std[0],) * channels
         return size, tuple(mean), tuple(std), channels
 
+    def image_resizer(self) -> Callable[[Any], np.ndarray] | None:
+        """A Hugging Face folder's image processor's own resizing and cropping (its resample filter, shortest-edge
+        size, centre crop), as a function of an RGB PIL image to (height, width, 3) uint8 pixels: the images are
+        trained on as the processor saved beside the model will give them to it later. None without one."""
+        processor = _image_processor(self.spec) if self.kind == "huggingface" else None
+        if processor is None or int(getattr(self.config, "num_channels", 3)) != 3:
+            return None
+
+        def resize(image: Any) -> np.ndarray:
+            pixels = processor(image, do_rescale=False, do_normalize=False, return_tensors="np")["pixel_values"][0]
+            return np.asarray(pixels).round().clip(0, 255).astype(np.uint8).transpose(1, 2, 0)
+
+        return resize
+
 
 @dataclass
 class LoadedModel:
@@ -98,6 +113,7 @@ def _transformers() -> Any:
     except ImportError as e:
         raise UserInputError("Hugging Face models need transformers: pip install transformers") from e
     transformers.logging.set_verbosity_error()  # "newly initialized head" is what fine-tuning asks for
+    transformers.logging.disable_progress_bar()  # bars for loading and writing a few files, beside the run's own
     return transformers
 
 
@@ -165,6 +181,8 @@ def _load(source: ModelSource, kind: str, classes: list[str] | None) -> LoadedMo
         from pockengine.models.mobilenet_v2 import mobilenet_v2
 
         return LoadedModel(mobilenet_v2(pretrained=True, num_classes=len(classes)), "torch", keyword_inputs=False)
+    if source.spec in ("minilm", "smollm2"):
+        _transformers()  # quiet as for a folder: its load report calls the head fine-tuning adds "MISSING"
     if source.spec == "minilm":
         from pockengine.models.text import minilm_classifier
 
