@@ -239,12 +239,27 @@ class _Describer:
         return ["class", _name(cls), _package_version(cls), methods]
 
 
-_STRUCTURE = ("_parameters", "_buffers", "_modules")
+# Described apart: the module tree and its tensors, and the hooks (by function and flags: the flags' dicts keep the
+# ids of hooks removed since, and ids are a per-process count).
+_APART = {"_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+          "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs"}
 
 
 def _attributes(module: nn.Module) -> dict[str, Any]:
-    """What a module holds besides its parameters, buffers and submodules (described apart)."""
-    return {k: v for k, v in vars(module).items() if k not in _STRUCTURE}
+    """What a module holds besides its submodules and tensors, its forward hooks as `_hooks` describes them."""
+    attrs = {k: v for k, v in vars(module).items() if k not in _APART}
+    attrs["forward hooks"] = _hooks(vars(module), "")
+    return attrs
+
+
+def _hooks(where: dict[str, Any], prefix: str) -> list[Any]:
+    """The forward hooks and pre-hooks in `where` (a module's attributes, or torch's globals with prefix
+    `_global`), in the order they run, each with the flags it was registered with."""
+    get = lambda name: where.get(f"{prefix}{name}") or {}  # noqa: E731
+    with_kwargs, always, pre_with_kwargs = (get("_forward_hooks_with_kwargs"), get("_forward_hooks_always_called"),
+                                            get("_forward_pre_hooks_with_kwargs"))
+    return [[[hook, i in pre_with_kwargs] for i, hook in get("_forward_pre_hooks").items()],
+            [[hook, i in with_kwargs, i in always] for i, hook in get("_forward_hooks").items()]]
 
 
 def capture_key(model: nn.Module, loss_fn: Callable, batch: Any) -> str | None:
@@ -262,9 +277,7 @@ def capture_key(model: nn.Module, loss_fn: Callable, batch: Any) -> str | None:
         leaves, spec = pytree.tree_flatten(normalize_batch(batch))
         batch_desc = [str(spec), [[list(t.shape), list(t.stride()), str(t.dtype), t.device.type] if
                                   isinstance(t, torch.Tensor) else describe(t) for t in leaves]]
-        hooks = [describe(dict(getattr(nn.modules.module, name, {}))) for name in
-                 ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_always_called",
-                  "_global_forward_hooks_with_kwargs")]
+        hooks = describe(_hooks(vars(nn.modules.module), "_global"))
         whole = [_environment(), hooks, modules, params, buffers, describe(loss_fn), batch_desc]
     except _NotCacheable:
         return None
