@@ -487,7 +487,7 @@ def cached_capture(model: nn.Module, loss_fn: Callable, batch: Any, run: Callabl
         except Exception as e:  # noqa: BLE001  (whatever is wrong with the entry, it is captured again)
             warnings.warn(f"pockengine: the cached capture {path} cannot be used ({type(e).__name__}: "
                           f"{str(e)[:200]}); capturing again", RuntimeWarning, stacklevel=4)
-            _remove(path)
+            remove_entry(path)
             return None
         _touch(path)
         return captured
@@ -499,7 +499,8 @@ def cached_capture(model: nn.Module, loss_fn: Callable, batch: Any, run: Callabl
     return run()
 
 
-def _remove(path: Path) -> None:
+def remove_entry(path: Path) -> None:
+    """Remove the entry at `path` and its checksum."""
     for p in (path, path.with_name(path.name + ".sha256")):
         try:
             p.unlink()
@@ -528,5 +529,5 @@ def _evict(keep: Path) -> None:
         if total <= SIZE_LIMIT:
             break
         if p != keep:
-            _remove(p)
+            remove_entry(p)
             total -= size
