@@ -19,7 +19,9 @@ The key (`capture_key`) digests what the capture reads:
 - the loss function (its code, closure, defaults and the globals it reads), and the batch: its tree structure, each
   tensor leaf's shape, stride, dtype and device, and the value of each leaf that is not a tensor (traced as a constant).
 
-Torch's own functions and classes are keyed by name (torch's version covers their code). An object in the model whose
+Torch's own functions and classes are keyed by name (torch's version covers their code); so is code reached only
+through another module's attribute (`library.function(x)`), covered by the version of the library of each module's
+class. An object in the model whose
 description would hold a memory address (an opaque C object) makes the model uncacheable: such a key would never be
 found again, and an object that cannot be described cannot be ruled out as something tracing reads.
 
@@ -137,6 +139,8 @@ class _Describer:
             return ["bytes", hashlib.sha256(v).hexdigest()]
         if isinstance(v, torch.Tensor):
             return self._tensor(v)
+        if type(v).__module__ == "numpy" and hasattr(v, "tobytes") and hasattr(v, "shape"):
+            return ["ndarray", list(v.shape), str(v.dtype), hashlib.sha256(v.tobytes()).hexdigest()]
         if isinstance(v, (tuple, list)) and not hasattr(v, "_fields"):
             return [type(v).__name__, [self(x, depth) for x in v]]
         if isinstance(v, (set, frozenset)):
@@ -279,7 +283,7 @@ def capture_key(model: nn.Module, loss_fn: Callable, batch: Any) -> str | None:
                                   isinstance(t, torch.Tensor) else describe(t) for t in leaves]]
         hooks = describe(_hooks(vars(nn.modules.module), "_global"))
         whole = [_environment(), hooks, modules, params, buffers, describe(loss_fn), batch_desc]
-    except _NotCacheable:
+    except Exception:  # noqa: BLE001  (_NotCacheable, or a model that cannot be read this way: not cached)
         return None
     return hashlib.sha256(json.dumps(whole).encode()).hexdigest()
 
@@ -484,6 +488,8 @@ def cached_capture(model: nn.Module, loss_fn: Callable, batch: Any, run: Callabl
             return made["captured"]
         try:
             captured = _read(path, key, model)
+        except FileNotFoundError:
+            return None  # removed meanwhile by another process keeping the folder to its limit
         except Exception as e:  # noqa: BLE001  (whatever is wrong with the entry, it is captured again)
             warnings.warn(f"pockengine: the cached capture {path} cannot be used ({type(e).__name__}: "
                           f"{str(e)[:200]}); capturing again", RuntimeWarning, stacklevel=4)
