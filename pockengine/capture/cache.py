@@ -40,6 +40,7 @@ each write the least recently used entries (by modification time, refreshed on e
 from __future__ import annotations
 
 import builtins
+import contextvars
 import enum
 import functools
 import hashlib
@@ -50,6 +51,7 @@ import os
 import platform
 import re
 import sys
+import threading
 import types
 import warnings
 from pathlib import Path
@@ -69,6 +71,8 @@ FORMAT = 1  # of the entries' JSON; part of the key
 _FOLDER = "capture"
 _SUFFIX = ".safetensors"
 _META_KEY, _META_IR = "pockengine_capture_key", "pockengine_capture"
+_UNSET = object()
+_LOCKS = (type(threading.Lock()), type(threading.RLock()))
 _DEPTH = 4  # how far the globals read by a function's code are followed (a function calling a function ...)
 
 
@@ -102,8 +106,10 @@ def _environment() -> list[Any]:
 
 
 def _from_torch(obj: Any) -> bool:
-    module = getattr(obj, "__module__", None) or ""
-    return module == "torch" or module.startswith("torch.")
+    """Whether `obj` is torch's or Python's own (standard library, builtins): the versions in the key cover its code,
+    and following the globals of their code would reach process state (threads, caches)."""
+    top = (getattr(obj, "__module__", None) or "").partition(".")[0]
+    return top == "torch" or top in sys.stdlib_module_names or top in ("builtins", "_thread", "_collections_abc")
 
 
 def _name(obj: Any) -> str:
@@ -185,10 +191,11 @@ class _Describer:
             # a module kept outside the module tree: its structure (the tree's own modules are described apart)
             return ["module", self._class(type(v), depth), self(_attributes(v), depth - 1),
                     [[n, self._tensor(t)] for n, t in v.state_dict(keep_vars=True).items()]]
-        if callable(v) and _from_torch(v) or isinstance(v, (types.BuiltinFunctionType, types.WrapperDescriptorType,
-                                                            types.MethodDescriptorType, torch._ops.OpOverload,
-                                                            torch._ops.OpOverloadPacket)):
-            return ["callable", _name(v), str(v)]
+        if isinstance(v, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            return ["operator", str(v)]
+        if isinstance(v, (types.BuiltinFunctionType, types.WrapperDescriptorType, types.MethodDescriptorType)) or (
+                callable(v) and _from_torch(v) and hasattr(v, "__qualname__")):
+            return ["callable", _name(v)]
         if hasattr(v, "_fields") and isinstance(v, tuple):
             return ["namedtuple", _name(type(v)), [self(x, depth) for x in v]]
         state = getattr(v, "__dict__", None)
@@ -196,6 +203,15 @@ class _Describer:
             if depth <= 0:
                 return ["object", _name(type(v))]
             return ["object", self._class(type(v), depth - 1), self(dict(state), depth - 1)]
+        if type(v) is object:
+            return ["sentinel"]  # `MISSING = object()`: compared by identity, which holds within a process
+        if isinstance(v, contextvars.ContextVar):
+            return ["contextvar", v.name, self(v.get(_UNSET), depth)]  # its value now, which a trace would read
+        if isinstance(v, types.GeneratorType):  # a context manager's generator: its code
+            frame_globals = v.gi_frame.f_globals if v.gi_frame is not None else {}
+            return ["generator", v.gi_code.co_qualname, self._code(v.gi_code, frame_globals, depth)]
+        if isinstance(v, _LOCKS):
+            return ["lock"]  # guards other state; holds no value a trace reads
         r = repr(v)
         if re.search(r"0x[0-9a-fA-F]{6,}", r):  # an address: another in every process
             raise _NotCacheable(f"the model holds {type(v).__qualname__} {r[:80]}, which cannot be described")
@@ -227,11 +243,11 @@ class _Describer:
                 code.co_argcount, code.co_kwonlyargcount, code.co_flags, read]
 
     def _class(self, cls: type, depth: int) -> Any:
-        if _from_torch(cls) or cls.__module__ == "builtins":
+        if _from_torch(cls):
             return ["class", _name(cls)]
         methods = []
         for base in cls.__mro__:
-            if _from_torch(base) or base.__module__ == "builtins":
+            if _from_torch(base):
                 continue
             for name, attr in vars(base).items():
                 f = attr.__func__ if isinstance(attr, (staticmethod, classmethod)) else (
