@@ -273,3 +273,23 @@ def test_a_new_process_reads_the_entry_without_importing_the_tracer(tmp_path):
                                       check=True).stdout.splitlines()[-1]) for _ in range(2)]
     assert runs[0]["tracer"] and not runs[1]["tracer"]
     assert runs[0]["listing"] == runs[1]["listing"] and runs[0]["loss"] == runs[1]["loss"]
+
+
+def test_a_hugging_face_model_has_the_same_key_in_every_process():
+    """transformers' classes reach much of the library and Python's state (threads, registries): none of what
+    differs between processes may enter the key, or a new process would never find its entry."""
+    script = textwrap.dedent("""
+        import torch, transformers
+        import pockengine as pe
+        from pockengine.capture import cache
+        config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=32, num_labels=2)
+        torch.manual_seed(0)
+        model = transformers.BertForSequenceClassification(config)
+        ids = torch.randint(0, 64, (2, 8))
+        print(cache.capture_key(model, pe.losses.cross_entropy(), ({"input_ids": ids}, torch.tensor([0, 1]))))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    keys = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                           check=True).stdout.split()[-1] for _ in range(2)]
+    assert keys[0] == keys[1] and len(keys[0]) == 64
