@@ -115,6 +115,9 @@ def test_every_change_the_capture_depends_on_is_another_key(monkeypatch):
     changed = Net()
     changed.offsets = changed.offsets + 1  # a constant of the program: its values are part of the key
     assert key(changed) != base
+    scalar = Net()
+    scalar.scale = torch.tensor(2.0, dtype=torch.bfloat16)  # a 0-d tensor of any dtype is keyed by its value too
+    assert key(scalar) not in (None, base)
     assert key(b=batch(size=8)) != base  # a shape
     assert key(b=batch(n=2)) != base
     assert key(Net().double(), b=batch(dtype=torch.float64)) != base  # a dtype

@@ -24,3 +24,6 @@ def test_cold_and_warm_runs_on_a_toy_model(tmp_path, monkeypatch):
     text = (tmp_path / "out" / "README.md").read_text()
     assert "| toy | pockengine-warm |" in text and "python -m bench.compile_time --models toy" in text
     assert os.listdir(tmp_path / "cache" / "capture")
+    (tmp_path / "out" / "README.md").unlink()
+    assert compile_time.main(["--report", "--out", str(tmp_path / "out")]) == 0  # the report again, from the results
+    assert (tmp_path / "out" / "README.md").read_text() == text

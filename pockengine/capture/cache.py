@@ -172,7 +172,7 @@ class _Describer:
                 else str(t.layout), t.requires_grad]
         if t.device.type != "meta" and t.layout == torch.strided:
             # its values: a tensor that is not a parameter or buffer is traced as a constant of the program
-            data = t.detach().cpu().contiguous()
+            data = t.detach().cpu().contiguous().reshape(-1)
             desc.append(hashlib.sha256(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest())
         return desc
 
