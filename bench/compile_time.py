@@ -149,7 +149,9 @@ def report(records: list[dict[str, Any]], command: str, load: tuple[float, float
              "Inductor for torch.compile); the imports before (torch, pockengine's compiler, the model and its "
              "data) are the last column. pockengine cold: its capture cache entry removed first (torch.export "
              "runs); warm: a second compile of the same model in a new process, reading the entry. torch.compile: "
-             "an empty Inductor cache, the first step compiling forward and backward.", "",
+             "an empty Inductor cache, the first step compiling forward and backward. A first step also pays the "
+             "first use of the kernels' libraries and of fresh memory (page faults), whatever compiled it; the "
+             "machine is shared, so wall times vary with its load (given above).", "",
              "| model | system | compile s | compile CPU s | first step s | set-up s | set-up CPU s | imports s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in records:

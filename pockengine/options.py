@@ -65,7 +65,8 @@ class Options:
     capture_cache: keep each capture (pockengine's IR of the model and loss, without the weights) in the cache
         folder (`$POCKENGINE_CACHE/capture`, at most 256 MB, least recently used entries removed), keyed by the
         model's code and structure, the loss, the batch's shapes and the versions; a compile of the same model in
-        another process reads it instead of running torch.export (MobileNetV2: ~3 s less). Checksummed: a damaged
+        another process reads it instead of running torch.export and importing its tracer (MobileNetV2 on 2 cores: the
+        compile takes 0.9 CPU-s instead of 2.4; docs/benchmarks/compile-time). Checksummed: a damaged
         or stale entry is captured again. Default: on, unless the POCKENGINE_CAPTURE_CACHE environment variable is
         0. What is not cached (custom autograd.Functions, ...): pockengine/capture/cache.py.
     """
