@@ -157,9 +157,12 @@ def report(records: list[dict[str, Any]], command: str, load: tuple[float, float
     for r in records:
         lines.append(f"| {r['model']} | {r['system']} | {r['compile_s']:.2f} | {r['compile_cpu_s']:.2f} | "
                      f"{r['first_step_s']:.2f} | {r['setup_s']:.2f} | {r['setup_cpu_s']:.2f} | {r['imports_s']:.2f} |")
+    def same_losses(model: str) -> str:
+        losses = {r["loss"] for r in records if r["model"] == model and r["system"].startswith("pockengine")}
+        return "yes" if len(losses) == 1 else "NO"
+
     lines += ["", "pockengine's first losses equal across its runs: " + ", ".join(
-        f"{m}: {'yes' if len({r['loss'] for r in records if r['model'] == m and r['system'].startswith('pockengine')}) == 1 else 'NO'}"
-        for m in dict.fromkeys(r["model"] for r in records)) + ".",
+        f"{m}: {same_losses(m)}" for m in dict.fromkeys(r["model"] for r in records)) + ".",
               "", "What the cache keys and when it is not used: `pockengine/capture/cache.py`; "
               "[reliability.md](../../reliability.md) (integrity).", ""]
     return "\n".join(lines)
