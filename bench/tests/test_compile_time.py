@@ -9,7 +9,6 @@ import pytest
 from bench import compile_time
 
 
-@pytest.mark.slow  # three fresh interpreters: ~20 s on 2 cores
 def test_cold_and_warm_runs_on_a_toy_model(tmp_path, monkeypatch):
     monkeypatch.setenv("POCKENGINE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("POCKENGINE_CAPTURE_CACHE", "1")
