@@ -221,7 +221,10 @@ class PockEngine(System):
                                   scheme=Scheme.from_resolved(selections, scheme_name),
                                   freeze_batchnorm=freeze_batchnorm, attention=self.chosen.get("attention", "auto"),
                                   backend=self.chosen.get("backend", "aten"), disable=self._disabled_passes(),
-                                  capture_process=self.chosen.get("capture", "same"))
+                                  capture_process=self.chosen.get("capture", "same"),
+                                  # set-up measured cold: torch.export runs in every process (a warm compile reads
+                                  # the capture cache: python -m bench.compile_time)
+                                  capture_cache=False)
         self._entries = _entries(model, self.trainer.trained)
 
     def _disabled_passes(self) -> set[str]:

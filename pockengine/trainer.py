@@ -10,6 +10,7 @@ the loss) and the gradient program (returns the loss and the gradients, updates 
 from __future__ import annotations
 
 import gc
+import importlib
 import os
 import time
 from collections.abc import Iterator
@@ -26,7 +27,9 @@ from torch.utils import _pytree as pytree
 from pockengine import pipeline
 from pockengine.backend import Choice, CompiledProgram, InductorProgram, select
 from pockengine.capture import Captured, capture, normalize_batch
+from pockengine.capture import cache as capture_cache
 from pockengine.capture.child import capture_in_child
+from pockengine.capture.gradient_hooks import refuse_gradient_hooks
 from pockengine.checkpoint import recorded_setup, restore_state, save_trainer
 from pockengine.errors import BatchMismatchError, NonFiniteLossError, UserInputError
 from pockengine.ir.graph import BATCH, SCALAR, Node
@@ -67,10 +70,6 @@ class Trainer:
             raise UserInputError(f"scheme must be a pockengine.Scheme, got {type(scheme).__name__}")
         self.model = model
         self.loss_fn = loss_fn
-        # The runtime libraries' resident set, for memory_report: the process now, less the model's own tensors,
-        # with torch.export's tracer loaded (torch._dynamo and ~700 modules that the first capture would import).
-        import torch.export._trace  # noqa: F401, PLC0415
-        self._baseline_rss = _resident_without(model)
         self.optimizer = optimizer or SGD(lr=0.01)
         self.scheme = scheme or Scheme.full()
         self.options = options or Options()
@@ -83,6 +82,12 @@ class Trainer:
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
         example = self._example = normalize_batch(example_batch)
+        # The runtime libraries' resident set, for memory_report: the process now, less the model's own tensors,
+        # with torch.export's tracer loaded (torch._dynamo and ~700 modules that the first capture would import)
+        # unless the capture is read from the cache (then nothing imports it: a second of a warm compile).
+        if not (self.options.capture_cache and capture_cache.is_cached(model, loss_fn, example)):
+            importlib.import_module("torch.export._trace")
+        self._baseline_rss = _resident_without(model)
         leaves, self._spec = pytree.tree_flatten(example)
         self._check_device(leaves)
         self._dtypes = [t.dtype if isinstance(t, torch.Tensor) else type(t) for t in leaves]
@@ -248,9 +253,15 @@ class Trainer:
         program of a shape start from copies of it. Modules switched to another mode since are captured again."""
         key = (self._shape_key(pytree.tree_flatten(batch)[0]), tuple(m.training for m in self.model.modules()))
         if key not in self._captures:
-            in_child = capture_in_child(self.model, self.loss_fn, batch) if (
-                self.options.capture_process == "fork") else None
-            self._captures[key] = in_child or capture(self.model, self.loss_fn, batch)
+            refuse_gradient_hooks(self.model)  # hooks registered since a cached capture: the cache key has none
+
+            def run() -> Captured:
+                in_child = capture_in_child(self.model, self.loss_fn, batch) if (
+                    self.options.capture_process == "fork") else None
+                return in_child or capture(self.model, self.loss_fn, batch)
+
+            self._captures[key] = (capture_cache.cached_capture(self.model, self.loss_fn, batch, run)
+                                   if self.options.capture_cache else run())
         return self._captures[key]
 
     def _build(self, batch: Any, updates: bool, until: str | None = None, channels_last: bool | None = None) -> _Built:

@@ -10,6 +10,9 @@ import os
 import pytest
 
 os.environ.setdefault("POCKENGINE_CHECK", "1")
+# Every test captures its model afresh (they test the capture, and a test must not depend on what another wrote to
+# the cache); tests/test_compile_cache.py turns the capture cache on where it tests it.
+os.environ.setdefault("POCKENGINE_CAPTURE_CACHE", "0")
 
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     import torch

@@ -62,3 +62,14 @@ def test_a_global_backward_hook_is_refused():
             pe.compile(_Hooked("none"), nn.functional.cross_entropy, BATCH)
     finally:
         handle.remove()
+
+
+def test_a_hook_added_after_a_cached_capture_is_refused(monkeypatch, tmp_path):
+    """The capture cache keys a parameter by its metadata, not its hooks: a hook registered on a parameter of a
+    model whose capture is cached is refused all the same."""
+    monkeypatch.setenv("POCKENGINE_CACHE", str(tmp_path))
+    model = _Hooked("none")
+    pe.compile(model, nn.functional.cross_entropy, BATCH, capture_cache=True)
+    model.first.weight.register_hook(lambda g: g * 0)
+    with pytest.raises(CaptureError, match="parameter 'first.weight' has a gradient hook"):
+        pe.compile(model, nn.functional.cross_entropy, BATCH, capture_cache=True)

@@ -70,7 +70,9 @@ METHOD = """\
   after another, then take steps in turn (A B C … A B C …) with a {pause}s idle gap between steps, so that drift of
   the machine hits every system alike. The machine is shared: the gap is extended (up to `max_wait_s`, given above
   each table) while less than 85% of the CPU time is idle in it, i.e. while other processes are busy, and steps that start busy anyway are
-  counted (above each table). Then: {warmup} warm-up steps (the first one is part of the set-up time), then
+  counted (above each table). Then: {warmup} warm-up steps (the first one is part of the set-up time; pockengine's
+  set-up is a cold compile: its capture cache is off, so torch.export runs in every process; a warm one:
+  `python -m bench.compile_time`, docs/benchmarks/compile-time), then
   {steps} measured steps; step time is median, min and max of those. The step is what each system's user runs: for
   PyTorch forward, loss, backward, gradient masks, `optimizer.step()`, `zero_grad`; for pockengine `trainer.step`;
   for ONNX Runtime `module(...)`, `optimizer.step()`, `lazy_reset_grad()`; each returns the loss as a float.{sync}
