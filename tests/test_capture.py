@@ -361,3 +361,35 @@ def test_torch_transformer_with_a_causal_mask_and_no_hint(mode: str):
     model = getattr(_Seq2Seq(dropout=0.0), mode)()
     batch = ((torch.randn(2, 4, 8), torch.randn(2, 5, 8)), torch.randn(2, 5, 8))
     _check_gradients(model, nn.functional.mse_loss, batch)
+
+
+class _CastsItsRouter(nn.Module):
+    """Switch Transformers' router: `self.classifier = self.classifier.to(self.dtype)` at every call."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+        self.classifier = nn.Linear(4, 3)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.classifier = self.classifier.to(self.dtype)
+        return self.classifier(x.to(self.dtype)).softmax(-1).to(x.dtype) * self.out(x)
+
+
+def test_a_module_cast_in_forward_that_changes_nothing_is_skipped():
+    """In eager PyTorch the cast is a no-op; torch.export alone fails on it ("_apply(): Couldn't swap
+    Linear.weight")."""
+    torch.manual_seed(0)
+    model = _CastsItsRouter(torch.float32)
+    batch = ((torch.randn(2, 4),), None)
+    with pytest.raises(Exception, match="Couldn't swap"):
+        torch.export.export(_ModelWithLoss(model, _square_mean), batch)
+    _check_gradients(model, _square_mean, batch)
+    assert model.classifier.weight.dtype == torch.float32
+
+
+def test_a_module_cast_in_forward_that_changes_its_weights_is_refused_by_name():
+    with pytest.raises(CaptureError, match=r"module 'classifier' \(Linear\) is converted with .to\(torch.float64\) "
+                                           r"in the forward pass.*before pockengine.compile"):
+        pe.compile(_CastsItsRouter(torch.float64), _square_mean, ((torch.randn(2, 4),), None))

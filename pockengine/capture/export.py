@@ -31,6 +31,7 @@ from pockengine.capture.functions import FunctionCall, recording_autograd_functi
 from pockengine.capture.gradient_hooks import refuse_gradient_hooks, tensor_hooks_refused
 from pockengine.capture.layer_drop import traceable_layer_drop
 from pockengine.capture.masked_rows import rewrite_masked_rows
+from pockengine.capture.module_casts import unchanging_module_casts_skipped
 from pockengine.capture.python_random import no_python_random
 from pockengine.capture.spec_augment import traceable_spec_augment
 from pockengine.capture.stop_gradient import mark_stop_gradients, traceable_gradient_cuts
@@ -247,11 +248,12 @@ def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
         # Hugging Face's random draws in Python (layer drop's branch, SpecAugment's numpy mask) are traced as
         # random ops of the program; any other draw from Python's or numpy's generator is refused.
         # Exported with gradients enabled, so that the model's own `no_grad` blocks leave regions in the graph
-        # (capture/stop_gradient.py).
+        # (capture/stop_gradient.py). A module cast in the forward pass that changes nothing is skipped
+        # (capture/module_casts.py).
         with (torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), recording_autograd_functions() as function_calls,
               _quiet_export(), no_python_random(model, lambda: _eager_loss(model, loss_fn, inputs, target)),
               traceable_spec_augment(model), traceable_layer_drop(model), traceable_gradient_cuts(),
-              tensor_hooks_refused(), causal_mask_hint_unread()):
+              tensor_hooks_refused(), causal_mask_hint_unread(), unchanging_module_casts_skipped(model)):
             ep = torch.export.export(wrapper, (inputs, target))
             mark_stop_gradients(ep.graph_module)
             with _recurrent_dropout_kept(), _decomposition_split_reused():
