@@ -393,3 +393,24 @@ def test_a_module_cast_in_forward_that_changes_its_weights_is_refused_by_name():
     with pytest.raises(CaptureError, match=r"module 'classifier' \(Linear\) is converted with .to\(torch.float64\) "
                                            r"in the forward pass.*before pockengine.compile"):
         pe.compile(_CastsItsRouter(torch.float64), _square_mean, ((torch.randn(2, 4),), None))
+
+
+class _BatchNormOverTime(nn.Module):
+    """PatchTST's batch norm: over the channels of (batch, time, channels), transposed there and back, then viewed
+    as rows. ATen's CPU kernel returns a contiguous tensor where the meta function keeps the transposed strides."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(6)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(x.transpose(1, 2)).transpose(1, 2)
+        return self.out(y.reshape(-1, 6))
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_a_view_of_batch_norm_over_transposed_input_runs(mode: str):
+    torch.manual_seed(0)
+    model = getattr(_BatchNormOverTime(), mode)()
+    _check_gradients(model, _square_mean, ((torch.randn(3, 4, 6),), None))

@@ -29,6 +29,7 @@ from pockengine.capture.causal_mask_hint import causal_mask_hint_unread
 from pockengine.capture.export_errors import export_failure, parameter_mutation_error
 from pockengine.capture.functions import FunctionCall, recording_autograd_functions
 from pockengine.capture.gradient_hooks import refuse_gradient_hooks, tensor_hooks_refused
+from pockengine.capture.kernel_layouts import views_tolerate_kernel_layouts
 from pockengine.capture.layer_drop import traceable_layer_drop
 from pockengine.capture.masked_rows import rewrite_masked_rows
 from pockengine.capture.module_casts import unchanging_module_casts_skipped
@@ -272,6 +273,7 @@ def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
         raise export_failure(e, model) from e
     rewrite_tensor_checks(ep.graph_module)
     rewrite_masked_rows(ep.graph_module)
+    views_tolerate_kernel_layouts(ep.graph_module)
     return ep
 
 
