@@ -414,3 +414,30 @@ def test_a_view_of_batch_norm_over_transposed_input_runs(mode: str):
     torch.manual_seed(0)
     model = getattr(_BatchNormOverTime(), mode)()
     _check_gradients(model, _square_mean, ((torch.randn(3, 4, 6),), None))
+
+
+class _GaussianHead(nn.Module):
+    """A distribution head: the loss is the negative log-likelihood of the target under Normal(mu, sigma)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.distributions.Normal:
+        out = self.layer(x)
+        return torch.distributions.Normal(out[:, 0], nn.functional.softplus(out[:, 1]))
+
+
+def _negative_log_likelihood(output: torch.distributions.Normal, target: torch.Tensor) -> torch.Tensor:
+    return -output.log_prob(target).mean()
+
+
+def test_a_distributions_argument_checks_are_not_traced():
+    """torch.distributions check their arguments with a branch on tensor values (`if not valid.all()`), which
+    torch.export alone cannot trace."""
+    torch.manual_seed(0)
+    batch = ((torch.randn(4, 3),), torch.randn(4))
+    with pytest.raises(Exception, match="data-dependent"):
+        torch.export.export(_ModelWithLoss(_GaussianHead(), _negative_log_likelihood), batch)
+    _check_gradients(_GaussianHead(), _negative_log_likelihood, batch)
+    assert torch.distributions.Distribution._validate_args  # the default is back after the capture

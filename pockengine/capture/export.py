@@ -26,6 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
 from pockengine.capture.causal_mask_hint import causal_mask_hint_unread
+from pockengine.capture.distributions import distribution_checks_off
 from pockengine.capture.export_errors import export_failure, parameter_mutation_error
 from pockengine.capture.functions import FunctionCall, recording_autograd_functions
 from pockengine.capture.gradient_hooks import refuse_gradient_hooks, tensor_hooks_refused
@@ -250,11 +251,13 @@ def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
         # random ops of the program; any other draw from Python's or numpy's generator is refused.
         # Exported with gradients enabled, so that the model's own `no_grad` blocks leave regions in the graph
         # (capture/stop_gradient.py). A module cast in the forward pass that changes nothing is skipped
-        # (capture/module_casts.py).
+        # (capture/module_casts.py). torch.distributions are traced without their argument checks
+        # (capture/distributions.py).
         with (torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), recording_autograd_functions() as function_calls,
               _quiet_export(), no_python_random(model, lambda: _eager_loss(model, loss_fn, inputs, target)),
               traceable_spec_augment(model), traceable_layer_drop(model), traceable_gradient_cuts(),
-              tensor_hooks_refused(), causal_mask_hint_unread(), unchanging_module_casts_skipped(model)):
+              tensor_hooks_refused(), causal_mask_hint_unread(), unchanging_module_casts_skipped(model),
+              distribution_checks_off()):
             ep = torch.export.export(wrapper, (inputs, target))
             mark_stop_gradients(ep.graph_module)
             with _recurrent_dropout_kept(), _decomposition_split_reused():
