@@ -586,3 +586,22 @@ _add("time series", "patchtst",
          d_model=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32),
      hidden_targets(16, features("past_values", (16, 2))),
      lambda output, target: F.mse_loss(output.last_hidden_state.mean(dim=(1, 2)), target))
+
+
+def _series(g: torch.Generator) -> tuple:
+    """A univariate series: 8 steps of context plus 2 for the lags, 4 to predict, one time feature; the model computes
+    its own loss, so the target is unused."""
+    inputs = {"past_values": torch.randn(BATCH, 10, generator=g),
+              "past_time_features": torch.randn(BATCH, 10, 1, generator=g),
+              "past_observed_mask": torch.ones(BATCH, 10), "future_values": torch.randn(BATCH, 4, generator=g),
+              "future_time_features": torch.randn(BATCH, 4, 1, generator=g)}
+    return inputs, torch.zeros(BATCH)
+
+
+# an encoder-decoder whose head is a Student's t distribution; its loss is the negative log-likelihood of the future
+# values under it (`torch.distributions`' argument checks, pockengine/capture/distributions.py)
+_add("time series", "time-series-transformer",
+     _hf("TimeSeriesTransformerConfig", "TimeSeriesTransformerForPrediction", prediction_length=4, context_length=8,
+         lags_sequence=[1, 2], num_time_features=1, d_model=16, encoder_layers=1, decoder_layers=1,
+         encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16),
+     _series, lambda output, target: output.loss)
