@@ -391,7 +391,8 @@ def test_a_module_cast_in_forward_that_changes_nothing_is_skipped():
 
 def test_a_module_cast_in_forward_that_changes_its_weights_is_refused_by_name():
     with pytest.raises(CaptureError, match=r"module 'classifier' \(Linear\) is converted with .to\(torch.float64\) "
-                                           r"in the forward pass.*before pockengine.compile"):
+                                           r"in the forward pass.*before pockengine.compile "
+                                           r"\(model.get_submodule\('classifier'\).to\(torch.float64\)\)"):
         pe.compile(_CastsItsRouter(torch.float64), _square_mean, ((torch.randn(2, 4),), None))
 
 

@@ -6,7 +6,7 @@ swaps each parameter for its converted copy (they are fake tensors then), and th
 swap Linear.weight"). While capturing, `Module.to` returns the module unchanged when every parameter and buffer
 already has the device and dtype asked for, as eager PyTorch leaves it. A cast that would change a tensor rewrites
 the model's parameters during the forward pass, which a compiled program cannot do: that is a `CaptureError`
-naming the module and the way out (convert the model before compiling it).
+naming the module and the way out (convert that module before compiling).
 """
 
 from __future__ import annotations
@@ -44,11 +44,11 @@ def unchanging_module_casts_skipped(model: nn.Module) -> Iterator[None]:
         if _unchanged(self, device, dtype, memory_format):
             return self
         name = names.get(self)
+        cast = f".to({', '.join(map(str, (*args, *kwargs.values())))})"
         raise CaptureError(
             f"module {name if name is not None else type(self).__name__!r} ({type(self).__name__}) is converted "
-            f"with .to({', '.join(map(str, (*args, *kwargs.values())))}) in the forward pass, which would rewrite "
-            "its parameters at every step: a compiled program cannot. Convert the model to that dtype and device "
-            "before pockengine.compile, so that the cast changes nothing.")
+            f"with {cast} in the forward pass, which rewrites its parameters: a compiled program cannot. Convert it "
+            f"before pockengine.compile (model.get_submodule({name!r}){cast}), so that the cast changes nothing.")
 
     nn.Module.to = to
     try:
