@@ -605,3 +605,8 @@ _add("time series", "time-series-transformer",
          lags_sequence=[1, 2], num_time_features=1, d_model=16, encoder_layers=1, decoder_layers=1,
          encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16),
      _series, lambda output, target: output.loss)
+# block-sparse attention by default; at sequences this short it switches to full attention in its forward pass,
+# building new attention layers there (nn.init writing into fresh tensors under no_grad,
+# pockengine/capture/stop_gradient.py)
+_add("encoder", "big-bird", _hf("BigBirdConfig", "BigBirdForSequenceClassification", **ENCODER),
+     text_classification(), CE)
