@@ -370,3 +370,84 @@ def test_a_failed_capture_prints_nothing_of_torchs_own(capfd):
         pe.compile(nn.Sequential(nn.Linear(4, 4), _BranchesOnValues()), _square_mean, ((torch.randn(2, 4),), None))
     err = capfd.readouterr().err
     assert "def forward(" not in err and "Unable to find user code" not in err
+
+
+class _CastsItsRouter(nn.Module):
+    """Switch Transformers' router: `self.classifier = self.classifier.to(self.dtype)` at every call."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+        self.classifier = nn.Linear(4, 3)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.classifier = self.classifier.to(self.dtype)
+        return self.classifier(x.to(self.dtype)).softmax(-1).to(x.dtype) * self.out(x)
+
+
+def test_a_module_cast_in_forward_that_changes_nothing_is_skipped():
+    """In eager PyTorch the cast is a no-op; torch.export alone fails on it ("_apply(): Couldn't swap
+    Linear.weight")."""
+    torch.manual_seed(0)
+    model = _CastsItsRouter(torch.float32)
+    batch = ((torch.randn(2, 4),), None)
+    with pytest.raises(Exception, match="Couldn't swap"):
+        torch.export.export(_ModelWithLoss(model, _square_mean), batch)
+    _check_gradients(model, _square_mean, batch)
+    assert model.classifier.weight.dtype == torch.float32
+
+
+def test_a_module_cast_in_forward_that_changes_its_weights_is_refused_by_name():
+    with pytest.raises(CaptureError, match=r"module 'classifier' \(Linear\) is converted with .to\(torch.float64\) "
+                                           r"in the forward pass.*before pockengine.compile "
+                                           r"\(model.get_submodule\('classifier'\).to\(torch.float64\)\)"):
+        pe.compile(_CastsItsRouter(torch.float64), _square_mean, ((torch.randn(2, 4),), None))
+
+
+class _BatchNormOverTime(nn.Module):
+    """PatchTST's batch norm: over the channels of (batch, time, channels), transposed there and back, then viewed
+    as rows. ATen's CPU kernel returns a contiguous tensor where the meta function keeps the transposed strides."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(6)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(x.transpose(1, 2)).transpose(1, 2)
+        return self.out(y.reshape(-1, 6))
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_a_view_of_batch_norm_over_transposed_input_runs(mode: str):
+    torch.manual_seed(0)
+    model = getattr(_BatchNormOverTime(), mode)()
+    _check_gradients(model, _square_mean, ((torch.randn(3, 4, 6),), None))
+
+
+class _GaussianHead(nn.Module):
+    """A distribution head: the loss is the negative log-likelihood of the target under Normal(mu, sigma)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.distributions.Normal:
+        out = self.layer(x)
+        return torch.distributions.Normal(out[:, 0], nn.functional.softplus(out[:, 1]))
+
+
+def _negative_log_likelihood(output: torch.distributions.Normal, target: torch.Tensor) -> torch.Tensor:
+    return -output.log_prob(target).mean()
+
+
+def test_a_distributions_argument_checks_are_not_traced():
+    """torch.distributions check their arguments with a branch on tensor values (`if not valid.all()`), which
+    torch.export alone cannot trace."""
+    torch.manual_seed(0)
+    batch = ((torch.randn(4, 3),), torch.randn(4))
+    with pytest.raises(Exception, match="data-dependent"):
+        torch.export.export(_ModelWithLoss(_GaussianHead(), _negative_log_likelihood), batch)
+    _check_gradients(_GaussianHead(), _negative_log_likelihood, batch)
+    assert torch.distributions.Distribution._validate_args  # the default is back after the capture

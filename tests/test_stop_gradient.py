@@ -124,3 +124,29 @@ def test_a_write_into_a_detached_activation_is_refused():
     """A copy in the detach's place would take the write away from the tensor it aliases: refused by name."""
     with pytest.raises(CaptureError, match=r"writes in place into a detached value.*x\.detach\(\)\.clone\(\)"):
         pe.compile(_WritesIntoDetached(), _loss, ((torch.randn(5, 4),), torch.randint(0, 3, (5,))))
+
+
+class _BuildsALayerInForward(nn.Module):
+    """BigBird at sequences too short for its block-sparse attention: `set_attention_type("original_full")` in the
+    forward pass builds new layers (nn.Linear's init: `uniform_` into a detached fresh tensor), then keeps the old
+    weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fresh = nn.Linear(4, 3)
+        fresh.weight = self.layer.weight
+        fresh.bias = self.layer.bias
+        return fresh(x)
+
+
+def test_a_tensor_initialized_in_place_in_forward_is_not_a_write_into_an_activation():
+    torch.manual_seed(0)
+    model = _BuildsALayerInForward()
+    batch = ((torch.randn(5, 4),), torch.randint(0, 3, (5,)))
+    ref = autograd_gradients(copy.deepcopy(model), _loss, batch)[1]
+    grads = pe.compile(model, _loss, batch).gradients(batch)
+    assert grads.keys() == ref.keys()
+    assert not gradient_errors(grads, ref, exact=lambda: pytest.fail("fp32 autograd is not the reference here"))

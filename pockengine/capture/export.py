@@ -28,11 +28,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
 from pockengine.capture.causal_mask_hint import causal_mask_hint_unread
+from pockengine.capture.distributions import distribution_checks_off
 from pockengine.capture.export_errors import export_failure, parameter_mutation_error
 from pockengine.capture.functions import FunctionCall, recording_autograd_functions
 from pockengine.capture.gradient_hooks import refuse_gradient_hooks, tensor_hooks_refused
+from pockengine.capture.kernel_layouts import views_tolerate_kernel_layouts
 from pockengine.capture.layer_drop import traceable_layer_drop
 from pockengine.capture.masked_rows import rewrite_masked_rows
+from pockengine.capture.module_casts import unchanging_module_casts_skipped
 from pockengine.capture.python_random import no_python_random
 from pockengine.capture.spec_augment import traceable_spec_augment
 from pockengine.capture.stop_gradient import mark_stop_gradients, traceable_gradient_cuts
@@ -262,11 +265,14 @@ def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
         # Hugging Face's random draws in Python (layer drop's branch, SpecAugment's numpy mask) are traced as
         # random ops of the program; any other draw from Python's or numpy's generator is refused.
         # Exported with gradients enabled, so that the model's own `no_grad` blocks leave regions in the graph
-        # (capture/stop_gradient.py).
+        # (capture/stop_gradient.py). A module cast in the forward pass that changes nothing is skipped
+        # (capture/module_casts.py). torch.distributions are traced without their argument checks
+        # (capture/distributions.py).
         with (torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), recording_autograd_functions() as function_calls,
               _quiet_export(), no_python_random(model, lambda: _eager_loss(model, loss_fn, inputs, target)),
               traceable_spec_augment(model), traceable_layer_drop(model), traceable_gradient_cuts(),
-              tensor_hooks_refused(), causal_mask_hint_unread()):
+              tensor_hooks_refused(), causal_mask_hint_unread(), unchanging_module_casts_skipped(model),
+              distribution_checks_off()):
             ep = torch.export.export(wrapper, (inputs, target))
             mark_stop_gradients(ep.graph_module)
             with _recurrent_dropout_kept(), _decomposition_split_reused():
@@ -285,6 +291,7 @@ def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
         raise export_failure(e, model) from e
     rewrite_tensor_checks(ep.graph_module)
     rewrite_masked_rows(ep.graph_module)
+    views_tolerate_kernel_layouts(ep.graph_module)
     return ep
 
 

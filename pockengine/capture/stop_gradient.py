@@ -106,9 +106,27 @@ def _written_through(node: torch.fx.Node) -> bool:
     return False
 
 
+def _computed_from_inputs(node: torch.fx.Node) -> bool:
+    """Whether `node` depends on a placeholder (a parameter, buffer or batch input), not only on tensors the
+    program makes itself."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n.op == "placeholder":
+            return True
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return False
+
+
 def _refuse_write_into_activation(node: torch.fx.Node) -> None:
     source = node.args[0]
     if isinstance(source, torch.fx.Node) and source.op == "placeholder":
+        return
+    if isinstance(source, torch.fx.Node) and not _computed_from_inputs(source):
+        # a tensor made in the forward pass, initialized in place (BigBird builds new attention layers in its
+        # forward pass at short sequences, nn.init's `uniform_` under no_grad): no gradient reaches it
         return
     raise CaptureError(
         f"the model writes in place into a detached value ({node.name} = x.detach(), then an in-place op on it"

@@ -471,3 +471,142 @@ _add("vision", "siglip2-vision",
      _hf("Siglip2VisionConfig", "Siglip2VisionModel", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
          num_attention_heads=2, num_patches=16, patch_size=2),
      _patches, last_hidden_state_mse)
+
+
+# ------------------------------------------------------------------------------------------------ fourth screening
+MLA = dict(q_lora_rank=8, qk_rope_head_dim=4, head_dim=4)  # DeepSeek's latent attention: the rotary part is head_dim
+for name, config, model, sizes in [
+    # sliding-window and full attention layers; per-layer inputs: a second embedding of the tokens, a slice of it
+    # gated into each layer
+    ("gemma4", "Gemma4TextConfig", "Gemma4ForCausalLM",
+     dict(DECODER, num_key_value_heads=1, head_dim=8, sliding_window=4, vocab_size_per_layer_input=VOCAB,
+          hidden_size_per_layer_input=8)),
+    # gated delta-rule linear attention and full attention layers
+    ("olmo-hybrid", "OlmoHybridConfig", "OlmoHybridForCausalLM", dict(DECODER, num_key_value_heads=2)),
+    # DeepSeek sparse attention: a lightning indexer scores the keys, each query attends to its top ones
+    ("glm-moe-dsa", "GlmMoeDsaConfig", "GlmMoeDsaForCausalLM",
+     dict(DECODER, **MLA, num_key_value_heads=2, kv_lora_rank=8, qk_nope_head_dim=4, v_head_dim=8,
+          moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1,
+          first_k_dense_replace=1)),
+    ("deepseek-v4", "DeepseekV4Config", "DeepseekV4ForCausalLM",
+     dict(DECODER, **MLA, num_key_value_heads=1, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+          sliding_window=4)),
+    # the decoder of ProphetNet: a main stream and an n-gram stream predicting the tokens after next
+    ("prophetnet", "ProphetNetConfig", "ProphetNetForCausalLM",
+     dict(vocab_size=VOCAB, hidden_size=16, num_encoder_layers=2, num_decoder_layers=2, num_encoder_attention_heads=2,
+          num_decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+          num_buckets=8, relative_max_distance=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # gated short convolutions, sliding-window and full attention layers
+    ("lfm3", "Lfm3Config", "Lfm3ForCausalLM",
+     dict(DECODER, num_key_value_heads=1, head_dim=8, sliding_window=4, num_hidden_layers=3,
+          layer_types=["conv", "sliding_attention", "full_attention"])),
+    # experts with identity ("zero-computation") experts among them, each run on the rows routed to it, found with
+    # `nonzero()` and iterated over in Python: torch.export cannot (see docs/coverage.md)
+    ("longcat-flash", "LongcatFlashConfig", "LongcatFlashForCausalLM",
+     dict(DECODER, **MLA, num_layers=1, num_key_value_heads=2, kv_lora_rank=8, qk_nope_head_dim=4, v_head_dim=8,
+          expert_ffn_hidden_size=16, n_routed_experts=4, zero_expert_num=2, moe_topk=2)),
+]:
+    _add("decoder", name, _hf(config, model, **sizes), tokens, LM)
+
+for name, config, model, sizes in [
+    # local attention within a radius of 2 tokens
+    ("longt5-encoder", "LongT5Config", "LongT5EncoderModel",
+     dict(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2, relative_attention_num_buckets=8,
+          relative_attention_max_distance=16, local_radius=2, pad_token_id=0, eos_token_id=1)),
+    # attention within blocks of 4 tokens plus 2 global tokens
+    ("pegasus-x-encoder", "PegasusXConfig", "PegasusXModel",
+     dict(vocab_size=VOCAB, d_model=16, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
+          decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+          block_size=4, num_global_tokens=2, pad_token_id=0, eos_token_id=2)),
+    # routed experts (top-1) whose rows are found with `nonzero()` and iterated over in Python: torch.export cannot;
+    # its router casts its classifier to its dtype at every call (pockengine/capture/module_casts.py). One of the
+    # two layers sparse (by default 3 of them: none of 2 layers would be)
+    ("switch-transformers-encoder", "SwitchTransformersConfig", "SwitchTransformersEncoderModel",
+     dict(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=1, num_heads=2,
+          num_experts=4, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1, relative_attention_num_buckets=8,
+          relative_attention_max_distance=16, pad_token_id=0, eos_token_id=1)),
+    # Longformer's attention (a sliding window of 4): it branches on whether any token attends globally
+    ("led-encoder", "LEDConfig", "LEDModel",
+     dict(vocab_size=VOCAB, d_model=16, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
+          decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_encoder_position_embeddings=32,
+          max_decoder_position_embeddings=32, attention_window=4, pad_token_id=1, bos_token_id=0, eos_token_id=2)),
+]:
+    make = _hf(config, model, **sizes)
+    if name.endswith("-encoder") and "Encoder" not in model:
+        make = _hf_part(config, model, lambda m: m.get_encoder(), **sizes)
+    _add("encoder part", name, make, hidden_targets(16, text_classification()), last_hidden_state_mse)
+
+
+def _latent_text_classification(g: torch.Generator) -> tuple:
+    """Perceiver takes its token ids as `inputs`."""
+    inputs, target = text_classification()(g)
+    return {"inputs": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}, target
+
+
+# cross-attention from 4 latents to the tokens, self-attention among the latents
+_add("encoder", "perceiver",
+     _hf("PerceiverConfig", "PerceiverForSequenceClassification", vocab_size=VOCAB, max_position_embeddings=32,
+         num_latents=4, d_latents=16, d_model=16, num_blocks=1, num_self_attends_per_block=1,
+         num_self_attention_heads=2, num_cross_attention_heads=2, num_labels=3),
+     _latent_text_classification, CE)
+_add("vision", "dinov3-vit",  # register tokens, rotary positions over the patch grid, layer scale
+     _hf("DINOv3ViTConfig", "DINOv3ViTModel", image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=2,
+         num_attention_heads=2, intermediate_size=32, num_register_tokens=2),
+     hidden_targets(16, images(16)), last_hidden_state_mse)
+# grouping stages: learned group tokens assign the patches to groups with a hard Gumbel softmax (train mode draws its
+# noise from torch.distributions.Gumbel, pockengine/capture/distributions.py)
+_add("vision", "groupvit-vision",
+     _hf("GroupViTVisionConfig", "GroupViTVisionModel", image_size=16, patch_size=8, hidden_size=16,
+         intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, depths=[1, 1], num_group_tokens=[4, 0],
+         num_output_groups=[4, 4]),
+     hidden_targets(16, images(16)), last_hidden_state_mse)
+_add("vision", "clip-image-classification",
+     _hf("CLIPConfig", "CLIPForImageClassification", num_labels=3,
+         text_config=dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, max_position_embeddings=32),
+         vision_config=dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                            num_attention_heads=2)),
+     images(16), CE)
+
+
+def _video(g: torch.Generator) -> tuple:
+    """4 frames of 16x16 pixels per sample."""
+    return {"pixel_values": torch.randn(BATCH, 4, 3, 16, 16, generator=g)}, torch.randint(0, 3, (BATCH,), generator=g)
+
+
+# tubelets of 2 frames x 8x8 pixels embedded by a 3-D convolution
+_add("video", "vivit",
+     _hf("VivitConfig", "VivitForVideoClassification", image_size=16, num_frames=4, tubelet_size=[2, 8, 8],
+         hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, num_labels=3),
+     _video, CE)
+# batch norm over the channels of (batch, time, channels), transposed there and back: ATen's CPU kernel returns
+# another layout than its meta function says (pockengine/capture/kernel_layouts.py)
+_add("time series", "patchtst",
+     _hf("PatchTSTConfig", "PatchTSTModel", num_input_channels=2, context_length=16, patch_length=4, patch_stride=4,
+         d_model=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32),
+     hidden_targets(16, features("past_values", (16, 2))),
+     lambda output, target: F.mse_loss(output.last_hidden_state.mean(dim=(1, 2)), target))
+
+
+def _series(g: torch.Generator) -> tuple:
+    """A univariate series: 8 steps of context plus 2 for the lags, 4 to predict, one time feature; the model computes
+    its own loss, so the target is unused."""
+    inputs = {"past_values": torch.randn(BATCH, 10, generator=g),
+              "past_time_features": torch.randn(BATCH, 10, 1, generator=g),
+              "past_observed_mask": torch.ones(BATCH, 10), "future_values": torch.randn(BATCH, 4, generator=g),
+              "future_time_features": torch.randn(BATCH, 4, 1, generator=g)}
+    return inputs, torch.zeros(BATCH)
+
+
+# an encoder-decoder whose head is a Student's t distribution; its loss is the negative log-likelihood of the future
+# values under it (`torch.distributions`' argument checks, pockengine/capture/distributions.py)
+_add("time series", "time-series-transformer",
+     _hf("TimeSeriesTransformerConfig", "TimeSeriesTransformerForPrediction", prediction_length=4, context_length=8,
+         lags_sequence=[1, 2], num_time_features=1, d_model=16, encoder_layers=1, decoder_layers=1,
+         encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16),
+     _series, lambda output, target: output.loss)
+# block-sparse attention by default; at sequences this short it switches to full attention in its forward pass,
+# building new attention layers there (nn.init writing into fresh tensors under no_grad,
+# pockengine/capture/stop_gradient.py)
+_add("encoder", "big-bird", _hf("BigBirdConfig", "BigBirdForSequenceClassification", **ENCODER),
+     text_classification(), CE)

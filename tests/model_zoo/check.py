@@ -39,6 +39,7 @@ import pockengine as pe
 import pockengine.trainer
 from pockengine.backend.torch_codegen import seeded_target
 from pockengine.capture.export import _ModelWithLoss, export, from_exported, normalize_batch
+from pockengine.capture.kernel_layouts import views_tolerate_kernel_layouts
 from pockengine.errors import CaptureError
 from pockengine.ir.ops import draws_random
 from pockengine.scheme import gradient_masks
@@ -145,6 +146,7 @@ def _exported_reference(model: nn.Module, ep: torch.export.ExportedProgram, loss
         # drawn from the trainer's generator; the reference runs the same math form.
         with sdpa_kernel(SDPBackend.MATH):
             ep = ep.run_decompositions(torch.export.default_decompositions())
+        views_tolerate_kernel_layouts(ep.graph_module)  # retraced: its views again trust the fake strides
     program = ep.module()
     draws = _RandomDraws(SEED)
     for node in list(program.graph.nodes):
