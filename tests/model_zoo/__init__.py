@@ -340,6 +340,24 @@ class _SelfAttention(nn.Module):
         return self.classifier(y.mean(dim=1))
 
 
+class _Seq2Seq(nn.Module):
+    """nn.Transformer as its documentation uses it: a causal target mask, no `tgt_is_causal` hint."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transformer = nn.Transformer(16, 2, 1, 1, 32, batch_first=True)
+        self.classifier = nn.Linear(16, 3)
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(tgt.shape[1])
+        return self.classifier(self.transformer(src, tgt, tgt_mask=mask)[:, -1])
+
+
+def _source_and_target(g: torch.Generator) -> tuple:
+    return ((torch.randn(BATCH, SEQ, 16, generator=g), torch.randn(BATCH, SEQ - 2, 16, generator=g)),
+            torch.randint(0, 3, (BATCH,), generator=g))
+
+
 class _Bag(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -371,6 +389,7 @@ for name, make, batch, loss in [
     ("nn.TransformerEncoderLayer(norm_first)",
      lambda: _Sequence(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, norm_first=True), 16), _sequence, CE),
     ("nn.MultiheadAttention", _SelfAttention, _sequence, CE),
+    ("nn.Transformer(tgt_mask)", _Seq2Seq, _source_and_target, CE),
     ("nn.LSTM", lambda: _Sequence(nn.LSTM(16, 16, num_layers=2, batch_first=True, dropout=0.1), 16), _sequence, CE),
     ("nn.GRU", lambda: _Sequence(nn.GRU(16, 16, num_layers=2, batch_first=True, dropout=0.1), 16), _sequence, CE),
     ("nn.ConvTranspose2d",
