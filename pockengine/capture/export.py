@@ -14,7 +14,7 @@ import operator
 import sys
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager, redirect_stderr
+from contextlib import AbstractContextManager, ExitStack, contextmanager, redirect_stderr
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -253,28 +253,39 @@ def _shapes(tree: Any) -> str:
     return str(pytree.tree_map_only(torch.Tensor, lambda t: list(t.shape), tree))
 
 
+def _tracing_contexts(model: nn.Module, loss_fn: Callable, inputs: Any, target: Any) -> list[AbstractContextManager]:
+    """What is in force while torch.export traces the model with its loss, in order; each module says why.
+    - gradients enabled, so that the model's own `no_grad` blocks leave regions in the graph (stop_gradient.py);
+    - the math attention backend: traced with it, attention returns a dense (..., heads, L, E) tensor, and the views
+      after it are recorded for that layout, which both of pockengine's attention kernels produce. Traced with the
+      CPU's flash kernel, which lays its output out as (batch, L, heads, E), a model's `transpose(1, 2).reshape(...)`
+      is recorded as a plain view that fails on any other layout (GPT-2: "Cannot view a tensor");
+    - custom autograd.Functions recorded (functions.py); torch's noise kept off the terminal;
+    - Hugging Face's random draws in Python (layer drop's branch, SpecAugment's numpy mask) traced as random ops of
+      the program, any other draw from Python's or numpy's generator refused (python_random.py, spec_augment.py,
+      layer_drop.py);
+    - `.data` and `inference_mode` as the gradient cuts they are (stop_gradient.py), gradient hooks refused
+      (gradient_hooks.py), torch.nn's causal-mask hint not read off the mask (causal_mask_hint.py), module casts
+      that change nothing skipped (module_casts.py), torch.distributions without their argument checks
+      (distributions.py)."""
+    return [torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), _quiet_export(),
+            no_python_random(model, lambda: _eager_loss(model, loss_fn, inputs, target)),
+            traceable_spec_augment(model), traceable_layer_drop(model), traceable_gradient_cuts(),
+            tensor_hooks_refused(), causal_mask_hint_unread(), unchanging_module_casts_skipped(model),
+            distribution_checks_off()]
+
+
 def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
     inputs, target = normalize_batch(batch)
     refuse_gradient_hooks(model)
     wrapper = _ModelWithLoss(model, loss_fn)
     try:
-        # Traced with the math backend, attention returns a dense (..., heads, L, E) tensor, and the views after it
-        # are recorded for that layout, which both of pockengine's attention kernels produce. Traced with the CPU's
-        # flash kernel, which lays its output out as (batch, L, heads, E), a model's `transpose(1, 2).reshape(...)`
-        # is recorded as a plain view that fails on any other layout (GPT-2: "Cannot view a tensor").
-        # Hugging Face's random draws in Python (layer drop's branch, SpecAugment's numpy mask) are traced as
-        # random ops of the program; any other draw from Python's or numpy's generator is refused.
-        # Exported with gradients enabled, so that the model's own `no_grad` blocks leave regions in the graph
-        # (capture/stop_gradient.py). A module cast in the forward pass that changes nothing is skipped
-        # (capture/module_casts.py). torch.distributions are traced without their argument checks
-        # (capture/distributions.py).
-        with (torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), recording_autograd_functions() as function_calls,
-              _quiet_export(), no_python_random(model, lambda: _eager_loss(model, loss_fn, inputs, target)),
-              traceable_spec_augment(model), traceable_layer_drop(model), traceable_gradient_cuts(),
-              tensor_hooks_refused(), causal_mask_hint_unread(), unchanging_module_casts_skipped(model),
-              distribution_checks_off()):
+        with ExitStack() as tracing:
+            function_calls = tracing.enter_context(recording_autograd_functions())
+            for context in _tracing_contexts(model, loss_fn, inputs, target):
+                tracing.enter_context(context)
             ep = torch.export.export(wrapper, (inputs, target))
-            mark_stop_gradients(ep.graph_module)
+            mark_stop_gradients(ep.graph_module)  # before the decompositions turn `detach` into `alias`
             with _recurrent_dropout_kept(), _decomposition_split_reused():
                 ep = ep.run_decompositions(decompositions())
         ep.graph_module.meta[FUNCTION_CALLS] = function_calls  # alive while the program refers to them

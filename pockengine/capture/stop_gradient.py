@@ -2,8 +2,9 @@
 
 A model cuts the gradient with `x.detach()` (or `x.data`) or by computing a value under `torch.no_grad()` or
 `torch.inference_mode()` (a `with` block or a decorated method: Hugging Face's rotary embeddings, spectral norm's
-power iteration, normalizations that scale by a detached statistic). The core ATen decompositions lose both: `detach` becomes `alias`, differentiated as the identity, and a program exported
-under `no_grad` carries no trace of a `no_grad` block inside it. Differentiated as captured, such a model would get
+power iteration, normalizations that scale by a detached statistic). The core ATen decompositions lose both:
+`detach` becomes `alias`, differentiated as the identity, and a program exported under `no_grad` carries no trace
+of a `no_grad` block inside it. Differentiated as captured, such a model would get
 gradients autograd never computes, silently. So the model is exported with gradients enabled (its own `no_grad`
 blocks become `wrap_with_set_grad_enabled(False, ...)` regions of the pre-decomposition graph) and, before the
 decompositions, every `detach` and every float output of such a region goes through `stop_gradient`: an op that
