@@ -34,6 +34,7 @@ from pockengine.capture.functions import FunctionCall, recording_autograd_functi
 from pockengine.capture.gradient_hooks import refuse_gradient_hooks, tensor_hooks_refused
 from pockengine.capture.kernel_layouts import views_tolerate_kernel_layouts
 from pockengine.capture.layer_drop import traceable_layer_drop
+from pockengine.capture.locations import module_path, strip_model_prefix
 from pockengine.capture.masked_rows import rewrite_masked_rows
 from pockengine.capture.module_casts import unchanging_module_casts_skipped
 from pockengine.capture.python_random import no_python_random
@@ -44,10 +45,10 @@ from pockengine.errors import CaptureError, UserInputError
 from pockengine.ir.graph import BATCH, BUFFER, PARAM, Graph, Node, TensorMeta, meta_of
 
 FUNCTION_CALLS = "pockengine_function_calls"  # key of the exported graph module's meta
-_MODEL = "model"  # attribute name of the user's model inside the capture wrapper
 
 
 class _ModelWithLoss(nn.Module):
+    # holds the user's model as `model`: capture/locations.py reads module paths relative to it
     def __init__(self, model: nn.Module, loss_fn: Callable):
         super().__init__()
         self.model = model
@@ -93,22 +94,6 @@ def normalize_batch(batch: Any) -> tuple[Any, Any]:
     if not isinstance(inputs, (tuple, dict)):
         raise UserInputError(f"batch inputs must be a tensor, a tuple or a dict, got {type(inputs).__name__}")
     return inputs, target
-
-
-def _strip_model_prefix(path: str) -> str:
-    if path == _MODEL:
-        return ""
-    return path.removeprefix(_MODEL + ".")
-
-
-def _module_path(fx_node: torch.fx.Node) -> tuple[str, bool]:
-    """(module path relative to the model, whether the node lies inside the model rather than in the loss)."""
-    stack = fx_node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return "", False
-    path = list(stack.values())[-1][0]
-    inside = path == _MODEL or path.startswith(_MODEL + ".")
-    return (_strip_model_prefix(path) if inside else ""), inside
 
 
 # Activations the default core-ATen table would split into element-wise ops (silu -> x * sigmoid(x)). Whole, their
@@ -398,7 +383,7 @@ def _leaf_name(model: nn.Module, ep: ExportedProgram, index: int) -> str:
 
 def _input_mutation_error(model: nn.Module, ep: ExportedProgram, name: str, new_value: torch.fx.Node
                           ) -> CaptureError:
-    module, inside = _module_path(new_value)
+    module, inside = module_path(new_value)
     where = (f"in module '{module}'" if module else "in the model's forward") if inside else "in loss_fn"
     user_inputs = [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
     index = user_inputs.index(name)
@@ -472,12 +457,12 @@ def from_exported(model: nn.Module, ep: ExportedProgram) -> Captured:
                                    "torch.Generator made in forward(); pass random values in as tensors instead")
             meta = TensorMeta(tuple(int(s) for s in val.shape), val.dtype)
             if spec.kind == InputKind.PARAMETER:
-                name = canonical[id(model.get_parameter(_strip_model_prefix(spec.target)))]
+                name = canonical[id(model.get_parameter(strip_model_prefix(spec.target)))]
                 if name not in params:
                     params[name] = graph.input(name, PARAM, meta, module=name.rpartition(".")[0])
                 env[fx_node] = params[name]
             elif spec.kind == InputKind.BUFFER:
-                name = _strip_model_prefix(spec.target)
+                name = strip_model_prefix(spec.target)
                 env[fx_node] = buffers[name] = graph.input(name, BUFFER, meta, module=name.rpartition(".")[0])
             elif spec.kind == InputKind.CONSTANT_TENSOR:
                 env[fx_node] = graph.constant(fx_node.name, ep.constants[spec.target])
@@ -492,7 +477,7 @@ def from_exported(model: nn.Module, ep: ExportedProgram) -> Captured:
         elif fx_node.op == "call_function":
             args, kwargs = pytree.tree_map(lambda a: env[a] if isinstance(a, torch.fx.Node) else a,
                                            (fx_node.args, fx_node.kwargs))
-            module, inside = _module_path(fx_node)
+            module, inside = module_path(fx_node)
             section = "forward" if inside else "loss"
             if (checked := _checked_value(graph, fx_node, args, module, section)) is not None:
                 env[fx_node] = checked
@@ -522,11 +507,11 @@ def from_exported(model: nn.Module, ep: ExportedProgram) -> Captured:
                 if spec.kind == OutputKind.USER_OUTPUT:
                     loss = env[out]
                 elif spec.kind == OutputKind.BUFFER_MUTATION:
-                    buffer_updates[_strip_model_prefix(spec.target)] = env[out]
+                    buffer_updates[strip_model_prefix(spec.target)] = env[out]
                 elif spec.kind == OutputKind.USER_INPUT_MUTATION:
                     raise _input_mutation_error(model, ep, spec.target, out)
                 elif spec.kind == OutputKind.PARAMETER_MUTATION:
-                    raise parameter_mutation_error(_strip_model_prefix(spec.target), _module_path(out)[0], out)
+                    raise parameter_mutation_error(strip_model_prefix(spec.target), module_path(out)[0], out)
                 elif spec.kind != OutputKind.TOKEN:
                     raise CaptureError(f"unsupported graph output kind {spec.kind}")
         else:

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from pockengine.capture.locations import described
 from pockengine.errors import CaptureError
 from pockengine.ir.graph import Graph
 from pockengine.ir.ops import is_mutating, is_view
@@ -77,15 +78,14 @@ def traceable_gradient_cuts() -> Iterator[None]:
         torch.inference_mode.__enter__, torch.inference_mode.__exit__ = enter, exit_
 
 
-def _stopped(graph: torch.fx.Graph, value: torch.fx.Node) -> torch.fx.Node:
-    """`stop_gradient(value)` inserted right after `value`, every other reader of `value` reading it instead."""
+def _stop(graph: torch.fx.Graph, value: torch.fx.Node) -> None:
+    """Insert `stop_gradient(value)` right after `value`; every other reader of `value` reads it instead."""
     readers = list(value.users)
     with graph.inserting_after(value):
         stopped = graph.call_function(STOP_GRADIENT, (value,))
     stopped.meta = {**value.meta}
     for reader in readers:
         reader.replace_input_with(value, stopped)
-    return stopped
 
 
 def _is_float_tensor(node: torch.fx.Node) -> bool:
@@ -130,15 +130,9 @@ def _refuse_write_into_activation(node: torch.fx.Node) -> None:
         # forward pass at short sequences, nn.init's `uniform_` under no_grad): no gradient reaches it
         return
     raise CaptureError(
-        f"the model writes in place into a detached value ({node.name} = x.detach(), then an in-place op on it"
-        f"{_where(node)}); the write changes x too, which the gradient cannot follow. Write into a copy instead: "
+        f"the model writes in place into a detached value ({node.name} = x.detach(), then an in-place op on it "
+        f"{described(node)}); the write changes x too, which the gradient cannot follow. Write into a copy instead: "
         "x.detach().clone().")
-
-
-def _where(node: torch.fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    path = list(stack.values())[-1][0].partition(".")[2] if stack else ""  # paths start at capture's wrapper
-    return f" in module '{path}'" if path else ""
 
 
 def mark_stop_gradients(gm: torch.fx.GraphModule) -> None:
@@ -161,7 +155,7 @@ def mark_stop_gradients(gm: torch.fx.GraphModule) -> None:
             elif node.target is _SET_GRAD_ENABLED and node.args[0] is False:
                 for item in list(node.users):
                     if item.target is operator.getitem and _is_float_tensor(item):
-                        _stopped(module.graph, item)
+                        _stop(module.graph, item)
                         changed = True
         if changed:
             module.recompile()

@@ -17,6 +17,8 @@ import operator
 
 import torch
 
+from pockengine.capture.locations import described
+
 aten = torch.ops.aten
 
 # The comparisons torch.export writes for the assumption that a bool read as 1 or 0 is 1 (and its range, 0 to 1).
@@ -55,18 +57,6 @@ def _order(graph: torch.fx.Graph) -> dict[torch.fx.Node, int]:
     return {n: i for i, n in enumerate(graph.nodes)}
 
 
-def _where(node: torch.fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return "in the model's forward or the loss"
-    path, cls = list(stack.values())[-1]
-    if path != "model" and not path.startswith("model."):  # the capture's wrapper holds the user's model as `model`
-        return "in the loss"
-    name = (cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))).rpartition(".")[2]
-    path = path.removeprefix("model").removeprefix(".")
-    return f"in module '{path}' ({name})" if path else f"in the model's forward ({name})"
-
-
 def rewrite_tensor_checks(gm: torch.fx.GraphModule) -> bool:
     """Every `torch._check_tensor_all` of `gm` (see the module docstring) as `_assert_async` on the tensor; whether
     anything changed."""
@@ -82,7 +72,7 @@ def rewrite_tensor_checks(gm: torch.fx.GraphModule) -> bool:
             continue
         with graph.inserting_before(n):
             check = graph.call_function(aten._assert_async.msg, (checked, (
-                f"torch._check_tensor_all failed {_where(checked)}: an element of the checked condition is False "
+                f"torch._check_tensor_all failed {described(checked)}: an element of the checked condition is False "
                 "(a check the model makes on each batch: this batch does not pass it)")))
         check.meta.update((k, checked.meta[k]) for k in ("nn_module_stack", "stack_trace") if k in checked.meta)
         for dead in [*reversed(cluster), n]:
