@@ -281,7 +281,8 @@ def _await_ready(w: Worker, key: str, runs: dict[str, Any], live: dict[str, Work
         runs[key].update(setup_s=ready["setup_s"], setup_parts=ready["setup_parts"],
                          first_step_s=ready["first_step_s"], losses=[ready["loss"]],
                          trained_entries=ready["trained_entries"], notes=ready["notes"],
-                         baseline_rss_kb=ready["baseline_rss_kb"], model_bytes=ready.get("model_bytes"))
+                         baseline_rss_kb=ready["baseline_rss_kb"], model_bytes=ready.get("model_bytes"),
+                         reserved_step_bytes=ready.get("reserved_step_bytes", 0))
         w.ask(cmd="trim")
         live[key] = w
     except WorkerError as e:

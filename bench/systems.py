@@ -22,7 +22,9 @@ A system may run as a variant with options, named `system[option=value,...]` (`m
 and `torch.compile[attn=eager]` run the Hugging Face model with `attn_implementation="eager"` (attention as matmuls
 and softmax) instead of its default `sdpa`; `pockengine[attention=math]` / `[attention=flash]` force pockengine's
 attention kernels (`pe.compile(attention=...)`; its default "auto" chooses per shape); `pockengine[backend=inductor]`
-(or `[backend=auto]`) runs pockengine's finished program compiled by Inductor (`pe.compile(backend=...)`);
+(or `[backend=auto]`) runs pockengine's finished program compiled by Inductor (`pe.compile(backend=...)`), on a GPU
+replayed as CUDA graphs unless `[graphs=off]`; `torch.compile[mode=reduce-overhead]` replays torch.compile's
+forward and backward as CUDA graphs;
 `pockengine[upto=PASS]` runs the optional passes of pockengine's pipeline up to PASS in pipeline order and switches
 off those after it (`upto=none`: none of them), the rows of the ablation (docs/benchmarks/ablation.md). A workload
 lists the variants it runs beside the plain systems (`variants` in bench/workloads.yaml).
@@ -45,7 +47,7 @@ from torch import nn
 import pockengine as pe
 from bench.variants import parse_system
 from pockengine.autodiff.rules.attention import KERNELS as ATTENTION_KERNELS
-from pockengine.backend import BACKENDS
+from pockengine.backend import BACKENDS, CompiledProgram
 from pockengine.options import CAPTURE_PROCESSES
 from pockengine.pipeline import optional_pass_names
 from pockengine.scheme import Scheme, Selection, gradient_masks
@@ -117,6 +119,11 @@ class System:
         """Size of the files the system trains from (the exported model), where it trains from files."""
         return None
 
+    def reserved_step_bytes(self) -> int:
+        """GPU memory reserved for the step's intermediates outside the allocator's counts of allocated bytes (CUDA
+        graphs' private pools): step memory the measured peak does not see."""
+        return 0
+
     def notes(self) -> list[str]:
         return []
 
@@ -183,7 +190,8 @@ class Eager(_TorchLoop):
 class TorchCompile(_TorchLoop):
     name = "torch.compile"
     counts_flops = False  # the compiled kernels bypass ATen dispatch
-    options = {"attn": HF_ATTENTION}
+    # mode=reduce-overhead: its forward and backward replayed as CUDA graphs (the peer of pockengine's on a GPU)
+    options = {"attn": HF_ATTENTION, "mode": ("default", "reduce-overhead")}
 
     def import_runtime(self) -> None:
         import torch._dynamo  # noqa: F401
@@ -197,7 +205,8 @@ class TorchCompile(_TorchLoop):
 
             inductor_config.compile_threads = compile_threads
         self._prepare(model, selections, lr)
-        self.fn = torch.compile(lambda inputs, target: loss_fn(_call(model, inputs), target))
+        self.fn = torch.compile(lambda inputs, target: loss_fn(_call(model, inputs), target),
+                                mode=self.chosen.get("mode", "default"))
 
     def step(self, batch):
         inputs, target = batch
@@ -207,7 +216,12 @@ class TorchCompile(_TorchLoop):
 class PockEngine(System):
     name = "pockengine"
     options = {"attention": ATTENTION_KERNELS, "backend": BACKENDS, "capture": CAPTURE_PROCESSES,
-               "upto": ("none", *optional_pass_names())}
+               "upto": ("none", *optional_pass_names()), "graphs": ("on", "off")}
+
+    @property
+    def counts_flops(self) -> bool:
+        # Only the ATen backend's ops go through ATen's dispatcher; Inductor's kernels and CUDA graph replays do not.
+        return isinstance(self.trainer.program(), CompiledProgram)
 
     def import_runtime(self) -> None:
         import torch.export  # noqa: F401  (the capture machinery: torch._dynamo)
@@ -221,6 +235,7 @@ class PockEngine(System):
                                   scheme=Scheme.from_resolved(selections, scheme_name),
                                   freeze_batchnorm=freeze_batchnorm, attention=self.chosen.get("attention", "auto"),
                                   backend=self.chosen.get("backend", "aten"), disable=self._disabled_passes(),
+                                  cuda_graphs=self.chosen.get("graphs", "on") == "on",
                                   capture_process=self.chosen.get("capture", "same"),
                                   # set-up measured cold: torch.export runs in every process (a warm compile reads
                                   # the capture cache: python -m bench.compile_time)
@@ -244,6 +259,9 @@ class PockEngine(System):
 
     def predicted_step_bytes(self) -> int | None:
         return self.trainer.memory_plan().peak_bytes
+
+    def reserved_step_bytes(self) -> int:
+        return getattr(self.trainer.program(), "graph_pool_bytes", 0)
 
     def notes(self) -> list[str]:
         """The backend and the attention kernels the program runs and why (the listing's remarks and notes), one

@@ -144,7 +144,7 @@ def run_system(job: dict[str, Any], conn: Connection) -> None:
     conn.send({"ready": True, "setup_s": setup_only + first_time, "setup_only_s": setup_only,
                "first_step_s": first_time, "setup_parts": parts, "loss": first,
                "trained_entries": system.trained_entries(), "notes": system.notes(),
-               "model_bytes": system.model_bytes(),
+               "model_bytes": system.model_bytes(), "reserved_step_bytes": system.reserved_step_bytes(),
                "baseline_rss_kb": system.baseline_rss_kb() or baseline, "pid": system.pid()})
     try:
         while (cmd := _receive(conn)) != "quit":

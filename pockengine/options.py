@@ -56,6 +56,11 @@ class Options:
         the faster kept; the choice is cached on disk). Programs that draw random numbers run on "aten" (the
         listing says why). Default: the POCKENGINE_BACKEND environment variable, else "aten". See
         pockengine/backend/choice.py.
+    cuda_graphs: on a GPU, a program on the Inductor backend is captured as CUDA graphs once and replayed at every
+        step (a launch per region instead of one per kernel; its intermediates keep a reserved memory pool);
+        False (the default) launches its kernels one by one. No effect on the CPU or on the "aten" backend. Off by
+        default until its tests (tests/test_cuda.py) have passed on a GPU: they have not run on one yet. See
+        pockengine/backend/cuda_graphs.py.
     disable: names of passes of `pockengine.pipeline.PASSES` to leave out (debugging, measuring one pass).
     check: check the graph's invariants after every pass (`Graph.lint`); default: the POCKENGINE_CHECK
         environment variable (set, and not 0).
@@ -79,6 +84,7 @@ class Options:
     frozen_chunks: int | str = "auto"
     attention: str = "auto"
     backend: str = field(default_factory=_backend_from_environment)
+    cuda_graphs: bool = False
     disable: frozenset[str] = frozenset()
     check: bool = field(default_factory=_check_from_environment)
     capture_process: str = "same"
@@ -100,7 +106,7 @@ class Options:
         chunks = self.frozen_chunks
         if not (chunks == "auto" or isinstance(chunks, int) and not isinstance(chunks, bool) and chunks >= 1):
             raise UserInputError(f"frozen_chunks must be 'auto' or an integer >= 1, got {chunks!r}")
-        for name in ("freeze_batchnorm", "check", "capture_cache"):
+        for name in ("freeze_batchnorm", "check", "capture_cache", "cuda_graphs"):
             if not isinstance(getattr(self, name), bool):
                 raise UserInputError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2 ** 64:

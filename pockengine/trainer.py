@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from pockengine import pipeline
-from pockengine.backend import Choice, CompiledProgram, InductorProgram, select
+from pockengine.backend import Choice, CompiledProgram, CudaGraphProgram, InductorProgram, select
 from pockengine.capture import Captured, capture, normalize_batch
 from pockengine.capture import cache as capture_cache
 from pockengine.capture.child import capture_in_child
@@ -47,7 +47,7 @@ ShapeKey = tuple[tuple[Any, ...], ...]  # per batch leaf: (shape, dtype) of a te
 
 @dataclass
 class _Built:
-    program: CompiledProgram | InductorProgram
+    program: CompiledProgram | InductorProgram | CudaGraphProgram
     choice: Choice  # the backend it runs on, and why
     binders: list[Callable[[list[torch.Tensor], dict[str, float]], Any]]
     static: dict[Node, torch.Tensor]  # inputs bound to the same tensors at every step
@@ -146,7 +146,7 @@ class Trainer:
         return out[0].item()
 
     def program(self, batch: Any = None, *, gradients: bool = False, after: str | None = None
-                ) -> CompiledProgram | InductorProgram:
+                ) -> CompiledProgram | InductorProgram | CudaGraphProgram:
         """The compiled step program for `batch` (default: the example batch), or with `gradients=True` the
         gradient program; print `.graph` for a listing (its second line: the backend that runs it, and why).
         `after`: the program as it is after that pass of `pockengine.pipeline.PASSES` (compiled anew on the ATen
@@ -281,7 +281,7 @@ class Trainer:
         examples = [bind(pytree.tree_flatten(batch)[0], scalars) for bind in binders]
         program, choice = select(graph, inputs, graph.outputs["loss"] if updates else None, self.generator, examples,
                                  self.options.backend if until is None and channels_last is None else "aten",
-                                 self.device)
+                                 self.device, self.options.cuda_graphs)
         graph.remarks.append(choice.reason)
         return _Built(program, choice, binders, static, time.perf_counter() - start)
 

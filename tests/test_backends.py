@@ -2,7 +2,8 @@
 `"auto"` choosing by measurement, with its choice cached on disk.
 
 Parity on Inductor: gradients against torch.autograd (rel err <= 1e-4, as tests/test_model_parity.py), and three
-training steps at changing learning rates against the ATen backend (parameters and losses, rel 1e-4). Inductor
+training steps at changing learning rates against the ATen backend (parameters and losses, rel 1e-4), on the CPU and,
+where there is one, on a GPU (there the Inductor program is replayed as CUDA graphs, in exact fp32). Inductor
 compiles C++ for every graph (10-60 s each on a loaded 2-core machine, a few seconds with its cache warm), so the
 models are few and tiny, and the tests that compile are marked slow.
 """
@@ -19,6 +20,7 @@ import pockengine as pe
 from model_zoo.parity import autograd_gradients, float64_gradients, gradient_errors, rel_err
 from pockengine.scheme import Rule
 from pockengine.storage import cached_file
+from torch.utils._pytree import tree_map
 
 transformers = pytest.importorskip("transformers")
 
@@ -65,23 +67,44 @@ CASES = {  # name: (model, batch, loss, optimizer, scheme)
 }
 
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
+
+
+@pytest.fixture
+def on_device(request):
+    """The test's device (its `device` parameter); on a GPU without TensorFloat-32, restored after."""
+    if request.getfixturevalue("device") != "cuda":
+        yield
+        return
+    from bench.gpu import strict_fp32
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    strict_fp32()
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("name", ["mlp", "cnn", "llama"])
-def test_inductor_matches_autograd_and_the_aten_backend(name):
+def test_inductor_matches_autograd_and_the_aten_backend(name, device, on_device):
     build, make_batch, loss_fn, optimizer, scheme = CASES[name]
-    model, batch = build().train(), make_batch()
+    model = build().train().to(device)
+    batch = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, make_batch())
     ref_model = copy.deepcopy(model)
     ref_loss, ref = autograd_gradients(copy.deepcopy(model), loss_fn, batch)
 
-    trainers = {b: pe.compile(copy.deepcopy(model), loss_fn, batch, optimizer=optimizer(), scheme=scheme, backend=b)
-                for b in ("aten", "inductor")}
+    trainers = {b: pe.compile(copy.deepcopy(model), loss_fn, batch, optimizer=optimizer(), scheme=scheme, backend=b,
+                              cuda_graphs=True) for b in ("aten", "inductor")}
     trainer = trainers["inductor"]
-    assert "backend: inductor (backend='inductor')" in str(trainer.program().graph).splitlines()[1]
+    graphs = ", CUDA graphs" if device == "cuda" else ""
+    assert f"backend: inductor{graphs} (backend='inductor')" in str(trainer.program().graph).splitlines()[1]
     grads = trainer.gradients(batch)
-    assert type(trainer.program(gradients=True)).__name__ == "InductorProgram"
+    assert type(trainer.program(gradients=True)).__name__ == ("CudaGraphProgram" if graphs else "InductorProgram")
     assert trainer.loss(batch) == pytest.approx(ref_loss, rel=1e-5)
     bad = gradient_errors(grads, ref, lambda: float64_gradients(ref_model, loss_fn, batch),
-                          {n: s.mask(ref[n].shape) for n, s in trainer.trained.items()})
+                          {n: None if (m := s.mask(ref[n].shape)) is None else m.to(device)
+                           for n, s in trainer.trained.items()})
     assert not bad, "\n".join(bad)
 
     # three steps, the learning rate changing at each: a run-time input, never a constant of Inductor's code
@@ -115,9 +138,11 @@ def test_random_programs_stay_on_aten_and_say_why():
     assert type(trainer.program()).__name__ == "CompiledProgram"
 
 
-def test_backend_option_is_validated():
+def test_backend_options_are_validated():
     with pytest.raises(pe.UserInputError, match="backend must be one of .*'aten', 'inductor', 'auto'.*'tvm'"):
         pe.compile(_mlp(), pe.losses.cross_entropy(), MLP_BATCH, backend="tvm")
+    with pytest.raises(pe.UserInputError, match="cuda_graphs must be True or False, got 'yes'"):
+        pe.compile(_mlp(), pe.losses.cross_entropy(), MLP_BATCH, cuda_graphs="yes")
 
 
 @pytest.mark.slow

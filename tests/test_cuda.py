@@ -145,3 +145,78 @@ def test_checkpoint_of_a_gpu_trainer_resumes_on_the_gpu(tmp_path):
     expected = trainer.step(b)
     resumed = pe.load(tmp_path / "ckpt", small_cnn().to(CUDA), pe.losses.cross_entropy(), b)
     assert resumed.step(b) == pytest.approx(expected, rel=1e-5)
+
+
+# -- the Inductor backend replayed as CUDA graphs (pockengine/backend/cuda_graphs.py) ------------------------------
+def _graphed_and_aten(optimizer, **options):
+    """Two trainers of the same small CNN (train-mode BatchNorm: buffers written too) on the GPU: Inductor with CUDA
+    graphs, and the ATen backend; the batches of 4 steps."""
+    from test_trainer import batch, small_cnn
+
+    batches = [tuple(t.to(CUDA) if isinstance(t, torch.Tensor) else (t[0].to(CUDA),) for t in batch(seed=s))
+               for s in range(4)]
+    trainers = [pe.compile(small_cnn().to(CUDA), pe.losses.cross_entropy(), batches[0], optimizer=optimizer(),
+                           backend=backend, **{"cuda_graphs": True, **options}) for backend in ("inductor", "aten")]
+    return trainers, batches
+
+
+def _state(trainer):
+    return {**dict(trainer.model.named_parameters()), **dict(trainer.model.named_buffers())}
+
+
+@pytest.mark.parametrize("optimizer", [lambda: pe.optim.SGD(lr=0.05, momentum=0.9), lambda: pe.optim.AdamW(lr=0.01)],
+                         ids=["sgd", "adamw"])
+def test_inductor_with_cuda_graphs_trains_as_the_aten_backend(optimizer):
+    from test_trainer import rel_err
+
+    (graphed, aten_trainer), batches = _graphed_and_aten(optimizer)
+    assert type(graphed.program()).__name__ == "CudaGraphProgram"
+    assert "inductor, CUDA graphs" in graphed.program().graph.remarks[-1]
+    assert graphed.program().graph_pool_bytes > 0
+    # A learning rate that changes every step (AdamW's bias corrections change anyway): the graphs read it from
+    # device memory, so a value baked in at capture would show here.
+    for i, b in enumerate(batches):
+        lr = 0.05 / (i + 1)
+        assert graphed.step(b, lr=lr) == pytest.approx(aten_trainer.step(b, lr=lr), rel=1e-4)
+    ours, theirs = _state(graphed), _state(aten_trainer)
+    for name, t in theirs.items():
+        if t.is_floating_point():
+            assert rel_err(ours[name].detach(), t.detach()) < 1e-4, name
+
+
+def test_cuda_graphs_stop_a_non_finite_step_before_any_update():
+    (graphed, _), batches = _graphed_and_aten(lambda: pe.optim.SGD(lr=0.05, momentum=0.9))
+    graphed.step(batches[0])
+    before = {n: t.detach().clone() for n, t in _state(graphed).items()}
+    momentum = {n: {k: t.clone() for k, t in s.items()} for n, s in graphed.state.items()}
+    (x,), y = batches[1]
+    bad = ((torch.full_like(x, float("nan")),), y)
+    with pytest.raises(pe.NonFiniteLossError):
+        graphed.step(bad)
+    assert all(torch.equal(t, before[n]) for n, t in _state(graphed).items())
+    assert all(torch.equal(t, momentum[n][k]) for n, s in graphed.state.items() for k, t in s.items())
+    graphed.step(batches[2])  # and the next finite step trains
+    assert not all(torch.equal(t, before[n]) for n, t in _state(graphed).items())
+
+
+def test_cuda_graphs_follow_a_parameter_replaced_between_steps():
+    """`p.data = ...` gives a parameter new memory; the graphs, captured on the old addresses, are captured again."""
+    (graphed, aten_trainer), batches = _graphed_and_aten(lambda: pe.optim.SGD(lr=0.05))
+    for trainer in (graphed, aten_trainer):
+        trainer.step(batches[0])
+        weight = trainer.model[0].weight
+        weight.data = weight.data * 0.5
+    assert graphed.step(batches[1]) == pytest.approx(aten_trainer.step(batches[1]), rel=1e-4)
+    assert torch.allclose(graphed.model[0].weight, aten_trainer.model[0].weight, rtol=1e-4, atol=1e-6)
+
+
+def test_gradients_from_cuda_graphs_are_copies_and_graphs_can_be_switched_off():
+    (graphed, aten_trainer), batches = _graphed_and_aten(lambda: pe.optim.SGD(lr=0.05))
+    first = graphed.gradients(batches[0])
+    kept = {n: g.clone() for n, g in first.items()}
+    graphed.gradients(batches[1])  # a replay overwrites the graph's outputs, not what the first call returned
+    assert all(torch.equal(first[n], kept[n]) for n in kept)
+    expected = aten_trainer.gradients(batches[0])
+    assert all(torch.allclose(kept[n], expected[n], rtol=1e-4, atol=1e-6) for n in expected)
+    (plain, _), _ = _graphed_and_aten(lambda: pe.optim.SGD(lr=0.05), cuda_graphs=False)
+    assert type(plain.program()).__name__ == "InductorProgram"

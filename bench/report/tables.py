@@ -20,9 +20,10 @@ def _ratio(a: float | None, b: float | None) -> str:
 def training_mb(run: dict[str, Any]) -> float | None:
     """Peak resident memory during the measured steps above the process's runtime baseline (libraries loaded, no
     model yet), in MiB. On a GPU: the peak of allocated bytes over the whole process, set-up included (nothing is
-    on the GPU before the model)."""
+    on the GPU before the model), with the steps' reserved pools (CUDA graphs) added to the steps' peak."""
     if "cuda_peak_bytes" in run:
-        return max(run["cuda_setup_peak_bytes"], run["cuda_peak_bytes"]) / 2 ** 20
+        steps = run["cuda_peak_bytes"] + run.get("reserved_step_bytes", 0)
+        return max(run["cuda_setup_peak_bytes"], steps) / 2 ** 20
     if "peak_rss_kb" not in run or "baseline_rss_kb" not in run:
         return None
     return (run["peak_rss_kb"] - run["baseline_rss_kb"]) / MB
@@ -40,9 +41,10 @@ OURS = ("pockengine", "pockengine-onnx")
 def step_mb(run: dict[str, Any]) -> float | None:
     """Peak resident memory during the measured steps above the resident memory just before them, in MiB: what a
     step allocates on top of what lives across steps (weights, optimizer state, runtime). On a GPU the same from
-    the caching allocator's counts of allocated bytes."""
+    the caching allocator's counts of allocated bytes, plus what the step's CUDA graphs reserve (their replays
+    allocate nothing: the capture's intermediates stay in a private pool, `System.reserved_step_bytes`)."""
     if "cuda_peak_bytes" in run:
-        return (run["cuda_peak_bytes"] - run["cuda_before_bytes"]) / 2 ** 20
+        return (run["cuda_peak_bytes"] - run["cuda_before_bytes"] + run.get("reserved_step_bytes", 0)) / 2 ** 20
     if "peak_rss_kb" not in run or "mem_before_kb" not in run or base_system(run["system"]) in RESIDENT_STEP:
         return None
     return (run["peak_rss_kb"] - run["mem_before_kb"]) / MB

@@ -11,6 +11,9 @@ versions; an entry that fails its checksum, is unreadable, or was written for an
 trusted. Inductor's compiled code has its own cache (Inductor's FX graph cache and AOTAutograd's, on by default),
 so a warm second compile of the same program skips both the measurement and Inductor's code generation.
 
+On a GPU the Inductor program is replayed as CUDA graphs where `cuda_graphs` is on (pockengine/backend/
+cuda_graphs.py); `auto` times it that way. On a GPU every timed call is fenced by a synchronization.
+
 The listing (`print(trainer.program().graph)`) and `trainer.summary()` say which backend runs and why.
 """
 
@@ -27,6 +30,7 @@ from typing import Any
 
 import torch
 
+from pockengine.backend.cuda_graphs import CudaGraphProgram
 from pockengine.backend.inductor import InductorProgram, inductor_refusal
 from pockengine.backend.torch_codegen import CompiledProgram
 from pockengine.errors import CompilerError, NonFiniteLossError
@@ -84,13 +88,16 @@ def _program_text(graph: Graph) -> str:
     return "\n".join(lines)
 
 
-def cache_key(graph: Graph, examples: list[Any], device: torch.device) -> tuple[str, dict[str, Any]]:
+def cache_key(graph: Graph, examples: list[Any], device: torch.device, cuda_graphs: bool = False
+              ) -> tuple[str, dict[str, Any]]:
     """The key of a program's backend choice, and what it is made of (recorded in the entry for a reader)."""
     fields = {
         "torch": torch.__version__, "pockengine": _pockengine_version(), "python": platform.python_version(),
         "machine": platform.machine(), "cpu": _cpu_model(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
         "device": str(device) + (f" {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
     }
+    if device.type == "cuda":
+        fields["cuda_graphs"] = cuda_graphs
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
     digest.update(_program_text(graph).encode())
     digest.update(repr([(tuple(v.stride()), v.dtype, str(v.device)) if isinstance(v, torch.Tensor) else type(v)
@@ -112,24 +119,45 @@ def written_inputs(graph: Graph) -> set[Node]:
     return written
 
 
-def _seconds_per_call(program: Any, args: list[Any]) -> float:
-    program(*args)  # warm-up: first-call allocations, lazy initialization
+def _seconds_per_call(program: Any, args: list[Any], device: torch.device) -> float:
+    def call() -> None:
+        program(*args)
+        if device.type == "cuda":  # a GPU runs the call's kernels after it returns
+            torch.cuda.synchronize(device)
+
+    call()  # warm-up: first-call allocations, lazy initialization
     times: list[float] = []
     while len(times) < 3 or (sum(times) < MEASURE_SECONDS and len(times) < 50):
         start = time.perf_counter()
-        program(*args)
+        call()
         times.append(time.perf_counter() - start)
     return min(times)
 
 
-def _measure(programs: dict[str, Any], graph: Graph, inputs: list[Node], examples: list[Any]) -> dict[str, float]:
+def _scratch(graph: Graph, inputs: list[Node], examples: list[Any]) -> list[Any]:
+    """`examples` with a copy of every input the program writes: calls on them train nothing."""
     written = written_inputs(graph)
-    seconds = {}
+    return [v.clone() if n in written else v for n, v in zip(inputs, examples)]
+
+
+def _measure(calls: dict[str, tuple[Any, list[Any]]], device: torch.device) -> dict[str, float]:
+    """Seconds per call of each program on its arguments, by backend."""
     with torch.no_grad():
-        for name, program in programs.items():
-            args = [v.clone() if n in written else v for n, v in zip(inputs, examples)]
-            seconds[name] = _seconds_per_call(program, args)
-    return seconds
+        return {name: _seconds_per_call(program, args, device) for name, (program, args) in calls.items()}
+
+
+def _inductor(graph: Graph, inputs: list[Node], check_finite: Node | None, examples: list[Any],
+              device: torch.device, cuda_graphs: bool) -> InductorProgram | CudaGraphProgram:
+    """The program compiled by Inductor, on a GPU replayed as CUDA graphs captured on `examples` (unless
+    `cuda_graphs` is False)."""
+    program = InductorProgram(graph, inputs, check_finite, examples, device)
+    if device.type == "cuda" and cuda_graphs:
+        return CudaGraphProgram(program, examples, written_inputs(graph))
+    return program
+
+
+def _named(backend: str, program: Any) -> str:
+    return f"{backend}, CUDA graphs" if isinstance(program, CudaGraphProgram) else backend
 
 
 def _read_entry(path: os.PathLike, key: str) -> dict[str, Any] | None:
@@ -149,9 +177,12 @@ def _describe(seconds: dict[str, float], backend: str, how: str) -> str:
 
 
 def select(graph: Graph, inputs: list[Node], check_finite: Node | None, generator: torch.Generator | None,
-           examples: list[Any], setting: str, device: torch.device) -> tuple[Any, Choice]:
+           examples: list[Any], setting: str, device: torch.device, cuda_graphs: bool = False
+           ) -> tuple[Any, Choice]:
     """The program compiled on the backend `setting` asks for ("aten", "inductor", "auto"; see the module's
-    docstring), and the choice made. `examples` are values of `inputs` the program can run on (not written)."""
+    docstring), and the choice made. `examples` are values of `inputs` the program can run on (not written): the
+    trainer's bound tensors, which CUDA graphs keep the addresses of. `cuda_graphs`: on a GPU, replay the Inductor
+    program as CUDA graphs."""
     aten_program = CompiledProgram(graph, inputs, check_finite, generator=generator)
     if setting == "aten":
         return aten_program, Choice("aten", "backend: aten (backend='aten')")
@@ -160,24 +191,29 @@ def select(graph: Graph, inputs: list[Node], check_finite: Node | None, generato
         return aten_program, Choice("aten", f"backend: aten (Inductor cannot run this program: {refusal})")
     if setting == "inductor":
         try:
-            program = InductorProgram(graph, inputs, check_finite, examples)
+            program = _inductor(graph, inputs, check_finite, examples, device, cuda_graphs)
         except Exception as e:
             raise CompilerError(f"Inductor could not compile the program ({type(e).__name__}: {e}); compile with "
                                 "backend='aten' (or 'auto', which falls back to it)") from e
-        return program, Choice("inductor", "backend: inductor (backend='inductor')")
-    key, fields = cache_key(graph, examples, device)
+        return program, Choice("inductor", f"backend: {_named('inductor', program)} (backend='inductor')")
+    key, fields = cache_key(graph, examples, device, cuda_graphs)
     path = cache_dir() / "backend" / f"{key}.json"
     compiled: dict[str, Any] = {}
     failure: dict[str, str] = {}
 
     def measure(tmp: os.PathLike) -> None:
+        calls = {"aten": (aten_program, _scratch(graph, inputs, examples))}
         try:
-            compiled["inductor"] = InductorProgram(graph, inputs, check_finite, examples)
+            # Captured on copies of the inputs it writes (a CUDA graph keeps the addresses it was captured with),
+            # so the timing trains nothing; the program that runs is captured again on the trainer's tensors.
+            scratch = _scratch(graph, inputs, examples)
+            compiled["inductor"] = _inductor(graph, inputs, check_finite, scratch, device, cuda_graphs)
+            calls["inductor"] = (compiled["inductor"], scratch)
         except Exception as e:  # an op Inductor cannot lower: recorded, so the next compile does not try again
             failure["inductor"] = f"{type(e).__name__}: {str(e)[:300]}"
         seconds = {"aten": float("inf"), "inductor": float("inf")}
         try:
-            seconds.update(_measure({"aten": aten_program, **compiled}, graph, inputs, examples))
+            seconds.update(_measure(calls, device))
         except NonFiniteLossError:  # the example batch gives no finite loss: nothing to compare, keep ATen
             pass
         backend = "inductor" if seconds["inductor"] <= INDUCTOR_MARGIN * seconds["aten"] else "aten"
@@ -194,9 +230,15 @@ def select(graph: Graph, inputs: list[Node], check_finite: Node | None, generato
         entry = _read_entry(cached_file(path, measure, "backend choice"), key)
         assert entry is not None, "a backend choice just written must read back"
     how = "measured now" if compiled or failure else f"measured {entry['measured']}, cached"
-    reason = (_describe(entry["seconds"], entry["backend"], how) if entry.get("inductor_error") is None else
-              f"backend: aten (auto, {how}: Inductor could not compile it: {entry['inductor_error']})")
-    choice = Choice(entry["backend"], reason, entry["seconds"])
-    if choice.backend == "aten":
-        return aten_program, choice
-    return compiled.get("inductor") or InductorProgram(graph, inputs, check_finite, examples), choice
+    if entry.get("inductor_error") is not None:
+        return aten_program, Choice("aten", f"backend: aten (auto, {how}: Inductor could not compile it: "
+                                            f"{entry['inductor_error']})", entry["seconds"])
+    if entry["backend"] == "aten":
+        return aten_program, Choice("aten", _describe(entry["seconds"], "aten", how), entry["seconds"])
+    measured = compiled.pop("inductor", None)
+    if isinstance(measured, CudaGraphProgram):
+        program: Any = CudaGraphProgram(measured.program, examples, written_inputs(graph))
+    else:
+        program = measured or _inductor(graph, inputs, check_finite, examples, device, cuda_graphs)
+    return program, Choice("inductor", _describe(entry["seconds"], _named("inductor", program), how),
+                           entry["seconds"])

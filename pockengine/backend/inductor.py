@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import operator
 import platform
@@ -157,16 +158,21 @@ class _Region:
             builder.add(n)
         self.module = builder.module(outputs)
         # An inference graph (AOTAutograd derives no backward), specialized to the examples' shapes and strides;
-        # standalone_compile gives Inductor the shape environment its FX graph cache and AOTAutograd's need.
+        # standalone_compile gives Inductor the shape environment its FX graph cache and AOTAutograd's need. The
+        # module is built for this compile only: Inductor may change it in place where torch lets it (2.12 and later)
+        # instead of copying it first.
+        donate = ({"donate_graph_module": True}
+                  if "donate_graph_module" in inspect.signature(standalone_compile).parameters else {})
         with torch.no_grad():
             self.fn: Callable[..., list] = standalone_compile(self.module, [examples[n] for n in inputs],
-                                                              dynamic_shapes="from_example_inputs",
-                                                              donate_graph_module=True)
+                                                              dynamic_shapes="from_example_inputs", **donate)
 
 
-def scalar_tensor(value: float) -> torch.Tensor:
-    """A run-time scalar as the Inductor program takes it."""
-    return torch.tensor(value, dtype=torch.float64)
+def scalar_tensor(value: float, device: torch.device) -> torch.Tensor:
+    """A run-time scalar as the Inductor program takes it: on the program's device, where a CUDA graph can read a
+    new value from it at every replay (from host memory Inductor would pass the value into its kernels' launch
+    arguments, fixed at capture)."""
+    return torch.tensor(value, dtype=torch.float64, device=device)
 
 
 def known_vector_isa() -> ContextManager:
@@ -201,14 +207,17 @@ def known_vector_isa() -> ContextManager:
 class InductorProgram:
     """An executable program compiled by Inductor, called like `CompiledProgram`: one value per input node (in
     `inputs` order). `examples` are values of the inputs (the trainer's bound tensors and the example batch) that
-    Inductor specializes the code to (shapes, strides, dtypes); run-time scalars may be floats."""
+    Inductor specializes the code to (shapes, strides, dtypes); run-time scalars may be floats. `device`: where the
+    program runs (its run-time scalars are put there)."""
 
-    def __init__(self, graph: Graph, inputs: list[Node], check_finite: Node | None, examples: list[Any]):
+    def __init__(self, graph: Graph, inputs: list[Node], check_finite: Node | None, examples: list[Any],
+                 device: torch.device = torch.device("cpu")):
         if (reason := inductor_refusal(graph)) is not None:
             raise ValueError(f"the program cannot run on Inductor: {reason}")
         self.graph = graph
         self.inputs = inputs
         self.output_names = list(graph.outputs)
+        self.device = device
         self._scalars = [i for i, n in enumerate(inputs) if n.role == SCALAR]
         values = dict(zip(inputs, self._with_scalar_tensors(list(examples))))
         ops = [n for n in graph.nodes if not n.is_input]
@@ -237,14 +246,21 @@ class InductorProgram:
 
     def _with_scalar_tensors(self, values: list[Any]) -> list[Any]:
         for i in self._scalars:
-            values[i] = scalar_tensor(values[i])
+            if not isinstance(values[i], torch.Tensor):
+                values[i] = scalar_tensor(values[i], self.device)
         return values
 
-    def __call__(self, *values: Any) -> tuple:
-        env: dict[Node, Any] = dict(zip(self.inputs, self._with_scalar_tensors(list(values))))
+    def run_regions(self, values: list[Any], check: bool = True) -> dict[Node, Any]:
+        """Every region in order on `values` (one per input; run-time scalars as tensors), with the loss check
+        between the first and the second unless `check` is False; returns every value the regions returned."""
+        env: dict[Node, Any] = dict(zip(self.inputs, values))
         for region in self.regions:
             env.update(zip(region.outputs, region.fn(*[env[n] for n in region.inputs])))
-            if region is self.regions[0] and self.check_finite is not None:
+            if check and region is self.regions[0] and self.check_finite is not None:
                 _check_finite(env[self.check_finite])
+        return env
+
+    def __call__(self, *values: Any) -> tuple:
+        env = self.run_regions(self._with_scalar_tensors(list(values)))
         return tuple(env[n] for n in self.graph.outputs.values())
 

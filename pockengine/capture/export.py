@@ -186,13 +186,16 @@ def _quiet_export() -> Iterator[None]:
     # it re-raises: we report the error ourselves (export_errors.py names the model's line). What else the export
     # writes to stderr (warnings) is written out as it was.
     # torch 2.13's export copies its own tree specs through an API it deprecates, warning once per compile.
-    # Nothing reads the Python stack trace torch.fx records on every node (a tenth of a capture): not recorded.
+    # Nothing reads the Python stack trace torch.fx records on every node (a tenth of a capture): not recorded
+    # where torch has the switch (2.12 and later).
     logs = [logging.getLogger(name) for name in ("torch._subclasses.fake_tensor",
                                                   "torch.fx.experimental.symbolic_shapes")]
-    levels, stack_traces = [log.level for log in logs], torch.fx.config.do_not_emit_stack_traces
+    levels = [log.level for log in logs]
+    stack_traces = getattr(torch.fx.config, "do_not_emit_stack_traces", None)
     for log in logs:
         log.setLevel(logging.CRITICAL)
-    torch.fx.config.do_not_emit_stack_traces = True
+    if stack_traces is not None:
+        torch.fx.config.do_not_emit_stack_traces = True
     stderr = io.StringIO()
     try:
         with warnings.catch_warnings(), redirect_stderr(stderr):
@@ -207,7 +210,8 @@ def _quiet_export() -> Iterator[None]:
     finally:
         for log, level in zip(logs, levels):
             log.setLevel(level)
-        torch.fx.config.do_not_emit_stack_traces = stack_traces
+        if stack_traces is not None:
+            torch.fx.config.do_not_emit_stack_traces = stack_traces
         sys.stderr.write(stderr.getvalue())
 
 

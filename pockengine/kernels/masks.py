@@ -43,7 +43,9 @@ def pack_keep_aten(x: torch.Tensor, lo: float, hi: float | None, order: list[int
     keep = flat > lo
     if hi is not None:
         keep &= flat < hi
-    padded = torch.constant_pad_nd(keep.view(torch.uint8), [0, -x.numel() % 8], 0)
+    # `to`, not a `view`, between bool and uint8: the same bytes, and Inductor cannot lower a view of a bool tensor
+    # as another dtype on CUDA (torch 2.11: "torch.bool is not supported by torch.iinfo").
+    padded = torch.constant_pad_nd(keep.to(torch.uint8), [0, -x.numel() % 8], 0)
     return torch.bitwise_right_shift(padded.view(torch.int64) * _GATHER, 56).to(torch.uint8)
 
 
@@ -63,8 +65,8 @@ def apply_keep_aten_(grad: torch.Tensor, bits: torch.Tensor, order: list[int]) -
     words = bits.to(torch.int64) * _SPREAD
     words = torch.bitwise_and(torch.bitwise_right_shift(torch.bitwise_and(words, _BIT_OF_BYTE) + _CARRY, 7),
                               _LOW_BITS)
-    keep = words.view(torch.bool)[:grad.numel()].view(in_order.shape)
-    in_order.masked_fill_(keep.logical_not(), 0.0)
+    keep = words.view(torch.uint8)[:grad.numel()].view(in_order.shape)  # one byte per element, 0 or 1
+    in_order.masked_fill_(keep == 0, 0.0)
     return grad
 
 
