@@ -128,7 +128,10 @@ def test_analysis_resumes_after_an_interruption_and_caches_everything(analysed):
     bias, weights = candidates(s, quick=True)
     runs = len(bias) + len(weights)  # every candidate once at the one rate (the probes are candidates too)
     assert len(seen) == 3 and resumed.trained == runs - 3 and again.trained == 0
-    assert len(list(cache.rglob("*.json"))) == runs
+    assert len([p for p in cache.rglob("*.json") if not p.name.startswith("plan-")]) == runs
+    # One plan (compiled, not trained) per analysed weight: that weight alone with the classifier, cached too.
+    assert len(list(cache.rglob("plan-*.json"))) == len(s.weights) and again.alone == resumed.alone
+    assert set(resumed.alone) == {(w, Fraction(1)) for w in s.weights}
     assert again.rows() == resumed.rows()
     assert set(resumed.bias) == {0, 1, 2, 3} and resumed.bias_gain(0) == 0
     assert set(resumed.weights) == {(w, r) for w in s.weights for r in s.ratios(w, (Fraction(1, 4), Fraction(1)))}
