@@ -9,8 +9,8 @@ the biases of every block, where the backward pass already reaches it), or the c
 blocks include its block where that is less; in time the fastest such bias option (the analysis times no weight
 alone). A combination (bias option k, weights at ratios) is priced as the largest reach among its parts plus the
 extra cost of each weight (an extra cost below zero, from measuring noise, counts as zero): a weight below the
-trained biases is priced as deep as it is, a weight among them by its extra alone. Never dearer than the old price
-of a weight inside the trained blocks (bias k's cost plus the extras), since a weight's reach is at most the cost
+trained biases is priced as deep as it is, a weight among them by its extra alone. In memory never dearer than the old
+price of a weight inside the trained blocks (bias k's cost plus the extras), since a weight's reach is at most the cost
 of any analysed bias option that includes its block.
 
 Search. For each reach level (every option's reach memory, ascending), the options whose reach is within it form a
