@@ -16,9 +16,9 @@ import yaml
 import pockengine as pe
 from pockengine.cli import main
 from pockengine.search import BudgetTooSmallError, SearchReport, analyze, choose_scheme, parse_memory, search
-from pockengine.search.analysis import Measurement, measure
+from pockengine.search.analysis import Measurement, Plan, measure
 from pockengine.search.search import MEMORY_GRID, SearchResult, mb, tune_lr
-from pockengine.search.candidates import Candidate, Structure, block_of, candidates
+from pockengine.search.candidates import Candidate, Structure, block_of, build_scheme, candidates
 from pockengine.search.solver import Option, solve
 from pockengine.trainer import Trainer
 from search_tasks import CLASSES as CLASSES_OUT, tiny_task
@@ -128,7 +128,10 @@ def test_analysis_resumes_after_an_interruption_and_caches_everything(analysed):
     bias, weights = candidates(s, quick=True)
     runs = len(bias) + len(weights)  # every candidate once at the one rate (the probes are candidates too)
     assert len(seen) == 3 and resumed.trained == runs - 3 and again.trained == 0
-    assert len(list(cache.rglob("*.json"))) == runs
+    assert len([p for p in cache.rglob("*.json") if not p.name.startswith("plan-")]) == runs
+    # One plan (compiled, not trained) per analysed weight: that weight alone with the classifier, cached too.
+    assert len(list(cache.rglob("plan-*.json"))) == len(s.weights) and again.alone == resumed.alone
+    assert set(resumed.alone) == {(w, Fraction(1)) for w in s.weights}
     assert again.rows() == resumed.rows()
     assert set(resumed.bias) == {0, 1, 2, 3} and resumed.bias_gain(0) == 0
     assert set(resumed.weights) == {(w, r) for w in s.weights for r in s.ratios(w, (Fraction(1, 4), Fraction(1)))}
@@ -237,12 +240,14 @@ def test_the_chosen_scheme_fits_the_memory_budget(analysed, tmp_path):
 
 def test_a_choice_over_the_budget_when_measured_tightens_the_budget_and_solves_again(analysed):
     task, _, _, a, _ = analysed
-    # Pretend every weight is free in memory: the first choice (every useful weight) is predicted within the
-    # budget but measured over it, so the search must tighten and choose again.
+    # Pretend every weight is free in memory (its extra and its reach): the first choice (every useful weight) is
+    # predicted within the budget but measured over it, so the search must tighten and choose again.
     base = a.weight_baseline
+    cheapest = min(m.memory for m in a.bias.values())
     free = dataclasses.replace(a, weights={key: dataclasses.replace(m, planned_peak=base.planned_peak,
                                                                     optimizer_state=base.optimizer_state)
-                                           for key, m in a.weights.items()})
+                                           for key, m in a.weights.items()},
+                               alone={key: Plan(cheapest, 0) for key in a.alone})
     free.weights[max(a.weights, key=lambda key: a.weights[key].memory)] = dataclasses.replace(
         base, metric=base.metric + 1)  # and the most expensive weight the most useful one
     budget = a.bias[3].memory + MEMORY_GRID  # the solver rounds each cost up to its grid
@@ -250,6 +255,53 @@ def test_a_choice_over_the_budget_when_measured_tightens_the_budget_and_solves_a
     assert len(result.rounds) >= 2 and not result.rounds[0].within
     assert result.rounds[0].measured.memory > budget >= result.rounds[0].predicted_memory
     assert result.chosen.within and max(result.chosen.measured.memory, result.chosen.measured.tracked_memory) <= budget
+
+
+def _useful(a, layer: str, ratio: Fraction):
+    """`a` with `layer` at `ratio` the most useful candidate by far (its costs as measured)."""
+    weights = dict(a.weights)
+    weights[layer, ratio] = dataclasses.replace(weights[layer, ratio], metric=a.weight_baseline.metric + 1)
+    return dataclasses.replace(a, weights=weights)
+
+
+def test_a_weight_below_the_trained_biases_is_priced_by_its_own_reach(analysed):
+    # The tiny net's middle conv ("1.0") trained alone costs less than the biases of its block and the one after
+    # plus its extra over the biases of every block, which is all the old pricing offered it with (a weight only
+    # inside the last k blocks). Under a budget between the two, the new pricing finds it and the plan agrees.
+    task, _, _, a, _ = analysed
+    layer, ratio = "1.0", Fraction(1)
+    useful = _useful(a, layer, ratio)
+    alone = build_scheme(a.structure, 0, {layer: ratio})
+    m = measure(task, alone, [1e-2], STEPS, 0)[0]
+    assert m.memory == a.alone[layer, ratio].memory  # the analysis's plan of it is the compiler's
+    budget = math.ceil(max(m.memory, m.tracked_memory) / MEMORY_GRID) * MEMORY_GRID + MEMORY_GRID
+    extra = a.weights[layer, ratio].memory - a.weight_baseline.memory
+    old_price = min(b.memory for k, b in a.bias.items() if k >= 2) + extra  # block "1" is the second from the end
+    assert old_price > budget
+    result = search(task, useful, memory_budget=budget)
+    assert result.chosen.ratios.get(layer) == ratio and len(result.rounds) == 1
+    chosen = result.chosen
+    assert chosen.within and max(chosen.measured.memory, chosen.measured.tracked_memory) <= budget
+    assert chosen.predicted_memory >= chosen.measured.memory  # priced at its reach plus its extra, rounded up
+    planned = pe.compile(task.build_model(), task.loss_fn, task.example_batch, pe.optim.AdamW(lr=1e-2),
+                         result.scheme, freeze_batchnorm=True)
+    assert planned.memory_plan().peak_bytes + planned.optimizer_state_bytes() == chosen.measured.memory <= budget
+
+
+def test_the_plan_rejects_a_reach_predicted_too_cheap(analysed):
+    # The analysis says "1.0" alone reaches no further than the cheapest bias option: the combination is predicted
+    # within the budget, the compiler's plan of it is over, so it is not returned.
+    task, _, _, a, _ = analysed
+    layer, ratio = "1.0", Fraction(1)
+    cheapest = min(m.memory for m in a.bias.values())
+    optimistic = dataclasses.replace(_useful(a, layer, ratio), alone={**a.alone, (layer, ratio): Plan(
+        cheapest + a.weights[layer, ratio].memory - a.weight_baseline.memory, 0)})
+    budget = a.alone[layer, ratio].memory - MEMORY_GRID  # below the true plan of that weight alone
+    result = search(task, optimistic, memory_budget=budget)
+    first = result.rounds[0]
+    assert first.ratios.get(layer) == ratio and first.predicted_memory <= budget < first.measured.memory
+    assert not first.within and result.chosen.within and layer not in result.chosen.ratios
+    assert max(result.chosen.measured.memory, result.chosen.measured.tracked_memory) <= budget
 
 
 def test_a_budget_below_the_smallest_scheme_is_a_clear_error(analysed):
@@ -268,14 +320,12 @@ def test_report_and_choose_scheme(analysed, tmp_path):
     scheme, report = choose_scheme(task, memory_budget="1GB", time_budget_ms=1e6, cache_dir=cache, quick=True,
                                    steps=STEPS, lr_grid=GRID, progress=False, out_dir=tmp_path)
     assert report.analysis.trained == 0  # cached
-    # With room for everything: for the best k, its gain plus each positive weight gain (at its best ratio) of the
-    # weights inside the last k blocks.
+    # With room for everything: the best bias gain plus each positive weight gain (at its best ratio), a weight
+    # below the trained biases included (priced by its own reach).
     def best_weight(w):
         return max(0, max(a.weight_gain(w, r) for (w2, r) in a.weights if w2 == w))
 
-    blocks = a.structure.blocks
-    expected = max(a.bias_gain(k) + sum(best_weight(w) for w in a.structure.weights
-                                        if block_of(w) in blocks[len(blocks) - k:]) for k in a.bias)
+    expected = max(a.bias_gain(k) for k in a.bias) + sum(best_weight(w) for w in a.structure.weights)
     assert report.result.chosen.predicted_gain == pytest.approx(expected)
     assert yaml.safe_load((tmp_path / "scheme.yaml").read_text()) == scheme.to_dict()
     for png in ("gains.png", "scheme.png", "costs.png"):

@@ -9,6 +9,11 @@ candidate's few steps measure what its tensors add rather than how fast a new cl
 - weight candidate (layer, ratio): metric(that weight + biases of every block + classifier) - metric(biases of every
   block + classifier, the weight baseline), each at its own best rate of the grid.
 
+Besides, each analysed weight is compiled (not trained) alone with the classifier, no biases, at its largest analysed
+ratio: the compiler's plan of that scheme (`alone`) says what reaching the weight costs, which the search needs to
+price a weight below the trained biases (`search.py`). A weight over the biases of every block does not say it: the
+backward pass of that baseline already reaches every block.
+
 Costs come from pockengine itself: `memory` is the compiler's planned step peak (`trainer.memory_plan()`) plus the
 optimizer state; `tracked_memory` the same with the step peak measured by the live-storage tracker; `flops` are
 counted by `torch.utils.flop_counter` on one real step of the compiled program; `step_ms` is the median of the
@@ -88,6 +93,19 @@ class Measurement:
         return self.tracked_peak + self.optimizer_state
 
 
+@dataclass(frozen=True)
+class Plan:
+    """A scheme compiled, not trained: the compiler's planned step peak and the optimizer state, in bytes."""
+
+    planned_peak: int
+    optimizer_state: int
+
+    @property
+    def memory(self) -> int:
+        """As `Measurement.memory`: what a budget is checked against."""
+        return self.planned_peak + self.optimizer_state
+
+
 def _options(seed: int) -> Options:
     # Fine-tuning keeps BatchNorm's pretrained statistics (frozen and folded), as `pockengine train` does.
     return Options(freeze_batchnorm=True, seed=seed)
@@ -152,6 +170,16 @@ def measure(task: Task, scheme: Scheme, lrs: list[float], steps: int, seed: int,
     return results
 
 
+def plan(task: Task, scheme: Scheme, seed: int, start: dict[str, torch.Tensor] | None = None) -> Plan:
+    """Compile `scheme` as `measure` does (from `start`'s parameters) and read its memory plan, training nothing (the
+    rate is a run-time input: it does not change the program)."""
+    model = task.build_model()
+    if start:
+        load_parameters(model, start)
+    trainer = Trainer(model, task.loss_fn, task.example_batch, AdamW(lr=1e-3), scheme, _options(seed))
+    return Plan(trainer.memory_plan().peak_bytes, trainer.optimizer_state_bytes())
+
+
 def load_parameters(model: torch.nn.Module, values: dict[str, torch.Tensor]) -> None:
     """Copy `values` into the model's parameters of those names (in place: a compiled program stays bound)."""
     params = dict(model.named_parameters())
@@ -204,6 +232,8 @@ class Analysis:
     cpu_seconds: float = 0.0  # CPU time of this process in this call, all threads: less sensitive to other jobs
     trained: int = 0  # how many (candidate, rate) runs this call trained; the rest came from the cache
     warmup: Warmup | None = None  # the classifier trained alone first; every candidate starts from it
+    # (layer, its largest analysed ratio) -> the plan of that weight trained alone with the classifier, no biases
+    alone: dict[tuple[str, Fraction], Plan] = field(default_factory=dict)
 
     @property
     def start(self) -> dict[str, torch.Tensor] | None:
@@ -231,9 +261,10 @@ class Analysis:
         base = _costs(self.weight_baseline)
         for (layer, ratio), m in self.weights.items():
             extra = {key: value - base[key] for key, value in _costs(m).items()}
+            alone = self.alone.get((layer, ratio))
             out.append(dict(candidate=f"{layer} @ {ratio}", kind="weight", k=None, layer=layer, ratio=ratio,
                             lr=self.weight_lr[layer, ratio], gain=self.weight_gain(layer, ratio), metric=m.metric,
-                            **extra))
+                            **extra, alone_memory=None if alone is None else alone.memory))
         return out
 
 
@@ -273,6 +304,24 @@ class _Cache:
     def put(self, candidate: Candidate, structure: Structure, lr: float, m: Measurement) -> None:
         record = dict(self.base, candidate=candidate.label, lr=lr, measurement=asdict(m))
         with atomic_path(self.path(candidate, structure, lr)) as tmp:
+            tmp.write_text(json.dumps(record, indent=1))
+
+    def plan_path(self, candidate: Candidate, structure: Structure) -> Path:
+        return self._file(dict(scheme=candidate.scheme(structure).to_dict()), prefix="plan-")
+
+    def get_plan(self, candidate: Candidate, structure: Structure) -> Plan | None:
+        path = self.plan_path(candidate, structure)
+        try:
+            return Plan(**json.loads(path.read_text())["plan"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            _unreadable(path, e)
+            return None
+
+    def put_plan(self, candidate: Candidate, structure: Structure, p: Plan) -> None:
+        record = dict(self.base, candidate=candidate.label, plan=asdict(p))
+        with atomic_path(self.plan_path(candidate, structure)) as tmp:
             tmp.write_text(json.dumps(record, indent=1))
 
     def warmup_path(self, grid: tuple[float, ...]) -> Path:
@@ -405,6 +454,16 @@ def analyze(task: Task, cache_dir: str | Path, *, quick: bool = False, steps: in
         bias_lr = best(baseline_trials)
         bias = {c.k: run(c, [bias_lr])[bias_lr] for c in bias_cands}
         weight_trials = {(c.layer, c.ratio): run(c, list(grid)) for c in weight_cands}
+        alone = {}
+        for layer in dict.fromkeys(c.layer for c in weight_cands):
+            ratio = max(c.ratio for c in weight_cands if c.layer == layer)
+            candidate = Candidate(0, layer, ratio)
+            found_plan = cache.get_plan(candidate, structure)
+            if found_plan is None:
+                bar.set_postfix_str(f"plan of {candidate.label} alone")
+                found_plan = plan(task, candidate.scheme(structure), seed, start_state)
+                cache.put_plan(candidate, structure, found_plan)
+            alone[layer, ratio] = found_plan
     finally:
         bar.close()
     weight_lr = {key: best(found) for key, found in weight_trials.items()}
@@ -412,7 +471,7 @@ def analyze(task: Task, cache_dir: str | Path, *, quick: bool = False, steps: in
                     {r: m.metric for r, m in baseline_trials.items()}, bias, bias[deepest.k],
                     {key: found[weight_lr[key]] for key, found in weight_trials.items()}, weight_lr,
                     {key: {r: m.metric for r, m in found.items()} for key, found in weight_trials.items()},
-                    time.perf_counter() - start, time.process_time() - cpu_start, trained, warmup)
+                    time.perf_counter() - start, time.process_time() - cpu_start, trained, warmup, alone)
 
 
 def _started(task: Task, warmup: Warmup) -> torch.nn.Module:

@@ -66,13 +66,16 @@ class SearchReport:
                          f"{mb(rd.measured.memory)} / {mb(rd.measured.tracked_memory)} | {rd.predicted_ms:.1f} | "
                          f"{rd.measured.step_ms:.1f} | {'yes' if rd.within else 'no'} |")
         lines += ["", "## Candidates", "",
-                  "Bias rows: absolute cost; weight rows: cost over the weight baseline (biases of every block).", "",
-                  f"| candidate | lr | {a.metric} | gain | trained entries | memory | tracked memory | ms/step | "
-                  "MFLOP/step | chosen |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "Bias rows: absolute cost; weight rows: cost over the weight baseline (biases of every block); "
+                  "alone: the compiler's plan of the weight trained alone with the classifier, no biases (at its "
+                  "largest ratio), which prices reaching it.", "",
+                  f"| candidate | lr | {a.metric} | gain | trained entries | memory | tracked memory | alone | "
+                  "ms/step | MFLOP/step | chosen |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in a.rows():
             chosen = (row["k"] == r.k) if row["kind"] == "bias" else r.ratios.get(row["layer"]) == row["ratio"]
             lines.append(f"| {row['candidate']} | {row['lr']:g} | {row['metric']:.4f} | {row['gain']:+.4f} | "
                          f"{row['trained']} | {mb(row['memory'])} | {mb(row['tracked_memory'])} | "
+                         f"{'' if row.get('alone_memory') is None else mb(row['alone_memory'])} | "
                          f"{row['step_ms']:.1f} | "
                          f"{row['flops'] / 1e6:.1f} | {'**yes**' if chosen else ''} |")
         if self.files:

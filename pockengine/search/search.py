@@ -1,17 +1,32 @@
 """The scheme with the largest summed gain under a memory budget, a time budget or both.
 
-For each analysed k (biases of the last k blocks, with its own measured gain and cost), the weights inside those k
-blocks are a multiple-choice knapsack (`solver.py`): one group per analysed weight, whose options are ratio 0 or one
-of the analysed ratios, each with its gain and its cost over the weight baseline (the biases of every block, so
-backpropagation already reaches the weight and its extra cost is its own). Weights outside the last k blocks are not
-offered with that k: reaching them would cost a backward pass their measured extra cost does not include. The best
-of the per-k optima is the answer (exact for the predicted costs). A combination's cost is predicted as the bias
-option's cost plus the weights' extra costs (an extra cost below zero, from measuring noise, counts as zero). Peaks
-do not add exactly, so the chosen scheme is then compiled and trained: its planned and tracked memory (step peak
-plus optimizer state) and its measured step time are checked against the budgets. A scheme over a budget tightens
-that budget by the overshoot (and below that choice's prediction) and the knapsack is solved again, up to
-`max_rounds` times; once no combination with weights is left, the best biases alone whose analysed cost fits are
-taken.
+Pricing. Training anything in a block keeps the activations of that block and of every block after it for the
+backward pass, so what a scheme costs is set by its earliest trained tensor, not by the sum of its parts. The
+analysis gives, for every option, what reaching it costs (its *reach*): a bias option k its own measured cost; a
+weight, in memory, the compiler's plan of that weight trained alone with the classifier (`Analysis.alone`) less its
+own extra cost over the weight baseline (the memory of its gradient, optimizer state and kept input, measured over
+the biases of every block, where the backward pass already reaches it), or the cost of an analysed bias option whose
+blocks include its block where that is less; in time the fastest such bias option (the analysis times no weight
+alone). A combination (bias option k, weights at ratios) is priced as the largest reach among its parts plus the
+extra cost of each weight (an extra cost below zero, from measuring noise, counts as zero): a weight below the
+trained biases is priced as deep as it is, a weight among them by its extra alone. In memory never dearer than the old
+price of a weight inside the trained blocks (bias k's cost plus the extras), since a weight's reach is at most the cost
+of any analysed bias option that includes its block.
+
+Search. For each reach level (every option's reach memory, ascending), the options whose reach is within it form a
+multiple-choice knapsack (`solver.py`): one group of the bias options within the level (gain: their measured gain;
+cost: the level in memory; in time the larger of the option's own step and the slowest reach among the weights
+allowed at that level), one group per allowed weight whose options are ratio 0 or one of the analysed ratios (gain
+over the weight baseline; cost: the weight's extra). The best of the per-level optima is the answer: exact in memory
+for the predicted costs (every combination is priced in full at the level of its deepest part), in time never
+below the combination's own prediction.
+
+Check. Peaks do not add exactly, so the chosen scheme is then compiled and trained: its planned and tracked memory
+(step peak plus optimizer state, the compiler's `trainer.memory_plan()` for exactly that scheme) and its measured
+step time are checked against the budgets, and the report shows each round's prediction next to them. A scheme over
+a budget is not returned: the budget is tightened by the overshoot (and below that choice's prediction) and the
+knapsack is solved again, up to `max_rounds` times; once no combination with weights is left, the best biases alone
+whose analysed cost fits are taken.
 """
 
 from __future__ import annotations
@@ -105,17 +120,38 @@ def _grid(memory: float, ms: float) -> tuple[int, int]:
     return math.ceil(max(memory, 0) / MEMORY_GRID), math.ceil(max(ms, 0) / TIME_GRID)
 
 
+def _reach(analysis: Analysis) -> dict[str, tuple[float, float]]:
+    """Each analysed weight's reach: (memory, ms) of getting the backward pass to it, before its own extra cost."""
+    blocks = analysis.structure.blocks
+    base = analysis.weight_baseline
+    cheapest = min(m.memory for m in analysis.bias.values())
+    reach = {}
+    for (layer, ratio), alone in analysis.alone.items():
+        extra = max(analysis.weights[layer, ratio].memory - base.memory, 0)
+        block = block_of(layer)
+        depth = len(blocks) - blocks.index(block) if block in blocks else len(blocks)
+        covering = [m for k, m in analysis.bias.items() if k >= depth]  # the biases of every block always are
+        # Its plan alone can be the dearer of the two: a scheme without biases may plan its frozen prefix otherwise
+        # (MobileNetV2's classifier alone plans 8.95 MB, with the last block's biases 2.54 MB).
+        memory = min(alone.memory - extra, min(m.memory for m in covering))
+        reach[layer] = (max(memory, cheapest), min(m.step_ms for m in covering))
+    return reach
+
+
 def _best(analysis: Analysis, limits: list[int | None], weights: bool = True) -> _Pick | None:
-    """For each analysed k, the knapsack over the weights inside the last k blocks (`weights` False: none); the best
+    """For each reach level, the knapsack over the options within it (`weights` False: the biases alone); the best
     of them."""
     base = analysis.weight_baseline
-    blocks = analysis.structure.blocks
+    reach = _reach(analysis) if weights else {}
     best: tuple[tuple[float, int, int], _Pick] | None = None
-    for k, m in analysis.bias.items():
-        covered = set(blocks[len(blocks) - k:])
-        layers = [layer for layer in dict.fromkeys(layer for layer, _ in analysis.weights)
-                  if weights and block_of(layer) in covered]
-        groups = [[Option(analysis.bias_gain(k), _grid(m.memory, m.step_ms))]]
+    for level in sorted({m.memory for m in analysis.bias.values()} | {memory for memory, _ in reach.values()}):
+        ks = [k for k, m in analysis.bias.items() if m.memory <= level]
+        layers = [layer for layer, (memory, _) in reach.items() if memory <= level]
+        if not ks:
+            continue
+        deepest_ms = max((reach[layer][1] for layer in layers), default=0.0)
+        groups = [[Option(analysis.bias_gain(k), _grid(level, max(analysis.bias[k].step_ms, deepest_ms)), k)
+                   for k in ks]]
         for layer in layers:
             groups.append([Option(0.0, (0, 0), Fraction(0))] + [
                 Option(analysis.weight_gain(layer, ratio), _grid(w.memory - base.memory, w.step_ms - base.step_ms),
@@ -126,8 +162,8 @@ def _best(analysis: Analysis, limits: list[int | None], weights: bool = True) ->
         options = [group[i] for group, i in zip(groups, solved[0])]
         memory = sum(o.costs[0] for o in options)
         ms = sum(o.costs[1] for o in options)
-        pick = _Pick(k, {layer: o.label for layer, o in zip(layers, options[1:]) if o.label > 0}, solved[1],
-                     memory * MEMORY_GRID, ms * TIME_GRID)
+        pick = _Pick(options[0].label, {layer: o.label for layer, o in zip(layers, options[1:]) if o.label > 0},
+                     solved[1], memory * MEMORY_GRID, ms * TIME_GRID)
         key = (solved[1], -memory if limits[0] is not None else 0, -ms if limits[1] is not None else 0)
         if best is None or key > best[0]:
             best = key, pick
