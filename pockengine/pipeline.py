@@ -99,8 +99,7 @@ PASSES: tuple[Pass, ...] = (  # what each does: docs/architecture.md, "The pipel
     Pass("clones", lambda g, ctx: drop_redundant_clones(g)),
     Pass("fold", lambda g, ctx: fold_frozen_batchnorm(g, ctx.trained_nodes, set(ctx.slices))),
     Pass("attention_masks", lambda g, ctx: simplify_attention_masks(g, {**ctx.frozen, **g.constants})),
-    Pass("cross_entropy", lambda g, ctx: fuse_linear_cross_entropy(g, ctx.trained_nodes),
-         enabled=lambda ctx: ctx.options.backend == "aten"),  # Inductor cannot trace the chunked op (yet)
+    Pass("cross_entropy", lambda g, ctx: fuse_linear_cross_entropy(g, ctx.trained_nodes)),
     Pass("autodiff", _autodiff, optional=False),
     Pass("attention", _attention, optional=False),
     Pass("gradients", emit_gradient_outputs, enabled=lambda ctx: ctx.optimizer is None, optional=False),

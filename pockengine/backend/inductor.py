@@ -222,10 +222,15 @@ class InductorProgram:
         values = dict(zip(inputs, self._with_scalar_tensors(list(examples))))
         ops = [n for n in graph.nodes if not n.is_input]
         split = ops.index(check_finite) + 1 if check_finite is not None else len(ops)
+        first = set(ops[:split])
+        # A region returns tensors, not tuples: the results of an op of several outputs in the first region
+        # (the fused head and loss: the loss and its gradients) are taken there, however late the program reads them.
+        head = ops[:split] + [n for n in ops[split:] if n.target is operator.getitem and n.args[0] in first]
+        tail = [n for n in ops[split:] if n not in set(head)]
         self.check_finite = check_finite
         self.regions: list[_Region] = []
         wanted = list(dict.fromkeys(graph.outputs.values()))
-        for part, later in ((ops[:split], ops[split:]), (ops[split:], [])):
+        for part, later in ((head, tail), (tail, [])):
             if part:
                 self._compile_region(part, later, inputs, values, wanted, check_finite)
 
