@@ -37,6 +37,7 @@ from pockengine.capture.layer_drop import traceable_layer_drop
 from pockengine.capture.locations import module_path, strip_model_prefix
 from pockengine.capture.masked_rows import rewrite_masked_rows
 from pockengine.capture.module_casts import unchanging_module_casts_skipped
+from pockengine.capture.position_loops import rewrite_position_loops, traceable_position_loops
 from pockengine.capture.python_random import no_python_random
 from pockengine.capture.spec_augment import traceable_spec_augment
 from pockengine.capture.stop_gradient import mark_stop_gradients, traceable_gradient_cuts
@@ -257,7 +258,7 @@ def _tracing_contexts(model: nn.Module, loss_fn: Callable, inputs: Any, target: 
             no_python_random(model, lambda: _eager_loss(model, loss_fn, inputs, target)),
             traceable_spec_augment(model), traceable_layer_drop(model), traceable_gradient_cuts(),
             tensor_hooks_refused(), causal_mask_hint_unread(), unchanging_module_casts_skipped(model),
-            distribution_checks_off()]
+            distribution_checks_off(), traceable_position_loops()]
 
 
 def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
@@ -286,6 +287,7 @@ def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
                 "batch size, a sequence length); its feature sizes must be the example's.") from e
         raise export_failure(e, model) from e
     rewrite_tensor_checks(ep.graph_module)
+    rewrite_position_loops(ep.graph_module)
     rewrite_masked_rows(ep.graph_module)
     views_tolerate_kernel_layouts(ep.graph_module)
     return ep
