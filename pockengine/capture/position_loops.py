@@ -222,6 +222,10 @@ def _row_axis(user: torch.fx.Node, axes: dict) -> int | None:
         if dim == axis:
             return None
         return axis - (target is aten.select.int and dim < axis)
+    if target is aten.native_dropout.default and first in axes:
+        # each element kept or not on its own draw: a row found is dropped out as in eager PyTorch, from the same
+        # distribution (not the same numbers: the compiled program draws from the trainer's generator anyway)
+        return axis
     if target in (aten._softmax.default, aten._log_softmax.default) and first in axes:
         return axis if _norm(args[1], out.dim()) != axis else None
     if target is aten.native_layer_norm.default and first in axes:
@@ -301,6 +305,8 @@ def _region(marker: torch.fx.Node) -> tuple[dict, list] | None:
                 continue
             if user.op != "call_function":
                 return None  # the positions leave the program
+            if user.target is aten._assert_tensor_metadata.default:
+                continue  # export's dtype check, which the capture drops
             if user.target in (aten.index_add.default, aten.index_put.default):
                 writes.append(user)  # the accumulator it makes is no value of the positions
             else:
