@@ -179,3 +179,37 @@ def test_hugging_face_nllb_moe_experts_train_as_in_eager(scheme):
             assert grad.abs().max() == 0, name
         else:
             assert ((grad - r).abs().max() / r.abs().max()).item() <= TOL_FLOAT32, name
+
+
+class CountedExperts(Experts):
+    """Takes the experts hit as a list before looping: its length would be every expert's count."""
+
+    def forward(self, x):
+        h = self.embed(x).reshape(-1, HIDDEN)
+        chosen = self.router(h).argmax(-1)
+        hit = list(F.one_hot(chosen, EXPERTS).sum(0).nonzero())
+        return self.head(h).mean(0, keepdim=True).expand(2, 3) / len(hit)
+
+
+def test_positions_taken_other_than_by_a_for_loop_stay_refused():
+    with pytest.raises(pe.CaptureError, match="data-dependent"):
+        pe.compile(CountedExperts().double(), pe.losses.cross_entropy(), batch())
+
+
+class WritePerPosition(nn.Module):
+    """Zeroes the rows nonzero() finds, one per iteration: an iteration not found would zero its row too."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        out = self.linear(x)
+        for position in (x[:, 0] > 0).nonzero():
+            out = out.index_fill(0, position, 0.0)
+        return out
+
+
+def test_a_loop_over_nonzero_with_other_effects_is_refused():
+    with pytest.raises(pe.CaptureError, match="used after its iteration"):
+        pe.compile(WritePerPosition(), lambda out, y: (out - y).pow(2).mean(), (torch.randn(3, 4), torch.randn(4)))

@@ -37,9 +37,11 @@ The cost is compute: each expert runs on every row (top-k rows per token) instea
 
 from __future__ import annotations
 
+import dis
 import itertools
 import math
 import operator
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Callable
@@ -154,7 +156,7 @@ def traceable_position_loops() -> Iterator[None]:
 
     def iterate(self: torch.Tensor) -> Iterator[torch.Tensor]:
         mask = mode.found.get(self)
-        return tensor_iter(self) if mask is None else mode.iterate(mask)
+        return mode.iterate(mask) if mask is not None and _for_loop(sys._getframe(1)) else tensor_iter(self)
 
     torch.Tensor.__iter__ = iterate
     try:
@@ -164,6 +166,19 @@ def traceable_position_loops() -> Iterator[None]:
         torch.Tensor.__iter__ = tensor_iter
     if mode.broken is not None:
         raise CaptureError(mode.broken)
+
+
+def _for_loop(frame: Any) -> bool:
+    """The frame iterates in a `for` statement (GET_ITER, then FOR_ITER): the body of each iteration runs between
+    two steps of the iterator. Anything else consuming it (`list(hit)`, `enumerate(hit)`, a comprehension) would see
+    every position, not the ones found, and is left to torch.export, which refuses it."""
+    code, i = frame.f_code.co_code, frame.f_lasti
+    if code[i] != dis.opmap["GET_ITER"]:
+        return False
+    i += 2
+    while code[i] == dis.EXTENDED_ARG:  # FOR_ITER's jump past a long loop body
+        i += 2
+    return code[i] == dis.opmap["FOR_ITER"]
 
 
 def _norm(dim: int, ndim: int) -> int:
