@@ -20,7 +20,8 @@ eager PyTorch would have skipped or not found then contribute exactly zero, whic
 on the exported graph and enforces:
 - every value computed from the positions treats them independently, row by row along the positions' axis (the
   gathers `x[top_x]`, views, matrix products with the rows on the left, element-wise ops, softmaxes and layer norms
-  over other dimensions: the same op families as capture/masked_rows.py), and ends in an accumulating write indexed
+  over other dimensions: the same op families as capture/masked_rows.py; dropout, each row on its own draws), and
+  ends in an accumulating write indexed
   by the positions (`index_add`, `index_put(accumulate=True)`); what is written there is masked with `where(found,
   value, 0)`, `found` being the mask at the position and the loop's position found. Rows found compute what they
   computed in eager PyTorch, the others add zero and get a zero gradient (as in capture/masked_rows.py, a row not
