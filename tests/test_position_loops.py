@@ -1,8 +1,9 @@
 """Mixture-of-experts layers that loop over the experts `nonzero()` finds and gather each one's rows with
 `torch.where(mask)` (Hugging Face's Switch Transformers, NLLB-MoE, LongCat-Flash, openai-privacy-filter) compile to
 fixed-shape programs (pockengine/capture/position_loops.py) whose losses and gradients equal autograd's (float64,
-rel. err. <= 1e-10; NLLB-MoE's encoder in float32, rel. err. <= 1e-4), for the full and the bias-only schemes; a loop whose iterations do anything that cannot be
-masked stays a CaptureError."""
+rel. err. <= 1e-10; NLLB-MoE's encoder in float32, rel. err. <= 1e-4), for the full and the bias-only schemes; a
+loop whose iterations do anything that cannot be masked, or that is not a `for` loop over all of them, stays a
+CaptureError."""
 
 import copy
 

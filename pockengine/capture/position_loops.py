@@ -116,7 +116,7 @@ class _PositionLoops(TorchFunctionMode):
                 or args[0].dim() == 0:
             return func(*args, **kwargs)
         x = args[0]
-        as_tuple = where or bool(kwargs.get("as_tuple", args[1] if len(args) > 1 else False))
+        as_tuple = where or bool(kwargs.get("as_tuple", False))
         if self.guard is None:
             out = func(*args, **kwargs)
             if not as_tuple:
@@ -219,8 +219,10 @@ def _row_axis(user: torch.fx.Node, axes: dict) -> int | None:
         return None
     out = val[0] if isinstance(val, (tuple, list)) else val
     axis = axes.get(first)
-    if target in (aten.clone.default, aten._to_copy.default, aten.alias.default, aten.expand.default):
-        return axis if first in axes and out.shape[axis] == _val(first).shape[axis] else None
+    if target in (aten.clone.default, aten._to_copy.default, aten.alias.default, aten.expand.default) \
+            and first in axes:
+        moved = axis + out.dim() - _val(first).dim()  # expand may add leading dimensions
+        return moved if out.shape[moved] == _val(first).shape[axis] else None
     if target in (aten.view.default, aten._unsafe_view.default, aten.reshape.default) and first in axes:
         return _view_axis(tuple(_val(first).shape), tuple(out.shape), axis)
     if target is aten.unsqueeze.default and first in axes:
@@ -231,13 +233,11 @@ def _row_axis(user: torch.fx.Node, axes: dict) -> int | None:
         return None if axis in dims else axis - sum(d < axis for d in dims)
     if target is aten.permute.default and first in axes:
         return [_norm(d, out.dim()) for d in args[1]].index(axis)
-    if target in (aten.select.int, aten.slice.Tensor, aten.split.Tensor, aten.split_with_sizes.default) \
-            and first in axes:
-        dim = _norm(args[1] if len(args) > 1 else 0, _val(first).dim()) if target is not aten.split.Tensor and \
-            target is not aten.split_with_sizes.default else _norm(args[2] if len(args) > 2 else 0, _val(first).dim())
-        if dim == axis:
-            return None
-        return axis - (target is aten.select.int and dim < axis)
+    if target in (aten.select.int, aten.slice.Tensor) and first in axes:
+        dim = _norm(args[1] if len(args) > 1 else 0, _val(first).dim())
+        return None if dim == axis else axis - (target is aten.select.int and dim < axis)
+    if target in (aten.split.Tensor, aten.split_with_sizes.default) and first in axes:
+        return None if _norm(args[2] if len(args) > 2 else 0, _val(first).dim()) == axis else axis
     if target is aten.native_dropout.default and first in axes:
         # each element kept or not on its own draw: a row found is dropped out as in eager PyTorch, from the same
         # distribution (not the same numbers: the compiled program draws from the trainer's generator anyway)
@@ -246,10 +246,11 @@ def _row_axis(user: torch.fx.Node, axes: dict) -> int | None:
         return axis if _norm(args[1], out.dim()) != axis else None
     if target is aten.native_layer_norm.default and first in axes:
         return axis if axis < out.dim() - len(args[1]) and all(a not in axes for a in args[2:4]) else None
-    if target is aten.mm.default and first in axes:
-        return 0 if args[1] not in axes else None
+    if target is aten.mm.default and first in axes:  # the rows on the left, each row times the same matrix
+        return 0 if axis == 0 and args[1] not in axes else None
     if target is aten.addmm.default and args[1] in axes:
-        return 0 if args[2] not in axes and args[0] not in axes and _outside(_val(args[0]), out, 0) else None
+        return 0 if axes[args[1]] == 0 and args[2] not in axes and args[0] not in axes and _outside(
+            _val(args[0]), out, 0) else None
     if is_pointwise(target):
         out_axes = {out.dim() - _val(a).dim() + axes[a] for a in inside}
         if len(out_axes) != 1:
@@ -274,8 +275,8 @@ def _gather_axis(indices: list, axes: dict, x: torch.Tensor) -> int | None:
         if indices[i] in axes:
             if v.dim() != 1 or axes[indices[i]] != 0:
                 return None
-        elif not (isinstance(v, torch.Tensor) and v.numel() == 1):
-            return None
+        elif not (isinstance(v, torch.Tensor) and v.dim() <= 1 and v.numel() == 1):
+            return None  # one index for every row (the expert's constant index)
     return used[0] if used == list(range(used[0], used[-1] + 1)) else 0
 
 
@@ -313,7 +314,8 @@ def _write(n: torch.fx.Node, axes: dict) -> tuple[int, torch.fx.Node] | None:
 
 def _region(marker: torch.fx.Node) -> tuple[dict, list] | None:
     """(node -> its positions' axis, for every value computed from the marker's positions; the accumulating writes
-    they end in), or None where they reach anything else."""
+    they end in, each with the dim it writes along and the value written), or None where they reach anything
+    else."""
     reached, writes, todo = {marker}, [], [marker]
     while todo:
         for user in todo.pop().users:
@@ -324,7 +326,7 @@ def _region(marker: torch.fx.Node) -> tuple[dict, list] | None:
             if user.target is aten._assert_tensor_metadata.default:
                 continue  # export's dtype check, which the capture drops
             if user.target in (aten.index_add.default, aten.index_put.default):
-                writes.append(user)  # the accumulator it makes is no value of the positions
+                writes.append(user)  # checked below; the accumulator it makes is no value of the positions
             else:
                 reached.add(user)
                 todo.append(user)
@@ -335,9 +337,10 @@ def _region(marker: torch.fx.Node) -> tuple[dict, list] | None:
             if axis is None:
                 return None
             axes[n] = axis
-    if any(_write(w, axes) is None for w in writes):
+    checked = [(w, _write(w, axes)) for w in writes]
+    if any(found is None for _, found in checked):
         return None
-    return axes, writes
+    return axes, [(w, *found) for w, found in checked]
 
 
 def _iteration(n: torch.fx.Node) -> Any:
@@ -376,7 +379,7 @@ def rewrite_position_loops(gm: torch.fx.GraphModule) -> bool:
                 "instead, for example every row through the function and torch.where(mask, f(x), 0).")
         _, writes = found
         _rewrite(graph, marker, writes)
-        all_writes.update(writes)
+        all_writes.update(w for w, _, _ in writes)
     escaped = _escapes(graph, all_writes)
     if escaped is not None:
         raise CaptureError(
@@ -411,8 +414,7 @@ def _rewrite(graph: torch.fx.Graph, marker: torch.fx.Node, writes: list) -> None
         keep = call(marker, aten.logical_and.default, call(marker, aten.view.default, mask, [rows]), found)
     marker.replace_all_uses_with(positions)
     graph.erase_node(marker)
-    for write in writes:
-        dim, value = _write_target(write)
+    for write, dim, value in writes:
         ndim = _val(write.args[0]).dim()
         with graph.inserting_before(write):
             kept = call(write, aten.view.default, keep, [*[1] * dim, rows, *[1] * (ndim - dim - 1)])
@@ -422,12 +424,6 @@ def _rewrite(graph: torch.fx.Graph, marker: torch.fx.Node, writes: list) -> None
             write.args = (*write.args[:3], masked, *write.args[4:])
         else:
             write.args = (*write.args[:2], masked, *write.args[3:])
-
-
-def _write_target(write: torch.fx.Node) -> tuple[int, torch.fx.Node]:
-    if write.target is aten.index_add.default:
-        return _norm(write.args[1], _val(write.args[0]).dim()), write.args[3]
-    return next(i for i, index in enumerate(write.args[1]) if index is not None), write.args[2]
 
 
 def _drop_unread_nonzeros(graph: torch.fx.Graph) -> None:
