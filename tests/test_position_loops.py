@@ -214,3 +214,17 @@ class WritePerPosition(nn.Module):
 def test_a_loop_over_nonzero_with_other_effects_is_refused():
     with pytest.raises(pe.CaptureError, match="used after its iteration"):
         pe.compile(WritePerPosition(), lambda out, y: (out - y).pow(2).mean(), (torch.randn(3, 4), torch.randn(4)))
+
+
+def test_a_static_loop_is_read_back_from_the_capture_cache(tmp_path, monkeypatch):
+    import pockengine.trainer
+
+    monkeypatch.setenv("POCKENGINE_CACHE", str(tmp_path))
+    model = Experts("longcat", 2).double()
+    cold = pe.compile(copy.deepcopy(model), pe.losses.cross_entropy(), batch(), capture_cache=True)
+    assert len(list((tmp_path / "capture").glob("*.safetensors"))) == 1
+    monkeypatch.setattr(pockengine.trainer, "capture", lambda *a: pytest.fail("captured although cached"))
+    warm = pe.compile(copy.deepcopy(model), pe.losses.cross_entropy(), batch(), capture_cache=True)
+    assert str(warm.program().graph) == str(cold.program().graph)
+    cold_grads, warm_grads = cold.gradients(batch(1)), warm.gradients(batch(1))
+    assert all(torch.equal(cold_grads[name], warm_grads[name]) for name in cold_grads)
