@@ -116,6 +116,22 @@ def test_expert_loops_over_nonzero_train_as_in_eager(kind, top_k, scheme):
     check(Experts(kind, top_k).double(), scheme, seed=1)  # another routing: the program finds the rows at run time
 
 
+def test_a_dimension_other_than_the_rows_found_is_read_as_it_is():
+    check(Experts("switch", 1, lambda out, top_x, y: out.index_add(0, top_x, y.reshape(-1, y.shape[-1]))).double(),
+          "full")
+
+
+@pytest.mark.parametrize("body,match", [
+    (lambda out, top_x, y: out.index_add(0, top_x, y / top_x.numel()), "passed to a torch function"),
+    (lambda out, top_x, y: out.index_add(0, top_x, y * (top_x.size(0) - 1)), "computed with"),
+    (lambda out, top_x, y: out.index_add(0, top_x, y) if top_x.shape[0] > 3 else out, "compared with 3"),
+    (lambda out, top_x, y: out.index_add(0, top_x, y * len(top_x)), "read with len"),
+])
+def test_the_number_of_rows_found_read_in_python_is_refused(body, match):
+    with pytest.raises(pe.CaptureError, match=match):
+        pe.compile(Experts("switch", 1, body).double(), pe.losses.cross_entropy(), batch())
+
+
 def test_an_expert_no_token_is_routed_to_gets_no_gradient():
     model = Experts("switch", 1).double()
     with torch.no_grad():  # every token to expert 0

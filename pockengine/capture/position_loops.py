@@ -29,9 +29,12 @@ on the exported graph and enforces:
 - nothing computed in an iteration is used after it except those writes: an iteration eager PyTorch would not have
   run changes nothing else.
 Anything else, a loop that breaks out early, and a loop nested in another are `CaptureError`s naming the module.
-What the proof cannot see is Python reading the number of positions found inside the loop (`len(top_x)`), which is
-now every position's count: the rewrite assumes such a read only decides whether an iteration has work
-(LongCat-Flash's `if token_idx.numel() == 0: continue`).
+Python may also read the number of rows found (`top_x.numel()`, `rows.shape[0]`), which while tracing is every
+position's count: a size read from a value computed from the positions (`_Count` where it is that count) answers
+only whether there are rows (`== 0`, `> 0`, `bool`: LongCat-Flash's `if token_idx.numel() == 0: continue`; an
+iteration that eager PyTorch skips for having none adds nothing here either), and is a `CaptureError` where it is
+computed with, passed to a torch function or read with `len()`. Float arithmetic on it in Python (`1.0 / n`) is not
+seen.
 
 The cost is compute: each expert runs on every row (top-k rows per token) instead of its own.
 """
@@ -80,6 +83,78 @@ def _(mask: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
 EVERY_POSITION = torch.ops.pockengine.every_position.default
 
 _NONZERO = frozenset({torch.nonzero, torch.Tensor.nonzero, torch.argwhere, torch.Tensor.argwhere})
+_WRITES = frozenset({"index_add", "index_put", "index_copy", "index_fill", "scatter", "scatter_add", "scatter_reduce",
+                     "masked_scatter", "__setitem__"})
+_SIZE_READS = frozenset({torch.Tensor.size, torch.Tensor.numel, torch.numel, torch.Tensor.__len__})
+
+
+def _count_error(what: str) -> CaptureError:
+    return CaptureError(
+        f"the number of rows a nonzero()/torch.where(mask) finds inside a loop over nonzero()'s positions is {what} "
+        "in Python; the static loop finds every position (capture/position_loops.py), so that number is not eager "
+        "PyTorch's. Only whether there are rows may be asked (`if top_x.numel() == 0: continue`); compute with "
+        "fixed shapes instead (torch.where(mask, f(x), 0)).")
+
+
+class _Count(int):
+    """A size read in Python from a value of the positions (the number of rows found): every position's count
+    while tracing, so only asking whether there are any is answered, which is all the same where iterations
+    with no rows found add nothing; any other use of the number is a CaptureError."""
+
+    __hash__ = int.__hash__
+
+    def _zero_test(self, other: Any, zero: int, op: Callable) -> bool:
+        if other != zero or isinstance(other, bool):
+            raise _count_error(f"compared with {other!r}")
+        return op(int.__int__(self), other)
+
+    def __eq__(self, other: Any) -> bool:  # type: ignore[override]
+        return self._zero_test(other, 0, operator.eq)
+
+    def __ne__(self, other: Any) -> bool:  # type: ignore[override]
+        return self._zero_test(other, 0, operator.ne)
+
+    def __gt__(self, other: Any) -> bool:  # type: ignore[override]
+        return self._zero_test(other, 0, operator.gt)
+
+    def __le__(self, other: Any) -> bool:  # type: ignore[override]
+        return self._zero_test(other, 0, operator.le)
+
+    def __ge__(self, other: Any) -> bool:  # type: ignore[override]
+        return self._zero_test(other, 1, operator.ge)
+
+    def __lt__(self, other: Any) -> bool:  # type: ignore[override]
+        return self._zero_test(other, 1, operator.lt)
+
+    def __bool__(self) -> bool:
+        return int.__int__(self) != 0
+
+    def _refused(self, *args: Any) -> Any:
+        raise _count_error("computed with")
+
+
+for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "divmod", "and", "or", "xor", "lshift",
+              "rshift"):
+    setattr(_Count, f"__{_name}__", _Count._refused)
+    setattr(_Count, f"__r{_name}__", _Count._refused)
+for _name in ("neg", "pos", "abs", "invert", "index", "int", "float", "round", "trunc", "floor", "ceil"):
+    setattr(_Count, f"__{_name}__", _Count._refused)
+
+
+def _has_count(tree: Any) -> bool:
+    if isinstance(tree, (tuple, list)):  # torch.Size included
+        return any(map(_has_count, tree))
+    if isinstance(tree, dict):
+        return any(map(_has_count, tree.values()))
+    return isinstance(tree, _Count)
+
+
+def _counted(size: Any, rows: int) -> Any:
+    """A size read from a value of the positions, each dimension of `rows` entries (every position's count) a
+    `_Count`."""
+    if isinstance(size, torch.Size):
+        return torch.Size([_Count(d) if d == rows else d for d in size])
+    return _Count(size) if isinstance(size, int) and size == rows else size
 
 
 class _Position(torch.Tensor):
@@ -105,12 +180,29 @@ class _PositionLoops(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.found: WeakIdKeyDictionary = WeakIdKeyDictionary()  # nonzero() result -> its input, as a bool mask
+        self.rows: WeakIdKeyDictionary = WeakIdKeyDictionary()  # value computed from positions -> their count
         self.guard: torch.Tensor | None = None  # inside an iteration: whether its position was found
         self.loops = 0
         self.broken: str | None = None
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if self.rows and _has_count((args, kwargs)):
+            raise _count_error("passed to a torch function")  # which reads the number whatever it is
+        if self.rows and (rows := self._rows_of(args, kwargs)) is not None:
+            out = func(*args, **kwargs)
+            if func in _SIZE_READS or getattr(func, "__self__", None) is torch._C.TensorBase.shape:
+                if func is torch.Tensor.__len__:
+                    raise _count_error("read with len()")
+                return _counted(out, rows)
+            first = args[0] if args else None
+            if (out is first or getattr(func, "__name__", "").rstrip("_") in _WRITES) and not (
+                    isinstance(first, torch.Tensor) and first in self.rows):
+                return out  # written into a tensor of other rows (the accumulator), in place or not: its shape
+            for t in pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.rows[t] = rows
+            return out
         where = func is torch.where and len(args) == 1 and not kwargs
         if not (func in _NONZERO or where) or not isinstance(args[0], torch.Tensor) or not is_fake(args[0]) \
                 or args[0].dim() == 0:
@@ -123,7 +215,15 @@ class _PositionLoops(TorchFunctionMode):
                 self.found[out] = x if x.dtype == torch.bool else x != 0
             return out
         positions = EVERY_POSITION(x if x.dtype == torch.bool else x != 0, self.guard)
-        return tuple(positions.unbind(1)) if as_tuple else positions
+        out = tuple(positions.unbind(1)) if as_tuple else positions
+        for t in (out if as_tuple else (out,)):
+            self.rows[t] = x.numel()
+        return out
+
+    def _rows_of(self, args: tuple, kwargs: dict) -> int | None:
+        """The count of positions a tensor among the arguments was computed from, if any."""
+        return next((self.rows[t] for t in pytree.tree_leaves((args, kwargs))
+                     if isinstance(t, torch.Tensor) and t in self.rows), None)
 
     def iterate(self, mask: torch.Tensor) -> Iterator[torch.Tensor]:
         if self.guard is not None:
