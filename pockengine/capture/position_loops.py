@@ -104,7 +104,7 @@ class _Count(int):
     __hash__ = int.__hash__
 
     def _zero_test(self, other: Any, zero: int, op: Callable) -> bool:
-        if other != zero or isinstance(other, bool):
+        if type(other) is not int or other != zero:
             raise _count_error(f"compared with {other!r}")
         return op(int.__int__(self), other)
 
