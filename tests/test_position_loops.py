@@ -23,8 +23,8 @@ class Experts(nn.Module):
     """The experts' loop as transformers writes it. `top_k` experts per token; `kind` is which model's loop:
     "switch" (an expert module per index, `torch.where` over the (k, token) mask, `index_add_`), "longcat" (stacked
     weights, `int(expert.item())`, identity experts past the routed ones, a `numel() == 0` check), "privacy" (the
-    mask made under no_grad, a skipped index, `index_add_` into a float32 accumulator); `body` changes what an
-    iteration does."""
+    mask made under no_grad, a skipped class, clamped SwiGLU with biases), "nemotron" (as "longcat"
+    over `nonzero().squeeze(-1)`, 0-d positions); `body` changes what an iteration does."""
 
     def __init__(self, kind="switch", top_k=1, body=None):
         super().__init__()
@@ -52,13 +52,15 @@ class Experts(nn.Module):
         else:
             mask = F.one_hot(chosen, num_classes=EXPERTS).permute(2, 1, 0)
             hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        if self.kind == "nemotron":
+            hit = hit.squeeze(-1)
         for expert in hit:
             if self.kind == "switch":
                 idx, top_x = torch.where(mask[expert].squeeze(0))
                 rows = h[None, top_x].reshape(-1, d)
                 y = self.experts[int(f"{expert[0]}")](rows) * weights[top_x, idx, None]
-            elif self.kind == "longcat":
-                e = int(expert.item())
+            elif self.kind in ("longcat", "nemotron"):
+                e = int(expert.item()) if self.kind == "longcat" else expert.item()
                 idx, top_x = torch.where(mask[e].squeeze(0))
                 if top_x.numel() == 0:
                     continue
@@ -108,7 +110,7 @@ def check(model, scheme, seed=0):
     assert abs(loss - F.cross_entropy(ref(x), y).item()) <= 1e-12
 
 
-@pytest.mark.parametrize("kind,top_k", [("switch", 1), ("switch", 2), ("longcat", 2), ("privacy", 2)])
+@pytest.mark.parametrize("kind,top_k", [("switch", 1), ("switch", 2), ("longcat", 2), ("privacy", 2), ("nemotron", 2)])
 @pytest.mark.parametrize("scheme", ["full", "bias_only"])
 def test_expert_loops_over_nonzero_train_as_in_eager(kind, top_k, scheme):
     model = Experts(kind, top_k).double()
@@ -270,3 +272,42 @@ def test_the_eager_experts_of_grouped_matmul_models_train_as_in_eager(config, mo
     for name, grad in grads.items():
         r = expected[name]
         assert ((grad - r).abs().max() / r.abs().max().clamp_min(1e-30)).item() <= TOL_FLOAT32, name
+
+
+class InputRouted(nn.Module):
+    """Routes each token to the expert the batch names, one-hot over one class more than there are experts (as
+    Nemotron-H's and DBRX's experts): the static loop's body fails at that class, which eager PyTorch never finds
+    unless a token is routed there, and then fails too."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.w = nn.Parameter(torch.randn(EXPERTS, 4, 4, dtype=torch.float64))
+
+    def forward(self, x, chosen):
+        mask = F.one_hot(chosen, EXPERTS + 1).permute(1, 0)
+        out = torch.zeros_like(x)
+        for expert in mask.sum(-1).gt(0).nonzero():
+            (top_x,) = torch.where(mask[expert[0]])
+            out.index_add_(0, top_x, x[top_x] @ self.w[expert[0]])
+        return out
+
+
+def test_a_position_the_loop_body_cannot_run_at_is_asserted_not_found():
+    x = torch.randn(6, 4, dtype=torch.float64)
+    chosen, target = torch.tensor([0, 2, 2, 1, 0, 2]), torch.randn(6, 4, dtype=torch.float64)
+
+    def loss_fn(out, y):
+        return (out - y).pow(2).mean()
+
+    model = InputRouted()
+    ref = copy.deepcopy(model)
+    trainer = pe.compile(model, loss_fn, ((x, chosen), target))
+    grad = trainer.gradients(((x, chosen), target))["w"]
+    (expected,) = torch.autograd.grad(loss_fn(ref(x, chosen), target), [ref.w])
+    assert ((grad - expected).abs().max() / expected.abs().max()).item() <= TOL
+    routed_past_the_experts = torch.tensor([0, 2, 2, 1, 0, EXPERTS])
+    with pytest.raises(IndexError):
+        ref(x, routed_past_the_experts)
+    with pytest.raises(RuntimeError, match="a position its body cannot run at"):
+        trainer.gradients(((x, routed_past_the_experts), target))

@@ -29,6 +29,10 @@ on the exported graph and enforces:
 - nothing computed in an iteration is used after it except those writes: an iteration eager PyTorch would not have
   run changes nothing else.
 Anything else, a loop that breaks out early, and a loop nested in another are `CaptureError`s naming the module.
+A position whose body fails while tracing (Nemotron-H's and DBRX's experts one-hot their routes over one class more
+than they have experts, and index their weights with it) was not found by eager PyTorch, which ran the batch:
+capture/export.py traces again without it, and the program asserts as it runs that it is not found (eager PyTorch
+would fail there too).
 Python may also read the number of rows found (`top_x.numel()`, `rows.shape[0]`), which while tracing is every
 position's count: a size read from a value computed from the positions (`_Count` where it is that count) answers
 only whether there are rows (`== 0`, `> 0`, `bool`: LongCat-Flash's `if token_idx.numel() == 0: continue`; an
@@ -83,6 +87,8 @@ def _(mask: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
 EVERY_POSITION = torch.ops.pockengine.every_position.default
 
 _NONZERO = frozenset({torch.nonzero, torch.Tensor.nonzero, torch.argwhere, torch.Tensor.argwhere})
+# the (K, 1) positions of a 1-d mask as a vector (Nemotron-H's `nonzero().squeeze(-1)`), iterated as 0-d positions
+_FLATTENS = frozenset({torch.Tensor.squeeze, torch.Tensor.view, torch.Tensor.reshape, torch.Tensor.flatten})
 _WRITES = frozenset({"index_add", "index_put", "index_copy", "index_fill", "scatter", "scatter_add", "scatter_reduce",
                      "masked_scatter", "__setitem__"})
 _SIZE_READS = frozenset({torch.Tensor.size, torch.Tensor.numel, torch.numel, torch.Tensor.__len__})
@@ -177,13 +183,15 @@ class _PositionLoops(TorchFunctionMode):
     """Records the results of `nonzero()` on traced tensors; inside an iteration over one, `nonzero()` returns
     every position (`every_position`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, skipped: frozenset) -> None:
         super().__init__()
-        self.found: WeakIdKeyDictionary = WeakIdKeyDictionary()  # nonzero() result -> its input, as a bool mask
+        self.skipped = skipped  # (loop, position) of the bodies that failed in an earlier trace
+        # nonzero() result -> (its input as a bool mask, whether it lists the positions of a 1-d mask as a vector)
+        self.found: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.rows: WeakIdKeyDictionary = WeakIdKeyDictionary()  # value computed from positions -> their count
         self.guard: torch.Tensor | None = None  # inside an iteration: whether its position was found
         self.loops = 0
-        self.broken: str | None = None
+        self.stopped_at: tuple | None = None  # (loop, position) a static loop was left at before its end
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -203,6 +211,11 @@ class _PositionLoops(TorchFunctionMode):
                 if isinstance(t, torch.Tensor):
                     self.rows[t] = rows
             return out
+        if func in _FLATTENS and self.found and args[0] in self.found and self.found[args[0]][0].dim() == 1:
+            out = func(*args, **kwargs)
+            if isinstance(out, torch.Tensor) and out.dim() == 1:
+                self.found[out] = (self.found[args[0]][0], True)
+            return out
         where = func is torch.where and len(args) == 1 and not kwargs
         if not (func in _NONZERO or where) or not isinstance(args[0], torch.Tensor) or not is_fake(args[0]) \
                 or args[0].dim() == 0:
@@ -212,7 +225,7 @@ class _PositionLoops(TorchFunctionMode):
         if self.guard is None:
             out = func(*args, **kwargs)
             if not as_tuple:
-                self.found[out] = x if x.dtype == torch.bool else x != 0
+                self.found[out] = (x if x.dtype == torch.bool else x != 0, False)
             return out
         positions = EVERY_POSITION(x if x.dtype == torch.bool else x != 0, self.guard)
         out = tuple(positions.unbind(1)) if as_tuple else positions
@@ -225,7 +238,7 @@ class _PositionLoops(TorchFunctionMode):
         return next((self.rows[t] for t in pytree.tree_leaves((args, kwargs))
                      if isinstance(t, torch.Tensor) and t in self.rows), None)
 
-    def iterate(self, mask: torch.Tensor) -> Iterator[torch.Tensor]:
+    def iterate(self, mask: torch.Tensor, vector: bool, where: tuple) -> Iterator[torch.Tensor]:
         if self.guard is not None:
             raise CaptureError("a loop over the positions nonzero() finds runs inside another such loop; pockengine "
                                "makes one level of such loops static (capture/position_loops.py). Loop over the "
@@ -233,40 +246,59 @@ class _PositionLoops(TorchFunctionMode):
         loop, self.loops = self.loops, self.loops + 1
         for i, position in enumerate(itertools.product(*map(range, mask.shape))):
             found = mask[position]
+            if (where, position) in self.skipped:
+                torch._assert_async(torch.logical_not(found), (
+                    f"a loop over the positions nonzero() finds ({where[0]}:{where[1]}) found {list(position)}, a "
+                    "position its body cannot run at (it failed there while pockengine traced it)"))
+                continue
             with _disable_current_modes():  # a constant the loop's Python code can read, as eager PyTorch would
-                value = torch.tensor(position, dtype=torch.int64, device=mask.device).as_subclass(_Position)
+                value = torch.tensor(position[0] if vector else position, dtype=torch.int64,
+                                     device=mask.device).as_subclass(_Position)
             self.guard = found
             try:
                 with fx_traceback.preserve_node_meta(), fx_traceback.annotate({_ITERATION: (loop, i)}):
                     yield value
             except GeneratorExit:
-                self.broken = (f"a loop over the positions nonzero() finds left early (break, return or an error) "
-                               f"at position {list(position)}; the static loop runs over every position, so it "
-                               "would stop elsewhere than eager PyTorch does. Loop over all of them, or compute "
-                               "with fixed shapes (torch.where(mask, f(x), 0))")
+                self.stopped_at = (where, position)
                 raise
             finally:
                 self.guard = None
 
 
 @contextmanager
-def traceable_position_loops() -> Iterator[None]:
-    """While tracing, a loop over `nonzero()`'s result runs over every position (see the module docstring)."""
-    mode = _PositionLoops()
+def traceable_position_loops(skipped: frozenset = frozenset()) -> Iterator[None]:
+    """While tracing, a loop over `nonzero()`'s result runs over every position (see the module docstring). Where
+    its body fails at a position, the error carries `(loop, position)` as `pockengine_static_loop`; `skipped` are
+    those of earlier traces, positions eager PyTorch did not find (it ran the batch): they are not run, and the
+    program asserts as it runs that they are not found (Nemotron-H's and DBRX's experts one-hot their routes over
+    one class more than they have experts, which no route takes)."""
+    mode = _PositionLoops(skipped)
     tensor_iter = torch.Tensor.__iter__
 
     def iterate(self: torch.Tensor) -> Iterator[torch.Tensor]:
-        mask = mode.found.get(self)
-        return mode.iterate(mask) if mask is not None and _for_loop(sys._getframe(1)) else tensor_iter(self)
+        found = mode.found.get(self)
+        frame = sys._getframe(1)
+        if found is None or not _for_loop(frame):
+            return tensor_iter(self)
+        return mode.iterate(*found, (frame.f_code.co_filename, frame.f_lineno, frame.f_lasti))
 
     torch.Tensor.__iter__ = iterate
     try:
         with mode:
             yield
+    except Exception as e:
+        if mode.stopped_at is not None and not isinstance(e, CaptureError):
+            e.pockengine_static_loop = mode.stopped_at  # type: ignore[attr-defined]  (export.py traces again)
+        raise
     finally:
         torch.Tensor.__iter__ = tensor_iter
-    if mode.broken is not None:
-        raise CaptureError(mode.broken)
+    if mode.stopped_at is not None:
+        raise CaptureError(
+            f"a loop over the positions nonzero() finds left early (break or return) at position {mode.stopped_at[1]} "
+            f"({mode.stopped_at[0][0]}:{mode.stopped_at[0][1]}); "
+            "pockengine runs such a loop over every position (capture/position_loops.py), so it would stop "
+            "elsewhere than eager PyTorch does. Loop over all of them, or compute with fixed shapes "
+            "(torch.where(mask, f(x), 0)).")
 
 
 def _for_loop(frame: Any) -> bool:
