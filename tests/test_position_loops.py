@@ -251,10 +251,14 @@ def test_a_static_loop_is_read_back_from_the_capture_cache(tmp_path, monkeypatch
 @pytest.mark.parametrize("config,model,experts", [
     ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
     ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)),
+    # one-hot over one class more than it has experts, no `continue` for it: the body fails there while tracing
+    ("NemotronHConfig", "NemotronHForCausalLM",
+     dict(layers_block_type=["attention", "moe"], head_dim=8, n_routed_experts=4, n_shared_experts=1,
+          moe_intermediate_size=16, moe_shared_expert_intermediate_size=16, num_experts_per_tok=2)),
 ])
 def test_the_eager_experts_of_grouped_matmul_models_train_as_in_eager(config, model, experts):
     """Their experts loop over the experts hit where `experts_implementation="eager"` (else transformers' grouped
-    matmul): float32, rel. err. <= 1e-4."""
+    matmul): float32, rel. err. <= 1e-4. Nemotron-H's body fails at its extra class, traced again without it."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     lm = getattr(transformers, model)(getattr(transformers, config)(
