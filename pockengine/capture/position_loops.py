@@ -90,7 +90,7 @@ _NONZERO = frozenset({torch.nonzero, torch.Tensor.nonzero, torch.argwhere, torch
 # the (K, 1) positions of a 1-d mask as a vector (Nemotron-H's `nonzero().squeeze(-1)`), iterated as 0-d positions
 _FLATTENS = frozenset({torch.Tensor.squeeze, torch.Tensor.view, torch.Tensor.reshape, torch.Tensor.flatten})
 _WRITES = frozenset({"index_add", "index_put", "index_copy", "index_fill", "scatter", "scatter_add", "scatter_reduce",
-                     "masked_scatter", "__setitem__"})
+                     "masked_scatter"})
 _SIZE_READS = frozenset({torch.Tensor.size, torch.Tensor.numel, torch.numel, torch.Tensor.__len__})
 
 
@@ -342,11 +342,11 @@ def _row_axis(user: torch.fx.Node, axes: dict) -> int | None:
     if any(isinstance(a, torch.fx.Node) for a in user.kwargs.values()):
         return None
     inside = [a for a in args if isinstance(a, torch.fx.Node) and a in axes]
-    first = args[0] if args else None
+    first = args[0] if args and isinstance(args[0], torch.fx.Node) else None  # not a list of tensors (cat)
     if target is operator.getitem:
         return axes[first]
     if target is aten.index.Tensor and first not in axes and isinstance(val, torch.Tensor):
-        return _gather_axis(args[1], axes, _val(first))
+        return _gather_axis(args[1], axes)
     if not isinstance(val, (torch.Tensor, tuple, list)) or len(inside) != 1 and not is_pointwise(target):
         return None
     out = val[0] if isinstance(val, (tuple, list)) else val
@@ -396,7 +396,7 @@ def _row_axis(user: torch.fx.Node, axes: dict) -> int | None:
     return None
 
 
-def _gather_axis(indices: list, axes: dict, x: torch.Tensor) -> int | None:
+def _gather_axis(indices: list, axes: dict) -> int | None:
     """`x[..., top_x, ...]` with the positions' index vectors (and indices broadcasting along them): where the
     positions' axis lands (advanced indexing puts it at the first index when the indices are adjacent)."""
     used = [i for i, index in enumerate(indices) if index is not None]
