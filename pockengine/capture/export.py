@@ -37,6 +37,7 @@ from pockengine.capture.layer_drop import traceable_layer_drop
 from pockengine.capture.locations import module_path, strip_model_prefix
 from pockengine.capture.masked_rows import rewrite_masked_rows
 from pockengine.capture.module_casts import unchanging_module_casts_skipped
+from pockengine.capture.position_loops import rewrite_position_loops, traceable_position_loops
 from pockengine.capture.python_random import no_python_random
 from pockengine.capture.spec_augment import traceable_spec_augment
 from pockengine.capture.stop_gradient import mark_stop_gradients, traceable_gradient_cuts
@@ -242,7 +243,8 @@ def _shapes(tree: Any) -> str:
     return str(pytree.tree_map_only(torch.Tensor, lambda t: list(t.shape), tree))
 
 
-def _tracing_contexts(model: nn.Module, loss_fn: Callable, inputs: Any, target: Any) -> list[AbstractContextManager]:
+def _tracing_contexts(model: nn.Module, loss_fn: Callable, inputs: Any, target: Any, skipped: frozenset
+                      ) -> list[AbstractContextManager]:
     """What is in force while torch.export traces the model with its loss, in order; each module says why.
     - gradients enabled, so that the model's own `no_grad` blocks leave regions in the graph (stop_gradient.py);
     - the math attention backend: traced with it, attention returns a dense (..., heads, L, E) tensor, and the views
@@ -261,35 +263,44 @@ def _tracing_contexts(model: nn.Module, loss_fn: Callable, inputs: Any, target: 
             no_python_random(model, lambda: _eager_loss(model, loss_fn, inputs, target)),
             traceable_spec_augment(model), traceable_layer_drop(model), traceable_gradient_cuts(),
             tensor_hooks_refused(), causal_mask_hint_unread(), unchanging_module_casts_skipped(model),
-            distribution_checks_off()]
+            distribution_checks_off(), traceable_position_loops(skipped)]
 
 
 def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
     inputs, target = normalize_batch(batch)
     refuse_gradient_hooks(model)
     wrapper = _ModelWithLoss(model, loss_fn)
-    try:
-        with ExitStack() as tracing:
-            function_calls = tracing.enter_context(recording_autograd_functions())
-            for context in _tracing_contexts(model, loss_fn, inputs, target):
-                tracing.enter_context(context)
-            ep = torch.export.export(wrapper, (inputs, target))
-            mark_stop_gradients(ep.graph_module)  # before the decompositions turn `detach` into `alias`
-            with _recurrent_dropout_kept(), _decomposition_split_reused():
-                ep = ep.run_decompositions(decompositions())
-        ep.graph_module.meta[FUNCTION_CALLS] = function_calls  # alive while the program refers to them
-    except CaptureError:
-        raise  # ours, raised while tracing: it says what to do already
-    except Exception as e:  # torch.export raises many types; one error that says what to do instead
-        eager = _eager_error(model, loss_fn, inputs, target)
-        if eager is not None:
-            raise UserInputError(
-                f"the model and loss_fn fail on this batch in plain PyTorch too, so the batch does not fit the model: "
-                f"{type(eager).__name__}: {str(eager)[:1000]}\nBatch shapes: inputs {_shapes(inputs)}, target "
-                f"{_shapes(target)}. A batch may differ from the example batch only where the model allows it (the "
-                "batch size, a sequence length); its feature sizes must be the example's.") from e
-        raise export_failure(e, model) from e
+    skipped: frozenset = frozenset()  # static loops' positions eager PyTorch did not find, where their bodies fail
+    while True:
+        try:
+            with ExitStack() as tracing:
+                function_calls = tracing.enter_context(recording_autograd_functions())
+                for context in _tracing_contexts(model, loss_fn, inputs, target, skipped):
+                    tracing.enter_context(context)
+                ep = torch.export.export(wrapper, (inputs, target))
+                mark_stop_gradients(ep.graph_module)  # before the decompositions turn `detach` into `alias`
+                with _recurrent_dropout_kept(), _decomposition_split_reused():
+                    ep = ep.run_decompositions(decompositions())
+            ep.graph_module.meta[FUNCTION_CALLS] = function_calls  # alive while the program refers to them
+            break
+        except CaptureError:
+            raise  # ours, raised while tracing: it says what to do already
+        except Exception as e:  # torch.export raises many types; one error that says what to do instead
+            eager = _eager_error(model, loss_fn, inputs, target)
+            if eager is not None:
+                raise UserInputError(
+                    f"the model and loss_fn fail on this batch in plain PyTorch too, so the batch does not fit the "
+                    f"model: {type(eager).__name__}: {str(eager)[:1000]}\nBatch shapes: inputs {_shapes(inputs)}, "
+                    f"target {_shapes(target)}. A batch may differ from the example batch only where the model "
+                    "allows it (the batch size, a sequence length); its feature sizes must be the example's.") from e
+            position = getattr(e, "pockengine_static_loop", None)  # capture/position_loops.py
+            if position is None or position in skipped:
+                raise export_failure(e, model) from e
+            # eager PyTorch ran the batch, so it never found the position where the static loop's body failed:
+            # traced again without it, the program asserting that it is not found
+            skipped |= {position}
     rewrite_tensor_checks(ep.graph_module)
+    rewrite_position_loops(ep.graph_module)
     rewrite_masked_rows(ep.graph_module)
     views_tolerate_kernel_layouts(ep.graph_module)
     return ep

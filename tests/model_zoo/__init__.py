@@ -544,6 +544,13 @@ for name, config, model, sizes in [
      dict(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=1, num_heads=2,
           num_experts=4, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1, relative_attention_num_buckets=8,
           relative_attention_max_distance=16, pad_token_id=0, eos_token_id=1)),
+    # routed experts (top-2, a capacity per expert) run in the same loop over `nonzero()`, with dropout on each
+    # expert's tokens in train mode (`moe_token_dropout`); the second of the two encoder layers sparse
+    ("nllb-moe-encoder", "NllbMoeConfig", "NllbMoeModel",
+     dict(vocab_size=VOCAB, d_model=16, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
+          decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+          num_experts=4, expert_capacity=8, encoder_sparse_step=2, decoder_sparse_step=1, pad_token_id=1,
+          bos_token_id=0, eos_token_id=2)),
     # Longformer's attention (a sliding window of 4): it branches on whether any token attends globally
     ("led-encoder", "LEDConfig", "LEDModel",
      dict(vocab_size=VOCAB, d_model=16, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
@@ -554,6 +561,15 @@ for name, config, model, sizes in [
     if name.endswith("-encoder") and "Encoder" not in model:
         make = _hf_part(config, model, lambda m: m.get_encoder(), **sizes)
     _add("encoder part", name, make, hidden_targets(16, text_classification()), last_hidden_state_mse)
+
+
+# a bidirectional encoder with sliding-window attention whose experts (top-2 of 4, clamped SwiGLU, biases) run in a
+# loop over `nonzero()` of the experts hit, computed under no_grad
+_add("encoder", "openai-privacy-filter",
+     _hf("OpenAIPrivacyFilterConfig", "OpenAIPrivacyFilterModel",
+         **dict(TEXT, num_key_value_heads=1, head_dim=8, intermediate_size=16, num_local_experts=4,
+                num_experts_per_tok=2, sliding_window=4, pad_token_id=0, eos_token_id=2)),
+     hidden_targets(16, text_classification()), last_hidden_state_mse)
 
 
 def _latent_text_classification(g: torch.Generator) -> tuple:
