@@ -377,6 +377,18 @@ def test_nonfinite_loss_keeps_weights(tmp_path):
         assert np.array_equal(v, before[k]), k
 
 
+def test_runner_threads_block_unless_asked_to_spin(tmp_path):
+    """onnxruntime's intra-op threads busy-wait between ops by default; the runner's block (docs/deploy.md)."""
+    fam = FAMILIES["mlp"]
+    batch = _batches("mlp", 1)[0]
+    path = pe.compile(fam.build(), fam.loss, batch).export_onnx(tmp_path / "step.onnx")
+    key = "session.intra_op.allow_spinning"
+    for spin, value in ((False, "0"), (True, "1")):
+        runtime = OnnxTrainer(path, threads=2, spin=spin)
+        assert runtime.session.get_session_options().get_session_config_entry(key) == value
+        assert np.isfinite(runtime.step(batch_arrays(batch)))
+
+
 def test_pockengine_imports_without_torch():
     """`import pockengine.runtime.onnx` (and `import pockengine`) load no torch: the package imports lazily."""
     code = "import sys, pockengine, pockengine.runtime.onnx; assert 'torch' not in sys.modules, 'torch imported'"
