@@ -245,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
     train.add_argument("--weights-out", default=None, help="write the trained weights (safetensors) for PyTorch")
     train.add_argument("--threads", type=int, default=0, help="onnxruntime's intra-op threads (0: its default)")
-    train.add_argument("--spin", action="store_true", help="let onnxruntime's idle threads busy-wait for work "
-                                                           "(faster on cores nothing else uses)")
+    train.add_argument("--spin", action="store_true", help="let onnxruntime's idle threads busy-wait for the "
+                                                           "next op (its default) instead of blocking")
     inputs = commands.add_parser("inputs", help="list the model's batch inputs and what it carries")
     inputs.add_argument("model")
     args = parser.parse_args(argv)
