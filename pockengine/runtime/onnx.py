@@ -48,8 +48,9 @@ class OnnxTrainer:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         # onnxruntime's threads busy-wait for the next op by default. Where the cores are shared (a phone's, a
-        # loaded machine's) the waiting threads take the cores the working ones need: a MobileNetV2 step took 1.7x
-        # as long with them on 2 cores beside other processes (docs/deploy.md). `spin=True` turns it back on.
+        # loaded machine's) the waiting threads take the cores the working ones need: a full MobileNetV2 step took
+        # 1.7x as long with them on 2 cores beside other processes, a bias-only one 0.9x (docs/deploy.md).
+        # `spin=True` turns it back on.
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         # Run the nodes in the model's order, which is pockengine's (its memory plan frees each value at its last
         # use): onnxruntime's default order starts branches early and keeps their values alive, and its memory
