@@ -236,7 +236,7 @@ def test_gradient_program(tmp_path):
 
 def test_bit_masks_export_as_standard_ops(tmp_path):
     """MobileNet-like ReLU6 layers keep bit masks (pockengine::pack_keep/apply_keep_); the model has only ONNX's
-    standard domain, keeps each mask as booleans (no bit packing: no integer arithmetic, no Gather), and every
+    standard domain, keeps each mask as booleans (no uint8 tensor: no bit packing), and every
     single-element operand of a broadcasting op has its output's rank (onnxruntime's slow path, see
     onnx_export._full_rank_scalars)."""
     fam = FAMILIES["cnn_frozen_bn"]
@@ -264,9 +264,9 @@ def test_bit_masks_export_as_standard_ops(tmp_path):
 @pytest.mark.parametrize("groups,kernel,stride,padding,dilation", [
     (6, 3, 1, 1, 1), (6, 3, 2, 1, 1), (6, 3, 1, 2, 2), (6, 5, 1, 2, 1), (1, 1, 1, 0, 1), (2, 3, 1, 1, 1)])
 def test_convolution_backward_as_exported(groups, kernel, stride, padding, dilation):
-    """The export's convolution_backward (depthwise weight gradients as shifted products at stride 1 and as a
-    depthwise convolution over (example, channel) pairs otherwise; a pointwise input gradient as a convolution by
-    the transposed weight) is ATen's, in float64."""
+    """The export's convolution_backward (a depthwise weight gradient as a depthwise convolution over (example,
+    channel) pairs, at strides 1 and 2, with dilation, with a 5x5 kernel; a pointwise input gradient as a
+    convolution by the transposed weight; a grouped one in the general form) is ATen's, in float64."""
     from pockengine.backend.onnx_export import convolution_backward
 
     g = torch.Generator().manual_seed(0)
