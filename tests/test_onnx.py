@@ -261,16 +261,18 @@ def test_bit_masks_export_as_standard_ops(tmp_path):
                for n in broadcasting if n.op_type == "Mul")  # the momentum of a convolution weight, at rank 4
 
 
-@pytest.mark.parametrize("groups,kernel,stride,padding,dilation", [
-    (6, 3, 1, 1, 1), (6, 3, 2, 1, 1), (6, 3, 1, 2, 2), (6, 5, 1, 2, 1), (1, 1, 1, 0, 1), (2, 3, 1, 1, 1)])
-def test_convolution_backward_as_exported(groups, kernel, stride, padding, dilation):
+@pytest.mark.parametrize("groups,kernel,stride,padding,dilation,size", [
+    (6, 3, 1, 1, 1, 9), (6, 3, 2, 1, 1, 9), (6, 3, 1, 2, 2, 9), (6, 5, 1, 2, 1, 9), (1, 1, 1, 0, 1, 9),
+    (1, 1, 1, 0, 1, 1), (2, 3, 1, 1, 1, 9)])
+def test_convolution_backward_as_exported(groups, kernel, stride, padding, dilation, size):
     """The export's convolution_backward (a depthwise weight gradient as a depthwise convolution over (example,
-    channel) pairs, at strides 1 and 2, with dilation, with a 5x5 kernel; a pointwise input gradient as a
-    convolution by the transposed weight; a grouped one in the general form) is ATen's, in float64."""
+    channel) pairs, at strides 1 and 2, with dilation, with a 5x5 kernel; a pointwise one as products per example
+    on a large image, as one product over all examples on a small one; a pointwise input gradient as a convolution
+    by the transposed weight; a grouped one in the general form) is ATen's, in float64."""
     from pockengine.backend.onnx_export import convolution_backward
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 6, 9, 9, dtype=torch.float64, generator=g)
+    x = torch.randn(3, 6, size, size, dtype=torch.float64, generator=g)
     weight = torch.randn(6, 6 // groups, kernel, kernel, dtype=torch.float64, generator=g)
     args = ([stride] * 2, [padding] * 2, [dilation] * 2, False, [0, 0], groups)
     out = torch.ops.aten.convolution(x, weight, None, *args)

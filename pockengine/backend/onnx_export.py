@@ -428,8 +428,16 @@ def _convolution_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight_shape: 
     if kernel == [1, 1] and groups == 1 and list(stride) == [1, 1] and list(padding) == [0, 0]:
         # a pointwise convolution is a matrix product per example (onnxruntime's grouped convolution with an
         # image-sized kernel runs this at a few GFLOP/s)
-        products = grad.reshape(n, grad.shape[1], -1) @ x.reshape(n, channels, -1).transpose(1, 2)
-        return products.sum(0).reshape(weight_shape)
+        out, positions = grad.shape[1], height * width
+        if out * channels <= (out + channels) * positions:
+            products = grad.reshape(n, out, -1) @ x.reshape(n, channels, -1).transpose(1, 2)
+            return products.sum(0).reshape(weight_shape)
+        # Small images, many channels (the last layers): one product over all examples' positions, from copies of
+        # the gradient and the input with the examples next to the positions, writes less than one weight-sized
+        # product per example, and multiplies along more than a few positions.
+        grad_rows = grad.reshape(n, out, positions).transpose(0, 1).reshape(out, n * positions)
+        x_rows = x.reshape(n, channels, positions).transpose(0, 1).reshape(channels, n * positions)
+        return (grad_rows @ x_rows.transpose(0, 1)).reshape(weight_shape)
     if per_group == 1 and weight_shape[0] == groups:  # depthwise: one filter per channel
         return _depthwise_weight_grad(grad, x, kernel, stride, padding, dilation).reshape(weight_shape)
     # each (input channel within a group) becomes a batch row whose channels are (group, example)
