@@ -236,14 +236,51 @@ def test_gradient_program(tmp_path):
 
 def test_bit_masks_export_as_standard_ops(tmp_path):
     """MobileNet-like ReLU6 layers keep bit masks (pockengine::pack_keep/apply_keep_); the model has only ONNX's
-    standard domain."""
+    standard domain, keeps each mask as booleans (no uint8 tensor: no bit packing), and every
+    single-element operand of a broadcasting op has its output's rank (onnxruntime's slow path, see
+    onnx_export._full_rank_scalars)."""
     fam = FAMILIES["cnn_frozen_bn"]
     batch = _batches("cnn_frozen_bn", 1)[0]
-    trainer = pe.compile(fam.build(), fam.loss, batch, freeze_batchnorm=True)
+    trainer = pe.compile(fam.build(), fam.loss, batch, optimizer=pe.optim.SGD(lr=0.1, momentum=0.9),
+                         freeze_batchnorm=True)
     assert "pockengine.pack_keep" in str(trainer.program().graph)
     path = trainer.export_onnx(tmp_path / "step.onnx")
-    domains = {n.domain for n in onnx.load(path).graph.node}
+    model = onnx.shape_inference.infer_shapes(onnx.load(path))
+    domains = {n.domain for n in model.graph.node}
     assert domains <= {"", "ai.onnx"}, domains
+    packed = [v.name for v in model.graph.value_info if v.type.tensor_type.elem_type == onnx.TensorProto.UINT8]
+    assert not packed, packed
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]}
+    shapes.update({t.name: list(t.dims) for t in model.graph.initializer})
+    broadcasting = [n for n in model.graph.node if n.op_type in {"Add", "Sub", "Mul", "Div", "Where"}]
+    scalars = [(n.name, name) for n in broadcasting for name in n.input
+               if np.prod(shapes[name]) == 1 and len(shapes[name]) < len(shapes[n.output[0]])]
+    assert not scalars, scalars
+    assert any(len(shapes[n.output[0]]) == 4 and any(np.prod(shapes[i]) == 1 for i in n.input)
+               for n in broadcasting if n.op_type == "Mul")  # the momentum of a convolution weight, at rank 4
+
+
+@pytest.mark.parametrize("groups,kernel,stride,padding,dilation,size", [
+    (6, 3, 1, 1, 1, 9), (6, 3, 2, 1, 1, 9), (6, 3, 1, 2, 2, 9), (6, 5, 1, 2, 1, 9), (1, 1, 1, 0, 1, 9),
+    (1, 1, 1, 0, 1, 1), (2, 3, 1, 1, 1, 9)])
+def test_convolution_backward_as_exported(groups, kernel, stride, padding, dilation, size):
+    """The export's convolution_backward (a depthwise weight gradient as a depthwise convolution over (example,
+    channel) pairs, at strides 1 and 2, with dilation, with a 5x5 kernel; a pointwise one as products per example
+    on a large image, as one product over all examples on a small one; a pointwise input gradient as a convolution
+    by the transposed weight; a grouped one in the general form) is ATen's, in float64."""
+    from pockengine.backend.onnx_export import convolution_backward
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 6, size, size, dtype=torch.float64, generator=g)
+    weight = torch.randn(6, 6 // groups, kernel, kernel, dtype=torch.float64, generator=g)
+    args = ([stride] * 2, [padding] * 2, [dilation] * 2, False, [0, 0], groups)
+    out = torch.ops.aten.convolution(x, weight, None, *args)
+    grad = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    expected = torch.ops.aten.convolution_backward(grad, x, weight, [6], *args, [True, True, True])
+    got = convolution_backward(grad, x, weight, [6], *args, [True, True, True])
+    for e, r in zip(expected, got):
+        torch.testing.assert_close(r, e, rtol=1e-12, atol=1e-12)
 
 
 def test_random_ops_refused(tmp_path):
@@ -340,6 +377,18 @@ def test_nonfinite_loss_keeps_weights(tmp_path):
     assert runtime.steps_done == 0
     for k, v in runtime.values().items():
         assert np.array_equal(v, before[k]), k
+
+
+def test_runner_threads_block_unless_asked_to_spin(tmp_path):
+    """onnxruntime's intra-op threads busy-wait between ops by default; the runner's block (docs/deploy.md)."""
+    fam = FAMILIES["mlp"]
+    batch = _batches("mlp", 1)[0]
+    path = pe.compile(fam.build(), fam.loss, batch).export_onnx(tmp_path / "step.onnx")
+    key = "session.intra_op.allow_spinning"
+    for spin, value in ((False, "0"), (True, "1")):
+        runtime = OnnxTrainer(path, threads=2, spin=spin)
+        assert runtime.session.get_session_options().get_session_config_entry(key) == value
+        assert np.isfinite(runtime.step(batch_arrays(batch)))
 
 
 def test_pockengine_imports_without_torch():

@@ -13,11 +13,12 @@ torchlib) translates op by op:
 The optimizer's scalars (`Optimizer.schedule`) are computed inside the model from `lr` and `step`, in float64 as the
 torch backend computes them in Python. A step's in-place updates run on copies of the inputs, which
 torch.export's functionalization turns into plain values: the model never writes its inputs (the runner binds the
-outputs to a second set of buffers instead, pockengine/runtime/onnx.py). pockengine's own ops (the bit masks of
-pockengine/kernels/masks.py) are written as ATen ops ONNX has (its fallback reinterprets bytes as int64 words, which
-ONNX cannot); the flash attention that drops its mask when the batch has no padding (pockengine/kernels/attention.py)
+outputs to a second set of buffers instead, pockengine/runtime/onnx.py). pockengine's own ops are written as ATen
+ops ONNX has: the bit masks of pockengine/kernels/masks.py as boolean masks (ONNX has no bit packing; see
+`pack_keep`); the flash attention that drops its mask when the batch has no padding (pockengine/kernels/attention.py)
 is exported in its masked form, which gives the same result without a run-time branch. A random op (dropout in train
-mode) is refused: ONNX Runtime's generator is not the trainer's.
+mode) is refused: ONNX Runtime's generator is not the trainer's. Single-element operands of element-wise ops are
+given their output's rank (`_full_rank_scalars`: onnxruntime's slow broadcast path).
 
 The gradient program exports too (`gradients=True`): inputs the batch and the trained parameters, outputs `loss` and
 `grad:<name>` per trained parameter at its full shape.
@@ -99,10 +100,59 @@ def export(trainer: Trainer, graph: Graph, static: dict[Node, torch.Tensor], bat
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(path, external_data=weights > EXTERNAL_DATA_BYTES if external_data is None else external_data)
     model = onnx.load(path, load_external_data=False)
+    _full_rank_scalars(model)
     onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps(meta)})
     onnx.save(model, path)
     safetensors.torch.save_file({k: v.detach().contiguous().cpu() for k, v in init.items()}, init_path(path))
     return path
+
+
+# Element-wise ops that broadcast their inputs (ONNX's multidirectional broadcasting).
+_BROADCASTING = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "Equal", "Less", "Greater",
+                           "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor"})
+
+
+def _full_rank_scalars(model: Any) -> None:
+    """Give every single-element operand of a broadcasting op its output's rank, by a Reshape of that scalar to
+    (1, ..., 1). onnxruntime 1.31 multiplied a (1280, 320, 1, 1) tensor by a rank-0 scalar in 2.5 ms, by a
+    (1, 1, 1, 1) one in 0.06 ms (2 threads; a (8, 96, 64, 64) tensor by a rank-0 scalar was not slow). The
+    optimizer's updates of pointwise convolution weights, (out, in, 1, 1), are such products (momentum, learning
+    rate): with rank-0 scalars they took a tenth of a full MobileNetV2 step."""
+    import onnx  # noqa: PLC0415
+
+    graph = model.graph
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    shapes: dict[str, list[int] | None] = {}
+    for v in [*inferred.value_info, *inferred.input, *inferred.output]:
+        t = v.type.tensor_type
+        shapes[v.name] = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim] \
+            if t.HasField("shape") else None
+    for init in graph.initializer:
+        shapes[init.name] = list(init.dims)
+    reshaped: dict[tuple[str, int], str] = {}
+    ones: set[str] = set()
+    nodes = []
+    for node in graph.node:
+        out = shapes.get(node.output[0]) if node.op_type in _BROADCASTING else None
+        if out:  # a tensor of rank 1 or more
+            for i, name in enumerate(node.input):
+                shape = shapes.get(name)
+                if shape is None or len(shape) >= len(out) or math.prod(shape) != 1:
+                    continue
+                key = (name, len(out))
+                if key not in reshaped:
+                    target = f"pockengine_ones_{len(out)}"
+                    if target not in ones:
+                        ones.add(target)
+                        graph.initializer.append(onnx.helper.make_tensor(target, onnx.TensorProto.INT64,
+                                                                         [len(out)], [1] * len(out)))
+                    reshaped[key] = f"{name}__rank{len(out)}"
+                    nodes.append(onnx.helper.make_node("Reshape", [name, target], [reshaped[key]],
+                                                       name=f"pockengine_reshape_{len(reshaped)}"))
+                node.input[i] = reshaped[key]
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 class _Builder:
@@ -302,31 +352,20 @@ def _written_inputs(node: Node) -> list[Node]:
 
 
 # -- pockengine's bit-mask ops in ONNX's terms ------------------------------------------------------------------
-# pockengine/kernels/masks.py packs 8 elements per byte, bit k of byte i for element 8i + k of the tensor read in
-# `order` (the order the tensor lies in memory). In the exported model both ends of a mask are inside the step and
-# every tensor is row-major, so the bits follow the row-major order (reading in `order` would add a transpose at
-# each end). Packing is a weighted sum of 8 booleans; unpacking looks each byte up in a table of its 8 bits (one
-# Gather: integer division and remainder over every element cost onnxruntime more than the step's convolutions).
+# pockengine/kernels/masks.py packs 8 elements per byte. ONNX has no op that packs or unpacks bits: written with
+# standard ops (a weighted sum of 8 booleans widened to int64, a table lookup by a Gather) the masks took more than
+# half of a bias-only MobileNetV2 step on onnxruntime, four times its convolutions' share. The export keeps the mask
+# as one boolean per element instead (a quarter of the float32 activation it replaces, eight times the bits): two
+# comparisons and an And in the forward pass, one Where in the backward, both ends inside the step.
 def pack_keep(x: torch.Tensor, lo: float, hi: float | None, order: list[int]) -> torch.Tensor:
-    del order  # row-major here (see above); the argument is the op's
-    flat = x.reshape(-1)
-    keep = flat > lo
-    if hi is not None:
-        keep = keep & (flat < hi)
-    padded = keep.to(torch.int32)
-    if x.numel() % 8:
-        padded = torch.nn.functional.pad(padded, [0, -x.numel() % 8])
-    weights = torch.tensor([1 << k for k in range(8)], dtype=torch.int32)
-    return (padded.reshape(-1, 8) * weights).sum(-1).to(torch.uint8)
+    del order  # the layout of the bits, which the boolean mask does not have
+    keep = x > lo
+    return keep & (x < hi) if hi is not None else keep
 
 
-def apply_keep(grad: torch.Tensor, bits: torch.Tensor, order: list[int]) -> torch.Tensor:
-    del order  # row-major here (see above); the argument is the op's
-    keep = _BYTE_BITS[bits.to(torch.int64)].reshape(-1)[:grad.numel()].reshape(grad.shape)
+def apply_keep(grad: torch.Tensor, keep: torch.Tensor, order: list[int]) -> torch.Tensor:
+    del order
     return torch.where(keep, grad, torch.zeros((), dtype=grad.dtype))
-
-
-_BYTE_BITS = (torch.arange(256).unsqueeze(-1) >> torch.arange(8)) % 2 == 1  # row b: the 8 bits of byte b
 
 
 # -- backward ops torchlib lacks, as ops it has ----------------------------------------------------------------
@@ -364,6 +403,12 @@ def convolution(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     transposed convolution multiplies each channel on its own."""
     kernel = list(weight.shape[2:])
     ones = [1] * len(kernel)
+    zeros = [0] * len(kernel)
+    if (transposed and groups == 1 and kernel == ones and list(stride) == ones and list(padding) == zeros
+            and not any(output_padding)):
+        # a pointwise layer's input gradient: onnxruntime's convolution by the transposed weight beats its
+        # transposed convolution (which multiplies, then scatters the columns back into the image)
+        return aten.convolution.default(x, weight.transpose(0, 1), bias, ones, zeros, ones, False, zeros, 1)
     if (transposed and groups == x.shape[1] == weight.shape[0] and weight.shape[1] == 1 and list(stride) == ones
             and list(dilation) == ones and not any(output_padding) and all(p < k for p, k in zip(padding, kernel))):
         return aten.convolution.default(x, weight.flip(list(range(2, weight.dim()))), bias, ones,
@@ -383,14 +428,39 @@ def _convolution_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight_shape: 
     if kernel == [1, 1] and groups == 1 and list(stride) == [1, 1] and list(padding) == [0, 0]:
         # a pointwise convolution is a matrix product per example (onnxruntime's grouped convolution with an
         # image-sized kernel runs this at a few GFLOP/s)
-        products = grad.reshape(n, grad.shape[1], -1) @ x.reshape(n, channels, -1).transpose(1, 2)
-        return products.sum(0).reshape(weight_shape)
+        out, positions = grad.shape[1], height * width
+        if out * channels <= (out + channels) * positions:
+            products = grad.reshape(n, out, -1) @ x.reshape(n, channels, -1).transpose(1, 2)
+            return products.sum(0).reshape(weight_shape)
+        # Small images, many channels (the last layers): one product over all examples' positions, from copies of
+        # the gradient and the input with the examples next to the positions, writes less than one weight-sized
+        # product per example, and multiplies along more than a few positions.
+        grad_rows = grad.reshape(n, out, positions).transpose(0, 1).reshape(out, n * positions)
+        x_rows = x.reshape(n, channels, positions).transpose(0, 1).reshape(channels, n * positions)
+        return (grad_rows @ x_rows.transpose(0, 1)).reshape(weight_shape)
+    if per_group == 1 and weight_shape[0] == groups:  # depthwise: one filter per channel
+        return _depthwise_weight_grad(grad, x, kernel, stride, padding, dilation).reshape(weight_shape)
     # each (input channel within a group) becomes a batch row whose channels are (group, example)
     rows = x.reshape(n, groups, per_group, height, width).permute(2, 1, 0, 3, 4).reshape(per_group, groups * n,
                                                                                          height, width)
     filters = grad.transpose(0, 1)  # (out channels, examples, out height, out width): one filter per out channel
     full = aten.convolution.default(rows, filters, None, dilation, padding, stride, False, [0, 0], groups)
     return full[:, :, :kernel[0], :kernel[1]].transpose(0, 1)
+
+
+def _depthwise_weight_grad(grad: torch.Tensor, x: torch.Tensor, kernel: list[int], stride: list[int],
+                           padding: list[int], dilation: list[int]) -> torch.Tensor:
+    """A depthwise convolution's weight gradient, (channels, kernel height, kernel width), as a depthwise
+    convolution of the input by the gradient over (example, channel) pairs, summed over the examples: both reshapes
+    are free, where the general case permutes the input and the gradient to (channel, example) order, two copies
+    (a full MobileNetV2 step on onnxruntime: 3-4% faster without them). A product and sum per kernel tap of the
+    gradient and a shifted window of the input was 4% faster still, but onnxruntime ran the windows' copies side by
+    side: 165 MB more memory in that step."""
+    n, channels, height, width = x.shape
+    rows = x.reshape(1, n * channels, height, width)
+    filters = grad.reshape(n * channels, 1, *grad.shape[2:])
+    full = aten.convolution.default(rows, filters, None, dilation, padding, stride, False, [0, 0], n * channels)
+    return full.reshape(n, channels, *full.shape[2:]).sum(0)[:, :kernel[0], :kernel[1]]
 
 
 def _refuse_dropout(dropout_p: float) -> None:

@@ -44,9 +44,14 @@ class OnnxTrainer:
     """Runs an exported training step (or gradient program) on onnxruntime."""
 
     def __init__(self, model_path: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
-                 providers: tuple[str, ...] = ("CPUExecutionProvider",), threads: int = 0):
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",), threads: int = 0, spin: bool = False):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        # onnxruntime's threads busy-wait for the next op by default. Where the cores are shared (a phone's, a
+        # loaded machine's) the waiting threads take the cores the working ones need: a full MobileNetV2 step took
+        # 1.7x as long with them on 2 cores beside other processes, a bias-only one 0.9x (docs/deploy.md).
+        # `spin=True` turns it back on.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         # Run the nodes in the model's order, which is pockengine's (its memory plan frees each value at its last
         # use): onnxruntime's default order starts branches early and keeps their values alive, and its memory
         # pattern reserves one block for everything the first step allocated (docs/deploy.md).
@@ -241,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
     train.add_argument("--weights-out", default=None, help="write the trained weights (safetensors) for PyTorch")
     train.add_argument("--threads", type=int, default=0, help="onnxruntime's intra-op threads (0: its default)")
+    train.add_argument("--spin", action="store_true", help="let onnxruntime's idle threads busy-wait for the "
+                                                           "next op (its default) instead of blocking")
     inputs = commands.add_parser("inputs", help="list the model's batch inputs and what it carries")
     inputs.add_argument("model")
     args = parser.parse_args(argv)
@@ -262,7 +269,8 @@ def _inputs(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     resume = args.resume and args.checkpoint and Path(args.checkpoint).exists()
-    trainer = OnnxTrainer(args.model, checkpoint=args.checkpoint if resume else None, threads=args.threads)
+    trainer = OnnxTrainer(args.model, checkpoint=args.checkpoint if resume else None, threads=args.threads,
+                          spin=args.spin)
     batches = read_batches(args.data, trainer.batch)
     steps = len(batches) if args.steps is None else args.steps
     start = trainer.steps_done - int(trainer.meta["steps_done"])
