@@ -68,6 +68,9 @@ class CudaGraphProgram:
         self.graphs: list[torch.cuda.CUDAGraph] = []
         pool = None
         torch.cuda.synchronize(self.program.device)
+        # A capture begins by releasing the allocator's cached blocks: released first, they cannot make the pool's
+        # reservation look smaller than it is.
+        torch.cuda.empty_cache()
         reserved = torch.cuda.memory_reserved(self.program.device)
         with torch.no_grad():
             for region in self.regions:
