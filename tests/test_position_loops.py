@@ -153,6 +153,70 @@ def test_a_loop_whose_iterations_cannot_be_masked_is_refused(body, match):
         pe.compile(Experts("switch", 1, body).double(), pe.losses.cross_entropy(), batch())
 
 
+class Stacked(Experts):
+    """`body` returns what the iteration adds to `outs`, stacked and averaged after the loop: eager PyTorch averages
+    over the experts hit, the static loop over every expert."""
+
+    def __init__(self, per_iteration):
+        super().__init__("switch", 1, self.collect)
+        self.per_iteration = per_iteration
+
+    def collect(self, out, top_x, y):
+        self.outs.append(self.per_iteration(out, top_x, y))
+        return out
+
+    def forward(self, x):
+        self.outs = []
+        super().forward(x)
+        return self.head(torch.stack(self.outs).mean(0).reshape(2, 5, HIDDEN).mean(1))
+
+
+def test_writes_that_are_not_one_chain_through_the_loop_are_refused():
+    """Each iteration changing the accumulator before its write, or writing into its own tensor collected after
+    the loop, would apply to every position, not only to those eager PyTorch finds."""
+    def decayed(out, top_x, y):
+        return (out * 0.5).index_add(0, top_x, y)
+
+    def decayed_in_place(out, top_x, y):
+        out.mul_(0.5)
+        return out.index_add_(0, top_x, y)
+
+    def detached(out, top_x, y):
+        return out.detach().index_add(0, top_x, y)
+
+    for body in (decayed, decayed_in_place, detached):
+        with pytest.raises(pe.CaptureError, match="computed in the loop's iteration"):
+            pe.compile(Experts("switch", 1, body).double(), pe.losses.cross_entropy(), batch())
+    with pytest.raises(pe.CaptureError, match="computed in the loop's iteration"):
+        pe.compile(Stacked(lambda out, top_x, y: torch.zeros_like(out).index_add(0, top_x, y)).double(),
+                   pe.losses.cross_entropy(), batch())
+    with pytest.raises(pe.CaptureError, match="starts another chain"):
+        pe.compile(Stacked(lambda out, top_x, y: out.index_add(0, top_x, y)).double(), pe.losses.cross_entropy(),
+                   batch())
+
+
+class EveryResult(Experts):
+    """Keeps every write's result of the chain and sums them after the loop."""
+
+    def __init__(self):
+        super().__init__("switch", 1, self.collect)
+
+    def collect(self, out, top_x, y):
+        out = out.index_add(0, top_x, y)
+        self.outs.append(out)
+        return out
+
+    def forward(self, x):
+        self.outs = []
+        super().forward(x)
+        return self.head(torch.stack(self.outs).sum(0).reshape(2, 5, HIDDEN).mean(1))
+
+
+def test_a_write_other_than_the_last_of_its_chain_used_after_the_loop_is_refused():
+    with pytest.raises(pe.CaptureError, match="only the last write of the chain"):
+        pe.compile(EveryResult().double(), pe.losses.cross_entropy(), batch())
+
+
 class EarlyExit(nn.Module):
     def __init__(self):
         super().__init__()

@@ -27,7 +27,12 @@ on the exported graph and enforces:
   computed in eager PyTorch, the others add zero and get a zero gradient (as in capture/masked_rows.py, a row not
   found whose computation overflows to inf or NaN would still poison a gradient through a zero cotangent);
 - nothing computed in an iteration is used after it except those writes: an iteration eager PyTorch would not have
-  run changes nothing else.
+  run changes nothing else;
+- the writes form chains through the loop that a masked write leaves as they are: each write accumulates into a
+  tensor from before the loop (one chain per such tensor and loop) or into the previous write's result, with no op
+  between (`out = out * 0.5`, `out.detach()` or fresh zeros in the iteration would apply at every position); a
+  write's result feeds the next write or reads in the loop, and only the last write of a chain is used after the
+  loop (`torch.stack` of each iteration's result would stack every position's).
 Anything else, a loop that breaks out early, and a loop nested in another are `CaptureError`s naming the module.
 A position whose body fails while tracing (Nemotron-H's and DBRX's experts one-hot their routes over one class more
 than they have experts, and index their weights with it) was not found by eager PyTorch, which ran the batch:
@@ -490,6 +495,37 @@ def _escapes(graph: torch.fx.Graph, writes: set) -> torch.fx.Node | None:
     return None
 
 
+def _unchained(graph: torch.fx.Graph, writes: set) -> tuple[torch.fx.Node, str] | None:
+    """(a write, what is wrong) where the accumulating writes of the static loops are not chains that a skipped
+    iteration leaves as they are. A masked write adds zero, so an iteration eager PyTorch skips changes nothing
+    only where each chain of writes runs through the loop unbroken: each write accumulates into a tensor from
+    before the loop or the result of the previous write of its chain (`out = out * 0.5` or `out.detach()` in the
+    iteration, or fresh zeros per iteration, would apply to every position, not only to those found); one chain
+    per such tensor and loop; a write's result feeds the next write of its chain or reads in this loop, and only
+    the last write of a chain in the loop is used after it (not one result per iteration)."""
+    starts: set = set()
+    for w in (n for n in graph.nodes if n in writes):
+        loop = (_iteration(w) or (None,))[0]
+        acc = w.args[0]
+        if acc not in writes:
+            if _iteration(acc) is not None:
+                return w, (f"accumulates into {acc.name} ({acc.target}), computed in the loop's iteration rather than "
+                           "before the loop or by the previous accumulating write")
+            if (loop, acc) in starts:
+                return w, (f"starts another chain of writes into {acc.name} in the same loop (one result per "
+                           "iteration)")
+            starts.add((loop, acc))
+        following = [u for u in w.users if u in writes and u.args[0] is w]
+        if len(following) > 1:
+            return w, "is accumulated into by more than one write"
+        if following and (_iteration(following[0]) or (None,))[0] == loop:
+            after = next((u for u in w.users if u not in following and (_iteration(u) or (None,))[0] != loop), None)
+            if after is not None:
+                return w, (f"is used after the loop ({after.name}, {after.target}) although a later write of the "
+                           "loop accumulates into it: only the last write of the chain may be")
+    return None
+
+
 def rewrite_position_loops(gm: torch.fx.GraphModule) -> bool:
     """Replace every `every_position` of `gm` by the positions it stands for and mask what each accumulating write
     indexed by them adds with whether the position was found; drop the `nonzero()`s only a static loop read.
@@ -519,6 +555,16 @@ def rewrite_position_loops(gm: torch.fx.GraphModule) -> bool:
             "used after its iteration, other than rows it accumulates with index_add_ / index_put_(accumulate="
             "True); the static loop runs every position, also those eager PyTorch skips, and only such writes can "
             "be masked (capture/position_loops.py). Compute it with fixed shapes instead.")
+    unchained = _unchained(graph, all_writes)
+    if unchained is not None:
+        write, problem = unchained
+        raise CaptureError(
+            f"an accumulating write in a loop over nonzero()'s positions ({write.target}, node {write.name}, "
+            f"{described(write)}) {problem}; the static loop runs every position, also those eager PyTorch skips, "
+            "and masks what each write adds, which equals eager PyTorch only where every write accumulates into "
+            "the tensor from before the loop or the previous write's result, and only the last result is used "
+            "after the loop (capture/position_loops.py). Accumulate with index_add_ into one tensor made before "
+            "the loop, and change it only after the loop.")
     _drop_unread_nonzeros(graph)
     placeholders = [p.meta["val"] for p in graph.nodes if p.op == "placeholder"]
     gm.recompile()
