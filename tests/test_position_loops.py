@@ -6,6 +6,7 @@ loop whose iterations do anything that cannot be masked, or that is not a `for` 
 CaptureError."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -125,10 +126,24 @@ def test_a_dimension_other_than_the_rows_found_is_read_as_it_is():
 
 
 @pytest.mark.parametrize("body,match", [
-    (lambda out, top_x, y: out.index_add(0, top_x, y / top_x.numel()), "passed to a torch function"),
+    (lambda out, top_x, y: out.index_add(0, top_x, y / top_x.numel()), "computed with"),
+    (lambda out, top_x, y: out.index_add(0, top_x, y + y.new_zeros(y.shape)), "computed with"),
+    (lambda out, top_x, y: out.index_add(0, top_x, y * torch.full_like(y, top_x.numel())),
+     "passed to a torch function"),
     (lambda out, top_x, y: out.index_add(0, top_x, y * (top_x.size(0) - 1)), "computed with"),
     (lambda out, top_x, y: out.index_add(0, top_x, y) if top_x.shape[0] > 3 else out, "compared with 3"),
     (lambda out, top_x, y: out.index_add(0, top_x, y * len(top_x)), "read with len"),
+    # a size the count is a factor of, a Size's numel(), float on the left, math, counting the rows by iterating
+    (lambda out, top_x, y: out.index_add(0, top_x, y * (HIDDEN / y.numel())), "computed with"),
+    (lambda out, top_x, y: out.index_add(0, top_x, y * 2 if y.numel() > 4 * HIDDEN else y), "compared with 32"),
+    (lambda out, top_x, y: out.index_add(0, top_x, y / top_x.shape.numel()), "computed with"),
+    (lambda out, top_x, y: out.index_add(0, top_x, y * (1.0 / top_x.numel())), "computed with"),
+    (lambda out, top_x, y: out.index_add(0, top_x, y * 0.9 ** top_x.shape[0]), "computed with"),
+    (lambda out, top_x, y: out.index_add(0, top_x, y / (1.0 * top_x.shape[0])), "computed with"),
+    (lambda out, top_x, y: out.index_add(0, top_x, y / (1 + math.log(top_x.numel()))), "computed with"),
+    (lambda out, top_x, y: out.index_add(0, top_x, y / int(f"{top_x.numel()}")), "computed with"),
+    (lambda out, top_x, y: out.index_add(0, top_x, y / float(sum(1 for _ in top_x))), "iterated over"),
+    (lambda out, top_x, y: out.index_add(0, top_x, y / float(len(top_x.unbind(0)))), "split into"),
 ])
 def test_the_number_of_rows_found_read_in_python_is_refused(body, match):
     with pytest.raises(pe.CaptureError, match=match):

@@ -96,28 +96,45 @@ _NONZERO = frozenset({torch.nonzero, torch.Tensor.nonzero, torch.argwhere, torch
 _FLATTENS = frozenset({torch.Tensor.squeeze, torch.Tensor.view, torch.Tensor.reshape, torch.Tensor.flatten})
 _WRITES = frozenset({"index_add", "index_put", "index_copy", "index_fill", "scatter", "scatter_add", "scatter_reduce",
                      "masked_scatter"})
-_SIZE_READS = frozenset({torch.Tensor.size, torch.Tensor.numel, torch.numel, torch.Tensor.__len__})
+_NUMEL_READS = frozenset({torch.Tensor.numel, torch.numel, torch.Tensor.nelement})
+_SIZE_READS = _NUMEL_READS | {torch.Tensor.size, torch.Tensor.stride, torch.Tensor.__len__}
+
+
+# the count refusals of the trace under way: torch's argument parser turns an error raised in `__index__` into its
+# own TypeError, and a model may catch errors, so the trace raises the first refusal once it has failed or ended
+_REFUSED: list[CaptureError] = []
 
 
 def _count_error(what: str) -> CaptureError:
-    return CaptureError(
+    error = CaptureError(
         f"the number of rows a nonzero()/torch.where(mask) finds inside a loop over nonzero()'s positions is {what} "
         "in Python; the static loop finds every position (capture/position_loops.py), so that number is not eager "
         "PyTorch's. Only whether there are rows may be asked (`if top_x.numel() == 0: continue`); compute with "
         "fixed shapes instead (torch.where(mask, f(x), 0)).")
+    _REFUSED.append(error)
+    return error
 
 
-class _Count(int):
-    """A size read in Python from a value of the positions (the number of rows found): every position's count
-    while tracing, so only asking whether there are any is answered, which is all the same where iterations
-    with no rows found add nothing; any other use of the number is a CaptureError."""
+class _Count:
+    """A size read in Python from a value of the positions (the number of rows found, or a size it is a factor of):
+    every position's count while tracing, so only asking whether there are any is answered, which is all the same
+    where iterations with no rows found add nothing; any other use of the number is a CaptureError. Not an int:
+    int's and float's own operators would read an int subclass without asking it (`1.0 / n`, `0.9 ** n`)."""
 
-    __hash__ = int.__hash__
+    __slots__ = ("_n",)
+
+    def __init__(self, n: int) -> None:
+        self._n = n
+
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:  # without the number, which is not eager PyTorch's
+        return "<the number of rows found, every position's while tracing>"
 
     def _zero_test(self, other: Any, zero: int, op: Callable) -> bool:
         if type(other) is not int or other != zero:
             raise _count_error(f"compared with {other!r}")
-        return op(int.__int__(self), other)
+        return op(self._n, other)
 
     def __eq__(self, other: Any) -> bool:  # type: ignore[override]
         return self._zero_test(other, 0, operator.eq)
@@ -125,31 +142,40 @@ class _Count(int):
     def __ne__(self, other: Any) -> bool:  # type: ignore[override]
         return self._zero_test(other, 0, operator.ne)
 
-    def __gt__(self, other: Any) -> bool:  # type: ignore[override]
+    def __gt__(self, other: Any) -> bool:
         return self._zero_test(other, 0, operator.gt)
 
-    def __le__(self, other: Any) -> bool:  # type: ignore[override]
+    def __le__(self, other: Any) -> bool:
         return self._zero_test(other, 0, operator.le)
 
-    def __ge__(self, other: Any) -> bool:  # type: ignore[override]
+    def __ge__(self, other: Any) -> bool:
         return self._zero_test(other, 1, operator.ge)
 
-    def __lt__(self, other: Any) -> bool:  # type: ignore[override]
+    def __lt__(self, other: Any) -> bool:
         return self._zero_test(other, 1, operator.lt)
 
     def __bool__(self) -> bool:
-        return int.__int__(self) != 0
+        return self._n != 0
 
     def _refused(self, *args: Any) -> Any:
         raise _count_error("computed with")
 
 
-for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "divmod", "and", "or", "xor", "lshift",
-              "rshift"):
+for _name in ("add", "sub", "mul", "matmul", "truediv", "floordiv", "mod", "pow", "divmod", "and", "or", "xor",
+              "lshift", "rshift"):
     setattr(_Count, f"__{_name}__", _Count._refused)
     setattr(_Count, f"__r{_name}__", _Count._refused)
-for _name in ("neg", "pos", "abs", "invert", "index", "int", "float", "round", "trunc", "floor", "ceil"):
+# __index__/__int__/__float__: range(n), math.log(n), int(n); __str__/__format__: int(f"{n}")
+for _name in ("neg", "pos", "abs", "invert", "index", "int", "float", "complex", "round", "trunc", "floor", "ceil",
+              "str", "format"):
     setattr(_Count, f"__{_name}__", _Count._refused)
+
+
+class _CountedSize(tuple):
+    """A tensor's size holding `_Count`s; its `numel()` is one too."""
+
+    def numel(self) -> _Count:
+        return _Count(math.prod(d._n if isinstance(d, _Count) else d for d in self))
 
 
 def _has_count(tree: Any) -> bool:
@@ -160,12 +186,18 @@ def _has_count(tree: Any) -> bool:
     return isinstance(tree, _Count)
 
 
-def _counted(size: Any, rows: int) -> Any:
-    """A size read from a value of the positions, each dimension of `rows` entries (every position's count) a
-    `_Count`."""
-    if isinstance(size, torch.Size):
-        return torch.Size([_Count(d) if d == rows else d for d in size])
-    return _Count(size) if isinstance(size, int) and size == rows else size
+def _counted(size: Any, rows: int, numel: bool) -> Any:
+    """A size read from a value of the positions: its number of elements, and each dimension that `rows` (every
+    position's count) divides, a `_Count` (a dimension of the rows joined with others by a view as well)."""
+    def count(d: Any) -> Any:
+        return _Count(d) if isinstance(d, int) and d >= rows and d % rows == 0 else d
+
+    if numel:
+        return _Count(size)
+    if isinstance(size, tuple):
+        counted = tuple(map(count, size))
+        return _CountedSize(counted) if _has_count(counted) else size
+    return count(size)
 
 
 class _Position(torch.Tensor):
@@ -207,11 +239,13 @@ class _PositionLoops(TorchFunctionMode):
             if func in _SIZE_READS or getattr(func, "__self__", None) is torch._C.TensorBase.shape:
                 if func is torch.Tensor.__len__:
                     raise _count_error("read with len()")
-                return _counted(out, rows)
+                return _counted(out, rows, func in _NUMEL_READS)
             first = args[0] if args else None
             if (out is first or getattr(func, "__name__", "").rstrip("_") in _WRITES) and not (
                     isinstance(first, torch.Tensor) and first in self.rows):
                 return out  # written into a tensor of other rows (the accumulator), in place or not: its shape
+            if isinstance(out, (tuple, list)) and len(out) >= rows and len(out) % rows == 0:
+                raise _count_error("the number of tensors it is split into")  # unbind(0), split(1)
             for t in pytree.tree_leaves(out):
                 if isinstance(t, torch.Tensor):
                     self.rows[t] = rows
@@ -281,6 +315,8 @@ def traceable_position_loops(skipped: frozenset = frozenset()) -> Iterator[None]
     tensor_iter = torch.Tensor.__iter__
 
     def iterate(self: torch.Tensor) -> Iterator[torch.Tensor]:
+        if mode.rows and self in mode.rows:
+            raise _count_error("iterated over")  # sum(1 for _ in top_x)
         found = mode.found.get(self)
         frame = sys._getframe(1)
         if found is None or not _for_loop(frame):
@@ -288,15 +324,22 @@ def traceable_position_loops(skipped: frozenset = frozenset()) -> Iterator[None]
         return mode.iterate(*found, (frame.f_code.co_filename, frame.f_lineno, frame.f_lasti))
 
     torch.Tensor.__iter__ = iterate
+    _REFUSED.clear()
     try:
         with mode:
             yield
     except Exception as e:
+        if _REFUSED:
+            raise _REFUSED[0] from e
+        if isinstance(e, TypeError) and _Count.__name__ in str(e):  # torch's argument parser refused a count
+            raise _count_error("passed to a torch function") from e
         if mode.stopped_at is not None and not isinstance(e, CaptureError):
             e.pockengine_static_loop = mode.stopped_at  # type: ignore[attr-defined]  (export.py traces again)
         raise
     finally:
         torch.Tensor.__iter__ = tensor_iter
+    if _REFUSED:
+        raise _REFUSED[0]
     if mode.stopped_at is not None:
         raise CaptureError(
             f"a loop over the positions nonzero() finds left early (break or return) at position {mode.stopped_at[1]} "
