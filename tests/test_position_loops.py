@@ -358,6 +358,20 @@ def test_the_eager_experts_of_grouped_matmul_models_train_as_in_eager(config, mo
         assert ((grad - r).abs().max() / r.abs().max().clamp_min(1e-30)).item() <= TOL_FLOAT32, name
 
 
+def clamped_when_large(out, top_x, y):
+    if y.abs().max() > 100:  # data-dependent: torch.export cannot trace it
+        y = y.clamp(-100, 100)
+    return out.index_add(0, top_x, y)
+
+
+def test_a_data_dependent_branch_in_the_loop_body_is_named_not_taken_for_a_position_not_found():
+    """Only an index out of range is read as a position eager PyTorch did not find: a branch on tensor values fails
+    every position, and the error names it rather than compiling without the position."""
+    with pytest.raises(pe.CaptureError, match=r"(?s)`if y.abs\(\).max\(\) > 100:.*"
+                       "data-dependent"):
+        pe.compile(Experts("switch", 1, clamped_when_large).double(), pe.losses.cross_entropy(), batch())
+
+
 class InputRouted(nn.Module):
     """Routes each token to the expert the batch names, one-hot over one class more than there are experts (as
     Nemotron-H's and DBRX's experts): the static loop's body fails at that class, which eager PyTorch never finds
