@@ -372,6 +372,30 @@ def test_a_data_dependent_branch_in_the_loop_body_is_named_not_taken_for_a_posit
         pe.compile(Experts("switch", 1, clamped_when_large).double(), pe.losses.cross_entropy(), batch())
 
 
+class LastExpertAfterTheLoop(Experts):
+    """Reads the loop variable after the loop: eager PyTorch's last expert hit, the static loop's last expert."""
+
+    def forward(self, x):
+        h = self.embed(x).reshape(-1, HIDDEN)
+        mask = F.one_hot(self.router(h).argmax(-1), EXPERTS).permute(1, 0)
+        out = torch.zeros_like(h)
+        for expert in mask.sum(-1).gt(0).nonzero():
+            (top_x,) = torch.where(mask[expert[0]])
+            out.index_add_(0, top_x, self.experts[int(expert)](h[top_x]))
+        return self.head(out + self.bias[expert[0]]).reshape(2, 5, 3).mean(1)
+
+
+def test_the_loop_variable_read_after_the_loop_is_refused():
+    with pytest.raises(pe.CaptureError, match="read after its iteration"):
+        pe.compile(LastExpertAfterTheLoop().double(), pe.losses.cross_entropy(), batch())
+
+
+def test_a_static_loop_warns_that_python_state_between_iterations_is_not_checked():
+    with pytest.warns(UserWarning, match=r"(?s)test_position_loops.py:\d+ is compiled to run over every position.*"
+                      "Python state it carries between iterations"):
+        pe.compile(Experts("switch", 1).double(), pe.losses.cross_entropy(), batch())
+
+
 class InputRouted(nn.Module):
     """Routes each token to the expert the batch names, one-hot over one class more than there are experts (as
     Nemotron-H's and DBRX's experts): the static loop's body fails at that class, which eager PyTorch never finds

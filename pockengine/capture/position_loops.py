@@ -34,16 +34,27 @@ on the exported graph and enforces:
   write's result feeds the next write or reads in the loop, and only the last write of a chain is used after the
   loop (`torch.stack` of each iteration's result would stack every position's).
 Anything else, a loop that breaks out early, and a loop nested in another are `CaptureError`s naming the module.
-A position whose body fails while tracing (Nemotron-H's and DBRX's experts one-hot their routes over one class more
-than they have experts, and index their weights with it) was not found by eager PyTorch, which ran the batch:
-capture/export.py traces again without it, and the program asserts as it runs that it is not found (eager PyTorch
-would fail there too).
+A position whose body fails while tracing with an `IndexError` (Nemotron-H's and DBRX's experts one-hot their routes
+over one class more than they have experts, and index their weights with it) was not found by eager PyTorch, which
+ran the batch: capture/export.py traces again without it, and the program asserts as it runs that it is not found
+(eager PyTorch would fail there too). Any other failure in the body (a branch on tensor values, which torch.export
+cannot trace at any position) is reported as the model's, naming its line.
 Python may also read the number of rows found (`top_x.numel()`, `rows.shape[0]`), which while tracing is every
-position's count: a size read from a value computed from the positions (`_Count` where it is that count) answers
-only whether there are rows (`== 0`, `> 0`, `bool`: LongCat-Flash's `if token_idx.numel() == 0: continue`; an
-iteration that eager PyTorch skips for having none adds nothing here either), and is a `CaptureError` where it is
-computed with, passed to a torch function or read with `len()`. Float arithmetic on it in Python (`1.0 / n`) is not
-seen.
+position's count: a size read from a value computed from the positions (its `numel()`, and each dimension the
+count divides, in `shape`, `size()`, `stride()` and `Size.numel()`) is a `_Count`, which answers only whether there
+are rows (`== 0`, `> 0`, `bool`: LongCat-Flash's `if token_idx.numel() == 0: continue`; an iteration that eager
+PyTorch skips for having none adds nothing here either) and is a `CaptureError` where it is computed with (int or
+float arithmetic on either side, `math` functions, `int()`, `float()`, formatting), compared with anything but
+zero or passed to a torch function; so are `len()` of such a value, iterating over it, and splitting it into as
+many tensors as it has rows. A dimension computed from the count other than as a multiple of it (`top_x[:3]`) is
+not seen in Python; the value itself is refused by the proof above where the program uses it.
+
+The loop variable (and what is computed from it alone) read after its iteration, in a later one or after the loop,
+is a `CaptureError`. Python state the loop carries between iterations otherwise is NOT checked and follows every
+position, not the ones eager PyTorch finds: a counter of the experts hit (`n += 1`, also under `if
+top_x.numel() > 0:`), a list of them, an `int(expert)` kept and used after the loop. The graph cannot show it (a
+Python number is no node), so each static loop says so in a `UserWarning` naming its file:line when it is compiled;
+keep such state in tensors the loop writes with `index_add_`.
 
 The cost is compute: each expert runs on every row (top-k rows per token) instead of its own.
 """
@@ -55,6 +66,7 @@ import itertools
 import math
 import operator
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Callable
@@ -203,17 +215,34 @@ def _counted(size: Any, rows: int, numel: bool) -> Any:
 class _Position(torch.Tensor):
     """A loop variable of a static loop: a real tensor, and what is computed from it alone stays real (`int(v)`,
     `f"{v[0]}"`, `v == n`), so that the loop's Python code reads the position as eager PyTorch would, not a traced
-    number; with traced tensors it is a constant of the program."""
+    number; with traced tensors it is a constant of the program. Read after its iteration (in a later one or after
+    the loop) it is a CaptureError: the last position of the static loop is not the last one eager PyTorch found."""
+
+    _ended: list  # [whether the iteration it belongs to has ended], shared by what is computed from it
 
     @classmethod
     def __torch_function__(cls, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        positions = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, cls)]
+        if any(p._ended[0] for p in positions):
+            raise CaptureError(
+                "the loop variable of a loop over the positions nonzero() finds (or a tensor computed from it) is "
+                "read after its iteration, in a later one or after the loop; pockengine runs such a loop over every "
+                "position (capture/position_loops.py), so its last position is not the last one eager PyTorch "
+                "found. Read it only in its own iteration, and keep what the loop gathers in tensors it writes "
+                "with index_add_.")
         plain = pytree.tree_map_only(cls, lambda t: t.as_subclass(torch.Tensor), (args, kwargs or {}))
         if all(isinstance(t, cls) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)):
             with _disable_current_modes(), torch._C.DisableTorchFunctionSubclass():
                 out = func(*plain[0], **plain[1])
-            return pytree.tree_map_only(torch.Tensor, lambda t: t.as_subclass(cls), out)
+            return pytree.tree_map_only(torch.Tensor, lambda t: _position(t, positions[0]._ended), out)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*plain[0], **plain[1])
+
+
+def _position(t: torch.Tensor, ended: list) -> _Position:
+    value = t.as_subclass(_Position)
+    value._ended = ended
+    return value
 
 
 class _PositionLoops(TorchFunctionMode):
@@ -283,6 +312,14 @@ class _PositionLoops(TorchFunctionMode):
                                "makes one level of such loops static (capture/position_loops.py). Loop over the "
                                "inner positions with fixed shapes instead (torch.where(mask, f(x), 0)).")
         loop, self.loops = self.loops, self.loops + 1
+        # Python state carried between iterations is invisible to the graph (a Python int is no node): said once
+        # per loop, as warnings show a message once
+        warnings.warn(
+            f"pockengine: the loop over the positions nonzero() finds at {where[0]}:{where[1]} is compiled to run "
+            "over every position, each one's rows masked (capture/position_loops.py). Python state it carries "
+            "between iterations (a counter, a list of the experts hit, an int read from the loop variable and used "
+            "after the loop) follows every position, not the ones the batch finds, and is not checked: keep such "
+            "state in tensors the loop writes with index_add_.", UserWarning, stacklevel=2)
         for i, position in enumerate(itertools.product(*map(range, mask.shape))):
             found = mask[position]
             if (where, position) in self.skipped:
@@ -290,9 +327,10 @@ class _PositionLoops(TorchFunctionMode):
                     f"a loop over the positions nonzero() finds ({where[0]}:{where[1]}) found {list(position)}, a "
                     "position its body cannot run at (it failed there while pockengine traced it)"))
                 continue
+            ended = [False]
             with _disable_current_modes():  # a constant the loop's Python code can read, as eager PyTorch would
-                value = torch.tensor(position[0] if vector else position, dtype=torch.int64,
-                                     device=mask.device).as_subclass(_Position)
+                value = _position(torch.tensor(position[0] if vector else position, dtype=torch.int64,
+                                               device=mask.device), ended)
             self.guard = found
             try:
                 with fx_traceback.preserve_node_meta(), fx_traceback.annotate({_ITERATION: (loop, i)}):
@@ -302,6 +340,7 @@ class _PositionLoops(TorchFunctionMode):
                 raise
             finally:
                 self.guard = None
+                ended[0] = True
 
 
 @contextmanager
