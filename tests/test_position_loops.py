@@ -6,6 +6,7 @@ loop whose iterations do anything that cannot be masked, or that is not a `for` 
 CaptureError."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -125,10 +126,24 @@ def test_a_dimension_other_than_the_rows_found_is_read_as_it_is():
 
 
 @pytest.mark.parametrize("body,match", [
-    (lambda out, top_x, y: out.index_add(0, top_x, y / top_x.numel()), "passed to a torch function"),
+    (lambda out, top_x, y: out.index_add(0, top_x, y / top_x.numel()), "computed with"),
+    (lambda out, top_x, y: out.index_add(0, top_x, y + y.new_zeros(y.shape)), "computed with"),
+    (lambda out, top_x, y: out.index_add(0, top_x, y * torch.full_like(y, top_x.numel())),
+     "passed to a torch function"),
     (lambda out, top_x, y: out.index_add(0, top_x, y * (top_x.size(0) - 1)), "computed with"),
     (lambda out, top_x, y: out.index_add(0, top_x, y) if top_x.shape[0] > 3 else out, "compared with 3"),
     (lambda out, top_x, y: out.index_add(0, top_x, y * len(top_x)), "read with len"),
+    # a size the count is a factor of, a Size's numel(), float on the left, math, counting the rows by iterating
+    (lambda out, top_x, y: out.index_add(0, top_x, y * (HIDDEN / y.numel())), "computed with"),
+    (lambda out, top_x, y: out.index_add(0, top_x, y * 2 if y.numel() > 4 * HIDDEN else y), "compared with 32"),
+    (lambda out, top_x, y: out.index_add(0, top_x, y / top_x.shape.numel()), "computed with"),
+    (lambda out, top_x, y: out.index_add(0, top_x, y * (1.0 / top_x.numel())), "computed with"),
+    (lambda out, top_x, y: out.index_add(0, top_x, y * 0.9 ** top_x.shape[0]), "computed with"),
+    (lambda out, top_x, y: out.index_add(0, top_x, y / (1.0 * top_x.shape[0])), "computed with"),
+    (lambda out, top_x, y: out.index_add(0, top_x, y / (1 + math.log(top_x.numel()))), "computed with"),
+    (lambda out, top_x, y: out.index_add(0, top_x, y / int(f"{top_x.numel()}")), "computed with"),
+    (lambda out, top_x, y: out.index_add(0, top_x, y / float(sum(1 for _ in top_x))), "iterated over"),
+    (lambda out, top_x, y: out.index_add(0, top_x, y / float(len(top_x.unbind(0)))), "split into"),
 ])
 def test_the_number_of_rows_found_read_in_python_is_refused(body, match):
     with pytest.raises(pe.CaptureError, match=match):
@@ -151,6 +166,70 @@ def test_an_expert_no_token_is_routed_to_gets_no_gradient():
 def test_a_loop_whose_iterations_cannot_be_masked_is_refused(body, match):
     with pytest.raises(pe.CaptureError, match=match):
         pe.compile(Experts("switch", 1, body).double(), pe.losses.cross_entropy(), batch())
+
+
+class Stacked(Experts):
+    """`body` returns what the iteration adds to `outs`, stacked and averaged after the loop: eager PyTorch averages
+    over the experts hit, the static loop over every expert."""
+
+    def __init__(self, per_iteration):
+        super().__init__("switch", 1, self.collect)
+        self.per_iteration = per_iteration
+
+    def collect(self, out, top_x, y):
+        self.outs.append(self.per_iteration(out, top_x, y))
+        return out
+
+    def forward(self, x):
+        self.outs = []
+        super().forward(x)
+        return self.head(torch.stack(self.outs).mean(0).reshape(2, 5, HIDDEN).mean(1))
+
+
+def test_writes_that_are_not_one_chain_through_the_loop_are_refused():
+    """Each iteration changing the accumulator before its write, or writing into its own tensor collected after
+    the loop, would apply to every position, not only to those eager PyTorch finds."""
+    def decayed(out, top_x, y):
+        return (out * 0.5).index_add(0, top_x, y)
+
+    def decayed_in_place(out, top_x, y):
+        out.mul_(0.5)
+        return out.index_add_(0, top_x, y)
+
+    def detached(out, top_x, y):
+        return out.detach().index_add(0, top_x, y)
+
+    for body in (decayed, decayed_in_place, detached):
+        with pytest.raises(pe.CaptureError, match="computed in the loop's iteration"):
+            pe.compile(Experts("switch", 1, body).double(), pe.losses.cross_entropy(), batch())
+    with pytest.raises(pe.CaptureError, match="computed in the loop's iteration"):
+        pe.compile(Stacked(lambda out, top_x, y: torch.zeros_like(out).index_add(0, top_x, y)).double(),
+                   pe.losses.cross_entropy(), batch())
+    with pytest.raises(pe.CaptureError, match="starts another chain"):
+        pe.compile(Stacked(lambda out, top_x, y: out.index_add(0, top_x, y)).double(), pe.losses.cross_entropy(),
+                   batch())
+
+
+class EveryResult(Experts):
+    """Keeps every write's result of the chain and sums them after the loop."""
+
+    def __init__(self):
+        super().__init__("switch", 1, self.collect)
+
+    def collect(self, out, top_x, y):
+        out = out.index_add(0, top_x, y)
+        self.outs.append(out)
+        return out
+
+    def forward(self, x):
+        self.outs = []
+        super().forward(x)
+        return self.head(torch.stack(self.outs).sum(0).reshape(2, 5, HIDDEN).mean(1))
+
+
+def test_a_write_other_than_the_last_of_its_chain_used_after_the_loop_is_refused():
+    with pytest.raises(pe.CaptureError, match="only the last write of the chain"):
+        pe.compile(EveryResult().double(), pe.losses.cross_entropy(), batch())
 
 
 class EarlyExit(nn.Module):
@@ -277,6 +356,44 @@ def test_the_eager_experts_of_grouped_matmul_models_train_as_in_eager(config, mo
     for name, grad in grads.items():
         r = expected[name]
         assert ((grad - r).abs().max() / r.abs().max().clamp_min(1e-30)).item() <= TOL_FLOAT32, name
+
+
+def clamped_when_large(out, top_x, y):
+    if y.abs().max() > 100:  # data-dependent: torch.export cannot trace it
+        y = y.clamp(-100, 100)
+    return out.index_add(0, top_x, y)
+
+
+def test_a_data_dependent_branch_in_the_loop_body_is_named_not_taken_for_a_position_not_found():
+    """Only an index out of range is read as a position eager PyTorch did not find: a branch on tensor values fails
+    every position, and the error names it rather than compiling without the position."""
+    with pytest.raises(pe.CaptureError, match=r"(?s)`if y.abs\(\).max\(\) > 100:.*"
+                       "data-dependent"):
+        pe.compile(Experts("switch", 1, clamped_when_large).double(), pe.losses.cross_entropy(), batch())
+
+
+class LastExpertAfterTheLoop(Experts):
+    """Reads the loop variable after the loop: eager PyTorch's last expert hit, the static loop's last expert."""
+
+    def forward(self, x):
+        h = self.embed(x).reshape(-1, HIDDEN)
+        mask = F.one_hot(self.router(h).argmax(-1), EXPERTS).permute(1, 0)
+        out = torch.zeros_like(h)
+        for expert in mask.sum(-1).gt(0).nonzero():
+            (top_x,) = torch.where(mask[expert[0]])
+            out.index_add_(0, top_x, self.experts[int(expert)](h[top_x]))
+        return self.head(out + self.bias[expert[0]]).reshape(2, 5, 3).mean(1)
+
+
+def test_the_loop_variable_read_after_the_loop_is_refused():
+    with pytest.raises(pe.CaptureError, match="read after its iteration"):
+        pe.compile(LastExpertAfterTheLoop().double(), pe.losses.cross_entropy(), batch())
+
+
+def test_a_static_loop_warns_that_python_state_between_iterations_is_not_checked():
+    with pytest.warns(UserWarning, match=r"(?s)test_position_loops.py:\d+ is compiled to run over every position.*"
+                      "Python state it carries between iterations"):
+        pe.compile(Experts("switch", 1).double(), pe.losses.cross_entropy(), batch())
 
 
 class InputRouted(nn.Module):

@@ -27,18 +27,34 @@ on the exported graph and enforces:
   computed in eager PyTorch, the others add zero and get a zero gradient (as in capture/masked_rows.py, a row not
   found whose computation overflows to inf or NaN would still poison a gradient through a zero cotangent);
 - nothing computed in an iteration is used after it except those writes: an iteration eager PyTorch would not have
-  run changes nothing else.
+  run changes nothing else;
+- the writes form chains through the loop that a masked write leaves as they are: each write accumulates into a
+  tensor from before the loop (one chain per such tensor and loop) or into the previous write's result, with no op
+  between (`out = out * 0.5`, `out.detach()` or fresh zeros in the iteration would apply at every position); a
+  write's result feeds the next write or reads in the loop, and only the last write of a chain is used after the
+  loop (`torch.stack` of each iteration's result would stack every position's).
 Anything else, a loop that breaks out early, and a loop nested in another are `CaptureError`s naming the module.
-A position whose body fails while tracing (Nemotron-H's and DBRX's experts one-hot their routes over one class more
-than they have experts, and index their weights with it) was not found by eager PyTorch, which ran the batch:
-capture/export.py traces again without it, and the program asserts as it runs that it is not found (eager PyTorch
-would fail there too).
+A position whose body fails while tracing with an `IndexError` (Nemotron-H's and DBRX's experts one-hot their routes
+over one class more than they have experts, and index their weights with it) was not found by eager PyTorch, which
+ran the batch: capture/export.py traces again without it, and the program asserts as it runs that it is not found
+(eager PyTorch would fail there too). Any other failure in the body (a branch on tensor values, which torch.export
+cannot trace at any position) is reported as the model's, naming its line.
 Python may also read the number of rows found (`top_x.numel()`, `rows.shape[0]`), which while tracing is every
-position's count: a size read from a value computed from the positions (`_Count` where it is that count) answers
-only whether there are rows (`== 0`, `> 0`, `bool`: LongCat-Flash's `if token_idx.numel() == 0: continue`; an
-iteration that eager PyTorch skips for having none adds nothing here either), and is a `CaptureError` where it is
-computed with, passed to a torch function or read with `len()`. Float arithmetic on it in Python (`1.0 / n`) is not
-seen.
+position's count: a size read from a value computed from the positions (its `numel()`, and each dimension the
+count divides, in `shape`, `size()`, `stride()` and `Size.numel()`) is a `_Count`, which answers only whether there
+are rows (`== 0`, `> 0`, `bool`: LongCat-Flash's `if token_idx.numel() == 0: continue`; an iteration that eager
+PyTorch skips for having none adds nothing here either) and is a `CaptureError` where it is computed with (int or
+float arithmetic on either side, `math` functions, `int()`, `float()`, formatting), compared with anything but
+zero or passed to a torch function; so are `len()` of such a value, iterating over it, and splitting it into as
+many tensors as it has rows. A dimension computed from the count other than as a multiple of it (`top_x[:3]`) is
+not seen in Python; the value itself is refused by the proof above where the program uses it.
+
+The loop variable (and what is computed from it alone) read after its iteration, in a later one or after the loop,
+is a `CaptureError`. Python state the loop carries between iterations otherwise is NOT checked and follows every
+position, not the ones eager PyTorch finds: a counter of the experts hit (`n += 1`, also under `if
+top_x.numel() > 0:`), a list of them, an `int(expert)` kept and used after the loop. The graph cannot show it (a
+Python number is no node), so each static loop says so in a `UserWarning` naming its file:line when it is compiled;
+keep such state in tensors the loop writes with `index_add_`.
 
 The cost is compute: each expert runs on every row (top-k rows per token) instead of its own.
 """
@@ -50,6 +66,7 @@ import itertools
 import math
 import operator
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Callable
@@ -91,28 +108,45 @@ _NONZERO = frozenset({torch.nonzero, torch.Tensor.nonzero, torch.argwhere, torch
 _FLATTENS = frozenset({torch.Tensor.squeeze, torch.Tensor.view, torch.Tensor.reshape, torch.Tensor.flatten})
 _WRITES = frozenset({"index_add", "index_put", "index_copy", "index_fill", "scatter", "scatter_add", "scatter_reduce",
                      "masked_scatter"})
-_SIZE_READS = frozenset({torch.Tensor.size, torch.Tensor.numel, torch.numel, torch.Tensor.__len__})
+_NUMEL_READS = frozenset({torch.Tensor.numel, torch.numel, torch.Tensor.nelement})
+_SIZE_READS = _NUMEL_READS | {torch.Tensor.size, torch.Tensor.stride, torch.Tensor.__len__}
+
+
+# the count refusals of the trace under way: torch's argument parser turns an error raised in `__index__` into its
+# own TypeError, and a model may catch errors, so the trace raises the first refusal once it has failed or ended
+_REFUSED: list[CaptureError] = []
 
 
 def _count_error(what: str) -> CaptureError:
-    return CaptureError(
+    error = CaptureError(
         f"the number of rows a nonzero()/torch.where(mask) finds inside a loop over nonzero()'s positions is {what} "
         "in Python; the static loop finds every position (capture/position_loops.py), so that number is not eager "
         "PyTorch's. Only whether there are rows may be asked (`if top_x.numel() == 0: continue`); compute with "
         "fixed shapes instead (torch.where(mask, f(x), 0)).")
+    _REFUSED.append(error)
+    return error
 
 
-class _Count(int):
-    """A size read in Python from a value of the positions (the number of rows found): every position's count
-    while tracing, so only asking whether there are any is answered, which is all the same where iterations
-    with no rows found add nothing; any other use of the number is a CaptureError."""
+class _Count:
+    """A size read in Python from a value of the positions (the number of rows found, or a size it is a factor of):
+    every position's count while tracing, so only asking whether there are any is answered, which is all the same
+    where iterations with no rows found add nothing; any other use of the number is a CaptureError. Not an int:
+    int's and float's own operators would read an int subclass without asking it (`1.0 / n`, `0.9 ** n`)."""
 
-    __hash__ = int.__hash__
+    __slots__ = ("_n",)
+
+    def __init__(self, n: int) -> None:
+        self._n = n
+
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:  # without the number, which is not eager PyTorch's
+        return "<the number of rows found, every position's while tracing>"
 
     def _zero_test(self, other: Any, zero: int, op: Callable) -> bool:
         if type(other) is not int or other != zero:
             raise _count_error(f"compared with {other!r}")
-        return op(int.__int__(self), other)
+        return op(self._n, other)
 
     def __eq__(self, other: Any) -> bool:  # type: ignore[override]
         return self._zero_test(other, 0, operator.eq)
@@ -120,31 +154,40 @@ class _Count(int):
     def __ne__(self, other: Any) -> bool:  # type: ignore[override]
         return self._zero_test(other, 0, operator.ne)
 
-    def __gt__(self, other: Any) -> bool:  # type: ignore[override]
+    def __gt__(self, other: Any) -> bool:
         return self._zero_test(other, 0, operator.gt)
 
-    def __le__(self, other: Any) -> bool:  # type: ignore[override]
+    def __le__(self, other: Any) -> bool:
         return self._zero_test(other, 0, operator.le)
 
-    def __ge__(self, other: Any) -> bool:  # type: ignore[override]
+    def __ge__(self, other: Any) -> bool:
         return self._zero_test(other, 1, operator.ge)
 
-    def __lt__(self, other: Any) -> bool:  # type: ignore[override]
+    def __lt__(self, other: Any) -> bool:
         return self._zero_test(other, 1, operator.lt)
 
     def __bool__(self) -> bool:
-        return int.__int__(self) != 0
+        return self._n != 0
 
     def _refused(self, *args: Any) -> Any:
         raise _count_error("computed with")
 
 
-for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "divmod", "and", "or", "xor", "lshift",
-              "rshift"):
+for _name in ("add", "sub", "mul", "matmul", "truediv", "floordiv", "mod", "pow", "divmod", "and", "or", "xor",
+              "lshift", "rshift"):
     setattr(_Count, f"__{_name}__", _Count._refused)
     setattr(_Count, f"__r{_name}__", _Count._refused)
-for _name in ("neg", "pos", "abs", "invert", "index", "int", "float", "round", "trunc", "floor", "ceil"):
+# __index__/__int__/__float__: range(n), math.log(n), int(n); __str__/__format__: int(f"{n}")
+for _name in ("neg", "pos", "abs", "invert", "index", "int", "float", "complex", "round", "trunc", "floor", "ceil",
+              "str", "format"):
     setattr(_Count, f"__{_name}__", _Count._refused)
+
+
+class _CountedSize(tuple):
+    """A tensor's size holding `_Count`s; its `numel()` is one too."""
+
+    def numel(self) -> _Count:
+        return _Count(math.prod(d._n if isinstance(d, _Count) else d for d in self))
 
 
 def _has_count(tree: Any) -> bool:
@@ -155,28 +198,51 @@ def _has_count(tree: Any) -> bool:
     return isinstance(tree, _Count)
 
 
-def _counted(size: Any, rows: int) -> Any:
-    """A size read from a value of the positions, each dimension of `rows` entries (every position's count) a
-    `_Count`."""
-    if isinstance(size, torch.Size):
-        return torch.Size([_Count(d) if d == rows else d for d in size])
-    return _Count(size) if isinstance(size, int) and size == rows else size
+def _counted(size: Any, rows: int, numel: bool) -> Any:
+    """A size read from a value of the positions: its number of elements, and each dimension that `rows` (every
+    position's count) divides, a `_Count` (a dimension of the rows joined with others by a view as well)."""
+    def count(d: Any) -> Any:
+        return _Count(d) if isinstance(d, int) and d >= rows and d % rows == 0 else d
+
+    if numel:
+        return _Count(size)
+    if isinstance(size, tuple):
+        counted = tuple(map(count, size))
+        return _CountedSize(counted) if _has_count(counted) else size
+    return count(size)
 
 
 class _Position(torch.Tensor):
     """A loop variable of a static loop: a real tensor, and what is computed from it alone stays real (`int(v)`,
     `f"{v[0]}"`, `v == n`), so that the loop's Python code reads the position as eager PyTorch would, not a traced
-    number; with traced tensors it is a constant of the program."""
+    number; with traced tensors it is a constant of the program. Read after its iteration (in a later one or after
+    the loop) it is a CaptureError: the last position of the static loop is not the last one eager PyTorch found."""
+
+    _ended: list  # [whether the iteration it belongs to has ended], shared by what is computed from it
 
     @classmethod
     def __torch_function__(cls, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        positions = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, cls)]
+        if any(p._ended[0] for p in positions):
+            raise CaptureError(
+                "the loop variable of a loop over the positions nonzero() finds (or a tensor computed from it) is "
+                "read after its iteration, in a later one or after the loop; pockengine runs such a loop over every "
+                "position (capture/position_loops.py), so its last position is not the last one eager PyTorch "
+                "found. Read it only in its own iteration, and keep what the loop gathers in tensors it writes "
+                "with index_add_.")
         plain = pytree.tree_map_only(cls, lambda t: t.as_subclass(torch.Tensor), (args, kwargs or {}))
         if all(isinstance(t, cls) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)):
             with _disable_current_modes(), torch._C.DisableTorchFunctionSubclass():
                 out = func(*plain[0], **plain[1])
-            return pytree.tree_map_only(torch.Tensor, lambda t: t.as_subclass(cls), out)
+            return pytree.tree_map_only(torch.Tensor, lambda t: _position(t, positions[0]._ended), out)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*plain[0], **plain[1])
+
+
+def _position(t: torch.Tensor, ended: list) -> _Position:
+    value = t.as_subclass(_Position)
+    value._ended = ended
+    return value
 
 
 class _PositionLoops(TorchFunctionMode):
@@ -202,11 +268,13 @@ class _PositionLoops(TorchFunctionMode):
             if func in _SIZE_READS or getattr(func, "__self__", None) is torch._C.TensorBase.shape:
                 if func is torch.Tensor.__len__:
                     raise _count_error("read with len()")
-                return _counted(out, rows)
+                return _counted(out, rows, func in _NUMEL_READS)
             first = args[0] if args else None
             if (out is first or getattr(func, "__name__", "").rstrip("_") in _WRITES) and not (
                     isinstance(first, torch.Tensor) and first in self.rows):
                 return out  # written into a tensor of other rows (the accumulator), in place or not: its shape
+            if isinstance(out, (tuple, list)) and len(out) >= rows and len(out) % rows == 0:
+                raise _count_error("the number of tensors it is split into")  # unbind(0), split(1)
             for t in pytree.tree_leaves(out):
                 if isinstance(t, torch.Tensor):
                     self.rows[t] = rows
@@ -244,6 +312,14 @@ class _PositionLoops(TorchFunctionMode):
                                "makes one level of such loops static (capture/position_loops.py). Loop over the "
                                "inner positions with fixed shapes instead (torch.where(mask, f(x), 0)).")
         loop, self.loops = self.loops, self.loops + 1
+        # Python state carried between iterations is invisible to the graph (a Python int is no node): said once
+        # per loop, as warnings show a message once
+        warnings.warn(
+            f"pockengine: the loop over the positions nonzero() finds at {where[0]}:{where[1]} is compiled to run "
+            "over every position, each one's rows masked (capture/position_loops.py). Python state it carries "
+            "between iterations (a counter, a list of the experts hit, an int read from the loop variable and used "
+            "after the loop) follows every position, not the ones the batch finds, and is not checked: keep such "
+            "state in tensors the loop writes with index_add_.", UserWarning, stacklevel=2)
         for i, position in enumerate(itertools.product(*map(range, mask.shape))):
             found = mask[position]
             if (where, position) in self.skipped:
@@ -251,9 +327,10 @@ class _PositionLoops(TorchFunctionMode):
                     f"a loop over the positions nonzero() finds ({where[0]}:{where[1]}) found {list(position)}, a "
                     "position its body cannot run at (it failed there while pockengine traced it)"))
                 continue
+            ended = [False]
             with _disable_current_modes():  # a constant the loop's Python code can read, as eager PyTorch would
-                value = torch.tensor(position[0] if vector else position, dtype=torch.int64,
-                                     device=mask.device).as_subclass(_Position)
+                value = _position(torch.tensor(position[0] if vector else position, dtype=torch.int64,
+                                               device=mask.device), ended)
             self.guard = found
             try:
                 with fx_traceback.preserve_node_meta(), fx_traceback.annotate({_ITERATION: (loop, i)}):
@@ -263,6 +340,7 @@ class _PositionLoops(TorchFunctionMode):
                 raise
             finally:
                 self.guard = None
+                ended[0] = True
 
 
 @contextmanager
@@ -276,6 +354,8 @@ def traceable_position_loops(skipped: frozenset = frozenset()) -> Iterator[None]
     tensor_iter = torch.Tensor.__iter__
 
     def iterate(self: torch.Tensor) -> Iterator[torch.Tensor]:
+        if mode.rows and self in mode.rows:
+            raise _count_error("iterated over")  # sum(1 for _ in top_x)
         found = mode.found.get(self)
         frame = sys._getframe(1)
         if found is None or not _for_loop(frame):
@@ -283,15 +363,24 @@ def traceable_position_loops(skipped: frozenset = frozenset()) -> Iterator[None]
         return mode.iterate(*found, (frame.f_code.co_filename, frame.f_lineno, frame.f_lasti))
 
     torch.Tensor.__iter__ = iterate
+    _REFUSED.clear()
     try:
         with mode:
             yield
     except Exception as e:
-        if mode.stopped_at is not None and not isinstance(e, CaptureError):
+        if _REFUSED:
+            raise _REFUSED[0] from e
+        if isinstance(e, TypeError) and _Count.__name__ in str(e):  # torch's argument parser refused a count
+            raise _count_error("passed to a torch function") from e
+        # only an index out of range is taken for a position eager PyTorch did not find (Nemotron-H's extra
+        # class): a data-dependent branch or any other failure in the body is the model's, reported as it is
+        if mode.stopped_at is not None and isinstance(e, IndexError):
             e.pockengine_static_loop = mode.stopped_at  # type: ignore[attr-defined]  (export.py traces again)
         raise
     finally:
         torch.Tensor.__iter__ = tensor_iter
+    if _REFUSED:
+        raise _REFUSED[0]
     if mode.stopped_at is not None:
         raise CaptureError(
             f"a loop over the positions nonzero() finds left early (break or return) at position {mode.stopped_at[1]} "
@@ -490,6 +579,37 @@ def _escapes(graph: torch.fx.Graph, writes: set) -> torch.fx.Node | None:
     return None
 
 
+def _unchained(graph: torch.fx.Graph, writes: set) -> tuple[torch.fx.Node, str] | None:
+    """(a write, what is wrong) where the accumulating writes of the static loops are not chains that a skipped
+    iteration leaves as they are. A masked write adds zero, so an iteration eager PyTorch skips changes nothing
+    only where each chain of writes runs through the loop unbroken: each write accumulates into a tensor from
+    before the loop or the result of the previous write of its chain (`out = out * 0.5` or `out.detach()` in the
+    iteration, or fresh zeros per iteration, would apply to every position, not only to those found); one chain
+    per such tensor and loop; a write's result feeds the next write of its chain or reads in this loop, and only
+    the last write of a chain in the loop is used after it (not one result per iteration)."""
+    starts: set = set()
+    for w in (n for n in graph.nodes if n in writes):
+        loop = (_iteration(w) or (None,))[0]
+        acc = w.args[0]
+        if acc not in writes:
+            if _iteration(acc) is not None:
+                return w, (f"accumulates into {acc.name} ({acc.target}), computed in the loop's iteration rather than "
+                           "before the loop or by the previous accumulating write")
+            if (loop, acc) in starts:
+                return w, (f"starts another chain of writes into {acc.name} in the same loop (one result per "
+                           "iteration)")
+            starts.add((loop, acc))
+        following = [u for u in w.users if u in writes and u.args[0] is w]
+        if len(following) > 1:
+            return w, "is accumulated into by more than one write"
+        if following and (_iteration(following[0]) or (None,))[0] == loop:
+            after = next((u for u in w.users if u not in following and (_iteration(u) or (None,))[0] != loop), None)
+            if after is not None:
+                return w, (f"is used after the loop ({after.name}, {after.target}) although a later write of the "
+                           "loop accumulates into it: only the last write of the chain may be")
+    return None
+
+
 def rewrite_position_loops(gm: torch.fx.GraphModule) -> bool:
     """Replace every `every_position` of `gm` by the positions it stands for and mask what each accumulating write
     indexed by them adds with whether the position was found; drop the `nonzero()`s only a static loop read.
@@ -519,6 +639,16 @@ def rewrite_position_loops(gm: torch.fx.GraphModule) -> bool:
             "used after its iteration, other than rows it accumulates with index_add_ / index_put_(accumulate="
             "True); the static loop runs every position, also those eager PyTorch skips, and only such writes can "
             "be masked (capture/position_loops.py). Compute it with fixed shapes instead.")
+    unchained = _unchained(graph, all_writes)
+    if unchained is not None:
+        write, problem = unchained
+        raise CaptureError(
+            f"an accumulating write in a loop over nonzero()'s positions ({write.target}, node {write.name}, "
+            f"{described(write)}) {problem}; the static loop runs every position, also those eager PyTorch skips, "
+            "and masks what each write adds, which equals eager PyTorch only where every write accumulates into "
+            "the tensor from before the loop or the previous write's result, and only the last result is used "
+            "after the loop (capture/position_loops.py). Accumulate with index_add_ into one tensor made before "
+            "the loop, and change it only after the loop.")
     _drop_unread_nonzeros(graph)
     placeholders = [p.meta["val"] for p in graph.nodes if p.op == "placeholder"]
     gm.recompile()
