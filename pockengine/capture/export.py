@@ -28,6 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
 from pockengine.capture.causal_mask_hint import causal_mask_hint_unread
+from pockengine.capture.ctc_loss import traceable_ctc_loss
 from pockengine.capture.distributions import distribution_checks_off
 from pockengine.capture.export_errors import export_failure, parameter_mutation_error
 from pockengine.capture.functions import FunctionCall, recording_autograd_functions
@@ -258,12 +259,12 @@ def _tracing_contexts(model: nn.Module, loss_fn: Callable, inputs: Any, target: 
     - `.data` and `inference_mode` as the gradient cuts they are (stop_gradient.py), gradient hooks refused
       (gradient_hooks.py), torch.nn's causal-mask hint not read off the mask (causal_mask_hint.py), module casts
       that change nothing skipped (module_casts.py), torch.distributions without their argument checks
-      (distributions.py)."""
+      (distributions.py), CTC loss with tensor lengths as one op (ctc_loss.py)."""
     return [torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), _quiet_export(),
             no_python_random(model, lambda: _eager_loss(model, loss_fn, inputs, target)),
             traceable_spec_augment(model), traceable_layer_drop(model), traceable_gradient_cuts(),
             tensor_hooks_refused(), causal_mask_hint_unread(), unchanging_module_casts_skipped(model),
-            distribution_checks_off(), traceable_position_loops(skipped)]
+            distribution_checks_off(), traceable_position_loops(skipped), traceable_ctc_loss()]
 
 
 def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:

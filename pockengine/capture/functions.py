@@ -237,11 +237,16 @@ _ORIGINAL_APPLY = Function.__dict__["apply"]
 # and may keep the `apply` it finds while a capture runs, so the patched apply holds no capture's state itself and
 # outside a capture behaves as the original.
 _RECORDING = threading.local()
+# torch.library wraps each custom op in a Function named after it (torch._library.autograd.make_autograd_impl):
+# pockengine's own ops (CTC loss traced while capturing) are differentiated by their VJP rules, not recorded.
+_OWN_OP_AUTOGRAD = "GeneratedBackwardFor_pockengine_"
 
 
 def _recording_apply(cls: type[Function], *args: Any, **kwargs: Any) -> Any:
     records = getattr(_RECORDING, "records", None)
     if records is None:  # no capture in this thread (another thread's eager autograd): untouched
+        return _ORIGINAL_APPLY.__func__(cls, *args, **kwargs)
+    if cls.__name__.startswith(_OWN_OP_AUTOGRAD):  # one of pockengine's ops: in the graph as itself, its rule's
         return _ORIGINAL_APPLY.__func__(cls, *args, **kwargs)
     if issubclass(cls, CHECKPOINT):
         run_function, _preserve_rng_state, *function_args = args

@@ -1,7 +1,7 @@
 """pockengine's own ops, for what ATen does in many passes: registered as `torch.ops.pockengine.*`, with C kernels
 built at first use (native.py) and ATen compositions where those cannot run."""
 
-from pockengine.kernels import cross_entropy, masks
+from pockengine.kernels import cross_entropy, ctc, masks  # noqa: F401  (ctc: registers its ops)
 from pockengine.kernels.attention import FLASH_UNMASKED_IF, FLASH_UNMASKED_IF_BACKWARD, MASKED_COMPOSITIONS
 from pockengine.kernels.batch_norm import ATEN_EQUIVALENTS, BATCH_NORM, BATCH_NORM_BACKWARD, BATCH_NORM_NO_STATS
 from pockengine.kernels.cross_entropy import LINEAR_CROSS_ENTROPY

@@ -377,6 +377,29 @@ def _bags(g: torch.Generator) -> tuple:
     return (ids, torch.tensor([0, 4])), torch.randint(0, 3, (BATCH,), generator=g)
 
 
+class _Acoustic(nn.Module):
+    """Frames -> GRU -> per-frame class log-probabilities laid out (time, batch, classes), as CTC takes them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(8, 16, batch_first=True)
+        self.head = nn.Linear(16, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.rnn(x)
+        return F.log_softmax(self.head(y), -1).transpose(0, 1)
+
+
+def _frames_and_transcripts(g: torch.Generator) -> tuple:
+    """Two utterances of 16 and 12 frames, transcripts of 4 and 3 labels (padded), lengths as tensors."""
+    return ((torch.randn(BATCH, 2 * SEQ, 8, generator=g),),
+            (torch.randint(1, 6, (BATCH, 4), generator=g), torch.tensor([2 * SEQ, 12]), torch.tensor([4, 3])))
+
+
+def _ctc(log_probs: torch.Tensor, target: tuple) -> torch.Tensor:
+    return nn.CTCLoss(zero_infinity=True)(log_probs, *target)
+
+
 def _image_to_image(g: torch.Generator) -> tuple:
     return (torch.randn(BATCH, 3, 8, 8, generator=g),), torch.randn(BATCH, 3, 8, 8, generator=g)
 
@@ -404,6 +427,7 @@ for name, make, batch, loss in [
                               nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
                               nn.Upsample(scale_factor=2, mode="bilinear"), nn.Conv2d(8, 8, 3), width=8),
      images(4, key=None), CE),
+    ("nn.CTCLoss", _Acoustic, _frames_and_transcripts, _ctc),
 ]:
     _add("torch.nn", name, make, batch, loss)
 

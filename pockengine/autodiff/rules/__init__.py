@@ -1,4 +1,4 @@
 """Importing this package fills the VJP registry, one module per op family."""
 
-from pockengine.autodiff.rules import (attention, cross_entropy, custom_function, elementwise,  # noqa: F401
-                                       linalg, norm, reduce, shape)
+from pockengine.autodiff.rules import (attention, cross_entropy, ctc, custom_function,  # noqa: F401
+                                       elementwise, linalg, norm, reduce, shape)
