@@ -39,6 +39,7 @@ from pockengine.backend import CompiledProgram
 from pockengine.capture import capture
 from pockengine.ir.graph import BATCH, CONST, PARAM, Graph, Node, TensorMeta, eliminate_dead_code
 from pockengine.kernels import LINEAR_CROSS_ENTROPY
+from pockengine.kernels.ctc import CTC_LOSS
 
 aten = torch.ops.aten
 GROUPED_MM = torch.ops.transformers.grouped_mm_fallback.default
@@ -726,6 +727,13 @@ CASES = [
            (7, 4), (9, 4), (9,), inputs=(lambda: torch.tensor([3, -100, 0, 8, 2, -100, 5]),), use=(0,)),
     direct(LINEAR_CROSS_ENTROPY, "sum-no-bias-recomputed", (P(0), P(1), None, In(0), -100, False, 3, False, False),
            (7, 4), (9, 4), inputs=(lambda: torch.tensor([3, -100, 0, 8, 2, -100, 5]),), use=(0,)),
+    # CTC loss with tensor lengths (traced as pockengine's op): frames (time 8, batch 2, classes 5), padded targets
+    fn(CTC_LOSS, "mean", lambda x, t, il, tl: F.ctc_loss(x.log_softmax(-1), t, il, tl), (8, 2, 5),
+       inputs=(lambda: torch.tensor([[1, 2, 3], [4, 1, 0]]), lambda: torch.tensor([8, 6]), lambda: torch.tensor([3, 2]))),
+    fn(CTC_LOSS, "sum-zero-infinity", lambda x, t, il, tl: F.ctc_loss(x.log_softmax(-1), t, il, tl, reduction="sum",
+                                                                      zero_infinity=True), (8, 2, 5),
+       inputs=(lambda: torch.tensor([[1, 1, 1, 1, 1], [4, 1, 0, 0, 0]]), lambda: torch.tensor([8, 6]),
+               lambda: torch.tensor([5, 2]))),  # the first needs 9 frames: its loss and gradient are 0
     direct(aten._batch_norm_with_update_functional.default, "train", (P(0), P(1), P(2), In(0), In(1), 0.1, 1e-5),
            (4, 3, 5), (3,), (3,), inputs=((3,), pos(3)), use=(0,)),
     fn(aten.grid_sampler_2d.default, "bilinear", lambda a, grid: F.grid_sample(a, grid, align_corners=False),
