@@ -10,22 +10,17 @@ counts as not known to be causal, and attention applies it as given.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
 import torch
 from torch.nn.modules import transformer
+
+from pockengine.capture.patched import patched
 
 
 def _hint_as_given(mask: torch.Tensor | None, is_causal: bool | None = None, size: int | None = None) -> bool:
     return is_causal is True
 
 
-@contextmanager
-def causal_mask_hint_unread() -> Iterator[None]:
-    original = transformer._detect_is_causal_mask
-    transformer._detect_is_causal_mask = _hint_as_given
-    try:
-        yield
-    finally:
-        transformer._detect_is_causal_mask = original
+def causal_mask_hint_unread() -> AbstractContextManager:
+    return patched(transformer, "_detect_is_causal_mask", _hint_as_given)

@@ -9,19 +9,18 @@ reference run while tracing) goes to torch as it would.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 
+from pockengine.capture.patched import patched
 from pockengine.kernels.ctc import CTC_LOSS
 
 
-@contextmanager
-def traceable_ctc_loss() -> Iterator[None]:
+def traceable_ctc_loss() -> AbstractContextManager:
     original = F.ctc_loss
 
     def ctc_loss(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: Any, target_lengths: Any,
@@ -32,8 +31,4 @@ def traceable_ctc_loss() -> Iterator[None]:
                    for x in (input_lengths, target_lengths)]
         return CTC_LOSS(log_probs, targets, *lengths, blank, reduction, zero_infinity)
 
-    F.ctc_loss = ctc_loss
-    try:
-        yield
-    finally:
-        F.ctc_loss = original
+    return patched(F, "ctc_loss", ctc_loss)

@@ -38,6 +38,7 @@ from pockengine.capture.layer_drop import traceable_layer_drop
 from pockengine.capture.locations import module_path, strip_model_prefix
 from pockengine.capture.masked_rows import rewrite_masked_rows
 from pockengine.capture.module_casts import unchanging_module_casts_skipped
+from pockengine.capture.patched import patched
 from pockengine.capture.position_loops import rewrite_position_loops, traceable_position_loops
 from pockengine.capture.python_random import no_python_random
 from pockengine.capture.spec_augment import traceable_spec_augment
@@ -134,22 +135,15 @@ def _stacked_recurrent_layers(input: torch.Tensor, hidden: Any, params: Any, has
     return input, final_hiddens
 
 
-@contextmanager
-def _recurrent_dropout_kept() -> Iterator[None]:
+def _recurrent_dropout_kept() -> AbstractContextManager:
     """torch's LSTM/GRU/RNN decompositions look `_rnn_helper` up when they run: they get the corrected one."""
-    original = torch_decompositions._rnn_helper
-    torch_decompositions._rnn_helper = _stacked_recurrent_layers
-    try:
-        yield
-    finally:
-        torch_decompositions._rnn_helper = original
+    return patched(torch_decompositions, "_rnn_helper", _stacked_recurrent_layers)
 
 
 _SPLITS: dict[tuple, tuple[dict, dict]] = {}  # the split of decompositions(), by state of the operator registry
 
 
-@contextmanager
-def _decomposition_split_reused() -> Iterator[None]:
+def _decomposition_split_reused() -> AbstractContextManager:
     """run_decompositions splits its table into the CompositeImplicitAutograd ops to override and the decompositions
     applied after autograd, walking every operator namespace anew on each call: a fifth of a small model's capture.
     The table is always `decompositions()`, so the split is made once per state of what it depends on (the ops with
@@ -165,11 +159,7 @@ def _decomposition_split_reused() -> Iterator[None]:
         cia, post_autograd = _SPLITS[key]
         return dict(cia), dict(post_autograd)
 
-    torch_exported_program._split_decomp_table_to_cia_and_python_decomp = split
-    try:
-        yield
-    finally:
-        torch_exported_program._split_decomp_table_to_cia_and_python_decomp = original
+    return patched(torch_exported_program, "_split_decomp_table_to_cia_and_python_decomp", split)
 
 
 @functools.cache

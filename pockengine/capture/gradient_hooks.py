@@ -10,13 +10,13 @@ as a custom `torch.autograd.Function`, whose own backward pockengine runs (captu
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 from torch import nn
 
+from pockengine.capture.patched import patched
 from pockengine.errors import CaptureError
 
 _INSTEAD = ("pockengine derives the backward pass at compile time and runs no autograd, so the hook would never run. "
@@ -40,17 +40,11 @@ def refuse_gradient_hooks(model: nn.Module) -> None:
                                f"register_post_accumulate_grad_hook); {_INSTEAD}")
 
 
-@contextmanager
-def tensor_hooks_refused() -> Iterator[None]:
+def tensor_hooks_refused() -> AbstractContextManager:
     """While tracing, `tensor.register_hook(...)` in the model's forward or the loss is a CaptureError."""
     def register_hook(self: torch.Tensor, hook: Any) -> Any:
         raise CaptureError(f"the model's forward (or loss_fn) registers a gradient hook on a tensor of shape "
                            f"{list(self.shape)} (tensor.register_hook({getattr(hook, '__qualname__', hook)})); "
                            f"{_INSTEAD}")
 
-    original = torch.Tensor.register_hook
-    torch.Tensor.register_hook = register_hook
-    try:
-        yield
-    finally:
-        torch.Tensor.register_hook = original
+    return patched(torch.Tensor, "register_hook", register_hook)

@@ -11,13 +11,13 @@ naming the module and the way out (convert that module before compiling).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 from torch import nn
 
+from pockengine.capture.patched import patched
 from pockengine.errors import CaptureError
 
 
@@ -34,9 +34,7 @@ def _unchanged(module: nn.Module, device: torch.device | None, dtype: torch.dtyp
     return True
 
 
-@contextmanager
-def unchanging_module_casts_skipped(model: nn.Module) -> Iterator[None]:
-    original = nn.Module.to
+def unchanging_module_casts_skipped(model: nn.Module) -> AbstractContextManager:
     names = {m: name for name, m in model.named_modules()}
 
     def to(self: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
@@ -50,8 +48,4 @@ def unchanging_module_casts_skipped(model: nn.Module) -> Iterator[None]:
             f"with {cast} in the forward pass, which rewrites its parameters: a compiled program cannot. Convert it "
             f"before pockengine.compile (model.get_submodule({name!r}){cast}), so that the cast changes nothing.")
 
-    nn.Module.to = to
-    try:
-        yield
-    finally:
-        nn.Module.to = original
+    return patched(nn.Module, "to", to)
