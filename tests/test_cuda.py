@@ -171,6 +171,7 @@ def test_inductor_with_cuda_graphs_trains_as_the_aten_backend(optimizer):
 
     (graphed, aten_trainer), batches = _graphed_and_aten(optimizer)
     assert type(graphed.program()).__name__ == "CudaGraphProgram"
+    assert pe.Options().cuda_graphs  # the default, which _graphed_and_aten also sets
     assert "inductor, CUDA graphs" in graphed.program().graph.remarks[-1]
     assert graphed.program().graph_pool_bytes > 0
     # A learning rate that changes every step (AdamW's bias corrections change anyway): the graphs read it from
