@@ -156,6 +156,61 @@ def test_siglip2s_grid_check_fails_at_run_time_naming_its_module():
         trainer.gradients((empty_grid, target))
 
 
+class _ValueBranches(nn.Module):
+    """Branches on tensor values, as models write them: a validation (`if bad: raise`, Hugging Face's CTC heads'
+    label check) and a branch that changes the computation (`if mask.any()`), twice at one line (a loop)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if ids.max() >= 10:
+            raise ValueError("ids must be < 10")
+        y = self.layer(x)
+        for row in (0, 1):
+            if (ids[row] == 0).any():  # a padded row
+                y = y * 2
+        return y
+
+
+def test_branches_on_values_are_taken_as_on_the_example_batch_and_checked_at_run_time():
+    x, ids = torch.randn(2, 4), torch.tensor([[3, 0], [4, 5]])  # row 0 padded, row 1 not
+    trainer = _check_gradients(_ValueBranches(), _square_mean, ((x, ids), None))
+    assert str(trainer.program().graph).count("_assert_async.msg") == 3
+    trainer = pe.compile(_ValueBranches(), _square_mean, ((x, ids), None), optimizer=pe.optim.SGD(lr=0.1))
+    model = trainer.model
+    before = model.layer.weight.detach().clone()
+    for bad in (torch.tensor([[3, 0], [4, 12]]), torch.tensor([[3, 0], [0, 5]]), torch.tensor([[3, 1], [4, 5]])):
+        with pytest.raises(RuntimeError, match=r"branched on a tensor's value at .*test_capture.py:\d+ \(`if "
+                                               r".*the example batch took \(the condition (True|False)\).*no update"):
+            trainer.step(((x, bad), None))
+        assert torch.equal(model.layer.weight, before) and trainer.steps_done == 0
+    same_branches = torch.tensor([[0, 9], [7, 8]])
+    expected = ((model.layer(x) * 2) ** 2).mean()  # row 0 padded: doubled once
+    assert trainer.loss(((x, same_branches), None)) == pytest.approx(expected.item(), rel=1e-6)
+
+
+class _BranchesOnNoise(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.layer(x)
+        if (y + torch.randn_like(y)).sum() > 0:
+            y = y * 2
+        return y
+
+
+def test_a_branch_on_a_random_value_is_a_capture_error_naming_its_line():
+    """No branch decided once can follow a random draw: refused, with torch.where as the way out."""
+    with pytest.raises(CaptureError, match=r"branches on a tensor's value at .*test_capture.py:\d+ "
+                                           r"\(`if \(y \+ torch.randn_like\(y\)\).sum\(\) > 0:`\), computed from "
+                                           r"random numbers \(aten.randn.*torch.where"):
+        pe.compile(_BranchesOnNoise(), _square_mean, ((torch.randn(2, 4),), None))
+
+
 class _RescalesItself(nn.Module):
     """RWKV in eval mode: its first forward pass rescales its weights in place."""
 
@@ -212,13 +267,13 @@ def _line_of(function, text: str) -> str:
     return f"{inspect.getsourcefile(function)}:{first + next(i for i, line in enumerate(lines) if text in line)}"
 
 
-class _BranchesOnValues(nn.Module):
+class _BranchesOnAnItem(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.layer = nn.Linear(4, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.sum() > 0:  # Python control flow on a tensor's value: torch.export cannot trace it
+        if x.sum().item() > 0:  # Python control flow on a number read out of a tensor: torch.export cannot trace it
             return self.layer(x)
         return x
 
@@ -234,13 +289,13 @@ class _WritesThroughData(nn.Module):
 
 
 def test_an_export_failure_names_the_models_class_and_line():
-    model = nn.Sequential(nn.Linear(4, 4), _BranchesOnValues())
+    model = nn.Sequential(nn.Linear(4, 4), _BranchesOnAnItem())
     with pytest.raises(CaptureError) as e:
         pe.compile(model, _square_mean, ((torch.randn(2, 4),), None))
     message = str(e.value)
     assert message.startswith("torch.export could not capture the model with its loss in module '1' "
-                              "(_BranchesOnValues.forward), at ")
-    assert f"{_line_of(_BranchesOnValues.forward, 'if x.sum() > 0')} (in forward): `if x.sum() > 0:" in message
+                              "(_BranchesOnAnItem.forward), at ")
+    assert f"{_line_of(_BranchesOnAnItem.forward, 'if x.sum().item() > 0')} (in forward): `if x.sum().item() > 0:" in message
     assert "GuardOnDataDependentSymNode" in message and "pockengine/capture" not in message
 
 
@@ -367,7 +422,7 @@ def test_a_failed_capture_prints_nothing_of_torchs_own(capfd):
     """torch.export prints the graph it had traced to stderr before it re-raises, and warns that it found no user
     code: the CaptureError says what failed and where, so none of that reaches the user's terminal."""
     with pytest.raises(CaptureError):
-        pe.compile(nn.Sequential(nn.Linear(4, 4), _BranchesOnValues()), _square_mean, ((torch.randn(2, 4),), None))
+        pe.compile(nn.Sequential(nn.Linear(4, 4), _BranchesOnAnItem()), _square_mean, ((torch.randn(2, 4),), None))
     err = capfd.readouterr().err
     assert "def forward(" not in err and "Unable to find user code" not in err
 

@@ -44,6 +44,7 @@ from pockengine.capture.python_random import no_python_random
 from pockengine.capture.spec_augment import traceable_spec_augment
 from pockengine.capture.stop_gradient import mark_stop_gradients, traceable_gradient_cuts
 from pockengine.capture.tensor_checks import rewrite_tensor_checks
+from pockengine.capture.value_branches import Site, branches_taken, traceable_value_branches
 from pockengine.errors import CaptureError, UserInputError
 from pockengine.ir.graph import BATCH, BUFFER, PARAM, Graph, Node, TensorMeta, meta_of
 
@@ -234,8 +235,8 @@ def _shapes(tree: Any) -> str:
     return str(pytree.tree_map_only(torch.Tensor, lambda t: list(t.shape), tree))
 
 
-def _tracing_contexts(model: nn.Module, loss_fn: Callable, inputs: Any, target: Any, skipped: frozenset
-                      ) -> list[AbstractContextManager]:
+def _tracing_contexts(model: nn.Module, loss_fn: Callable, inputs: Any, target: Any, skipped: frozenset,
+                      branches: dict[Site, list[bool]]) -> list[AbstractContextManager]:
     """What is in force while torch.export traces the model with its loss, in order; each module says why.
     - gradients enabled, so that the model's own `no_grad` blocks leave regions in the graph (stop_gradient.py);
     - the math attention backend: traced with it, attention returns a dense (..., heads, L, E) tensor, and the views
@@ -249,12 +250,14 @@ def _tracing_contexts(model: nn.Module, loss_fn: Callable, inputs: Any, target: 
     - `.data` and `inference_mode` as the gradient cuts they are (stop_gradient.py), gradient hooks refused
       (gradient_hooks.py), torch.nn's causal-mask hint not read off the mask (causal_mask_hint.py), module casts
       that change nothing skipped (module_casts.py), torch.distributions without their argument checks
-      (distributions.py), CTC loss with tensor lengths as one op (ctc_loss.py)."""
+      (distributions.py), CTC loss with tensor lengths as one op (ctc_loss.py), branches on values that torch.export
+      could not trace decided as eager PyTorch decides them on the batch, and asserted (value_branches.py)."""
     return [torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), _quiet_export(),
             no_python_random(model, lambda: _eager_loss(model, loss_fn, inputs, target)),
             traceable_spec_augment(model), traceable_layer_drop(model), traceable_gradient_cuts(),
             tensor_hooks_refused(), causal_mask_hint_unread(), unchanging_module_casts_skipped(model),
-            distribution_checks_off(), traceable_position_loops(skipped), traceable_ctc_loss()]
+            distribution_checks_off(), traceable_position_loops(skipped), traceable_ctc_loss(),
+            traceable_value_branches(branches)]
 
 
 def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
@@ -262,11 +265,12 @@ def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
     refuse_gradient_hooks(model)
     wrapper = _ModelWithLoss(model, loss_fn)
     skipped: frozenset = frozenset()  # static loops' positions eager PyTorch did not find, where their bodies fail
+    branches: dict[Site, list[bool]] = {}  # the branches on values decided so far, as eager PyTorch took them
     while True:
         try:
             with ExitStack() as tracing:
                 function_calls = tracing.enter_context(recording_autograd_functions())
-                for context in _tracing_contexts(model, loss_fn, inputs, target, skipped):
+                for context in _tracing_contexts(model, loss_fn, inputs, target, skipped, branches):
                     tracing.enter_context(context)
                 ep = torch.export.export(wrapper, (inputs, target))
                 mark_stop_gradients(ep.graph_module)  # before the decompositions turn `detach` into `alias`
@@ -284,6 +288,12 @@ def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
                     f"model: {type(eager).__name__}: {str(eager)[:1000]}\nBatch shapes: inputs {_shapes(inputs)}, "
                     f"target {_shapes(target)}. A batch may differ from the example batch only where the model "
                     "allows it (the batch size, a sequence length); its feature sizes must be the example's.") from e
+            branch = getattr(e, "pockengine_value_branch", None)  # capture/value_branches.py
+            if branch is not None and branch not in branches:
+                taken = branches_taken(lambda: _eager_loss(model, loss_fn, inputs, target))
+                if branch in taken:
+                    branches[branch] = taken[branch]
+                    continue
             position = getattr(e, "pockengine_static_loop", None)  # capture/position_loops.py
             if position is None or position in skipped:
                 raise export_failure(e, model) from e

@@ -31,6 +31,12 @@ replaces the pick. The view's and the select's conditions (the rows divide into 
 -j, rows) are asserted as the program runs, in place of torch.export's asserts on the row count. Such heads check
 that every sample has as many <eos> tokens with `len(torch.unique_consecutive(counts))`: the number of runs of a
 1-d tensor, one plus how many neighbours differ, a 0-d tensor read out only to be checked (capture/export.py).
+
+And for a CTC loss's targets picked out of padded labels: `ctc_loss(log_probs, labels[mask], input_lengths,
+mask.sum(-1))` (Hugging Face's CTC heads: `labels.masked_select(labels != -100)`) concatenates each sample's
+targets. The same targets, padded, are each row of `labels` with its picked entries moved to the front in order (a
+stable sort of the rows by `not mask`), with the same lengths: the loss and its gradient are the same, and nothing
+has a data-dependent size. Where the lengths are not `mask.sum(-1)` itself, the program asserts that they are.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import torch
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from pockengine.ir.ops import is_pointwise
+from pockengine.kernels.ctc import CTC_LOSS
 
 aten = torch.ops.aten
 
@@ -276,6 +283,49 @@ def _rewrite(graph: torch.fx.Graph, pick: torch.fx.Node, sinks: list) -> None:
         graph.erase_node(sink)
 
 
+def _ctc_targets_pick(n: torch.fx.Node) -> tuple[torch.fx.Node, list] | None:
+    """For `ctc_loss(lp, labels[mask], ...)` (or `labels.masked_select(mask)`) with 2-d labels of one row per
+    sample and the mask over all of them: the loss's node and the nodes that compute only with the pick's size."""
+    if n.op != "call_function":
+        return None
+    if n.target is aten.masked_select.default:
+        labels, mask = n.args
+    elif n.target is aten.index.Tensor and len(n.args[1]) == 1:
+        labels, mask = n.args[0], n.args[1][0]
+    else:
+        return None
+    x, m = _val(labels), _val(mask)
+    if not (isinstance(m, torch.Tensor) and m.dtype == torch.bool and x.dim() == 2 and tuple(m.shape) == tuple(x.shape)):
+        return None
+    users = [u for u in n.users if u.target not in (aten.sym_size.int, aten.sym_numel.default)]
+    if len(users) != 1 or users[0].target is not CTC_LOSS or users[0].args[1] is not n or n in users[0].args[2:]:
+        return None
+    loss = users[0]
+    if _val(loss.args[0]).shape[1] != x.shape[0]:  # (T, N, C) log-probabilities: one row of labels per sample
+        return None
+    sizes = _size_users([n])
+    return None if sizes is None else (loss, sizes)
+
+
+def _rewrite_ctc_targets(graph: torch.fx.Graph, pick: torch.fx.Node, loss: torch.fx.Node, sizes: list) -> None:
+    labels = pick.args[0]
+    mask = pick.args[1] if pick.target is aten.masked_select.default else pick.args[1][0]
+    lengths = loss.args[3]
+    call = graph.call_function
+    with graph.inserting_before(loss):
+        order = call(aten.sort.stable, (call(aten.logical_not.default, (mask,)),), {"stable": True, "dim": 1})
+        padded = call(aten.gather.default, (labels, 1, call(operator.getitem, (order, 1))))
+        if not (lengths.target is aten.sum.dim_IntList and lengths.args[0] is mask and list(lengths.args[1]) in ([1], [-1])
+                and not lengths.kwargs):
+            counts = call(aten.sum.dim_IntList, (mask, [1]))
+            same = call(aten.all.default, (call(aten.eq.Tensor, (lengths, counts)),))
+            call(aten._assert_async.msg, (same, "the CTC loss's target lengths are not the number of labels its mask "
+                                                "picks in each row (ctc_loss(log_probs, labels[mask], ..., target_lengths))"))
+    loss.replace_input_with(pick, padded)
+    for n in [*reversed(sizes), pick]:
+        graph.erase_node(n)
+
+
 def _split_groups(n: torch.fx.Node) -> tuple[list, list] | None:
     """For `x.split(counts.tolist())` along the rows: the 0-d count tensors and the unbacked symbols of the group
     sizes read out of them."""
@@ -439,7 +489,8 @@ def _rewrite_broadcast_write(graph: torch.fx.Graph, n: torch.fx.Node, mask: torc
 def rewrite_masked_rows(gm: torch.fx.GraphModule) -> bool:
     """Rewrite every `x[mask] = v` with a `v` that broadcasts over the picked rows, every `out[mask] = f(x[mask])`
     and every `cat([f_i(g) for g in x.split(counts.tolist())])` of `gm` whose `f` is row by row, every
-    `x[mask].view(B, -1, ...)[:, j]` and every `len(unique_consecutive(v))` (see the module docstring); whether
+    `x[mask].view(B, -1, ...)[:, j]`, every `len(unique_consecutive(v))` and every CTC loss of `labels[mask]`
+    (see the module docstring); whether
     anything changed. A split of rows that an earlier rewrite made static (JetMoE's second expert layer splits the
     first one's concatenation) is found once the shapes are propagated again, so the passes repeat until one finds
     nothing."""
@@ -465,6 +516,9 @@ def _rewrite_once(gm: torch.fx.GraphModule) -> bool:
             changed = True
         elif symbol is not None and (sample := _sample_pick(n, symbol)):
             _rewrite_sample_pick(gm.graph, n, *sample)
+            changed = True
+        elif ctc := _ctc_targets_pick(n):
+            _rewrite_ctc_targets(gm.graph, n, *ctc)
             changed = True
         elif length := _unique_runs(n):
             _rewrite_unique_runs(gm.graph, n, length)

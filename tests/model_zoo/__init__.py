@@ -125,6 +125,8 @@ for name, config, model, extra in [
     ("distilbert", "DistilBertConfig", "DistilBertForSequenceClassification",
      dict(dim=16, n_layers=2, n_heads=2, hidden_dim=32)),
     ("convbert", "ConvBertConfig", "ConvBertForSequenceClassification", {"embedding_size": 16}),
+    # its quantization stubs `assert` on tensor values in train mode: checks of each batch (capture/value_branches.py)
+    ("ibert", "IBertConfig", "IBertForSequenceClassification", {}),
     # checks its lengths with `assert lengths.max().item() <= slen`
     ("xlm", "XLMConfig", "XLMForSequenceClassification", dict(emb_dim=16, n_layers=2, n_heads=2)),
     ("fnet", "FNetConfig", "FNetForSequenceClassification", {}),  # mixes tokens with complex Fourier transforms
@@ -306,6 +308,26 @@ _add("audio", "hubert", _hf("HubertConfig", "HubertForSequenceClassification", *
 # gated relative position bias
 _add("audio", "wavlm", _hf("WavLMConfig", "WavLMForSequenceClassification", **SPEECH),
      features("input_values", (400,)), CE)
+def _audio_and_transcripts(g: torch.Generator) -> tuple:
+    """Raw audio with its transcripts as Hugging Face's CTC heads take them: labels padded with -100, in the
+    inputs (the model computes its loss); no separate target."""
+    labels = torch.randint(1, VOCAB, (BATCH, 5), generator=g)
+    labels[1, 3:] = -100
+    return {"input_values": torch.randn(BATCH, 400, generator=g), "labels": labels}, None
+
+
+def own_loss(output: Any, target: Any) -> torch.Tensor:
+    """The loss the model computes itself from the labels in its inputs."""
+    return output.loss
+
+
+# CTC heads with labels: the label check (`if labels.max() >= vocab_size: raise`) runs as a check of each batch
+# (capture/value_branches.py), the targets picked with masked_select are padded (capture/masked_rows.py)
+for name, config, model in [("wav2vec2-ctc", "Wav2Vec2Config", "Wav2Vec2ForCTC"),
+                            ("hubert-ctc", "HubertConfig", "HubertForCTC"),
+                            ("wavlm-ctc", "WavLMConfig", "WavLMForCTC"),
+                            ("data2vec-audio-ctc", "Data2VecAudioConfig", "Data2VecAudioForCTC")]:
+    _add("audio", name, _hf(config, model, **SPEECH), _audio_and_transcripts, own_loss)
 _add("audio", "ast",
      _hf("ASTConfig", "ASTForAudioClassification", hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
          intermediate_size=32, num_mel_bins=16, max_length=32, patch_size=8, frequency_stride=8, time_stride=8,

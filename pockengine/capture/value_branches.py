@@ -1,0 +1,125 @@
+"""`if tensor:` in a model, a branch on a value (`if labels.max() >= vocab_size: raise ...`), traced as the branch
+the example batch takes and checked as the program runs.
+
+torch.export cannot trace such a branch: it traces with shapes, not values, so it has nothing to decide it by, and
+the whole capture fails. pockengine runs the model and loss once more in plain PyTorch on the example batch,
+recording the value of every `Tensor.__bool__` by the file and line that asked for it (in the order asked), and
+traces again with each branch that failed decided as eager PyTorch decided it. The program asserts at every step that
+the batch decides it the same way (`_assert_async`, in the forward pass, before any update); a batch that would take
+the other branch stops the step with an error naming the file and line and the branch compiled, and changes nothing.
+
+So a validation branch (`if bad: raise ...`, Hugging Face's label checks) becomes a run-time check of the batch: the
+usual case. A branch that batches may take either way (`if mask.any(): x = f(x)`) trains on batches that take the
+example's side and refuses the others by name: write it with `torch.where` (both sides computed) to train on both.
+A branch on a value computed from a random op (ATen's `nondeterministic_seeded` tag) is a `CaptureError`: no decision made once follows it (Hugging Face's layer drop is traced as what it is instead,
+capture/layer_drop.py).
+Values read into Python otherwise (`.item()`, `int(t)`, `.tolist()`) are not decided here.
+"""
+
+from __future__ import annotations
+
+import linecache
+import sys
+from collections import defaultdict
+from contextlib import AbstractContextManager
+from typing import Callable
+
+import torch
+from torch._subclasses.fake_tensor import is_fake
+from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+from pockengine.capture.patched import patched
+from pockengine.errors import CaptureError
+
+Site = tuple[str, int]  # the file and line whose code asked for a tensor's truth value
+
+
+def _caller() -> Site:
+    frame = sys._getframe(2)  # 0: _caller, 1: the patched __bool__, 2: the code that branched
+    return frame.f_code.co_filename, frame.f_lineno
+
+
+def describe(site: Site) -> str:
+    source = linecache.getline(*site).strip()
+    return f"{site[0]}:{site[1]}" + (f" (`{source}`)" if source else "")
+
+
+def branches_taken(run_eagerly: Callable[[], object]) -> dict[Site, list[bool]]:
+    """Every truth value of a tensor that `run_eagerly()` asked for, by the site that asked, in order."""
+    original = torch.Tensor.__bool__
+    taken: dict[Site, list[bool]] = defaultdict(list)
+
+    def recording_bool(self: torch.Tensor) -> bool:
+        value = original(self)
+        taken[_caller()].append(value)
+        return value
+
+    with patched(torch.Tensor, "__bool__", recording_bool):
+        run_eagerly()
+    return dict(taken)
+
+
+def _random_op_behind(t: torch.Tensor) -> str | None:
+    """A random op (ATen's `nondeterministic_seeded` tag) that the traced value `t` is computed from, if any."""
+    mode = get_proxy_mode()
+    if mode is None:
+        return None
+    seen: set[torch.fx.Node] = set()
+    todo = [get_proxy_slot(t, mode.tracer).proxy.node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if isinstance(n.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in n.target.tags:
+            return str(n.target)
+        todo.extend(n.all_input_nodes)
+    return None
+
+
+def traceable_value_branches(decided: dict[Site, list[bool]]) -> AbstractContextManager:
+    """While torch.export traces: a branch on a traced tensor's value at a site of `decided` takes the recorded
+    value (its n-th time at that site, the n-th value) and asserts it in the program; one that cannot be decided
+    otherwise raises torch's error with the site in its `pockengine_value_branch` attribute (capture/export.py then
+    records the branches eagerly and traces again)."""
+    original = torch.Tensor.__bool__
+    asked: dict[Site, int] = defaultdict(int)
+    deciding: list[bool] = []  # non-empty while a branch is decided: torch function modes (layer drop's) call
+    # `Tensor.__bool__` again from inside the original, and that call is the same branch, not one of their own
+
+    def deciding_bool(self: torch.Tensor) -> bool:
+        if deciding or not is_fake(self):
+            return original(self)
+        deciding.append(True)
+        try:
+            return _decide(self, _caller())
+        finally:
+            deciding.pop()
+
+    def _decide(self: torch.Tensor, site: Site) -> bool:
+        values = decided.get(site, ())
+        if asked[site] >= len(values):
+            try:
+                return original(self)  # a constant, or layer drop's draw (capture/layer_drop.py) decides it
+            except GuardOnDataDependentSymNode as e:
+                if (random_op := _random_op_behind(self)) is not None:
+                    raise CaptureError(
+                        f"the model branches on a tensor's value at {describe(site)}, computed from random numbers "
+                        f"({random_op}): a compiled step cannot decide the branch once for all steps. Write it with "
+                        "torch.where, so that both sides are computed and the random value selects between them."
+                    ) from None
+                e.pockengine_value_branch = site
+                raise
+        value = values[asked[site]]
+        asked[site] += 1
+        truth = self if self.dtype == torch.bool else self != 0
+        torch.ops.aten._assert_async.msg(
+            truth if value else torch.logical_not(truth),
+            f"the model branched on a tensor's value at {describe(site)}: pockengine compiled the branch that the "
+            f"example batch took (the condition {value}), and this batch takes the other one (no update was made). "
+            "If the branch checks the batch (`if bad: raise`), the batch is bad: see that line; if batches may take "
+            "either branch, write it with torch.where so that both are computed.")
+        return value
+
+    return patched(torch.Tensor, "__bool__", deciding_bool)
