@@ -379,6 +379,34 @@ def test_nonfinite_loss_keeps_weights(tmp_path):
         assert np.array_equal(v, before[k]), k
 
 
+def test_the_models_checks_of_its_batch_run_on_onnxruntime(tmp_path):
+    """A check the program makes of its batch (here: branches on values, capture/value_branches.py) has no ONNX
+    operator: it is an output the runner tests, for the step and the gradient program; a batch that fails it
+    changes nothing."""
+    from test_capture import _square_mean, _ValueBranches
+
+    x, ids = torch.randn(2, 4), torch.tensor([[3, 0], [4, 5]])
+    batch = ((x, ids), None)
+    trainer = pe.compile(_ValueBranches(), _square_mean, batch, optimizer=pe.optim.SGD(lr=0.1))
+    runtime = OnnxTrainer(trainer.export_onnx(tmp_path / "step.onnx"))
+    gradients = OnnxTrainer(trainer.export_onnx(tmp_path / "grad.onnx", gradients=True))
+    assert len(runtime.checks) == 3 and len(gradients.checks) == 3
+    loss, grads = gradients.gradients(batch_arrays(batch))
+    expected = trainer.gradients(batch)
+    assert set(grads) == set(expected) and abs(loss - trainer.loss(batch)) <= TOL * abs(loss)
+    for name, g in expected.items():
+        assert np.allclose(grads[name], g.numpy(), rtol=TOL, atol=1e-7), name
+    before = runtime.values()
+    for bad in (torch.tensor([[3, 0], [4, 12]]), torch.tensor([[3, 1], [4, 5]])):
+        with pytest.raises(pe.UserInputError, match=r"fails a check of the model: the model branched on a tensor's "
+                                                    r"value at .*test_capture.py:\d+.*weights are unchanged"):
+            runtime.step(batch_arrays(((x, bad), None)))
+        with pytest.raises(pe.UserInputError, match="fails a check of the model"):
+            gradients.gradients(batch_arrays(((x, bad), None)))
+    assert runtime.steps_done == 0 and all(np.array_equal(v, before[k]) for k, v in runtime.values().items())
+    assert runtime.step(batch_arrays(batch)) == pytest.approx(trainer.step(batch), rel=TOL)
+
+
 def test_runner_threads_block_unless_asked_to_spin(tmp_path):
     """onnxruntime's intra-op threads busy-wait between ops by default; the runner's block (docs/deploy.md)."""
     fam = FAMILIES["mlp"]

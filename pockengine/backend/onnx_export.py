@@ -7,7 +7,9 @@ torchlib) translates op by op:
 - inputs: the batch's tensors, `lr` (float64) and `step` (int64, the 1-based number of this update: AdamW's bias
   corrections) where the optimizer has run-time scalars, then every tensor a step changes (the trained parameters,
   only the trained channels of a partially trained one; the optimizer state; train-mode BatchNorm statistics);
-- outputs: `loss`, then the new value of each of those (named `new:` + the input's name);
+- outputs: `loss`, then the new value of each of those (named `new:` + the input's name), then the result of each
+  check the program makes of its batch (`check:<i>`, a boolean: ONNX has no assertion; the runner raises, naming
+  the check, and keeps the step's results out, as for a non-finite loss);
 - frozen weights, buffers and constants are initializers (stored as external data above `EXTERNAL_DATA_BYTES`).
 
 The optimizer's scalars (`Optimizer.schedule`) are computed inside the model from `lr` and `step`, in float64 as the
@@ -58,6 +60,8 @@ if TYPE_CHECKING:
 aten = torch.ops.aten
 FORMAT = 1  # version of the metadata layout the runner reads
 NEW_PREFIX = "new:"  # output name of a carried input's value after the step
+CHECK_PREFIX = "check:"  # output name of a check's result (a boolean the runner tests)
+_ASSERTS = (aten._assert_async.msg, aten._assert_async.default)
 EXTERNAL_DATA_BYTES = 256 * 2 ** 20  # initializers above this go to a `.data` file beside the model
 OPSET = 18
 
@@ -168,6 +172,7 @@ class _Builder:
         self.args: list[torch.Tensor] = []
         self.input_names: list[str] = []
         self.init: dict[str, torch.Tensor] = {}
+        self.checks: list[tuple[fx.Node, str]] = []  # (the checked condition, its message)
         names = {id(t): name for name, t in trainer.model.named_parameters()}
         names.update({id(t): name for name, t in trainer.model.named_buffers()})
         names.update({id(t): f"{p}.{s}" for p, state in trainer.state.items() for s, t in state.items()})
@@ -237,12 +242,16 @@ class _Builder:
             results.update({k: self.env[v] for k, v in graph.outputs.items() if k.startswith(GRADIENT_OUTPUT)})
         else:
             results.update({NEW_PREFIX + k: v() for k, v in outputs.items()})
+        results.update({f"{CHECK_PREFIX}{i}": self._call(aten.all.default, cond)
+                        for i, (cond, _) in enumerate(self.checks)})
         self.fx.output(tuple(results.values()))
         module = fx.GraphModule(self.root, self.fx)
         opt = None if self.gradients else trainer.optimizer.config()
         meta = {"format": FORMAT, "kind": "gradients" if self.gradients else "step", "optimizer": opt,
                 "scalars": bool(scalars), "steps_done": trainer.steps_done, "batch": batch, "carried": carried,
-                "outputs": list(results)}
+                "outputs": list(results),
+                "checks": [{"output": f"{CHECK_PREFIX}{i}", "message": message}
+                           for i, (_, message) in enumerate(self.checks)]}
         return module, self.args, self.input_names, list(results), meta, self.init
 
     def _carried(self, node: Node, name: str, value: torch.Tensor, sel: Any, outputs: dict) -> dict:
@@ -282,6 +291,9 @@ class _Builder:
             raise OnnxExportError(
                 f"{where} draws random numbers; an exported step cannot reproduce the trainer's generator. Put "
                 "that module in eval mode or set its dropout to 0 before compiling, then export.")
+        if target in _ASSERTS:
+            self.checks.append((args[0], args[1] if len(args) > 1 else f"the check %{node.name} failed"))
+            return None
         if target is PACK_KEEP:
             return self._call(pack_keep, *args, **kwargs)
         if target is APPLY_KEEP_:

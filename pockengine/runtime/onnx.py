@@ -65,6 +65,8 @@ class OnnxTrainer:
         self.meta = json.loads(meta)
         self.batch = {b["name"]: b for b in self.meta["batch"]}
         self.carried = self.meta["carried"]
+        self.checks = self.meta.get("checks", [])  # the model's checks of its batch (absent from older exports)
+        self._check_outputs = {c["output"] for c in self.checks}
         init = load_file(str(init_path(model_path)))
         self.frozen = {k.removeprefix(FROZEN_PREFIX): v for k, v in init.items() if k.startswith(FROZEN_PREFIX)}
         values = init
@@ -100,7 +102,16 @@ class OnnxTrainer:
         for c in self.carried:
             binding.bind_ortvalue_input(c["input"], self._current[c["input"]])
         binding.bind_output("loss")
+        for check in self.checks:
+            binding.bind_output(check["output"])
         return binding
+
+    def _checked(self, binding: ort.IOBinding) -> None:
+        """Raise if the batch failed one of the model's checks (bound right after the loss, by `_bind`)."""
+        for check, passed in zip(self.checks, binding.get_outputs()[1:1 + len(self.checks)]):
+            if not bool(passed.numpy()):
+                raise UserInputError(f"the batch fails a check of the model: {check['message']}. The step's "
+                                     "results were dropped, the weights are unchanged.")
 
     def step(self, batch: dict[str, np.ndarray], lr: float | None = None) -> float:
         """One training step on `batch` (arrays by input name); returns the loss."""
@@ -116,6 +127,7 @@ class OnnxTrainer:
         for c in self.carried:
             binding.bind_ortvalue_output(c["output"], self._spare[c["input"]])
         self.session.run_with_iobinding(binding)
+        self._checked(binding)
         loss = float(binding.get_outputs()[0].numpy())
         if not np.isfinite(loss):
             raise NonFiniteLossError(f"the loss is {loss}; the step's results were dropped, the weights are "
@@ -129,11 +141,12 @@ class OnnxTrainer:
         if self.kind != "gradients":
             raise UserInputError("this model is a training step; export it with gradients=True for gradients")
         binding = self._bind(batch)
-        names = [n for n in self.meta["outputs"] if n != "loss"]
+        names = [n for n in self.meta["outputs"] if n != "loss" and n not in self._check_outputs]
         for name in names:
             binding.bind_output(name)
         self.session.run_with_iobinding(binding)
-        loss, *grads = [v.numpy() for v in binding.get_outputs()]
+        self._checked(binding)
+        loss, *grads = [v.numpy() for i, v in enumerate(binding.get_outputs()) if not 0 < i <= len(self.checks)]
         return float(loss), {n.removeprefix("grad:"): g for n, g in zip(names, grads)}
 
     def values(self) -> dict[str, np.ndarray]:
