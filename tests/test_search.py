@@ -17,7 +17,8 @@ import pockengine as pe
 from pockengine.cli import main
 from pockengine.search import BudgetTooSmallError, SearchReport, analyze, choose_scheme, parse_memory, search
 from pockengine.search.analysis import Measurement, Plan, measure
-from pockengine.search.search import MEMORY_GRID, SearchResult, mb, shrunk_gains, tune_lr, verify
+from pockengine.search.search import (MEMORY_GRID, SearchResult, mb, refine_lr, shrunk_gains, tune_lr,
+                                      verify)
 from pockengine.search.candidates import Candidate, Structure, block_of, build_scheme, candidates
 from pockengine.search.solver import Option, solve
 from pockengine.trainer import Trainer
@@ -366,8 +367,9 @@ def test_verify_keeps_the_proposal_best_over_the_runs_length(analysed, monkeypat
     assert [p.shrink for p in best.proposals][0] == 0.0 and best in best.proposals
     keys = [(p.k, p.ratios) for p in best.proposals]
     assert len(keys) == len(set(map(repr, keys)))  # distinct schemes only, each tuned
-    assert all(len(p.lr_trials) == 3 for p in best.proposals)  # 1/3, 1, 3 around 1e-2: the middle is best
-    assert len(long_runs) == 3 * len(best.proposals)
+    # 1/3, 1, 3 around 1e-2: the middle is best; the kept one's rate is refined at the two midpoints, both worse.
+    assert all(len(p.lr_trials) == (5 if p is best else 3) for p in best.proposals)
+    assert len(long_runs) == 3 * len(best.proposals) + 2
     assert best.lr_trials[best.lr] == max(m for p in best.proposals for m in p.lr_trials.values())
 
 
@@ -439,6 +441,22 @@ def test_the_rate_grid_extends_past_a_best_rate_at_its_edge(monkeypatch):
     assert tuned.lr == pytest.approx(1 / 27)
     result = SearchResult(pe.Scheme.full(), 0, {}, 1.0, None, None, [], 0.0)
     assert tune_lr(None, result, 10, extensions=1).lr == pytest.approx(1 / 9)  # the search stops after one more
+
+
+def test_the_rate_is_refined_between_the_best_and_its_neighbours(monkeypatch):
+    # A validation metric that peaks at sqrt(3) / 100, between the grid's 1/100 and 3/100 (a tie: the lower kept);
+    # the midpoint of those two is the peak.
+    def fake_measure(task, scheme, lrs, steps, seed):
+        return [dataclasses.replace(MEASURED, metric=-abs(math.log(lr * 100 / math.sqrt(3)))) for lr in lrs]
+
+    monkeypatch.setattr(importlib.import_module("pockengine.search.search"), "measure", fake_measure)
+    result = tune_lr(None, SearchResult(pe.Scheme.full(), 0, {}, 1e-2, None, None, [], 0.0), 10, extensions=0)
+    assert result.lr == pytest.approx(1e-2)
+    refined = refine_lr(None, result)
+    assert list(refined.lr_trials) == pytest.approx([1 / 300, 1e-2 / math.sqrt(3), 1e-2, math.sqrt(3) / 100, 3e-2])
+    assert refined.lr == pytest.approx(math.sqrt(3) / 100) and refined.lr_steps == 10
+    with pytest.raises(pe.UserInputError, match="tune_lr first"):
+        refine_lr(None, SearchResult(pe.Scheme.full(), 0, {}, 1e-2, None, None, [], 0.0))
 
 
 def test_each_weight_candidate_is_measured_at_its_own_best_rate(tmp_path):

@@ -65,7 +65,8 @@ class SearchReport:
             lines += ["## Proposals verified", "",
                       f"The search at each shrinkage of the weights' gains toward their ratio's mean (0: as measured; "
                       f"1: the mean alone), each distinct scheme trained from the pretrained model for {r.lr_steps} "
-                      f"steps at each rate tried; the best {a.metric} on the validation split is kept.", "",
+                      f"steps at each rate tried; the best {a.metric} on the validation split is kept, then its "
+                      "rate refined at the midpoints between its best rate and the neighbouring ones.", "",
                       "| shrinkage | k | weights | predicted gain | measured memory (planned / tracked) | "
                       f"{a.metric} by rate ({r.lr_steps} steps) | best | chosen |", "|---|---|---|---|---|---|---|---|"]
             for p in r.proposals:
