@@ -17,7 +17,8 @@ import pockengine as pe
 from pockengine.cli import main
 from pockengine.search import BudgetTooSmallError, SearchReport, analyze, choose_scheme, parse_memory, search
 from pockengine.search.analysis import Measurement, Plan, measure
-from pockengine.search.search import MEMORY_GRID, SearchResult, mb, tune_lr
+from pockengine.search.search import (MEMORY_GRID, SearchResult, mb, refine_lr, shrunk_gains, tune_lr,
+                                      verify)
 from pockengine.search.candidates import Candidate, Structure, block_of, build_scheme, candidates
 from pockengine.search.solver import Option, solve
 from pockengine.trainer import Trainer
@@ -304,6 +305,87 @@ def test_the_plan_rejects_a_reach_predicted_too_cheap(analysed):
     assert max(result.chosen.measured.memory, result.chosen.measured.tracked_memory) <= budget
 
 
+def _lucky(a):
+    """`a` with gains set by hand: at ratio 1/4 the first weight +0.05 and the others -0.01 (mean above zero); at
+    ratio 1 the second weight +0.2, a lucky spike, and the others -0.15 (mean below zero)."""
+    layers = sorted({layer for layer, _ in a.weights})
+    assert len(layers) >= 3 and all((layer, r) in a.weights for layer in layers for r in (Fraction(1, 4), Fraction(1)))
+    gains = {(layer, Fraction(1, 4)): 0.05 if i == 0 else -0.01 for i, layer in enumerate(layers)}
+    gains |= {(layer, Fraction(1)): 0.2 if i == 1 else -0.15 for i, layer in enumerate(layers)}
+    base = a.weight_baseline.metric
+    weights = {key: dataclasses.replace(m, metric=base + gains[key]) for key, m in a.weights.items()
+               if key in gains}
+    return dataclasses.replace(a, weights=weights), layers, gains
+
+
+def test_shrunk_gains_pull_each_weight_toward_its_ratios_mean(analysed):
+    _, _, _, a, _ = analysed
+    lucky, layers, gains = _lucky(a)
+    quarter = sum(g for (_, r), g in gains.items() if r == Fraction(1, 4)) / len(layers)
+    for key, gain in gains.items():
+        mean = quarter if key[1] == Fraction(1, 4) else sum(g for (_, r), g in gains.items() if r == 1) / len(layers)
+        assert shrunk_gains(lucky, 0.0)[key] == pytest.approx(gain)
+        assert shrunk_gains(lucky, 1.0)[key] == pytest.approx(mean)
+        assert shrunk_gains(lucky, 0.5)[key] == pytest.approx((gain + mean) / 2)
+    with pytest.raises(pe.UserInputError, match="between 0"):
+        shrunk_gains(lucky, 1.5)
+
+
+def test_full_shrinkage_trusts_the_mean_of_each_ratio_not_a_lucky_weight(analysed):
+    # With room for everything, the knapsack takes each weight at the ratio of the largest positive gain: as
+    # measured, the first weight at 1/4 and the lucky second at 1; shrunk fully, every weight at 1/4 (mean +0.01
+    # when 3 weights) and none at 1 (mean below zero).
+    task, _, _, a, _ = analysed
+    lucky, layers, _ = _lucky(a)
+    measured = search(task, lucky, memory_budget="1GB")
+    assert measured.ratios == {layers[0]: Fraction(1, 4), layers[1]: Fraction(1)} and measured.shrink == 0
+    shrunk = search(task, lucky, memory_budget="1GB", shrink=1.0)
+    assert shrunk.ratios == {layer: Fraction(1, 4) for layer in layers} and shrunk.shrink == 1
+
+
+def test_verify_keeps_the_proposal_best_over_the_runs_length(analysed, monkeypatch):
+    # The run's metric, faked: one point per trained weight, peaking at rate 1/100 around it. The fully shrunk
+    # proposal trains every weight (3), the measured one 2, so verification must keep the shrunk one, at 1/100.
+    task, _, _, a, _ = analysed
+    lucky, layers, _ = _lucky(a)
+    module = importlib.import_module("pockengine.search.search")
+    real_measure = module.measure
+    long_runs = []
+
+    def measure(task_, scheme, lrs, steps, seed, start=None):
+        if steps != 7:  # the search's check of the budget: as measured
+            return real_measure(task_, scheme, lrs, steps, seed, start=start)
+        trained = sum(1 for layer in layers if scheme.resolve(task_.build_model()).get(f"{layer}.weight"))
+        long_runs.extend((scheme, lr) for lr in lrs)
+        return [dataclasses.replace(MEASURED, metric=trained - abs(math.log(lr * 100))) for lr in lrs]
+
+    monkeypatch.setattr(module, "measure", measure)
+    monkeypatch.setattr(lucky, "scheme_lr", lambda ratios: 1e-2)
+    best = verify(task, lucky, steps=7, memory_budget="1GB", shrinks=(0.0, 0.5, 1.0))
+    assert best.shrink == 1.0 and best.ratios == {layer: Fraction(1, 4) for layer in layers}
+    assert best.lr == pytest.approx(1e-2) and best.lr_steps == 7
+    assert [p.shrink for p in best.proposals][0] == 0.0 and best in best.proposals
+    keys = [(p.k, p.ratios) for p in best.proposals]
+    assert len(keys) == len(set(map(repr, keys)))  # distinct schemes only, each tuned
+    # 1/3, 1, 3 around 1e-2: the middle is best; the kept one's rate is refined at the two midpoints, both worse.
+    assert all(len(p.lr_trials) == (5 if p is best else 3) for p in best.proposals)
+    assert len(long_runs) == 3 * len(best.proposals) + 2
+    assert best.lr_trials[best.lr] == max(m for p in best.proposals for m in p.lr_trials.values())
+
+
+def test_choose_scheme_verifies_proposals_over_the_runs_length(analysed, tmp_path):
+    task, cache, _, a, _ = analysed
+    scheme, report = choose_scheme(task, memory_budget="1GB", cache_dir=cache, quick=True, steps=STEPS,
+                                   lr_grid=GRID, progress=False, out_dir=tmp_path, lr_steps=STEPS + 1)
+    best = report.result
+    assert best.proposals and best in best.proposals and scheme is best.scheme
+    assert best.lr_trials[best.lr] == max(m for p in best.proposals for m in p.lr_trials.values())
+    # The kept scheme's trial at its rate is that scheme trained alone for the run's length, as the run trains it.
+    assert measure(task, best.scheme, [best.lr], STEPS + 1, 0)[0].metric == best.lr_trials[best.lr]
+    markdown = (tmp_path / "report.md").read_text()
+    assert "## Proposals verified" in markdown and markdown.count("| **yes** |") >= 1
+
+
 def test_a_budget_below_the_smallest_scheme_is_a_clear_error(analysed):
     task, _, _, a, _ = analysed
     smallest = min(m.memory for m in a.bias.values())
@@ -359,6 +441,22 @@ def test_the_rate_grid_extends_past_a_best_rate_at_its_edge(monkeypatch):
     assert tuned.lr == pytest.approx(1 / 27)
     result = SearchResult(pe.Scheme.full(), 0, {}, 1.0, None, None, [], 0.0)
     assert tune_lr(None, result, 10, extensions=1).lr == pytest.approx(1 / 9)  # the search stops after one more
+
+
+def test_the_rate_is_refined_between_the_best_and_its_neighbours(monkeypatch):
+    # A validation metric that peaks at sqrt(3) / 100, between the grid's 1/100 and 3/100 (a tie: the lower kept);
+    # the midpoint of those two is the peak.
+    def fake_measure(task, scheme, lrs, steps, seed):
+        return [dataclasses.replace(MEASURED, metric=-abs(math.log(lr * 100 / math.sqrt(3)))) for lr in lrs]
+
+    monkeypatch.setattr(importlib.import_module("pockengine.search.search"), "measure", fake_measure)
+    result = tune_lr(None, SearchResult(pe.Scheme.full(), 0, {}, 1e-2, None, None, [], 0.0), 10, extensions=0)
+    assert result.lr == pytest.approx(1e-2)
+    refined = refine_lr(None, result)
+    assert list(refined.lr_trials) == pytest.approx([1 / 300, 1e-2 / math.sqrt(3), 1e-2, math.sqrt(3) / 100, 3e-2])
+    assert refined.lr == pytest.approx(math.sqrt(3) / 100) and refined.lr_steps == 10
+    with pytest.raises(pe.UserInputError, match="tune_lr first"):
+        refine_lr(None, SearchResult(pe.Scheme.full(), 0, {}, 1e-2, None, None, [], 0.0))
 
 
 def test_each_weight_candidate_is_measured_at_its_own_best_rate(tmp_path):

@@ -58,7 +58,29 @@ class SearchReport:
                  f"rest cached), {r.seconds:.0f} s search ({r.cpu_seconds:.0f} s CPU)"
                  + (f" (incl. the rate of the chosen scheme, tuned over {r.lr_steps} steps on the validation split: "
                     + ", ".join(f"{lr:g}: {m:.4f}" for lr, m in r.lr_trials.items()) + ")" if r.lr_trials else "")
-                 + ".", "", "```", self.summary(), "```", "", "## Rounds", "",
+                 + (f"; {len(r.proposals)} proposals verified over {r.lr_steps} steps each (below)" if r.proposals
+                    else "")
+                 + ".", "", "```", self.summary(), "```", ""]
+        if r.proposals:
+            lines += ["## Proposals verified", "",
+                      f"The search at each shrinkage of the weights' gains toward their ratio's mean (0: as measured; "
+                      f"1: the mean alone), each distinct scheme trained from the pretrained model for {r.lr_steps} "
+                      f"steps at each rate tried; the best {a.metric} on the validation split is kept, then its "
+                      "rate refined at the midpoints between its best rate and the neighbouring ones.", "",
+                      "| shrinkage | k | weights | predicted gain | measured memory (planned / tracked) | "
+                      f"{a.metric} by rate ({r.lr_steps} steps) | best | chosen |", "|---|---|---|---|---|---|---|---|"]
+            for p in r.proposals:
+                c = p.chosen
+                lines.append(f"| {p.shrink:g} | {p.k} | {len(p.ratios)} | {c.predicted_gain:+.4f} | "
+                             f"{mb(c.measured.memory)} / {mb(c.measured.tracked_memory)} | "
+                             + ", ".join(f"{lr:g}: {m:.4f}" for lr, m in p.lr_trials.items())
+                             + f" | {p.lr_trials[p.lr]:.4f} at {p.lr:g} | {'**yes**' if p is r else ''} |")
+            lines.append("")
+            lines += [f"- shrinkage {p.shrink:g}: biases of the last {p.k} blocks; weights: "
+                      + (", ".join(f"{layer} @ {ratio}" for layer, ratio in p.ratios.items()) or "none")
+                      for p in r.proposals]
+            lines.append("")
+        lines += ["## Rounds", "", "Of the chosen scheme's search.", "",
                  "| round | k | weights | predicted gain | predicted memory | measured memory (planned / tracked) "
                  "| predicted ms | measured ms | within |", "|---|---|---|---|---|---|---|---|---|"]
         for i, rd in enumerate(r.rounds, 1):
