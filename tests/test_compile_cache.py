@@ -251,6 +251,20 @@ def test_a_capture_with_a_custom_function_is_not_cached(cache_folder):
         assert relative_error(g, reference[name]) <= 1e-4, name
 
 
+def test_a_capture_with_branches_decided_on_the_example_is_not_cached(cache_folder):
+    """Branches on values are decided as the example batch decides them (capture/value_branches.py); the key holds
+    the batch's shapes, not its values, so another example batch of the same shapes must be captured anew."""
+    from test_capture import _square_mean, _ValueBranches
+
+    x = torch.randn(2, 4)
+    padded, unpadded = torch.tensor([[3, 0], [4, 5]]), torch.tensor([[3, 1], [4, 5]])
+    pe.compile(_ValueBranches(), _square_mean, ((x, padded), None))
+    assert entries(cache_folder) == []
+    model = _ValueBranches()
+    trainer = pe.compile(model, _square_mean, ((x, unpadded), None))  # row 0 not doubled: the other branch
+    assert trainer.loss(((x, unpadded), None)) == pytest.approx((model.layer(x) ** 2).mean().item(), rel=1e-6)
+
+
 def test_a_model_holding_an_object_that_cannot_be_described_is_not_cached(cache_folder):
     model = Net()
     model.generator = torch.Generator()  # described only by an address: another key in every process

@@ -13,7 +13,8 @@ usual case. A branch that batches may take either way (`if mask.any(): x = f(x)`
 example's side and refuses the others by name: write it with `torch.where` (both sides computed) to train on both.
 A branch on a value computed from a random op (ATen's `nondeterministic_seeded` tag) is a `CaptureError`: no decision made once follows it (Hugging Face's layer drop is traced as what it is instead,
 capture/layer_drop.py).
-Values read into Python otherwise (`.item()`, `int(t)`, `.tolist()`) are not decided here.
+Such a capture is not kept in the capture cache (capture/cache.py): its branches are the example batch's, which the
+cache's key does not hold. Values read into Python otherwise (`.item()`, `int(t)`, `.tolist()`) are not decided here.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pockengine.capture.patched import patched
 from pockengine.errors import CaptureError
 
 Site = tuple[str, int]  # the file and line whose code asked for a tensor's truth value
+MESSAGE_START = "the model branched on a tensor's value at "  # each check's message (the capture cache looks for it)
 
 
 def _caller() -> Site:
@@ -116,7 +118,7 @@ def traceable_value_branches(decided: dict[Site, list[bool]]) -> AbstractContext
         truth = self if self.dtype == torch.bool else self != 0
         torch.ops.aten._assert_async.msg(
             truth if value else torch.logical_not(truth),
-            f"the model branched on a tensor's value at {describe(site)}: pockengine compiled the branch that the "
+            f"{MESSAGE_START}{describe(site)}: pockengine compiled the branch that the "
             f"example batch took (the condition {value}), and this batch takes the other one (no update was made). "
             "If the branch checks the batch (`if bad: raise`), the batch is bad: see that line; if batches may take "
             "either branch, write it with torch.where so that both are computed.")
