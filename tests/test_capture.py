@@ -211,6 +211,90 @@ def test_a_branch_on_a_random_value_is_a_capture_error_naming_its_line():
         pe.compile(_BranchesOnNoise(), _square_mean, ((torch.randn(2, 4),), None))
 
 
+class _BranchesOnABoolRead(nn.Module):
+    """Longformer's global attention switch: a bool read into Python with `.item()`, branched on lines later."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, is_global: torch.Tensor) -> torch.Tensor:
+        y = self.layer(x)
+        attends_globally = is_global.flatten().any().item()
+        if attends_globally:
+            y = y * 2
+        return y
+
+
+def test_a_bool_read_with_item_is_decided_as_on_the_example_batch_and_checked_at_run_time():
+    x = torch.randn(2, 4)
+    trainer = _check_gradients(_BranchesOnABoolRead(), _square_mean, ((x, torch.tensor([0, 1])), None))
+    assert str(trainer.program().graph).count("_assert_async.msg") == 1
+    with pytest.raises(RuntimeError, match=r"branched on a tensor's value at .*test_capture.py:\d+ \(`attends_globally "
+                                           r"= is_global.flatten\(\).any\(\).item\(\)`\).*\(the condition True\)"):
+        trainer.step(((x, torch.tensor([0, 0])), None))
+    assert trainer.steps_done == 0
+    # the other side, compiled from an example batch that takes it
+    _check_gradients(_BranchesOnABoolRead(), _square_mean, ((x, torch.tensor([0, 0])), None))
+
+
+class _BranchesOnANoisyBoolRead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.layer(x)
+        if (torch.rand(2) > 0.5).any().item():
+            y = y * 2
+        return y
+
+
+def test_a_bool_read_of_a_random_value_is_a_capture_error_naming_its_line():
+    with pytest.raises(CaptureError, match=r"branches on a tensor's value at .*test_capture.py:\d+ \(`if \(torch.rand"
+                                           r"\(2\) > 0.5\).any\(\).item\(\):`\), computed from random numbers.*torch.where"):
+        pe.compile(_BranchesOnANoisyBoolRead(), _square_mean, ((torch.randn(2, 4),), None))
+
+
+class _OverlappingChunks(nn.Module):
+    """Longformer's `_chunk`: windows of 2w rows every w rows, taken with as_strided of a transposed-and-reshaped
+    value (a view whose strides are not row-major), so the windows read the storage in another order than the
+    indices."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.layer(x)  # (seq 8, batch 2, 4)
+        h = h.transpose(0, 1).reshape(2, 2, 4, 4)  # a view: (batch, chunks, 2w rows, 4)
+        size, stride = list(h.size()), list(h.stride())
+        size[1], stride[1] = size[1] * 2 - 1, stride[1] // 2
+        return h.as_strided(size=size, stride=stride) * torch.arange(3.0).view(1, 3, 1, 1)
+
+
+def test_overlapping_as_strided_windows_of_a_transposed_value_get_autograds_gradients():
+    x = torch.randn(8, 2, 4)
+    assert not _OverlappingChunks().layer(x).transpose(0, 1).reshape(2, 2, 4, 4).is_contiguous()
+    _check_gradients(_OverlappingChunks(), _square_mean, ((x,), None))
+
+
+class _WindowsOverEveryOtherColumn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.layer(x)[:, ::2]  # a view with gaps in its storage
+        return h.as_strided(size=[3, 4], stride=[8, 1])
+
+
+def test_as_strided_windows_over_a_value_with_gaps_are_refused_by_name():
+    with pytest.raises(pe.errors.MissingVJPError, match=r"as_strided to size \[3, 4\], stride \[8, 1\] of a \[4, 4\] "
+                                                        r"value whose storage has gaps or overlaps \(module ''\)"):
+        pe.compile(_WindowsOverEveryOtherColumn(), _square_mean, ((torch.randn(4, 8),), None))
+
+
 class _RescalesItself(nn.Module):
     """RWKV in eval mode: its first forward pass rescales its weights in place."""
 
