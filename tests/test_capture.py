@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import pockengine as pe
@@ -293,6 +294,29 @@ def test_as_strided_windows_over_a_value_with_gaps_are_refused_by_name():
     with pytest.raises(pe.errors.MissingVJPError, match=r"as_strided to size \[3, 4\], stride \[8, 1\] of a \[4, 4\] "
                                                         r"value whose storage has gaps or overlaps \(module ''\)"):
         pe.compile(_WindowsOverEveryOtherColumn(), _square_mean, ((torch.randn(4, 8),), None))
+
+
+class _LossOnActiveTokens(nn.Module):
+    """ELECTRA's and Funnel's pretraining heads: the logits and the labels of the tokens the attention mask keeps,
+    each picked with the mask, into a mean loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.layer(x).squeeze(-1)
+        active = mask.view(-1) == 1
+        return F.binary_cross_entropy_with_logits(logits.view(-1)[active], labels.view(-1)[active].float())
+
+
+def test_a_loss_on_rows_picked_by_a_mask_is_refused_naming_the_op_and_the_way_out():
+    """Not yet compiled (the picked rows reach a reduction); pockengine's own rewrite of masked rows must not fail on
+    the labels being picked by the same mask (it did, with torch's data-dependent guard error)."""
+    batch = ((torch.randn(2, 3, 4), torch.tensor([[1, 1, 0], [1, 1, 1]]), torch.tensor([[0, 1, 0], [1, 0, 1]])), None)
+    with pytest.raises(CaptureError, match=r"aten.index.Tensor .* returns a tensor whose shape depends on the values "
+                                           r"of its inputs.*torch.where\(mask"):
+        pe.compile(_LossOnActiveTokens(), lambda loss, _: loss, batch)
 
 
 class _RescalesItself(nn.Module):

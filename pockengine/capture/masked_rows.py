@@ -47,6 +47,7 @@ from typing import Any, Callable
 
 import sympy
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from pockengine.ir.ops import is_pointwise
@@ -81,7 +82,8 @@ def _independent_operand(a: Any, out: torch.Tensor) -> bool:
     v = _val(a)
     if not isinstance(v, torch.Tensor):
         return True
-    return v.dim() < out.dim() or (v.dim() == out.dim() and v.shape[0] == 1)
+    # a size of other picked rows (ELECTRA's labels picked by the mask its logits are) is unknown: not outside them
+    return v.dim() < out.dim() or (v.dim() == out.dim() and statically_known_true(v.shape[0] == 1))
 
 
 def _rowwise_user(user: torch.fx.Node, source: torch.fx.Node, region: set, symbol: sympy.Symbol) -> bool:
@@ -106,7 +108,7 @@ def _rowwise_user(user: torch.fx.Node, source: torch.fx.Node, region: set, symbo
     if target in (aten._softmax.default, aten._log_softmax.default):
         return user.args[0] is source and user.args[1] % first.dim() != 0
     if is_pointwise(target):
-        return all(_val(a).dim() == first.dim() and _val(a).shape[0] == first.shape[0]
+        return all(_val(a).dim() == first.dim() and statically_known_true(_val(a).shape[0] == first.shape[0])
                    for a in tensor_args if a in region) and all(_independent_operand(a, first) for a in others)
     return False
 
