@@ -319,6 +319,29 @@ def test_a_loss_on_rows_picked_by_a_mask_is_refused_naming_the_op_and_the_way_ou
         pe.compile(_LossOnActiveTokens(), lambda loss, _: loss, batch)
 
 
+class _ChecksDroppedOutBoxes(nn.Module):
+    """A validation branch on values computed through dropout (YOLOS's loss checks its predicted boxes)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.layer, self.dropout = nn.Linear(4, 4), nn.Dropout(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dropout(self.layer(x))
+        if not (y.abs() >= 0).all():
+            raise ValueError("boxes must be valid")
+        return y
+
+
+def test_a_branch_through_dropout_that_draws_nothing_is_decided_and_one_that_draws_is_refused():
+    x = torch.randn(2, 4)
+    _check_gradients(_ChecksDroppedOutBoxes(0.5).eval(), _square_mean, ((x,), None))  # train=False: no draw
+    _check_gradients(_ChecksDroppedOutBoxes(0.0).train(), _square_mean, ((x,), None))  # p=0: no draw
+    with pytest.raises(CaptureError, match=r"branches on a tensor's value at .*test_capture.py:\d+ \(`if not "
+                                           r"\(y.abs\(\) >= 0\).all\(\):`\), computed from random numbers"):
+        pe.compile(_ChecksDroppedOutBoxes(0.5).train(), _square_mean, ((x,), None))
+
+
 class _RescalesItself(nn.Module):
     """RWKV in eval mode: its first forward pass rescales its weights in place."""
 

@@ -73,6 +73,17 @@ def branches_taken(run_eagerly: Callable[[], object]) -> dict[Site, list[bool]]:
     return dict(taken)
 
 
+def _draws_nothing(n: torch.fx.Node) -> bool:
+    """A random op called so that it draws nothing: dropout in eval mode (`train=False`, YOLOS's loss in eval mode
+    branches on boxes computed through one) or with a dropout rate of 0 (`p`, attention's `dropout_p`: a model's
+    default rate)."""
+    for i, arg in enumerate(n.target._schema.arguments):
+        value = n.kwargs.get(arg.name, n.args[i] if i < len(n.args) else arg.default_value)
+        if (arg.name == "train" and value is False) or (arg.name in ("p", "dropout_p") and value == 0):
+            return True
+    return False
+
+
 def _random_op_behind(t: torch.Tensor) -> str | None:
     """A random op (ATen's `nondeterministic_seeded` tag) that the traced value `t` is computed from, if any."""
     mode = get_proxy_mode()
@@ -88,7 +99,8 @@ def _random_op_behind(t: torch.Tensor) -> str | None:
         if n in seen:
             continue
         seen.add(n)
-        if isinstance(n.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in n.target.tags:
+        if isinstance(n.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in n.target.tags \
+                and not _draws_nothing(n):
             return str(n.target)
         todo.extend(n.all_input_nodes)
     return None
