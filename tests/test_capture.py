@@ -310,13 +310,17 @@ class _LossOnActiveTokens(nn.Module):
         return F.binary_cross_entropy_with_logits(logits.view(-1)[active], labels.view(-1)[active].float())
 
 
-def test_a_loss_on_rows_picked_by_a_mask_is_refused_naming_the_op_and_the_way_out():
-    """Not yet compiled (the picked rows reach a reduction); pockengine's own rewrite of masked rows must not fail on
-    the labels being picked by the same mask (it did, with torch's data-dependent guard error)."""
-    batch = ((torch.randn(2, 3, 4), torch.tensor([[1, 1, 0], [1, 1, 1]]), torch.tensor([[0, 1, 0], [1, 0, 1]])), None)
-    with pytest.raises(CaptureError, match=r"aten.index.Tensor .* returns a tensor whose shape depends on the values "
-                                           r"of its inputs.*torch.where\(mask"):
-        pe.compile(_LossOnActiveTokens(), lambda loss, _: loss, batch)
+def test_a_mean_loss_over_rows_picked_by_a_mask_is_computed_over_every_row_and_kept_under_the_mask():
+    """The logits and labels both picked by the mask (one row count, its picks joined by the loss's element-wise
+    ops) into a mean: compiled as the sum over the kept rows over their count (capture/masked_rows.py), with
+    autograd's gradients, and right for a batch whose mask keeps other rows."""
+    x, labels = torch.randn(2, 3, 4), torch.tensor([[0, 1, 0], [1, 0, 1]])
+    loss = lambda out, _: out  # noqa: E731
+    trainer = _check_gradients(_LossOnActiveTokens(), loss, ((x, torch.tensor([[1, 1, 0], [1, 1, 1]]), labels), None))
+    assert " index.Tensor(" not in str(trainer.program().graph)
+    other = torch.tensor([[1, 0, 0], [0, 1, 1]])
+    model = trainer.model
+    assert trainer.loss(((x, other, labels), None)) == pytest.approx(model(x, other, labels).item(), rel=1e-6)
 
 
 class _ChecksDroppedOutBoxes(nn.Module):
