@@ -23,6 +23,14 @@ expert's rows through its own weights). Row r belongs to group i where the runni
 each `f_i` row by row, `f_i` is computed on every row and each row keeps its group's result. The counts must add up
 to the rows, as `split` checks: the program asserts it as it runs.
 
+And for a sum or mean over such rows: `mean(f(x[mask], y[mask]))` (ELECTRA's and Funnel's pretraining heads pick the
+logits and the labels of the tokens the attention mask keeps, each with the mask, into a binary cross-entropy). The
+picks of one mask share one row count, so a row-by-row region may start at all of them and join them; with `f`
+computed on every row, `sum(where(mask, f(x, y), 0))` is the same sum and gives the other rows no gradient, and the
+mean divides it by the mask's count times the elements per row (0/0 where the mask keeps nothing, as the mean of no
+rows is). A value computed on the rows the mask drops may be inf or NaN there (a log of padding); `where` drops it
+from the value, and its gradient there is 0 times the op's derivative, as in the write-backs above.
+
 And for one row per sample picked among the masked ones: `x[mask].view(B, -1, *rest)[:, j]` (BART's and T5's
 sequence classification heads take each sample's last <eos> token so). With k = (picked rows) / B, group g of the
 view holds the picked rows g*k ... g*k + k - 1 in order, so its j-th row is the (g*k + j mod k)-th picked row: its
