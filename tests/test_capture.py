@@ -413,6 +413,39 @@ class _BranchesOnAnItem(nn.Module):
         return x
 
 
+class _SizesByFoundPositions(nn.Module):
+    """Longformer's global attention: its global keys sized by how many positions `nonzero()` finds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, is_global: torch.Tensor) -> torch.Tensor:
+        found = is_global.nonzero(as_tuple=True)
+        keys = x.new_zeros(len(found[0]), 4)
+        return self.layer(x) + keys.sum()
+
+
+class _WithGlobalAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = _SizesByFoundPositions()
+
+    def forward(self, x: torch.Tensor, is_global: torch.Tensor) -> torch.Tensor:
+        return self.attention(x, is_global)
+
+
+def test_a_size_counted_from_found_positions_is_refused_naming_the_module_line_and_the_way_out():
+    with pytest.raises(CaptureError) as e:
+        pe.compile(_WithGlobalAttention(), _square_mean, ((torch.randn(2, 4), torch.tensor([True, False])), None))
+    message = str(e.value)
+    assert message.startswith("torch.export could not capture the model with its loss in module 'attention' "
+                              "(_SizesByFoundPositions.forward), at ")
+    line = _line_of(_SizesByFoundPositions.forward, "keys = x.new_zeros")
+    assert f"{line} (in forward): `keys = x.new_zeros(len(found[0]), 4)`" in message
+    assert "pockengine needs a model whose forward (and loss_fn) torch.export can trace" in message
+
+
 class _WritesThroughData(nn.Module):
     def __init__(self) -> None:
         super().__init__()
