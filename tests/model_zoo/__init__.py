@@ -782,6 +782,11 @@ for family, name, config, model, sizes, batch in [
     ("encoder-decoder", "marian-labels", "MarianConfig", "MarianMTModel",
      dict(SEQ2SEQ, pad_token_id=3, decoder_start_token_id=3, eos_token_id=2, forced_eos_token_id=2),
      _labelled(_targets)),
+    # routed experts; each decoder layer's drop condition asked again after the layer (`if skip_the_layer:
+    # continue`, capture/layer_drop.py)
+    ("encoder-decoder", "nllb-moe-labels", "NllbMoeConfig", "NllbMoeForConditionalGeneration",
+     dict(SEQ2SEQ, num_experts=4, expert_capacity=8, encoder_sparse_step=2, decoder_sparse_step=2, pad_token_id=1,
+          bos_token_id=0, eos_token_id=2, decoder_start_token_id=2), _labelled(_targets)),
     ("encoder-decoder", "led-labels", "LEDConfig", "LEDForConditionalGeneration",
      dict(SEQ2SEQ, max_encoder_position_embeddings=32, max_decoder_position_embeddings=32, attention_window=4,
           pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2), _labelled(_targets)),
