@@ -280,6 +280,20 @@ def test_overlapping_as_strided_windows_of_a_transposed_value_get_autograds_grad
     _check_gradients(_OverlappingChunks(), _square_mean, ((x,), None))
 
 
+class _TransposesWithAsStrided(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x).as_strided([3, 3], [1, 3]) * torch.arange(9.0).view(3, 3)
+
+
+def test_an_as_strided_of_the_same_size_in_another_order_gets_autograds_gradients():
+    """Same size as its input but not a re-striding of it (a transpose): read in storage order like any window."""
+    _check_gradients(_TransposesWithAsStrided(), _square_mean, ((torch.randn(3, 3),), None))
+
+
 class _WindowsOverEveryOtherColumn(nn.Module):
     def __init__(self) -> None:
         super().__init__()

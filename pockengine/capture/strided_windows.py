@@ -15,6 +15,8 @@ its storage is left as it is; the gradient rule refuses windows over it by name.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.fx import GraphModule, Node
 
@@ -28,7 +30,11 @@ def _storage_order(val: torch.Tensor) -> list[int] | None:
 
 
 def _restrides(val: torch.Tensor, size: list[int], stride: list[int], offset: object) -> bool:
-    return not offset and tuple(size) == tuple(val.shape)
+    """The same elements in row-major order (a pooled [N, C, 1, 1] given channels-last strides): the gradient rule
+    passes the gradient through, whatever the layout."""
+    dense = [(sz, st) for sz, st in zip(size, stride) if sz != 1]
+    row_major = all(st == math.prod(sz for sz, _ in dense[i + 1:]) for i, (_, st) in enumerate(dense))
+    return not offset and tuple(size) == tuple(val.shape) and row_major
 
 
 def read_windows_from_storage_order(gm: GraphModule) -> None:
