@@ -11,8 +11,10 @@ the other branch stops the step with an error naming the file and line and the b
 So a validation branch (`if bad: raise ...`, Hugging Face's label checks) becomes a run-time check of the batch: the
 usual case. A branch that batches may take either way (`if mask.any(): x = f(x)`) trains on batches that take the
 example's side and refuses the others by name: write it with `torch.where` (both sides computed) to train on both.
-A branch on a value computed from a random op (ATen's `nondeterministic_seeded` tag) is a `CaptureError`: no decision made once follows it (Hugging Face's layer drop is traced as what it is instead,
-capture/layer_drop.py).
+A branch on a value computed from a random op (ATen's `nondeterministic_seeded` tag) is a `CaptureError`: no decision
+made once follows it (Hugging Face's layer drop is traced as what it is instead, capture/layer_drop.py). A random op
+called so that it draws nothing does not count: dropout with `train=False` or a rate of 0 (YOLOS's loss in eval mode
+checks boxes computed through its eval-mode dropout).
 
 A boolean read into Python with `.item()` (Longformer and LED: `is_global_attn = mask.any().item()`, then
 `if is_global_attn:`) is the same branch one step removed: torch.export traces the read as a symbol and fails at the
