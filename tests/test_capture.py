@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import pockengine as pe
@@ -211,6 +212,154 @@ def test_a_branch_on_a_random_value_is_a_capture_error_naming_its_line():
         pe.compile(_BranchesOnNoise(), _square_mean, ((torch.randn(2, 4),), None))
 
 
+class _BranchesOnABoolRead(nn.Module):
+    """Longformer's global attention switch: a bool read into Python with `.item()`, branched on lines later."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, is_global: torch.Tensor) -> torch.Tensor:
+        y = self.layer(x)
+        attends_globally = is_global.flatten().any().item()
+        if attends_globally:
+            y = y * 2
+        return y
+
+
+def test_a_bool_read_with_item_is_decided_as_on_the_example_batch_and_checked_at_run_time():
+    x = torch.randn(2, 4)
+    trainer = _check_gradients(_BranchesOnABoolRead(), _square_mean, ((x, torch.tensor([0, 1])), None))
+    assert str(trainer.program().graph).count("_assert_async.msg") == 1
+    with pytest.raises(RuntimeError, match=r"branched on a tensor's value at .*test_capture.py:\d+ \(`attends_globally "
+                                           r"= is_global.flatten\(\).any\(\).item\(\)`\).*\(the condition True\)"):
+        trainer.step(((x, torch.tensor([0, 0])), None))
+    assert trainer.steps_done == 0
+    # the other side, compiled from an example batch that takes it
+    _check_gradients(_BranchesOnABoolRead(), _square_mean, ((x, torch.tensor([0, 0])), None))
+
+
+class _BranchesOnANoisyBoolRead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.layer(x)
+        if (torch.rand(2) > 0.5).any().item():
+            y = y * 2
+        return y
+
+
+def test_a_bool_read_of_a_random_value_is_a_capture_error_naming_its_line():
+    with pytest.raises(CaptureError, match=r"branches on a tensor's value at .*test_capture.py:\d+ \(`if \(torch.rand"
+                                           r"\(2\) > 0.5\).any\(\).item\(\):`\), computed from random numbers.*torch.where"):
+        pe.compile(_BranchesOnANoisyBoolRead(), _square_mean, ((torch.randn(2, 4),), None))
+
+
+class _OverlappingChunks(nn.Module):
+    """Longformer's `_chunk`: windows of 2w rows every w rows, taken with as_strided of a transposed-and-reshaped
+    value (a view whose strides are not row-major), so the windows read the storage in another order than the
+    indices."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.layer(x)  # (seq 8, batch 2, 4)
+        h = h.transpose(0, 1).reshape(2, 2, 4, 4)  # a view: (batch, chunks, 2w rows, 4)
+        size, stride = list(h.size()), list(h.stride())
+        size[1], stride[1] = size[1] * 2 - 1, stride[1] // 2
+        return h.as_strided(size=size, stride=stride) * torch.arange(3.0).view(1, 3, 1, 1)
+
+
+def test_overlapping_as_strided_windows_of_a_transposed_value_get_autograds_gradients():
+    x = torch.randn(8, 2, 4)
+    assert not _OverlappingChunks().layer(x).transpose(0, 1).reshape(2, 2, 4, 4).is_contiguous()
+    _check_gradients(_OverlappingChunks(), _square_mean, ((x,), None))
+
+
+class _TransposesWithAsStrided(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x).as_strided([3, 3], [1, 3]) * torch.arange(9.0).view(3, 3)
+
+
+def test_an_as_strided_of_the_same_size_in_another_order_gets_autograds_gradients():
+    """Same size as its input but not a re-striding of it (a transpose): read in storage order like any window."""
+    _check_gradients(_TransposesWithAsStrided(), _square_mean, ((torch.randn(3, 3),), None))
+
+
+class _WindowsOverEveryOtherColumn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.layer(x)[:, ::2]  # a view with gaps in its storage
+        return h.as_strided(size=[3, 4], stride=[8, 1])
+
+
+def test_as_strided_windows_over_a_value_with_gaps_are_refused_by_name():
+    with pytest.raises(pe.errors.MissingVJPError, match=r"as_strided to size \[3, 4\], stride \[8, 1\] of a \[4, 4\] "
+                                                        r"value whose storage has gaps or overlaps \(module ''\)"):
+        pe.compile(_WindowsOverEveryOtherColumn(), _square_mean, ((torch.randn(4, 8),), None))
+
+
+class _LossOnActiveTokens(nn.Module):
+    """ELECTRA's and Funnel's pretraining heads: the logits and the labels of the tokens the attention mask keeps,
+    each picked with the mask, into a mean loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.layer(x).squeeze(-1)
+        active = mask.view(-1) == 1
+        return F.binary_cross_entropy_with_logits(logits.view(-1)[active], labels.view(-1)[active].float())
+
+
+def test_a_mean_loss_over_rows_picked_by_a_mask_is_computed_over_every_row_and_kept_under_the_mask():
+    """The logits and labels both picked by the mask (one row count, its picks joined by the loss's element-wise
+    ops) into a mean: compiled as the sum over the kept rows over their count (capture/masked_rows.py), with
+    autograd's gradients, and right for a batch whose mask keeps other rows."""
+    x, labels = torch.randn(2, 3, 4), torch.tensor([[0, 1, 0], [1, 0, 1]])
+    loss = lambda out, _: out  # noqa: E731
+    trainer = _check_gradients(_LossOnActiveTokens(), loss, ((x, torch.tensor([[1, 1, 0], [1, 1, 1]]), labels), None))
+    assert " index.Tensor(" not in str(trainer.program().graph)
+    other = torch.tensor([[1, 0, 0], [0, 1, 1]])
+    model = trainer.model
+    assert trainer.loss(((x, other, labels), None)) == pytest.approx(model(x, other, labels).item(), rel=1e-6)
+
+
+class _ChecksDroppedOutBoxes(nn.Module):
+    """A validation branch on values computed through dropout (YOLOS's loss checks its predicted boxes)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.layer, self.dropout = nn.Linear(4, 4), nn.Dropout(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dropout(self.layer(x))
+        if not (y.abs() >= 0).all():
+            raise ValueError("boxes must be valid")
+        return y
+
+
+def test_a_branch_through_dropout_that_draws_nothing_is_decided_and_one_that_draws_is_refused():
+    x = torch.randn(2, 4)
+    _check_gradients(_ChecksDroppedOutBoxes(0.5).eval(), _square_mean, ((x,), None))  # train=False: no draw
+    _check_gradients(_ChecksDroppedOutBoxes(0.0).train(), _square_mean, ((x,), None))  # p=0: no draw
+    with pytest.raises(CaptureError, match=r"branches on a tensor's value at .*test_capture.py:\d+ \(`if not "
+                                           r"\(y.abs\(\) >= 0\).all\(\):`\), computed from random numbers"):
+        pe.compile(_ChecksDroppedOutBoxes(0.5).train(), _square_mean, ((x,), None))
+
+
 class _RescalesItself(nn.Module):
     """RWKV in eval mode: its first forward pass rescales its weights in place."""
 
@@ -276,6 +425,39 @@ class _BranchesOnAnItem(nn.Module):
         if x.sum().item() > 0:  # Python control flow on a number read out of a tensor: torch.export cannot trace it
             return self.layer(x)
         return x
+
+
+class _SizesByFoundPositions(nn.Module):
+    """Longformer's global attention: its global keys sized by how many positions `nonzero()` finds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, is_global: torch.Tensor) -> torch.Tensor:
+        found = is_global.nonzero(as_tuple=True)
+        keys = x.new_zeros(len(found[0]), 4)
+        return self.layer(x) + keys.sum()
+
+
+class _WithGlobalAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = _SizesByFoundPositions()
+
+    def forward(self, x: torch.Tensor, is_global: torch.Tensor) -> torch.Tensor:
+        return self.attention(x, is_global)
+
+
+def test_a_size_counted_from_found_positions_is_refused_naming_the_module_line_and_the_way_out():
+    with pytest.raises(CaptureError) as e:
+        pe.compile(_WithGlobalAttention(), _square_mean, ((torch.randn(2, 4), torch.tensor([True, False])), None))
+    message = str(e.value)
+    assert message.startswith("torch.export could not capture the model with its loss in module 'attention' "
+                              "(_SizesByFoundPositions.forward), at ")
+    line = _line_of(_SizesByFoundPositions.forward, "keys = x.new_zeros")
+    assert f"{line} (in forward): `keys = x.new_zeros(len(found[0]), 4)`" in message
+    assert "pockengine needs a model whose forward (and loss_fn) torch.export can trace" in message
 
 
 class _WritesThroughData(nn.Module):

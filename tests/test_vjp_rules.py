@@ -258,6 +258,10 @@ CASES = [
     fn(aten.alias.default, "plain", aten.alias.default, (3, 4)),
     direct(aten.contiguous.default, "plain", (P(0),), (3, 4)),
     direct(aten.as_strided.default, "restride-pooled", (P(0), [2, 3, 1, 1], [3, 1, 3, 3]), (2, 3, 1, 1)),
+    # Longformer's overlapping chunks, [B, 2n-1, 2w, H] windows with stride w*H over the B*n*2w*H elements of
+    # [B, n, 2w, H] (rows read twice), read from a flat value (capture/strided_windows.py)
+    direct(aten.as_strided.default, "overlapping-windows", (P(0), [2, 3, 4, 3], [24, 6, 3, 1]), (48,)),
+    direct(aten.as_strided.default, "every-other-element", (P(0), [2, 3], [6, 2], 1), (12,)),
     fn(aten.mul.Tensor, "broadcast", torch.mul, (2, 3, 4), (3, 1)),
     fn(aten.mul.Tensor, "0d", torch.mul, (), (3, 4)),
     fn(aten.mul.Tensor, "square", lambda a: a * a, (3, 4)),

@@ -44,6 +44,7 @@ from pockengine.capture.python_random import no_python_random
 from pockengine.capture.spec_augment import traceable_spec_augment
 from pockengine.capture.stop_gradient import mark_stop_gradients, traceable_gradient_cuts
 from pockengine.capture.tensor_checks import rewrite_tensor_checks
+from pockengine.capture.strided_windows import read_windows_from_storage_order
 from pockengine.capture.value_branches import Site, branches_taken, traceable_value_branches
 from pockengine.errors import CaptureError, UserInputError
 from pockengine.ir.graph import BATCH, BUFFER, PARAM, Graph, Node, TensorMeta, meta_of
@@ -304,6 +305,7 @@ def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
     rewrite_position_loops(ep.graph_module)
     rewrite_masked_rows(ep.graph_module)
     views_tolerate_kernel_layouts(ep.graph_module)
+    read_windows_from_storage_order(ep.graph_module)
     return ep
 
 

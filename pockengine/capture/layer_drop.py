@@ -12,7 +12,10 @@ and the number is drawn only when the program runs). While capturing, the truth 
 uniform draw (`torch.rand([])` against a number) is False -- the branch that keeps the layer -- and the next module
 called, which must be a layer of a `ModuleList` (the stack the draw decides over), has its output replaced by
 `where(drop, its input, its output)`: the program draws as eager PyTorch does, from the trainer's generator, and
-a dropped layer passes its input on, with no gradient to its weights. Anything else branching on such a draw
+a dropped layer passes its input on, with no gradient to its weights. The same condition asked again once its
+layer has run (NLLB-MoE's and SpeechT5's decoders: `if not skip_the_layer: x = layer(x)`, then `if skip_the_layer:
+continue`) is False again, the branch traced: its layer already stands for both sides, and what follows is watched
+as below. Anything else branching on such a draw
 (no layer called next, a layer that does not return a tensor of its input's shape, code computing on a layer's
 output before the next layer's draw, which a skipped branch would also skip) is a `CaptureError` naming it.
 """
@@ -50,10 +53,13 @@ class _LayerDrop(TorchFunctionMode):
         self.draws: WeakIdKeyDictionary = WeakIdKeyDictionary()  # the uniform scalars drawn
         self.conditions: WeakIdKeyDictionary = WeakIdKeyDictionary()  # comparisons of them with numbers
         self.pending: torch.Tensor | None = None
+        self.decided: WeakIdKeyDictionary = WeakIdKeyDictionary()  # conditions whose layer has been called
         self.dropping: dict[int, torch.Tensor] = {}  # id(layer) -> its drop condition, while it runs
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if func is torch.Tensor.__bool__ and args[0] in self.decided:
+            return False
         if func is torch.Tensor.__bool__ and args[0] in self.conditions:
             if self.pending is not None:
                 raise _not_layer_drop("a second branch on a random number came before any layer was called")
@@ -78,6 +84,7 @@ class _LayerDrop(TorchFunctionMode):
             raise _not_layer_drop(f"the module called next, '{self.names.get(module, type(module).__name__)}', "
                                   "is not a layer of a ModuleList")
         self.dropping[id(module)] = self.pending
+        self.decided[self.pending] = True
         self.pending = None
 
     def after_call(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:

@@ -23,6 +23,14 @@ expert's rows through its own weights). Row r belongs to group i where the runni
 each `f_i` row by row, `f_i` is computed on every row and each row keeps its group's result. The counts must add up
 to the rows, as `split` checks: the program asserts it as it runs.
 
+And for a sum or mean over such rows: `mean(f(x[mask], y[mask]))` (ELECTRA's and Funnel's pretraining heads pick the
+logits and the labels of the tokens the attention mask keeps, each with the mask, into a binary cross-entropy). The
+picks of one mask share one row count, so a row-by-row region may start at all of them and join them; with `f`
+computed on every row, `sum(where(mask, f(x, y), 0))` is the same sum and gives the other rows no gradient, and the
+mean divides it by the mask's count times the elements per row (0/0 where the mask keeps nothing, as the mean of no
+rows is). A value computed on the rows the mask drops may be inf or NaN there (a log of padding); `where` drops it
+from the value, and its gradient there is 0 times the op's derivative, as in the write-backs above.
+
 And for one row per sample picked among the masked ones: `x[mask].view(B, -1, *rest)[:, j]` (BART's and T5's
 sequence classification heads take each sample's last <eos> token so). With k = (picked rows) / B, group g of the
 view holds the picked rows g*k ... g*k + k - 1 in order, so its j-th row is the (g*k + j mod k)-th picked row: its
@@ -47,6 +55,7 @@ from typing import Any, Callable
 
 import sympy
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from pockengine.ir.ops import is_pointwise
@@ -81,7 +90,8 @@ def _independent_operand(a: Any, out: torch.Tensor) -> bool:
     v = _val(a)
     if not isinstance(v, torch.Tensor):
         return True
-    return v.dim() < out.dim() or (v.dim() == out.dim() and v.shape[0] == 1)
+    # a size of other picked rows (ELECTRA's labels picked by the mask its logits are) is unknown: not outside them
+    return v.dim() < out.dim() or (v.dim() == out.dim() and statically_known_true(v.shape[0] == 1))
 
 
 def _rowwise_user(user: torch.fx.Node, source: torch.fx.Node, region: set, symbol: sympy.Symbol) -> bool:
@@ -106,24 +116,38 @@ def _rowwise_user(user: torch.fx.Node, source: torch.fx.Node, region: set, symbo
     if target in (aten._softmax.default, aten._log_softmax.default):
         return user.args[0] is source and user.args[1] % first.dim() != 0
     if is_pointwise(target):
-        return all(_val(a).dim() == first.dim() and _val(a).shape[0] == first.shape[0]
+        return all(_val(a).dim() == first.dim() and statically_known_true(_val(a).shape[0] == first.shape[0])
                    for a in tensor_args if a in region) and all(_independent_operand(a, first) for a in others)
     return False
 
 
-def _region(pick: torch.fx.Node, symbol: sympy.Symbol, is_sink: Callable[[torch.fx.Node, torch.fx.Node], bool]
-            ) -> list | None:
+def _region(picks: torch.fx.Node | list, symbol: sympy.Symbol,
+            is_sink: Callable[[torch.fx.Node, torch.fx.Node], bool]) -> list | None:
     """The sinks (`is_sink(user, source)`: the write-backs) that end the nodes computed row by row from the picked
-    rows; None if the rows reach anything else (a reduction over them, an output, another write-back)."""
-    region, sinks, sizes, todo = {pick}, [], set(), [pick]
-    while todo:
+    rows (of one pick, or of several by the same mask); None if the rows reach anything else (a reduction over them,
+    an output, another write-back)."""
+    picks = picks if isinstance(picks, list) else [picks]
+    region, sinks, sizes, todo = set(picks), [], set(), list(picks)
+    waiting: list = []  # (user, source) that join rows of another branch not yet in the region: tried again later
+    while todo or waiting:
+        if not todo:
+            waiting = [(u, src) for u, src in waiting if u not in region]
+            ready = [u for u, src in waiting if _rowwise_user(u, src, region, symbol)]
+            if waiting and not ready:
+                return None
+            region.update(ready)
+            todo.extend(dict.fromkeys(ready))
+            continue
         source = todo.pop()
         for user in source.users:
             if user in region or user in sinks or user in sizes:
                 continue
             if user.op != "call_function":
                 return None  # the picked rows leave the program
-            if is_sink(user, source) and not (isinstance(user.args[0], torch.fx.Node) and user.args[0] in region):
+            if user.target is aten._assert_tensor_metadata.default and all(a is None for a in user.args[1:3]):
+                continue  # torch.export's check of the rows' dtype: true of every row as of the picked ones
+            if is_sink(user, source) and (user.target in _REDUCTIONS or not (
+                    isinstance(user.args[0], torch.fx.Node) and user.args[0] in region)):
                 sinks.append(user)
             elif not isinstance(_val(user), (torch.Tensor, tuple)):
                 if source not in sizes and user.target is not aten.sym_size.int:
@@ -136,7 +160,7 @@ def _region(pick: torch.fx.Node, symbol: sympy.Symbol, is_sink: Callable[[torch.
                 region.add(user)
                 todo.append(user)
             else:
-                return None
+                waiting.append((user, source))
     # The row count becomes the mask's size: it may only be the size of a view of the rows, never a value.
     if any(user not in sizes and not (user in region and user.target in _VIEWS) for n in sizes for user in n.users):
         return None
@@ -150,6 +174,52 @@ def _mask_write_back(pick: torch.fx.Node, symbol: sympy.Symbol) -> Callable[[tor
         user.target is aten.index_put.default and user.args[2] is source and len(user.args[1]) == 1
         and user.args[1][0] is mask and not (len(user.args) > 3 and user.args[3])
         and _val(source).shape[0].node.expr == symbol)
+
+
+_REDUCTIONS = (aten.sum.default, aten.mean.default)
+
+
+def _picks_into_reductions(pick: torch.fx.Node, symbol: sympy.Symbol) -> tuple[list, list] | None:
+    """For `mean(f(x[mask], y[mask], ...))` (or `sum`), every value picked by the same mask and `f` row by row
+    (ELECTRA's and Funnel's pretraining heads: the logits and the labels of the tokens the attention mask keeps, into
+    a binary cross-entropy): the picks and the reductions over all of their rows."""
+    mask = pick.args[1][0]
+    picks = [u for u in mask.users if u.target is aten.index.Tensor and u.args[1] == [mask] and _mask_pick(u) == symbol]
+
+    def is_sink(user: torch.fx.Node, source: torch.fx.Node) -> bool:
+        return (user.target in _REDUCTIONS and user.args[0] is source and len(user.args) == 1
+                and set(user.kwargs) <= {"dtype"} and _val(source).shape[0].node.expr == symbol)
+
+    sinks = _region(picks, symbol, is_sink)
+    return None if sinks is None else (picks, sinks)
+
+
+def _rewrite_reductions(graph: torch.fx.Graph, picks: list, sinks: list) -> None:
+    """Each pick becomes every row; each reduction sums the rows the mask keeps (`where(mask, v, 0)`), a mean
+    dividing by the mask's count times the elements per row: the same value, and no gradient for the other rows."""
+    mask = picks[0].args[1][0]
+    mask_shape = list(_val(mask).shape)
+    rows = math.prod(mask_shape)
+    for pick in picks:
+        x = pick.args[0]
+        with graph.inserting_before(pick):
+            every_row = x if len(mask_shape) == 1 else graph.call_function(
+                aten.view.default, (x, [rows, *_val(x).shape[len(mask_shape):]]))
+        pick.replace_all_uses_with(every_row)
+        graph.erase_node(pick)
+    call = graph.call_function
+    for sink in sinks:
+        y = sink.args[0]
+        per_row = math.prod(_val(y).shape[1:])
+        with graph.inserting_before(sink):
+            keep = call(aten.view.default, (mask, [rows] + [1] * (_val(y).dim() - 1)))
+            zero = call(aten.scalar_tensor.default, (0.0,), {"dtype": _val(y).dtype, "device": _val(y).device})
+            total = call(aten.sum.default, (call(aten.where.self, (keep, y, zero)),), dict(sink.kwargs))
+            if sink.target is aten.mean.default:
+                count = call(aten.mul.Scalar, (call(aten.sum.default, (mask,)), per_row))
+                total = call(aten.div.Tensor, (total, count))
+        sink.replace_all_uses_with(total)
+        graph.erase_node(sink)
 
 
 def _mask_pick(n: torch.fx.Node) -> sympy.Symbol | None:
@@ -513,6 +583,9 @@ def _rewrite_once(gm: torch.fx.GraphModule) -> bool:
         sinks = _region(n, symbol, _mask_write_back(n, symbol)) if symbol is not None else None
         if sinks is not None:
             _rewrite(gm.graph, n, sinks)
+            changed = True
+        elif symbol is not None and (reduced := _picks_into_reductions(n, symbol)):
+            _rewrite_reductions(gm.graph, *reduced)
             changed = True
         elif symbol is not None and (sample := _sample_pick(n, symbol)):
             _rewrite_sample_pick(gm.graph, n, *sample)

@@ -11,10 +11,20 @@ the other branch stops the step with an error naming the file and line and the b
 So a validation branch (`if bad: raise ...`, Hugging Face's label checks) becomes a run-time check of the batch: the
 usual case. A branch that batches may take either way (`if mask.any(): x = f(x)`) trains on batches that take the
 example's side and refuses the others by name: write it with `torch.where` (both sides computed) to train on both.
-A branch on a value computed from a random op (ATen's `nondeterministic_seeded` tag) is a `CaptureError`: no decision made once follows it (Hugging Face's layer drop is traced as what it is instead,
-capture/layer_drop.py).
+A branch on a value computed from a random op (ATen's `nondeterministic_seeded` tag) is a `CaptureError`: no decision
+made once follows it (Hugging Face's layer drop is traced as what it is instead, capture/layer_drop.py). A random op
+called so that it draws nothing does not count: dropout with `train=False` or a rate of 0 (YOLOS's loss in eval mode
+checks boxes computed through its eval-mode dropout).
+
+A boolean read into Python with `.item()` (Longformer and LED: `is_global_attn = mask.any().item()`, then
+`if is_global_attn:`) is the same branch one step removed: torch.export traces the read as a symbol and fails at the
+`if` on it, a line with no tensor left to decide. So a `.item()` of a bool tensor is recorded like `__bool__` (by the
+line that read it), and where torch.export fails on a condition over the symbol such a read returned, that read is
+decided and asserted as above. Only bool tensors: a bool read into Python has no use but a decision, while a
+number read (`.item()`, `int(t)`, `.tolist()`) may size or index what follows and is not decided here.
+
 Such a capture is not kept in the capture cache (capture/cache.py): its branches are the example batch's, which the
-cache's key does not hold. Values read into Python otherwise (`.item()`, `int(t)`, `.tolist()`) are not decided here.
+cache's key does not hold.
 """
 
 from __future__ import annotations
@@ -22,8 +32,8 @@ from __future__ import annotations
 import linecache
 import sys
 from collections import defaultdict
-from contextlib import AbstractContextManager
-from typing import Callable
+from contextlib import AbstractContextManager, contextmanager
+from typing import Callable, Iterator
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -38,7 +48,7 @@ MESSAGE_START = "the model branched on a tensor's value at "  # each check's mes
 
 
 def _caller() -> Site:
-    frame = sys._getframe(2)  # 0: _caller, 1: the patched __bool__, 2: the code that branched
+    frame = sys._getframe(2)  # 0: _caller, 1: the patched __bool__ or item, 2: the code that branched
     return frame.f_code.co_filename, frame.f_lineno
 
 
@@ -48,18 +58,36 @@ def describe(site: Site) -> str:
 
 
 def branches_taken(run_eagerly: Callable[[], object]) -> dict[Site, list[bool]]:
-    """Every truth value of a tensor that `run_eagerly()` asked for, by the site that asked, in order."""
-    original = torch.Tensor.__bool__
+    """Every truth value of a tensor that `run_eagerly()` asked for, and every bool tensor it read with `.item()`, by
+    the site that asked, in order."""
+    original_bool, original_item = torch.Tensor.__bool__, torch.Tensor.item
     taken: dict[Site, list[bool]] = defaultdict(list)
 
     def recording_bool(self: torch.Tensor) -> bool:
-        value = original(self)
+        value = original_bool(self)
         taken[_caller()].append(value)
         return value
 
-    with patched(torch.Tensor, "__bool__", recording_bool):
+    def recording_item(self: torch.Tensor) -> object:
+        value = original_item(self)
+        if self.dtype == torch.bool:
+            taken[_caller()].append(value)
+        return value
+
+    with patched(torch.Tensor, "__bool__", recording_bool), patched(torch.Tensor, "item", recording_item):
         run_eagerly()
     return dict(taken)
+
+
+def _draws_nothing(n: torch.fx.Node) -> bool:
+    """A random op called so that it draws nothing: dropout in eval mode (`train=False`, YOLOS's loss in eval mode
+    branches on boxes computed through one) or with a dropout rate of 0 (`p`, attention's `dropout_p`: a model's
+    default rate)."""
+    for i, arg in enumerate(n.target._schema.arguments):
+        value = n.kwargs.get(arg.name, n.args[i] if i < len(n.args) else arg.default_value)
+        if (arg.name == "train" and value is False) or (arg.name in ("p", "dropout_p") and value == 0):
+            return True
+    return False
 
 
 def _random_op_behind(t: torch.Tensor) -> str | None:
@@ -67,26 +95,41 @@ def _random_op_behind(t: torch.Tensor) -> str | None:
     mode = get_proxy_mode()
     if mode is None:
         return None
+    proxy = get_proxy_slot(t, mode.tracer, None)
+    if proxy is None:  # a constant of the program
+        return None
     seen: set[torch.fx.Node] = set()
-    todo = [get_proxy_slot(t, mode.tracer).proxy.node]
+    todo = [proxy.proxy.node]
     while todo:
         n = todo.pop()
         if n in seen:
             continue
         seen.add(n)
-        if isinstance(n.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in n.target.tags:
+        if isinstance(n.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in n.target.tags \
+                and not _draws_nothing(n):
             return str(n.target)
         todo.extend(n.all_input_nodes)
     return None
 
 
+def _random_branch(site: Site, random_op: str) -> CaptureError:
+    return CaptureError(
+        f"the model branches on a tensor's value at {describe(site)}, computed from random numbers ({random_op}): a "
+        "compiled step cannot decide the branch once for all steps. Write it with torch.where, so that both sides "
+        "are computed and the random value selects between them.")
+
+
 def traceable_value_branches(decided: dict[Site, list[bool]]) -> AbstractContextManager:
-    """While torch.export traces: a branch on a traced tensor's value at a site of `decided` takes the recorded
-    value (its n-th time at that site, the n-th value) and asserts it in the program; one that cannot be decided
-    otherwise raises torch's error with the site in its `pockengine_value_branch` attribute (capture/export.py then
-    records the branches eagerly and traces again)."""
+    """While torch.export traces: a branch on a traced tensor's value (or a bool tensor's `.item()`) at a site of
+    `decided` takes the recorded value (its n-th time at that site, the n-th value) and asserts it in the program;
+    one that cannot be decided otherwise raises torch's error with the site in its `pockengine_value_branch`
+    attribute (capture/export.py then records the branches eagerly and traces again)."""
     original = torch.Tensor.__bool__
+    original_item = torch.Tensor.item
     asked: dict[Site, int] = defaultdict(int)
+    # the symbols of bool `.item()` reads left to torch.export, with the site and the random op behind each, if any:
+    # a failure on a condition over one of them is that read's branch
+    reads: dict[object, tuple[Site, str | None]] = {}
     deciding: list[bool] = []  # non-empty while a branch is decided: torch function modes (layer drop's) call
     # `Tensor.__bool__` again from inside the original, and that call is the same branch, not one of their own
 
@@ -99,21 +142,31 @@ def traceable_value_branches(decided: dict[Site, list[bool]]) -> AbstractContext
         finally:
             deciding.pop()
 
+    def deciding_item(self: torch.Tensor) -> object:
+        if deciding or self.dtype != torch.bool or not is_fake(self):
+            return original_item(self)
+        site = _caller()
+        if asked[site] < len(decided.get(site, ())):
+            return _decided(self, site)
+        value = original_item(self)
+        if isinstance(value, torch.SymBool):
+            for symbol in value.node.expr.free_symbols:
+                reads[symbol] = site, _random_op_behind(self)
+        return value
+
     def _decide(self: torch.Tensor, site: Site) -> bool:
-        values = decided.get(site, ())
-        if asked[site] >= len(values):
+        if asked[site] >= len(decided.get(site, ())):
             try:
                 return original(self)  # a constant, or layer drop's draw (capture/layer_drop.py) decides it
             except GuardOnDataDependentSymNode as e:
                 if (random_op := _random_op_behind(self)) is not None:
-                    raise CaptureError(
-                        f"the model branches on a tensor's value at {describe(site)}, computed from random numbers "
-                        f"({random_op}): a compiled step cannot decide the branch once for all steps. Write it with "
-                        "torch.where, so that both sides are computed and the random value selects between them."
-                    ) from None
+                    raise _random_branch(site, random_op) from None
                 e.pockengine_value_branch = site
                 raise
-        value = values[asked[site]]
+        return _decided(self, site)
+
+    def _decided(self: torch.Tensor, site: Site) -> bool:
+        value = decided[site][asked[site]]
         asked[site] += 1
         truth = self if self.dtype == torch.bool else self != 0
         torch.ops.aten._assert_async.msg(
@@ -124,4 +177,18 @@ def traceable_value_branches(decided: dict[Site, list[bool]]) -> AbstractContext
             "either branch, write it with torch.where so that both are computed.")
         return value
 
-    return patched(torch.Tensor, "__bool__", deciding_bool)
+    @contextmanager
+    def tracing() -> Iterator[None]:
+        with patched(torch.Tensor, "__bool__", deciding_bool), patched(torch.Tensor, "item", deciding_item):
+            try:
+                yield
+            except GuardOnDataDependentSymNode as e:
+                read = next((reads[s] for s in getattr(e.cond, "free_symbols", ()) if s in reads), None)
+                if read is not None and not hasattr(e, "pockengine_value_branch"):
+                    site, random_op = read
+                    if random_op is not None:
+                        raise _random_branch(site, random_op) from None
+                    e.pockengine_value_branch = site
+                raise
+
+    return tracing()

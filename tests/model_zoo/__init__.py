@@ -691,3 +691,142 @@ _add("time series", "time-series-transformer",
 # pockengine/capture/stop_gradient.py)
 _add("encoder", "big-bird", _hf("BigBirdConfig", "BigBirdForSequenceClassification", **ENCODER),
      text_classification(), CE)
+
+
+# ------------------------------------------------------------------------------------------------ heads with labels
+# Hugging Face heads given their labels in the inputs, as transformers' Trainer gives them, trained on the loss the
+# model computes (`output.loss`): regression and multi-label problem types, -100 padding, derived decoder inputs
+# (`shift_tokens_right`), segmentation's upsampled loss with ignore_index 255.
+def _labelled(labels: Callable[[torch.Generator, torch.Tensor, torch.Tensor], dict], choices: int = 0
+              ) -> Callable[[torch.Generator], tuple]:
+    """Token ids with an attention mask (the second sequence padded; `choices` > 0: that many per sample) and the
+    labels `labels(g, ids, mask)` in the inputs; no separate target."""
+
+    def make(g: torch.Generator) -> tuple:
+        shape = (BATCH, choices, SEQ) if choices else (BATCH, SEQ)
+        ids = torch.randint(3, VOCAB, shape, generator=g)
+        mask = torch.ones(shape, dtype=torch.long)
+        mask[1, ..., SEQ - 3:] = 0
+        return {"input_ids": ids, "attention_mask": mask, **labels(g, ids, mask)}, None
+
+    return make
+
+
+def _classes(g: torch.Generator, ids: torch.Tensor, mask: torch.Tensor) -> dict:
+    return {"labels": torch.randint(0, 3, (BATCH,), generator=g)}
+
+
+def _tags(g: torch.Generator, ids: torch.Tensor, mask: torch.Tensor) -> dict:
+    return {"labels": torch.randint(0, 3, ids.shape, generator=g).masked_fill(mask == 0, -100)}
+
+
+def _masked_tokens(g: torch.Generator, ids: torch.Tensor, mask: torch.Tensor) -> dict:
+    """Half the tokens to predict (the first always), -100 elsewhere and on the padding."""
+    picked = torch.rand(ids.shape, generator=g) < 0.5
+    picked[:, 0] = True
+    return {"labels": ids.masked_fill(~picked | (mask == 0), -100)}
+
+
+def _next_tokens(g: torch.Generator, ids: torch.Tensor, mask: torch.Tensor) -> dict:
+    return {"labels": ids.masked_fill(mask == 0, -100)}  # the model shifts them
+
+
+def _targets(g: torch.Generator, ids: torch.Tensor, mask: torch.Tensor) -> dict:
+    """5 target tokens, the second sequence's last 2 padded with -100 (the model derives its decoder inputs)."""
+    labels = torch.randint(3, VOCAB, (BATCH, 5), generator=g)
+    labels[1, 3:] = -100
+    return {"labels": labels}
+
+
+LABELLED_TEXT = {
+    "regression": lambda g, ids, mask: {"labels": torch.randn(BATCH, generator=g)},
+    "multi-label": lambda g, ids, mask: {"labels": torch.randint(0, 2, (BATCH, 3), generator=g).float()},
+    "spans": lambda g, ids, mask: {"start_positions": torch.randint(0, SEQ, (BATCH,), generator=g),
+                                   "end_positions": torch.randint(0, SEQ, (BATCH,), generator=g)},
+}
+SEQ2SEQ = dict(vocab_size=VOCAB, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+               decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32)
+for family, name, config, model, sizes, batch in [
+    ("encoder", "bert-regression", "BertConfig", "BertForSequenceClassification", dict(ENCODER, num_labels=1),
+     _labelled(LABELLED_TEXT["regression"])),
+    ("encoder", "bert-multi-label", "BertConfig", "BertForSequenceClassification",
+     dict(ENCODER, problem_type="multi_label_classification"), _labelled(LABELLED_TEXT["multi-label"])),
+    ("encoder", "roberta-token-classification", "RobertaConfig", "RobertaForTokenClassification",
+     dict(ENCODER, pad_token_id=1), _labelled(_tags)),
+    ("encoder", "bert-question-answering", "BertConfig", "BertForQuestionAnswering", dict(ENCODER, num_labels=2),
+     _labelled(LABELLED_TEXT["spans"])),
+    ("encoder", "roberta-masked-lm", "RobertaConfig", "RobertaForMaskedLM", dict(ENCODER, pad_token_id=1),
+     _labelled(_masked_tokens)),
+    ("encoder", "bert-multiple-choice", "BertConfig", "BertForMultipleChoice", ENCODER, _labelled(_classes, 3)),
+    # Longformer's attention: `is_global_attn = mask.any().item()` then `if is_global_attn:` (a bool read decided
+    # as on the example batch, capture/value_branches.py); overlapping chunks taken with as_strided of a transposed
+    # view (capture/strided_windows.py)
+    ("encoder", "longformer-masked-lm", "LongformerConfig", "LongformerForMaskedLM",
+     dict(ENCODER, attention_window=4, pad_token_id=1), _labelled(_masked_tokens)),
+    # the logits and labels of the tokens the attention mask keeps, each picked with the mask, into a binary
+    # cross-entropy: summed under the mask over every row (capture/masked_rows.py)
+    ("encoder", "electra-pretraining", "ElectraConfig", "ElectraForPreTraining", dict(ENCODER, embedding_size=8),
+     _labelled(lambda g, ids, mask: {"labels": torch.randint(0, 2, ids.shape, generator=g)})),
+    ("decoder", "llama-labels", "LlamaConfig", "LlamaForCausalLM", dict(DECODER, num_key_value_heads=1),
+     _labelled(_next_tokens)),
+    ("decoder", "gpt2-labels", "GPT2Config", "GPT2LMHeadModel",
+     dict(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=32, bos_token_id=1, eos_token_id=2),
+     _labelled(_next_tokens)),
+    ("encoder-decoder", "t5-labels", "T5Config", "T5ForConditionalGeneration",
+     dict(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2, relative_attention_num_buckets=8,
+          relative_attention_max_distance=16, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0),
+     _labelled(_targets)),
+    ("encoder-decoder", "bart-labels", "BartConfig", "BartForConditionalGeneration", SEQ2SEQ, _labelled(_targets)),
+    # its decoder starts with each target's last token that is not padding (gathered at a count of the mask)
+    ("encoder-decoder", "mbart-labels", "MBartConfig", "MBartForConditionalGeneration", SEQ2SEQ, _labelled(_targets)),
+    ("encoder-decoder", "marian-labels", "MarianConfig", "MarianMTModel",
+     dict(SEQ2SEQ, pad_token_id=3, decoder_start_token_id=3, eos_token_id=2, forced_eos_token_id=2),
+     _labelled(_targets)),
+    # routed experts; each decoder layer's drop condition asked again after the layer (`if skip_the_layer:
+    # continue`, capture/layer_drop.py)
+    ("encoder-decoder", "nllb-moe-labels", "NllbMoeConfig", "NllbMoeForConditionalGeneration",
+     dict(SEQ2SEQ, num_experts=4, expert_capacity=8, encoder_sparse_step=2, decoder_sparse_step=2, pad_token_id=1,
+          bos_token_id=0, eos_token_id=2, decoder_start_token_id=2), _labelled(_targets)),
+    ("encoder-decoder", "led-labels", "LEDConfig", "LEDForConditionalGeneration",
+     dict(SEQ2SEQ, max_encoder_position_embeddings=32, max_decoder_position_embeddings=32, attention_window=4,
+          pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2), _labelled(_targets)),
+]:
+    _add(family, name, _hf(config, model, **sizes), batch, own_loss)
+
+
+def _images_and_classes(g: torch.Generator) -> tuple:
+    inputs, classes = images(16)(g)
+    return {**inputs, "labels": classes}, None
+
+
+def _images_and_segments(g: torch.Generator) -> tuple:
+    """32x32 images with a class per pixel, the top rows of the second ignored (255, SegFormer's ignore index)."""
+    segments = torch.randint(0, 3, (BATCH, 32, 32), generator=g)
+    segments[1, :4] = 255
+    return {"pixel_values": torch.randn(BATCH, 3, 32, 32, generator=g), "labels": segments}, None
+
+
+def _audio_features_and_transcripts(g: torch.Generator) -> tuple:
+    labels = torch.randint(3, VOCAB, (BATCH, 5), generator=g)
+    labels[1, 3:] = -100
+    return {"input_features": torch.randn(BATCH, 8, 16, generator=g), "labels": labels}, None
+
+
+for family, name, config, model, sizes, batch in [
+    ("vision", "vit-labels", "ViTConfig", "ViTForImageClassification", VIT, _images_and_classes),
+    # logits upsampled to the labels' size, cross-entropy with ignore_index 255
+    ("vision", "segformer-segmentation", "SegformerConfig", "SegformerForSemanticSegmentation",
+     dict(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], patch_sizes=[7, 3],
+          strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2], num_labels=3, decoder_hidden_size=16),
+     _images_and_segments),
+    ("audio", "sew-ctc", "SEWConfig", "SEWForCTC", SPEECH, _audio_and_transcripts),
+    ("audio", "unispeech-sat-ctc", "UniSpeechSatConfig", "UniSpeechSatForCTC", SPEECH, _audio_and_transcripts),
+    ("audio", "wav2vec2-conformer-ctc", "Wav2Vec2ConformerConfig", "Wav2Vec2ConformerForCTC", SPEECH,
+     _audio_and_transcripts),
+    ("audio", "whisper-labels", "WhisperConfig", "WhisperForConditionalGeneration",
+     dict(d_model=16, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+          encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=8, max_source_positions=8, max_target_positions=16,
+          vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1),
+     _audio_features_and_transcripts),
+]:
+    _add(family, name, _hf(config, model, **sizes), batch, own_loss)

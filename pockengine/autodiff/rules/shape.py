@@ -53,17 +53,34 @@ def t(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
 
 @register(aten.as_strided.default)
 def as_strided(ctx: VJPContext, g: OutputCotangent) -> InputCotangents:
-    """Only the re-striding torch.export emits (a pooled [N, C, 1, 1] given channels-last strides): the same
-    elements in the same places, so the gradient passes through."""
+    """A re-striding (a pooled [N, C, 1, 1] given channels-last strides: the same elements in the same places) passes
+    the gradient through. Windows over a 1-D value (Longformer's overlapping chunks, read from their input's elements
+    in storage order, capture/strided_windows.py) add each output element's gradient into the element it reads, as
+    autograd does: the index map is the same as_strided taken of the positions 0..numel-1, so elements read twice
+    get both gradients. A 1-D value is contiguous whatever kernel made it, so its positions are its storage's."""
     x, size, stride = ctx.args[:3]
+    offset = ctx.args[3] if len(ctx.args) > 3 else None
     dense = [s for s in size if s != 1]
     row_major = [1] * len(dense)
     for i in range(len(dense) - 2, -1, -1):
         row_major[i] = row_major[i + 1] * dense[i + 1]
-    if tuple(size) != x.meta.shape or [st for st, s in zip(stride, size) if s != 1] != row_major or ctx.args[3]:
-        raise MissingVJPError(f"as_strided to size {list(size)}, stride {list(stride)} is more than a re-striding "
-                              f"of its input (module '{ctx.node.module}'); only re-stridings are differentiable")
-    return (g,)
+    if tuple(size) == x.meta.shape and [st for st, s in zip(stride, size) if s != 1] == row_major and not offset:
+        return (g,)
+    if len(x.meta.shape) != 1:
+        raise MissingVJPError(f"as_strided to size {list(size)}, stride {list(stride)} of a {list(x.meta.shape)} "
+                              f"value whose storage has gaps or overlaps (module '{ctx.node.module}'): only "
+                              "re-stridings and windows over a dense value are differentiable")
+    numel = x.meta.numel
+    last = (offset or 0) + sum((s - 1) * st for s, st in zip(size, stride))
+    if any(st < 0 for st in stride) or (offset or 0) < 0 or (0 not in size and last >= numel):
+        raise MissingVJPError(f"as_strided to size {list(size)}, stride {list(stride)}, offset {offset} reads outside "
+                              f"its input of {list(x.meta.shape)} (module '{ctx.node.module}'): not differentiable")
+    positions = ctx(aten.sub.Tensor, ctx(aten.cumsum.default, ctx(aten.new_ones.default, g, [numel],
+                                                                   dtype=torch.int64), 0), 1)
+    read = ctx(aten.reshape.default, ctx(aten.as_strided.default, positions, list(size), list(stride), offset), [-1])
+    flat = ctx(aten.index_add.default, ctx(aten.new_zeros.default, g, [numel]), 0, read,
+               ctx(aten.reshape.default, g, [-1]))
+    return (ctx(aten.reshape.default, flat, list(x.meta.shape)),)
 
 
 @register(aten.expand.default)
