@@ -785,3 +785,36 @@ def test_a_branch_inside_activation_checkpointing():
         return  # refused at compile time, clearly: acceptable
     _refused(trainer, _mean_square, ((_other(trainer, _mean_square, -x, x + 3, x - 3),), None))
     _agrees(trainer, _mean_square, ((x * 1.01,), None))
+
+
+# -- the program's own passes around the assert ------------------------------------------------------------------------
+
+class _FrozenConvPrefix(nn.Module):
+    """A frozen convolutional prefix (run in micro-batches by passes/chunk_frozen.py) with a branch on a value of
+    its activations, then a trained head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        if (h.amax(dim=(1, 2, 3)) > 6).any():  # some sample has a large activation
+            h = h * 0.5
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def test_a_branch_in_a_frozen_prefix_run_in_micro_batches():
+    x = _x(4, 2, 6, 6, seed=19)
+    big = x.clone()
+    big[3] *= 10  # only the last sample's activations are large: a micro-batch of the first samples sees none
+    for example, other in ((x, big), (big, x)):
+        trainer = pe.compile(_FrozenConvPrefix().double(), _mean_square, ((example,), None),
+                             optimizer=pe.optim.SGD(lr=LR), scheme=pe.Scheme.head(), frozen_chunks=4)
+        _EXAMPLE_PATHS[id(trainer)] = _path(trainer.model, _mean_square, ((example,), None))
+        if _path(trainer.model, _mean_square, ((other,), None)) == _EXAMPLE_PATHS[id(trainer)]:
+            pytest.fail("the batches must take different paths")
+        _refused(trainer, _mean_square, ((other,), None))
+        _agrees(trainer, _mean_square, ((example,), None))
