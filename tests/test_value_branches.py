@@ -818,3 +818,19 @@ def test_a_branch_in_a_frozen_prefix_run_in_micro_batches():
             pytest.fail("the batches must take different paths")
         _refused(trainer, _mean_square, ((other,), None))
         _agrees(trainer, _mean_square, ((example,), None))
+
+
+class _TorchAssert(_Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._assert((x.abs() < 10).all(), "inputs must be normalised")  # torchvision's form
+        return self.layer(x)
+
+
+@pytest.mark.xfail(strict=True, reason="value_branches._caller names the frame that called Tensor.__bool__: for "
+                   "torch._assert that is torch/__init__.py's `assert condition, message`, so the refusal names "
+                   "torch's line (shared by every torch._assert of the model) instead of the model's, and drops the "
+                   "model's message; the site should be the innermost frame outside torch")
+def test_torch_assert_is_refused_naming_the_models_line():
+    trainer = _compile(_TorchAssert(), _mean_square, ((_x(2, 4),), None))
+    _refused(trainer, _mean_square, ((_x(2, 4, seed=1) * 100,), None))
+    _agrees(trainer, _mean_square, ((_x(2, 4, seed=1),), None))
