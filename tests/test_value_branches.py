@@ -78,7 +78,8 @@ def _weights(trainer: pe.Trainer) -> dict[str, torch.Tensor]:
 def _agrees(trainer: pe.Trainer, loss_fn, batch, same_path: bool = True) -> None:
     """pockengine's loss, gradients and SGD step on `batch` are eager PyTorch's."""
     if same_path:
-        assert _path(trainer.model, loss_fn, batch) == _EXAMPLE_PATHS[id(trainer)], "the batch must take the example's path"
+        assert _path(trainer.model, loss_fn, batch) == _EXAMPLE_PATHS[id(trainer)], "the batch must take the " \
+            "example's path"
     loss, grads = _eager(trainer.model, loss_fn, batch)
     assert trainer.loss(batch) == pytest.approx(loss, rel=TOL, abs=1e-12)
     ours = trainer.gradients(batch)
@@ -294,7 +295,7 @@ def test_not_and_or_bool_and_conditional_expressions_on_int_float_and_1_element_
     _agrees(trainer, _mean_square, ((x * 0.99, zero, no), None))
 
 
-# -- one line reached from several places -------------------------------------------------------------------------------
+# -- one line reached from several places ------------------------------------------------------------------------------
 
 def _gate(y: torch.Tensor) -> torch.Tensor:
     return y * 2 if y.sum() > 0 else -y
@@ -329,7 +330,7 @@ def test_a_helper_reached_from_two_modules_and_the_loss():
     _agrees(trainer, _gated_loss, ((x * 1.02,), None))
 
 
-# -- branches on weights: they flip as training moves them ---------------------------------------------------------------
+# -- branches on weights: they flip as training moves them -------------------------------------------------------------
 
 class _SignOfAWeight(nn.Module):
     def __init__(self) -> None:
@@ -406,7 +407,8 @@ def test_a_branch_after_dropout_is_a_capture_error():
         _compile(_DropoutThenBranch(), _mean_square, ((_x(2, 4),), None))
 
 
-@pytest.mark.xfail(strict=True, reason="value_branches._random_op_behind reads the `nondeterministic_seeded` tag alone: "
+@pytest.mark.xfail(strict=True,
+                   reason="value_branches._random_op_behind reads the `nondeterministic_seeded` tag alone: "
                    "aten.dropout is tagged whatever its arguments, so dropout in eval mode (train=False) or with p=0 "
                    "(Hugging Face's default for many configs), which draws nothing, makes a deterministic branch a "
                    "CaptureError 'computed from random numbers'")
@@ -502,7 +504,7 @@ def test_a_branch_on_the_hidden_state_inside_layers_that_layer_drop_skips_is_a_c
         _compile(_LayerDropEncoder(0.01, on_hidden=True), _mean_square, ((x, x[:, 0]), None))
 
 
-# -- where eager PyTorch's path differs from the trace's -----------------------------------------------------------------
+# -- where eager PyTorch's path differs from the trace's ---------------------------------------------------------------
 
 class _GradientGated(_Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -512,7 +514,8 @@ class _GradientGated(_Linear):
         return y
 
 
-@pytest.mark.xfail(strict=True, reason="export() records the branches with _eager_loss, which runs under torch.no_grad: "
+@pytest.mark.xfail(strict=True,
+                   reason="export() records the branches with _eager_loss, which runs under torch.no_grad: "
                    "`y.requires_grad` is False there, so the branch the trace asks about (it traces with gradients "
                    "enabled) is never recorded and compile fails; the recording should run under torch.enable_grad "
                    "like the trace")
@@ -540,7 +543,7 @@ def test_a_check_skipped_when_compiling():
     assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters()) and trainer.steps_done == 1
 
 
-# -- custom autograd Functions -------------------------------------------------------------------------------------------
+# -- custom autograd Functions -----------------------------------------------------------------------------------------
 
 class _Clip(torch.autograd.Function):
     @staticmethod
@@ -595,7 +598,7 @@ def test_a_branch_in_a_custom_functions_backward():
     _agrees(trainer, _mean_square, ((x * 1.01,), None))
 
 
-# -- the capture cache, other shapes, other backends, the forked capture ---------------------------------------------------
+# -- the capture cache, other shapes, other backends, the forked capture -----------------------------------------------
 
 @pytest.mark.xfail(strict=True, reason="capture/cache.py's key digests the model's code and the batch's shapes, not "
                    "the values that decided its branches: the second compile, whose example batch takes the other "
@@ -660,10 +663,6 @@ def test_a_forked_capture():
     assert process.returncode == 0 and "1 passed" in out, out[-3000:]
 
 
-class _LossScaled(_Linear):
-    pass
-
-
 def _clipped_loss(out: torch.Tensor, target: object) -> torch.Tensor:
     loss = (out ** 2).mean()
     if loss > 1:
@@ -705,7 +704,7 @@ def test_a_condition_computed_without_gradients():
     _agrees(trainer, _mean_square, ((x * 9,), None))
 
 
-# -- one line asked by calls that eager PyTorch and the trace do not make alike --------------------------------------------
+# -- one line asked by calls that eager PyTorch and the trace do not make alike ----------------------------------------
 
 def _doubled_if(t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
     return t * 2 if condition.any() else t
@@ -722,7 +721,8 @@ class _SharedHelper(_Linear):
         return _doubled_if(y, mask)
 
 
-@pytest.mark.xfail(strict=True, reason="branches are recorded by (file, line, occurrence) from a replay in eager PyTorch, "
+@pytest.mark.xfail(strict=True,
+                   reason="branches are recorded by (file, line, occurrence) from a replay in eager PyTorch, "
                    "where torch.compiler.is_compiling() is False: the replay asks the helper's line once more than the "
                    "trace (True while torch.export traces), so the trace takes the diagnostic's value for the model's "
                    "branch and asserts it: the program computes the other branch than the example's, refuses the "
