@@ -834,3 +834,31 @@ def test_torch_assert_is_refused_naming_the_models_line():
     trainer = _compile(_TorchAssert(), _mean_square, ((_x(2, 4),), None))
     _refused(trainer, _mean_square, ((_x(2, 4, seed=1) * 100,), None))
     _agrees(trainer, _mean_square, ((_x(2, 4, seed=1),), None))
+
+
+_CUDA_INNER = "POCKENGINE_TEST_VALUE_BRANCH_CUDA"
+
+
+@pytest.mark.skipif(not os.environ.get(_CUDA_INNER), reason="run by test_a_refused_batch_on_a_gpu, in a process of "
+                    "its own")
+@pytest.mark.parametrize("backend", ["aten", "inductor"])
+def test_a_refused_batch_on_a_gpu_in_a_process_of_its_own(backend):
+    x = _x(3, 4).cuda()
+    some, none = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64).cuda(), torch.zeros(3, dtype=torch.float64).cuda()
+    trainer = _compile(_MaskAny().cuda(), _mean_square, ((x, some), None), backend=backend)
+    before = _weights(trainer)
+    with pytest.raises(RuntimeError, match=REFUSED):
+        trainer.step(((x, none), None))
+        torch.cuda.synchronize()
+    assert trainer.steps_done == 0 and all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+    _agrees(trainer, _mean_square, ((x, some), None))  # the trainer, and CUDA, still work
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_refused_batch_on_a_gpu():
+    """On a GPU `_assert_async` is a device-side assert, which may leave CUDA unusable: in a process of its own."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
+         f"{__file__}::test_a_refused_batch_on_a_gpu_in_a_process_of_its_own"], env={**os.environ, _CUDA_INNER: "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert result.returncode == 0 and "2 passed" in result.stdout, result.stdout[-3000:]
