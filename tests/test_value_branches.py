@@ -407,11 +407,6 @@ def test_a_branch_after_dropout_is_a_capture_error():
         _compile(_DropoutThenBranch(), _mean_square, ((_x(2, 4),), None))
 
 
-@pytest.mark.xfail(strict=True,
-                   reason="value_branches._random_op_behind reads the `nondeterministic_seeded` tag alone: "
-                   "aten.dropout is tagged whatever its arguments, so dropout in eval mode (train=False) or with p=0 "
-                   "(Hugging Face's default for many configs), which draws nothing, makes a deterministic branch a "
-                   "CaptureError 'computed from random numbers'")
 @pytest.mark.parametrize("mode", ["eval", "p=0"])
 def test_a_branch_after_dropout_that_draws_nothing_is_an_ordinary_branch(mode):
     model = _DropoutThenBranch()
@@ -442,10 +437,6 @@ class _CheckedStack(nn.Module):
         return h
 
 
-@pytest.mark.xfail(strict=True, reason="value_branches._decide looks for a random op behind the condition only when "
-                   "the site has no recorded value left; once the site's first occurrence (on the input) fails and "
-                   "export() records them all eagerly, the later occurrences on dropout outputs are decided from one "
-                   "eager draw and asserted: no CaptureError, and the program's assert would follow the draws")
 def test_a_line_asked_first_on_the_input_then_on_dropout_outputs_is_a_capture_error():
     with pytest.raises(CaptureError, match=r"computed from random numbers"):
         _compile(_CheckedStack(), _mean_square, ((_x(2, 4),), None))
@@ -493,10 +484,6 @@ def test_a_branch_on_the_batch_inside_layers_that_layer_drop_skips():
         _refused(trainer, _mean_square, ((x, torch.ones(2, dtype=torch.float64)), None))
 
 
-@pytest.mark.xfail(strict=True, reason="the first layer's branch (on the input) is decided; the later layers' are on "
-                   "hidden states computed from layer drop's draws, but value_branches._decide checks for a random op "
-                   "only once a site's recorded values run out: when the eager run kept several layers they are "
-                   "decided from that run's draw and asserted (a refusal at random steps) instead of a CaptureError")
 def test_a_branch_on_the_hidden_state_inside_layers_that_layer_drop_skips_is_a_capture_error():
     x = _x(2, 4, seed=8)
     torch.manual_seed(0)
@@ -514,11 +501,6 @@ class _GradientGated(_Linear):
         return y
 
 
-@pytest.mark.xfail(strict=True,
-                   reason="export() records the branches with _eager_loss, which runs under torch.no_grad: "
-                   "`y.requires_grad` is False there, so the branch the trace asks about (it traces with gradients "
-                   "enabled) is never recorded and compile fails; the recording should run under torch.enable_grad "
-                   "like the trace")
 def test_a_check_made_only_when_gradients_are_on():
     trainer = _compile(_GradientGated(), _mean_square, ((_x(2, 4),), None))
     _refused(trainer, _mean_square, ((_x(2, 4, seed=1) * 1000,), None))
@@ -600,9 +582,6 @@ def test_a_branch_in_a_custom_functions_backward():
 
 # -- the capture cache, other shapes, other backends, the forked capture -----------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="capture/cache.py's key digests the model's code and the batch's shapes, not "
-                   "the values that decided its branches: the second compile, whose example batch takes the other "
-                   "branch, gets the first's program, which refuses the very batch it was compiled on")
 def test_a_cached_capture_and_an_example_batch_taking_the_other_branch(monkeypatch, tmp_path):
     monkeypatch.setenv("POCKENGINE_CAPTURE_CACHE", "1")
     monkeypatch.setenv("POCKENGINE_CACHE", str(tmp_path))
@@ -643,11 +622,6 @@ def test_forked_capture_in_a_process_of_its_own():
     _agrees(trainer, _cross_entropy, ((ids.flip(1),), labels))
 
 
-@pytest.mark.xfail(strict=True, reason="the capture's child (capture/child.py) runs the model eagerly to record its "
-                   "branches (export() -> _eager_error, branches_taken); forked from a process whose OpenMP team "
-                   "exists (it ran a parallel op, as this test's eager reference does), the child waits forever in "
-                   "libgomp's barrier (gomp_team_barrier_wait_end under log_softmax). torch.set_num_threads(1) in the "
-                   "child before capture() fixes it")
 def test_a_forked_capture():
     """In a process of its own, stopped after 30 s: the failure is a hang."""
     process = subprocess.Popen(
@@ -721,12 +695,6 @@ class _SharedHelper(_Linear):
         return _doubled_if(y, mask)
 
 
-@pytest.mark.xfail(strict=True,
-                   reason="branches are recorded by (file, line, occurrence) from a replay in eager PyTorch, "
-                   "where torch.compiler.is_compiling() is False: the replay asks the helper's line once more than the "
-                   "trace (True while torch.export traces), so the trace takes the diagnostic's value for the model's "
-                   "branch and asserts it: the program computes the other branch than the example's, refuses the "
-                   "example batch itself and trains on the batches that take the other branch")
 def test_a_helper_line_also_asked_behind_is_compiling():
     x, mask = _x(2, 4, seed=15), torch.tensor([True, False])
     trainer = _compile(_SharedHelper(), _mean_square, ((x, mask), None))
@@ -826,10 +794,6 @@ class _TorchAssert(_Linear):
         return self.layer(x)
 
 
-@pytest.mark.xfail(strict=True, reason="value_branches._caller names the frame that called Tensor.__bool__: for "
-                   "torch._assert that is torch/__init__.py's `assert condition, message`, so the refusal names "
-                   "torch's line (shared by every torch._assert of the model) instead of the model's, and drops the "
-                   "model's message; the site should be the innermost frame outside torch")
 def test_torch_assert_is_refused_naming_the_models_line():
     trainer = _compile(_TorchAssert(), _mean_square, ((_x(2, 4),), None))
     _refused(trainer, _mean_square, ((_x(2, 4, seed=1) * 100,), None))

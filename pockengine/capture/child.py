@@ -55,6 +55,10 @@ def capture_in_child(model: nn.Module, loss_fn: Callable, batch: Any) -> Capture
         os.close(read)
         status = 1
         try:
+            # OpenMP's thread pool does not survive fork: the parent's workers are gone, and the first parallel op
+            # of the child (capture runs the model eagerly to record its branches on values) would wait for them
+            # forever. The child computes little; one thread is enough.
+            torch.set_num_threads(1)
             captured = capture(model, loss_fn, batch)
             if not captured.function_calls:
                 with os.fdopen(write, "wb") as f:

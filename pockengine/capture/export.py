@@ -209,13 +209,13 @@ def _quiet_export() -> Iterator[None]:
         sys.stderr.write(stderr.getvalue())
 
 
-def _eager_loss(model: nn.Module, loss_fn: Callable, inputs: Any, target: Any) -> torch.Tensor:
+def _eager_loss(model: nn.Module, loss_fn: Callable, inputs: Any, target: Any, grad: bool = False) -> torch.Tensor:
     """The loss of the model on this batch in plain PyTorch (the model's buffers and torch's random generators are
-    restored afterwards)."""
+    restored afterwards); `grad`: with gradients enabled, as torch.export traces (a model may branch on them)."""
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     devices = sorted({b.device.index or 0 for b in [*buffers.values(), *model.parameters()] if b.device.type == "cuda"})
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        with torch.set_grad_enabled(grad), torch.random.fork_rng(devices=devices):
             return _ModelWithLoss(model, loss_fn)(inputs, target)
     finally:
         with torch.no_grad():
@@ -291,7 +291,7 @@ def export(model: nn.Module, loss_fn: Callable, batch: Any) -> ExportedProgram:
                     "allows it (the batch size, a sequence length); its feature sizes must be the example's.") from e
             branch = getattr(e, "pockengine_value_branch", None)  # capture/value_branches.py
             if branch is not None and branch not in branches:
-                taken = branches_taken(lambda: _eager_loss(model, loss_fn, inputs, target))
+                taken = branches_taken(lambda: _eager_loss(model, loss_fn, inputs, target, grad=True))
                 if branch in taken:
                     branches[branch] = taken[branch]
                     continue

@@ -4,7 +4,12 @@ the example batch takes and checked as the program runs.
 torch.export cannot trace such a branch: it traces with shapes, not values, so it has nothing to decide it by, and
 the whole capture fails. pockengine runs the model and loss once more in plain PyTorch on the example batch,
 recording the value of every `Tensor.__bool__` by the file and line that asked for it (in the order asked), and
-traces again with each branch that failed decided as eager PyTorch decided it. The program asserts at every step that
+traces again with each branch that failed decided as eager PyTorch decided it. That run is made as the trace runs,
+so that both ask the same lines in the same order: with gradients enabled (`if y.requires_grad and ...`), with
+`torch.compiler.is_compiling()` and `is_exporting()` True (Hugging Face's `is_torchdynamo_compiling()` guards), and
+a line inside torch or the capture's own code (`torch._assert`, a torch function mode) is the model's line that
+called in. Known gap: a branch inside a layer that layer drop may skip is asked as often as the eager run kept the
+layer, which the trace (every layer) does not match: such a capture fails (tests/test_value_branches.py). The program asserts at every step that
 the batch decides it the same way (`_assert_async`, in the forward pass, before any update); a batch that would take
 the other branch stops the step with an error naming the file and line and the branch compiled, and changes nothing.
 
@@ -30,6 +35,7 @@ cache's key does not hold.
 from __future__ import annotations
 
 import linecache
+import os
 import sys
 from collections import defaultdict
 from contextlib import AbstractContextManager, contextmanager
@@ -47,8 +53,17 @@ Site = tuple[str, int]  # the file and line whose code asked for a tensor's trut
 MESSAGE_START = "the model branched on a tensor's value at "  # each check's message (the capture cache looks for it)
 
 
+# torch's files, and the capture's own (its torch function modes call torch functions again while tracing, not while
+# recording): a branch asked from inside them is the model's line that called in
+_INTERNAL = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
+
+
 def _caller() -> Site:
+    """The model's line that asked: the first frame outside torch and the capture above the patched `__bool__` or
+    `item` (a `torch._assert(cond, message)` asks at one line of torch's for every caller)."""
     frame = sys._getframe(2)  # 0: _caller, 1: the patched __bool__ or item, 2: the code that branched
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame = frame.f_back
     return frame.f_code.co_filename, frame.f_lineno
 
 
@@ -74,7 +89,10 @@ def branches_taken(run_eagerly: Callable[[], object]) -> dict[Site, list[bool]]:
             taken[_caller()].append(value)
         return value
 
-    with patched(torch.Tensor, "__bool__", recording_bool), patched(torch.Tensor, "item", recording_item):
+    # as torch.export traces: code behind `torch.compiler.is_compiling()` or `is_exporting()` (Hugging Face's
+    # `is_torchdynamo_compiling()`) must ask its branches here as it will there, or the recorded order shifts
+    with patched(torch.Tensor, "__bool__", recording_bool), patched(torch.Tensor, "item", recording_item), \
+            patched(torch.compiler, "_is_compiling_flag", True), patched(torch.compiler, "_is_exporting_flag", True):
         run_eagerly()
     return dict(taken)
 
@@ -166,6 +184,10 @@ def traceable_value_branches(decided: dict[Site, list[bool]]) -> AbstractContext
         return _decided(self, site)
 
     def _decided(self: torch.Tensor, site: Site) -> bool:
+        # at every decision, not only the first that failed: a later time at the same line may be on a value
+        # computed from random numbers (a check repeated after each dropout), which no decision follows
+        if (random_op := _random_op_behind(self)) is not None:
+            raise _random_branch(site, random_op)
         value = decided[site][asked[site]]
         asked[site] += 1
         truth = self if self.dtype == torch.bool else self != 0
