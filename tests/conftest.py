@@ -26,7 +26,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # every worker collects the same order
-    if config.getvalue("loadgroup"):
+    if getattr(config.option, "loadgroup", False):  # a pytest run as a subprocess of a worker has no xdist
         _suffix_groups(items)
 
 

@@ -134,7 +134,8 @@ def _random_branch(site: Site, random_op: str) -> CaptureError:
     return CaptureError(
         f"the model branches on a tensor's value at {describe(site)}, computed from random numbers ({random_op}): a "
         "compiled step cannot decide the branch once for all steps. Write it with torch.where, so that both sides "
-        "are computed and the random value selects between them.")
+        "are computed and the random value selects between them, or stop the draw before it (a dropout rate of 0, "
+        "or its module in eval mode).")
 
 
 def traceable_value_branches(decided: dict[Site, list[bool]]) -> AbstractContextManager:
