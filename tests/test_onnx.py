@@ -291,6 +291,16 @@ def test_random_ops_refused(tmp_path):
         trainer.export_onnx(tmp_path / "step.onnx")
 
 
+def test_dropout_that_draws_nothing_exports(tmp_path):
+    """A dropout of rate 0 in train mode (a model's config with its dropout off) draws nothing: not refused."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.0), torch.nn.Linear(8, 2))
+    batch = ((torch.randn(3, 4),), torch.tensor([0, 1, 0]))
+    trainer = pe.compile(model, pe.losses.cross_entropy(), batch, optimizer=pe.optim.SGD(lr=0.1))
+    runtime = OnnxTrainer(trainer.export_onnx(tmp_path / "step.onnx"))
+    assert runtime.step(batch_arrays(batch)) == pytest.approx(trainer.step(batch), rel=TOL)
+
+
 def test_untranslatable_op_named(tmp_path):
     """An op torch.onnx cannot translate is refused naming it and its module (here a fake: a custom op)."""
     lib = torch.library.Library("pockengine_onnx_test", "DEF")

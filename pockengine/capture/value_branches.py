@@ -8,10 +8,11 @@ traces again with each branch that failed decided as eager PyTorch decided it. T
 so that both ask the same lines in the same order: with gradients enabled (`if y.requires_grad and ...`), with
 `torch.compiler.is_compiling()` and `is_exporting()` True (Hugging Face's `is_torchdynamo_compiling()` guards), and
 a line inside torch or the capture's own code (`torch._assert`, a torch function mode) is the model's line that
-called in. Known gap: a branch inside a layer that layer drop may skip is asked as often as the eager run kept the
-layer, which the trace (every layer) does not match: such a capture fails (tests/test_value_branches.py). The program asserts at every step that
-the batch decides it the same way (`_assert_async`, in the forward pass, before any update); a batch that would take
-the other branch stops the step with an error naming the file and line and the branch compiled, and changes nothing.
+called in. The program asserts at every step that the batch decides it the same way (`_assert_async`, in the forward
+pass, before any update); a batch that would take the other branch stops the step with an error naming the file and
+line and the branch compiled, and changes nothing. Known gap: a branch inside a layer that layer drop may skip is
+asked as often as the eager run kept the layer, which the trace (every layer) does not match: such a capture fails
+(tests/test_value_branches.py).
 
 So a validation branch (`if bad: raise ...`, Hugging Face's label checks) becomes a run-time check of the batch: the
 usual case. A branch that batches may take either way (`if mask.any(): x = f(x)`) trains on batches that take the
@@ -48,6 +49,7 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from pockengine.capture.patched import patched
 from pockengine.errors import CaptureError
+from pockengine.ir.ops import draws_nothing, draws_random
 
 Site = tuple[str, int]  # the file and line whose code asked for a tensor's truth value
 MESSAGE_START = "the model branched on a tensor's value at "  # each check's message (the capture cache looks for it)
@@ -97,17 +99,6 @@ def branches_taken(run_eagerly: Callable[[], object]) -> dict[Site, list[bool]]:
     return dict(taken)
 
 
-def _draws_nothing(n: torch.fx.Node) -> bool:
-    """A random op called so that it draws nothing: dropout in eval mode (`train=False`, YOLOS's loss in eval mode
-    branches on boxes computed through one) or with a dropout rate of 0 (`p`, attention's `dropout_p`: a model's
-    default rate)."""
-    for i, arg in enumerate(n.target._schema.arguments):
-        value = n.kwargs.get(arg.name, n.args[i] if i < len(n.args) else arg.default_value)
-        if (arg.name == "train" and value is False) or (arg.name in ("p", "dropout_p") and value == 0):
-            return True
-    return False
-
-
 def _random_op_behind(t: torch.Tensor) -> str | None:
     """A random op (ATen's `nondeterministic_seeded` tag) that the traced value `t` is computed from, if any."""
     mode = get_proxy_mode()
@@ -123,8 +114,7 @@ def _random_op_behind(t: torch.Tensor) -> str | None:
         if n in seen:
             continue
         seen.add(n)
-        if isinstance(n.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in n.target.tags \
-                and not _draws_nothing(n):
+        if draws_random(n.target) and not draws_nothing(n.target, n.args, n.kwargs):
             return str(n.target)
         todo.extend(n.all_input_nodes)
     return None

@@ -142,13 +142,13 @@ def generator_variant(target: Any) -> Any | None:
 
 
 def draws_nothing(target: Any, args: tuple, kwargs: dict) -> bool:
-    """A random op whose randomness is a dropout (attention kernels, recurrent layers: their schemas name it
-    `dropout_p` or `dropout`, beside a `train` flag for the latter) draws nothing with these arguments when that
-    probability is 0 or `train` is off."""
+    """A random op whose randomness is a dropout (`native_dropout`'s `p`; attention kernels, recurrent layers: their
+    schemas name it `dropout_p` or `dropout`, beside a `train` flag for some) draws nothing with these arguments when
+    that probability is 0 or `train` is off."""
     schema = _schema(target)
     if schema is None:
         return False
     values = {a.name: (args[i] if i < len(args) else kwargs.get(a.name, a.default_value))
               for i, a in enumerate(schema.arguments)}
-    probability = next((values[n] for n in ("dropout_p", "dropout") if n in values), None)
+    probability = next((values[n] for n in ("dropout_p", "dropout", "p") if n in values), None)
     return probability == 0 or (probability is not None and values.get("train") is False)
