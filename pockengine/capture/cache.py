@@ -27,9 +27,9 @@ found again, and an object that cannot be described cannot be ruled out as somet
 
 What is not cached (captured every time, as without the cache): a capture holding custom `autograd.Function` records
 (`Captured.function_calls`: their contexts belong to the process that ran them), one with branches on values decided
-as the example batch decides them (capture/value_branches.py: another example batch may decide them otherwise), a graph with an argument, target or
-constant the JSON cannot encode exactly (an operator that is not an `OpOverload` or `getitem`, a Python object), and a
-model whose key cannot be described. Errors are never cached.
+as the example batch decides them (capture/value_branches.py: another example batch may decide them otherwise), a
+graph with an argument, target or constant the JSON cannot encode exactly (an operator that is not an `OpOverload` or
+`getitem`, a Python object), and a model whose key cannot be described. Errors are never cached.
 
 Entries are written atomically with a SHA-256 sidecar (`storage.cached_file`). A reader trusts nothing: a file that
 does not match its checksum, JSON that does not decode, an operator that no longer exists, a key recorded inside the
@@ -399,7 +399,8 @@ def _encode(captured: Captured) -> tuple[dict[str, Any], dict[str, torch.Tensor]
         raise _NotCacheable("custom autograd.Function records")
     if graph.outputs or graph.notes or graph.unpadded_masks or graph.remarks:
         raise _NotCacheable("a graph with outputs, notes or remarks already")
-    if any(n.target is torch.ops.aten._assert_async.msg and str(n.args[1]).startswith(BRANCH_CHECK) for n in graph.nodes):
+    if any(n.target is torch.ops.aten._assert_async.msg and str(n.args[1]).startswith(BRANCH_CHECK)
+           for n in graph.nodes):
         raise _NotCacheable("branches decided on the example batch's values, which the key does not hold")
     index = {n: i for i, n in enumerate(graph.nodes)}
     nodes = [[n.name, None if n.is_input else _op_name(n.target), _encode_arg(n.args, index),

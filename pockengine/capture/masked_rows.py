@@ -353,9 +353,10 @@ def _rewrite(graph: torch.fx.Graph, pick: torch.fx.Node, sinks: list) -> None:
         graph.erase_node(sink)
 
 
-def _ctc_targets_pick(n: torch.fx.Node) -> tuple[torch.fx.Node, list] | None:
+def _ctc_targets_pick(n: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node, list] | None:
     """For `ctc_loss(lp, labels[mask], ...)` (or `labels.masked_select(mask)`) with 2-d labels of one row per
-    sample and the mask over all of them: the loss's node and the nodes that compute only with the pick's size."""
+    sample and the mask over all of them: the labels, the mask, the loss's node and the nodes that compute only
+    with the pick's size."""
     if n.op != "call_function":
         return None
     if n.target is aten.masked_select.default:
@@ -365,7 +366,8 @@ def _ctc_targets_pick(n: torch.fx.Node) -> tuple[torch.fx.Node, list] | None:
     else:
         return None
     x, m = _val(labels), _val(mask)
-    if not (isinstance(m, torch.Tensor) and m.dtype == torch.bool and x.dim() == 2 and tuple(m.shape) == tuple(x.shape)):
+    if not (isinstance(m, torch.Tensor) and m.dtype == torch.bool and x.dim() == 2
+            and tuple(m.shape) == tuple(x.shape)):
         return None
     users = [u for u in n.users if u.target not in (aten.sym_size.int, aten.sym_numel.default)]
     if len(users) != 1 or users[0].target is not CTC_LOSS or users[0].args[1] is not n or n in users[0].args[2:]:
@@ -374,23 +376,23 @@ def _ctc_targets_pick(n: torch.fx.Node) -> tuple[torch.fx.Node, list] | None:
     if _val(loss.args[0]).shape[1] != x.shape[0]:  # (T, N, C) log-probabilities: one row of labels per sample
         return None
     sizes = _size_users([n])
-    return None if sizes is None else (loss, sizes)
+    return None if sizes is None else (labels, mask, loss, sizes)
 
 
-def _rewrite_ctc_targets(graph: torch.fx.Graph, pick: torch.fx.Node, loss: torch.fx.Node, sizes: list) -> None:
-    labels = pick.args[0]
-    mask = pick.args[1] if pick.target is aten.masked_select.default else pick.args[1][0]
+def _rewrite_ctc_targets(graph: torch.fx.Graph, pick: torch.fx.Node, labels: torch.fx.Node, mask: torch.fx.Node,
+                         loss: torch.fx.Node, sizes: list) -> None:
     lengths = loss.args[3]
     call = graph.call_function
     with graph.inserting_before(loss):
         order = call(aten.sort.stable, (call(aten.logical_not.default, (mask,)),), {"stable": True, "dim": 1})
         padded = call(aten.gather.default, (labels, 1, call(operator.getitem, (order, 1))))
-        if not (lengths.target is aten.sum.dim_IntList and lengths.args[0] is mask and list(lengths.args[1]) in ([1], [-1])
-                and not lengths.kwargs):
+        if not (lengths.target is aten.sum.dim_IntList and lengths.args[0] is mask
+                and list(lengths.args[1]) in ([1], [-1]) and not lengths.kwargs):
             counts = call(aten.sum.dim_IntList, (mask, [1]))
             same = call(aten.all.default, (call(aten.eq.Tensor, (lengths, counts)),))
-            call(aten._assert_async.msg, (same, "the CTC loss's target lengths are not the number of labels its mask "
-                                                "picks in each row (ctc_loss(log_probs, labels[mask], ..., target_lengths))"))
+            call(aten._assert_async.msg, (same, "the CTC loss's target lengths are not the number of labels its "
+                                                "mask picks in each row (ctc_loss(log_probs, labels[mask], ..., "
+                                                "target_lengths))"))
     loss.replace_input_with(pick, padded)
     for n in [*reversed(sizes), pick]:
         graph.erase_node(n)

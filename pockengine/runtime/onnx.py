@@ -146,7 +146,8 @@ class OnnxTrainer:
             binding.bind_output(name)
         self.session.run_with_iobinding(binding)
         self._checked(binding)
-        loss, *grads = [v.numpy() for i, v in enumerate(binding.get_outputs()) if not 0 < i <= len(self.checks)]
+        outputs = binding.get_outputs()  # the loss, the checks (`_bind`), then the gradients
+        loss, grads = outputs[0].numpy(), [v.numpy() for v in outputs[1 + len(self.checks):]]
         return float(loss), {n.removeprefix("grad:"): g for n, g in zip(names, grads)}
 
     def values(self) -> dict[str, np.ndarray]:
